@@ -1,0 +1,22 @@
+//! fleetban agent: the part that runs on every mail host.
+//!
+//! It follows the Exim main log, turns lines into typed events, detects abuse
+//! locally within milliseconds, spools events durably and streams them to the
+//! fleet server, and keeps the host firewall equal to the fleet blocklist plus
+//! its own local blocks.
+//!
+//! # Layout
+//!
+//! The agent is built up issue by issue; each step is a leaf module that knows
+//! nothing of the others, wired together by `pipeline`:
+//!
+//! - `parse`: one Exim log line to one typed `Event`.
+//! - `tail`: follows log files through rotation, with durable positions.
+//! - `spool`: the append-only on-disk log of event batches.
+//! - `detect`: local abuse rules.
+//! - `uplink`: the gRPC session to the server.
+//! - `firewall`: backends that reconcile the kernel with the desired set.
+//! - `pipeline`: connects the steps with bounded channels.
+
+/// The agent's version, reported to the server in `Hello` and `Enroll`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,19 @@
+//! The wire contract between fleetban agents and servers.
+//!
+//! `proto/fleetban/v1/agent.proto` is compiled at build time with protox (no
+//! system `protoc`) into prost messages and the tonic `AgentService` client and
+//! server. This crate adds only small conversions between the wire types and
+//! `std`/`ipnet` types, so that both sides validate addresses the same way.
+
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("fleetban.v1");
+}
+
+mod convert;
+
+/// The encoded `FileDescriptorSet` of every fleetban proto, for reflection and
+/// for tests that must cover every message.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fleetban_descriptor.bin"));
+
+pub use convert::AddressError;
