@@ -13,15 +13,21 @@
 //! - [`blocks`]: the versioned fleet blocklist and its policy checks.
 //! - [`correlate`]: the fleet policy that turns evidence into blocks.
 //! - [`session`]: the gRPC `AgentService`.
-//! - [`api`]: the HTTP router (health today; REST API and dashboard).
+//! - [`api`]: the HTTP side: REST API, dashboard, metrics, OpenAPI, health.
+//! - [`report`]: plain-text abuse reports.
+//! - [`asn`]: autonomous-system data (iptoasn import and lookup).
+//! - [`cli`]: the `fleetban` operator CLI (a client of the REST API).
 //! - [`serve`]: runs the gRPC and HTTP listeners until shutdown.
 
 pub mod api;
+pub mod asn;
 pub mod blocks;
+pub mod cli;
 pub mod config;
 pub mod correlate;
 pub mod db;
 pub mod pgembed;
+pub mod report;
 pub mod serve;
 pub mod session;
 

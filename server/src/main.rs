@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fleetban_server::{db, pgembed, serve};
+use fleetban_server::{api, asn, db, pgembed, serve};
 use tracing::{info, warn};
 
 /// fleetban server: fleet-wide SMTP abuse correlation and blocklist push.
@@ -36,6 +36,16 @@ enum Command {
         #[arg(long, default_value = "0.0.0.0:50051")]
         grpc_listen: SocketAddr,
     },
+    /// Manage REST API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Manage the ASN database.
+    Asn {
+        #[command(subcommand)]
+        command: AsnCommand,
+    },
     /// Run a self-contained demo: an embedded Postgres and the server on
     /// loopback.
     Demo {
@@ -45,6 +55,34 @@ enum Command {
         /// Address of the HTTP listener.
         #[arg(long, default_value = "127.0.0.1:8080")]
         http_listen: SocketAddr,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it once (only its hash is stored).
+    Create {
+        /// Postgres URL.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        /// `admin` (read and write) or `read` (read only).
+        #[arg(long, value_parser = ["admin", "read"])]
+        role: String,
+        /// Name shown in the audit log (default `<role>-<id>`).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AsnCommand {
+    /// Replace the ASN table with an iptoasn `ip2asn-combined.tsv` file.
+    Import {
+        /// Postgres URL.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        /// The uncompressed TSV file.
+        file: std::path::PathBuf,
     },
 }
 
@@ -63,6 +101,24 @@ async fn main() -> anyhow::Result<()> {
             let pool = db::connect(&database_url, 32).await?;
             db::migrate(&pool).await?;
             run(pool, grpc_listen, http_listen, shutdown_signal()).await?;
+        }
+        Command::Token { command: TokenCommand::Create { database_url, role, name } } => {
+            let pool = db::connect(&database_url, 2).await?;
+            db::migrate(&pool).await?;
+            let role = api::auth::Role::parse(&role).context("role must be admin or read")?;
+            let token = api::auth::create_token(&pool, role, name.as_deref()).await?;
+            eprintln!("Created {} token {:?} (id {}); it is shown only once:", token.role, token.name, token.id);
+            println!("{}", token.token);
+        }
+        Command::Asn { command: AsnCommand::Import { database_url, file } } => {
+            let pool = db::connect(&database_url, 2).await?;
+            db::migrate(&pool).await?;
+            let reader = std::fs::File::open(&file).with_context(|| format!("open {}", file.display()))?;
+            let stats = asn::import(&pool, std::io::BufReader::new(reader)).await?;
+            println!(
+                "Imported {} ASN ranges ({} unrouted and {} malformed lines skipped).",
+                stats.ranges, stats.unrouted, stats.malformed
+            );
         }
         Command::Demo { duration, http_listen } => {
             let pg = tokio::task::spawn_blocking(pgembed::EmbeddedPostgres::start)

@@ -44,7 +44,7 @@ pub async fn run(
         });
 
     let mut http_stop = stop_rx;
-    let app = api::router(api::AppState { pool });
+    let app = api::router(api::AppState::new(pool, crate::correlate::CorrelateConfig::default()));
     let http_server = axum::serve(http, app).with_graceful_shutdown(async move {
         let _ = http_stop.wait_for(|stop| *stop).await;
     });

@@ -1,0 +1,1 @@
+//! The `fleetban` operator CLI.
