@@ -10,12 +10,14 @@
 //! - [`pgembed`]: a throwaway Postgres cluster for the demo and tests.
 //! - [`config`]: `server.toml`, overridden by flags.
 //! - [`db`]: the connection pool and the embedded migrations.
+//! - [`blocks`]: the versioned fleet blocklist and its policy checks.
 //! - [`correlate`]: the fleet policy that turns evidence into blocks.
 //! - [`session`]: the gRPC `AgentService`.
 //! - [`api`]: the HTTP router (health today; REST API and dashboard).
 //! - [`serve`]: runs the gRPC and HTTP listeners until shutdown.
 
 pub mod api;
+pub mod blocks;
 pub mod config;
 pub mod correlate;
 pub mod db;
