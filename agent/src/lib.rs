@@ -18,5 +18,7 @@
 //! - `firewall`: backends that reconcile the kernel with the desired set.
 //! - `pipeline`: connects the steps with bounded channels.
 
+pub mod config;
+
 /// The agent's version, reported to the server in `Hello` and `Enroll`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
