@@ -19,6 +19,7 @@
 //! - `pipeline`: connects the steps with bounded channels.
 
 pub mod config;
+pub mod spool;
 
 /// The agent's version, reported to the server in `Hello` and `Enroll`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
