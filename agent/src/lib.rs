@@ -20,6 +20,7 @@
 
 pub mod config;
 pub mod spool;
+pub mod tail;
 
 /// The agent's version, reported to the server in `Hello` and `Enroll`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
