@@ -19,6 +19,7 @@
 //! - `pipeline`: connects the steps with bounded channels.
 
 pub mod config;
+pub mod pipeline;
 pub mod spool;
 pub mod tail;
 

@@ -280,23 +280,19 @@ impl Spool {
     }
 
     /// Appends one batch of events that ends at `position`; returns its seq.
-    /// Not durable until [`Spool::sync`].
-    pub fn append(&mut self, events: Vec<Event>, position: SourcePosition) -> Result<u64, SpoolError> {
+    /// Not durable until [`Spool::sync`]. An empty batch is a position record.
+    pub fn append(&mut self, events: &[Event], position: &SourcePosition) -> Result<u64, SpoolError> {
         if events.is_empty() {
-            self.append_position(position)?;
+            self.append_position(position.clone())?;
             return Ok(self.next_seq - 1);
         }
         let seq = self.next_seq;
-        let count = events.len() as u32;
-        let batch = EventBatch { seq, events, position: Some(position) };
-        let (segment_id, offset, len) = self.write_record(&batch)?;
+        let (segment_id, offset, len) = self.write_record(seq, events, position)?;
         self.next_seq += 1;
         if let Some(segment) = self.segments.back_mut() {
-            segment.batches.push(BatchIndex { seq, offset, len, events: count });
+            segment.batches.push(BatchIndex { seq, offset, len, events: events.len() as u32 });
         }
-        if let Some(position) = batch.position {
-            self.positions.insert(position.path.clone(), (position, segment_id));
-        }
+        self.positions.insert(position.path.clone(), (position.clone(), segment_id));
         self.enforce_bound()?;
         Ok(seq)
     }
@@ -304,11 +300,8 @@ impl Spool {
     /// Appends a position-only record: the source reached `position` and the
     /// lines since its previous record produced no events.
     pub fn append_position(&mut self, position: SourcePosition) -> Result<(), SpoolError> {
-        let batch = EventBatch { seq: self.next_seq - 1, events: Vec::new(), position: Some(position) };
-        let (segment_id, _, _) = self.write_record(&batch)?;
-        if let Some(position) = batch.position {
-            self.positions.insert(position.path.clone(), (position, segment_id));
-        }
+        let (segment_id, _, _) = self.write_record(self.next_seq - 1, &[], &position)?;
+        self.positions.insert(position.path.clone(), (position, segment_id));
         Ok(())
     }
 
@@ -325,11 +318,22 @@ impl Spool {
         Ok(())
     }
 
-    fn write_record(&mut self, batch: &EventBatch) -> Result<(u64, u64, u32), SpoolError> {
+    /// Writes one record, encoded exactly as an `EventBatch` message (without
+    /// copying the events into one).
+    fn write_record(
+        &mut self,
+        seq: u64,
+        events: &[Event],
+        position: &SourcePosition,
+    ) -> Result<(u64, u64, u32), SpoolError> {
         self.buffer.clear();
         self.buffer.extend_from_slice(&[0; HEADER_BYTES]);
-        // Encoding into a Vec cannot fail (it grows as needed).
-        let _ = batch.encode(&mut self.buffer);
+        // Same field numbers as `EventBatch`; encoding into a Vec cannot fail.
+        if seq != 0 {
+            prost::encoding::uint64::encode(1, &seq, &mut self.buffer);
+        }
+        prost::encoding::message::encode_repeated(2, events, &mut self.buffer);
+        prost::encoding::message::encode(3, position, &mut self.buffer);
         let len = self.buffer.len() - HEADER_BYTES;
         if len > MAX_RECORD_BYTES as usize {
             return Err(SpoolError::TooLarge(len));
@@ -346,7 +350,11 @@ impl Spool {
             return Err(SpoolError::Io { path: self.dir.clone(), source: std::io::ErrorKind::NotFound.into() });
         };
         let offset = segment.bytes;
-        file.write_all(&self.buffer).map_err(io_err(&segment.path))?;
+        if let Err(source) = file.write_all(&self.buffer) {
+            // Never leave a partial record in front of later ones.
+            let _ = file.set_len(offset);
+            return Err(SpoolError::Io { path: segment.path.clone(), source });
+        }
         segment.bytes += self.buffer.len() as u64;
         self.dirty = true;
         if segment.bytes >= self.options.segment_bytes {
@@ -743,7 +751,7 @@ mod tests {
 
     fn append_batches(spool: &mut Spool, from: u32, count: u32) {
         for n in from..from + count {
-            spool.append(vec![event(n), event(n + 1_000_000)], position(u64::from(n) * 10)).expect("append");
+            spool.append(&[event(n), event(n + 1_000_000)], &position(u64::from(n) * 10)).expect("append");
         }
         spool.sync().expect("sync");
     }
@@ -805,7 +813,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut spool, _) = Spool::open(dir.path(), small()).unwrap();
         let quiet = SourcePosition { path: "/quiet".into(), fingerprint: 7, offset: 77 };
-        spool.append(vec![event(1)], quiet).unwrap();
+        spool.append(&[event(1)], &quiet).unwrap();
         append_batches(&mut spool, 2, 100);
         spool.ack(50).unwrap();
         assert!(spool.segments.front().is_some_and(|segment| segment.id > 1));
@@ -883,7 +891,7 @@ mod tests {
         let batches = spool.read_batches(0, 100).unwrap();
         assert_eq!(batches.iter().map(|batch| batch.seq).collect::<Vec<_>>(), (1..=9).collect::<Vec<_>>());
         // Appending after the cut continues cleanly.
-        spool.append(vec![event(99)], position(999)).unwrap();
+        spool.append(&[event(99)], &position(999)).unwrap();
         spool.sync().unwrap();
         drop(spool);
         let (_, recovery) = Spool::open(dir.path(), SpoolOptions::with_max_bytes(1 << 20)).unwrap();
@@ -918,7 +926,7 @@ mod tests {
     fn only_durable_batches_are_offered() {
         let dir = tempfile::tempdir().unwrap();
         let (mut spool, _) = Spool::open(dir.path(), small()).unwrap();
-        spool.append(vec![event(1)], position(1)).unwrap();
+        spool.append(&[event(1)], &position(1)).unwrap();
         assert!(spool.read_batches(0, 10).unwrap().is_empty());
         spool.sync().unwrap();
         assert_eq!(spool.read_batches(0, 10).unwrap().len(), 1);
