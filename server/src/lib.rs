@@ -8,12 +8,16 @@
 //! # Layout
 //!
 //! - [`pgembed`]: a throwaway Postgres cluster for the demo and tests.
+//! - [`config`]: `server.toml`, overridden by flags.
 //! - [`db`]: the connection pool and the embedded migrations.
+//! - [`correlate`]: the fleet policy that turns evidence into blocks.
 //! - [`session`]: the gRPC `AgentService`.
 //! - [`api`]: the HTTP router (health today; REST API and dashboard).
 //! - [`serve`]: runs the gRPC and HTTP listeners until shutdown.
 
 pub mod api;
+pub mod config;
+pub mod correlate;
 pub mod db;
 pub mod pgembed;
 pub mod serve;
