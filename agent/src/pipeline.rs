@@ -226,9 +226,9 @@ impl Pipeline {
         self.durable.clone()
     }
 
-    /// Counters.
-    pub fn stats(&self) -> &PipelineStats {
-        &self.stats
+    /// Counters (they stay readable after shutdown).
+    pub fn stats(&self) -> Arc<PipelineStats> {
+        self.stats.clone()
     }
 
     /// Stops reading, flushes every pending batch into the spool and syncs
