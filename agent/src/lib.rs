@@ -19,7 +19,13 @@
 //! - `firewall`: backends that reconcile the kernel with the desired set.
 //! - `pipeline`: connects the steps with bounded channels.
 
+pub mod backfill;
+pub mod config;
 pub mod parse;
+pub mod pipeline;
+pub mod spool;
+pub mod status;
+pub mod tail;
 
 /// The agent's version, reported to the server in `Hello` and `Enroll`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
