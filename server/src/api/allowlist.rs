@@ -90,7 +90,8 @@ pub async fn create(
     }
     let ttl_secs = match body.ttl_secs {
         Some(0) => return Err(ApiError::bad_request("ttl_secs must be positive")),
-        Some(secs) => Some(i64::try_from(secs).map_err(|_| ApiError::bad_request("ttl_secs is too large"))?),
+        // Clamped like block TTLs, so that any u64 is a valid interval.
+        Some(secs) => Some(secs.min(crate::blocks::MAX_TTL.as_secs())),
         None => None,
     };
     let entry = sqlx::query_as::<_, AllowEntry>(&format!(
