@@ -4,46 +4,15 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::process::Output;
 
 use serde_json::Value;
 use sqlx::PgPool;
 use time::{Duration, OffsetDateTime};
-use tokio::net::TcpListener;
 
 #[ctor::ctor]
 fn init() {
     fleetban_server::pgembed::ensure_test_database_url();
-}
-
-struct Server {
-    url: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Server {
-    async fn start(pool: &PgPool) -> Server {
-        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr: SocketAddr = http.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(fleetban_server::serve::run(pool.clone(), grpc, http, async move {
-            let _ = stopped.await;
-        }));
-        let task = tokio::spawn(async move {
-            task.await.unwrap().unwrap();
-        });
-        Server { url: format!("http://{addr}"), stop: Some(stop), task }
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(std::time::Duration::from_secs(10), self.task).await.unwrap().unwrap();
-    }
 }
 
 async fn fleetban(url: &str, token: Option<&str>, args: &[&str]) -> Output {
@@ -72,7 +41,7 @@ fn fails(output: &Output, needle: &str) {
 
 #[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
 async fn cli_reads_and_writes_through_the_api(pool: PgPool) {
-    let server = Server::start(&pool).await;
+    let server = common::Server::start(&pool).await;
     let url = server.url.clone();
     let t = common::tokens(&pool).await;
     let mx1 = common::agent(&pool, "mx1", "mx1.example.net", true, &["192.0.2.10"]).await;

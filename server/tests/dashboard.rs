@@ -8,14 +8,12 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 
 #[ctor::ctor]
 fn init() {
@@ -209,14 +207,8 @@ async fn dashboard_shows_fleet_and_unblocks(pool: PgPool) {
     let driver = Driver::start().await;
     let profile = tempfile::tempdir().unwrap();
 
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = http.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(fleetban_server::serve::run(pool.clone(), grpc, http, async move {
-        let _ = stopped.await;
-    }));
-    let base = format!("http://{addr}");
+    let server = common::Server::start(&pool).await;
+    let base = server.url.clone();
 
     let t = common::tokens(&pool).await;
     common::agent(&pool, "mx-dash-1", "mx-dash-1.example.net", true, &["192.0.2.21"]).await;
@@ -284,6 +276,5 @@ async fn dashboard_shows_fleet_and_unblocks(pool: PgPool) {
 
     browser.quit().await;
     drop(driver);
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap().unwrap();
+    server.stop().await;
 }

@@ -3,7 +3,8 @@
 
 #![allow(dead_code)]
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use fleetban_server::api::auth::{self, Role};
 use ipnet::IpNet;
@@ -108,4 +109,32 @@ pub async fn evidence(
     .execute(pool)
     .await
     .unwrap();
+}
+
+/// A server spawned with `serve::run` on 127.0.0.1:0, stopped by [`Server::stop`].
+pub struct Server {
+    pub url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    pub async fn start(pool: &PgPool) -> Server {
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = http.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run = fleetban_server::serve::run(pool.clone(), grpc, http, async move {
+            let _ = stopped.await;
+        });
+        let task = tokio::spawn(async move { run.await.unwrap() });
+        Server { url: format!("http://{addr}"), stop: Some(stop), task }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("server stops").unwrap();
+    }
 }
