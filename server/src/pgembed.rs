@@ -95,9 +95,10 @@ impl EmbeddedPostgres {
         Ok(pg)
     }
 
-    /// The connection URL of the cluster's `fleetban` database.
+    /// The connection URL of the cluster's `postgres` database (the one
+    /// `initdb` creates), as the `fleetban` user.
     pub fn url(&self) -> String {
-        format!("postgres://{USER}@127.0.0.1:{}/{USER}", self.port)
+        format!("postgres://{USER}@127.0.0.1:{}/postgres", self.port)
     }
 
     /// The TCP port the server listens on.
