@@ -95,10 +95,9 @@ impl EmbeddedPostgres {
         Ok(pg)
     }
 
-    /// The connection URL of the cluster's `postgres` database (the one
-    /// `initdb` creates), as the `fleetban` user.
+    /// The connection URL of the cluster's `fleetban` database.
     pub fn url(&self) -> String {
-        format!("postgres://{USER}@127.0.0.1:{}/postgres", self.port)
+        format!("postgres://{USER}@127.0.0.1:{}/{USER}", self.port)
     }
 
     /// The TCP port the server listens on.
