@@ -39,7 +39,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub enum Error {
     /// The PostgreSQL server binaries are not installed.
     #[error(
-        "PostgreSQL server binaries (initdb, postgres) not found on PATH or in /usr/lib/postgresql/*/bin; \
+        "PostgreSQL server binaries (initdb, postgres, createdb) not found on PATH or in /usr/lib/postgresql/*/bin; \
          install them with `apt-get install postgresql` or set DATABASE_URL to an existing server"
     )]
     BinariesMissing,
@@ -92,6 +92,7 @@ impl EmbeddedPostgres {
         let mut pg = EmbeddedPostgres { dir, bin, port: 0, run_as, child: None };
         pg.initdb()?;
         pg.launch()?;
+        pg.createdb()?;
         Ok(pg)
     }
 
@@ -163,6 +164,22 @@ impl EmbeddedPostgres {
         let status = cmd.status().map_err(io_err("run initdb"))?;
         if !status.success() {
             return Err(Error::Failed { what: "initdb", log: tail(&self.dir.join("initdb.log")) });
+        }
+        Ok(())
+    }
+
+    /// Creates the `fleetban` database that [`EmbeddedPostgres::url`] names.
+    fn createdb(&self) -> Result<(), Error> {
+        let out = Command::new(self.bin.join("createdb"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER, USER])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io_err("run createdb"))?;
+        if !out.status.success() {
+            return Err(Error::Failed {
+                what: "createdb",
+                log: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
         }
         Ok(())
     }
@@ -266,7 +283,7 @@ pub fn ensure_test_database_url() {
 /// The directory holding `initdb` and `postgres`: `PATH` first, then the
 /// newest `/usr/lib/postgresql/<version>/bin`.
 fn find_bin_dir(path: Option<std::ffi::OsString>, lib_root: &Path) -> Option<PathBuf> {
-    let has_both = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
+    let has_both = |dir: &Path| ["initdb", "postgres", "createdb"].iter().all(|b| dir.join(b).is_file());
     if let Some(path) = path {
         for dir in std::env::split_paths(&path) {
             if has_both(&dir) {
@@ -429,8 +446,9 @@ mod tests {
         for v in ["9", "15", "16"] {
             let bin = root.join("lib").join(v).join("bin");
             fs::create_dir_all(&bin).unwrap();
-            fs::write(bin.join("initdb"), "").unwrap();
-            fs::write(bin.join("postgres"), "").unwrap();
+            for b in ["initdb", "postgres", "createdb"] {
+                fs::write(bin.join(b), "").unwrap();
+            }
         }
         // A lib dir without `postgres` does not count.
         fs::create_dir_all(root.join("lib/17/bin")).unwrap();
