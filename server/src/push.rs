@@ -279,3 +279,41 @@ async fn catch_up(pool: &PgPool, hub: &Hub, version: &mut u64) {
         Err(error) => warn!(%error, version = *version, "Cannot read block changes; the next notification retries."),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(from: u64) -> Push {
+        Push::Delta(Arc::new(BlocklistDelta { from_version: from, to_version: from + 1, ..Default::default() }))
+    }
+
+    #[tokio::test]
+    async fn slow_agent_is_marked_lagged_without_holding_up_others() {
+        let hub = Hub::new();
+        let slow = hub.subscribe(Uuid::new_v4());
+        let mut fast = hub.subscribe(Uuid::new_v4());
+        for v in 0..(AGENT_QUEUE as u64 + 10) {
+            hub.fan_out(delta(v));
+            assert!(matches!(fast.rx.recv().await, Some(Push::Delta(d)) if d.from_version == v));
+        }
+        assert!(slow.take_lagged(), "overflowing agent must be resynchronised with a snapshot");
+        assert!(!slow.take_lagged(), "the flag is taken once");
+        assert!(!fast.take_lagged());
+        assert_eq!(hub.stats().lagged, 1);
+        assert_eq!(hub.stats().sessions, 2);
+    }
+
+    #[tokio::test]
+    async fn newer_session_replaces_older_and_survives_its_drop() {
+        let hub = Hub::new();
+        let agent = Uuid::new_v4();
+        let mut old = hub.subscribe(agent);
+        let new = hub.subscribe(agent);
+        assert!(old.rx.recv().await.is_none(), "the replaced session's channel closes");
+        drop(old);
+        assert_eq!(hub.stats().sessions, 1, "dropping the old session must not unregister the new one");
+        drop(new);
+        assert_eq!(hub.stats().sessions, 0);
+    }
+}

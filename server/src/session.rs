@@ -518,8 +518,8 @@ impl Session {
                 } else {
                     Stats::add(&stats.batches_stored, 1);
                     Stats::add(&stats.events_stored, u64::from(outcome.stored));
+                    Stats::add(&stats.events_rejected, u64::from(outcome.rejected));
                 }
-                Stats::add(&stats.events_rejected, u64::from(outcome.rejected));
                 self.send(Out::Ack(Ack { seq, rejected_events: outcome.rejected })).await?;
                 if !outcome.abuse_addresses.is_empty() {
                     self.correlate_batch(&outcome.abuse_addresses).await;
