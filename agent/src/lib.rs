@@ -10,13 +10,16 @@
 //! The agent is built up issue by issue; each step is a leaf module that knows
 //! nothing of the others, wired together by `pipeline`:
 //!
-//! - `parse`: one Exim log line to one typed `Event`.
+//! - [`parse`]: one Exim log line to one typed `Event` (prefix, zone,
+//!   continuation lines), plus the `parse` and `gen-log` commands' logic.
 //! - `tail`: follows log files through rotation, with durable positions.
 //! - `spool`: the append-only on-disk log of event batches.
 //! - `detect`: local abuse rules.
 //! - `uplink`: the gRPC session to the server.
 //! - `firewall`: backends that reconcile the kernel with the desired set.
 //! - `pipeline`: connects the steps with bounded channels.
+
+pub mod parse;
 
 /// The agent's version, reported to the server in `Hello` and `Enroll`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -596,7 +596,12 @@ mod tests {
             assert_eq!(kind_name(kind), expected);
         }
         assert!(is_abuse(EventKind::AuthFailed) && !is_abuse(EventKind::Connect) && !is_abuse(EventKind::Accepted));
-        assert_eq!((0..=22).filter(|v| is_abuse(EventKind::try_from(*v).unwrap())).count(), 13);
+        let mut abuse: Vec<&str> =
+            (0..=22).map(|v| EventKind::try_from(v).unwrap()).filter(|k| is_abuse(*k)).map(kind_name).collect();
+        let mut policy = crate::correlate::ABUSE_KINDS.to_vec();
+        abuse.sort_unstable();
+        policy.sort_unstable();
+        assert_eq!(abuse, policy, "ingest and correlation must agree on what abuse is");
     }
 
     #[test]

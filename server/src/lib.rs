@@ -13,7 +13,7 @@
 //! - [`auth`]: enrollment tokens and agent credentials.
 //! - [`tls`]: TLS of the gRPC listener and `pki init`.
 //! - [`ingest`]: validation and exactly-once storage of event batches.
-//! - [`blocks`]: the versioned blocklist store.
+//! - [`blocks`]: the versioned fleet blocklist and its policy checks.
 //! - [`correlate`]: the fleet policy that turns evidence into blocks.
 //! - [`push`]: LISTEN/NOTIFY fan-out of blocklist changes to sessions.
 //! - [`session`]: the gRPC `AgentService` (Enroll, Connect).

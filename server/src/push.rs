@@ -254,9 +254,19 @@ async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     Ok(listener)
 }
 
+/// The changes after `version`: from the change log, or (from version 0,
+/// which the log does not serve) the whole blocklist as additions.
+async fn changes_after(pool: &PgPool, version: u64) -> Result<Option<BlocklistDelta>, blocks::BlockError> {
+    if version > 0 {
+        return blocks::changes_since(pool, version, None).await;
+    }
+    let snapshot = blocks::snapshot(pool).await?;
+    Ok(Some(BlocklistDelta { from_version: 0, to_version: snapshot.version, added: snapshot.entries, removed: vec![] }))
+}
+
 /// Reads the changes after `version` and fans them out.
 async fn catch_up(pool: &PgPool, hub: &Hub, version: &mut u64) {
-    match blocks::changes_since(pool, *version, None).await {
+    match changes_after(pool, *version).await {
         Ok(Some(delta)) => {
             if delta.to_version > *version {
                 *version = delta.to_version;

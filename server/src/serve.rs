@@ -1,6 +1,6 @@
 //! Runs the server: the gRPC listener for agents, the HTTP listener for
-//! operators, and the background tasks (block-change listener, stale-session
-//! sweep), until `shutdown` resolves.
+//! operators, and the background tasks (block-change listener, block expiry
+//! sweeper, stale-session sweep), until `shutdown` resolves.
 //!
 //! Shutdown is graceful: both listeners stop accepting, every agent session
 //! finishes and acks the frames it already received, then closes its stream;
@@ -19,7 +19,8 @@ use tonic::transport::ServerTlsConfig;
 use tracing::warn;
 
 use crate::api;
-use crate::correlate::CorrelateConfig;
+use crate::blocks;
+use crate::correlate::{CorrelateConfig, Correlator};
 use crate::ingest::MAX_MESSAGE_BYTES;
 use crate::push::{self, Hub};
 use crate::session::{self, Stats};
@@ -57,6 +58,8 @@ pub struct Options {
     pub heartbeat: Duration,
     /// How long shutdown waits for sessions to drain.
     pub drain_timeout: Duration,
+    /// How often expired blocks are turned into `remove` changes.
+    pub expiry_interval: Duration,
     /// Session counters (shared so that tests and metrics can read them).
     pub stats: Arc<Stats>,
     /// The push hub (shared so that tests and metrics can read it).
@@ -70,6 +73,7 @@ impl Default for Options {
             correlate: CorrelateConfig::default(),
             heartbeat: Duration::from_secs(15),
             drain_timeout: Duration::from_secs(10),
+            expiry_interval: Duration::from_secs(5),
             stats: Arc::default(),
             hub: Hub::new(),
         }
@@ -98,10 +102,11 @@ pub async fn run(
     let listener = tokio::spawn(push::run_listener(pool.clone(), options.hub.clone(), stopped(&stop_rx)));
     let sweeper = tokio::spawn(session::run_stale_sweeper(pool.clone(), options.heartbeat, stopped(&stop_rx)));
 
+    let expiry = tokio::spawn(blocks::run_expiry_sweeper(pool.clone(), options.expiry_interval, stopped(&stop_rx)));
     let service = session::Service::new(
         pool.clone(),
         options.hub.clone(),
-        options.correlate.clone(),
+        Correlator::new(pool.clone(), options.correlate.clone()),
         options.heartbeat,
         stop_rx.clone(),
         options.stats.clone(),
@@ -135,6 +140,7 @@ pub async fn run(
     let (grpc_result, http_result) = tokio::join!(grpc, http_server.into_future());
     let _ = listener.await;
     let _ = sweeper.await;
+    let _ = expiry.await;
     grpc_result?;
     http_result?;
     Ok(())

@@ -47,7 +47,7 @@ use uuid::Uuid;
 
 use crate::auth::{self, AuthError};
 use crate::blocks;
-use crate::correlate::CorrelateConfig;
+use crate::correlate::Correlator;
 use crate::ingest::{BatchError, Ingest};
 use crate::push::{Hub, Push, Subscription};
 
@@ -110,7 +110,7 @@ struct Shared {
     pool: PgPool,
     ingest: Ingest,
     hub: Hub,
-    correlate: CorrelateConfig,
+    correlator: Correlator,
     heartbeat: Duration,
     stop: watch::Receiver<bool>,
     stats: Arc<Stats>,
@@ -127,13 +127,13 @@ impl Service {
     pub fn new(
         pool: PgPool,
         hub: Hub,
-        correlate: CorrelateConfig,
+        correlator: Correlator,
         heartbeat: Duration,
         stop: watch::Receiver<bool>,
         stats: Arc<Stats>,
     ) -> Self {
         let ingest = Ingest::new(pool.clone());
-        Service { shared: Arc::new(Shared { pool, ingest, hub, correlate, heartbeat, stop, stats }) }
+        Service { shared: Arc::new(Shared { pool, ingest, hub, correlator, heartbeat, stop, stats }) }
     }
 
     /// The database pool.
@@ -550,13 +550,28 @@ impl Session {
     }
 
     /// Lets the fleet policy look at the abuse addresses of a stored batch.
+    /// A failure is logged: the batch is stored, and the next batch about
+    /// the same addresses evaluates them again.
     async fn correlate_batch(&self, addresses: &[IpAddr]) {
-        let _ = (&self.shared.correlate, addresses);
+        match self.shared.correlator.on_batch(self.agent_id, addresses).await {
+            Ok(blocks) => {
+                for block in blocks {
+                    info!(agent_id = %self.agent_id, cidr = %block.cidr, reason = %block.reason, "Fleet block decided.");
+                }
+            }
+            Err(error) => warn!(%error, agent_id = %self.agent_id, "Correlation of a batch failed."),
+        }
     }
 
     /// Lets the fleet policy turn an agent's local block into a fleet block.
     async fn correlate_local_block(&self, cidr: IpNet, reason: &str, evidence: &str, ttl_secs: u32) {
-        let _ = (&self.shared.correlate, cidr, reason, evidence, ttl_secs);
+        match self.shared.correlator.on_local_block(self.agent_id, cidr, reason, evidence, ttl_secs).await {
+            Ok(Some(block)) => {
+                info!(agent_id = %self.agent_id, cidr = %block.cidr, block_id = block.id, "Local block made a fleet block.");
+            }
+            Ok(None) => debug!(agent_id = %self.agent_id, %cidr, "Local block not made a fleet block."),
+            Err(error) => warn!(%error, agent_id = %self.agent_id, %cidr, "Correlation of a local block failed."),
+        }
     }
 
     async fn refuse_frame(&self, reason: String) -> Result<(), End> {

@@ -12,10 +12,11 @@ use fleetban_proto::v1::server_frame::Frame as Out;
 use fleetban_proto::v1::{
     AgentFrame, EnrollRequest, Event, EventBatch, EventKind, Heartbeat, Hello, IpAddress, LocalBlock, ServerFrame,
 };
+use fleetban_server::correlate::CorrelateConfig;
 use fleetban_server::push::Hub;
 use fleetban_server::serve::{self, Listeners, Options};
 use fleetban_server::session::{AGENT_ID_HEADER, AGENT_SECRET_HEADER, Stats};
-use fleetban_server::{auth, tls};
+use fleetban_server::{auth, blocks, tls};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -109,6 +110,15 @@ impl Agent {
         }
     }
 
+    /// Skips pushed frames until an ack; returns its seq.
+    async fn until_ack(&mut self) -> u64 {
+        loop {
+            if let Out::Ack(a) = self.next().await {
+                return a.seq;
+            }
+        }
+    }
+
     async fn next(&mut self) -> Out {
         self.try_next().await.unwrap_or_else(|s| panic!("stream failed: {s:?}")).expect("stream ended")
     }
@@ -186,41 +196,25 @@ async fn count(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
-/// Adds a block and its `add` change; returns (block id, version).
+/// Creates a manual block through the blocklist store; returns (block id,
+/// version).
 async fn add_block(pool: &PgPool, cidr: &str) -> (i64, u64) {
-    let mut tx = pool.begin().await.unwrap();
-    let id: i64 = sqlx::query_scalar(
-        "insert into blocks (cidr, reason, source, expires_at) values ($1::cidr, 'manual', 'manual', now() + interval '1 hour') returning id",
-    )
-    .bind(cidr)
-    .fetch_one(&mut *tx)
-    .await
-    .unwrap();
-    let version: i64 = sqlx::query_scalar(
-        "insert into block_changes (op, block_id, cidr, expires_at, reason) \
-         select 'add', id, cidr, expires_at, reason from blocks where id = $1 returning version",
-    )
-    .bind(id)
-    .fetch_one(&mut *tx)
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
-    (id, version as u64)
+    let new = blocks::NewBlock {
+        cidr: cidr.parse().unwrap(),
+        reason: "manual".into(),
+        source: blocks::BlockSource::Manual,
+        evidence: serde_json::json!({}),
+        ttl: Some(Duration::from_secs(3600)),
+        created_by: Some("test".into()),
+        force: false,
+    };
+    let block = blocks::create(pool, &CorrelateConfig::default(), new).await.unwrap();
+    (block.id, blocks::current_version(pool).await.unwrap())
 }
 
 async fn remove_block(pool: &PgPool, id: i64) -> u64 {
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query("update blocks set revoked_at = now() where id = $1").bind(id).execute(&mut *tx).await.unwrap();
-    let version: i64 = sqlx::query_scalar(
-        "insert into block_changes (op, block_id, cidr, expires_at, reason) \
-         select 'remove', id, cidr, expires_at, 'revoked' from blocks where id = $1 returning version",
-    )
-    .bind(id)
-    .fetch_one(&mut *tx)
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
-    version as u64
+    blocks::revoke(pool, id, "test").await.unwrap().expect("block existed");
+    blocks::current_version(pool).await.unwrap()
 }
 
 #[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
@@ -244,6 +238,11 @@ async fn enrolled_agent_batches_are_acked_and_stored_exactly_once(pool: PgPool) 
     agent.send(batch(3, vec![event(EventKind::Lost, "2001:db8::5")])).await;
     assert!(matches!(agent.next().await, Out::Ack(a) if a.seq == 3 && a.rejected_events == 0));
     agent.send(Frame::Heartbeat(Heartbeat { blocklist_version: 0, firewall_entries: 7, pending_batches: 0 })).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while count(&pool, "select firewall_entries from agents").await != 7 {
+        assert!(tokio::time::Instant::now() < deadline, "heartbeat not recorded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     assert_eq!(count(&pool, "select count(*) from events").await, 3, "the resent batch was stored twice");
     assert_eq!(count(&pool, "select count(*) from agent_batches").await, 2);
@@ -444,7 +443,7 @@ async fn reconnecting_agent_gets_exactly_the_missing_delta_or_a_snapshot(pool: P
         other => panic!("expected a snapshot, got {other:?}"),
     }
     // Up to date: nothing is sent, then live changes arrive as deltas.
-    let (b5, v5) = add_block(&pool, "198.51.100.0/24").await;
+    let (b5, v5) = add_block(&pool, "203.0.113.0/25").await;
     match agent.next().await {
         Out::Delta(d) => {
             assert_eq!((d.from_version, d.to_version), (v4, v5));
@@ -565,5 +564,62 @@ async fn tls_listener_serves_agents_that_trust_the_pki_ca(pool: PgPool) {
         let r = AgentServiceClient::new(plain).enroll(EnrollRequest::default()).await;
         assert!(r.is_err());
     }
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn local_blocks_and_fleet_evidence_become_fleet_blocks_pushed_to_agents(pool: PgPool) {
+    let server = TestServer::start(pool.clone()).await;
+    let (id_a, secret_a) = enroll(&pool, server.channel().await).await;
+    let (id_b, secret_b) = enroll(&pool, server.channel().await).await;
+    let mut a = Agent::connect(server.channel().await, &id_a.to_string(), &secret_a).await.unwrap();
+    let mut b = Agent::connect(server.channel().await, &id_b.to_string(), &secret_b).await.unwrap();
+    a.hello(id_a, 0).await;
+    b.hello(id_b, 0).await;
+    a.next().await;
+    b.next().await;
+
+    // Agent A saw slot exhaustion and blocked an address itself.
+    let cidr: ipnet::IpNet = "203.0.113.66/32".parse().unwrap();
+    a.send(Frame::LocalBlock(LocalBlock {
+        cidr: Some(cidr.into()),
+        reason: "slot_exhaustion".into(),
+        evidence: "held 60 of 100 slots".into(),
+        time_ms: now_ms(),
+        ttl_secs: 600,
+    }))
+    .await;
+    let entry = loop {
+        if let Out::Delta(d) = b.next().await
+            && let Some(e) = d.added.into_iter().next()
+        {
+            break e;
+        }
+    };
+    assert_eq!(ipnet::IpNet::try_from(entry.cidr.as_ref().unwrap()).unwrap(), cidr);
+    let source: String = sqlx::query_scalar("select source from blocks where id = $1")
+        .bind(entry.block_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(source, "agent");
+
+    // Both agents see auth failures from one address: a fleet block.
+    a.send(batch(1, vec![event(EventKind::AuthFailed, "198.51.100.9")])).await;
+    assert_eq!(a.until_ack().await, 1);
+    let none: i64 = count(&pool, "select count(*) from blocks where cidr = '198.51.100.9/32'").await;
+    assert_eq!(none, 0, "one agent below the threshold must not block");
+    b.send(batch(1, vec![event(EventKind::AuthFailed, "198.51.100.9")])).await;
+    let entry = loop {
+        if let Out::Delta(d) = a.next().await
+            && let Some(e) = d.added.into_iter().next()
+        {
+            break e;
+        }
+    };
+    assert_eq!(
+        ipnet::IpNet::try_from(entry.cidr.as_ref().unwrap()).unwrap(),
+        "198.51.100.9/32".parse::<ipnet::IpNet>().unwrap()
+    );
     server.stop().await;
 }

@@ -165,7 +165,8 @@ async fn open(addr: SocketAddr, id: Uuid, secret: &str) -> anyhow::Result<Sessio
     request.metadata_mut().insert(AGENT_ID_HEADER, id.to_string().parse()?);
     request.metadata_mut().insert(AGENT_SECRET_HEADER, secret.parse()?);
     let mut rx = AgentServiceClient::new(channel(addr).await?).connect(request).await?.into_inner();
-    let hello = Hello { agent_id: id.to_string(), version: "bench".into(), hostname: "bench".into(), ..Default::default() };
+    let hello =
+        Hello { agent_id: id.to_string(), version: "bench".into(), hostname: "bench".into(), ..Default::default() };
     tx.send(AgentFrame { frame: Some(Frame::Hello(hello)) }).await?;
     for _ in 0..2 {
         match rx.message().await?.and_then(|f| f.frame) {
@@ -206,9 +207,18 @@ fn remote(i: usize) -> std::net::IpAddr {
 fn bench_event(agent: usize, i: usize, time_ms: i64) -> Event {
     let addr = remote(agent * 7919 + i * 31);
     let (kind, text) = match i % 10 {
-        0 => (EventKind::AuthFailed, "dovecot_login authenticator failed for (User) [{a}]:51234: 535 Incorrect authentication data (set_id=info@example.com)"),
-        1 => (EventKind::RelayDenied, "H=(User) [{a}]:51234 F=<spam@example.net> rejected RCPT <x@example.org>: relay not permitted"),
-        2 => (EventKind::Accepted, "1abcDE-000123-AB <= sender@example.net H=mail.example.net [{a}]:51234 P=esmtps S=2048"),
+        0 => (
+            EventKind::AuthFailed,
+            "dovecot_login authenticator failed for (User) [{a}]:51234: 535 Incorrect authentication data (set_id=info@example.com)",
+        ),
+        1 => (
+            EventKind::RelayDenied,
+            "H=(User) [{a}]:51234 F=<spam@example.net> rejected RCPT <x@example.org>: relay not permitted",
+        ),
+        2 => (
+            EventKind::Accepted,
+            "1abcDE-000123-AB <= sender@example.net H=mail.example.net [{a}]:51234 P=esmtps S=2048",
+        ),
         3 => (EventKind::Lost, "SMTP connection from (User) [{a}]:51234 lost D=5s"),
         _ => (EventKind::Connect, "SMTP connection from [{a}]:51234 (TCP/IP connection count = 42)"),
     };
@@ -333,7 +343,8 @@ async fn copy_reference(url: &str, pool: &PgPool, rows: usize) -> anyhow::Result
         out.flush()?;
     }
     // The partition for today exists already (the ingest run created it).
-    let _: Option<String> = sqlx::query_scalar("select fleetban_ensure_event_partition(current_date)").fetch_one(pool).await?;
+    let _: Option<String> =
+        sqlx::query_scalar("select fleetban_ensure_event_partition(current_date)").fetch_one(pool).await?;
     // Make psql's file readable whoever runs the cluster.
     let copy = format!(
         "\\copy events (agent_id, batch_seq, batch_index, time, kind, remote, remote_port, local_port, connection_count, raw) from '{}' with (format csv)",

@@ -1,0 +1,405 @@
+//! Exim log lines to typed events.
+//!
+//! [`parse_line`] turns one line of `exim_mainlog` into an [`Event`] or
+//! `None`; [`Parser`] wraps it with what needs state: continuation lines,
+//! the configured time zone for zone-less timestamps, and counters. The hot
+//! path has no regex and does not allocate: an `Event` borrows its text from
+//! the line, and only [`Event::to_proto`] copies, when an event is kept.
+//!
+//! Invariants:
+//! - The address of an event is the remote client's bracketed address, read
+//!   from its fixed position in Exim's format (after `H=`, `from` or `for`);
+//!   never the `I=` local interface, never a bracket inside a HELO name or a
+//!   quoted command (see `body` for the injection rules).
+//! - Anything that is not a well-formed line of a known kind (garbage,
+//!   invalid UTF-8 where an address should be, impossible dates or
+//!   addresses, lines over [`MAX_LINE_BYTES`]) yields `None`; nothing here
+//!   panics on any input.
+//! - Optional text fields that are not valid UTF-8 are `None`; the event is
+//!   still produced.
+
+mod body;
+mod civil;
+pub mod genlog;
+mod host;
+mod prefix;
+pub mod render;
+pub mod report;
+mod tz;
+
+use std::net::IpAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use fleetban_proto::v1;
+
+pub use civil::format_rfc3339_ms;
+pub use tz::{Timezone, TimezoneError};
+
+/// Lines longer than this (in bytes, without the newline) are skipped.
+/// Exim's own log buffer is far smaller, so such a line is never genuine.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// What a log line reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventKind {
+    /// `SMTP connection from [ip]:port (TCP/IP connection count = N)`.
+    Connect,
+    /// `Connection from [ip] refused: too many connections` (`smtp_accept_max`).
+    RefusedTooMany,
+    /// `... refused: too many connections from that IP address`.
+    RefusedPerHost,
+    /// `... refused: load average = N`.
+    RefusedLoad,
+    /// `<driver> authenticator failed for ... 5xx ...`, with `set_id`.
+    AuthFailed,
+    /// `rejected RCPT ...: relay not permitted`, cPanel's `Rejected relay attempt`,
+    /// `SMTP AUTH is required for message submission`.
+    RelayDenied,
+    /// Other RCPT, MAIL and DATA rejections, sender verify failures, `local_scan`.
+    RcptRejected,
+    /// `SMTP protocol synchronization error` (pre-greeting talker or unadvertised pipelining).
+    SyncError,
+    /// `SMTP call from ... dropped: too many nonmail commands`.
+    TooManyNonmail,
+    /// `... dropped: too many syntax or protocol errors`.
+    TooManySyntax,
+    /// `... dropped: too many unrecognized commands`.
+    TooManyUnrecognized,
+    /// `SMTP protocol error in "..."`.
+    ProtocolError,
+    /// `SMTP syntax error in "..."`.
+    SyntaxError,
+    /// `no MAIL in SMTP connection from ...`.
+    NoMail,
+    /// An ACL rejection outside RCPT/MAIL/DATA: the connect ACL (cPanel's
+    /// `Host is ratelimited`, `Host is banned`), HELO, VRFY, ...
+    AclRejected,
+    /// A connect-ACL `drop` (`dropped by 'connect' ACL`, `forcibly dropped`).
+    AclDropped,
+    /// `SMTP connection from ... closed by DROP in ACL`.
+    ClosedByDrop,
+    /// `SMTP connection from ... lost`.
+    Lost,
+    /// `SMTP command timeout` or `SMTP data timeout` on a connection.
+    CommandTimeout,
+    /// `TLS error on connection from ...`.
+    TlsError,
+    /// `no host name found for IP address ...`, `no IP address found for host ...`.
+    NoHostName,
+    /// `<=` message arrival over SMTP, for context.
+    Accepted,
+}
+
+impl EventKind {
+    /// Every kind, in proto order.
+    pub const ALL: [EventKind; 22] = [
+        EventKind::Connect,
+        EventKind::RefusedTooMany,
+        EventKind::RefusedPerHost,
+        EventKind::RefusedLoad,
+        EventKind::AuthFailed,
+        EventKind::RelayDenied,
+        EventKind::RcptRejected,
+        EventKind::SyncError,
+        EventKind::TooManyNonmail,
+        EventKind::TooManySyntax,
+        EventKind::TooManyUnrecognized,
+        EventKind::ProtocolError,
+        EventKind::SyntaxError,
+        EventKind::NoMail,
+        EventKind::AclRejected,
+        EventKind::AclDropped,
+        EventKind::ClosedByDrop,
+        EventKind::Lost,
+        EventKind::CommandTimeout,
+        EventKind::TlsError,
+        EventKind::NoHostName,
+        EventKind::Accepted,
+    ];
+
+    /// The snake_case name used in JSON output and config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Connect => "connect",
+            EventKind::RefusedTooMany => "refused_too_many",
+            EventKind::RefusedPerHost => "refused_per_host",
+            EventKind::RefusedLoad => "refused_load",
+            EventKind::AuthFailed => "auth_failed",
+            EventKind::RelayDenied => "relay_denied",
+            EventKind::RcptRejected => "rcpt_rejected",
+            EventKind::SyncError => "sync_error",
+            EventKind::TooManyNonmail => "too_many_nonmail",
+            EventKind::TooManySyntax => "too_many_syntax",
+            EventKind::TooManyUnrecognized => "too_many_unrecognized",
+            EventKind::ProtocolError => "protocol_error",
+            EventKind::SyntaxError => "syntax_error",
+            EventKind::NoMail => "no_mail",
+            EventKind::AclRejected => "acl_rejected",
+            EventKind::AclDropped => "acl_dropped",
+            EventKind::ClosedByDrop => "closed_by_drop",
+            EventKind::Lost => "lost",
+            EventKind::CommandTimeout => "command_timeout",
+            EventKind::TlsError => "tls_error",
+            EventKind::NoHostName => "no_host_name",
+            EventKind::Accepted => "accepted",
+        }
+    }
+
+    /// The kind named `name` (the inverse of [`EventKind::as_str`]).
+    pub fn from_name(name: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    /// Whether the line on its own is evidence of misbehaviour by the
+    /// address. Context kinds (connect, the global refusals that hit everyone
+    /// when the host is full, lost connections, TLS errors, reverse-DNS
+    /// misses and arrivals) are not; detection may still count them.
+    pub fn is_abuse(self) -> bool {
+        !matches!(
+            self,
+            EventKind::Connect
+                | EventKind::RefusedTooMany
+                | EventKind::RefusedLoad
+                | EventKind::Lost
+                | EventKind::TlsError
+                | EventKind::NoHostName
+                | EventKind::Accepted
+        )
+    }
+
+    /// The wire enum value.
+    pub fn to_proto(self) -> v1::EventKind {
+        match self {
+            EventKind::Connect => v1::EventKind::Connect,
+            EventKind::RefusedTooMany => v1::EventKind::RefusedTooMany,
+            EventKind::RefusedPerHost => v1::EventKind::RefusedPerHost,
+            EventKind::RefusedLoad => v1::EventKind::RefusedLoad,
+            EventKind::AuthFailed => v1::EventKind::AuthFailed,
+            EventKind::RelayDenied => v1::EventKind::RelayDenied,
+            EventKind::RcptRejected => v1::EventKind::RcptRejected,
+            EventKind::SyncError => v1::EventKind::SyncError,
+            EventKind::TooManyNonmail => v1::EventKind::TooManyNonmail,
+            EventKind::TooManySyntax => v1::EventKind::TooManySyntax,
+            EventKind::TooManyUnrecognized => v1::EventKind::TooManyUnrecognized,
+            EventKind::ProtocolError => v1::EventKind::ProtocolError,
+            EventKind::SyntaxError => v1::EventKind::SyntaxError,
+            EventKind::NoMail => v1::EventKind::NoMail,
+            EventKind::AclRejected => v1::EventKind::AclRejected,
+            EventKind::AclDropped => v1::EventKind::AclDropped,
+            EventKind::ClosedByDrop => v1::EventKind::ClosedByDrop,
+            EventKind::Lost => v1::EventKind::Lost,
+            EventKind::CommandTimeout => v1::EventKind::CommandTimeout,
+            EventKind::TlsError => v1::EventKind::TlsError,
+            EventKind::NoHostName => v1::EventKind::NoHostName,
+            EventKind::Accepted => v1::EventKind::Accepted,
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One parsed line, borrowing its text from the line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event<'a> {
+    /// When the line was written, unix milliseconds UTC.
+    pub time_ms: i64,
+    /// What happened.
+    pub kind: EventKind,
+    /// The remote client's address (`::ffff:` mapped addresses as IPv4).
+    pub ip: IpAddr,
+    /// The remote port, when logged (`+incoming_port`).
+    pub port: Option<u16>,
+    /// The local interface address (`I=`, `+incoming_interface`).
+    pub local_ip: Option<IpAddr>,
+    /// The local port (`I=[..]:port`).
+    pub local_port: Option<u16>,
+    /// `TCP/IP connection count = N` on connect lines.
+    pub count: Option<u32>,
+    /// `set_id` on authentication failures; the authenticated id on arrivals.
+    pub user: Option<&'a str>,
+    /// The HELO/EHLO name the client gave.
+    pub helo: Option<&'a str>,
+    /// Kind-specific text: the authenticator driver, the rejection reason,
+    /// the ACL message, the `C=` command list, the envelope sender of an
+    /// arrival, ...
+    pub detail: Option<&'a str>,
+    /// The session duration (`D=`), in milliseconds.
+    pub duration_ms: Option<u64>,
+    /// The whole line, without its line terminator.
+    pub raw: &'a [u8],
+}
+
+impl Event<'_> {
+    /// The wire form; `keep_raw` keeps the original line as evidence
+    /// (invalid UTF-8 replaced by U+FFFD).
+    pub fn to_proto(&self, keep_raw: bool) -> v1::Event {
+        v1::Event {
+            time_ms: self.time_ms,
+            kind: self.kind.to_proto() as i32,
+            remote: Some(self.ip.into()),
+            remote_port: self.port.map_or(0, u32::from),
+            local_port: self.local_port.map_or(0, u32::from),
+            connection_count: self.count.unwrap_or(0),
+            auth_user: self.user.unwrap_or_default().to_owned(),
+            helo: self.helo.unwrap_or_default().to_owned(),
+            raw: if keep_raw { String::from_utf8_lossy(self.raw).into_owned() } else { String::new() },
+            local: self.local_ip.map(Into::into),
+            detail: self.detail.unwrap_or_default().to_owned(),
+            duration_ms: self.duration_ms.unwrap_or(0),
+        }
+    }
+}
+
+/// Strips one trailing `\n` and then one `\r`.
+fn trim_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// The year for a BSD syslog stamp (which has none): this year, or last year
+/// when that would put the stamp more than two days in the future.
+fn syslog_year(month: u32, day: u32) -> i64 {
+    let now_days = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() / 86_400) as i64;
+    let (year, _, _) = civil::civil_from_days(now_days);
+    let day = day.min(civil::days_in_month(year, month));
+    if civil::days_from_civil(year, month, day) > now_days + 2 { year - 1 } else { year }
+}
+
+/// Parses the parts of a line: its stamp and fields.
+fn parse_parts(line: &[u8]) -> Option<(prefix::Stamp, body::Fields<'_>)> {
+    if line.len() > MAX_LINE_BYTES {
+        return None;
+    }
+    let pre = prefix::parse_prefix(line, syslog_year)?;
+    let fields = body::classify(&line[pre.body..], pre.msgid)?;
+    Some((pre.stamp, fields))
+}
+
+fn text(b: Option<&[u8]>) -> Option<&str> {
+    b.filter(|b| !b.is_empty()).and_then(|b| std::str::from_utf8(b).ok())
+}
+
+fn build<'a>(time_ms: i64, f: body::Fields<'a>, raw: &'a [u8]) -> Event<'a> {
+    Event {
+        time_ms,
+        kind: f.kind,
+        ip: f.ip,
+        port: f.port,
+        local_ip: f.local_ip,
+        local_port: f.local_port,
+        count: f.count,
+        user: text(f.user),
+        helo: text(f.helo),
+        detail: text(f.detail),
+        duration_ms: f.duration_ms,
+        raw,
+    }
+}
+
+/// Parses one line (with or without its line terminator). Zone-less
+/// timestamps are taken as UTC; use [`Parser`] to apply a zone and to skip
+/// continuation lines.
+pub fn parse_line(line: &[u8]) -> Option<Event<'_>> {
+    let line = trim_eol(line);
+    let (stamp, fields) = parse_parts(line)?;
+    let time_ms = (stamp.civil_secs - i64::from(stamp.offset_secs.unwrap_or(0))) * 1000 + i64::from(stamp.millis);
+    Some(build(time_ms, fields, line))
+}
+
+/// Counters of a [`Parser`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ParseStats {
+    /// Lines fed.
+    pub lines: u64,
+    /// Lines that produced an event.
+    pub events: u64,
+    /// Lines that produced none (`lines - events`), continuation lines included.
+    pub ignored: u64,
+    /// Continuation lines (starting with whitespace), part of `ignored`.
+    pub continuations: u64,
+    /// Lines longer than [`MAX_LINE_BYTES`], part of `ignored`.
+    pub oversized: u64,
+}
+
+/// The stateful line parser: applies the configured time zone to zone-less
+/// timestamps, skips continuation lines, and counts.
+#[derive(Debug, Clone)]
+pub struct Parser {
+    tz: Timezone,
+    /// Quarter hour of wall-clock time whose offset is cached.
+    cached_block: i64,
+    cached_offset: i32,
+    stats: ParseStats,
+}
+
+/// Offsets are cached per this many seconds of wall-clock time. Every zone
+/// in use today changes offset on a quarter-hour boundary.
+const OFFSET_BLOCK_SECS: i64 = 900;
+
+impl Parser {
+    /// A parser that reads zone-less timestamps in `tz`.
+    pub fn new(tz: Timezone) -> Parser {
+        Parser { tz, cached_block: i64::MIN, cached_offset: 0, stats: ParseStats::default() }
+    }
+
+    /// Parses the next line of a log. Continuation lines (starting with a
+    /// space or tab) belong to the previous entry and yield `None`.
+    pub fn feed<'a>(&mut self, line: &'a [u8]) -> Option<Event<'a>> {
+        self.stats.lines += 1;
+        let line = trim_eol(line);
+        let parsed = match line.first() {
+            Some(b' ' | b'\t') => {
+                self.stats.continuations += 1;
+                None
+            }
+            _ if line.len() > MAX_LINE_BYTES => {
+                self.stats.oversized += 1;
+                None
+            }
+            _ => parse_parts(line),
+        };
+        let Some((stamp, fields)) = parsed else {
+            self.stats.ignored += 1;
+            return None;
+        };
+        let offset = match stamp.offset_secs {
+            Some(o) => o,
+            None => self.offset_at(stamp.civil_secs),
+        };
+        self.stats.events += 1;
+        let time_ms = (stamp.civil_secs - i64::from(offset)) * 1000 + i64::from(stamp.millis);
+        Some(build(time_ms, fields, line))
+    }
+
+    /// Counts a line that was skipped before parsing (e.g. oversized lines
+    /// that the reader discarded).
+    pub fn skip_oversized(&mut self) {
+        self.stats.lines += 1;
+        self.stats.ignored += 1;
+        self.stats.oversized += 1;
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> ParseStats {
+        self.stats
+    }
+
+    fn offset_at(&mut self, civil_secs: i64) -> i32 {
+        if matches!(self.tz, Timezone::Utc) {
+            return 0;
+        }
+        let block = civil_secs.div_euclid(OFFSET_BLOCK_SECS);
+        if block != self.cached_block {
+            self.cached_offset = self.tz.offset_at_civil(block * OFFSET_BLOCK_SECS);
+            self.cached_block = block;
+        }
+        self.cached_offset
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,219 @@
+//! Unit tests of the line parser: one test per behaviour a caller relies on.
+
+use std::net::IpAddr;
+
+use super::*;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn parse(s: &str) -> Event<'_> {
+    parse_line(s.as_bytes()).unwrap_or_else(|| panic!("no event: {s}"))
+}
+
+#[test]
+fn connect_with_count_and_interface() {
+    let e = parse(
+        "2026-11-27 01:57:47.118 [7954] SMTP connection from [192.0.2.100]:47487 I=[192.0.2.10]:25 (TCP/IP connection count = 17)",
+    );
+    assert_eq!(e.kind, EventKind::Connect);
+    assert_eq!(e.ip, ip("192.0.2.100"));
+    assert_eq!(e.port, Some(47487));
+    assert_eq!(e.local_ip, Some(ip("192.0.2.10")));
+    assert_eq!(e.local_port, Some(25));
+    assert_eq!(e.count, Some(17));
+    assert_eq!(e.time_ms, 1_795_744_667_118);
+}
+
+#[test]
+fn refusals() {
+    let e = parse(
+        "2026-11-27 01:57:47.336 [7954] Connection from [192.0.2.100]:58745 I=[192.0.2.10]:25 refused: too many connections",
+    );
+    assert_eq!((e.kind, e.ip, e.local_ip), (EventKind::RefusedTooMany, ip("192.0.2.100"), Some(ip("192.0.2.10"))));
+    let e =
+        parse("2026-11-27 01:57:47 Connection from [192.0.2.7]:1 refused: too many connections from that IP address");
+    assert_eq!((e.kind, e.ip), (EventKind::RefusedPerHost, ip("192.0.2.7")));
+    let e = parse("2026-11-27 01:57:47 Connection from [2001:db8::7] refused: load average = 12.34");
+    assert_eq!((e.kind, e.ip, e.detail), (EventKind::RefusedLoad, ip("2001:db8::7"), Some("load average = 12.34")));
+}
+
+#[test]
+fn auth_failure_old_and_new_format() {
+    let e = parse(
+        "2026-11-27 01:57:50.552 [8679] dovecot_plain authenticator failed for (scanner.invalid) [192.0.2.110]:35157 I=[192.0.2.10]:25: 535 Incorrect authentication data (set_id=admin0@example.test)",
+    );
+    assert_eq!(e.kind, EventKind::AuthFailed);
+    assert_eq!(e.ip, ip("192.0.2.110"));
+    assert_eq!(e.user, Some("admin0@example.test"));
+    assert_eq!(e.helo, Some("scanner.invalid"));
+    assert_eq!(e.detail, Some("dovecot_plain"));
+    assert_eq!(e.local_ip, Some(ip("192.0.2.10")));
+    let e = parse(
+        "2026-09-19 20:54:38 dovecot_login authenticator failed for H=(72.20.167.124.adsl-pool.sx.cn) [179.185.227.77]:58062: 535 Incorrect authentication data (set_id=info@winservices.it)",
+    );
+    assert_eq!((e.kind, e.ip, e.user), (EventKind::AuthFailed, ip("179.185.227.77"), Some("info@winservices.it")));
+}
+
+#[test]
+fn set_id_with_brackets_does_not_move_the_address() {
+    let e = parse(
+        "2026-01-01 10:00:00 dovecot_login authenticator failed for (helo.example) [203.0.113.5]:2525: 535 Incorrect authentication data (set_id=[192.0.2.1]:25 U=x)",
+    );
+    assert_eq!(e.ip, ip("203.0.113.5"));
+    assert_eq!(e.user, Some("[192.0.2.1]:25 U=x"));
+}
+
+#[test]
+fn temporary_auth_failure_is_not_an_attack() {
+    assert!(
+        parse_line(b"1999-03-02 09:44:33 defer authenticator failed for H=(test.host) [10.0.0.1] U=CALLER: 435 Unable to authenticate at present (set_id=userx): account suspended").is_none()
+    );
+}
+
+#[test]
+fn fail2ban_injection_yields_the_real_client() {
+    let e = parse(
+        "2017-11-28 14:14:32 SMTP protocol error in \"aUtH lOgIn\" H=(test) [8.8.8.8]\" H=(roxzgj) [192.0.2.6] AUTH command used when not advertised",
+    );
+    assert_eq!(e.kind, EventKind::ProtocolError);
+    assert_eq!(e.ip, ip("192.0.2.6"));
+    assert_eq!(e.helo, Some("roxzgj"));
+}
+
+#[test]
+fn injection_with_a_well_formed_fake_host() {
+    // The fake host is followed by a space, so it is a valid candidate too:
+    // a protocol error trusts the last one (Exim's text follows it) ...
+    let e = parse(
+        "2017-11-28 14:14:32 SMTP protocol error in \"AUTH\" H=(x) [8.8.8.8] y\" H=(roxzgj) [192.0.2.6] AUTH command used when not advertised",
+    );
+    assert_eq!(e.ip, ip("192.0.2.6"));
+    // ... where client text may follow the host too, disagreement means skip.
+    assert!(parse_line(b"2017-11-28 14:14:32 SMTP syntax error in \"MAIL\" H=[8.8.8.8] x\" H=[192.0.2.6] 501 <\" H=[8.8.4.4] x>: bad").is_none());
+    assert!(parse_line(b"2017-11-28 14:14:32 SMTP protocol synchronization error (next input sent too soon: pipelining was not advertised): rejected \"rset\" H=[192.0.2.6] next input=\"x\" H=[8.8.8.8] q\"").is_none());
+}
+
+#[test]
+fn helo_brackets_and_local_interface_are_never_the_client() {
+    let e = parse(
+        "2013-08-20 23:30:05 plain authenticator failed for ([192.168.2.102]) [91.218.72.71]: 535 Incorrect authentication data",
+    );
+    assert_eq!(e.ip, ip("91.218.72.71"));
+    assert_eq!(e.helo, Some("[192.168.2.102]"));
+    let e =
+        parse("2016-03-21 06:57:36 [5908] no MAIL in SMTP connection from [122.165.71.116] I=[172.89.0.6]:25 D=10s");
+    assert_eq!(e.ip, ip("122.165.71.116"));
+    assert_eq!(e.local_ip, Some(ip("172.89.0.6")));
+    assert_eq!(e.duration_ms, Some(10_000));
+}
+
+#[test]
+fn mapped_ipv6_is_normalised() {
+    let e = parse("2026-01-01 00:00:00 SMTP connection from [::ffff:192.0.2.9]:4000 (TCP/IP connection count = 3)");
+    assert_eq!(e.ip, ip("192.0.2.9"));
+}
+
+#[test]
+fn lost_and_no_mail_keep_duration_and_commands() {
+    let e = parse(
+        "2026-11-27 01:57:50.547 [8585] SMTP connection from [192.0.2.101]:58557 I=[192.0.2.10]:25 lost (error: Connection reset by peer) D=3.416s",
+    );
+    assert_eq!(
+        (e.kind, e.duration_ms, e.detail),
+        (EventKind::Lost, Some(3416), Some("(error: Connection reset by peer)"))
+    );
+    let e = parse(
+        "2026-11-27 01:57:50.752 [8679] no MAIL in SMTP connection from (scanner.invalid) [192.0.2.110]:35157 I=[192.0.2.10]:25 D=0.201s C=EHLO,AUTH,QUIT",
+    );
+    assert_eq!((e.kind, e.duration_ms, e.detail), (EventKind::NoMail, Some(201), Some("EHLO,AUTH,QUIT")));
+}
+
+#[test]
+fn zones_and_prefix_variants() {
+    let utc = parse("2026-11-27 01:57:34 SMTP connection from [192.0.2.1] (TCP/IP connection count = 1)").time_ms;
+    let plus =
+        parse("2026-11-27 02:57:34 +0100 SMTP connection from [192.0.2.1] (TCP/IP connection count = 1)").time_ms;
+    assert_eq!(utc, plus);
+    let e = parse(
+        "2016-03-21 04:07:49 [25874] 1ahr79-0006jK-G9 SMTP connection from (voyeur.webair.com) [174.137.147.204]:44884 I=[172.89.0.6]:25 closed by DROP in ACL",
+    );
+    assert_eq!((e.kind, e.ip), (EventKind::ClosedByDrop, ip("174.137.147.204")));
+    let e = parse(
+        "2026-09-13 08:03:35 1x5dJQ-00000002ksM-1pMm <= a@b.test H=x.test ([127.0.0.1]) [78.47.94.167]:59324 P=esmtpsa A=dovecot_login:a@b.test S=2",
+    );
+    assert_eq!(
+        (e.kind, e.ip, e.user, e.detail),
+        (EventKind::Accepted, ip("78.47.94.167"), Some("a@b.test"), Some("a@b.test"))
+    );
+}
+
+#[test]
+fn parser_applies_zone_and_skips_continuations() {
+    let mut p = Parser::new(Timezone::from_config("Europe/Berlin").unwrap());
+    let line = b"2026-07-15 14:00:00 SMTP connection from [192.0.2.1] (TCP/IP connection count = 1)\n";
+    let e = p.feed(line).unwrap();
+    assert_eq!(e.time_ms, 1_784_116_800_000, "14:00 CEST is 12:00 UTC");
+    assert!(p.feed(b" H=[192.0.2.9] rejected RCPT <a@b>: relay not permitted").is_none());
+    assert!(
+        p.feed(b"2026-07-15 14:00:00 +0000 SMTP connection from [192.0.2.1] (TCP/IP connection count = 1)").is_some()
+    );
+    let s = p.stats();
+    assert_eq!((s.lines, s.events, s.ignored, s.continuations), (3, 2, 1, 1));
+}
+
+#[test]
+fn bad_input_is_skipped() {
+    let long = format!(
+        "2026-01-01 00:00:00 SMTP connection from [192.0.2.1] (TCP/IP connection count = 1){}",
+        " ".repeat(MAX_LINE_BYTES)
+    );
+    for bad in [
+        &b""[..],
+        b"\xff\xfe\x00garbage",
+        b"2026-02-30 00:00:00 SMTP connection from [192.0.2.1] (TCP/IP connection count = 1)",
+        b"2026-01-01 00:00:00 SMTP connection from [192.0.2.256] (TCP/IP connection count = 1)",
+        b"2026-01-01 00:00:00 SMTP connection from [192.0.2.1",
+        b"2026-01-01 00:00:00 SMTP connection from [192.0.2.1]:70000 (TCP/IP connection count = 1)",
+        b"2026-01-01 00:00:00 SMTP connection from [192.0.2.1] (TCP/IP connection count = 99999999999)",
+        b"2026-01-01 00:00:00 SMTP connection from [\xff\xfe::1] (TCP/IP connection count = 1)",
+        long.as_bytes(),
+    ] {
+        assert!(parse_line(bad).is_none(), "{}", String::from_utf8_lossy(&bad[..bad.len().min(120)]));
+    }
+}
+
+#[test]
+fn invalid_utf8_in_text_fields_keeps_the_event() {
+    let e = parse_line(b"2026-01-01 00:00:00 login authenticator failed for (\xff\xfe) [192.0.2.1]: 535 Incorrect authentication data (set_id=\xc3)").unwrap();
+    assert_eq!((e.kind, e.ip, e.helo, e.user), (EventKind::AuthFailed, ip("192.0.2.1"), None, None));
+}
+
+#[test]
+fn kinds_have_stable_names_and_proto_values() {
+    for (i, kind) in EventKind::ALL.into_iter().enumerate() {
+        assert_eq!(kind.to_proto() as usize, i + 1, "{kind}");
+        assert_eq!(EventKind::from_name(kind.as_str()), Some(kind));
+    }
+    assert!(EventKind::AuthFailed.is_abuse());
+    assert!(!EventKind::Connect.is_abuse());
+}
+
+#[test]
+fn to_proto_copies_every_field() {
+    let e = parse(
+        "2026-11-27 01:57:50.552 [8679] dovecot_plain authenticator failed for (scanner.invalid) [192.0.2.110]:35157 I=[192.0.2.10]:25: 535 Incorrect authentication data (set_id=admin0@example.test)",
+    );
+    let p = e.to_proto(true);
+    assert_eq!(p.kind, fleetban_proto::v1::EventKind::AuthFailed as i32);
+    assert_eq!(IpAddr::try_from(p.remote.as_ref().unwrap()).unwrap(), e.ip);
+    assert_eq!(IpAddr::try_from(p.local.as_ref().unwrap()).unwrap(), ip("192.0.2.10"));
+    assert_eq!((p.remote_port, p.local_port, p.time_ms), (35157, 25, e.time_ms));
+    assert_eq!(
+        (p.auth_user.as_str(), p.helo.as_str(), p.detail.as_str()),
+        ("admin0@example.test", "scanner.invalid", "dovecot_plain")
+    );
+    assert_eq!(p.raw.as_bytes(), e.raw);
+    assert!(e.to_proto(false).raw.is_empty());
+}
