@@ -10,9 +10,13 @@
 //! - [`pgembed`]: a throwaway Postgres cluster for the demo and tests.
 //! - [`config`]: `server.toml`, overridden by flags.
 //! - [`db`]: the connection pool and the embedded migrations.
+//! - [`auth`]: enrollment tokens and agent credentials.
+//! - [`tls`]: TLS of the gRPC listener and `pki init`.
+//! - [`ingest`]: validation and exactly-once storage of event batches.
 //! - [`blocks`]: the versioned fleet blocklist and its policy checks.
 //! - [`correlate`]: the fleet policy that turns evidence into blocks.
-//! - [`session`]: the gRPC `AgentService`.
+//! - [`push`]: LISTEN/NOTIFY fan-out of blocklist changes to sessions.
+//! - [`session`]: the gRPC `AgentService` (Enroll, Connect).
 //! - [`api`]: the HTTP side: REST API, dashboard, metrics, OpenAPI, health.
 //! - [`report`]: plain-text abuse reports.
 //! - [`asn`]: autonomous-system data (iptoasn import and lookup).
@@ -21,15 +25,19 @@
 
 pub mod api;
 pub mod asn;
+pub mod auth;
 pub mod blocks;
 pub mod cli;
 pub mod config;
 pub mod correlate;
 pub mod db;
+pub mod ingest;
 pub mod pgembed;
+pub mod push;
 pub mod report;
 pub mod serve;
 pub mod session;
+pub mod tls;
 
 /// The server's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -117,23 +117,22 @@ impl Browser {
         Browser { http, base: format!("{}/session/{id}", driver.url) }
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+    async fn try_call(&self, method: reqwest::Method, path: &str, body: Value) -> Result<Value, String> {
         let request = self.http.request(method, format!("{}{path}", self.base));
         let request = if body.is_null() { request } else { request.json(&body) };
         let reply: Value = request.send().await.unwrap().json().await.unwrap();
-        if let Some(error) = reply["value"]["error"].as_str() {
-            panic!("WebDriver {path}: {error}: {}", reply["value"]["message"]);
+        match reply["value"]["error"].as_str() {
+            Some(error) => Err(format!("WebDriver {path}: {error}: {}", reply["value"]["message"])),
+            None => Ok(reply["value"].clone()),
         }
-        reply["value"].clone()
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        self.try_call(method, path, body).await.unwrap_or_else(|error| panic!("{error}"))
     }
 
     async fn navigate(&self, url: &str) {
         self.call(reqwest::Method::POST, "/url", json!({ "url": url })).await;
-    }
-
-    async fn find(&self, css: &str) -> String {
-        let v = self.call(reqwest::Method::POST, "/element", json!({"using": "css selector", "value": css})).await;
-        v[ELEMENT_KEY].as_str().unwrap().to_owned()
     }
 
     /// Waits until an element matching `css` exists.
@@ -167,24 +166,37 @@ impl Browser {
         self.call(reqwest::Method::POST, &format!("/element/{element}/value"), json!({ "text": text })).await;
     }
 
-    async fn click(&self, element: &str) {
-        self.call(reqwest::Method::POST, &format!("/element/{element}/click"), json!({})).await;
+    /// Clicks the element `css`, found afresh (retried if it went stale).
+    async fn click(&self, css: &str) {
+        loop {
+            let element = self.wait_for(css).await;
+            match self.try_call(reqwest::Method::POST, &format!("/element/{element}/click"), json!({})).await {
+                Ok(_) => return,
+                Err(error) if error.contains("stale element") => continue,
+                Err(error) => panic!("{error}"),
+            }
+        }
     }
 
-    async fn text(&self, element: &str) -> String {
-        self.call(reqwest::Method::GET, &format!("/element/{element}/text"), Value::Null)
-            .await
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
+    /// The text of the element `css`, found afresh: the dashboard replaces
+    /// its table bodies on every refresh, so an element found earlier may be
+    /// stale by the time its text is read; that read is retried.
+    async fn text_of(&self, css: &str) -> String {
+        loop {
+            let element = self.wait_for(css).await;
+            match self.try_call(reqwest::Method::GET, &format!("/element/{element}/text"), Value::Null).await {
+                Ok(text) => return text.as_str().unwrap_or_default().to_owned(),
+                Err(error) if error.contains("stale element") => continue,
+                Err(error) => panic!("{error}"),
+            }
+        }
     }
 
     /// Waits until the text of `css` contains `needle`.
     async fn wait_text(&self, css: &str, needle: &str) -> String {
         let deadline = Instant::now() + WAIT;
         loop {
-            let element = self.wait_for(css).await;
-            let text = self.text(&element).await;
+            let text = self.text_of(css).await;
             if text.contains(needle) {
                 return text;
             }
@@ -229,8 +241,7 @@ async fn dashboard_shows_fleet_and_unblocks(pool: PgPool) {
     browser.navigate(&format!("{base}/")).await;
     let token = browser.wait_for("#token").await;
     browser.send_keys(&token, &t.admin).await;
-    let login = browser.find("#login").await;
-    browser.click(&login).await;
+    browser.click("#login").await;
 
     let agents = browser.wait_text("#agents tbody", "mx-dash-1").await;
     assert!(agents.contains("online"), "{agents}");
@@ -239,8 +250,7 @@ async fn dashboard_shows_fleet_and_unblocks(pool: PgPool) {
     let stored = browser.script("return sessionStorage.getItem('fleetban_token');").await;
     assert_eq!(stored, json!(t.admin), "the token is kept in session storage");
 
-    let unblock = browser.wait_for(&format!("button.unblock[data-id=\"{id}\"]")).await;
-    browser.click(&unblock).await;
+    browser.click(&format!("button.unblock[data-id=\"{id}\"]")).await;
 
     // The block disappears from the API...
     let deadline = Instant::now() + WAIT;
@@ -263,8 +273,7 @@ async fn dashboard_shows_fleet_and_unblocks(pool: PgPool) {
     // ... and from the page; the write was audited under the token's name.
     let deadline = Instant::now() + WAIT;
     loop {
-        let element = browser.wait_for("#blocks tbody").await;
-        if !browser.text(&element).await.contains("203.0.113.77") {
+        if !browser.text_of("#blocks tbody").await.contains("203.0.113.77") {
             break;
         }
         assert!(Instant::now() < deadline, "block row still shown");

@@ -11,11 +11,14 @@
 //!
 //! | name | type | labels | recorded by |
 //! |---|---|---|---|
-//! | `fleetban_ingest_events_total` | counter | | ingest: events stored |
-//! | `fleetban_ingest_invalid_events_total` | counter | | ingest: events rejected as invalid |
-//! | `fleetban_ingest_batches_total` | counter | `result` = `stored`, `duplicate`, `refused` | ingest |
-//! | `fleetban_push_lag_seconds` | histogram | | push: block change commit → sent to an agent |
-//! | `fleetban_agent_sessions` | gauge | | session: sessions open on this replica |
+//! | `fleetban_ingest_events_total` | counter | | scrape, from `session::Stats`: events stored |
+//! | `fleetban_ingest_invalid_events_total` | counter | | scrape, from `session::Stats`: events rejected as invalid |
+//! | `fleetban_ingest_batches_total` | counter | `result` = `stored`, `duplicate`, `refused` | scrape, from `session::Stats` |
+//! | `fleetban_agent_frames_rejected_total` | counter | `reason` = `undecodable`, `invalid` | scrape, from `session::Stats` |
+//! | `fleetban_agent_auth_refused_total` | counter | | scrape, from `session::Stats` |
+//! | `fleetban_agent_spool_lost_events_total` | counter | | scrape, from `session::Stats`: losses agents reported |
+//! | `fleetban_push_lag_seconds` | histogram | | push: oldest change of a delta, commit → fan-out to sessions |
+//! | `fleetban_agent_sessions` | gauge | | scrape, from `session::Stats`: sessions open on this replica |
 //! | `fleetban_agents_connected` | gauge | | scrape: agents with an open session (fleet-wide) |
 //! | `fleetban_agents_total` | gauge | | scrape: agents not revoked |
 //! | `fleetban_blocks_active` | gauge | `source` = `auto`, `agent`, `manual` | scrape |
@@ -115,6 +118,9 @@ pub async fn render(State(state): State<AppState>) -> Response {
     let Some(handle) = install() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder unavailable\n").into_response();
     };
+    if let Some(stats) = &state.stats {
+        export_session_stats(stats);
+    }
     let size = state.pool.size();
     let idle = u32::try_from(state.pool.num_idle()).unwrap_or(u32::MAX);
     metrics::gauge!("fleetban_db_pool_connections", "state" => "idle").set(f64::from(idle));
@@ -136,6 +142,24 @@ pub async fn render(State(state): State<AppState>) -> Response {
     }
     handle.run_upkeep();
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+}
+
+/// Mirrors the session counters (atomics owned by `session`) into the
+/// recorder.
+fn export_session_stats(stats: &crate::session::Stats) {
+    use crate::session::Stats;
+    metrics::counter!(INGEST_EVENTS).absolute(Stats::get(&stats.events_stored));
+    metrics::counter!(INGEST_INVALID_EVENTS).absolute(Stats::get(&stats.events_rejected));
+    metrics::counter!(INGEST_BATCHES, "result" => "stored").absolute(Stats::get(&stats.batches_stored));
+    metrics::counter!(INGEST_BATCHES, "result" => "duplicate").absolute(Stats::get(&stats.batches_duplicate));
+    metrics::counter!(INGEST_BATCHES, "result" => "refused").absolute(Stats::get(&stats.batches_refused));
+    metrics::counter!("fleetban_agent_frames_rejected_total", "reason" => "undecodable")
+        .absolute(Stats::get(&stats.frames_rejected));
+    metrics::counter!("fleetban_agent_frames_rejected_total", "reason" => "invalid")
+        .absolute(Stats::get(&stats.frames_invalid));
+    metrics::counter!("fleetban_agent_auth_refused_total").absolute(Stats::get(&stats.auth_refused));
+    metrics::counter!("fleetban_agent_spool_lost_events_total").absolute(Stats::get(&stats.spool_lost_events));
+    metrics::gauge!(AGENT_SESSIONS).set(Stats::get(&stats.sessions_open) as f64);
 }
 
 /// Middleware: counts and times every HTTP request by its route template.

@@ -67,12 +67,20 @@ pub struct AppState {
     /// The policy blocks are checked against (allowlist, fleet addresses,
     /// `never_block`, minimum prefixes).
     pub policy: Arc<CorrelateConfig>,
+    /// The agent-session counters of this server, exported by `/metrics`.
+    pub stats: Option<Arc<crate::session::Stats>>,
 }
 
 impl AppState {
     /// State over `pool` with `policy`.
     pub fn new(pool: PgPool, policy: CorrelateConfig) -> Self {
-        AppState { pool, policy: Arc::new(policy) }
+        AppState { pool, policy: Arc::new(policy), stats: None }
+    }
+
+    /// Exports `stats` (ingest and session counters) on `/metrics`.
+    pub fn with_stats(mut self, stats: Arc<crate::session::Stats>) -> Self {
+        self.stats = Some(stats);
+        self
     }
 }
 

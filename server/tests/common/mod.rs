@@ -124,7 +124,9 @@ impl Server {
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = http.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let run = fleetban_server::serve::run(pool.clone(), grpc, http, async move {
+        let options = fleetban_server::serve::Options::default();
+        let listeners = fleetban_server::serve::Listeners { grpc, http };
+        let run = fleetban_server::serve::run(pool.clone(), options, listeners, async move {
             let _ = stopped.await;
         });
         let task = tokio::spawn(async move { run.await.unwrap() });
