@@ -10,6 +10,9 @@ use fleetban_server::config::{Overrides, ServerConfig};
 use fleetban_server::{api, asn, auth, db, pgembed, serve, tls};
 use tracing::{info, warn};
 
+/// The audit log's actor for changes made by `fleetban-server` commands.
+const ADMIN_ACTOR: &str = "fleetban-server";
+
 /// fleetban server: fleet-wide SMTP abuse correlation and blocklist push.
 #[derive(Debug, Parser)]
 #[command(name = "fleetban-server", version)]
@@ -193,6 +196,8 @@ async fn main() -> anyhow::Result<()> {
             db::migrate(&pool).await?;
             let role = api::auth::Role::parse(&role).context("role must be admin or read")?;
             let token = api::auth::create_token(&pool, role, name.as_deref()).await?;
+            let detail = serde_json::json!({ "id": token.id, "role": role.as_str() });
+            api::auth::audit(&pool, ADMIN_ACTOR, "token.create", &token.name, detail).await?;
             eprintln!("Created {} token {:?} (id {}); it is shown only once:", token.role, token.name, token.id);
             println!("{}", token.token);
         }
@@ -202,6 +207,9 @@ async fn main() -> anyhow::Result<()> {
             db::migrate(&pool).await?;
             let reader = std::fs::File::open(&file).with_context(|| format!("open {}", file.display()))?;
             let stats = asn::import(&pool, std::io::BufReader::new(reader)).await?;
+            let detail =
+                serde_json::json!({ "ranges": stats.ranges, "unrouted": stats.unrouted, "malformed": stats.malformed });
+            api::auth::audit(&pool, ADMIN_ACTOR, "asn.import", &file.display().to_string(), detail).await?;
             println!(
                 "Imported {} ASN ranges ({} unrouted and {} malformed lines skipped).",
                 stats.ranges, stats.unrouted, stats.malformed

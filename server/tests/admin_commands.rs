@@ -60,8 +60,12 @@ async fn token_create_prints_a_working_token(pool: PgPool) {
     let admin = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     assert_ne!(admin, read);
     assert_eq!(status(&pool, "POST", "/api/v1/blocks", &admin).await, StatusCode::CREATED);
-    let actor: String = sqlx::query_scalar("select actor from audit_log").fetch_one(&pool).await.unwrap();
-    assert!(actor.starts_with("admin-"), "{actor}");
+    let audit: Vec<(String, String, String)> =
+        sqlx::query_as("select actor, action, target from audit_log order by id").fetch_all(&pool).await.unwrap();
+    assert_eq!(audit.len(), 3, "{audit:?}");
+    assert_eq!(audit[0], ("fleetban-server".into(), "token.create".into(), "grafana".into()));
+    assert_eq!((audit[1].0.as_str(), audit[1].1.as_str()), ("fleetban-server", "token.create"));
+    assert!(audit[2].0.starts_with("admin-") && audit[2].1 == "block.create", "{audit:?}");
 
     let bad = server_command(&pool, &["token", "create", "--role", "root"]).await;
     assert!(!bad.status.success());
@@ -80,6 +84,8 @@ async fn asn_import_loads_the_iptoasn_file(pool: PgPool) {
     assert!(text.contains("Imported 1 ASN ranges (1 unrouted and 1 malformed lines skipped)"), "{text}");
     let info = fleetban_server::asn::lookup(&pool, "203.0.113.9".parse().unwrap()).await.unwrap().unwrap();
     assert_eq!(info.asn, 64500);
+    let action: String = sqlx::query_scalar("select action from audit_log").fetch_one(&pool).await.unwrap();
+    assert_eq!(action, "asn.import");
 
     let missing = server_command(&pool, &["asn", "import", "/nonexistent/ip2asn.tsv"]).await;
     assert!(!missing.status.success());
