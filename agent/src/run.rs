@@ -107,3 +107,24 @@ pub async fn shutdown_signal() {
         _ = terminate.recv() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetban_proto::v1::EventKind;
+
+    #[test]
+    fn exim_parser_keeps_the_raw_line_only_for_abuse() {
+        let mut parser = EximLineParser::new(Timezone::Utc);
+        let auth = b"2026-11-27 01:57:50.552 [8679] dovecot_plain authenticator failed for (scanner.invalid) [192.0.2.110]:35157 I=[192.0.2.10]:25: 535 Incorrect authentication data (set_id=admin0@example.test)\n";
+        let event = parser.parse_line(auth).expect("auth failure parses");
+        assert_eq!(event.kind, EventKind::AuthFailed as i32);
+        assert_eq!(event.auth_user, "admin0@example.test");
+        assert!(event.raw.starts_with("2026-11-27 01:57:50.552 [8679] dovecot_plain"));
+        let connect = b"2026-11-27 01:57:34.409 [7954] SMTP connection from [192.0.2.50]:35722 I=[192.0.2.10]:25 (TCP/IP connection count = 1)\n";
+        let event = parser.parse_line(connect).expect("connect parses");
+        assert_eq!(event.kind, EventKind::Connect as i32);
+        assert!(event.raw.is_empty());
+        assert!(parser.parse_line(b"  continuation\n").is_none());
+    }
+}
