@@ -21,7 +21,7 @@ use fleetban_proto::v1::{Event, SourcePosition};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::pipeline::LineParser;
-use crate::spool::{Spool, SpoolError};
+use crate::spool::{BACKFILL_PREFIX, Spool, SpoolError};
 
 /// Errors of a backfill.
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +137,7 @@ pub fn backfill(
             Box::new(counting)
         };
         let mut reader = BufReader::with_capacity(256 * 1024, reader);
-        let key = format!("backfill:{}", path.display());
+        let key = format!("{BACKFILL_PREFIX}{}", path.display());
         let mut fingerprint = 0;
         let mut offset = 0u64;
         let mut line = Vec::with_capacity(4096);

@@ -50,6 +50,9 @@ const HEADER_BYTES: usize = 8;
 /// Records larger than this are treated as corrupt (a batch of 1000 events
 /// is well below 1 MiB).
 pub const MAX_RECORD_BYTES: u32 = 64 * 1024 * 1024;
+/// Positions under this path prefix record imports (`backfill`), not live
+/// sources: they are not checkpoints and are not carried forward.
+pub const BACKFILL_PREFIX: &str = "backfill:";
 const STATE_FILE: &str = "state.json";
 const STATE_TMP: &str = "state.json.tmp";
 const LOCK_FILE: &str = "lock";
@@ -422,12 +425,13 @@ impl Spool {
         let carried: Vec<SourcePosition> = self
             .positions
             .values()
-            .filter(|(_, segment)| *segment == oldest_id)
+            .filter(|(position, segment)| *segment == oldest_id && !position.path.starts_with(BACKFILL_PREFIX))
             .map(|(position, _)| position.clone())
             .collect();
         for position in carried {
             self.append_position(position)?;
         }
+        self.positions.retain(|_, (_, segment)| *segment != oldest_id);
         self.sync()?;
         if let Some(segment) = self.segments.pop_front() {
             std::fs::remove_file(&segment.path).map_err(io_err(&segment.path))?;
@@ -814,12 +818,15 @@ mod tests {
         let (mut spool, _) = Spool::open(dir.path(), small()).unwrap();
         let quiet = SourcePosition { path: "/quiet".into(), fingerprint: 7, offset: 77 };
         spool.append(&[event(1)], &quiet).unwrap();
+        let import = SourcePosition { path: format!("{BACKFILL_PREFIX}/old.gz"), fingerprint: 8, offset: 88 };
+        spool.append(&[event(1)], &import).unwrap();
         append_batches(&mut spool, 2, 100);
         spool.ack(50).unwrap();
         assert!(spool.segments.front().is_some_and(|segment| segment.id > 1));
         drop(spool);
         let (spool, _) = Spool::open(dir.path(), small()).unwrap();
         assert_eq!(spool.positions()["/quiet"].offset, 77);
+        assert!(!spool.positions().keys().any(|path| path.starts_with(BACKFILL_PREFIX)), "imports are not carried");
     }
 
     #[test]

@@ -315,10 +315,25 @@ impl Tailer {
         let mut budget = 64;
         loop {
             let Some(current) = self.current.as_mut() else { return Ok(Progress::Idle) };
-            let n = current
-                .reader
-                .read_into(&mut current.pending, self.options.read_bytes)
-                .map_err(|source| TailError::Io { path: current.source.clone(), source })?;
+            let n = match current.reader.read_into(&mut current.pending, self.options.read_bytes) {
+                Ok(n) => n,
+                Err(error) if current.identity.is_none() => {
+                    // A damaged rotated file (say, a broken .gz) must not stall
+                    // the live log: give up on its rest and move on.
+                    warn!(%error, rotated = %current.source.display(), "Cannot read the rest of a rotated log file; skipping it.");
+                    self.stats.lost_files += 1;
+                    if let Some(current) = self.current.as_mut() {
+                        current.pending.clear();
+                    }
+                    self.finish_current();
+                    self.current = match self.successor.take() {
+                        Some(successor) => Some(successor),
+                        None => self.open_path()?,
+                    };
+                    continue;
+                }
+                Err(source) => return Err(TailError::Io { path: current.source.clone(), source }),
+            };
             // At the end of the current file: has it been replaced?
             let switched = n == 0 && self.check_rotation()?;
             if !self.emit(sink) {
