@@ -204,7 +204,10 @@ impl Spool {
     /// Opens (creating if needed) the spool in `dir`, cutting off damaged
     /// records. Fails if another process holds it.
     pub fn open(dir: &Path, options: SpoolOptions) -> Result<(Self, Recovery), SpoolError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        // Events hold addresses and log lines: the spool is private to the agent.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(dir)
+            .map_err(io_err(dir))?;
         let lock_path = dir.join(LOCK_FILE);
         let lock =
             OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;

@@ -441,3 +441,23 @@ fn a_broken_gz_remainder_does_not_stall_the_live_log() {
     assert_eq!(lines.last().map(String::as_str), Some("b1"));
     assert_eq!(tailer.stats().lost_files, 1);
 }
+
+#[test]
+fn waker_wakes_on_a_change_before_the_poll_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let waker = Waker::new(&path, POLL_INTERVAL);
+    // Drain wake-ups from setting up.
+    while waker.events.try_recv().is_ok() {}
+    let writer = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            write(&path, "x\n");
+        })
+    };
+    let started = std::time::Instant::now();
+    waker.wait();
+    writer.join().unwrap();
+    assert!(started.elapsed() < POLL_INTERVAL, "woken by inotify, not by the poll timeout: {:?}", started.elapsed());
+}
