@@ -27,12 +27,12 @@ use crate::spool::{BACKFILL_PREFIX, Spool, SpoolError};
 #[derive(Debug, thiserror::Error)]
 pub enum BackfillError {
     /// A log file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The spool failed.
     #[error(transparent)]
@@ -103,7 +103,7 @@ pub fn backfill(
 ) -> Result<BackfillStats, BackfillError> {
     let read_err = |path: &Path| {
         let path = path.to_owned();
-        move |source| BackfillError::Read { path, source }
+        move |source| BackfillError::Read { path, error: source }
     };
     let total: u64 = files
         .iter()

@@ -26,12 +26,12 @@ use crate::spool::{Spool, SpoolError, SpoolOptions};
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     /// Preparing the input or the directory failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         /// What was being done.
         context: String,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The spool failed.
     #[error(transparent)]
@@ -88,7 +88,7 @@ pub struct BenchReport {
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
     let context = context.into();
-    move |source| BenchError::Io { context, source }
+    move |source| BenchError::Io { context, error: source }
 }
 
 fn cpu_secs() -> f64 {

@@ -61,12 +61,12 @@ const LOCK_FILE: &str = "lock";
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     /// An I/O operation on a spool file failed.
-    #[error("spool I/O on {path}: {source}")]
+    #[error("spool I/O on {path}: {error}")]
     Io {
         /// The file or directory.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Another process holds the spool.
     #[error("spool {0} is in use by another fleetban-agent process")]
@@ -77,7 +77,7 @@ pub enum SpoolError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
-    move |source| SpoolError::Io { path: path.to_owned(), source }
+    move |source| SpoolError::Io { path: path.to_owned(), error: source }
 }
 
 /// Size limits of a spool.
@@ -214,7 +214,7 @@ impl Spool {
         match lock.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => return Err(SpoolError::Locked(dir.to_owned())),
-            Err(std::fs::TryLockError::Error(source)) => return Err(SpoolError::Io { path: lock_path, source }),
+            Err(std::fs::TryLockError::Error(source)) => return Err(SpoolError::Io { path: lock_path, error: source }),
         }
         let state = read_state(dir, true)?;
         let scan = scan(dir, true)?;
@@ -353,13 +353,13 @@ impl Spool {
         }
         let (Some(file), Some(segment)) = (self.active.as_mut(), self.segments.back_mut()) else {
             // start_segment always leaves an active segment.
-            return Err(SpoolError::Io { path: self.dir.clone(), source: std::io::ErrorKind::NotFound.into() });
+            return Err(SpoolError::Io { path: self.dir.clone(), error: std::io::ErrorKind::NotFound.into() });
         };
         let offset = segment.bytes;
         if let Err(source) = file.write_all(&self.buffer) {
             // Never leave a partial record in front of later ones.
             let _ = file.set_len(offset);
-            return Err(SpoolError::Io { path: segment.path.clone(), source });
+            return Err(SpoolError::Io { path: segment.path.clone(), error: source });
         }
         segment.bytes += self.buffer.len() as u64;
         self.dirty = true;
@@ -480,7 +480,7 @@ impl Spool {
                 file.read_exact(&mut payload).map_err(io_err(&segment.path))?;
                 let batch = EventBatch::decode(payload.as_slice()).map_err(|error| SpoolError::Io {
                     path: segment.path.clone(),
-                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, error),
+                    error: std::io::Error::new(std::io::ErrorKind::InvalidData, error),
                 })?;
                 out.push(batch);
             }
@@ -580,7 +580,7 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SpoolError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(source) => return Err(SpoolError::Io { path: dir.to_owned(), source }),
+        Err(source) => return Err(SpoolError::Io { path: dir.to_owned(), error: source }),
     };
     for entry in entries {
         let entry = entry.map_err(io_err(dir))?;
@@ -713,7 +713,7 @@ fn read_state(dir: &Path, repair: bool) -> Result<State, SpoolError> {
             State::default()
         })),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-        Err(source) => Err(SpoolError::Io { path: main, source }),
+        Err(source) => Err(SpoolError::Io { path: main, error: source }),
     }
 }
 
