@@ -12,17 +12,23 @@
 //!
 //! - [`parse`]: one Exim log line to one typed `Event` (prefix, zone,
 //!   continuation lines), plus the `parse` and `gen-log` commands' logic.
-//! - `tail`: follows log files through rotation, with durable positions.
-//! - `spool`: the append-only on-disk log of event batches.
-//! - `detect`: local abuse rules.
-//! - `uplink`: the gRPC session to the server.
-//! - `firewall`: backends that reconcile the kernel with the desired set.
-//! - `pipeline`: connects the steps with bounded channels.
+//! - [`tail`]: follows log files through rotation, identified by fingerprint.
+//! - [`spool`]: the append-only, CRC-checked on-disk log of event batches,
+//!   whose records also carry the read positions.
+//! - `detect`: local abuse rules (later).
+//! - `uplink`: the gRPC session to the server (later).
+//! - `firewall`: backends that reconcile the kernel with the desired set (later).
+//! - [`pipeline`]: connects the steps with bounded channels.
+//!
+//! Around them: [`config`] (`agent.toml`), [`run`] (the `run` command),
+//! [`status`], [`backfill`] and [`bench`] (`bench-ingest`).
 
 pub mod backfill;
+pub mod bench;
 pub mod config;
 pub mod parse;
 pub mod pipeline;
+pub mod run;
 pub mod spool;
 pub mod status;
 pub mod tail;
