@@ -21,6 +21,8 @@
 
 pub mod backfill;
 pub mod config;
+pub mod detect;
+pub mod firewall;
 pub mod parse;
 pub mod pipeline;
 pub mod spool;
