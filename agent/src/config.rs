@@ -270,7 +270,11 @@ pub struct FirewallConfig {
 
 impl Default for FirewallConfig {
     fn default() -> Self {
-        Self { backend: FirewallBackend::default(), scope: FirewallScope::default(), reconcile_secs: default_reconcile_secs() }
+        Self {
+            backend: FirewallBackend::default(),
+            scope: FirewallScope::default(),
+            reconcile_secs: default_reconcile_secs(),
+        }
     }
 }
 

@@ -337,8 +337,7 @@ impl Detector {
                 let track = self.track(net);
                 if push_window(&mut track.connects, t, th.conn_rate, th.conn_rate_window_ms) {
                     track.connects.clear();
-                    let evidence =
-                        format!("{} connects within {} s", th.conn_rate, th.conn_rate_window_ms / 1000);
+                    let evidence = format!("{} connects within {} s", th.conn_rate, th.conn_rate_window_ms / 1000);
                     decisions.push((Rule::ConnRate, evidence));
                 }
             }

@@ -156,7 +156,10 @@ mod tests {
         backend.commit(now).unwrap();
         let records: Vec<Record> = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(records.len(), 3);
-        assert_eq!(records[0], Record { cidr: "192.0.2.0/24".into(), expires_at: Some("2027-01-15T08:01:00Z".into()), reason: "r".into() });
+        assert_eq!(
+            records[0],
+            Record { cidr: "192.0.2.0/24".into(), expires_at: Some("2027-01-15T08:01:00Z".into()), reason: "r".into() }
+        );
         assert_eq!(records[2].expires_at, None);
         // Later: one expired, one removed.
         backend.stage_remove(e("2001:db8::/64", None));

@@ -44,7 +44,10 @@ impl Ipset {
             args.extend(["-p", "tcp", "-m", "multiport", "--dports"].map(String::from));
             args.push(ports.join(","));
         }
-        args.extend(["-m", "set", "--match-set", set, "src", "-m", "comment", "--comment", "fleetban", "-j", "DROP"].map(String::from));
+        args.extend(
+            ["-m", "set", "--match-set", set, "src", "-m", "comment", "--comment", "fleetban", "-j", "DROP"]
+                .map(String::from),
+        );
         args
     }
 
@@ -122,7 +125,10 @@ impl Backend for Ipset {
         for (set, family) in [(SET_V4, "inet"), (SET_V6, "inet6")] {
             self.exec.run(
                 "ipset",
-                &["create", set, "hash:net", "family", family, "hashsize", "4096", "maxelem", &max, "timeout", "3600", "-exist"],
+                &[
+                    "create", set, "hash:net", "family", family, "hashsize", "4096", "maxelem", &max, "timeout",
+                    "3600", "-exist",
+                ],
                 None,
             )?;
         }

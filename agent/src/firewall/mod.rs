@@ -26,6 +26,7 @@ pub mod ipset;
 pub mod nftables;
 pub mod plan;
 pub mod reconcile;
+pub mod worker;
 
 use std::io::Write as _;
 use std::path::PathBuf;

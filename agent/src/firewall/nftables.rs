@@ -119,10 +119,9 @@ impl Nftables {
             let Some(elements) = set.get("elem").and_then(Value::as_array) else { continue };
             for element in elements {
                 let (value, expires) = match element.get("elem") {
-                    Some(inner) => (
-                        inner.get("val").ok_or("element without `val`")?,
-                        inner.get("expires").and_then(Value::as_i64),
-                    ),
+                    Some(inner) => {
+                        (inner.get("val").ok_or("element without `val`")?, inner.get("expires").and_then(Value::as_i64))
+                    }
                     None => (element, None),
                 };
                 let expires_at_ms = expires.map(|secs| now_ms + secs * 1000);
@@ -256,6 +255,12 @@ mod tests {
             ]
         );
         assert!(Nftables::parse_listing(b"not json", 0).is_err());
-        assert!(Nftables::parse_listing(br#"{"nftables": [{"set": {"name": "v4", "table": "fleetban", "elem": [{"bogus": 1}]}}]}"#, 0).is_err());
+        assert!(
+            Nftables::parse_listing(
+                br#"{"nftables": [{"set": {"name": "v4", "table": "fleetban", "elem": [{"bogus": 1}]}}]}"#,
+                0
+            )
+            .is_err()
+        );
     }
 }

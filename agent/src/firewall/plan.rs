@@ -16,9 +16,11 @@ use ipnet::IpNet;
 
 use super::Entry;
 
-/// Two expiries closer than this are the same (read-back has one-second
-/// resolution and a commit takes time).
-pub const EXPIRY_TOLERANCE_MS: i64 = 2_500;
+/// Two expiries closer than this are the same: read-back has one-second
+/// resolution, and listing a large set takes seconds while the timeouts keep
+/// running. A real change of expiry (a block extended by the server) is
+/// minutes or more.
+pub const EXPIRY_TOLERANCE_MS: i64 = 10_000;
 
 /// An entry that expires within this is left to expire on its own rather than
 /// removed (the kernel may drop it before the removal arrives).
@@ -158,7 +160,8 @@ impl Diff {
 
     /// Number of changed ranges (a re-timed entry counts once).
     pub fn changes(&self) -> usize {
-        let retimed = self.add.iter().filter(|add| self.remove.iter().any(|r| r.net == add.net)).count();
+        let removed: std::collections::HashSet<IpNet> = self.remove.iter().map(|entry| entry.net).collect();
+        let retimed = self.add.iter().filter(|add| removed.contains(&add.net)).count();
         self.add.len() + self.remove.len() - retimed
     }
 }

@@ -120,8 +120,8 @@ impl std::fmt::Debug for Reconciler {
 
 fn cidr_to_net(cidr: Option<&Cidr>, block_id: i64) -> Result<IpNet, ReconcileError> {
     let cidr = cidr.ok_or(ReconcileError::InvalidEntry { block_id, message: "no cidr".into() })?;
-    let net = IpNet::try_from(cidr)
-        .map_err(|error| ReconcileError::InvalidEntry { block_id, message: error.to_string() })?;
+    let net =
+        IpNet::try_from(cidr).map_err(|error| ReconcileError::InvalidEntry { block_id, message: error.to_string() })?;
     Ok(net.trunc())
 }
 
@@ -186,8 +186,10 @@ impl Reconciler {
     /// Read back, diff, commit. See the module documentation.
     pub fn reconcile(&mut self, now_ms: i64) -> Result<usize, ReconcileError> {
         self.backend.setup()?;
+        // The backend's remaining timeouts are relative to the moment it is
+        // read, so it is read with the real clock.
         let actual: HashMap<IpNet, Entry> =
-            self.backend.read(now_ms)?.into_iter().map(|entry| (entry.net, entry)).collect();
+            self.backend.read(super::now_ms())?.into_iter().map(|entry| (entry.net, entry)).collect();
         let desired = self.desired(now_ms);
         let diff = plan::diff(&desired, &actual, now_ms);
         let drift = if self.reconciled {
@@ -334,7 +336,8 @@ impl Reconciler {
         };
         let local = BlocklistSnapshot { version: 0, entries: self.local.values().map(|e| block_entry(0, e)).collect() };
         let mut bytes = Vec::with_capacity(fleet.encoded_len() + local.encoded_len() + 16);
-        let encoded = fleet.encode_length_delimited(&mut bytes).and_then(|()| local.encode_length_delimited(&mut bytes));
+        let encoded =
+            fleet.encode_length_delimited(&mut bytes).and_then(|()| local.encode_length_delimited(&mut bytes));
         if encoded.is_err() {
             return;
         }
@@ -373,7 +376,12 @@ impl Reconciler {
         }
         self.version = fleet.version;
         self.stats.version.store(self.version, Ordering::Relaxed);
-        info!(version = self.version, fleet = self.fleet.len(), local = self.local.len(), "Loaded the persisted blocklist.");
+        info!(
+            version = self.version,
+            fleet = self.fleet.len(),
+            local = self.local.len(),
+            "Loaded the persisted blocklist."
+        );
     }
 
     /// The agent stops: persists, and leaves the entries in place.
@@ -435,7 +443,14 @@ mod tests {
             Ok(())
         }
         fn read(&mut self, now_ms: i64) -> Result<Vec<Entry>, FirewallError> {
-            Ok(self.held.lock().unwrap().values().filter(|e| e.expires_at_ms.is_none_or(|a| a > now_ms)).cloned().collect())
+            Ok(self
+                .held
+                .lock()
+                .unwrap()
+                .values()
+                .filter(|e| e.expires_at_ms.is_none_or(|a| a > now_ms))
+                .cloned()
+                .collect())
         }
         fn stage_add(&mut self, entry: Entry) {
             self.staged.1.push(entry);
@@ -462,7 +477,12 @@ mod tests {
     }
 
     fn block(id: i64, cidr: &str, expires: i64) -> BlockEntry {
-        BlockEntry { block_id: id, cidr: Some(cidr.parse::<IpNet>().unwrap().into()), expires_at_ms: expires, reason: "t".into() }
+        BlockEntry {
+            block_id: id,
+            cidr: Some(cidr.parse::<IpNet>().unwrap().into()),
+            expires_at_ms: expires,
+            reason: "t".into(),
+        }
     }
 
     const NOW: i64 = 1_800_000_000_000;
@@ -471,13 +491,24 @@ mod tests {
     fn start_keeps_correct_entries_and_repairs_drift() {
         let memory = Memory::default();
         // Already in the kernel from the last run: one right, one stale.
-        memory.held.lock().unwrap().insert("192.0.2.1/32".parse().unwrap(), Entry { net: "192.0.2.1/32".parse().unwrap(), expires_at_ms: None, reason: String::new() });
-        memory.held.lock().unwrap().insert("192.0.2.9/32".parse().unwrap(), Entry { net: "192.0.2.9/32".parse().unwrap(), expires_at_ms: None, reason: String::new() });
+        memory.held.lock().unwrap().insert(
+            "192.0.2.1/32".parse().unwrap(),
+            Entry { net: "192.0.2.1/32".parse().unwrap(), expires_at_ms: None, reason: String::new() },
+        );
+        memory.held.lock().unwrap().insert(
+            "192.0.2.9/32".parse().unwrap(),
+            Entry { net: "192.0.2.9/32".parse().unwrap(), expires_at_ms: None, reason: String::new() },
+        );
         let stats = Arc::new(FirewallStats::default());
-        let mut r = Reconciler::new(Box::new(memory.clone()), vec!["198.51.100.0/24".parse().unwrap()], None, stats.clone());
+        let mut r =
+            Reconciler::new(Box::new(memory.clone()), vec!["198.51.100.0/24".parse().unwrap()], None, stats.clone());
         let snapshot = BlocklistSnapshot {
             version: 5,
-            entries: vec![block(1, "192.0.2.1/32", 0), block(2, "203.0.113.0/24", NOW + 60_000), block(3, "198.51.100.7/32", 0)],
+            entries: vec![
+                block(1, "192.0.2.1/32", 0),
+                block(2, "203.0.113.0/24", NOW + 60_000),
+                block(3, "198.51.100.7/32", 0),
+            ],
         };
         assert_eq!(r.apply_snapshot(&snapshot, NOW).unwrap(), 2);
         let held = memory.held.lock().unwrap().keys().map(|n| n.to_string()).collect::<std::collections::BTreeSet<_>>();
@@ -501,7 +532,12 @@ mod tests {
         let memory = Memory::default();
         let mut r = Reconciler::new(Box::new(memory.clone()), vec![], None, Arc::default());
         r.apply_snapshot(&BlocklistSnapshot { version: 3, entries: vec![block(1, "192.0.2.1/32", 0)] }, NOW).unwrap();
-        let delta = BlocklistDelta { from_version: 3, to_version: 4, added: vec![block(2, "192.0.2.2/32", 0)], removed: vec![1] };
+        let delta = BlocklistDelta {
+            from_version: 3,
+            to_version: 4,
+            added: vec![block(2, "192.0.2.2/32", 0)],
+            removed: vec![1],
+        };
         assert_eq!(r.apply_delta(&delta, NOW).unwrap(), DeltaOutcome::Applied);
         assert_eq!(r.apply_delta(&delta, NOW).unwrap(), DeltaOutcome::Stale);
         let gap = BlocklistDelta { from_version: 7, to_version: 9, ..BlocklistDelta::default() };
@@ -511,7 +547,15 @@ mod tests {
         assert_eq!(r.version(), 4);
         // A local block inside a fleet block that outlives it is absorbed;
         // one elsewhere is added.
-        r.add_local(Entry { net: "198.51.100.5/32".parse().unwrap(), expires_at_ms: Some(NOW + 5000), reason: "conn_rate".into() }, NOW).unwrap();
+        r.add_local(
+            Entry {
+                net: "198.51.100.5/32".parse().unwrap(),
+                expires_at_ms: Some(NOW + 5000),
+                reason: "conn_rate".into(),
+            },
+            NOW,
+        )
+        .unwrap();
         assert_eq!(memory.held.lock().unwrap().len(), 2);
     }
 
@@ -519,9 +563,22 @@ mod tests {
     fn persisted_blocklist_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fw.json");
-        let mut r = Reconciler::new(Box::new(DryRun::new(path.clone())), vec![], Some(dir.path().to_owned()), Arc::default());
-        r.apply_snapshot(&BlocklistSnapshot { version: 8, entries: vec![block(1, "192.0.2.0/24", NOW + 600_000)] }, NOW).unwrap();
-        r.add_local(Entry { net: "2001:db8::/64".parse().unwrap(), expires_at_ms: Some(NOW + 600_000), reason: "auth_failures".into() }, NOW).unwrap();
+        let mut r =
+            Reconciler::new(Box::new(DryRun::new(path.clone())), vec![], Some(dir.path().to_owned()), Arc::default());
+        r.apply_snapshot(
+            &BlocklistSnapshot { version: 8, entries: vec![block(1, "192.0.2.0/24", NOW + 600_000)] },
+            NOW,
+        )
+        .unwrap();
+        r.add_local(
+            Entry {
+                net: "2001:db8::/64".parse().unwrap(),
+                expires_at_ms: Some(NOW + 600_000),
+                reason: "auth_failures".into(),
+            },
+            NOW,
+        )
+        .unwrap();
         r.shutdown().unwrap();
         let memory = Memory::default();
         let mut again = Reconciler::new(Box::new(memory.clone()), vec![], Some(dir.path().to_owned()), Arc::default());
