@@ -29,6 +29,9 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// Allow plaintext gRPC on a non-loopback listener. Default false.
     pub insecure: bool,
+    /// Interval at which agents send heartbeats, seconds; a session silent
+    /// for three intervals is considered dead. Default 15.
+    pub heartbeat_secs: u64,
     /// Correlation policy.
     pub correlate: CorrelateConfig,
 }
@@ -55,6 +58,7 @@ impl Default for ServerConfig {
             db_max_connections: 32,
             tls: None,
             insecure: false,
+            heartbeat_secs: 15,
             correlate: CorrelateConfig::default(),
         }
     }
@@ -83,6 +87,34 @@ pub enum ConfigError {
     /// A correlation value cannot work.
     #[error(transparent)]
     Correlate(#[from] crate::correlate::ConfigError),
+    /// A top-level value cannot work.
+    #[error("{key}: {problem}")]
+    Invalid {
+        /// The offending key (or flag).
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+/// Values given on the command line (or in the environment); each one that
+/// is set replaces the TOML's.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    /// `--database-url` / `DATABASE_URL`.
+    pub database_url: Option<String>,
+    /// `--grpc-listen`.
+    pub grpc_listen: Option<SocketAddr>,
+    /// `--http-listen`.
+    pub http_listen: Option<SocketAddr>,
+    /// `--tls-cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key`.
+    pub tls_key: Option<PathBuf>,
+    /// `--client-ca`.
+    pub client_ca: Option<PathBuf>,
+    /// `--insecure` (only ever turns it on).
+    pub insecure: bool,
 }
 
 impl ServerConfig {
@@ -95,11 +127,69 @@ impl ServerConfig {
         })
     }
 
+    /// The file at `path` if given, else the defaults, with `overrides`
+    /// applied and the result validated.
+    pub fn resolve(path: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
+        let mut cfg = match path {
+            Some(path) => Self::load(path)?,
+            None => ServerConfig::default(),
+        };
+        cfg.apply(overrides)?;
+        Ok(cfg)
+    }
+
+    /// Replaces the values `overrides` sets.
+    pub fn apply(&mut self, o: Overrides) -> Result<(), ConfigError> {
+        if let Some(url) = o.database_url {
+            self.database_url = Some(url);
+        }
+        if let Some(addr) = o.grpc_listen {
+            self.grpc_listen = addr;
+        }
+        if let Some(addr) = o.http_listen {
+            self.http_listen = addr;
+        }
+        self.insecure |= o.insecure;
+        match (o.tls_cert, o.tls_key) {
+            (Some(cert_file), Some(key_file)) => {
+                let client_ca_file = o.client_ca.or_else(|| self.tls.as_ref().and_then(|t| t.client_ca_file.clone()));
+                self.tls = Some(TlsConfig { cert_file, key_file, client_ca_file });
+            }
+            (None, None) => {
+                if let Some(ca) = o.client_ca {
+                    let tls = self.tls.as_mut().ok_or(ConfigError::Invalid {
+                        key: "--client-ca",
+                        problem: "needs --tls-cert and --tls-key (or [tls] in the config)".into(),
+                    })?;
+                    tls.client_ca_file = Some(ca);
+                }
+            }
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "--tls-cert/--tls-key",
+                    problem: "give both or neither".into(),
+                });
+            }
+        }
+        self.validate()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_secs == 0 || self.heartbeat_secs > 3600 {
+            return Err(ConfigError::Invalid { key: "heartbeat_secs", problem: "must be 1 to 3600".into() });
+        }
+        if self.db_max_connections < 2 {
+            return Err(ConfigError::Invalid { key: "db_max_connections", problem: "must be at least 2".into() });
+        }
+        self.correlate.validate()?;
+        Ok(())
+    }
+
     /// Parses and validates TOML text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let cfg: ServerConfig =
             toml::from_str(text).map_err(|source| ConfigError::Parse { path: PathBuf::from("<config>"), source })?;
-        cfg.correlate.validate()?;
+        cfg.validate()?;
         Ok(cfg)
     }
 }
@@ -125,5 +215,28 @@ mod tests {
         assert!(err.contains("grpc_listen"), "{err}");
         let err = ServerConfig::parse("[correlate]\nipv6_block_prefix = 56\n").unwrap_err().to_string();
         assert!(err.contains("correlate.ipv6_block_prefix"), "{err}");
+        let err = ServerConfig::parse("heartbeat_secs = 0\n").unwrap_err().to_string();
+        assert!(err.contains("heartbeat_secs"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut cfg = ServerConfig::parse("grpc_listen = \"0.0.0.0:1\"\ndatabase_url = \"postgres://file\"\n").unwrap();
+        cfg.apply(Overrides {
+            database_url: Some("postgres://flag".into()),
+            grpc_listen: Some("127.0.0.1:2".parse().unwrap()),
+            tls_cert: Some("c.pem".into()),
+            tls_key: Some("k.pem".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.database_url.as_deref(), Some("postgres://flag"));
+        assert_eq!(cfg.grpc_listen, "127.0.0.1:2".parse().unwrap());
+        assert_eq!(cfg.http_listen, ServerConfig::default().http_listen, "unset flags keep the file's value");
+        assert_eq!(cfg.tls.unwrap().key_file, PathBuf::from("k.pem"));
+        let half = Overrides { tls_cert: Some("c.pem".into()), ..Default::default() };
+        assert!(ServerConfig::default().apply(half).unwrap_err().to_string().contains("--tls-key"));
+        let ca_only = Overrides { client_ca: Some("ca.pem".into()), ..Default::default() };
+        assert!(ServerConfig::default().apply(ca_only).is_err());
     }
 }

@@ -10,20 +10,28 @@
 //! - [`pgembed`]: a throwaway Postgres cluster for the demo and tests.
 //! - [`config`]: `server.toml`, overridden by flags.
 //! - [`db`]: the connection pool and the embedded migrations.
+//! - [`auth`]: enrollment tokens and agent credentials.
+//! - [`tls`]: TLS of the gRPC listener and `pki init`.
+//! - [`ingest`]: validation and exactly-once storage of event batches.
 //! - [`blocks`]: the versioned fleet blocklist and its policy checks.
 //! - [`correlate`]: the fleet policy that turns evidence into blocks.
-//! - [`session`]: the gRPC `AgentService`.
+//! - [`push`]: LISTEN/NOTIFY fan-out of blocklist changes to sessions.
+//! - [`session`]: the gRPC `AgentService` (Enroll, Connect).
 //! - [`api`]: the HTTP router (health today; REST API and dashboard).
 //! - [`serve`]: runs the gRPC and HTTP listeners until shutdown.
 
 pub mod api;
+pub mod auth;
 pub mod blocks;
 pub mod config;
 pub mod correlate;
 pub mod db;
+pub mod ingest;
 pub mod pgembed;
+pub mod push;
 pub mod serve;
 pub mod session;
+pub mod tls;
 
 /// The server's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

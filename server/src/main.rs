@@ -1,11 +1,13 @@
 //! `fleetban-server`: parses arguments and hands over to the library.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use fleetban_server::{db, pgembed, serve};
+use clap::{Args, Parser, Subcommand};
+use fleetban_server::config::{Overrides, ServerConfig};
+use fleetban_server::{auth, db, pgembed, serve, tls};
 use tracing::{info, warn};
 
 /// fleetban server: fleet-wide SMTP abuse correlation and blocklist push.
@@ -16,25 +18,58 @@ struct Cli {
     command: Command,
 }
 
+/// Where the configuration and the database come from.
+#[derive(Debug, Args)]
+struct Source {
+    /// The server TOML (see deploy/server.example.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Postgres URL; overrides `database_url` in the config.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Apply pending database migrations (idempotent) and exit.
     Migrate {
-        /// Postgres URL.
-        #[arg(long, env = "DATABASE_URL")]
-        database_url: String,
+        #[command(flatten)]
+        source: Source,
     },
     /// Run the server: gRPC for agents, HTTP for operators.
     Serve {
-        /// Postgres URL.
-        #[arg(long, env = "DATABASE_URL")]
-        database_url: String,
-        /// Address of the HTTP listener (API, dashboard, health).
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        http_listen: SocketAddr,
-        /// Address of the gRPC listener for agents.
-        #[arg(long, default_value = "0.0.0.0:50051")]
-        grpc_listen: SocketAddr,
+        #[command(flatten)]
+        source: Source,
+        /// Address of the gRPC listener for agents (default 0.0.0.0:50051).
+        #[arg(long)]
+        grpc_listen: Option<SocketAddr>,
+        /// Address of the HTTP listener: API, dashboard, health (default
+        /// 127.0.0.1:8080).
+        #[arg(long)]
+        http_listen: Option<SocketAddr>,
+        /// PEM certificate chain of the gRPC listener.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of the gRPC listener.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// PEM CA bundle: require agents to present a client certificate
+        /// signed by it (mutual TLS).
+        #[arg(long)]
+        client_ca: Option<PathBuf>,
+        /// Allow plaintext gRPC on a non-loopback listener.
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Enrollment tokens for new agents.
+    EnrollToken {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// A minimal PKI for fleets without their own.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
     },
     /// Run a self-contained demo: an embedded Postgres and the server on
     /// loopback.
@@ -48,21 +83,85 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it (it is shown only once).
+    Create {
+        #[command(flatten)]
+        source: Source,
+        /// How many agents may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// How long it stays valid (`90s`, `15m`, `24h`, `7d`).
+        #[arg(long, default_value = "24h", value_parser = auth::parse_duration)]
+        ttl: Duration,
+        /// A note for the operator (who or what the token is for).
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PkiCommand {
+    /// Write a CA (ca.pem, ca.key) and a server certificate (server.pem,
+    /// server.key) into a directory; agents trust ca.pem.
+    Init {
+        /// Directory to write into (created if missing; existing files are
+        /// never overwritten).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The name agents use to reach the server (DNS name or IP address).
+        #[arg(long)]
+        server_name: String,
+    },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     match Cli::parse().command {
-        Command::Migrate { database_url } => {
-            let pool = db::connect(&database_url, 2).await?;
+        Command::Migrate { source } => {
+            let cfg = resolve(&source, Overrides::default())?;
+            let pool = db::connect(&database_url(&cfg)?, 2).await?;
             db::migrate(&pool).await?;
             info!("Migrations applied.");
         }
-        Command::Serve { database_url, http_listen, grpc_listen } => {
-            let pool = db::connect(&database_url, 32).await?;
+        Command::Serve { source, grpc_listen, http_listen, tls_cert, tls_key, client_ca, insecure } => {
+            let overrides =
+                Overrides { grpc_listen, http_listen, tls_cert, tls_key, client_ca, insecure, database_url: None };
+            let cfg = resolve(&source, overrides)?;
+            let tls = tls::server_config(cfg.tls.as_ref(), cfg.grpc_listen, cfg.insecure)?;
+            let pool = db::connect(&database_url(&cfg)?, cfg.db_max_connections).await?;
             db::migrate(&pool).await?;
-            run(pool, grpc_listen, http_listen, shutdown_signal()).await?;
+            let options = serve::Options {
+                tls,
+                correlate: cfg.correlate.clone(),
+                heartbeat: Duration::from_secs(cfg.heartbeat_secs),
+                ..Default::default()
+            };
+            run(pool, options, cfg.grpc_listen, cfg.http_listen, shutdown_signal()).await?;
+        }
+        Command::EnrollToken { command: TokenCommand::Create { source, uses, ttl, note } } => {
+            let cfg = resolve(&source, Overrides::default())?;
+            let pool = db::connect(&database_url(&cfg)?, 2).await?;
+            db::migrate(&pool).await?;
+            let token = auth::create_enrollment_token(&pool, uses, ttl, &note).await?;
+            info!(uses, ttl_secs = ttl.as_secs(), "Enrollment token created.");
+            println!("{token}");
+        }
+        Command::Pki { command: PkiCommand::Init { dir, server_name } } => {
+            let files = tls::pki_init(&dir, &server_name)?;
+            println!("CA certificate (give to agents): {}", files.ca_cert.display());
+            println!("CA key (keep offline):           {}", files.ca_key.display());
+            println!("server certificate:              {}", files.server_cert.display());
+            println!("server key:                      {}", files.server_key.display());
+            println!(
+                "serve with: fleetban-server serve --tls-cert {} --tls-key {}",
+                files.server_cert.display(),
+                files.server_key.display()
+            );
         }
         Command::Demo { duration, http_listen } => {
             let pg = tokio::task::spawn_blocking(pgembed::EmbeddedPostgres::start)
@@ -88,7 +187,7 @@ async fn main() -> anyhow::Result<()> {
                     None => shutdown_signal().await,
                 }
             };
-            run(pool, "127.0.0.1:0".parse()?, http_listen, stop).await?;
+            run(pool, serve::Options::default(), "127.0.0.1:0".parse()?, http_listen, stop).await?;
             drop(pg);
             println!("fleetban demo: stopped, embedded Postgres removed");
         }
@@ -96,8 +195,18 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn resolve(source: &Source, mut overrides: Overrides) -> anyhow::Result<ServerConfig> {
+    overrides.database_url = source.database_url.clone();
+    Ok(ServerConfig::resolve(source.config.as_deref(), overrides)?)
+}
+
+fn database_url(cfg: &ServerConfig) -> anyhow::Result<String> {
+    cfg.database_url.clone().context("no database: set database_url in the config, DATABASE_URL, or --database-url")
+}
+
 async fn run(
     pool: sqlx::PgPool,
+    options: serve::Options,
     grpc_listen: SocketAddr,
     http_listen: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -108,8 +217,12 @@ async fn run(
     let http = tokio::net::TcpListener::bind(http_listen)
         .await
         .with_context(|| format!("bind HTTP listener {http_listen}"))?;
-    info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "fleetban-server listening.");
-    serve::run(pool, grpc, http, shutdown).await?;
+    info!(
+        grpc = %grpc.local_addr()?, http = %http.local_addr()?, tls = options.tls.is_some(),
+        "fleetban-server listening."
+    );
+    serve::run(pool, options, serve::Listeners { grpc, http }, shutdown).await?;
+    info!("fleetban-server stopped.");
     Ok(())
 }
 

@@ -1,45 +1,672 @@
-//! The gRPC `AgentService`.
+//! The gRPC `AgentService`: enrollment and the long-lived agent session.
 //!
-//! The listener is bound and served from the first release so that agents and
-//! load balancers can reach it; enrollment and the session protocol are built
-//! on top of the ingest, correlate and push modules.
+//! `Connect` authenticates the agent from request metadata
+//! (`x-fleetban-agent-id`, `x-fleetban-agent-secret`) before anything else;
+//! every failure is `UNAUTHENTICATED`. A session is one spawned task that owns
+//! the inbound stream and feeds the outbound stream through a bounded channel
+//! (a failed send means the agent is gone). It:
+//!
+//! - expects `Hello` first, records the agent's version, addresses and
+//!   blocklist version, answers `Welcome`, then brings the agent's blocklist up
+//!   to date (the delta since its version, or a snapshot);
+//! - stores each `EventBatch` through [`crate::ingest`] and acks it after the
+//!   commit (`Ack.rejected_events` counts invalid events; a batch invalid as a
+//!   whole gets a `Nack`, and the session goes on);
+//! - turns `LocalBlock` frames into fleet blocks, records heartbeats and
+//!   `Applied` reports on the agent's row;
+//! - forwards blocklist changes from [`crate::push`].
+//!
+//! A frame that cannot be decoded (malformed or larger than
+//! [`crate::ingest::MAX_MESSAGE_BYTES`]) corrupts the stream: it is counted
+//! and the session ends with an error status; other agents are unaffected.
+//! A session that receives nothing for three heartbeat intervals is dead and
+//! is cleaned up; on server shutdown each session finishes the frame in hand,
+//! acks it and closes its stream.
 
+use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
+use fleetban_proto::v1::agent_frame::Frame;
 use fleetban_proto::v1::agent_service_server::AgentService;
-use fleetban_proto::v1::{AgentFrame, EnrollRequest, EnrollResponse, ServerFrame};
+use fleetban_proto::v1::server_frame::Frame as Out;
+use fleetban_proto::v1::{
+    Ack, AgentFrame, Applied, EnrollRequest, EnrollResponse, Heartbeat, Hello, LocalBlock, Nack, ServerFrame, Welcome,
+};
+use ipnet::IpNet;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
-use tonic::{Request, Response, Status, Streaming};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::{debug, error, info, warn};
+use uuid::Uuid;
+
+use crate::auth::{self, AuthError};
+use crate::blocks;
+use crate::correlate::Correlator;
+use crate::ingest::{BatchError, Ingest};
+use crate::push::{Hub, Push, Subscription};
+
+/// Metadata key of the agent id.
+pub const AGENT_ID_HEADER: &str = "x-fleetban-agent-id";
+/// Metadata key of the agent secret.
+pub const AGENT_SECRET_HEADER: &str = "x-fleetban-agent-secret";
+/// Frames queued towards one agent.
+const OUTBOUND_QUEUE: usize = 64;
+/// How long a new session may take to send `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// At shutdown, a session stops draining when the agent sends nothing for
+/// this long, or after [`DRAIN_LIMIT`].
+const DRAIN_PAUSE: Duration = Duration::from_millis(200);
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+/// Longest `LocalBlock` reason and evidence kept, bytes.
+const MAX_REASON_BYTES: usize = 256;
+const MAX_EVIDENCE_BYTES: usize = 8 * 1024;
+
+/// Counters of every session of a server, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Sessions open now.
+    pub sessions_open: AtomicU64,
+    /// `Connect` or `Enroll` calls refused for bad credentials.
+    pub auth_refused: AtomicU64,
+    /// Batches stored.
+    pub batches_stored: AtomicU64,
+    /// Batches recognised as already stored and acked again.
+    pub batches_duplicate: AtomicU64,
+    /// Batches refused as a whole (`Nack`).
+    pub batches_refused: AtomicU64,
+    /// Events stored.
+    pub events_stored: AtomicU64,
+    /// Events rejected as invalid.
+    pub events_rejected: AtomicU64,
+    /// Frames that could not be decoded (malformed or oversized).
+    pub frames_rejected: AtomicU64,
+    /// Frames that decoded but made no sense (empty, second Hello, bad
+    /// LocalBlock).
+    pub frames_invalid: AtomicU64,
+    /// Events agents reported dropped from their spools.
+    pub spool_lost_events: AtomicU64,
+}
+
+impl Stats {
+    /// Reads a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Everything a session needs, shared by all sessions of a server.
+#[derive(Debug)]
+struct Shared {
+    pool: PgPool,
+    ingest: Ingest,
+    hub: Hub,
+    correlator: Correlator,
+    heartbeat: Duration,
+    stop: watch::Receiver<bool>,
+    stats: Arc<Stats>,
+}
 
 /// The `AgentService` implementation.
 #[derive(Debug, Clone)]
 pub struct Service {
-    pool: sqlx::PgPool,
+    shared: Arc<Shared>,
 }
 
 impl Service {
-    /// A service backed by `pool`.
-    pub fn new(pool: sqlx::PgPool) -> Self {
-        Service { pool }
+    /// A service on `pool`; sessions end when `stop` becomes true.
+    pub fn new(
+        pool: PgPool,
+        hub: Hub,
+        correlator: Correlator,
+        heartbeat: Duration,
+        stop: watch::Receiver<bool>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        let ingest = Ingest::new(pool.clone());
+        Service { shared: Arc::new(Shared { pool, ingest, hub, correlator, heartbeat, stop, stats }) }
     }
 
     /// The database pool.
-    pub fn pool(&self) -> &sqlx::PgPool {
-        &self.pool
+    pub fn pool(&self) -> &PgPool {
+        &self.shared.pool
     }
 }
 
 type FrameStream = Pin<Box<dyn Stream<Item = Result<ServerFrame, Status>> + Send + 'static>>;
 
+fn unavailable(error: impl std::fmt::Display, what: &str) -> Status {
+    error!(%error, "{what}");
+    Status::unavailable("the server's database is unavailable; retry later")
+}
+
+/// The agent id and secret of a `Connect` call.
+fn credentials<T>(request: &Request<T>) -> Result<(Uuid, &str), Status> {
+    let md = request.metadata();
+    let id = md
+        .get(AGENT_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Uuid::parse_str(v.trim()).ok())
+        .ok_or_else(|| Status::unauthenticated(format!("missing or malformed {AGENT_ID_HEADER}")))?;
+    let secret = md
+        .get(AGENT_SECRET_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| Status::unauthenticated(format!("missing {AGENT_SECRET_HEADER}")))?;
+    Ok((id, secret))
+}
+
 #[tonic::async_trait]
 impl AgentService for Service {
-    async fn enroll(&self, _request: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
-        Err(Status::unimplemented("enrollment is not available in this server version"))
+    async fn enroll(&self, request: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
+        let req = request.into_inner();
+        let mut addresses = Vec::with_capacity(req.addresses.len());
+        for a in &req.addresses {
+            addresses.push(IpAddr::try_from(a).map_err(|e| Status::invalid_argument(format!("addresses: {e}")))?);
+        }
+        match auth::enroll(&self.shared.pool, &req.token, &req.hostname, &req.version, &addresses).await {
+            Ok(enrolled) => {
+                info!(agent_id = %enrolled.agent_id, hostname = %req.hostname, version = %req.version, "Agent enrolled.");
+                Ok(Response::new(EnrollResponse {
+                    agent_id: enrolled.agent_id.to_string(),
+                    agent_secret: enrolled.secret,
+                    policy: None,
+                }))
+            }
+            Err(AuthError::Database(error)) => Err(unavailable(error, "Enrollment failed.")),
+            Err(AuthError::BadRequest(msg)) => Err(Status::invalid_argument(msg)),
+            Err(error) => {
+                Stats::add(&self.shared.stats.auth_refused, 1);
+                warn!(hostname = %req.hostname, %error, "Enrollment refused.");
+                Err(Status::unauthenticated(error.to_string()))
+            }
+        }
     }
 
     type ConnectStream = FrameStream;
 
-    async fn connect(&self, _request: Request<Streaming<AgentFrame>>) -> Result<Response<Self::ConnectStream>, Status> {
-        Err(Status::unimplemented("agent sessions are not available in this server version"))
+    async fn connect(&self, request: Request<Streaming<AgentFrame>>) -> Result<Response<Self::ConnectStream>, Status> {
+        let peer = request.remote_addr();
+        let (agent_id, secret) = credentials(&request).inspect_err(|_| {
+            Stats::add(&self.shared.stats.auth_refused, 1);
+        })?;
+        match auth::authenticate(&self.shared.pool, agent_id, secret).await {
+            Ok(()) => {}
+            Err(AuthError::Database(error)) => return Err(unavailable(error, "Cannot authenticate an agent.")),
+            Err(error) => {
+                Stats::add(&self.shared.stats.auth_refused, 1);
+                warn!(%agent_id, peer = ?peer, %error, "Agent session refused.");
+                return Err(Status::unauthenticated(error.to_string()));
+            }
+        }
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let session = Session {
+            shared: self.shared.clone(),
+            agent_id,
+            session_id: Uuid::new_v4(),
+            tx,
+            version: 0,
+            last_touch: Instant::now(),
+        };
+        tokio::spawn(session.run(inbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Why a session ends.
+#[derive(Debug)]
+enum End {
+    /// The agent closed its stream or went away.
+    Closed,
+    /// The server is shutting down.
+    Shutdown,
+    /// End with this status to the agent.
+    Status(Status),
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    agent_id: Uuid,
+    session_id: Uuid,
+    tx: mpsc::Sender<Result<ServerFrame, Status>>,
+    /// The blocklist version the agent holds (as far as we have sent).
+    version: u64,
+    last_touch: Instant,
+}
+
+impl Session {
+    async fn run(mut self, mut inbound: Streaming<AgentFrame>) {
+        let stats = self.shared.stats.clone();
+        Stats::add(&stats.sessions_open, 1);
+        let end = self.serve(&mut inbound).await;
+        stats.sessions_open.fetch_sub(1, Ordering::Relaxed);
+        let agent_id = self.agent_id;
+        match &end {
+            End::Closed => info!(%agent_id, "Agent session closed."),
+            End::Shutdown => info!(%agent_id, "Agent session closed for server shutdown."),
+            End::Status(status) => {
+                warn!(%agent_id, code = ?status.code(), message = status.message(), "Agent session ended with an error.")
+            }
+        }
+        if let End::Status(status) = end {
+            let _ = self.tx.send(Err(status)).await;
+        }
+        let result =
+            sqlx::query("update agents set connected = false, last_seen = now() where id = $1 and session_id = $2")
+                .bind(self.agent_id)
+                .bind(self.session_id)
+                .execute(&self.shared.pool)
+                .await;
+        if let Err(error) = result {
+            warn!(%error, %agent_id, "Cannot mark the agent disconnected; the stale-session sweep will.");
+        }
+    }
+
+    async fn send(&self, frame: Out) -> Result<(), End> {
+        self.tx.send(Ok(ServerFrame { frame: Some(frame) })).await.map_err(|_| End::Closed)
+    }
+
+    /// Reads one frame, counting a frame that cannot be decoded.
+    fn inbound_error(&self, status: Status) -> End {
+        // The client cancelling or resetting its stream is a normal way to go.
+        if matches!(status.code(), Code::Cancelled) || status.message().contains("h2 protocol error") {
+            return End::Closed;
+        }
+        Stats::add(&self.shared.stats.frames_rejected, 1);
+        let message = format!("frame refused: {}", status.message());
+        match status.code() {
+            Code::OutOfRange | Code::ResourceExhausted => End::Status(Status::resource_exhausted(message)),
+            Code::Internal | Code::InvalidArgument | Code::DataLoss => End::Status(Status::invalid_argument(message)),
+            _ => End::Closed,
+        }
+    }
+
+    async fn serve(&mut self, inbound: &mut Streaming<AgentFrame>) -> End {
+        let first = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
+            Err(_) => return End::Status(Status::deadline_exceeded("no Hello received")),
+            Ok(None) => return End::Closed,
+            Ok(Some(Err(status))) => return self.inbound_error(status),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Some(Frame::Hello(hello)) = first.frame else {
+            Stats::add(&self.shared.stats.frames_invalid, 1);
+            return End::Status(Status::failed_precondition("the first frame of a session must be Hello"));
+        };
+        let mut sub = match self.hello(hello).await {
+            Ok(sub) => sub,
+            Err(end) => return end,
+        };
+
+        let idle = self.shared.heartbeat * 3;
+        let mut stop = self.shared.stop.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = wait_stop(&mut stop) => return self.drain(inbound).await,
+                frame = tokio::time::timeout(idle, inbound.next()) => {
+                    let frame = match frame {
+                        Err(_) => {
+                            return End::Status(Status::deadline_exceeded(format!(
+                                "no frame for {} s; heartbeat every {} s",
+                                idle.as_secs(),
+                                self.shared.heartbeat.as_secs()
+                            )));
+                        }
+                        Ok(None) => return End::Closed,
+                        Ok(Some(Err(status))) => return self.inbound_error(status),
+                        Ok(Some(Ok(frame))) => frame,
+                    };
+                    if let Err(end) = self.frame(frame).await {
+                        return end;
+                    }
+                }
+                push = sub.rx.recv() => match push {
+                    Some(push) => {
+                        if let Err(end) = self.push(&sub, push).await {
+                            return end;
+                        }
+                    }
+                    None => return End::Status(Status::aborted("replaced by a newer session of the same agent")),
+                },
+            }
+        }
+    }
+
+    /// At shutdown: handles (and acks) the frames the agent already sent,
+    /// until it pauses or [`DRAIN_LIMIT`] passes.
+    async fn drain(&mut self, inbound: &mut Streaming<AgentFrame>) -> End {
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        while Instant::now() < deadline {
+            match tokio::time::timeout(DRAIN_PAUSE, inbound.next()).await {
+                Ok(Some(Ok(frame))) => {
+                    if let Err(end) = self.frame(frame).await {
+                        return end;
+                    }
+                }
+                Ok(Some(Err(status))) => return self.inbound_error(status),
+                Ok(None) => return End::Closed,
+                Err(_) => break,
+            }
+        }
+        End::Shutdown
+    }
+
+    /// Records the agent, registers for pushes, welcomes it and brings its
+    /// blocklist up to date.
+    async fn hello(&mut self, hello: Hello) -> Result<Subscription, End> {
+        let agent_id = self.agent_id;
+        if !hello.agent_id.is_empty() && Uuid::parse_str(&hello.agent_id).ok() != Some(agent_id) {
+            Stats::add(&self.shared.stats.frames_invalid, 1);
+            return Err(End::Status(Status::unauthenticated("Hello.agent_id does not match the credentials")));
+        }
+        let mut addresses = Vec::with_capacity(hello.addresses.len());
+        for a in &hello.addresses {
+            match IpAddr::try_from(a) {
+                Ok(ip) => addresses.push(ip),
+                Err(error) => {
+                    Stats::add(&self.shared.stats.frames_invalid, 1);
+                    return Err(End::Status(Status::invalid_argument(format!("Hello.addresses: {error}"))));
+                }
+            }
+        }
+        if let Err(error) = auth::check_host_fields(&hello.hostname, &hello.version, addresses.len()) {
+            Stats::add(&self.shared.stats.frames_invalid, 1);
+            return Err(End::Status(Status::invalid_argument(format!("Hello: {error}"))));
+        }
+        let last_acked = self
+            .record_hello(&hello, &addresses)
+            .await
+            .map_err(|error| End::Status(unavailable(error, "Cannot record an agent's Hello.")))?;
+        // Register before reading the version, so that no change committed
+        // from here on can be missed.
+        let sub = self.shared.hub.subscribe(agent_id);
+        info!(
+            %agent_id, hostname = %hello.hostname, version = %hello.version,
+            blocklist_version = hello.blocklist_version, last_acked, "Agent session open."
+        );
+        self.send(Out::Welcome(Welcome {
+            server_version: crate::VERSION.to_owned(),
+            last_acked_seq: last_acked,
+            heartbeat_secs: self.shared.heartbeat.as_secs().max(1) as u32,
+        }))
+        .await?;
+        self.version = hello.blocklist_version;
+        let current = blocks::current_version(&self.shared.pool)
+            .await
+            .map_err(|error| End::Status(unavailable(error, "Cannot read the blocklist version.")))?;
+        if self.version == 0 || self.version > current {
+            self.send_snapshot().await?;
+        } else if self.version < current {
+            self.catch_up().await?;
+        }
+        Ok(sub)
+    }
+
+    /// Stores the Hello on the agent's row; returns the highest stored seq.
+    async fn record_hello(&self, hello: &Hello, addresses: &[IpAddr]) -> Result<u64, sqlx::Error> {
+        let mut tx = self.shared.pool.begin().await?;
+        sqlx::query(
+            "update agents set connected = true, last_seen = now(), version = $2, hostname = $3, \
+             blocklist_version = $4, session_id = $5 where id = $1",
+        )
+        .bind(self.agent_id)
+        .bind(&hello.version)
+        .bind(&hello.hostname)
+        .bind(i64::try_from(hello.blocklist_version).unwrap_or(i64::MAX))
+        .bind(self.session_id)
+        .execute(&mut *tx)
+        .await?;
+        auth::replace_addresses(&mut tx, self.agent_id, addresses).await?;
+        let last: Option<i64> = sqlx::query_scalar("select max(seq) from agent_batches where agent_id = $1")
+            .bind(self.agent_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(last.unwrap_or(0).max(0) as u64)
+    }
+
+    async fn send_snapshot(&mut self) -> Result<(), End> {
+        let snapshot = blocks::snapshot(&self.shared.pool)
+            .await
+            .map_err(|error| End::Status(unavailable(error, "Cannot read the blocklist snapshot.")))?;
+        self.version = snapshot.version;
+        debug!(agent_id = %self.agent_id, version = snapshot.version, entries = snapshot.entries.len(), "Sending a blocklist snapshot.");
+        self.send(Out::Snapshot(snapshot)).await
+    }
+
+    /// Sends the changes since the agent's version, or a snapshot when the
+    /// change log no longer reaches back that far.
+    async fn catch_up(&mut self) -> Result<(), End> {
+        let delta = blocks::changes_since(&self.shared.pool, self.version, None)
+            .await
+            .map_err(|error| End::Status(unavailable(error, "Cannot read block changes.")))?;
+        match delta {
+            Some(delta) if delta.from_version == self.version => {
+                if delta.to_version > self.version {
+                    self.version = delta.to_version;
+                    self.send(Out::Delta(delta)).await?;
+                }
+                Ok(())
+            }
+            _ => self.send_snapshot().await,
+        }
+    }
+
+    async fn push(&mut self, sub: &Subscription, push: Push) -> Result<(), End> {
+        if sub.take_lagged() {
+            return self.send_snapshot().await;
+        }
+        match push {
+            Push::Resync => self.send_snapshot().await,
+            Push::Delta(delta) if delta.to_version <= self.version => Ok(()),
+            Push::Delta(delta) if delta.from_version == self.version => {
+                self.version = delta.to_version;
+                self.send(Out::Delta((*delta).clone())).await
+            }
+            Push::Delta(_) => self.catch_up().await,
+        }
+    }
+
+    async fn frame(&mut self, frame: AgentFrame) -> Result<(), End> {
+        match frame.frame {
+            None => {
+                Stats::add(&self.shared.stats.frames_invalid, 1);
+                self.send(Out::Nack(Nack { seq: 0, reason: "empty frame".into() })).await
+            }
+            Some(Frame::Hello(_)) => {
+                Stats::add(&self.shared.stats.frames_invalid, 1);
+                self.send(Out::Nack(Nack { seq: 0, reason: "Hello is only valid as the first frame".into() })).await
+            }
+            Some(Frame::Batch(batch)) => self.batch(batch).await,
+            Some(Frame::LocalBlock(block)) => self.local_block(block).await,
+            Some(Frame::Heartbeat(Heartbeat { blocklist_version, firewall_entries, pending_batches })) => {
+                debug!(agent_id = %self.agent_id, blocklist_version, firewall_entries, pending_batches, "Heartbeat.");
+                self.report(blocklist_version, firewall_entries).await
+            }
+            Some(Frame::Applied(Applied { blocklist_version, firewall_entries })) => {
+                self.report(blocklist_version, firewall_entries).await
+            }
+            Some(Frame::SpoolLoss(loss)) => {
+                Stats::add(&self.shared.stats.spool_lost_events, loss.dropped_events);
+                warn!(
+                    agent_id = %self.agent_id, dropped_events = loss.dropped_events,
+                    dropped_batches = loss.dropped_batches, "Agent's spool overflowed: events were lost on the host."
+                );
+                Ok(())
+            }
+        }
+    }
+
+    async fn batch(&mut self, batch: fleetban_proto::v1::EventBatch) -> Result<(), End> {
+        let seq = batch.seq;
+        let stats = self.shared.stats.clone();
+        match self.shared.ingest.store(self.agent_id, batch).await {
+            Ok(outcome) => {
+                if outcome.duplicate {
+                    Stats::add(&stats.batches_duplicate, 1);
+                    debug!(agent_id = %self.agent_id, seq, "Duplicate batch acked again.");
+                } else {
+                    Stats::add(&stats.batches_stored, 1);
+                    Stats::add(&stats.events_stored, u64::from(outcome.stored));
+                    Stats::add(&stats.events_rejected, u64::from(outcome.rejected));
+                }
+                self.send(Out::Ack(Ack { seq, rejected_events: outcome.rejected })).await?;
+                if !outcome.abuse_addresses.is_empty() {
+                    self.correlate_batch(&outcome.abuse_addresses).await;
+                }
+                self.touch().await;
+                Ok(())
+            }
+            Err(BatchError::Invalid(reason)) => {
+                Stats::add(&stats.batches_refused, 1);
+                warn!(agent_id = %self.agent_id, seq, %reason, "Batch refused.");
+                self.send(Out::Nack(Nack { seq, reason })).await
+            }
+            Err(BatchError::Database(error)) => Err(End::Status(unavailable(error, "Cannot store a batch."))),
+        }
+    }
+
+    async fn local_block(&mut self, block: LocalBlock) -> Result<(), End> {
+        let cidr = match block.cidr.as_ref().map(IpNet::try_from) {
+            Some(Ok(cidr)) => cidr,
+            Some(Err(error)) => return self.refuse_frame(format!("LocalBlock.cidr: {error}")).await,
+            None => return self.refuse_frame("LocalBlock without cidr".into()).await,
+        };
+        let reason = truncate(&block.reason, MAX_REASON_BYTES);
+        let evidence = truncate(&block.evidence, MAX_EVIDENCE_BYTES);
+        info!(agent_id = %self.agent_id, %cidr, reason, ttl_secs = block.ttl_secs, "Agent reported a local block.");
+        self.correlate_local_block(cidr, reason, evidence, block.ttl_secs).await;
+        Ok(())
+    }
+
+    /// Lets the fleet policy look at the abuse addresses of a stored batch.
+    /// A failure is logged: the batch is stored, and the next batch about
+    /// the same addresses evaluates them again.
+    async fn correlate_batch(&self, addresses: &[IpAddr]) {
+        match self.shared.correlator.on_batch(self.agent_id, addresses).await {
+            Ok(blocks) => {
+                for block in blocks {
+                    info!(agent_id = %self.agent_id, cidr = %block.cidr, reason = %block.reason, "Fleet block decided.");
+                }
+            }
+            Err(error) => warn!(%error, agent_id = %self.agent_id, "Correlation of a batch failed."),
+        }
+    }
+
+    /// Lets the fleet policy turn an agent's local block into a fleet block.
+    async fn correlate_local_block(&self, cidr: IpNet, reason: &str, evidence: &str, ttl_secs: u32) {
+        match self.shared.correlator.on_local_block(self.agent_id, cidr, reason, evidence, ttl_secs).await {
+            Ok(Some(block)) => {
+                info!(agent_id = %self.agent_id, cidr = %block.cidr, block_id = block.id, "Local block made a fleet block.");
+            }
+            Ok(None) => debug!(agent_id = %self.agent_id, %cidr, "Local block not made a fleet block."),
+            Err(error) => warn!(%error, agent_id = %self.agent_id, %cidr, "Correlation of a local block failed."),
+        }
+    }
+
+    async fn refuse_frame(&self, reason: String) -> Result<(), End> {
+        Stats::add(&self.shared.stats.frames_invalid, 1);
+        warn!(agent_id = %self.agent_id, %reason, "Frame refused.");
+        self.send(Out::Nack(Nack { seq: 0, reason })).await
+    }
+
+    /// Records a heartbeat or `Applied` report; a revoked agent is cut off.
+    async fn report(&mut self, blocklist_version: u64, firewall_entries: u64) -> Result<(), End> {
+        let revoked: Option<bool> = sqlx::query_scalar(
+            "update agents set last_seen = now(), connected = true, blocklist_version = $2, firewall_entries = $3 \
+             where id = $1 returning revoked_at is not null",
+        )
+        .bind(self.agent_id)
+        .bind(i64::try_from(blocklist_version).unwrap_or(i64::MAX))
+        .bind(i64::try_from(firewall_entries).unwrap_or(i64::MAX))
+        .fetch_optional(&self.shared.pool)
+        .await
+        .map_err(|error| End::Status(unavailable(error, "Cannot record a heartbeat.")))?;
+        self.last_touch = Instant::now();
+        match revoked {
+            Some(false) => Ok(()),
+            _ => Err(End::Status(Status::unauthenticated("agent revoked"))),
+        }
+    }
+
+    /// Keeps `last_seen` current while batches flow, at most once per
+    /// heartbeat interval.
+    async fn touch(&mut self) {
+        if self.last_touch.elapsed() < self.shared.heartbeat {
+            return;
+        }
+        self.last_touch = Instant::now();
+        let result = sqlx::query("update agents set last_seen = now() where id = $1")
+            .bind(self.agent_id)
+            .execute(&self.shared.pool)
+            .await;
+        if let Err(error) = result {
+            warn!(%error, agent_id = %self.agent_id, "Cannot update last_seen.");
+        }
+    }
+}
+
+/// Resolves once the server stops.
+async fn wait_stop(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// The longest prefix of `s` of at most `max` bytes on a char boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Marks agents whose sessions died with their server (no heartbeat for
+/// three intervals) as disconnected, every `heartbeat` until `shutdown`.
+pub async fn run_stale_sweeper(pool: PgPool, heartbeat: Duration, shutdown: impl std::future::Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(heartbeat);
+    let stale = heartbeat * 3;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tick.tick() => {
+                let result = sqlx::query(
+                    "update agents set connected = false where connected and last_seen < now() - make_interval(secs => $1)",
+                )
+                .bind(stale.as_secs_f64())
+                .execute(&pool)
+                .await;
+                match result {
+                    Ok(r) if r.rows_affected() > 0 => info!(agents = r.rows_affected(), "Marked silent agents disconnected."),
+                    Ok(_) => {}
+                    Err(error) => warn!(%error, "Cannot sweep stale agent sessions."),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_respects_char_boundaries() {
+        assert_eq!(truncate("abc", 5), "abc");
+        assert_eq!(truncate("aé", 2), "a");
+        assert_eq!(truncate("aéb", 3), "aé");
     }
 }

@@ -29,7 +29,9 @@ async fn serves_health_and_shuts_down(pool: PgPool) {
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(fleetban_server::serve::run(pool.clone(), grpc, http, async move {
+    let listeners = fleetban_server::serve::Listeners { grpc, http };
+    let options = fleetban_server::serve::Options::default();
+    let server = tokio::spawn(fleetban_server::serve::run(pool.clone(), options, listeners, async move {
         let _ = stop_rx.await;
     }));
 

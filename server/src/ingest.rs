@@ -1,0 +1,715 @@
+//! Exactly-once storage of agents' event batches.
+//!
+//! For each [`EventBatch`] the session hands over, ingest validates every
+//! event, then in ONE transaction records `(agent_id, seq)` in
+//! `agent_batches`, bulk-inserts the valid events (one `unnest` statement,
+//! never a row per statement) and updates the per-address evidence
+//! (`offender_hosts`, `offenders`) for abuse kinds; only after the commit may
+//! the session acknowledge the batch.
+//!
+//! Invariants:
+//! - A batch whose `(agent_id, seq)` is already recorded is reported as a
+//!   duplicate and nothing is written again: at-least-once on the wire,
+//!   exactly-once in the store.
+//! - Invalid events (bad address, time too far in the future or too old,
+//!   unknown kind, over-long or NUL-bearing strings) are counted in
+//!   `agent_batches.rejected` and reported back, never stored. A batch that is
+//!   invalid as a whole (seq 0, too many events, bad source position) is
+//!   refused with [`BatchError::Invalid`] and nothing is written.
+//! - Day partitions of `events` are created before the batch transaction
+//!   (DDL takes locks on the parent table that must not be held for a whole
+//!   batch); days already known to exist are cached.
+//! - Evidence rows are touched in address order, so concurrent batches that
+//!   share addresses wait for each other instead of deadlocking; a deadlock or
+//!   serialization failure is retried.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleetban_proto::v1::{Event, EventBatch, EventKind};
+use sqlx::PgPool;
+use time::{Date, OffsetDateTime};
+use uuid::Uuid;
+
+/// Most events in one batch.
+pub const MAX_BATCH_EVENTS: usize = 10_000;
+/// Largest encoded gRPC message accepted from an agent, bytes (4 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// How far in the future an event may lie (clock skew allowance).
+pub const MAX_FUTURE: Duration = Duration::from_secs(600);
+/// How old an event may be: older ones would land in partitions retention
+/// already dropped (or create partitions for long-gone days).
+pub const MAX_AGE: Duration = Duration::from_secs(30 * 86_400);
+/// Longest raw log line kept, bytes.
+pub const MAX_RAW_BYTES: usize = 16 * 1024;
+/// Longest `detail`, bytes.
+pub const MAX_DETAIL_BYTES: usize = 2 * 1024;
+/// Longest `auth_user` or `helo`, bytes.
+pub const MAX_NAME_BYTES: usize = 512;
+/// Longest source path in a batch position, bytes.
+pub const MAX_PATH_BYTES: usize = 4096;
+
+const MAX_ATTEMPTS: u32 = 4;
+
+/// The SQL name of an event kind: the proto name without its prefix, in
+/// snake case (`EVENT_KIND_AUTH_FAILED` → `auth_failed`).
+pub fn kind_name(kind: EventKind) -> &'static str {
+    match kind {
+        EventKind::Unspecified => "unspecified",
+        EventKind::Connect => "connect",
+        EventKind::RefusedTooMany => "refused_too_many",
+        EventKind::RefusedPerHost => "refused_per_host",
+        EventKind::RefusedLoad => "refused_load",
+        EventKind::AuthFailed => "auth_failed",
+        EventKind::RelayDenied => "relay_denied",
+        EventKind::RcptRejected => "rcpt_rejected",
+        EventKind::SyncError => "sync_error",
+        EventKind::TooManyNonmail => "too_many_nonmail",
+        EventKind::TooManySyntax => "too_many_syntax",
+        EventKind::TooManyUnrecognized => "too_many_unrecognized",
+        EventKind::ProtocolError => "protocol_error",
+        EventKind::SyntaxError => "syntax_error",
+        EventKind::NoMail => "no_mail",
+        EventKind::AclRejected => "acl_rejected",
+        EventKind::AclDropped => "acl_dropped",
+        EventKind::ClosedByDrop => "closed_by_drop",
+        EventKind::Lost => "lost",
+        EventKind::CommandTimeout => "command_timeout",
+        EventKind::TlsError => "tls_error",
+        EventKind::NoHostName => "no_host_name",
+        EventKind::Accepted => "accepted",
+    }
+}
+
+/// Whether events of `kind` are evidence of abuse (and so feed
+/// `offenders`/`offender_hosts` and correlation).
+pub fn is_abuse(kind: EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::RefusedTooMany
+            | EventKind::RefusedPerHost
+            | EventKind::AuthFailed
+            | EventKind::RelayDenied
+            | EventKind::RcptRejected
+            | EventKind::SyncError
+            | EventKind::TooManyNonmail
+            | EventKind::TooManySyntax
+            | EventKind::TooManyUnrecognized
+            | EventKind::ProtocolError
+            | EventKind::SyntaxError
+            | EventKind::AclRejected
+            | EventKind::AclDropped
+    )
+}
+
+/// Why one event was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    /// The remote address is missing or not 4/16 octets.
+    #[error("invalid remote address")]
+    Remote,
+    /// The local address is not 4/16 octets.
+    #[error("invalid local address")]
+    Local,
+    /// The kind is unspecified or unknown to this server.
+    #[error("unknown event kind {0}")]
+    Kind(i32),
+    /// The time is more than [`MAX_FUTURE`] ahead or [`MAX_AGE`] behind.
+    #[error("event time out of range")]
+    Time,
+    /// A port or counter does not fit its column.
+    #[error("{0} out of range")]
+    Number(&'static str),
+    /// A string is too long or holds a NUL byte.
+    #[error("{0} too long or not storable")]
+    Text(&'static str),
+}
+
+/// Why a batch as a whole was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// The batch is invalid as a whole; the agent must not resend it as is.
+    #[error("{0}")]
+    Invalid(String),
+    /// The database failed; the batch was not stored and may be resent.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// One validated event, ready for its columns.
+#[derive(Debug, Clone)]
+struct Row {
+    index: i32,
+    time: OffsetDateTime,
+    kind: EventKind,
+    remote: IpAddr,
+    remote_port: Option<i32>,
+    local: Option<IpAddr>,
+    local_port: Option<i32>,
+    connection_count: Option<i32>,
+    auth_user: Option<String>,
+    helo: Option<String>,
+    detail: Option<String>,
+    duration_ms: Option<i64>,
+    raw: Option<String>,
+}
+
+fn text(value: String, max: usize, what: &'static str) -> Result<Option<String>, EventError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    if value.len() > max || value.contains('\0') {
+        return Err(EventError::Text(what));
+    }
+    Ok(Some(value))
+}
+
+fn port(value: u32, what: &'static str) -> Result<Option<i32>, EventError> {
+    match value {
+        0 => Ok(None),
+        1..=65535 => Ok(Some(value as i32)),
+        _ => Err(EventError::Number(what)),
+    }
+}
+
+/// Validates one event against `now`.
+fn validate(index: usize, event: Event, now: OffsetDateTime) -> Result<Row, EventError> {
+    let kind = EventKind::try_from(event.kind).map_err(|_| EventError::Kind(event.kind))?;
+    if kind == EventKind::Unspecified {
+        return Err(EventError::Kind(event.kind));
+    }
+    let remote = event.remote.as_ref().and_then(|a| IpAddr::try_from(a).ok()).ok_or(EventError::Remote)?;
+    let local = match &event.local {
+        None => None,
+        Some(a) => Some(IpAddr::try_from(a).map_err(|_| EventError::Local)?),
+    };
+    let time = OffsetDateTime::from_unix_timestamp_nanos(i128::from(event.time_ms) * 1_000_000)
+        .map_err(|_| EventError::Time)?;
+    if time > now + MAX_FUTURE || time < now - MAX_AGE {
+        return Err(EventError::Time);
+    }
+    let connection_count = match event.connection_count {
+        0 => None,
+        n => Some(i32::try_from(n).map_err(|_| EventError::Number("connection_count"))?),
+    };
+    let duration_ms = match event.duration_ms {
+        0 => None,
+        n => Some(i64::try_from(n).map_err(|_| EventError::Number("duration_ms"))?),
+    };
+    Ok(Row {
+        // MAX_BATCH_EVENTS is checked before any event is validated.
+        index: index as i32,
+        time,
+        kind,
+        remote,
+        remote_port: port(event.remote_port, "remote_port")?,
+        local,
+        local_port: port(event.local_port, "local_port")?,
+        connection_count,
+        auth_user: text(event.auth_user, MAX_NAME_BYTES, "auth_user")?,
+        helo: text(event.helo, MAX_NAME_BYTES, "helo")?,
+        detail: text(event.detail, MAX_DETAIL_BYTES, "detail")?,
+        duration_ms,
+        raw: text(event.raw, MAX_RAW_BYTES, "raw")?,
+    })
+}
+
+/// What happened to a batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// The batch seq.
+    pub seq: u64,
+    /// Events stored by this call (0 for a duplicate).
+    pub stored: u32,
+    /// Events rejected as invalid.
+    pub rejected: u32,
+    /// The batch had already been stored; nothing was written.
+    pub duplicate: bool,
+    /// Distinct remote addresses of stored abuse events, for correlation.
+    pub abuse_addresses: Vec<IpAddr>,
+}
+
+/// Evidence of one (address, kind) within a batch.
+#[derive(Debug, Clone)]
+struct Evidence {
+    first: OffsetDateTime,
+    last: OffsetDateTime,
+    events: i64,
+    sample: Option<String>,
+}
+
+/// The batch writer; cheap to clone, shared by every session of a server.
+#[derive(Debug, Clone)]
+pub struct Ingest {
+    pool: PgPool,
+    known_days: Arc<Mutex<HashSet<Date>>>,
+}
+
+impl Ingest {
+    /// A writer on `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        Ingest { pool, known_days: Arc::default() }
+    }
+
+    /// Validates and stores `batch` from `agent_id` exactly once.
+    pub async fn store(&self, agent_id: Uuid, batch: EventBatch) -> Result<Outcome, BatchError> {
+        let seq = i64::try_from(batch.seq)
+            .ok()
+            .filter(|s| *s > 0)
+            .ok_or_else(|| BatchError::Invalid(format!("batch seq {} out of range", batch.seq)))?;
+        if batch.events.len() > MAX_BATCH_EVENTS {
+            return Err(BatchError::Invalid(format!(
+                "batch has {} events, at most {MAX_BATCH_EVENTS} allowed",
+                batch.events.len()
+            )));
+        }
+        let (path, fingerprint, offset) = match &batch.position {
+            None => (None, None, None),
+            Some(p) => {
+                if p.path.len() > MAX_PATH_BYTES || p.path.contains('\0') {
+                    return Err(BatchError::Invalid("source path too long or not storable".into()));
+                }
+                let offset =
+                    i64::try_from(p.offset).map_err(|_| BatchError::Invalid("source offset out of range".into()))?;
+                // The fingerprint is an opaque 64-bit value; stored bit for bit.
+                (Some(p.path.clone()), Some(p.fingerprint as i64), Some(offset))
+            }
+        };
+
+        let now = OffsetDateTime::now_utc();
+        let total = batch.events.len();
+        let mut rows = Vec::with_capacity(total);
+        let mut first_error = None;
+        for (index, event) in batch.events.into_iter().enumerate() {
+            match validate(index, event, now) {
+                Ok(row) => rows.push(row),
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        let rejected = (total - rows.len()) as u32;
+        if let Some(error) = first_error {
+            tracing::debug!(%agent_id, seq, rejected, %error, "Rejected invalid events of a batch.");
+        }
+
+        self.ensure_partitions(&rows).await?;
+        let columns = Columns::new(&rows);
+        let (hosts, offenders) = evidence(&rows);
+        let abuse_addresses: Vec<IpAddr> = offenders.keys().copied().collect();
+
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let batch_row = BatchRow {
+                agent_id,
+                seq,
+                events: rows.len() as i32,
+                rejected: rejected as i32,
+                path: &path,
+                fingerprint,
+                offset,
+            };
+            match self.write(&batch_row, &columns, &hosts, &offenders).await {
+                Ok(true) => {
+                    return Ok(Outcome {
+                        seq: batch.seq,
+                        stored: rows.len() as u32,
+                        rejected,
+                        duplicate: false,
+                        abuse_addresses,
+                    });
+                }
+                Ok(false) => {
+                    return Ok(Outcome {
+                        seq: batch.seq,
+                        stored: 0,
+                        rejected,
+                        duplicate: true,
+                        abuse_addresses: Vec::new(),
+                    });
+                }
+                Err(error) if attempt < MAX_ATTEMPTS && retryable(&error) => {
+                    if is_missing_partition(&error) {
+                        self.forget_days();
+                        self.ensure_partitions(&rows).await?;
+                    }
+                    tracing::debug!(%error, %agent_id, seq, attempt, "Retrying a batch transaction.");
+                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// Creates the day partitions `rows` need that are not known to exist.
+    async fn ensure_partitions(&self, rows: &[Row]) -> Result<(), sqlx::Error> {
+        let days: Vec<Date> = {
+            let known = self.known_days.lock().unwrap_or_else(|e| e.into_inner());
+            let mut days: Vec<Date> = rows.iter().map(|r| r.time.date()).filter(|d| !known.contains(d)).collect();
+            days.sort_unstable();
+            days.dedup();
+            days
+        };
+        for day in days {
+            sqlx::query("select fleetban_ensure_event_partition($1)").bind(day).execute(&self.pool).await?;
+            self.known_days.lock().unwrap_or_else(|e| e.into_inner()).insert(day);
+        }
+        Ok(())
+    }
+
+    fn forget_days(&self) {
+        self.known_days.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// One transaction: the batch record, the events, the evidence. Returns
+    /// false (and writes nothing) when the batch was already stored.
+    async fn write(
+        &self,
+        batch: &BatchRow<'_>,
+        c: &Columns,
+        hosts: &BTreeMap<(IpAddr, &'static str), Evidence>,
+        offenders: &BTreeMap<IpAddr, Evidence>,
+    ) -> Result<bool, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "insert into agent_batches (agent_id, seq, events, rejected, source_path, source_fingerprint, source_offset) \
+             values ($1, $2, $3, $4, $5, $6, $7) on conflict (agent_id, seq) do nothing",
+        )
+        .bind(batch.agent_id)
+        .bind(batch.seq)
+        .bind(batch.events)
+        .bind(batch.rejected)
+        .bind(batch.path)
+        .bind(batch.fingerprint)
+        .bind(batch.offset)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        if !c.index.is_empty() {
+            sqlx::query(
+                "insert into events (agent_id, batch_seq, batch_index, time, kind, remote, remote_port, local, \
+                 local_port, connection_count, auth_user, helo, detail, duration_ms, raw) \
+                 select $1, $2, * from unnest($3::int4[], $4::timestamptz[], $5::text[], $6::inet[], $7::int4[], \
+                 $8::inet[], $9::int4[], $10::int4[], $11::text[], $12::text[], $13::text[], $14::int8[], $15::text[])",
+            )
+            .bind(batch.agent_id)
+            .bind(batch.seq)
+            .bind(&c.index)
+            .bind(&c.time)
+            .bind(&c.kind)
+            .bind(&c.remote)
+            .bind(&c.remote_port)
+            .bind(&c.local)
+            .bind(&c.local_port)
+            .bind(&c.connection_count)
+            .bind(&c.auth_user)
+            .bind(&c.helo)
+            .bind(&c.detail)
+            .bind(&c.duration_ms)
+            .bind(&c.raw)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !hosts.is_empty() {
+            let mut address = Vec::with_capacity(hosts.len());
+            let mut kind = Vec::with_capacity(hosts.len());
+            let (mut first, mut last, mut events, mut sample) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ((a, k), e) in hosts {
+                address.push(*a);
+                kind.push(*k);
+                first.push(e.first);
+                last.push(e.last);
+                events.push(e.events);
+                sample.push(e.sample.as_deref());
+            }
+            sqlx::query(
+                "insert into offender_hosts (address, agent_id, kind, first_seen, last_seen, events, sample_raw) \
+                 select a, $1, k, f, l, n, s from unnest($2::inet[], $3::text[], $4::timestamptz[], \
+                 $5::timestamptz[], $6::int8[], $7::text[]) as t(a, k, f, l, n, s) \
+                 on conflict (address, agent_id, kind) do update set \
+                 first_seen = least(offender_hosts.first_seen, excluded.first_seen), \
+                 last_seen = greatest(offender_hosts.last_seen, excluded.last_seen), \
+                 events = offender_hosts.events + excluded.events, \
+                 sample_raw = coalesce(excluded.sample_raw, offender_hosts.sample_raw)",
+            )
+            .bind(batch.agent_id)
+            .bind(&address)
+            .bind(&kind)
+            .bind(&first)
+            .bind(&last)
+            .bind(&events)
+            .bind(&sample)
+            .execute(&mut *tx)
+            .await?;
+            let mut address = Vec::with_capacity(offenders.len());
+            let (mut first, mut last, mut events) = (Vec::new(), Vec::new(), Vec::new());
+            for (a, e) in offenders {
+                address.push(*a);
+                first.push(e.first);
+                last.push(e.last);
+                events.push(e.events);
+            }
+            sqlx::query(
+                "insert into offenders (address, first_seen, last_seen, events, hosts) \
+                 select t.a, t.f, t.l, t.n, (select count(distinct oh.agent_id) from offender_hosts oh where oh.address = t.a) \
+                 from unnest($1::inet[], $2::timestamptz[], $3::timestamptz[], $4::int8[]) as t(a, f, l, n) \
+                 on conflict (address) do update set \
+                 first_seen = least(offenders.first_seen, excluded.first_seen), \
+                 last_seen = greatest(offenders.last_seen, excluded.last_seen), \
+                 events = offenders.events + excluded.events, \
+                 hosts = excluded.hosts",
+            )
+            .bind(&address)
+            .bind(&first)
+            .bind(&last)
+            .bind(&events)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+}
+
+struct BatchRow<'a> {
+    agent_id: Uuid,
+    seq: i64,
+    events: i32,
+    rejected: i32,
+    path: &'a Option<String>,
+    fingerprint: Option<i64>,
+    offset: Option<i64>,
+}
+
+/// The events of a batch as column arrays for `unnest`.
+#[derive(Debug, Default)]
+struct Columns {
+    index: Vec<i32>,
+    time: Vec<OffsetDateTime>,
+    kind: Vec<&'static str>,
+    remote: Vec<IpAddr>,
+    remote_port: Vec<Option<i32>>,
+    local: Vec<Option<IpAddr>>,
+    local_port: Vec<Option<i32>>,
+    connection_count: Vec<Option<i32>>,
+    auth_user: Vec<Option<String>>,
+    helo: Vec<Option<String>>,
+    detail: Vec<Option<String>>,
+    duration_ms: Vec<Option<i64>>,
+    raw: Vec<Option<String>>,
+}
+
+impl Columns {
+    fn new(rows: &[Row]) -> Self {
+        let mut c = Columns::default();
+        for r in rows {
+            c.index.push(r.index);
+            c.time.push(r.time);
+            c.kind.push(kind_name(r.kind));
+            c.remote.push(r.remote);
+            c.remote_port.push(r.remote_port);
+            c.local.push(r.local);
+            c.local_port.push(r.local_port);
+            c.connection_count.push(r.connection_count);
+            c.auth_user.push(r.auth_user.clone());
+            c.helo.push(r.helo.clone());
+            c.detail.push(r.detail.clone());
+            c.duration_ms.push(r.duration_ms);
+            c.raw.push(r.raw.clone());
+        }
+        c
+    }
+}
+
+/// Per (address, kind) and per address evidence of the abuse events in
+/// `rows`, in address order.
+#[allow(clippy::type_complexity)]
+fn evidence(rows: &[Row]) -> (BTreeMap<(IpAddr, &'static str), Evidence>, BTreeMap<IpAddr, Evidence>) {
+    let mut hosts: BTreeMap<(IpAddr, &'static str), Evidence> = BTreeMap::new();
+    let mut offenders: BTreeMap<IpAddr, Evidence> = BTreeMap::new();
+    for r in rows.iter().filter(|r| is_abuse(r.kind)) {
+        let add = |e: &mut Evidence| {
+            e.first = e.first.min(r.time);
+            e.last = e.last.max(r.time);
+            e.events += 1;
+            if e.sample.is_none() {
+                e.sample.clone_from(&r.raw);
+            }
+        };
+        let fresh = || Evidence { first: r.time, last: r.time, events: 0, sample: None };
+        add(hosts.entry((r.remote, kind_name(r.kind))).or_insert_with(fresh));
+        add(offenders.entry(r.remote).or_insert_with(fresh));
+    }
+    (hosts, offenders)
+}
+
+fn sqlstate(error: &sqlx::Error) -> Option<String> {
+    error.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned())
+}
+
+/// Deadlock, serialization failure, or a day partition dropped under us.
+fn retryable(error: &sqlx::Error) -> bool {
+    matches!(sqlstate(error).as_deref(), Some("40P01" | "40001")) || is_missing_partition(error)
+}
+
+/// `no partition of relation "events" found for row` (check_violation on
+/// the partitioned parent).
+fn is_missing_partition(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .is_some_and(|e| e.code().as_deref() == Some("23514") && e.table().is_none_or(|t| t == "events"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetban_proto::v1::{IpAddress, SourcePosition};
+
+    fn ip(s: &str) -> Option<IpAddress> {
+        Some(s.parse::<IpAddr>().unwrap().into())
+    }
+
+    fn event(kind: EventKind, remote: &str) -> Event {
+        Event {
+            time_ms: (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
+            kind: kind as i32,
+            remote: ip(remote),
+            remote_port: 40000,
+            local_port: 25,
+            raw: format!("2026-11-27 10:00:00 H=({remote}) [{remote}] rejected"),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn kinds_map_to_snake_case_names() {
+        for value in 0..=22 {
+            let kind = EventKind::try_from(value).unwrap();
+            let expected = kind.as_str_name().strip_prefix("EVENT_KIND_").unwrap().to_ascii_lowercase();
+            assert_eq!(kind_name(kind), expected);
+        }
+        assert!(is_abuse(EventKind::AuthFailed) && !is_abuse(EventKind::Connect) && !is_abuse(EventKind::Accepted));
+        let mut abuse: Vec<&str> =
+            (0..=22).map(|v| EventKind::try_from(v).unwrap()).filter(|k| is_abuse(*k)).map(kind_name).collect();
+        let mut policy = crate::correlate::ABUSE_KINDS.to_vec();
+        abuse.sort_unstable();
+        policy.sort_unstable();
+        assert_eq!(abuse, policy, "ingest and correlation must agree on what abuse is");
+    }
+
+    #[test]
+    fn invalid_events_are_named() {
+        let now = OffsetDateTime::now_utc();
+        let ok = event(EventKind::AuthFailed, "192.0.2.1");
+        assert!(validate(0, ok.clone(), now).is_ok());
+        let cases: Vec<(Event, EventError)> = vec![
+            (Event { remote: Some(IpAddress { octets: vec![1, 2, 3] }), ..ok.clone() }, EventError::Remote),
+            (Event { remote: None, ..ok.clone() }, EventError::Remote),
+            (Event { local: Some(IpAddress { octets: vec![1; 5] }), ..ok.clone() }, EventError::Local),
+            (Event { kind: 0, ..ok.clone() }, EventError::Kind(0)),
+            (Event { kind: 9999, ..ok.clone() }, EventError::Kind(9999)),
+            (Event { time_ms: ok.time_ms + 11 * 60 * 1000, ..ok.clone() }, EventError::Time),
+            (Event { time_ms: i64::MAX, ..ok.clone() }, EventError::Time),
+            (Event { remote_port: 70000, ..ok.clone() }, EventError::Number("remote_port")),
+            (Event { connection_count: u32::MAX, ..ok.clone() }, EventError::Number("connection_count")),
+            (Event { helo: "x".repeat(MAX_NAME_BYTES + 1), ..ok.clone() }, EventError::Text("helo")),
+            (Event { raw: "a\0b".into(), ..ok.clone() }, EventError::Text("raw")),
+        ];
+        for (e, expected) in cases {
+            assert_eq!(validate(0, e, now).unwrap_err(), expected);
+        }
+        let near_future = Event { time_ms: ok.time_ms + 9 * 60 * 1000, ..ok };
+        assert!(validate(0, near_future, now).is_ok());
+    }
+
+    async fn agent(pool: &PgPool) -> Uuid {
+        let id = Uuid::new_v4();
+        sqlx::query("insert into agents (id, name, hostname, secret_hash) values ($1, 'a', 'a', '\\x00')")
+            .bind(id)
+            .execute(pool)
+            .await
+            .unwrap();
+        id
+    }
+
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn batch_is_stored_once_with_evidence(pool: PgPool) {
+        let ingest = Ingest::new(pool.clone());
+        let (a, b) = (agent(&pool).await, agent(&pool).await);
+        let mut events = vec![
+            event(EventKind::AuthFailed, "192.0.2.7"),
+            event(EventKind::AuthFailed, "192.0.2.7"),
+            event(EventKind::Connect, "198.51.100.1"),
+            event(EventKind::RelayDenied, "2001:db8::1"),
+        ];
+        events.push(Event { remote: Some(IpAddress { octets: vec![9] }), ..events[0].clone() });
+        let position = Some(SourcePosition { path: "/var/log/exim_mainlog".into(), fingerprint: u64::MAX, offset: 42 });
+        let batch = EventBatch { seq: 1, events, position };
+        let first = ingest.store(a, batch.clone()).await.unwrap();
+        assert_eq!((first.stored, first.rejected, first.duplicate), (4, 1, false));
+        assert_eq!(first.abuse_addresses.len(), 2);
+        let again = ingest.store(a, batch.clone()).await.unwrap();
+        assert_eq!((again.stored, again.duplicate), (0, true));
+        let n: i64 = sqlx::query_scalar("select count(*) from events").fetch_one(&pool).await.unwrap();
+        assert_eq!(n, 4, "a resent batch must not be stored twice");
+        let (fp, rejected): (i64, i32) =
+            sqlx::query_as("select source_fingerprint, rejected from agent_batches").fetch_one(&pool).await.unwrap();
+        assert_eq!((fp as u64, rejected), (u64::MAX, 1));
+
+        ingest.store(b, batch).await.unwrap();
+        let (events, hosts): (i64, i32) =
+            sqlx::query_as("select events, hosts from offenders where address = '192.0.2.7'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!((events, hosts), (4, 2));
+        let (n, sample): (i64, Option<String>) = sqlx::query_as(
+            "select events, sample_raw from offender_hosts where address = '192.0.2.7' and agent_id = $1 and kind = 'auth_failed'",
+        )
+        .bind(a)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(n, 2);
+        assert!(sample.unwrap().contains("192.0.2.7"));
+        let connects: i64 = sqlx::query_scalar("select count(*) from offenders where address = '198.51.100.1'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(connects, 0, "a connect is not abuse");
+    }
+
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn invalid_batches_are_refused_whole(pool: PgPool) {
+        let ingest = Ingest::new(pool.clone());
+        let a = agent(&pool).await;
+        let zero = EventBatch { seq: 0, events: vec![], position: None };
+        assert!(matches!(ingest.store(a, zero).await, Err(BatchError::Invalid(_))));
+        let big = EventBatch {
+            seq: 1,
+            events: vec![event(EventKind::Connect, "192.0.2.1"); MAX_BATCH_EVENTS + 1],
+            position: None,
+        };
+        assert!(matches!(ingest.store(a, big).await, Err(BatchError::Invalid(_))));
+        let n: i64 = sqlx::query_scalar("select count(*) from agent_batches").fetch_one(&pool).await.unwrap();
+        assert_eq!(n, 0);
+    }
+
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn dropped_partition_is_recreated(pool: PgPool) {
+        let ingest = Ingest::new(pool.clone());
+        let a = agent(&pool).await;
+        let batch = |seq| EventBatch { seq, events: vec![event(EventKind::Connect, "192.0.2.1")], position: None };
+        ingest.store(a, batch(1)).await.unwrap();
+        sqlx::query("select fleetban_drop_event_partitions(current_date + 2)").execute(&pool).await.unwrap();
+        let out = ingest.store(a, batch(2)).await.unwrap();
+        assert_eq!(out.stored, 1);
+    }
+}

@@ -1,0 +1,329 @@
+//! Fan-out of blocklist changes to the agents connected to this server.
+//!
+//! Every block change is a row of `block_changes` whose insert notifies
+//! `fleetban_blocks` with its version when the transaction commits. Each
+//! server process runs one [`run_listener`] task that LISTENs on that channel,
+//! reads the changes since the last version it fanned out (one query for all
+//! agents), and offers the resulting delta to every connected session through
+//! a per-agent bounded channel.
+//!
+//! Invariants:
+//! - A slow agent never delays the others: deltas are offered with
+//!   `try_send`; when an agent's channel is full it is marked lagged and
+//!   receives a full snapshot as soon as it drains, instead of the deltas it
+//!   missed.
+//! - Nothing is lost when the LISTEN connection drops: the listener
+//!   reconnects with backoff and then catches up from the version it had
+//!   fanned out, and a slow poll of the current version backs up
+//!   notifications in any case.
+//! - A session applies a delta only if it starts at the version the agent
+//!   holds; otherwise it reads the missing changes itself (or sends a
+//!   snapshot when they were compacted away). Versions become visible in
+//!   commit order (see the `block_changes` trigger), so "since version N" is
+//!   exact.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleetban_proto::v1::BlocklistDelta;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use crate::blocks;
+
+/// The notification channel block changes are announced on.
+pub const CHANNEL: &str = "fleetban_blocks";
+/// Deltas queued per agent before it is considered lagged.
+pub const AGENT_QUEUE: usize = 64;
+/// How often the listener compares its version with the database's, as a
+/// backstop for notifications.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What a session is told by the hub.
+#[derive(Debug, Clone)]
+pub enum Push {
+    /// Changes every agent on this server should apply.
+    Delta(Arc<BlocklistDelta>),
+    /// The change log cannot serve a delta; send a snapshot.
+    Resync,
+}
+
+#[derive(Debug)]
+struct Registered {
+    session: u64,
+    tx: mpsc::Sender<Push>,
+    lagged: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    sessions: Mutex<HashMap<Uuid, Registered>>,
+    next_session: AtomicU64,
+    /// Highest version fanned out by the listener.
+    version: AtomicU64,
+    /// Deltas fanned out.
+    deltas: AtomicU64,
+    /// Agents marked lagged because their queue was full.
+    lagged: AtomicU64,
+    /// Times the LISTEN connection was (re)established.
+    listens: AtomicU64,
+}
+
+/// The registry of connected sessions; cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+/// A session's registration; dropping it unregisters the session (unless a
+/// newer session of the same agent replaced it).
+#[derive(Debug)]
+pub struct Subscription {
+    hub: Hub,
+    agent_id: Uuid,
+    session: u64,
+    /// Pushed changes.
+    pub rx: mpsc::Receiver<Push>,
+    lagged: Arc<AtomicBool>,
+}
+
+impl Subscription {
+    /// True once if the agent's queue overflowed since the last call: it
+    /// must get a snapshot.
+    pub fn take_lagged(&self) -> bool {
+        self.lagged.swap(false, Ordering::AcqRel)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut sessions = self.hub.inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if sessions.get(&self.agent_id).is_some_and(|r| r.session == self.session) {
+            sessions.remove(&self.agent_id);
+        }
+    }
+}
+
+/// Counters of the hub, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HubStats {
+    /// Sessions registered now.
+    pub sessions: usize,
+    /// Highest version fanned out.
+    pub version: u64,
+    /// Deltas fanned out.
+    pub deltas: u64,
+    /// Times an agent was marked lagged.
+    pub lagged: u64,
+    /// Times the LISTEN connection was established (1 + reconnections).
+    pub listens: u64,
+}
+
+impl Hub {
+    /// An empty hub.
+    pub fn new() -> Self {
+        Hub::default()
+    }
+
+    /// Registers a session of `agent_id`, replacing (and so ending) an older
+    /// session of the same agent on this server.
+    pub fn subscribe(&self, agent_id: Uuid) -> Subscription {
+        let session = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(AGENT_QUEUE);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let registered = Registered { session, tx, lagged: lagged.clone() };
+        let old = self.inner.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(agent_id, registered);
+        if old.is_some() {
+            info!(%agent_id, "A new session of the agent replaces its previous one.");
+        }
+        Subscription { hub: self.clone(), agent_id, session, rx, lagged }
+    }
+
+    /// The hub's counters.
+    pub fn stats(&self) -> HubStats {
+        HubStats {
+            sessions: self.inner.sessions.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            version: self.inner.version.load(Ordering::Relaxed),
+            deltas: self.inner.deltas.load(Ordering::Relaxed),
+            lagged: self.inner.lagged.load(Ordering::Relaxed),
+            listens: self.inner.listens.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Offers `push` to every session without waiting for any.
+    fn fan_out(&self, push: Push) {
+        let sessions = self.inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        for (agent_id, r) in sessions.iter() {
+            if let Err(mpsc::error::TrySendError::Full(_)) = r.tx.try_send(push.clone()) {
+                if !r.lagged.swap(true, Ordering::AcqRel) {
+                    self.inner.lagged.fetch_add(1, Ordering::Relaxed);
+                    debug!(%agent_id, "Agent's push queue is full; it will get a snapshot.");
+                }
+            }
+        }
+    }
+}
+
+/// LISTENs for block changes and fans them out until `shutdown` resolves,
+/// reconnecting whenever the LISTEN connection is lost.
+pub async fn run_listener(pool: PgPool, hub: Hub, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(50);
+    let mut version = loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            v = blocks::current_version(&pool) => match v {
+                Ok(v) => break v,
+                Err(error) => {
+                    warn!(%error, "Cannot read the blocklist version; retrying.");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    };
+    hub.inner.version.store(version, Ordering::Relaxed);
+    backoff = Duration::from_millis(50);
+    loop {
+        let listener = tokio::select! {
+            _ = &mut shutdown => return,
+            l = listen(&pool) => l,
+        };
+        let mut listener = match listener {
+            Ok(l) => {
+                backoff = Duration::from_millis(50);
+                hub.inner.listens.fetch_add(1, Ordering::Relaxed);
+                l
+            }
+            Err(error) => {
+                warn!(%error, retry_ms = backoff.as_millis() as u64, "Cannot LISTEN for block changes; retrying.");
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        // Changes committed while we were not listening.
+        catch_up(&pool, &hub, &mut version).await;
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                n = listener.try_recv() => match n {
+                    Ok(Some(notification)) => {
+                        let mut newest = notification.payload().parse::<u64>().unwrap_or(u64::MAX);
+                        while let Some(n) = listener.next_buffered() {
+                            newest = newest.max(n.payload().parse::<u64>().unwrap_or(u64::MAX));
+                        }
+                        if newest > version {
+                            catch_up(&pool, &hub, &mut version).await;
+                        }
+                    }
+                    Ok(None) => {
+                        warn!("The LISTEN connection for block changes was lost; reconnecting.");
+                        break;
+                    }
+                    Err(error) => {
+                        warn!(%error, "The LISTEN connection for block changes failed; reconnecting.");
+                        break;
+                    }
+                },
+                _ = poll.tick() => {
+                    if let Ok(current) = blocks::current_version(&pool).await && current > version {
+                        debug!(current, version, "Block changes found by polling.");
+                        catch_up(&pool, &hub, &mut version).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(CHANNEL).await?;
+    Ok(listener)
+}
+
+/// The changes after `version`: from the change log, or (from version 0,
+/// which the log does not serve) the whole blocklist as additions.
+async fn changes_after(pool: &PgPool, version: u64) -> Result<Option<BlocklistDelta>, blocks::BlockError> {
+    if version > 0 {
+        return blocks::changes_since(pool, version, None).await;
+    }
+    let snapshot = blocks::snapshot(pool).await?;
+    Ok(Some(BlocklistDelta { from_version: 0, to_version: snapshot.version, added: snapshot.entries, removed: vec![] }))
+}
+
+/// Reads the changes after `version` and fans them out.
+async fn catch_up(pool: &PgPool, hub: &Hub, version: &mut u64) {
+    match changes_after(pool, *version).await {
+        Ok(Some(delta)) => {
+            if delta.to_version > *version {
+                *version = delta.to_version;
+                hub.inner.version.store(*version, Ordering::Relaxed);
+                hub.inner.deltas.fetch_add(1, Ordering::Relaxed);
+                hub.fan_out(Push::Delta(Arc::new(delta)));
+            }
+        }
+        Ok(None) => {
+            // The change log no longer reaches back to our version.
+            match blocks::current_version(pool).await {
+                Ok(current) => {
+                    *version = current;
+                    hub.inner.version.store(current, Ordering::Relaxed);
+                    hub.fan_out(Push::Resync);
+                }
+                Err(error) => warn!(%error, "Cannot read the blocklist version."),
+            }
+        }
+        Err(error) => warn!(%error, version = *version, "Cannot read block changes; the next notification retries."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(from: u64) -> Push {
+        Push::Delta(Arc::new(BlocklistDelta { from_version: from, to_version: from + 1, ..Default::default() }))
+    }
+
+    #[tokio::test]
+    async fn slow_agent_is_marked_lagged_without_holding_up_others() {
+        let hub = Hub::new();
+        let slow = hub.subscribe(Uuid::new_v4());
+        let mut fast = hub.subscribe(Uuid::new_v4());
+        for v in 0..(AGENT_QUEUE as u64 + 10) {
+            hub.fan_out(delta(v));
+            assert!(matches!(fast.rx.recv().await, Some(Push::Delta(d)) if d.from_version == v));
+        }
+        assert!(slow.take_lagged(), "overflowing agent must be resynchronised with a snapshot");
+        assert!(!slow.take_lagged(), "the flag is taken once");
+        assert!(!fast.take_lagged());
+        assert_eq!(hub.stats().lagged, 1);
+        assert_eq!(hub.stats().sessions, 2);
+    }
+
+    #[tokio::test]
+    async fn newer_session_replaces_older_and_survives_its_drop() {
+        let hub = Hub::new();
+        let agent = Uuid::new_v4();
+        let mut old = hub.subscribe(agent);
+        let new = hub.subscribe(agent);
+        assert!(old.rx.recv().await.is_none(), "the replaced session's channel closes");
+        drop(old);
+        assert_eq!(hub.stats().sessions, 1, "dropping the old session must not unregister the new one");
+        drop(new);
+        assert_eq!(hub.stats().sessions, 0);
+    }
+}

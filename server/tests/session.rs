@@ -1,0 +1,625 @@
+//! The agent session over real loopback gRPC: enrollment, authentication,
+//! exactly-once ingest, refused frames, blocklist catch-up and push across
+//! two server processes, graceful shutdown, TLS.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetban_proto::v1::agent_frame::Frame;
+use fleetban_proto::v1::agent_service_client::AgentServiceClient;
+use fleetban_proto::v1::server_frame::Frame as Out;
+use fleetban_proto::v1::{
+    AgentFrame, EnrollRequest, Event, EventBatch, EventKind, Heartbeat, Hello, IpAddress, LocalBlock, ServerFrame,
+};
+use fleetban_server::correlate::CorrelateConfig;
+use fleetban_server::push::Hub;
+use fleetban_server::serve::{self, Listeners, Options};
+use fleetban_server::session::{AGENT_ID_HEADER, AGENT_SECRET_HEADER, Stats};
+use fleetban_server::{auth, blocks, tls};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Request, Status, Streaming};
+use uuid::Uuid;
+
+#[ctor::ctor]
+fn init() {
+    fleetban_server::pgembed::ensure_test_database_url();
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct TestServer {
+    addr: SocketAddr,
+    stats: Arc<Stats>,
+    hub: Hub,
+    stop: Option<oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<Result<(), serve::Error>>,
+}
+
+impl TestServer {
+    async fn start(pool: PgPool) -> Self {
+        Self::start_with(pool, Options::default()).await
+    }
+
+    async fn start_with(pool: PgPool, options: Options) -> Self {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap();
+        let (stats, hub) = (options.stats.clone(), options.hub.clone());
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(serve::run(pool, options, Listeners { grpc, http }, async move {
+            let _ = rx.await;
+        }));
+        TestServer { addr, stats, hub, stop: Some(tx), handle }
+    }
+
+    async fn channel(&self) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap()
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(WAIT, self.handle).await.expect("server stops in time").unwrap().unwrap();
+    }
+}
+
+/// A simulated agent: an open `Connect` stream.
+struct Agent {
+    tx: mpsc::Sender<AgentFrame>,
+    rx: Streaming<ServerFrame>,
+}
+
+impl Agent {
+    async fn connect(channel: Channel, id: &str, secret: &str) -> Result<Agent, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        let mut request = Request::new(ReceiverStream::new(rx));
+        if !id.is_empty() {
+            request.metadata_mut().insert(AGENT_ID_HEADER, id.parse().unwrap());
+        }
+        if !secret.is_empty() {
+            request.metadata_mut().insert(AGENT_SECRET_HEADER, secret.parse().unwrap());
+        }
+        let rx = AgentServiceClient::new(channel).connect(request).await?.into_inner();
+        Ok(Agent { tx, rx })
+    }
+
+    async fn send(&self, frame: Frame) {
+        self.tx.send(AgentFrame { frame: Some(frame) }).await.unwrap();
+    }
+
+    async fn hello(&mut self, id: Uuid, version: u64) -> u64 {
+        self.send(Frame::Hello(Hello {
+            agent_id: id.to_string(),
+            version: "0.1.0-test".into(),
+            hostname: "mx.test".into(),
+            addresses: vec![ip("198.51.100.200")],
+            blocklist_version: version,
+            next_seq: 1,
+        }))
+        .await;
+        match self.next().await {
+            Out::Welcome(w) => w.last_acked_seq,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    /// Skips pushed frames until an ack; returns its seq.
+    async fn until_ack(&mut self) -> u64 {
+        loop {
+            if let Out::Ack(a) = self.next().await {
+                return a.seq;
+            }
+        }
+    }
+
+    async fn next(&mut self) -> Out {
+        self.try_next().await.unwrap_or_else(|s| panic!("stream failed: {s:?}")).expect("stream ended")
+    }
+
+    async fn try_next(&mut self) -> Result<Option<Out>, Status> {
+        let frame = tokio::time::timeout(WAIT, self.rx.message()).await.expect("no frame in time")?;
+        Ok(frame.map(|f| f.frame.expect("empty server frame")))
+    }
+
+    /// Waits for a delta or snapshot that reaches `version`; returns the
+    /// block ids added on the way.
+    async fn until_version(&mut self, version: u64) -> Vec<i64> {
+        let mut added = Vec::new();
+        loop {
+            match self.next().await {
+                Out::Delta(d) => {
+                    added.extend(d.added.iter().map(|e| e.block_id));
+                    if d.to_version >= version {
+                        return added;
+                    }
+                }
+                Out::Snapshot(s) => {
+                    added.extend(s.entries.iter().map(|e| e.block_id));
+                    if s.version >= version {
+                        return added;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn ip(s: &str) -> IpAddress {
+    s.parse::<std::net::IpAddr>().unwrap().into()
+}
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+fn event(kind: EventKind, remote: &str) -> Event {
+    Event {
+        time_ms: now_ms(),
+        kind: kind as i32,
+        remote: Some(ip(remote)),
+        remote_port: 40_000,
+        local_port: 25,
+        raw: format!("H=(x) [{remote}]:40000 test line"),
+        ..Default::default()
+    }
+}
+
+fn batch(seq: u64, events: Vec<Event>) -> Frame {
+    Frame::Batch(EventBatch { seq, events, position: None })
+}
+
+/// Enrolls an agent through the `Enroll` RPC.
+async fn enroll(pool: &PgPool, channel: Channel) -> (Uuid, String) {
+    let token = auth::create_enrollment_token(pool, 1, Duration::from_secs(60), "test").await.unwrap();
+    let response = AgentServiceClient::new(channel)
+        .enroll(EnrollRequest {
+            token,
+            hostname: "mx.test".into(),
+            version: "0.1.0".into(),
+            addresses: vec![ip("198.51.100.200")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (response.agent_id.parse().unwrap(), response.agent_secret)
+}
+
+async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// Creates a manual block through the blocklist store; returns (block id,
+/// version).
+async fn add_block(pool: &PgPool, cidr: &str) -> (i64, u64) {
+    let new = blocks::NewBlock {
+        cidr: cidr.parse().unwrap(),
+        reason: "manual".into(),
+        source: blocks::BlockSource::Manual,
+        evidence: serde_json::json!({}),
+        ttl: Some(Duration::from_secs(3600)),
+        created_by: Some("test".into()),
+        force: false,
+    };
+    let block = blocks::create(pool, &CorrelateConfig::default(), new).await.unwrap();
+    (block.id, blocks::current_version(pool).await.unwrap())
+}
+
+async fn remove_block(pool: &PgPool, id: i64) -> u64 {
+    blocks::revoke(pool, id, "test").await.unwrap().expect("block existed");
+    blocks::current_version(pool).await.unwrap()
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn enrolled_agent_batches_are_acked_and_stored_exactly_once(pool: PgPool) {
+    let server = TestServer::start(pool.clone()).await;
+    let (id, secret) = enroll(&pool, server.channel().await).await;
+    let mut agent = Agent::connect(server.channel().await, &id.to_string(), &secret).await.unwrap();
+    assert_eq!(agent.hello(id, 0).await, 0);
+    assert!(matches!(agent.next().await, Out::Snapshot(s) if s.version == 0 && s.entries.is_empty()));
+
+    let mut events = vec![event(EventKind::AuthFailed, "192.0.2.7"), event(EventKind::Connect, "192.0.2.8")];
+    events.push(Event { time_ms: now_ms() + 3_600_000, ..event(EventKind::Connect, "192.0.2.9") });
+    agent.send(batch(1, events.clone())).await;
+    assert!(matches!(agent.next().await, Out::Ack(a) if a.seq == 1 && a.rejected_events == 1));
+    // The ack was "lost": the agent resends the same batch.
+    agent.send(batch(1, events)).await;
+    assert!(matches!(agent.next().await, Out::Ack(a) if a.seq == 1));
+    // A batch invalid as a whole is refused, and the session goes on.
+    agent.send(batch(2, vec![event(EventKind::Connect, "192.0.2.1"); 10_001])).await;
+    assert!(matches!(agent.next().await, Out::Nack(n) if n.seq == 2 && n.reason.contains("10000")));
+    agent.send(batch(3, vec![event(EventKind::Lost, "2001:db8::5")])).await;
+    assert!(matches!(agent.next().await, Out::Ack(a) if a.seq == 3 && a.rejected_events == 0));
+    agent.send(Frame::Heartbeat(Heartbeat { blocklist_version: 0, firewall_entries: 7, pending_batches: 0 })).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while count(&pool, "select firewall_entries from agents").await != 7 {
+        assert!(tokio::time::Instant::now() < deadline, "heartbeat not recorded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    assert_eq!(count(&pool, "select count(*) from events").await, 3, "the resent batch was stored twice");
+    assert_eq!(count(&pool, "select count(*) from agent_batches").await, 2);
+    assert_eq!(count(&pool, "select count(*) from offender_hosts where address = '192.0.2.7'").await, 1);
+    assert_eq!(Stats::get(&server.stats.batches_duplicate), 1);
+    assert_eq!(Stats::get(&server.stats.events_rejected), 1);
+    assert_eq!(Stats::get(&server.stats.batches_refused), 1);
+
+    // Reconnecting: the Welcome says what is stored, the row says connected.
+    drop(agent);
+    let mut agent = Agent::connect(server.channel().await, &id.to_string(), &secret).await.unwrap();
+    assert_eq!(agent.hello(id, 0).await, 3);
+    let (connected, version, entries): (bool, String, i64) =
+        sqlx::query_as("select connected, version, firewall_entries from agents where id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(connected);
+    assert_eq!((version.as_str(), entries), ("0.1.0-test", 7));
+    drop(agent);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while count(&pool, "select count(*) from agents where connected").await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "a closed session left the agent connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn unauthenticated_wrong_secret_and_revoked_agents_are_refused(pool: PgPool) {
+    let server = TestServer::start(pool.clone()).await;
+    let (id, secret) = enroll(&pool, server.channel().await).await;
+    let refused = |r: Result<Agent, Status>| match r {
+        Ok(_) => panic!("session accepted"),
+        Err(status) => {
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+            assert!(!status.message().contains(&secret), "secret echoed");
+        }
+    };
+    refused(Agent::connect(server.channel().await, "", "").await);
+    refused(Agent::connect(server.channel().await, &id.to_string(), "").await);
+    refused(Agent::connect(server.channel().await, "not-a-uuid", &secret).await);
+    refused(Agent::connect(server.channel().await, &id.to_string(), "fbs_wrong").await);
+    refused(Agent::connect(server.channel().await, &Uuid::new_v4().to_string(), &secret).await);
+    let bad_token = AgentServiceClient::new(server.channel().await)
+        .enroll(EnrollRequest { token: "fbe_nope".into(), hostname: "h".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_token.code(), Code::Unauthenticated);
+
+    // A live session of an agent that gets revoked ends at its next report.
+    let mut agent = Agent::connect(server.channel().await, &id.to_string(), &secret).await.unwrap();
+    agent.hello(id, 0).await;
+    agent.next().await; // snapshot
+    sqlx::query("update agents set revoked_at = now()").execute(&pool).await.unwrap();
+    agent.send(Frame::Heartbeat(Heartbeat::default())).await;
+    let status = agent.try_next().await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    refused(Agent::connect(server.channel().await, &id.to_string(), &secret).await);
+    assert_eq!(Stats::get(&server.stats.auth_refused), 7);
+    server.stop().await;
+}
+
+/// Sends raw bytes as request messages, to forge frames no honest client
+/// would encode.
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+
+struct RawEncoder;
+struct FrameDecoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for FrameDecoder {
+    type Item = ServerFrame;
+    type Error = Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<ServerFrame>, Status> {
+        use prost::Message;
+        ServerFrame::decode(src).map(Some).map_err(|e| Status::internal(e.to_string()))
+    }
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = ServerFrame;
+    type Encoder = RawEncoder;
+    type Decoder = FrameDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> FrameDecoder {
+        FrameDecoder
+    }
+}
+
+/// Opens a session that sends `frames` as raw bytes; returns how the server
+/// ended it.
+async fn raw_session(channel: Channel, id: Uuid, secret: &str, frames: Vec<Vec<u8>>) -> Status {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let mut request = Request::new(tokio_stream::iter(frames).chain(tokio_stream::pending()));
+    request.metadata_mut().insert(AGENT_ID_HEADER, id.to_string().parse().unwrap());
+    request.metadata_mut().insert(AGENT_SECRET_HEADER, secret.parse().unwrap());
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/fleetban.v1.AgentService/Connect");
+    let mut rx = grpc.streaming(request, path, RawCodec).await.unwrap().into_inner();
+    loop {
+        match tokio::time::timeout(WAIT, rx.message()).await.expect("server did not end the session") {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("session ended without an error status"),
+            Err(status) => return status,
+        }
+    }
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn oversized_and_malformed_frames_are_refused_while_a_good_agent_goes_on(pool: PgPool) {
+    use prost::Message;
+    let server = TestServer::start(pool.clone()).await;
+    let (good_id, good_secret) = enroll(&pool, server.channel().await).await;
+    let (bad_id, bad_secret) = enroll(&pool, server.channel().await).await;
+    let mut good = Agent::connect(server.channel().await, &good_id.to_string(), &good_secret).await.unwrap();
+    good.hello(good_id, 0).await;
+    good.next().await;
+    good.send(batch(1, vec![event(EventKind::AuthFailed, "192.0.2.7")])).await;
+    assert!(matches!(good.next().await, Out::Ack(a) if a.seq == 1));
+
+    let hello = AgentFrame {
+        frame: Some(Frame::Hello(Hello { agent_id: bad_id.to_string(), hostname: "bad".into(), ..Default::default() })),
+    }
+    .encode_to_vec();
+    // Over 4 MiB: 300 events with 15 KiB raw lines each.
+    let big_event = Event { raw: "x".repeat(15 * 1024), ..event(EventKind::Connect, "192.0.2.1") };
+    let oversized = AgentFrame { frame: Some(batch(1, vec![big_event; 300])) }.encode_to_vec();
+    assert!(oversized.len() > 4 * 1024 * 1024);
+    let status = raw_session(server.channel().await, bad_id, &bad_secret, vec![hello.clone(), oversized]).await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+
+    // Not a protobuf message at all (a truncated length-delimited field).
+    let garbage = vec![0x12, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3];
+    let status = raw_session(server.channel().await, bad_id, &bad_secret, vec![hello, garbage]).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(Stats::get(&server.stats.frames_rejected), 2);
+
+    // A local block with an impossible range is refused with a Nack only.
+    good.send(Frame::LocalBlock(LocalBlock {
+        cidr: Some(fleetban_proto::v1::Cidr { address: Some(ip("192.0.2.1")), prefix_len: 40 }),
+        ..Default::default()
+    }))
+    .await;
+    assert!(matches!(good.next().await, Out::Nack(n) if n.reason.contains("cidr")));
+    good.send(batch(2, vec![event(EventKind::AuthFailed, "192.0.2.7")])).await;
+    assert!(matches!(good.next().await, Out::Ack(a) if a.seq == 2));
+    assert_eq!(count(&pool, "select count(*) from events").await, 2);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn reconnecting_agent_gets_exactly_the_missing_delta_or_a_snapshot(pool: PgPool) {
+    let server = TestServer::start(pool.clone()).await;
+    let (id, secret) = enroll(&pool, server.channel().await).await;
+    let (b1, v1) = add_block(&pool, "192.0.2.1/32").await;
+    let (b2, _) = add_block(&pool, "192.0.2.2/32").await;
+    let (b3, _) = add_block(&pool, "2001:db8:1::/64").await;
+    let v4 = remove_block(&pool, b1).await;
+
+    let mut agent = Agent::connect(server.channel().await, &id.to_string(), &secret).await.unwrap();
+    agent.hello(id, v1).await;
+    match agent.next().await {
+        Out::Delta(d) => {
+            assert_eq!((d.from_version, d.to_version), (v1, v4));
+            let mut added: Vec<i64> = d.added.iter().map(|e| e.block_id).collect();
+            added.sort();
+            assert_eq!(added, vec![b2, b3]);
+            assert_eq!(d.removed, vec![b1]);
+        }
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    drop(agent);
+
+    let mut agent = Agent::connect(server.channel().await, &id.to_string(), &secret).await.unwrap();
+    agent.hello(id, 0).await;
+    match agent.next().await {
+        Out::Snapshot(s) => {
+            assert_eq!(s.version, v4);
+            let mut ids: Vec<i64> = s.entries.iter().map(|e| e.block_id).collect();
+            ids.sort();
+            assert_eq!(ids, vec![b2, b3]);
+        }
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+    // Up to date: nothing is sent, then live changes arrive as deltas.
+    let (b5, v5) = add_block(&pool, "203.0.113.0/25").await;
+    match agent.next().await {
+        Out::Delta(d) => {
+            assert_eq!((d.from_version, d.to_version), (v4, v5));
+            assert_eq!(d.added.iter().map(|e| e.block_id).collect::<Vec<_>>(), vec![b5]);
+        }
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn block_through_one_server_reaches_agents_of_another_across_listener_loss(pool: PgPool) {
+    // Two server processes: separate pools (so separate LISTEN connections)
+    // on one database.
+    let other_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await
+        .unwrap();
+    let one = TestServer::start(pool.clone()).await;
+    let two = TestServer::start(other_pool.clone()).await;
+    let (id_a, secret_a) = enroll(&pool, one.channel().await).await;
+    let (id_b, secret_b) = enroll(&pool, two.channel().await).await;
+    let mut a = Agent::connect(one.channel().await, &id_a.to_string(), &secret_a).await.unwrap();
+    let mut b = Agent::connect(two.channel().await, &id_b.to_string(), &secret_b).await.unwrap();
+    a.hello(id_a, 0).await;
+    b.hello(id_b, 0).await;
+    a.next().await;
+    b.next().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while one.hub.stats().listens < 1 || two.hub.stats().listens < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "listeners did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let (b1, v1) = add_block(&other_pool, "192.0.2.10/32").await;
+    assert_eq!(a.until_version(v1).await, vec![b1]);
+    assert_eq!(b.until_version(v1).await, vec![b1]);
+
+    // Kill both LISTEN connections, and change the blocklist while they are
+    // gone.
+    let killed: i64 = count(
+        &pool,
+        "select count(pg_terminate_backend(pid)) from pg_stat_activity \
+         where datname = current_database() and query ilike 'listen%' and pid <> pg_backend_pid()",
+    )
+    .await;
+    assert_eq!(killed, 2, "expected one LISTEN connection per server");
+    let (b2, v2) = add_block(&pool, "192.0.2.11/32").await;
+    let started = tokio::time::Instant::now();
+    assert_eq!(a.until_version(v2).await, vec![b2]);
+    assert_eq!(b.until_version(v2).await, vec![b2]);
+    assert!(started.elapsed() < fleetban_server::push::POLL_INTERVAL, "caught up only by the slow poll");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while one.hub.stats().listens < 2 || two.hub.stats().listens < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "listeners did not reconnect");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // After the reconnection, notifications flow again.
+    let (b3, v3) = add_block(&other_pool, "203.0.113.0/24").await;
+    assert_eq!(a.until_version(v3).await, vec![b3]);
+    assert_eq!(b.until_version(v3).await, vec![b3]);
+    one.stop().await;
+    two.stop().await;
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn shutdown_acks_in_flight_batches_and_closes_sessions(pool: PgPool) {
+    let server = TestServer::start(pool.clone()).await;
+    let (id, secret) = enroll(&pool, server.channel().await).await;
+    let mut agent = Agent::connect(server.channel().await, &id.to_string(), &secret).await.unwrap();
+    agent.hello(id, 0).await;
+    agent.next().await;
+    for seq in 1..=5 {
+        agent.send(batch(seq, vec![event(EventKind::Connect, "192.0.2.1"); 100])).await;
+    }
+    let TestServer { stop, handle, .. } = server;
+    stop.unwrap().send(()).unwrap();
+    let mut acked = Vec::new();
+    while let Some(frame) = agent.try_next().await.unwrap() {
+        if let Out::Ack(a) = frame {
+            acked.push(a.seq);
+        }
+    }
+    tokio::time::timeout(WAIT, handle).await.expect("server stops").unwrap().unwrap();
+    assert_eq!(acked, vec![1, 2, 3, 4, 5], "in-flight batches must be stored and acked before closing");
+    assert_eq!(count(&pool, "select count(*) from events").await, 500);
+    assert_eq!(count(&pool, "select count(*) from agents where connected").await, 0);
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn tls_listener_serves_agents_that_trust_the_pki_ca(pool: PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let files = tls::pki_init(dir.path(), "localhost").unwrap();
+    let config = fleetban_server::config::TlsConfig {
+        cert_file: files.server_cert.clone(),
+        key_file: files.server_key.clone(),
+        client_ca_file: None,
+    };
+    let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
+    let tls = tls::server_config(Some(&config), any, false).unwrap();
+    let server = TestServer::start_with(pool.clone(), Options { tls, ..Default::default() }).await;
+    let ca = tonic::transport::Certificate::from_pem(std::fs::read(&files.ca_cert).unwrap());
+    let channel = Endpoint::from_shared(format!("https://{}", server.addr))
+        .unwrap()
+        .tls_config(ClientTlsConfig::new().ca_certificate(ca).domain_name("localhost"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (id, secret) = enroll(&pool, channel.clone()).await;
+    let mut agent = Agent::connect(channel, &id.to_string(), &secret).await.unwrap();
+    agent.hello(id, 0).await;
+    // A plaintext client cannot talk to the TLS listener.
+    let plain = Endpoint::from_shared(format!("http://{}", server.addr)).unwrap().connect().await;
+    if let Ok(plain) = plain {
+        let r = AgentServiceClient::new(plain).enroll(EnrollRequest::default()).await;
+        assert!(r.is_err());
+    }
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn local_blocks_and_fleet_evidence_become_fleet_blocks_pushed_to_agents(pool: PgPool) {
+    let server = TestServer::start(pool.clone()).await;
+    let (id_a, secret_a) = enroll(&pool, server.channel().await).await;
+    let (id_b, secret_b) = enroll(&pool, server.channel().await).await;
+    let mut a = Agent::connect(server.channel().await, &id_a.to_string(), &secret_a).await.unwrap();
+    let mut b = Agent::connect(server.channel().await, &id_b.to_string(), &secret_b).await.unwrap();
+    a.hello(id_a, 0).await;
+    b.hello(id_b, 0).await;
+    a.next().await;
+    b.next().await;
+
+    // Agent A saw slot exhaustion and blocked an address itself.
+    let cidr: ipnet::IpNet = "203.0.113.66/32".parse().unwrap();
+    a.send(Frame::LocalBlock(LocalBlock {
+        cidr: Some(cidr.into()),
+        reason: "slot_exhaustion".into(),
+        evidence: "held 60 of 100 slots".into(),
+        time_ms: now_ms(),
+        ttl_secs: 600,
+    }))
+    .await;
+    let entry = loop {
+        if let Out::Delta(d) = b.next().await
+            && let Some(e) = d.added.into_iter().next()
+        {
+            break e;
+        }
+    };
+    assert_eq!(ipnet::IpNet::try_from(entry.cidr.as_ref().unwrap()).unwrap(), cidr);
+    let source: String = sqlx::query_scalar("select source from blocks where id = $1")
+        .bind(entry.block_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(source, "agent");
+
+    // Both agents see auth failures from one address: a fleet block.
+    a.send(batch(1, vec![event(EventKind::AuthFailed, "198.51.100.9")])).await;
+    assert_eq!(a.until_ack().await, 1);
+    let none: i64 = count(&pool, "select count(*) from blocks where cidr = '198.51.100.9/32'").await;
+    assert_eq!(none, 0, "one agent below the threshold must not block");
+    b.send(batch(1, vec![event(EventKind::AuthFailed, "198.51.100.9")])).await;
+    let entry = loop {
+        if let Out::Delta(d) = a.next().await
+            && let Some(e) = d.added.into_iter().next()
+        {
+            break e;
+        }
+    };
+    assert_eq!(
+        ipnet::IpNet::try_from(entry.cidr.as_ref().unwrap()).unwrap(),
+        "198.51.100.9/32".parse::<ipnet::IpNet>().unwrap()
+    );
+    server.stop().await;
+}
