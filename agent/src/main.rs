@@ -35,8 +35,43 @@ enum Command {
     Parse(ParseArgs),
     /// Write a deterministic, realistic Exim main log (for benchmarks).
     GenLog(GenLogArgs),
+    /// Enroll this host with the fleet server: trades a token for the agent's
+    /// credentials (stored in the state directory, mode 0600) and prints the
+    /// agent id.
+    Enroll(EnrollArgs),
+    /// Manage the local firewall.
+    #[command(subcommand)]
+    Firewall(FirewallCommand),
     /// Measure file -> parse -> spool throughput and peak RSS.
     BenchIngest(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct EnrollArgs {
+    /// Server gRPC URL (default: `server` from the config file).
+    #[arg(long, env = "FLEETBAN_SERVER", value_name = "URL")]
+    server: Option<String>,
+    /// Enrollment token from `fleetban-server enroll-token create`.
+    #[arg(long, env = "FLEETBAN_ENROLL_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    token: String,
+    /// Agent config file (for `state_dir`, `ca_file`, `addresses`); when the
+    /// default file is absent, the defaults are used.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Allow plaintext http:// to a server that is not on loopback.
+    #[arg(long)]
+    insecure: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum FirewallCommand {
+    /// Remove every entry, set, table and rule fleetban created (the agent
+    /// normally leaves its entries in place to expire by themselves).
+    Flush {
+        /// Agent config file.
+        #[arg(long, value_name = "FILE", env = "FLEETBAN_AGENT_CONFIG", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -184,6 +219,62 @@ fn gen_log_cmd(args: GenLogArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn enroll_cmd(args: EnrollArgs) -> anyhow::Result<()> {
+    use fleetban_agent::uplink::{self, ServerOptions};
+    init_tracing();
+    let default_path = std::path::Path::new(DEFAULT_PATH);
+    let config = match &args.config {
+        Some(path) => Some(AgentConfig::load(path)?),
+        None if default_path.exists() => Some(AgentConfig::load(default_path)?),
+        None => None,
+    };
+    let server = args
+        .server
+        .clone()
+        .or_else(|| config.as_ref().map(|c| c.server.clone()))
+        .context("no server: pass --server URL or set `server` in the config file")?;
+    let state_dir = config.as_ref().map_or_else(|| PathBuf::from("/var/lib/fleetban"), |c| c.state_dir.clone());
+    let mut addresses = uplink::interface_addresses();
+    if let Some(config) = &config {
+        addresses.extend(config.addresses.iter().copied());
+    }
+    addresses.sort();
+    addresses.dedup();
+    let options = ServerOptions {
+        server: server.clone(),
+        ca_file: config.as_ref().and_then(|c| c.ca_file.clone()),
+        insecure: args.insecure,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let credentials = runtime
+        .block_on(uplink::enroll(&options, &args.token, &uplink::hostname(), &addresses))
+        .with_context(|| format!("enrollment with {server} failed"))?;
+    let path = credentials
+        .store(&state_dir)
+        .with_context(|| format!("cannot store the credentials in {}", state_dir.display()))?;
+    eprintln!("Enrolled; credentials stored in {}.", path.display());
+    println!("{}", credentials.agent_id);
+    Ok(())
+}
+
+fn firewall_cmd(command: FirewallCommand) -> anyhow::Result<()> {
+    use fleetban_agent::firewall::reconcile::Reconciler;
+    init_tracing();
+    use fleetban_agent::firewall::{Exec, backend_for};
+    match command {
+        FirewallCommand::Flush { config } => {
+            let config = AgentConfig::load(&config)?;
+            let backend = backend_for(&config, Exec::default());
+            let name = backend.name();
+            let mut reconciler =
+                Reconciler::new(backend, Vec::new(), Some(config.state_dir.clone()), Default::default());
+            reconciler.flush().with_context(|| format!("cannot flush the {name} firewall"))?;
+            eprintln!("Removed every {name} entry fleetban held.");
+            Ok(())
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(args) => run_cmd(args),
@@ -192,5 +283,7 @@ fn main() -> anyhow::Result<()> {
         Command::Parse(args) => parse_cmd(args),
         Command::GenLog(args) => gen_log_cmd(args),
         Command::BenchIngest(args) => bench_cmd(args),
+        Command::Enroll(args) => enroll_cmd(args),
+        Command::Firewall(command) => firewall_cmd(command),
     }
 }

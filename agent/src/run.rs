@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use crate::config::AgentConfig;
 use crate::parse::{Parser, Timezone};
 use crate::pipeline::{LineParser, Pipeline, PipelineError, PipelineOptions, SourceSpec};
+use crate::service::{ServiceOptions, Services};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
 
 /// Errors that stop the agent.
@@ -28,6 +29,9 @@ pub enum RunError {
     /// The pipeline failed.
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    /// Detection, the firewall, the uplink or metrics could not start.
+    #[error(transparent)]
+    Services(#[from] crate::service::ServiceError),
 }
 
 /// The Exim parser as a pipeline step: keeps the raw line as evidence for
@@ -80,14 +84,19 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
         .iter()
         .map(|source| SourceSpec { path: source.path.clone(), start_at: source.start_at })
         .collect();
-    let pipeline =
-        Pipeline::start(spool, &sources, || EximLineParser::new(timezone.clone()), pipeline_options(&config))?;
-    info!(server = %config.server, "Agent running; events are spooled until the server takes them.");
+    // Detection and the firewall start first (the firewall reconciles at
+    // once); the uplink and metrics attach to the running pipeline's spool.
+    let mut services = Services::start(&config, timezone, ServiceOptions::default())?;
+    let pipeline = Pipeline::start(spool, &sources, || services.parser(), pipeline_options(&config))?;
+    services.attach(pipeline.spool(), pipeline.durable(), Some(pipeline.stats())).await?;
+    info!(server = %config.server, "Agent running.");
     shutdown.await;
     info!("Shutting down.");
-    tokio::task::spawn_blocking(move || pipeline.shutdown())
+    let stopped = tokio::task::spawn_blocking(move || pipeline.shutdown())
         .await
-        .map_err(|_| RunError::Pipeline(PipelineError::Panicked("shutdown".into())))??;
+        .map_err(|_| RunError::Pipeline(PipelineError::Panicked("shutdown".into())));
+    services.shutdown().await;
+    stopped??;
     Ok(())
 }
 

@@ -16,7 +16,7 @@ fn write_config(dir: &Path, log: &Path, start_at: &str, extra: &str) -> PathBuf 
     std::fs::write(
         &config,
         format!(
-            "server = \"http://127.0.0.1:9\"\nstate_dir = \"{}\"\ntimezone = \"UTC\"\n{extra}\n[[source]]\nkind = \"exim\"\npath = \"{}\"\nstart_at = \"{start_at}\"\n",
+            "server = \"http://127.0.0.1:9\"\nstate_dir = \"{}\"\ntimezone = \"UTC\"\n[firewall]\nbackend = \"dry-run\"\n{extra}\n[[source]]\nkind = \"exim\"\npath = \"{}\"\nstart_at = \"{start_at}\"\n",
             dir.join("state").display(),
             log.display()
         ),
@@ -92,6 +92,9 @@ fn run_spools_new_lines_without_a_server_and_status_reports_them() {
     std::fs::OpenOptions::new().append(true).open(&log).expect("open").write_all(&corpus).expect("append");
     wait_for("appended lines", || status(&config)["sources"][0]["offset"] == 2 * size);
     let running = status(&config);
+    assert_eq!(running["uplink"]["connected"], false, "{running}");
+    assert_eq!(running["uplink"]["enrolled"], false, "{running}");
+    assert_eq!(running["firewall"]["backend"], "dry-run", "{running}");
     assert!(running["spool"]["pending_events"].as_u64().expect("count") > 10, "{running}");
     assert_eq!(
         running["sources"][0]["fingerprint"],

@@ -153,7 +153,7 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     std::fs::write(
         &config,
         format!(
-            "server = \"http://127.0.0.1:9\"\nstate_dir = \"{}\"\ntimezone = \"UTC\"\n\n[[source]]\npath = \"{}\"\nstart_at = \"beginning\"\n\n[spool]\nfsync_ms = 20\n",
+            "server = \"http://127.0.0.1:9\"\nstate_dir = \"{}\"\ntimezone = \"UTC\"\n\n[[source]]\npath = \"{}\"\nstart_at = \"beginning\"\n\n[spool]\nfsync_ms = 20\n\n[firewall]\nbackend = \"dry-run\"\n",
             state.display(),
             log_path.display()
         ),
