@@ -21,18 +21,18 @@ use fleetban_proto::v1::{Event, SourcePosition};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::pipeline::LineParser;
-use crate::spool::{Spool, SpoolError};
+use crate::spool::{BACKFILL_PREFIX, Spool, SpoolError};
 
 /// Errors of a backfill.
 #[derive(Debug, thiserror::Error)]
 pub enum BackfillError {
     /// A log file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The spool failed.
     #[error(transparent)]
@@ -103,7 +103,7 @@ pub fn backfill(
 ) -> Result<BackfillStats, BackfillError> {
     let read_err = |path: &Path| {
         let path = path.to_owned();
-        move |source| BackfillError::Read { path, source }
+        move |source| BackfillError::Read { path, error: source }
     };
     let total: u64 = files
         .iter()
@@ -137,7 +137,7 @@ pub fn backfill(
             Box::new(counting)
         };
         let mut reader = BufReader::with_capacity(256 * 1024, reader);
-        let key = format!("backfill:{}", path.display());
+        let key = format!("{BACKFILL_PREFIX}{}", path.display());
         let mut fingerprint = 0;
         let mut offset = 0u64;
         let mut line = Vec::with_capacity(4096);

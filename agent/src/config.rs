@@ -19,12 +19,12 @@ pub const DEFAULT_PATH: &str = "/etc/fleetban/agent.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not valid TOML or does not match the schema (the message
     /// names the key and the line).
@@ -80,6 +80,116 @@ pub struct AgentConfig {
     /// Ranges that are never blocked locally.
     #[serde(default)]
     pub allowlist: AllowlistConfig,
+    /// The host's own public addresses, in addition to those found on its
+    /// interfaces (e.g. a NAT address). Reported to the server and never
+    /// blocked. Default: empty.
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+    /// Local detection thresholds.
+    #[serde(default)]
+    pub detect: DetectConfig,
+    /// The agent's Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[detect]`: local abuse rules and their thresholds. The server may replace
+/// any of them with a `Policy` update (a zero value there keeps the local one).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DetectConfig {
+    /// Whether local detection runs at all. Default: `true`.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Exim's connection ceiling (`smtp_accept_max`); `0` = learn it as the
+    /// highest `TCP/IP connection count` seen. Default: 0 (learn; 100 assumed
+    /// until a higher count is seen, cPanel's default).
+    #[serde(default)]
+    pub smtp_accept_max: u32,
+    /// Fraction of `smtp_accept_max` a connect line's count must reach to
+    /// raise the slot alarm, 0 < ratio <= 1. Default: 0.9.
+    #[serde(default = "default_slot_alarm_ratio")]
+    pub slot_alarm_ratio: f64,
+    /// On a slot alarm, addresses holding at least this share of the
+    /// connections opened in the last `slot_window_secs` are blocked,
+    /// 0 < share <= 1. Default: 0.1.
+    #[serde(default = "default_slot_share")]
+    pub slot_share: f64,
+    /// Window of the slot-share computation, in seconds. Default: 60.
+    #[serde(default = "default_slot_window_secs")]
+    pub slot_window_secs: u32,
+    /// Connects from one address within `conn_rate_window_secs` that trigger
+    /// a block. Default: 30.
+    #[serde(default = "default_conn_rate")]
+    pub conn_rate: u32,
+    /// Window of the connection-rate rule, in seconds. Default: 60.
+    #[serde(default = "default_conn_rate_window_secs")]
+    pub conn_rate_window_secs: u32,
+    /// Authentication failures from one address within `auth_window_secs`
+    /// that trigger a block. Default: 5.
+    #[serde(default = "default_auth_failures")]
+    pub auth_failures: u32,
+    /// Distinct user names failing from one address within
+    /// `auth_window_secs` that trigger a block (password spraying).
+    /// Default: 3.
+    #[serde(default = "default_auth_distinct_users")]
+    pub auth_distinct_users: u32,
+    /// Window of the auth-failure rules, in seconds. Default: 600.
+    #[serde(default = "default_long_window_secs")]
+    pub auth_window_secs: u32,
+    /// Protocol-abuse events (sync errors, too many nonmail / syntax /
+    /// unrecognized commands, protocol and syntax errors, relay attempts)
+    /// from one address within `abuse_window_secs` that trigger a block.
+    /// Default: 10.
+    #[serde(default = "default_abuse_events")]
+    pub abuse_events: u32,
+    /// Window of the protocol-abuse rule, in seconds. Default: 600.
+    #[serde(default = "default_long_window_secs")]
+    pub abuse_window_secs: u32,
+    /// Prefix length an IPv6 offender is blocked as, 48 to 128 (the same
+    /// value as the server's, which may push it). Default: 64.
+    #[serde(default = "default_ipv6_block_prefix")]
+    pub ipv6_block_prefix: u8,
+    /// How long a local block lasts, in seconds (the server may extend it as
+    /// a fleet block). Default: 3600.
+    #[serde(default = "default_local_block_ttl_secs")]
+    pub local_block_ttl_secs: u32,
+    /// Hard cap on the addresses tracked at once; the least recently seen is
+    /// evicted (and counted) beyond it. Minimum 1000. Default: 100000.
+    #[serde(default = "default_max_tracked")]
+    pub max_tracked: usize,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            smtp_accept_max: 0,
+            slot_alarm_ratio: default_slot_alarm_ratio(),
+            slot_share: default_slot_share(),
+            slot_window_secs: default_slot_window_secs(),
+            conn_rate: default_conn_rate(),
+            conn_rate_window_secs: default_conn_rate_window_secs(),
+            auth_failures: default_auth_failures(),
+            auth_distinct_users: default_auth_distinct_users(),
+            auth_window_secs: default_long_window_secs(),
+            abuse_events: default_abuse_events(),
+            abuse_window_secs: default_long_window_secs(),
+            ipv6_block_prefix: default_ipv6_block_prefix(),
+            local_block_ttl_secs: default_local_block_ttl_secs(),
+            max_tracked: default_max_tracked(),
+        }
+    }
+}
+
+/// `[metrics]`: the agent's Prometheus endpoint.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address to serve `/metrics` on, e.g. `"127.0.0.1:9465"`. Default:
+    /// none (no endpoint).
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// One followed log file (`[[source]]`).
@@ -141,7 +251,7 @@ impl Default for SpoolConfig {
 }
 
 /// `[firewall]`: how local and fleet blocks reach the kernel.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FirewallConfig {
     /// Backend: `"nftables"`, `"ipset"`, `"csf"` or `"dry-run"`.
@@ -152,6 +262,20 @@ pub struct FirewallConfig {
     /// Default: `"smtp"`.
     #[serde(default)]
     pub scope: FirewallScope,
+    /// Interval of the full reconcile (read the kernel back, repair drift),
+    /// in seconds, 5 to 86400. Default: 60.
+    #[serde(default = "default_reconcile_secs")]
+    pub reconcile_secs: u64,
+}
+
+impl Default for FirewallConfig {
+    fn default() -> Self {
+        Self {
+            backend: FirewallBackend::default(),
+            scope: FirewallScope::default(),
+            reconcile_secs: default_reconcile_secs(),
+        }
+    }
 }
 
 /// Firewall backend.
@@ -228,11 +352,67 @@ fn default_spool_fsync_ms() -> u64 {
     100
 }
 
+fn default_reconcile_secs() -> u64 {
+    60
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_slot_alarm_ratio() -> f64 {
+    0.9
+}
+
+fn default_slot_share() -> f64 {
+    0.1
+}
+
+fn default_slot_window_secs() -> u32 {
+    60
+}
+
+fn default_conn_rate() -> u32 {
+    30
+}
+
+fn default_conn_rate_window_secs() -> u32 {
+    60
+}
+
+fn default_auth_failures() -> u32 {
+    5
+}
+
+fn default_auth_distinct_users() -> u32 {
+    3
+}
+
+fn default_long_window_secs() -> u32 {
+    600
+}
+
+fn default_abuse_events() -> u32 {
+    10
+}
+
+fn default_ipv6_block_prefix() -> u8 {
+    64
+}
+
+fn default_local_block_ttl_secs() -> u32 {
+    3600
+}
+
+fn default_max_tracked() -> usize {
+    100_000
+}
+
 impl AgentConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), error: source })?;
         Self::from_toml(&text, path)
     }
 
@@ -278,12 +458,69 @@ impl AgentConfig {
         if !(1..=10_000).contains(&self.spool.fsync_ms) {
             return Err(("spool.fsync_ms".into(), "must be between 1 and 10000 milliseconds".into()));
         }
-        Ok(())
+        if !(5..=86_400).contains(&self.firewall.reconcile_secs) {
+            return Err(("firewall.reconcile_secs".into(), "must be between 5 and 86400 seconds".into()));
+        }
+        for (index, address) in self.addresses.iter().enumerate() {
+            if address.is_unspecified() {
+                return Err((format!("addresses[{index}]"), format!("{address} is not a host address")));
+            }
+        }
+        self.detect.validate().map_err(|(key, message)| (format!("detect.{key}"), message))
     }
 
     /// Directory of the spool inside the state directory.
     pub fn spool_dir(&self) -> PathBuf {
         self.state_dir.join("spool")
+    }
+}
+
+impl DetectConfig {
+    /// Checks every threshold; returns the offending key (without the
+    /// `detect.` prefix) and why.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let fraction = |key: &str, value: f64| {
+            if value > 0.0 && value <= 1.0 {
+                Ok(())
+            } else {
+                Err((key.to_owned(), format!("must be a fraction in (0, 1], not {value}")))
+            }
+        };
+        fraction("slot_alarm_ratio", self.slot_alarm_ratio)?;
+        fraction("slot_share", self.slot_share)?;
+        let positive = [
+            ("slot_window_secs", self.slot_window_secs),
+            ("conn_rate", self.conn_rate),
+            ("conn_rate_window_secs", self.conn_rate_window_secs),
+            ("auth_failures", self.auth_failures),
+            ("auth_distinct_users", self.auth_distinct_users),
+            ("auth_window_secs", self.auth_window_secs),
+            ("abuse_events", self.abuse_events),
+            ("abuse_window_secs", self.abuse_window_secs),
+            ("local_block_ttl_secs", self.local_block_ttl_secs),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err((key.to_owned(), "must be at least 1".into()));
+            }
+        }
+        for (key, value) in [
+            ("slot_window_secs", self.slot_window_secs),
+            ("conn_rate_window_secs", self.conn_rate_window_secs),
+            ("auth_window_secs", self.auth_window_secs),
+            ("abuse_window_secs", self.abuse_window_secs),
+        ] {
+            if value > 86_400 {
+                return Err((key.to_owned(), "must be at most 86400 seconds".into()));
+            }
+        }
+        if !(48..=128).contains(&self.ipv6_block_prefix) {
+            return Err(("ipv6_block_prefix".into(), "must be between 48 and 128".into()));
+        }
+        if self.max_tracked < 1000 {
+            return Err(("max_tracked".into(), "must be at least 1000".into()));
+        }
+        Ok(())
     }
 }
 
@@ -349,6 +586,27 @@ mod tests {
         assert_eq!(config.firewall.backend, FirewallBackend::Nftables);
         assert_eq!(config.firewall.scope, FirewallScope::Smtp);
         assert!(config.allowlist.cidrs.is_empty());
+        assert_eq!(config.firewall.reconcile_secs, 60);
+        assert_eq!(config.detect, DetectConfig::default());
+        assert_eq!(config.metrics.listen, Some("127.0.0.1:9465".parse().unwrap()));
+        assert_eq!(config.addresses, vec!["198.51.100.25".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn detect_defaults_are_the_documented_ones() {
+        let detect = DetectConfig::default();
+        assert_eq!(detect.smtp_accept_max, 0);
+        assert_eq!(detect.slot_alarm_ratio, 0.9);
+        assert_eq!(detect.slot_share, 0.1);
+        assert_eq!(detect.slot_window_secs, 60);
+        assert_eq!(detect.conn_rate, 30);
+        assert_eq!(detect.auth_failures, 5);
+        assert_eq!(detect.auth_distinct_users, 3);
+        assert_eq!(detect.auth_window_secs, 600);
+        assert_eq!(detect.abuse_events, 10);
+        assert_eq!(detect.abuse_window_secs, 600);
+        assert_eq!(detect.ipv6_block_prefix, 64);
+        assert_eq!(detect.max_tracked, 100_000);
     }
 
     #[test]
@@ -361,6 +619,9 @@ mod tests {
         assert_eq!(config.firewall.backend, FirewallBackend::Nftables);
         assert_eq!(config.firewall.scope, FirewallScope::Smtp);
         assert!(config.sources.is_empty());
+        assert_eq!(config.metrics.listen, None);
+        assert_eq!(config.firewall.reconcile_secs, 60);
+        assert!(config.detect.enabled);
     }
 
     #[test]
@@ -425,6 +686,15 @@ cidrs = ["192.0.2.0/24", "2001:db8::1"]
             ("[[source]]\npath = \"/a\"\n[[source]]\npath = \"/a\"\n", "source[1].path"),
             ("timezone = \"../etc/passwd\"\n", "timezone"),
             ("state_dir = \"relative\"\n", "state_dir"),
+            ("[firewall]\nreconcile_secs = 1\n", "firewall.reconcile_secs"),
+            ("[detect]\nslot_share = 1.5\n", "detect.slot_share"),
+            ("[detect]\nslot_alarm_ratio = 0.0\n", "detect.slot_alarm_ratio"),
+            ("[detect]\nconn_rate = 0\n", "detect.conn_rate"),
+            ("[detect]\nipv6_block_prefix = 32\n", "detect.ipv6_block_prefix"),
+            ("[detect]\nmax_tracked = 10\n", "detect.max_tracked"),
+            ("[detect]\nconn_rat = 5\n", "conn_rat"),
+            ("[metrics]\nlisten = \"nowhere\"\n", "listen"),
+            ("addresses = [\"0.0.0.0\"]\n", "addresses[0]"),
         ];
         for (text, key) in cases {
             let text = if text.starts_with("server") || text.starts_with('#') {

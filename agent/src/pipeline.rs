@@ -560,4 +560,37 @@ mod tests {
         assert!(batches.iter().all(|batch| batch.events.len() == 7));
         assert_eq!(batches.iter().map(|b| b.seq).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
     }
+
+    #[test]
+    fn two_sources_keep_their_own_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        let logs = [dir.path().join("a.log"), dir.path().join("b.log")];
+        let sources: Vec<SourceSpec> =
+            logs.iter().map(|path| SourceSpec { path: path.clone(), start_at: StartAt::Beginning }).collect();
+        for round in 0..2 {
+            for (index, log) in logs.iter().enumerate() {
+                let mut file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+                for n in 0..20 {
+                    writeln!(file, "ev {index}-{round}-{n}").unwrap();
+                }
+            }
+            let (spool, _) = Spool::open(&spool_dir, SpoolOptions::with_max_bytes(1 << 20)).unwrap();
+            let pipeline = Pipeline::start(spool, &sources, raw_parser, options()).unwrap();
+            wait_for(|| pipeline.stats().lines.load(Ordering::Relaxed) >= 40);
+            pipeline.shutdown().unwrap();
+        }
+        let mut events = spooled_events(&spool_dir);
+        events.sort();
+        let mut expected: Vec<String> = (0..2)
+            .flat_map(|index| (0..2).flat_map(move |round| (0..20).map(move |n| format!("ev {index}-{round}-{n}"))))
+            .collect();
+        expected.sort();
+        assert_eq!(events, expected);
+        let positions = crate::spool::inspect(&spool_dir).unwrap().positions;
+        for log in &logs {
+            let key = log.to_string_lossy().into_owned();
+            assert_eq!(positions[&key].offset, std::fs::metadata(log).unwrap().len());
+        }
+    }
 }

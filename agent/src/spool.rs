@@ -50,6 +50,9 @@ const HEADER_BYTES: usize = 8;
 /// Records larger than this are treated as corrupt (a batch of 1000 events
 /// is well below 1 MiB).
 pub const MAX_RECORD_BYTES: u32 = 64 * 1024 * 1024;
+/// Positions under this path prefix record imports (`backfill`), not live
+/// sources: they are not checkpoints and are not carried forward.
+pub const BACKFILL_PREFIX: &str = "backfill:";
 const STATE_FILE: &str = "state.json";
 const STATE_TMP: &str = "state.json.tmp";
 const LOCK_FILE: &str = "lock";
@@ -58,12 +61,12 @@ const LOCK_FILE: &str = "lock";
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     /// An I/O operation on a spool file failed.
-    #[error("spool I/O on {path}: {source}")]
+    #[error("spool I/O on {path}: {error}")]
     Io {
         /// The file or directory.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Another process holds the spool.
     #[error("spool {0} is in use by another fleetban-agent process")]
@@ -74,7 +77,7 @@ pub enum SpoolError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
-    move |source| SpoolError::Io { path: path.to_owned(), source }
+    move |source| SpoolError::Io { path: path.to_owned(), error: source }
 }
 
 /// Size limits of a spool.
@@ -201,14 +204,17 @@ impl Spool {
     /// Opens (creating if needed) the spool in `dir`, cutting off damaged
     /// records. Fails if another process holds it.
     pub fn open(dir: &Path, options: SpoolOptions) -> Result<(Self, Recovery), SpoolError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        // Events hold addresses and log lines: the spool is private to the agent.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(dir)
+            .map_err(io_err(dir))?;
         let lock_path = dir.join(LOCK_FILE);
         let lock =
             OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => return Err(SpoolError::Locked(dir.to_owned())),
-            Err(std::fs::TryLockError::Error(source)) => return Err(SpoolError::Io { path: lock_path, source }),
+            Err(std::fs::TryLockError::Error(source)) => return Err(SpoolError::Io { path: lock_path, error: source }),
         }
         let state = read_state(dir, true)?;
         let scan = scan(dir, true)?;
@@ -347,13 +353,13 @@ impl Spool {
         }
         let (Some(file), Some(segment)) = (self.active.as_mut(), self.segments.back_mut()) else {
             // start_segment always leaves an active segment.
-            return Err(SpoolError::Io { path: self.dir.clone(), source: std::io::ErrorKind::NotFound.into() });
+            return Err(SpoolError::Io { path: self.dir.clone(), error: std::io::ErrorKind::NotFound.into() });
         };
         let offset = segment.bytes;
         if let Err(source) = file.write_all(&self.buffer) {
             // Never leave a partial record in front of later ones.
             let _ = file.set_len(offset);
-            return Err(SpoolError::Io { path: segment.path.clone(), source });
+            return Err(SpoolError::Io { path: segment.path.clone(), error: source });
         }
         segment.bytes += self.buffer.len() as u64;
         self.dirty = true;
@@ -422,12 +428,13 @@ impl Spool {
         let carried: Vec<SourcePosition> = self
             .positions
             .values()
-            .filter(|(_, segment)| *segment == oldest_id)
+            .filter(|(position, segment)| *segment == oldest_id && !position.path.starts_with(BACKFILL_PREFIX))
             .map(|(position, _)| position.clone())
             .collect();
         for position in carried {
             self.append_position(position)?;
         }
+        self.positions.retain(|_, (_, segment)| *segment != oldest_id);
         self.sync()?;
         if let Some(segment) = self.segments.pop_front() {
             std::fs::remove_file(&segment.path).map_err(io_err(&segment.path))?;
@@ -473,7 +480,7 @@ impl Spool {
                 file.read_exact(&mut payload).map_err(io_err(&segment.path))?;
                 let batch = EventBatch::decode(payload.as_slice()).map_err(|error| SpoolError::Io {
                     path: segment.path.clone(),
-                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, error),
+                    error: std::io::Error::new(std::io::ErrorKind::InvalidData, error),
                 })?;
                 out.push(batch);
             }
@@ -573,7 +580,7 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SpoolError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(source) => return Err(SpoolError::Io { path: dir.to_owned(), source }),
+        Err(source) => return Err(SpoolError::Io { path: dir.to_owned(), error: source }),
     };
     for entry in entries {
         let entry = entry.map_err(io_err(dir))?;
@@ -706,7 +713,7 @@ fn read_state(dir: &Path, repair: bool) -> Result<State, SpoolError> {
             State::default()
         })),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-        Err(source) => Err(SpoolError::Io { path: main, source }),
+        Err(source) => Err(SpoolError::Io { path: main, error: source }),
     }
 }
 
@@ -814,12 +821,15 @@ mod tests {
         let (mut spool, _) = Spool::open(dir.path(), small()).unwrap();
         let quiet = SourcePosition { path: "/quiet".into(), fingerprint: 7, offset: 77 };
         spool.append(&[event(1)], &quiet).unwrap();
+        let import = SourcePosition { path: format!("{BACKFILL_PREFIX}/old.gz"), fingerprint: 8, offset: 88 };
+        spool.append(&[event(1)], &import).unwrap();
         append_batches(&mut spool, 2, 100);
         spool.ack(50).unwrap();
         assert!(spool.segments.front().is_some_and(|segment| segment.id > 1));
         drop(spool);
         let (spool, _) = Spool::open(dir.path(), small()).unwrap();
         assert_eq!(spool.positions()["/quiet"].offset, 77);
+        assert!(!spool.positions().keys().any(|path| path.starts_with(BACKFILL_PREFIX)), "imports are not carried");
     }
 
     #[test]

@@ -2,14 +2,18 @@
 //!
 //! Everything comes from the state directory (the spool's records and
 //! counters), read without the spool lock and without changing anything, so
-//! the command works the same whether the agent is running or not. Fields
-//! that belong to steps not present in this build (the uplink's connection,
-//! the firewall's contents) are `null`.
+//! the command works the same whether the agent is running or not. The
+//! uplink and firewall parts come from the runtime status the running agent
+//! rewrites every few seconds (`agent-status.json`); when the agent is not
+//! running, `connected` is `false` and the firewall figures are the last ones
+//! it wrote (`null` if it never ran).
 
 use serde::Serialize;
 
 use crate::config::{AgentConfig, FirewallBackend, FirewallScope};
+use crate::service::RuntimeStatus;
 use crate::spool::{self, SpoolError, SpoolStatus};
+use crate::uplink::Credentials;
 
 /// The whole status document.
 #[derive(Debug, Clone, Serialize)]
@@ -44,6 +48,12 @@ pub struct UplinkStatus {
     pub connected: Option<bool>,
     /// Highest batch seq the server acknowledged; `null` if none yet.
     pub last_ack_seq: Option<u64>,
+    /// Whether the agent holds credentials (`fleetban-agent enroll` ran).
+    pub enrolled: bool,
+    /// Session reconnects since the agent started; `null` when not known.
+    pub reconnects: Option<u64>,
+    /// When the running agent last wrote its runtime status; `null` if never.
+    pub updated_at: Option<String>,
 }
 
 /// The local firewall.
@@ -57,6 +67,19 @@ pub struct FirewallStatus {
     pub entries: Option<u64>,
     /// Blocklist version applied; `null` when not known.
     pub blocklist_version: Option<u64>,
+    /// Time of the last full reconcile (RFC 3339); `null` when not known.
+    pub last_reconcile: Option<String>,
+    /// Entries repaired because the firewall had drifted, since the agent
+    /// started; `null` when not known.
+    pub drift_repaired: Option<u64>,
+}
+
+/// Whether process `pid` exists.
+fn alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: signal 0 only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Formats a fingerprint the way `status` prints it.
@@ -80,15 +103,25 @@ pub fn collect(config: &AgentConfig) -> Result<Status, SpoolError> {
             }
         })
         .collect();
+    let runtime = RuntimeStatus::load(&config.state_dir);
+    let running = runtime.as_ref().is_some_and(|r| alive(r.pid));
     Ok(Status {
         sources,
         spool: snapshot.status,
-        uplink: UplinkStatus { connected: None, last_ack_seq: (snapshot.acked_seq > 0).then_some(snapshot.acked_seq) },
+        uplink: UplinkStatus {
+            connected: runtime.as_ref().map(|r| running && r.uplink.connected),
+            last_ack_seq: (snapshot.acked_seq > 0).then_some(snapshot.acked_seq),
+            enrolled: Credentials::path(&config.state_dir).exists(),
+            reconnects: runtime.as_ref().map(|r| r.uplink.reconnects),
+            updated_at: runtime.as_ref().map(|r| r.updated_at.clone()),
+        },
         firewall: FirewallStatus {
             backend: config.firewall.backend,
             scope: config.firewall.scope,
-            entries: None,
-            blocklist_version: None,
+            entries: runtime.as_ref().map(|r| r.firewall.entries),
+            blocklist_version: runtime.as_ref().map(|r| r.firewall.blocklist_version),
+            last_reconcile: runtime.as_ref().and_then(|r| r.firewall.last_reconcile.clone()),
+            drift_repaired: runtime.as_ref().map(|r| r.firewall.drift_repaired),
         },
     })
 }
@@ -125,8 +158,9 @@ mod tests {
                     {"path": "/var/log/b", "fingerprint": null, "offset": null},
                 ],
                 "spool": {"pending_batches": 1, "pending_events": 2, "bytes": status["spool"]["bytes"], "dropped_events": 0},
-                "uplink": {"connected": null, "last_ack_seq": null},
-                "firewall": {"backend": "nftables", "scope": "smtp", "entries": null, "blocklist_version": null},
+                "uplink": {"connected": null, "last_ack_seq": null, "enrolled": false, "reconnects": null, "updated_at": null},
+                "firewall": {"backend": "nftables", "scope": "smtp", "entries": null, "blocklist_version": null,
+                             "last_reconcile": null, "drift_repaired": null},
             })
         );
         assert!(status["spool"]["bytes"].as_u64().unwrap() > 8);
@@ -134,5 +168,40 @@ mod tests {
         let status = serde_json::to_value(collect(&config).unwrap()).unwrap();
         assert_eq!(status["uplink"]["last_ack_seq"], 1);
         assert_eq!(status["spool"]["pending_batches"], 0);
+    }
+
+    #[test]
+    fn status_fills_uplink_and_firewall_from_the_runtime_status() {
+        use crate::service::{RuntimeFirewall, RuntimeUplink, STATUS_FILE};
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("server = \"https://a.example:1\"\nstate_dir = \"{}\"\n", dir.path().display());
+        let config = AgentConfig::from_toml(&text, Path::new("agent.toml")).unwrap();
+        Credentials { agent_id: "a".into(), agent_secret: "s".into() }.store(dir.path()).unwrap();
+        let mut runtime = RuntimeStatus {
+            updated_at: "2026-11-27T03:00:00Z".into(),
+            pid: std::process::id(),
+            uplink: RuntimeUplink { connected: true, reconnects: 2, ..RuntimeUplink::default() },
+            firewall: RuntimeFirewall {
+                entries: 42,
+                blocklist_version: 9,
+                last_reconcile: Some("2026-11-27T02:59:00Z".into()),
+                drift_repaired: 3,
+                ..RuntimeFirewall::default()
+            },
+        };
+        std::fs::write(dir.path().join(STATUS_FILE), serde_json::to_vec(&runtime).unwrap()).unwrap();
+        let status = serde_json::to_value(collect(&config).unwrap()).unwrap();
+        assert_eq!(status["uplink"]["connected"], true);
+        assert_eq!(status["uplink"]["enrolled"], true);
+        assert_eq!(status["uplink"]["reconnects"], 2);
+        assert_eq!(status["firewall"]["entries"], 42);
+        assert_eq!(status["firewall"]["blocklist_version"], 9);
+        assert_eq!(status["firewall"]["last_reconcile"], "2026-11-27T02:59:00Z");
+        assert_eq!(status["firewall"]["drift_repaired"], 3);
+        // The agent that wrote it is gone: not connected.
+        runtime.pid = u32::MAX - 1;
+        std::fs::write(dir.path().join(STATUS_FILE), serde_json::to_vec(&runtime).unwrap()).unwrap();
+        let status = serde_json::to_value(collect(&config).unwrap()).unwrap();
+        assert_eq!(status["uplink"]["connected"], false);
     }
 }

@@ -61,20 +61,20 @@ const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
 #[derive(Debug, thiserror::Error)]
 pub enum TailError {
     /// Reading a file failed.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file system watcher could not be set up.
-    #[error("cannot watch {path}: {source}")]
+    #[error("cannot watch {path}: {error}")]
     Watch {
         /// The directory.
         path: PathBuf,
         /// The watcher's error.
-        source: notify::Error,
+        error: notify::Error,
     },
 }
 
@@ -315,10 +315,25 @@ impl Tailer {
         let mut budget = 64;
         loop {
             let Some(current) = self.current.as_mut() else { return Ok(Progress::Idle) };
-            let n = current
-                .reader
-                .read_into(&mut current.pending, self.options.read_bytes)
-                .map_err(|source| TailError::Io { path: current.source.clone(), source })?;
+            let n = match current.reader.read_into(&mut current.pending, self.options.read_bytes) {
+                Ok(n) => n,
+                Err(error) if current.identity.is_none() => {
+                    // A damaged rotated file (say, a broken .gz) must not stall
+                    // the live log: give up on its rest and move on.
+                    warn!(%error, rotated = %current.source.display(), "Cannot read the rest of a rotated log file; skipping it.");
+                    self.stats.lost_files += 1;
+                    if let Some(current) = self.current.as_mut() {
+                        current.pending.clear();
+                    }
+                    self.finish_current();
+                    self.current = match self.successor.take() {
+                        Some(successor) => Some(successor),
+                        None => self.open_path()?,
+                    };
+                    continue;
+                }
+                Err(source) => return Err(TailError::Io { path: current.source.clone(), error: source }),
+            };
             // At the end of the current file: has it been replaced?
             let switched = n == 0 && self.check_rotation()?;
             if !self.emit(sink) {
@@ -396,9 +411,9 @@ impl Tailer {
         let file = match File::open(&self.path) {
             Ok(file) => file,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(TailError::Io { path: self.path.clone(), source }),
+            Err(source) => return Err(TailError::Io { path: self.path.clone(), error: source }),
         };
-        let metadata = file.metadata().map_err(|source| TailError::Io { path: self.path.clone(), source })?;
+        let metadata = file.metadata().map_err(|source| TailError::Io { path: self.path.clone(), error: source })?;
         Ok(Some(Current {
             reader: Reader::Plain(file),
             source: self.path.clone(),
@@ -426,7 +441,7 @@ impl Tailer {
         };
         let head = match &path_file.reader {
             Reader::Plain(file) => {
-                pread_head(file).map_err(|source| TailError::Io { path: self.path.clone(), source })?
+                pread_head(file).map_err(|source| TailError::Io { path: self.path.clone(), error: source })?
             }
             Reader::Gz(_) => Vec::new(),
         };
@@ -492,9 +507,10 @@ impl Tailer {
 
     fn size_of(&self, current: &Current) -> Result<u64, TailError> {
         match &current.reader {
-            Reader::Plain(file) => {
-                file.metadata().map(|m| m.len()).map_err(|source| TailError::Io { path: self.path.clone(), source })
-            }
+            Reader::Plain(file) => file
+                .metadata()
+                .map(|m| m.len())
+                .map_err(|source| TailError::Io { path: self.path.clone(), error: source }),
             Reader::Gz(_) => Ok(0),
         }
     }
@@ -505,7 +521,7 @@ impl Tailer {
             Reader::Plain(file) => file.seek(SeekFrom::Start(offset)).map(|_| ()),
             Reader::Gz(decoder) => std::io::copy(&mut decoder.as_mut().take(offset), &mut std::io::sink()).map(|_| ()),
         }
-        .map_err(|source| TailError::Io { path, source })
+        .map_err(|source| TailError::Io { path, error: source })
     }
 
     /// Offset just past the last newline of the file (0 if none).
@@ -517,7 +533,7 @@ impl Tailer {
             let start = end.saturating_sub(block.len() as u64);
             let len = (end - start) as usize;
             file.read_exact_at(&mut block[..len], start)
-                .map_err(|source| TailError::Io { path: self.path.clone(), source })?;
+                .map_err(|source| TailError::Io { path: self.path.clone(), error: source })?;
             if let Some(newline) = memchr::memrchr(b'\n', &block[..len]) {
                 return Ok(start + newline as u64 + 1);
             }
@@ -530,7 +546,7 @@ impl Tailer {
     /// the checkpoint. `exclude` is the identity of the file at the path.
     fn open_rotated(&self, checkpoint: Position, exclude: Option<(u64, u64)>) -> Result<Option<Current>, TailError> {
         let Some(found) = find_rotated(&self.path, checkpoint, exclude) else { return Ok(None) };
-        let file = File::open(&found).map_err(|source| TailError::Io { path: found.clone(), source })?;
+        let file = File::open(&found).map_err(|source| TailError::Io { path: found.clone(), error: source })?;
         let reader = if is_gz(&found) {
             Reader::Gz(Box::new(MultiGzDecoder::new(BufReader::new(file))))
         } else {
@@ -576,7 +592,7 @@ impl Tailer {
         let metadata = match std::fs::metadata(&self.path) {
             Ok(metadata) => metadata,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(source) => return Err(TailError::Io { path: self.path.clone(), source }),
+            Err(source) => return Err(TailError::Io { path: self.path.clone(), error: source }),
         };
         if (metadata.dev(), metadata.ino()) != identity {
             // Rotated or re-created: drain what the old file still holds.
@@ -586,7 +602,7 @@ impl Tailer {
                     let n = current
                         .reader
                         .read_into(&mut current.pending, self.options.read_bytes)
-                        .map_err(|source| TailError::Io { path: self.path.clone(), source })?;
+                        .map_err(|source| TailError::Io { path: self.path.clone(), error: source })?;
                     if n == 0 {
                         break;
                     }
@@ -617,7 +633,7 @@ impl Tailer {
         let metadata = match std::fs::metadata(&self.path) {
             Ok(metadata) => metadata,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(source) => return Err(TailError::Io { path: self.path.clone(), source }),
+            Err(source) => return Err(TailError::Io { path: self.path.clone(), error: source }),
         };
         if (metadata.dev(), metadata.ino()) == identity && self.truncated(metadata.len())? {
             self.switch_after_truncation(identity)?;
@@ -656,7 +672,7 @@ impl Tailer {
             return Ok(true);
         }
         let Reader::Plain(file) = &current.reader else { return Ok(false) };
-        let io = |source| TailError::Io { path: self.path.clone(), source };
+        let io = |source| TailError::Io { path: self.path.clone(), error: source };
         match current.fingerprint {
             Some(fingerprint) => {
                 let head = pread_head(file).map_err(io)?;
@@ -765,10 +781,10 @@ impl Waker {
             // A full channel already holds a wake-up.
             let _ = sender.try_send(());
         })
-        .map_err(|source| TailError::Watch { path: dir.to_owned(), source })?;
+        .map_err(|source| TailError::Watch { path: dir.to_owned(), error: source })?;
         watcher
             .watch(dir, notify::RecursiveMode::NonRecursive)
-            .map_err(|source| TailError::Watch { path: dir.to_owned(), source })?;
+            .map_err(|source| TailError::Watch { path: dir.to_owned(), error: source })?;
         Ok(watcher)
     }
 

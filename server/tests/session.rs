@@ -610,16 +610,19 @@ async fn local_blocks_and_fleet_evidence_become_fleet_blocks_pushed_to_agents(po
     let none: i64 = count(&pool, "select count(*) from blocks where cidr = '198.51.100.9/32'").await;
     assert_eq!(none, 0, "one agent below the threshold must not block");
     b.send(batch(1, vec![event(EventKind::AuthFailed, "198.51.100.9")])).await;
+    // Agent `a` may still be handed the local block's delta first (it was
+    // sent to every agent); wait for the one that adds the fleet block.
+    let wanted: ipnet::IpNet = "198.51.100.9/32".parse().unwrap();
     let entry = loop {
         if let Out::Delta(d) = a.next().await
-            && let Some(e) = d.added.into_iter().next()
+            && let Some(e) = d
+                .added
+                .into_iter()
+                .find(|e| e.cidr.as_ref().and_then(|c| ipnet::IpNet::try_from(c).ok()) == Some(wanted))
         {
             break e;
         }
     };
-    assert_eq!(
-        ipnet::IpNet::try_from(entry.cidr.as_ref().unwrap()).unwrap(),
-        "198.51.100.9/32".parse::<ipnet::IpNet>().unwrap()
-    );
+    assert_eq!(ipnet::IpNet::try_from(entry.cidr.as_ref().unwrap()).unwrap(), wanted);
     server.stop().await;
 }

@@ -414,3 +414,50 @@ fn checkpoint_of_a_deleted_file_falls_back_to_the_new_file() {
     assert_eq!(drain(&mut tailer).0, ["b1"], "a rotated successor is read from its start, not from start_at");
     assert_eq!(tailer.stats().lost_files, 1);
 }
+
+#[test]
+fn a_broken_gz_remainder_does_not_stall_the_live_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("exim_mainlog");
+    write(&path, "a1\n");
+    let options = TailOptions { start_at: StartAt::Beginning, ..TailOptions::default() };
+    let mut tailer = Tailer::new(path.clone(), None, options);
+    drain(&mut tailer);
+    let checkpoint = tailer.position();
+    drop(tailer);
+    write(&path, &"a2 more lines\n".repeat(2000));
+    let content = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let gz = dir.path().join("exim_mainlog.1.gz");
+    let mut encoder = GzEncoder::new(File::create(&gz).unwrap(), Compression::fast());
+    encoder.write_all(&content).unwrap();
+    encoder.finish().unwrap();
+    // Cut the compressed file in half: its header (and first line) survive.
+    let bytes = std::fs::read(&gz).unwrap();
+    std::fs::write(&gz, &bytes[..bytes.len() / 2]).unwrap();
+    write(&path, "b1\n");
+    let mut tailer = Tailer::new(path, checkpoint, options);
+    let lines = drain(&mut tailer).0;
+    assert_eq!(lines.last().map(String::as_str), Some("b1"));
+    assert_eq!(tailer.stats().lost_files, 1);
+}
+
+#[test]
+fn waker_wakes_on_a_change_before_the_poll_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let waker = Waker::new(&path, POLL_INTERVAL);
+    // Drain wake-ups from setting up.
+    while waker.events.try_recv().is_ok() {}
+    let writer = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            write(&path, "x\n");
+        })
+    };
+    let started = std::time::Instant::now();
+    waker.wait();
+    writer.join().unwrap();
+    assert!(started.elapsed() < POLL_INTERVAL, "woken by inotify, not by the poll timeout: {:?}", started.elapsed());
+}
