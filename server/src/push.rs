@@ -160,11 +160,11 @@ impl Hub {
     fn fan_out(&self, push: Push) {
         let sessions = self.inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
         for (agent_id, r) in sessions.iter() {
-            if let Err(mpsc::error::TrySendError::Full(_)) = r.tx.try_send(push.clone()) {
-                if !r.lagged.swap(true, Ordering::AcqRel) {
-                    self.inner.lagged.fetch_add(1, Ordering::Relaxed);
-                    debug!(%agent_id, "Agent's push queue is full; it will get a snapshot.");
-                }
+            if let Err(mpsc::error::TrySendError::Full(_)) = r.tx.try_send(push.clone())
+                && !r.lagged.swap(true, Ordering::AcqRel)
+            {
+                self.inner.lagged.fetch_add(1, Ordering::Relaxed);
+                debug!(%agent_id, "Agent's push queue is full; it will get a snapshot.");
             }
         }
     }
