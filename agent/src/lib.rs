@@ -12,14 +12,36 @@
 //!
 //! - [`parse`]: one Exim log line to one typed `Event` (prefix, zone,
 //!   continuation lines), plus the `parse` and `gen-log` commands' logic.
-//! - `tail`: follows log files through rotation, with durable positions.
-//! - `spool`: the append-only on-disk log of event batches.
-//! - `detect`: local abuse rules.
-//! - `uplink`: the gRPC session to the server.
-//! - `firewall`: backends that reconcile the kernel with the desired set.
-//! - `pipeline`: connects the steps with bounded channels.
+//! - [`tail`]: follows log files through rotation, identified by fingerprint.
+//! - [`spool`]: the append-only, CRC-checked on-disk log of event batches,
+//!   whose records also carry the read positions.
+//! - [`detect`]: local abuse rules (slot exhaustion, connection rate, auth
+//!   failures, protocol abuse) with bounded memory.
+//! - [`uplink`]: the gRPC session to the server (enroll, Connect).
+//! - [`firewall`]: backends (nftables, ipset, CSF, dry-run) and the
+//!   reconciler that keeps them equal to the desired set.
+//! - [`pipeline`]: connects the steps with bounded channels.
+//! - [`service`]: detection, the firewall thread, the uplink, metrics and
+//!   the runtime status around a running pipeline.
+//!
+//! Around them: [`config`] (`agent.toml`), [`run`] (the `run` command),
+//! [`status`], [`metrics`] (`/metrics`), [`backfill`] and [`bench`]
+//! (`bench-ingest`).
 
+pub mod backfill;
+pub mod bench;
+pub mod config;
+pub mod detect;
+pub mod firewall;
+pub mod metrics;
 pub mod parse;
+pub mod pipeline;
+pub mod run;
+pub mod service;
+pub mod spool;
+pub mod status;
+pub mod tail;
+pub mod uplink;
 
 /// The agent's version, reported to the server in `Hello` and `Enroll`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

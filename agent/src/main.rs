@@ -1,12 +1,18 @@
 //! `fleetban-agent`: parses arguments and hands over to the library.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, IsTerminal, Write};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use fleetban_agent::backfill::{self, ProgressMode};
+use fleetban_agent::bench::{self, BenchOptions};
+use fleetban_agent::config::{AgentConfig, DEFAULT_PATH};
 use fleetban_agent::parse::{Timezone, genlog, report};
+use fleetban_agent::run::{self, EximLineParser};
+use fleetban_agent::status;
 
 /// fleetban agent: tails the Exim log, blocks abusers locally, and streams
 /// events to the fleet server.
@@ -19,10 +25,69 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the agent: follow the configured logs, parse and spool events.
+    Run(ConfigArgs),
+    /// Print the agent's state as JSON (works whether or not it runs).
+    Status(ConfigArgs),
+    /// Import old log files (plain or .gz) into the spool; stop the agent first.
+    Backfill(BackfillArgs),
     /// Parse Exim log files and print the events found.
     Parse(ParseArgs),
     /// Write a deterministic, realistic Exim main log (for benchmarks).
     GenLog(GenLogArgs),
+    /// Enroll this host with the fleet server: trades a token for the agent's
+    /// credentials (stored in the state directory, mode 0600) and prints the
+    /// agent id.
+    Enroll(EnrollArgs),
+    /// Manage the local firewall.
+    #[command(subcommand)]
+    Firewall(FirewallCommand),
+    /// Measure file -> parse -> spool throughput and peak RSS.
+    BenchIngest(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct EnrollArgs {
+    /// Server gRPC URL (default: `server` from the config file).
+    #[arg(long, env = "FLEETBAN_SERVER", value_name = "URL")]
+    server: Option<String>,
+    /// Enrollment token from `fleetban-server enroll-token create`.
+    #[arg(long, env = "FLEETBAN_ENROLL_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    token: String,
+    /// Agent config file (for `state_dir`, `ca_file`, `addresses`); when the
+    /// default file is absent, the defaults are used.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Allow plaintext http:// to a server that is not on loopback.
+    #[arg(long)]
+    insecure: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum FirewallCommand {
+    /// Remove every entry, set, table and rule fleetban created (the agent
+    /// normally leaves its entries in place to expire by themselves).
+    Flush {
+        /// Agent config file.
+        #[arg(long, value_name = "FILE", env = "FLEETBAN_AGENT_CONFIG", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// The agent configuration file.
+    #[arg(long, value_name = "FILE", env = "FLEETBAN_AGENT_CONFIG", default_value = DEFAULT_PATH)]
+    config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct BackfillArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Log files to import, oldest first (gzip is detected).
+    #[arg(long, required = true, num_args = 1.., value_name = "PATH")]
+    from: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -51,6 +116,89 @@ struct GenLogArgs {
     out: Option<PathBuf>,
 }
 
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Lines to generate with gen-log's generator.
+    #[arg(long, default_value_t = 2_000_000)]
+    lines: u64,
+    /// Generator seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Ingest this log instead of a generated one.
+    #[arg(long, value_name = "FILE")]
+    input: Option<PathBuf>,
+    /// Working directory for the log and the spool (default: a temporary one).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Group-commit interval in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    fsync_ms: u64,
+}
+
+fn load(args: &ConfigArgs) -> anyhow::Result<AgentConfig> {
+    Ok(AgentConfig::load(&args.config)?)
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
+        .init();
+}
+
+fn run_cmd(args: ConfigArgs) -> anyhow::Result<()> {
+    let config = load(&args)?;
+    init_tracing();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(run::run(config, run::shutdown_signal()))?;
+    Ok(())
+}
+
+fn status_cmd(args: ConfigArgs) -> anyhow::Result<()> {
+    let config = load(&args)?;
+    let status = status::collect(&config)?;
+    let mut out = io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, &status)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn backfill_cmd(args: BackfillArgs) -> anyhow::Result<()> {
+    let config = load(&args.config)?;
+    init_tracing();
+    let mut parser = EximLineParser::new(run::timezone(&config)?);
+    let mut spool = run::open_spool(&config).context("stop the agent before a backfill")?;
+    let stats = backfill::backfill(
+        &mut spool,
+        &args.from,
+        &mut parser,
+        1000,
+        Duration::from_millis(config.spool.fsync_ms),
+        ProgressMode::detect(),
+    )?;
+    eprintln!(
+        "backfill: {} files, {} lines, {} events in {} batches",
+        stats.files, stats.lines, stats.events, stats.batches
+    );
+    Ok(())
+}
+
+fn bench_cmd(args: BenchArgs) -> anyhow::Result<()> {
+    let options = BenchOptions {
+        lines: args.lines,
+        seed: args.seed,
+        input: args.input,
+        dir: args.dir,
+        fsync_interval: Duration::from_millis(args.fsync_ms),
+    };
+    let report = bench::bench_ingest(&options)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
 fn parse_cmd(args: ParseArgs) -> anyhow::Result<()> {
     let tz = Timezone::from_config(&args.tz).with_context(|| format!("--tz {}", args.tz))?;
     let opts = report::ParseOptions { json: args.json, tz };
@@ -71,9 +219,71 @@ fn gen_log_cmd(args: GenLogArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn enroll_cmd(args: EnrollArgs) -> anyhow::Result<()> {
+    use fleetban_agent::uplink::{self, ServerOptions};
+    init_tracing();
+    let default_path = std::path::Path::new(DEFAULT_PATH);
+    let config = match &args.config {
+        Some(path) => Some(AgentConfig::load(path)?),
+        None if default_path.exists() => Some(AgentConfig::load(default_path)?),
+        None => None,
+    };
+    let server = args
+        .server
+        .clone()
+        .or_else(|| config.as_ref().map(|c| c.server.clone()))
+        .context("no server: pass --server URL or set `server` in the config file")?;
+    let state_dir = config.as_ref().map_or_else(|| PathBuf::from("/var/lib/fleetban"), |c| c.state_dir.clone());
+    let mut addresses = uplink::interface_addresses();
+    if let Some(config) = &config {
+        addresses.extend(config.addresses.iter().copied());
+    }
+    addresses.sort();
+    addresses.dedup();
+    let options = ServerOptions {
+        server: server.clone(),
+        ca_file: config.as_ref().and_then(|c| c.ca_file.clone()),
+        insecure: args.insecure,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let credentials = runtime
+        .block_on(uplink::enroll(&options, &args.token, &uplink::hostname(), &addresses))
+        .with_context(|| format!("enrollment with {server} failed"))?;
+    let path = credentials
+        .store(&state_dir)
+        .with_context(|| format!("cannot store the credentials in {}", state_dir.display()))?;
+    eprintln!("Enrolled; credentials stored in {}.", path.display());
+    println!("{}", credentials.agent_id);
+    Ok(())
+}
+
+fn firewall_cmd(command: FirewallCommand) -> anyhow::Result<()> {
+    use fleetban_agent::firewall::reconcile::Reconciler;
+    init_tracing();
+    use fleetban_agent::firewall::{Exec, backend_for};
+    match command {
+        FirewallCommand::Flush { config } => {
+            let config = AgentConfig::load(&config)?;
+            let backend = backend_for(&config, Exec::default());
+            let name = backend.name();
+            let mut reconciler =
+                Reconciler::new(backend, Vec::new(), Some(config.state_dir.clone()), Default::default());
+            reconciler.flush().with_context(|| format!("cannot flush the {name} firewall"))?;
+            eprintln!("Removed every {name} entry fleetban held.");
+            Ok(())
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Run(args) => run_cmd(args),
+        Command::Status(args) => status_cmd(args),
+        Command::Backfill(args) => backfill_cmd(args),
         Command::Parse(args) => parse_cmd(args),
         Command::GenLog(args) => gen_log_cmd(args),
+        Command::BenchIngest(args) => bench_cmd(args),
+        Command::Enroll(args) => enroll_cmd(args),
+        Command::Firewall(command) => firewall_cmd(command),
     }
 }

@@ -1,0 +1,589 @@
+//! The reconciler: keeps a backend equal to the desired set.
+//!
+//! *Desired* is the fleet blocklist (from the server's snapshots and deltas)
+//! plus the local blocks, minus the allowlist and the host's own addresses,
+//! made disjoint by [`super::plan::desired`]. *Actual* is what the backend
+//! really holds, read back. Only the difference is applied, in one commit.
+//!
+//! - **Full reconcile** ([`Reconciler::reconcile`]): `setup` (recreates a
+//!   deleted table or rule), read back, diff, commit. Run at start (never
+//!   wipe-and-reload: entries that are already right stay untouched) and
+//!   every `reconcile_secs`; what it had to change beyond what the reconciler
+//!   believed was there is counted as drift repaired.
+//! - **Incremental apply** (after a snapshot, a delta or a local block): the
+//!   diff against what the last commit left (read-back of a large set takes
+//!   seconds, a delta must take milliseconds). If such a commit fails (the
+//!   table was deleted under us, an element expired a moment early), a full
+//!   reconcile runs at once.
+//!
+//! The fleet blocklist, its version and the local blocks are persisted in
+//! `state_dir/blocklist.pb` (written atomically, at most once a second and
+//! at shutdown), so a restart reconciles against the same desired set and
+//! reports the version it really holds: no entry is removed just because the
+//! server has not answered yet.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fleetban_proto::v1::{BlockEntry, BlocklistDelta, BlocklistSnapshot, Cidr};
+use ipnet::IpNet;
+use prost::Message as _;
+use tracing::{debug, info, warn};
+
+use super::plan::{self, Diff};
+use super::{Backend, Entry, FirewallError};
+
+/// File name of the persisted blocklist inside the state directory.
+pub const STATE_FILE: &str = "blocklist.pb";
+/// Shortest interval between two writes of the persisted blocklist.
+const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Counters of the firewall, for status and metrics.
+#[derive(Debug, Default)]
+pub struct FirewallStats {
+    /// Entries the backend holds after the last commit.
+    pub entries: AtomicU64,
+    /// Blocklist version applied.
+    pub version: AtomicU64,
+    /// Time of the last successful full reconcile, unix ms (0 = never).
+    pub last_reconcile_ms: AtomicI64,
+    /// Full reconciles run.
+    pub reconciles: AtomicU64,
+    /// Entries added or removed by full reconciles because the backend had
+    /// drifted from what the agent last wrote.
+    pub drift_repaired: AtomicU64,
+    /// Commits that failed.
+    pub errors: AtomicU64,
+    /// Local blocks applied.
+    pub local_blocks: AtomicU64,
+}
+
+/// What happened to a delta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeltaOutcome {
+    /// Applied; the firewall is at the delta's `to_version`.
+    Applied,
+    /// Already held (its `to_version` is not newer).
+    Stale,
+    /// The delta starts at another version than the one held: a snapshot or
+    /// a catch-up is needed.
+    Gap,
+}
+
+/// Errors of the reconciler.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The backend failed.
+    #[error(transparent)]
+    Firewall(#[from] FirewallError),
+    /// A server entry could not be used.
+    #[error("invalid blocklist entry {block_id}: {message}")]
+    InvalidEntry {
+        /// The block id.
+        block_id: i64,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The reconciler. See the module documentation.
+pub struct Reconciler {
+    backend: Box<dyn Backend>,
+    fleet: HashMap<i64, Entry>,
+    local: HashMap<IpNet, Entry>,
+    exclude: Vec<IpNet>,
+    version: u64,
+    /// What the backend holds according to the last commit or read-back.
+    believed: HashMap<IpNet, Entry>,
+    /// A full reconcile ran since start (before it, `believed` is unknown).
+    reconciled: bool,
+    state_file: Option<PathBuf>,
+    dirty: bool,
+    last_persist: Instant,
+    stats: Arc<FirewallStats>,
+}
+
+impl std::fmt::Debug for Reconciler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconciler")
+            .field("backend", &self.backend.name())
+            .field("fleet", &self.fleet.len())
+            .field("local", &self.local.len())
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+fn cidr_to_net(cidr: Option<&Cidr>, block_id: i64) -> Result<IpNet, ReconcileError> {
+    let cidr = cidr.ok_or(ReconcileError::InvalidEntry { block_id, message: "no cidr".into() })?;
+    let net =
+        IpNet::try_from(cidr).map_err(|error| ReconcileError::InvalidEntry { block_id, message: error.to_string() })?;
+    Ok(net.trunc())
+}
+
+fn entry_of(block: &BlockEntry) -> Result<Entry, ReconcileError> {
+    Ok(Entry {
+        net: cidr_to_net(block.cidr.as_ref(), block.block_id)?,
+        expires_at_ms: (block.expires_at_ms > 0).then_some(block.expires_at_ms),
+        reason: block.reason.clone(),
+    })
+}
+
+impl Reconciler {
+    /// A reconciler over `backend`, never blocking `exclude`; when
+    /// `state_dir` is given, the blocklist persisted there is loaded.
+    pub fn new(
+        backend: Box<dyn Backend>,
+        exclude: Vec<IpNet>,
+        state_dir: Option<PathBuf>,
+        stats: Arc<FirewallStats>,
+    ) -> Self {
+        let mut reconciler = Self {
+            backend,
+            fleet: HashMap::new(),
+            local: HashMap::new(),
+            exclude,
+            version: 0,
+            believed: HashMap::new(),
+            reconciled: false,
+            state_file: state_dir.map(|dir| dir.join(STATE_FILE)),
+            dirty: false,
+            last_persist: Instant::now(),
+            stats,
+        };
+        reconciler.load_state();
+        reconciler
+    }
+
+    /// The backend's name.
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// The blocklist version held.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Entries held after the last commit.
+    pub fn entries(&self) -> usize {
+        self.believed.len()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Arc<FirewallStats> {
+        self.stats.clone()
+    }
+
+    fn desired(&self, now_ms: i64) -> HashMap<IpNet, Entry> {
+        plan::desired(self.fleet.values().chain(self.local.values()), &self.exclude, now_ms)
+    }
+
+    /// Read back, diff, commit. See the module documentation.
+    pub fn reconcile(&mut self, now_ms: i64) -> Result<usize, ReconcileError> {
+        self.backend.setup()?;
+        // The backend's remaining timeouts are relative to the moment it is
+        // read, so it is read with the real clock.
+        let actual: HashMap<IpNet, Entry> =
+            self.backend.read(super::now_ms())?.into_iter().map(|entry| (entry.net, entry)).collect();
+        let desired = self.desired(now_ms);
+        let diff = plan::diff(&desired, &actual, now_ms);
+        let drift = if self.reconciled {
+            self.prune_believed(now_ms);
+            plan::diff(&self.believed, &actual, now_ms).changes()
+        } else {
+            0
+        };
+        let changes = diff.changes();
+        self.commit(diff, now_ms)?;
+        self.believed = desired;
+        self.reconciled = true;
+        self.stats.reconciles.fetch_add(1, Ordering::Relaxed);
+        self.stats.last_reconcile_ms.store(now_ms, Ordering::Relaxed);
+        self.stats.entries.store(self.believed.len() as u64, Ordering::Relaxed);
+        if drift > 0 {
+            self.stats.drift_repaired.fetch_add(drift as u64, Ordering::Relaxed);
+            warn!(drift, backend = self.backend.name(), "Firewall had drifted; repaired.");
+        }
+        debug!(changes, entries = self.believed.len(), "Firewall reconciled.");
+        Ok(changes)
+    }
+
+    fn prune_believed(&mut self, now_ms: i64) {
+        self.believed.retain(|_, entry| entry.expires_at_ms.is_none_or(|at| at > now_ms));
+    }
+
+    fn commit(&mut self, diff: Diff, now_ms: i64) -> Result<(), ReconcileError> {
+        if diff.is_empty() {
+            return Ok(());
+        }
+        for entry in diff.remove {
+            self.backend.stage_remove(entry);
+        }
+        for entry in diff.add {
+            self.backend.stage_add(entry);
+        }
+        self.backend.commit(now_ms).inspect_err(|_| {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        })?;
+        Ok(())
+    }
+
+    /// Applies the difference between the desired set and what the last
+    /// commit left; falls back to a full reconcile when that fails.
+    fn apply(&mut self, now_ms: i64) -> Result<usize, ReconcileError> {
+        self.dirty = true;
+        if !self.reconciled {
+            return self.reconcile(now_ms);
+        }
+        self.prune_believed(now_ms);
+        let desired = self.desired(now_ms);
+        let diff = plan::diff(&desired, &self.believed, now_ms);
+        let changes = diff.changes();
+        match self.commit(diff, now_ms) {
+            Ok(()) => {
+                self.believed = desired;
+                self.stats.entries.store(self.believed.len() as u64, Ordering::Relaxed);
+                Ok(changes)
+            }
+            Err(error) => {
+                warn!(%error, "Incremental firewall change failed; reconciling in full.");
+                self.reconcile(now_ms)
+            }
+        }
+    }
+
+    /// Replaces the fleet blocklist with `snapshot` and applies it.
+    pub fn apply_snapshot(&mut self, snapshot: &BlocklistSnapshot, now_ms: i64) -> Result<usize, ReconcileError> {
+        let mut fleet = HashMap::with_capacity(snapshot.entries.len());
+        for block in &snapshot.entries {
+            match entry_of(block) {
+                Ok(entry) => {
+                    fleet.insert(block.block_id, entry);
+                }
+                Err(error) => warn!(%error, "Skipping an invalid blocklist entry."),
+            }
+        }
+        self.fleet = fleet;
+        self.version = snapshot.version;
+        self.stats.version.store(self.version, Ordering::Relaxed);
+        info!(version = snapshot.version, entries = snapshot.entries.len(), "Applying blocklist snapshot.");
+        self.apply(now_ms)
+    }
+
+    /// Applies `delta` if it starts at the version held.
+    pub fn apply_delta(&mut self, delta: &BlocklistDelta, now_ms: i64) -> Result<DeltaOutcome, ReconcileError> {
+        if delta.to_version <= self.version {
+            return Ok(DeltaOutcome::Stale);
+        }
+        if delta.from_version != self.version {
+            return Ok(DeltaOutcome::Gap);
+        }
+        for id in &delta.removed {
+            self.fleet.remove(id);
+        }
+        for block in &delta.added {
+            match entry_of(block) {
+                Ok(entry) => {
+                    self.fleet.insert(block.block_id, entry);
+                }
+                Err(error) => warn!(%error, "Skipping an invalid blocklist entry."),
+            }
+        }
+        self.version = delta.to_version;
+        self.stats.version.store(self.version, Ordering::Relaxed);
+        self.apply(now_ms)?;
+        Ok(DeltaOutcome::Applied)
+    }
+
+    /// Adds a local block and applies it at once.
+    pub fn add_local(&mut self, entry: Entry, now_ms: i64) -> Result<usize, ReconcileError> {
+        self.local.insert(entry.net, entry);
+        self.stats.local_blocks.fetch_add(1, Ordering::Relaxed);
+        self.apply(now_ms)
+    }
+
+    /// Replaces the ranges that are never blocked and applies the change.
+    pub fn set_exclusions(&mut self, exclude: Vec<IpNet>, now_ms: i64) -> Result<usize, ReconcileError> {
+        self.exclude = exclude;
+        self.apply(now_ms)
+    }
+
+    /// Drops expired local blocks and fleet entries from memory.
+    pub fn expire(&mut self, now_ms: i64) {
+        let live = |entry: &Entry| entry.expires_at_ms.is_none_or(|at| at > now_ms);
+        self.local.retain(|_, entry| live(entry));
+        self.fleet.retain(|_, entry| live(entry));
+        self.prune_believed(now_ms);
+        self.stats.entries.store(self.believed.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Persists the blocklist if it changed and the last write is old
+    /// enough (or `force`).
+    pub fn persist(&mut self, force: bool) {
+        if !self.dirty || (!force && self.last_persist.elapsed() < PERSIST_INTERVAL) {
+            return;
+        }
+        let Some(path) = self.state_file.clone() else { return };
+        self.last_persist = Instant::now();
+        let fleet = BlocklistSnapshot {
+            version: self.version,
+            entries: self.fleet.iter().map(|(id, entry)| block_entry(*id, entry)).collect(),
+        };
+        let local = BlocklistSnapshot { version: 0, entries: self.local.values().map(|e| block_entry(0, e)).collect() };
+        let mut bytes = Vec::with_capacity(fleet.encoded_len() + local.encoded_len() + 16);
+        let encoded =
+            fleet.encode_length_delimited(&mut bytes).and_then(|()| local.encode_length_delimited(&mut bytes));
+        if encoded.is_err() {
+            return;
+        }
+        match write_atomic(&path, &bytes) {
+            Ok(()) => self.dirty = false,
+            Err(error) => warn!(%error, path = %path.display(), "Cannot persist the blocklist."),
+        }
+    }
+
+    fn load_state(&mut self) {
+        let Some(path) = &self.state_file else { return };
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return,
+            Err(error) => {
+                warn!(%error, path = %path.display(), "Cannot read the persisted blocklist; starting empty.");
+                return;
+            }
+        };
+        let mut buf = bytes.as_slice();
+        let decoded = BlocklistSnapshot::decode_length_delimited(&mut buf)
+            .and_then(|fleet| BlocklistSnapshot::decode_length_delimited(&mut buf).map(|local| (fleet, local)));
+        let Ok((fleet, local)) = decoded else {
+            warn!(path = %path.display(), "The persisted blocklist is damaged; starting empty.");
+            return;
+        };
+        for block in &fleet.entries {
+            if let Ok(entry) = entry_of(block) {
+                self.fleet.insert(block.block_id, entry);
+            }
+        }
+        for block in &local.entries {
+            if let Ok(entry) = entry_of(block) {
+                self.local.insert(entry.net, entry);
+            }
+        }
+        self.version = fleet.version;
+        self.stats.version.store(self.version, Ordering::Relaxed);
+        info!(
+            version = self.version,
+            fleet = self.fleet.len(),
+            local = self.local.len(),
+            "Loaded the persisted blocklist."
+        );
+    }
+
+    /// The agent stops: persists, and leaves the entries in place.
+    pub fn shutdown(&mut self) -> Result<(), FirewallError> {
+        self.persist(true);
+        self.backend.shutdown()
+    }
+
+    /// Removes everything the backend owns and forgets the blocklist.
+    pub fn flush(&mut self) -> Result<(), FirewallError> {
+        self.backend.flush()?;
+        self.fleet.clear();
+        self.local.clear();
+        self.believed.clear();
+        self.version = 0;
+        self.dirty = true;
+        self.persist(true);
+        Ok(())
+    }
+}
+
+fn block_entry(block_id: i64, entry: &Entry) -> BlockEntry {
+    BlockEntry {
+        block_id,
+        cidr: Some(entry.net.into()),
+        expires_at_ms: entry.expires_at_ms.unwrap_or(0),
+        reason: entry.reason.clone(),
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firewall::dryrun::DryRun;
+    use std::sync::Mutex;
+
+    /// A backend in memory that records its commits.
+    #[derive(Clone, Default)]
+    struct Memory {
+        held: Arc<Mutex<HashMap<IpNet, Entry>>>,
+        commits: Arc<Mutex<Vec<(usize, usize)>>>,
+        staged: (Vec<Entry>, Vec<Entry>),
+    }
+
+    impl Backend for Memory {
+        fn name(&self) -> &'static str {
+            "memory"
+        }
+        fn setup(&mut self) -> Result<(), FirewallError> {
+            Ok(())
+        }
+        fn read(&mut self, now_ms: i64) -> Result<Vec<Entry>, FirewallError> {
+            Ok(self
+                .held
+                .lock()
+                .unwrap()
+                .values()
+                .filter(|e| e.expires_at_ms.is_none_or(|a| a > now_ms))
+                .cloned()
+                .collect())
+        }
+        fn stage_add(&mut self, entry: Entry) {
+            self.staged.1.push(entry);
+        }
+        fn stage_remove(&mut self, entry: Entry) {
+            self.staged.0.push(entry);
+        }
+        fn commit(&mut self, _now_ms: i64) -> Result<(), FirewallError> {
+            let (removes, adds) = std::mem::take(&mut self.staged);
+            self.commits.lock().unwrap().push((removes.len(), adds.len()));
+            let mut held = self.held.lock().unwrap();
+            for e in removes {
+                held.remove(&e.net);
+            }
+            for e in adds {
+                held.insert(e.net, e);
+            }
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<(), FirewallError> {
+            self.held.lock().unwrap().clear();
+            Ok(())
+        }
+    }
+
+    fn block(id: i64, cidr: &str, expires: i64) -> BlockEntry {
+        BlockEntry {
+            block_id: id,
+            cidr: Some(cidr.parse::<IpNet>().unwrap().into()),
+            expires_at_ms: expires,
+            reason: "t".into(),
+        }
+    }
+
+    const NOW: i64 = 1_800_000_000_000;
+
+    #[test]
+    fn start_keeps_correct_entries_and_repairs_drift() {
+        let memory = Memory::default();
+        // Already in the kernel from the last run: one right, one stale.
+        memory.held.lock().unwrap().insert(
+            "192.0.2.1/32".parse().unwrap(),
+            Entry { net: "192.0.2.1/32".parse().unwrap(), expires_at_ms: None, reason: String::new() },
+        );
+        memory.held.lock().unwrap().insert(
+            "192.0.2.9/32".parse().unwrap(),
+            Entry { net: "192.0.2.9/32".parse().unwrap(), expires_at_ms: None, reason: String::new() },
+        );
+        let stats = Arc::new(FirewallStats::default());
+        let mut r =
+            Reconciler::new(Box::new(memory.clone()), vec!["198.51.100.0/24".parse().unwrap()], None, stats.clone());
+        let snapshot = BlocklistSnapshot {
+            version: 5,
+            entries: vec![
+                block(1, "192.0.2.1/32", 0),
+                block(2, "203.0.113.0/24", NOW + 60_000),
+                block(3, "198.51.100.7/32", 0),
+            ],
+        };
+        assert_eq!(r.apply_snapshot(&snapshot, NOW).unwrap(), 2);
+        let held = memory.held.lock().unwrap().keys().map(|n| n.to_string()).collect::<std::collections::BTreeSet<_>>();
+        assert_eq!(held.into_iter().collect::<Vec<_>>(), ["192.0.2.1/32", "203.0.113.0/24"]);
+        // Only the difference was committed, in one batch: the stale entry
+        // removed, the /24 added, the right entry untouched.
+        assert_eq!(*memory.commits.lock().unwrap(), [(1, 1)]);
+        assert_eq!(stats.drift_repaired.load(Ordering::Relaxed), 0);
+
+        // Someone flushes the set: the next reconcile repairs it.
+        memory.held.lock().unwrap().clear();
+        assert_eq!(r.reconcile(NOW + 1000).unwrap(), 2);
+        assert_eq!(memory.held.lock().unwrap().len(), 2);
+        assert_eq!(stats.drift_repaired.load(Ordering::Relaxed), 2);
+        // Nothing to do now.
+        assert_eq!(r.reconcile(NOW + 2000).unwrap(), 0);
+    }
+
+    #[test]
+    fn deltas_apply_in_order_and_gaps_are_refused() {
+        let memory = Memory::default();
+        let mut r = Reconciler::new(Box::new(memory.clone()), vec![], None, Arc::default());
+        r.apply_snapshot(&BlocklistSnapshot { version: 3, entries: vec![block(1, "192.0.2.1/32", 0)] }, NOW).unwrap();
+        let delta = BlocklistDelta {
+            from_version: 3,
+            to_version: 4,
+            added: vec![block(2, "192.0.2.2/32", 0)],
+            removed: vec![1],
+        };
+        assert_eq!(r.apply_delta(&delta, NOW).unwrap(), DeltaOutcome::Applied);
+        assert_eq!(r.apply_delta(&delta, NOW).unwrap(), DeltaOutcome::Stale);
+        let gap = BlocklistDelta { from_version: 7, to_version: 9, ..BlocklistDelta::default() };
+        assert_eq!(r.apply_delta(&gap, NOW).unwrap(), DeltaOutcome::Gap);
+        let held: Vec<_> = memory.held.lock().unwrap().keys().map(|n| n.to_string()).collect();
+        assert_eq!(held, ["192.0.2.2/32"]);
+        assert_eq!(r.version(), 4);
+        // A local block inside a fleet block that outlives it is absorbed;
+        // one elsewhere is added.
+        r.add_local(
+            Entry {
+                net: "198.51.100.5/32".parse().unwrap(),
+                expires_at_ms: Some(NOW + 5000),
+                reason: "conn_rate".into(),
+            },
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(memory.held.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn persisted_blocklist_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fw.json");
+        let mut r =
+            Reconciler::new(Box::new(DryRun::new(path.clone())), vec![], Some(dir.path().to_owned()), Arc::default());
+        r.apply_snapshot(
+            &BlocklistSnapshot { version: 8, entries: vec![block(1, "192.0.2.0/24", NOW + 600_000)] },
+            NOW,
+        )
+        .unwrap();
+        r.add_local(
+            Entry {
+                net: "2001:db8::/64".parse().unwrap(),
+                expires_at_ms: Some(NOW + 600_000),
+                reason: "auth_failures".into(),
+            },
+            NOW,
+        )
+        .unwrap();
+        r.shutdown().unwrap();
+        let memory = Memory::default();
+        let mut again = Reconciler::new(Box::new(memory.clone()), vec![], Some(dir.path().to_owned()), Arc::default());
+        assert_eq!(again.version(), 8);
+        again.reconcile(NOW + 1000).unwrap();
+        assert_eq!(memory.held.lock().unwrap().len(), 2);
+    }
+}

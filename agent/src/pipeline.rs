@@ -1,0 +1,596 @@
+//! Wires the agent's steps together with bounded channels.
+//!
+//! ```text
+//! per source:  tail thread ──chunks──► parse+batch thread ─┐
+//!                                                          ├─batches──► spool thread ──► Spool (fsync group commit)
+//! per source:  tail thread ──chunks──► parse+batch thread ─┘
+//! ```
+//!
+//! - The **tail** thread follows one path ([`crate::tail::Tailer`]), woken by
+//!   inotify or every [`crate::tail::POLL_INTERVAL`], and sends chunks of
+//!   whole lines.
+//! - The **parse** thread turns lines into events and cuts a batch after
+//!   `batch_events` events or when its first event is `batch_age` old. A
+//!   batch carries the position just past the last line it covers (lines
+//!   without events included); when lines yield no events at all, the
+//!   position alone is sent on.
+//! - The **spool** thread appends batches, writes position records for quiet
+//!   sources, and fsyncs at most every `fsync_interval` (group commit). Only
+//!   then is the durable seq published to the uplink.
+//!
+//! Exactly-once: a source's read position is advanced durably only by a
+//! spool record, written after every line before it was turned into events
+//! in that record or an earlier one. A restart opens the spool and resumes
+//! each tailer at the position of its newest record, so no line is read
+//! twice into the spool and none is skipped. Every channel is bounded: a
+//! slow disk slows the tailer, never grows memory.
+//!
+//! The uplink (a later step) reads durable batches from the [`SharedSpool`]
+//! (`read_batches` after its last sent seq, woken by [`Pipeline::durable`])
+//! and acknowledges them with `ack`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use fleetban_proto::v1::{Event, SourcePosition};
+use tracing::{error, info, warn};
+
+use crate::config::StartAt;
+use crate::spool::{Spool, SpoolError};
+use crate::tail::{Chunk, Position, Progress, TailOptions, Tailer, Waker};
+
+/// The spool, shared by the spool thread and the uplink.
+pub type SharedSpool = Arc<Mutex<Spool>>;
+
+/// Errors of the pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// A thread could not be started.
+    #[error("cannot start pipeline thread: {0}")]
+    Spawn(std::io::Error),
+    /// The spool failed.
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    /// A pipeline thread panicked.
+    #[error("pipeline thread `{0}` panicked")]
+    Panicked(String),
+}
+
+/// Turns one log line into a wire event, or nothing.
+pub trait LineParser: Send + 'static {
+    /// Parses one line (with its `\n`).
+    fn parse_line(&mut self, line: &[u8]) -> Option<Event>;
+}
+
+impl<F> LineParser for F
+where
+    F: FnMut(&[u8]) -> Option<Event> + Send + 'static,
+{
+    fn parse_line(&mut self, line: &[u8]) -> Option<Event> {
+        self(line)
+    }
+}
+
+/// One followed source.
+#[derive(Debug, Clone)]
+pub struct SourceSpec {
+    /// Path of the live log file, as configured (the key of its checkpoint).
+    pub path: PathBuf,
+    /// Start position in a file never seen before.
+    pub start_at: StartAt,
+}
+
+/// Tuning of the pipeline.
+#[derive(Debug, Clone, Copy)]
+pub struct PipelineOptions {
+    /// A batch is cut after this many events.
+    pub batch_events: usize,
+    /// ... or when its first event is this old.
+    pub batch_age: Duration,
+    /// Group-commit interval of the spool.
+    pub fsync_interval: Duration,
+    /// Use inotify (otherwise poll every `poll_interval`).
+    pub watch: bool,
+    /// Longest wait between two looks at a file.
+    pub poll_interval: Duration,
+    /// Chunks in flight between a tailer and its parser.
+    pub chunk_queue: usize,
+    /// Batches in flight between the parsers and the spool.
+    pub batch_queue: usize,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        Self {
+            batch_events: 1000,
+            batch_age: Duration::from_millis(100),
+            fsync_interval: Duration::from_millis(100),
+            watch: true,
+            poll_interval: crate::tail::POLL_INTERVAL,
+            chunk_queue: 4,
+            batch_queue: 4,
+        }
+    }
+}
+
+/// Counters of a running pipeline.
+#[derive(Debug, Default)]
+pub struct PipelineStats {
+    /// Lines read.
+    pub lines: AtomicU64,
+    /// Events parsed.
+    pub events: AtomicU64,
+    /// Batches appended to the spool.
+    pub batches: AtomicU64,
+    /// fsyncs of the spool.
+    pub syncs: AtomicU64,
+}
+
+/// What a parse thread hands to the spool thread.
+enum Item {
+    /// A batch of events ending at a position.
+    Batch(Vec<Event>, SourcePosition),
+    /// A source advanced without events.
+    Position(SourcePosition),
+}
+
+/// A running pipeline; stop it with [`Pipeline::shutdown`].
+pub struct Pipeline {
+    stop: Arc<AtomicBool>,
+    threads: Vec<(String, JoinHandle<()>)>,
+    spool_thread: Option<JoinHandle<Result<(), SpoolError>>>,
+    spool: SharedSpool,
+    durable: tokio::sync::watch::Receiver<u64>,
+    stats: Arc<PipelineStats>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline").field("threads", &self.threads.len()).finish()
+    }
+}
+
+impl Pipeline {
+    /// Starts following `sources` into `spool`, resuming each at its newest
+    /// spooled position. `parser` makes one parser per source.
+    pub fn start<P: LineParser>(
+        spool: Spool,
+        sources: &[SourceSpec],
+        mut parser: impl FnMut() -> P,
+        options: PipelineOptions,
+    ) -> Result<Pipeline, PipelineError> {
+        let checkpoints = spool.positions();
+        let (durable_tx, durable) = tokio::sync::watch::channel(spool.durable_seq());
+        let spool = Arc::new(Mutex::new(spool));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(PipelineStats::default());
+        let (batch_tx, batch_rx) = sync_channel(options.batch_queue);
+        let mut threads = Vec::new();
+
+        for source in sources {
+            let key = source.path.to_string_lossy().into_owned();
+            let checkpoint = checkpoints
+                .get(&key)
+                .map(|position| Position { fingerprint: position.fingerprint, offset: position.offset });
+            let tail_options = TailOptions { start_at: source.start_at, ..TailOptions::default() };
+            let tailer = Tailer::new(source.path.clone(), checkpoint, tail_options);
+            let (chunk_tx, chunk_rx) = sync_channel(options.chunk_queue);
+
+            let waker = if options.watch {
+                Waker::new(&source.path, options.poll_interval)
+            } else {
+                Waker::polling(options.poll_interval)
+            };
+            let thread_stop = stop.clone();
+            let name = format!("tail {key}");
+            let handle = std::thread::Builder::new()
+                .name("fleetban-tail".into())
+                .spawn(move || tail_loop(tailer, waker, chunk_tx, thread_stop))
+                .map_err(PipelineError::Spawn)?;
+            threads.push((name, handle));
+
+            let mut batcher = Batcher::new(key.clone(), batch_tx.clone(), options, stats.clone());
+            let mut line_parser = parser();
+            let name = format!("parse {key}");
+            let handle = std::thread::Builder::new()
+                .name("fleetban-parse".into())
+                .spawn(move || batcher.run(chunk_rx, &mut line_parser))
+                .map_err(PipelineError::Spawn)?;
+            threads.push((name, handle));
+        }
+        drop(batch_tx);
+
+        let thread_spool = spool.clone();
+        let thread_stats = stats.clone();
+        let fsync_interval = options.fsync_interval;
+        let spool_thread = std::thread::Builder::new()
+            .name("fleetban-spool".into())
+            .spawn(move || spool_loop(thread_spool, batch_rx, fsync_interval, durable_tx, thread_stats))
+            .map_err(PipelineError::Spawn)?;
+        info!(sources = sources.len(), "Pipeline started.");
+        Ok(Pipeline { stop, threads, spool_thread: Some(spool_thread), spool, durable, stats })
+    }
+
+    /// The spool, for the uplink and for status.
+    pub fn spool(&self) -> SharedSpool {
+        self.spool.clone()
+    }
+
+    /// The highest durable seq, updated after every group commit.
+    pub fn durable(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.durable.clone()
+    }
+
+    /// Counters (they stay readable after shutdown).
+    pub fn stats(&self) -> Arc<PipelineStats> {
+        self.stats.clone()
+    }
+
+    /// Stops reading, flushes every pending batch into the spool and syncs
+    /// it. Returns the first failure of any thread.
+    pub fn shutdown(mut self) -> Result<(), PipelineError> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut result = Ok(());
+        for (name, handle) in self.threads.drain(..) {
+            if handle.join().is_err() && result.is_ok() {
+                result = Err(PipelineError::Panicked(name));
+            }
+        }
+        if let Some(handle) = self.spool_thread.take() {
+            match handle.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => result = result.and(Err(error.into())),
+                Err(_) => result = result.and(Err(PipelineError::Panicked("spool".into()))),
+            }
+        }
+        info!("Pipeline stopped; spool flushed.");
+        result
+    }
+}
+
+fn tail_loop(mut tailer: Tailer, waker: Waker, chunks: SyncSender<Chunk>, stop: Arc<AtomicBool>) {
+    let mut failing = false;
+    while !stop.load(Ordering::SeqCst) {
+        match tailer.poll(&mut |chunk| chunks.send(chunk).is_ok()) {
+            Ok(Progress::Busy) => {
+                failing = false;
+                continue;
+            }
+            Ok(Progress::Idle) => failing = false,
+            Ok(Progress::Closed) => return,
+            Err(error) => {
+                if !failing {
+                    warn!(%error, path = %tailer.path().display(), "Cannot read log file; retrying.");
+                }
+                failing = true;
+            }
+        }
+        waker.wait();
+    }
+}
+
+/// Turns chunks of one source into batches.
+struct Batcher {
+    path: String,
+    out: SyncSender<Item>,
+    options: PipelineOptions,
+    stats: Arc<PipelineStats>,
+    events: Vec<Event>,
+    first_event_at: Option<Instant>,
+    /// Position just past the last line turned into events (or none).
+    position: Option<Position>,
+    /// The last position handed on (in a batch or alone).
+    sent: Option<Position>,
+}
+
+impl Batcher {
+    fn new(path: String, out: SyncSender<Item>, options: PipelineOptions, stats: Arc<PipelineStats>) -> Self {
+        Self {
+            path,
+            out,
+            options,
+            stats,
+            events: Vec::with_capacity(options.batch_events),
+            first_event_at: None,
+            position: None,
+            sent: None,
+        }
+    }
+
+    fn run(&mut self, chunks: Receiver<Chunk>, parser: &mut dyn LineParser) {
+        loop {
+            let received = match self.first_event_at {
+                Some(first) => {
+                    let wait = self.options.batch_age.saturating_sub(first.elapsed());
+                    chunks.recv_timeout(wait)
+                }
+                None => chunks.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            let ok = match received {
+                Ok(chunk) => self.feed(&chunk, parser),
+                Err(RecvTimeoutError::Timeout) => self.cut(),
+                Err(RecvTimeoutError::Disconnected) => {
+                    let _ = self.cut();
+                    return;
+                }
+            };
+            if !ok {
+                return;
+            }
+        }
+    }
+
+    /// Parses a chunk; returns false when the spool thread is gone.
+    fn feed(&mut self, chunk: &Chunk, parser: &mut dyn LineParser) -> bool {
+        let mut start = 0;
+        let mut lines = 0;
+        for end in memchr::memchr_iter(b'\n', &chunk.data) {
+            let line = &chunk.data[start..=end];
+            start = end + 1;
+            lines += 1;
+            if let Some(event) = parser.parse_line(line) {
+                if self.events.is_empty() {
+                    self.first_event_at = Some(Instant::now());
+                }
+                self.events.push(event);
+                if self.events.len() >= self.options.batch_events {
+                    self.position =
+                        Some(Position { fingerprint: chunk.fingerprint, offset: chunk.offset + start as u64 });
+                    if !self.cut() {
+                        return false;
+                    }
+                }
+            }
+        }
+        self.stats.lines.fetch_add(lines, Ordering::Relaxed);
+        self.position = Some(chunk.end());
+        if self.first_event_at.is_some_and(|first| first.elapsed() >= self.options.batch_age) {
+            return self.cut();
+        }
+        if self.events.is_empty() && self.position != self.sent {
+            // Lines without events: move the checkpoint on by itself.
+            let Some(position) = self.position else { return true };
+            self.sent = self.position;
+            return self.out.send(Item::Position(self.source_position(position))).is_ok();
+        }
+        true
+    }
+
+    /// Sends the pending batch, if any.
+    fn cut(&mut self) -> bool {
+        self.first_event_at = None;
+        if self.events.is_empty() {
+            return true;
+        }
+        let Some(position) = self.position else { return true };
+        let events = std::mem::replace(&mut self.events, Vec::with_capacity(self.options.batch_events));
+        self.stats.events.fetch_add(events.len() as u64, Ordering::Relaxed);
+        self.sent = Some(position);
+        self.out.send(Item::Batch(events, self.source_position(position))).is_ok()
+    }
+
+    fn source_position(&self, position: Position) -> SourcePosition {
+        SourcePosition { path: self.path.clone(), fingerprint: position.fingerprint, offset: position.offset }
+    }
+}
+
+fn spool_loop(
+    spool: SharedSpool,
+    items: Receiver<Item>,
+    fsync_interval: Duration,
+    durable: tokio::sync::watch::Sender<u64>,
+    stats: Arc<PipelineStats>,
+) -> Result<(), SpoolError> {
+    let mut last_sync = Instant::now();
+    let mut unsynced = false;
+    // Positions of quiet sources, written at the next commit.
+    let mut positions: HashMap<String, SourcePosition> = HashMap::new();
+    let mut written: HashMap<String, SourcePosition> = spool.lock().unwrap_or_else(PoisonError::into_inner).positions();
+    loop {
+        let received = if unsynced || !positions.is_empty() {
+            items.recv_timeout(fsync_interval.saturating_sub(last_sync.elapsed()))
+        } else {
+            items.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        };
+        let disconnected = matches!(received, Err(RecvTimeoutError::Disconnected));
+        match received {
+            Ok(Item::Batch(events, position)) => {
+                positions.remove(&position.path);
+                written.insert(position.path.clone(), position.clone());
+                with_retry(&spool, |spool| spool.append(&events, &position).map(|_| ()));
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                unsynced = true;
+            }
+            Ok(Item::Position(position)) => {
+                if written.get(&position.path) != Some(&position) {
+                    positions.insert(position.path.clone(), position);
+                }
+            }
+            Err(_) => {}
+        }
+        if disconnected || last_sync.elapsed() >= fsync_interval {
+            if unsynced || !positions.is_empty() {
+                let mut guard = spool.lock().unwrap_or_else(PoisonError::into_inner);
+                for (path, position) in positions.drain() {
+                    guard.append_position(position.clone())?;
+                    written.insert(path, position);
+                }
+                guard.sync()?;
+                let seq = guard.durable_seq();
+                drop(guard);
+                durable.send_replace(seq);
+                stats.syncs.fetch_add(1, Ordering::Relaxed);
+                unsynced = false;
+            }
+            last_sync = Instant::now();
+        }
+        if disconnected {
+            return Ok(());
+        }
+    }
+}
+
+/// Retries a spool write until it succeeds (a full disk must not lose the
+/// batch); the pipeline behind it waits meanwhile.
+fn with_retry(spool: &SharedSpool, mut write: impl FnMut(&mut Spool) -> Result<(), SpoolError>) {
+    let mut failing = false;
+    loop {
+        let result = write(&mut spool.lock().unwrap_or_else(PoisonError::into_inner));
+        match result {
+            Ok(()) => return,
+            Err(error) => {
+                if !failing {
+                    error!(%error, "Cannot write to the spool; retrying every second.");
+                }
+                failing = true;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{SpoolOptions, read_all};
+    use std::io::Write;
+
+    fn raw_parser() -> impl LineParser {
+        |line: &[u8]| {
+            let text = std::str::from_utf8(line).ok()?.trim_end();
+            text.starts_with("ev").then(|| Event { raw: text.to_owned(), ..Event::default() })
+        }
+    }
+
+    fn options() -> PipelineOptions {
+        PipelineOptions {
+            batch_events: 7,
+            batch_age: Duration::from_millis(20),
+            fsync_interval: Duration::from_millis(10),
+            watch: false,
+            poll_interval: Duration::from_millis(10),
+            ..PipelineOptions::default()
+        }
+    }
+
+    fn spooled_events(dir: &std::path::Path) -> Vec<String> {
+        read_all(dir).unwrap().into_iter().flat_map(|batch| batch.events).map(|event| event.raw).collect()
+    }
+
+    fn wait_for(mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn lines_reach_the_spool_once_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let spool_dir = dir.path().join("spool");
+        let mut file = std::fs::File::create(&log).unwrap();
+        let sources = [SourceSpec { path: log.clone(), start_at: StartAt::Beginning }];
+        let mut expected = Vec::new();
+        let mut n = 0;
+        for round in 0..3 {
+            for _ in 0..50 {
+                n += 1;
+                writeln!(file, "ev {n}").unwrap();
+                writeln!(file, "noise {n}").unwrap();
+                expected.push(format!("ev {n}"));
+            }
+            let (spool, _) = Spool::open(&spool_dir, SpoolOptions::with_max_bytes(1 << 20)).unwrap();
+            let pipeline = Pipeline::start(spool, &sources, raw_parser, options()).unwrap();
+            let durable = pipeline.durable();
+            wait_for(|| pipeline.stats().lines.load(Ordering::Relaxed) >= 100);
+            if round == 1 {
+                // Lines after the last event: only a position record covers them.
+                writeln!(file, "noise only").unwrap();
+            }
+            pipeline.shutdown().unwrap();
+            assert!(*durable.borrow() > 0);
+        }
+        assert_eq!(spooled_events(&spool_dir), expected);
+        let snapshot = crate::spool::inspect(&spool_dir).unwrap();
+        let end = std::fs::metadata(&log).unwrap().len();
+        assert_eq!(snapshot.positions[&log.to_string_lossy().into_owned()].offset, end);
+    }
+
+    #[test]
+    fn age_cuts_a_small_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        std::fs::write(&log, "ev 1\n").unwrap();
+        let (spool, _) = Spool::open(&dir.path().join("spool"), SpoolOptions::with_max_bytes(1 << 20)).unwrap();
+        let sources = [SourceSpec { path: log, start_at: StartAt::Beginning }];
+        let options = PipelineOptions { batch_events: 1000, batch_age: Duration::from_millis(50), ..options() };
+        let pipeline = Pipeline::start(spool, &sources, raw_parser, options).unwrap();
+        let mut durable = pipeline.durable();
+        let started = Instant::now();
+        wait_for(|| *durable.borrow_and_update() >= 1);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let batches = pipeline.spool().lock().unwrap().read_batches(0, 10).unwrap();
+        assert_eq!(batches.len(), 1);
+        assert_eq!(batches[0].events.len(), 1);
+        pipeline.shutdown().unwrap();
+    }
+
+    #[test]
+    fn count_cuts_batches_of_batch_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let text: String = (1..=70).map(|n| format!("ev {n}\n")).collect();
+        std::fs::write(&log, text).unwrap();
+        let (spool, _) = Spool::open(&dir.path().join("spool"), SpoolOptions::with_max_bytes(1 << 20)).unwrap();
+        let sources = [SourceSpec { path: log, start_at: StartAt::Beginning }];
+        let options = PipelineOptions { batch_events: 7, batch_age: Duration::from_secs(60), ..options() };
+        let pipeline = Pipeline::start(spool, &sources, raw_parser, options).unwrap();
+        wait_for(|| pipeline.stats().batches.load(Ordering::Relaxed) >= 10);
+        pipeline.shutdown().unwrap();
+        let batches: Vec<_> =
+            read_all(&dir.path().join("spool")).unwrap().into_iter().filter(|b| !b.events.is_empty()).collect();
+        assert_eq!(batches.len(), 10);
+        assert!(batches.iter().all(|batch| batch.events.len() == 7));
+        assert_eq!(batches.iter().map(|b| b.seq).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn two_sources_keep_their_own_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        let logs = [dir.path().join("a.log"), dir.path().join("b.log")];
+        let sources: Vec<SourceSpec> =
+            logs.iter().map(|path| SourceSpec { path: path.clone(), start_at: StartAt::Beginning }).collect();
+        for round in 0..2 {
+            for (index, log) in logs.iter().enumerate() {
+                let mut file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+                for n in 0..20 {
+                    writeln!(file, "ev {index}-{round}-{n}").unwrap();
+                }
+            }
+            let (spool, _) = Spool::open(&spool_dir, SpoolOptions::with_max_bytes(1 << 20)).unwrap();
+            let pipeline = Pipeline::start(spool, &sources, raw_parser, options()).unwrap();
+            wait_for(|| pipeline.stats().lines.load(Ordering::Relaxed) >= 40);
+            pipeline.shutdown().unwrap();
+        }
+        let mut events = spooled_events(&spool_dir);
+        events.sort();
+        let mut expected: Vec<String> = (0..2)
+            .flat_map(|index| (0..2).flat_map(move |round| (0..20).map(move |n| format!("ev {index}-{round}-{n}"))))
+            .collect();
+        expected.sort();
+        assert_eq!(events, expected);
+        let positions = crate::spool::inspect(&spool_dir).unwrap().positions;
+        for log in &logs {
+            let key = log.to_string_lossy().into_owned();
+            assert_eq!(positions[&key].offset, std::fs::metadata(log).unwrap().len());
+        }
+    }
+}

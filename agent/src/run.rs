@@ -1,0 +1,139 @@
+//! `fleetban-agent run`: the long-running agent.
+//!
+//! Opens the spool in the state directory (cutting a torn tail left by a
+//! crash), starts the [`crate::pipeline`] over every configured source with
+//! the Exim parser, and runs until the shutdown future resolves; then it
+//! stops reading, flushes every pending batch and syncs the spool. It needs
+//! no server: events are spooled until an uplink sends them.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::config::AgentConfig;
+use crate::parse::{Parser, Timezone};
+use crate::pipeline::{LineParser, Pipeline, PipelineError, PipelineOptions, SourceSpec};
+use crate::service::{ServiceOptions, Services};
+use crate::spool::{Spool, SpoolError, SpoolOptions};
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration cannot be used as it is.
+    #[error("{0}")]
+    Config(String),
+    /// The spool cannot be opened.
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    /// The pipeline failed.
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    /// Detection, the firewall, the uplink or metrics could not start.
+    #[error(transparent)]
+    Services(#[from] crate::service::ServiceError),
+}
+
+/// The Exim parser as a pipeline step: keeps the raw line as evidence for
+/// abuse events only, so the bulk (connects, arrivals) stays small.
+#[derive(Debug)]
+pub struct EximLineParser(Parser);
+
+impl EximLineParser {
+    /// A parser for the configured time zone.
+    pub fn new(timezone: Timezone) -> Self {
+        Self(Parser::new(timezone))
+    }
+}
+
+impl LineParser for EximLineParser {
+    fn parse_line(&mut self, line: &[u8]) -> Option<fleetban_proto::v1::Event> {
+        let event = self.0.feed(line)?;
+        Some(event.to_proto(event.kind.is_abuse()))
+    }
+}
+
+/// The zone of the config's `timezone` key.
+pub fn timezone(config: &AgentConfig) -> Result<Timezone, RunError> {
+    Timezone::from_config(&config.timezone).map_err(|error| RunError::Config(format!("key `timezone`: {error}")))
+}
+
+/// Opens the spool of `config` for writing.
+pub fn open_spool(config: &AgentConfig) -> Result<Spool, RunError> {
+    let (spool, recovery) = Spool::open(&config.spool_dir(), SpoolOptions::with_max_bytes(config.spool.max_bytes))?;
+    if !recovery.damage.is_empty() {
+        warn!(damaged_records = recovery.damage.len(), "Spool had damaged records; they were cut off.");
+    }
+    Ok(spool)
+}
+
+/// Pipeline options from the config.
+pub fn pipeline_options(config: &AgentConfig) -> PipelineOptions {
+    PipelineOptions { fsync_interval: Duration::from_millis(config.spool.fsync_ms), ..PipelineOptions::default() }
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    if config.sources.is_empty() {
+        return Err(RunError::Config("no [[source]] is configured".into()));
+    }
+    let timezone = timezone(&config)?;
+    let spool = open_spool(&config)?;
+    let sources: Vec<SourceSpec> = config
+        .sources
+        .iter()
+        .map(|source| SourceSpec { path: source.path.clone(), start_at: source.start_at })
+        .collect();
+    // Detection and the firewall start first (the firewall reconciles at
+    // once); the uplink and metrics attach to the running pipeline's spool.
+    let mut services = Services::start(&config, timezone, ServiceOptions::default())?;
+    let pipeline = Pipeline::start(spool, &sources, || services.parser(), pipeline_options(&config))?;
+    services.attach(pipeline.spool(), pipeline.durable(), Some(pipeline.stats())).await?;
+    info!(server = %config.server, "Agent running.");
+    shutdown.await;
+    info!("Shutting down.");
+    let stopped = tokio::task::spawn_blocking(move || pipeline.shutdown())
+        .await
+        .map_err(|_| RunError::Pipeline(PipelineError::Panicked("shutdown".into())));
+    services.shutdown().await;
+    stopped??;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            warn!(%error, "Cannot listen for SIGTERM; only Ctrl-C stops the agent.");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetban_proto::v1::EventKind;
+
+    #[test]
+    fn exim_parser_keeps_the_raw_line_only_for_abuse() {
+        let mut parser = EximLineParser::new(Timezone::Utc);
+        let auth = b"2026-11-27 01:57:50.552 [8679] dovecot_plain authenticator failed for (scanner.invalid) [192.0.2.110]:35157 I=[192.0.2.10]:25: 535 Incorrect authentication data (set_id=admin0@example.test)\n";
+        let event = parser.parse_line(auth).expect("auth failure parses");
+        assert_eq!(event.kind, EventKind::AuthFailed as i32);
+        assert_eq!(event.auth_user, "admin0@example.test");
+        assert!(event.raw.starts_with("2026-11-27 01:57:50.552 [8679] dovecot_plain"));
+        let connect = b"2026-11-27 01:57:34.409 [7954] SMTP connection from [192.0.2.50]:35722 I=[192.0.2.10]:25 (TCP/IP connection count = 1)\n";
+        let event = parser.parse_line(connect).expect("connect parses");
+        assert_eq!(event.kind, EventKind::Connect as i32);
+        assert!(event.raw.is_empty());
+        assert!(parser.parse_line(b"  continuation\n").is_none());
+    }
+}

@@ -1,0 +1,436 @@
+//! The agent's acting half, wired around the ingest pipeline: local
+//! detection on every parsed line, the firewall thread, the uplink session,
+//! the metrics endpoint and the runtime status file.
+//!
+//! ```text
+//! parse thread ──► DetectingParser ──(proto events)──► pipeline batches ──► spool
+//!                     │ decisions (try_send, never blocks parsing)
+//!                     ▼
+//!               firewall thread (Reconciler) ──LocalBlock──► uplink ◄── spool (durable batches)
+//!                     ▲                                        │
+//!                     └──────── snapshots / deltas ────────────┘
+//! ```
+//!
+//! [`Services::start`] runs before the pipeline (its [`Services::parser`]s
+//! are the pipeline's line parsers); [`Services::attach`] then starts the
+//! uplink and metrics on the running pipeline's spool. Without credentials the uplink does not start
+//! (the agent still detects, blocks and spools). The runtime status
+//! (`state_dir/agent-status.json`) is rewritten every few seconds for
+//! `fleetban-agent status`.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use fleetban_proto::v1::{Event as ProtoEvent, LocalBlock};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use crate::config::AgentConfig;
+use crate::detect::{DetectStats, Detector};
+use crate::firewall::reconcile::{FirewallStats, Reconciler};
+use crate::firewall::worker::{FirewallHandle, Request, Worker, WorkerOptions};
+use crate::firewall::{Entry, Exec, backend_for, now_ms};
+use crate::metrics::{self, KindCounters};
+use crate::parse::{Parser, Timezone};
+use crate::pipeline::{LineParser, PipelineStats, SharedSpool};
+use crate::uplink::{self, Credentials, ServerOptions, UplinkContext, UplinkStats};
+
+/// File of the runtime status inside the state directory.
+pub const STATUS_FILE: &str = "agent-status.json";
+/// Interval of the runtime status file.
+const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+/// Batches in flight on the uplink.
+pub const UPLINK_WINDOW: usize = 8;
+
+/// Errors starting the services.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// A thread could not be started.
+    #[error("cannot start the firewall thread: {0}")]
+    Spawn(std::io::Error),
+    /// The metrics address cannot be bound.
+    #[error("metrics.listen {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// The host's own addresses: its interfaces plus the configured ones.
+pub fn own_addresses(config: &AgentConfig) -> Vec<IpAddr> {
+    let mut addresses = uplink::interface_addresses();
+    addresses.extend(config.addresses.iter().copied());
+    addresses.sort();
+    addresses.dedup();
+    addresses
+}
+
+/// Ranges never blocked: the allowlist and the own addresses.
+pub fn exclusions(config: &AgentConfig, own: &[IpAddr]) -> Vec<IpNet> {
+    let mut out: Vec<IpNet> = config.allowlist.cidrs.iter().map(|entry| entry.0).collect();
+    out.extend(own.iter().map(|ip| IpNet::from(*ip)));
+    out
+}
+
+/// The Exim parser as a pipeline step, with detection on every event:
+/// decisions go to the firewall thread without waiting, the event goes on to
+/// the spool (raw line kept only for abuse kinds).
+pub struct DetectingParser {
+    parser: Parser,
+    detector: Option<Arc<Mutex<Detector>>>,
+    firewall: FirewallHandle,
+    kinds: Arc<KindCounters>,
+}
+
+impl std::fmt::Debug for DetectingParser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DetectingParser").finish_non_exhaustive()
+    }
+}
+
+impl DetectingParser {
+    /// A parser for `timezone` feeding `detector` (none = detection off).
+    pub fn new(
+        timezone: Timezone,
+        detector: Option<Arc<Mutex<Detector>>>,
+        firewall: FirewallHandle,
+        kinds: Arc<KindCounters>,
+    ) -> Self {
+        Self { parser: Parser::new(timezone), detector, firewall, kinds }
+    }
+}
+
+impl LineParser for DetectingParser {
+    fn parse_line(&mut self, line: &[u8]) -> Option<ProtoEvent> {
+        let event = self.parser.feed(line)?;
+        self.kinds.add(event.kind);
+        if let Some(detector) = &self.detector {
+            let now = now_ms();
+            let decisions = detector.lock().unwrap_or_else(PoisonError::into_inner).observe_event(&event, now);
+            for decision in decisions {
+                let expires_at_ms = decision.time_ms + i64::from(decision.ttl_secs) * 1000;
+                let report = LocalBlock {
+                    cidr: Some(decision.net.into()),
+                    reason: decision.rule.as_str().to_owned(),
+                    evidence: format!("{}; last line: {}", decision.evidence, String::from_utf8_lossy(event.raw)),
+                    time_ms: decision.time_ms,
+                    ttl_secs: decision.ttl_secs,
+                };
+                let entry = Entry {
+                    net: decision.net,
+                    expires_at_ms: Some(expires_at_ms),
+                    reason: decision.rule.as_str().into(),
+                };
+                if !self.firewall.try_send(Request::Local(entry, Some(report))) {
+                    warn!(net = %decision.net, "Local block dropped: the firewall queue is full.");
+                }
+            }
+        }
+        Some(event.to_proto(event.kind.is_abuse()))
+    }
+}
+
+/// Test and benchmark hooks.
+#[derive(Debug, Default)]
+pub struct ServiceOptions {
+    /// Run firewall commands in this network namespace.
+    pub netns: Option<String>,
+    /// Told every local block once applied.
+    pub applied: Option<std::sync::mpsc::Sender<(IpNet, Instant)>>,
+    /// Allow `http://` to a non-loopback server.
+    pub insecure: bool,
+}
+
+/// The runtime status written for `fleetban-agent status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RuntimeStatus {
+    /// When it was written (RFC 3339).
+    pub updated_at: String,
+    /// The agent's process id.
+    pub pid: u32,
+    /// Uplink state.
+    pub uplink: RuntimeUplink,
+    /// Firewall state.
+    pub firewall: RuntimeFirewall,
+}
+
+/// Uplink part of [`RuntimeStatus`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RuntimeUplink {
+    /// The server URL.
+    pub server: String,
+    /// Whether credentials exist (otherwise the uplink is off).
+    pub enrolled: bool,
+    /// A session is open.
+    pub connected: bool,
+    /// Sessions opened.
+    pub sessions: u64,
+    /// Reconnects.
+    pub reconnects: u64,
+    /// Batches sent.
+    pub batches_sent: u64,
+    /// Local blocks reported.
+    pub local_blocks_sent: u64,
+}
+
+/// Firewall part of [`RuntimeStatus`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RuntimeFirewall {
+    /// Entries held.
+    pub entries: u64,
+    /// Blocklist version applied.
+    pub blocklist_version: u64,
+    /// Last full reconcile (RFC 3339); `None` = never.
+    pub last_reconcile: Option<String>,
+    /// Full reconciles run.
+    pub reconciles: u64,
+    /// Entries repaired because the firewall drifted.
+    pub drift_repaired: u64,
+    /// Failed commits.
+    pub errors: u64,
+    /// Local blocks applied.
+    pub local_blocks: u64,
+}
+
+fn rfc3339(ms: i64) -> Option<String> {
+    jiff::Timestamp::from_millisecond(ms).ok().map(|at| at.to_string())
+}
+
+impl RuntimeStatus {
+    fn collect(server: &str, enrolled: bool, uplink: &UplinkStats, firewall: &FirewallStats) -> Self {
+        let last = firewall.last_reconcile_ms.load(Ordering::Relaxed);
+        RuntimeStatus {
+            updated_at: rfc3339(now_ms()).unwrap_or_default(),
+            pid: std::process::id(),
+            uplink: RuntimeUplink {
+                server: server.to_owned(),
+                enrolled,
+                connected: uplink.connected.load(Ordering::Relaxed),
+                sessions: uplink.sessions.load(Ordering::Relaxed),
+                reconnects: uplink.reconnects.load(Ordering::Relaxed),
+                batches_sent: uplink.batches_sent.load(Ordering::Relaxed),
+                local_blocks_sent: uplink.local_blocks_sent.load(Ordering::Relaxed),
+            },
+            firewall: RuntimeFirewall {
+                entries: firewall.entries.load(Ordering::Relaxed),
+                blocklist_version: firewall.version.load(Ordering::Relaxed),
+                last_reconcile: if last > 0 { rfc3339(last) } else { None },
+                reconciles: firewall.reconciles.load(Ordering::Relaxed),
+                drift_repaired: firewall.drift_repaired.load(Ordering::Relaxed),
+                errors: firewall.errors.load(Ordering::Relaxed),
+                local_blocks: firewall.local_blocks.load(Ordering::Relaxed),
+            },
+        }
+    }
+
+    /// Reads the runtime status from `state_dir`, if any.
+    pub fn load(state_dir: &Path) -> Option<RuntimeStatus> {
+        serde_json::from_slice(&std::fs::read(state_dir.join(STATUS_FILE)).ok()?).ok()
+    }
+}
+
+/// The running services; stop them with [`Services::shutdown`].
+pub struct Services {
+    worker: Option<Worker>,
+    firewall: FirewallHandle,
+    detector: Option<Arc<Mutex<Detector>>>,
+    detect_stats: Arc<DetectStats>,
+    firewall_stats: Arc<FirewallStats>,
+    uplink_stats: Arc<UplinkStats>,
+    kinds: Arc<KindCounters>,
+    timezone: Timezone,
+    config: AgentConfig,
+    own: Vec<IpAddr>,
+    insecure: bool,
+    reports: Option<mpsc::Receiver<LocalBlock>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    status_path: PathBuf,
+    status: Arc<dyn Fn() -> RuntimeStatus + Send + Sync>,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services").field("tasks", &self.tasks.len()).finish_non_exhaustive()
+    }
+}
+
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+impl Services {
+    /// Starts the firewall thread (reconciling at once), detection and the
+    /// status writer. The uplink and the metrics endpoint start with
+    /// [`Services::attach`], once the pipeline runs.
+    pub fn start(config: &AgentConfig, timezone: Timezone, options: ServiceOptions) -> Result<Services, ServiceError> {
+        let own = own_addresses(config);
+        let exclude = exclusions(config, &own);
+        let firewall_stats = Arc::new(FirewallStats::default());
+        let backend = backend_for(config, Exec { netns: options.netns.clone() });
+        let reconciler =
+            Reconciler::new(backend, exclude.clone(), Some(config.state_dir.clone()), firewall_stats.clone());
+        let (report_tx, report_rx) = mpsc::channel::<LocalBlock>(1024);
+        let worker = Worker::start(
+            reconciler,
+            WorkerOptions {
+                reconcile_interval: Duration::from_secs(config.firewall.reconcile_secs),
+                reports: Some(report_tx),
+                applied: options.applied,
+            },
+        )
+        .map_err(ServiceError::Spawn)?;
+        let firewall = worker.handle();
+        let detect_stats = Arc::new(DetectStats::default());
+        let detector = config
+            .detect
+            .enabled
+            .then(|| Arc::new(Mutex::new(Detector::new(&config.detect, exclude, detect_stats.clone()))));
+        let uplink_stats = Arc::new(UplinkStats::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let enrolled = Credentials::path(&config.state_dir).exists();
+        let server = config.server.clone();
+        let (status_uplink, status_firewall) = (uplink_stats.clone(), firewall_stats.clone());
+        let status: Arc<dyn Fn() -> RuntimeStatus + Send + Sync> =
+            Arc::new(move || RuntimeStatus::collect(&server, enrolled, &status_uplink, &status_firewall));
+        let status_path = config.state_dir.join(STATUS_FILE);
+        let mut tasks = Vec::new();
+        {
+            let status = status.clone();
+            let path = status_path.clone();
+            let mut stop_rx = stop_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    write_status(&path, &status());
+                    tokio::select! {
+                        () = tokio::time::sleep(STATUS_INTERVAL) => {}
+                        _ = stop_rx.wait_for(|stop| *stop) => return,
+                    }
+                }
+            }));
+        }
+        info!(backend = ?config.firewall.backend, detect = config.detect.enabled, "Agent firewall and detection started.");
+        Ok(Services {
+            worker: Some(worker),
+            firewall,
+            detector,
+            detect_stats,
+            firewall_stats,
+            uplink_stats,
+            kinds: Arc::new(KindCounters::default()),
+            timezone,
+            config: config.clone(),
+            own,
+            insecure: options.insecure,
+            reports: Some(report_rx),
+            stop,
+            tasks,
+            status_path,
+            status,
+        })
+    }
+
+    /// Starts the uplink (when enrolled) and the metrics endpoint (when
+    /// configured) on the running pipeline's spool.
+    pub async fn attach(
+        &mut self,
+        spool: SharedSpool,
+        durable: watch::Receiver<u64>,
+        pipeline: Option<Arc<PipelineStats>>,
+    ) -> Result<(), ServiceError> {
+        let stop_rx = self.stop.subscribe();
+        match (Credentials::load(&self.config.state_dir), self.reports.take()) {
+            (Ok(credentials), Some(reports)) => {
+                let policy_detector = self.detector.clone();
+                let ctx = UplinkContext {
+                    server: ServerOptions {
+                        server: self.config.server.clone(),
+                        ca_file: self.config.ca_file.clone(),
+                        insecure: self.insecure,
+                    },
+                    credentials,
+                    hostname: uplink::hostname(),
+                    addresses: self.own.clone(),
+                    spool: spool.clone(),
+                    durable,
+                    firewall: self.firewall.clone(),
+                    local_blocks: reports,
+                    on_policy: Box::new(move |policy| {
+                        if let Some(detector) = &policy_detector {
+                            detector.lock().unwrap_or_else(PoisonError::into_inner).set_policy(policy);
+                        }
+                    }),
+                    window: UPLINK_WINDOW,
+                    stats: self.uplink_stats.clone(),
+                };
+                self.tasks.push(tokio::spawn(uplink::run(ctx, stopped(stop_rx.clone()))));
+            }
+            (Err(error), _) => {
+                warn!(%error, "Not enrolled: events are spooled and local blocks applied, but nothing is sent.");
+            }
+            (Ok(_), None) => warn!("The uplink is already running."),
+        }
+        if let Some(addr) = self.config.metrics.listen {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.map_err(|source| ServiceError::Metrics { addr, source })?;
+            let sources = metrics::Sources {
+                pipeline,
+                kinds: Some(self.kinds.clone()),
+                detect: Some(self.detect_stats.clone()),
+                firewall: Some(self.firewall_stats.clone()),
+                uplink: Some(self.uplink_stats.clone()),
+                spool: Some(spool),
+            };
+            self.tasks.push(tokio::spawn(metrics::serve(listener, sources, stopped(stop_rx))));
+        }
+        Ok(())
+    }
+
+    /// A line parser for one pipeline source.
+    pub fn parser(&self) -> DetectingParser {
+        DetectingParser::new(self.timezone.clone(), self.detector.clone(), self.firewall.clone(), self.kinds.clone())
+    }
+
+    /// The firewall thread.
+    pub fn firewall(&self) -> FirewallHandle {
+        self.firewall.clone()
+    }
+
+    /// Stops the uplink (waiting for in-flight acks), the metrics endpoint
+    /// and the firewall thread (entries stay in place). Call after the
+    /// pipeline has stopped, so that no parser holds a firewall handle.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        write_status(&self.status_path, &(self.status)());
+        drop(self.detector.take());
+        let worker = self.worker.take();
+        let firewall = self.firewall.clone();
+        drop(self);
+        drop(firewall);
+        if let Some(worker) = worker {
+            let (done_tx, done_rx) = oneshot::channel();
+            std::thread::spawn(move || {
+                worker.join();
+                let _ = done_tx.send(());
+            });
+            let _ = done_rx.await;
+        }
+    }
+}
+
+fn write_status(path: &Path, status: &RuntimeStatus) {
+    let Ok(json) = serde_json::to_vec_pretty(status) else { return };
+    if let Err(error) = crate::firewall::reconcile::write_atomic(path, &json) {
+        warn!(%error, path = %path.display(), "Cannot write the runtime status.");
+    }
+}

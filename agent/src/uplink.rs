@@ -1,0 +1,638 @@
+//! The uplink: the agent's one long-lived `Connect` session to the server.
+//!
+//! A session authenticates with metadata (`x-fleetban-agent-id`,
+//! `x-fleetban-agent-secret`), opens with `Hello` (hostname, version, the
+//! host's own addresses, the blocklist version the firewall holds, the next
+//! batch seq) and waits for `Welcome`. Then, concurrently:
+//!
+//! - durable spool batches are sent in seq order, at most `window` unacked
+//!   at a time; on `Ack` the spool is acked (acked segments are deleted); a
+//!   `Nack`ed batch is dropped (the server refused it as a whole, resending
+//!   it unchanged cannot help) and counted;
+//! - `BlocklistSnapshot` / `BlocklistDelta` go to the firewall thread, and
+//!   each applied version is reported with `Applied`; a delta that does not
+//!   start at the version held ends the session, and the next `Hello` asks
+//!   for the catch-up;
+//! - local blocks are sent as `LocalBlock`; heartbeats every
+//!   `Welcome.heartbeat_secs`; `Policy` updates go to detection; spool losses
+//!   are reported as `SpoolLoss`.
+//!
+//! When a session ends it is reopened after a jittered exponential backoff
+//! (doubling from 0.5 s up to 30 s, reset by every session that got its
+//! `Welcome`). Batches sent but not acked are sent again by the next session,
+//! starting after `max(spool acked seq, Welcome.last_acked_seq)`: the server
+//! stores each `(agent, seq)` once, so nothing is lost and nothing is stored
+//! twice. On shutdown no new batch is sent, and the acks of those in flight
+//! are awaited for up to [`DRAIN_TIMEOUT`].
+//!
+//! TLS: `https://` servers are verified against `ca_file` (or the WebPKI
+//! roots); `http://` is accepted only for loopback servers or with
+//! `insecure` (tests, lab setups).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use fleetban_proto::v1::agent_frame::Frame;
+use fleetban_proto::v1::agent_service_client::AgentServiceClient;
+use fleetban_proto::v1::server_frame::Frame as In;
+use fleetban_proto::v1::{
+    AgentFrame, EnrollRequest, EventBatch, Heartbeat, Hello, IpAddress, LocalBlock, Policy, SpoolLoss,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tracing::{debug, info, warn};
+
+use crate::firewall::worker::{DeltaReply, FirewallHandle};
+use crate::pipeline::SharedSpool;
+use crate::spool::{Loss, SpoolError};
+
+/// Metadata key of the agent id.
+pub const AGENT_ID_HEADER: &str = "x-fleetban-agent-id";
+/// Metadata key of the agent secret.
+pub const AGENT_SECRET_HEADER: &str = "x-fleetban-agent-secret";
+/// File of the credentials inside the state directory.
+pub const CREDENTIALS_FILE: &str = "credentials.json";
+/// How long shutdown waits for the acks of batches in flight.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest wait for `Welcome`.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest frame accepted from the server (a snapshot of a large blocklist).
+const MAX_DECODE_BYTES: usize = 256 * 1024 * 1024;
+
+/// Errors of the uplink.
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    /// The server URL or TLS settings cannot be used.
+    #[error("server {server}: {message}")]
+    Config {
+        /// The URL.
+        server: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The credentials file is missing or unreadable.
+    #[error("credentials {path}: {message} (run `fleetban-agent enroll` first)")]
+    Credentials {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The connection failed.
+    #[error("cannot connect: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The server answered with an error.
+    #[error("server said {}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    /// The server broke the protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The spool failed.
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    /// The firewall failed to apply a blocklist.
+    #[error("firewall: {0}")]
+    Firewall(String),
+    /// The firewall holds another version than a delta starts at.
+    #[error("blocklist version gap; resynchronising")]
+    Resync,
+}
+
+/// The agent's identity, stored in `state_dir/credentials.json` (mode 0600).
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Credentials {
+    /// Server-assigned agent id.
+    pub agent_id: String,
+    /// The secret; never logged.
+    pub agent_secret: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("agent_id", &self.agent_id).finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    /// Path of the credentials in `state_dir`.
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join(CREDENTIALS_FILE)
+    }
+
+    /// Reads the credentials from `state_dir`.
+    pub fn load(state_dir: &Path) -> Result<Credentials, UplinkError> {
+        let path = Self::path(state_dir);
+        let text = std::fs::read(&path)
+            .map_err(|error| UplinkError::Credentials { path: path.clone(), message: error.to_string() })?;
+        serde_json::from_slice(&text).map_err(|error| UplinkError::Credentials { path, message: error.to_string() })
+    }
+
+    /// Writes the credentials to `state_dir` atomically with mode 0600.
+    pub fn store(&self, state_dir: &Path) -> std::io::Result<PathBuf> {
+        std::fs::create_dir_all(state_dir)?;
+        let path = Self::path(state_dir);
+        let tmp = path.with_extension("json.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        file.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(path)
+    }
+}
+
+/// How to reach the server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// `https://host:port` (or `http://` for loopback / insecure).
+    pub server: String,
+    /// CA of the server certificate; `None` = WebPKI roots.
+    pub ca_file: Option<PathBuf>,
+    /// Allow `http://` to a non-loopback server.
+    pub insecure: bool,
+}
+
+impl ServerOptions {
+    /// The gRPC endpoint, with TLS when the URL is `https://`.
+    pub fn endpoint(&self) -> Result<Endpoint, UplinkError> {
+        let config = |message: String| UplinkError::Config { server: self.server.clone(), message };
+        let endpoint = Endpoint::from_shared(self.server.clone())
+            .map_err(|error| config(error.to_string()))?
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        let uri = endpoint.uri().clone();
+        match uri.scheme_str() {
+            Some("https") => {
+                let mut tls = ClientTlsConfig::new();
+                tls = match &self.ca_file {
+                    Some(path) => {
+                        let pem = std::fs::read(path)
+                            .map_err(|error| config(format!("ca_file {}: {error}", path.display())))?;
+                        tls.ca_certificate(Certificate::from_pem(pem))
+                    }
+                    None => tls.with_webpki_roots(),
+                };
+                endpoint.tls_config(tls).map_err(|error| config(error.to_string()))
+            }
+            Some("http") => {
+                let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+                let loopback = host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+                if loopback || self.insecure {
+                    Ok(endpoint)
+                } else {
+                    Err(config("http:// is only allowed for a loopback server (or with --insecure)".into()))
+                }
+            }
+            _ => Err(config("the URL must start with https:// or http://".into())),
+        }
+    }
+}
+
+/// Trades an enrollment token for credentials.
+pub async fn enroll(
+    server: &ServerOptions,
+    token: &str,
+    hostname: &str,
+    addresses: &[IpAddr],
+) -> Result<Credentials, UplinkError> {
+    let channel = server.endpoint()?.connect().await?;
+    let response = AgentServiceClient::new(channel)
+        .enroll(EnrollRequest {
+            token: token.to_owned(),
+            hostname: hostname.to_owned(),
+            version: crate::VERSION.to_owned(),
+            addresses: addresses.iter().map(|ip| IpAddress::from(*ip)).collect(),
+        })
+        .await?
+        .into_inner();
+    if response.agent_id.is_empty() || response.agent_secret.is_empty() {
+        return Err(UplinkError::Protocol("Enroll returned no credentials".into()));
+    }
+    Ok(Credentials { agent_id: response.agent_id, agent_secret: response.agent_secret })
+}
+
+/// The host's name.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // within it or truncates.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// The addresses of the host's interfaces, without loopback, link-local and
+/// unspecified ones.
+pub fn interface_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below; every node
+    // and address pointer is checked for null and read per its family.
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            return out;
+        }
+        let mut node = head;
+        while !node.is_null() {
+            let addr = (*node).ifa_addr;
+            if !addr.is_null() {
+                match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(addr as *const libc::sockaddr_in);
+                        out.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(addr as *const libc::sockaddr_in6);
+                        out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            node = (*node).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    out.retain(|ip| {
+        !ip.is_loopback()
+            && !ip.is_unspecified()
+            && !ip.is_multicast()
+            && match ip {
+                IpAddr::V4(v4) => !v4.is_link_local(),
+                IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) != 0xfe80,
+            }
+    });
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Counters of the uplink, for status and metrics.
+#[derive(Debug, Default)]
+pub struct UplinkStats {
+    /// A session is open (Welcome received).
+    pub connected: AtomicBool,
+    /// Sessions opened (Welcome received).
+    pub sessions: AtomicU64,
+    /// Session ends followed by a reconnect.
+    pub reconnects: AtomicU64,
+    /// Batches sent (resends included).
+    pub batches_sent: AtomicU64,
+    /// Highest seq acked.
+    pub last_ack_seq: AtomicU64,
+    /// Batches refused by the server.
+    pub batches_nacked: AtomicU64,
+    /// Local blocks reported.
+    pub local_blocks_sent: AtomicU64,
+    /// Snapshots and deltas applied.
+    pub blocklists_applied: AtomicU64,
+    /// When the current (or last) session opened, unix ms.
+    pub connected_since_ms: AtomicI64,
+}
+
+/// What the uplink works with.
+pub struct UplinkContext {
+    /// Server address and TLS.
+    pub server: ServerOptions,
+    /// The identity.
+    pub credentials: Credentials,
+    /// Hostname sent in `Hello`.
+    pub hostname: String,
+    /// Own addresses sent in `Hello`.
+    pub addresses: Vec<IpAddr>,
+    /// The spool to send from and ack into.
+    pub spool: SharedSpool,
+    /// The highest durable seq of the spool.
+    pub durable: watch::Receiver<u64>,
+    /// The firewall thread.
+    pub firewall: FirewallHandle,
+    /// Local blocks to report.
+    pub local_blocks: mpsc::Receiver<LocalBlock>,
+    /// Called with every `Policy` the server pushes.
+    pub on_policy: Box<dyn Fn(&Policy) + Send + Sync>,
+    /// Unacked batches in flight, at most.
+    pub window: usize,
+    /// Counters.
+    pub stats: Arc<UplinkStats>,
+}
+
+impl std::fmt::Debug for UplinkContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UplinkContext").field("server", &self.server.server).field("window", &self.window).finish()
+    }
+}
+
+/// The delay before reconnect attempt `attempt` (0-based): exponential from
+/// 0.5 s, capped at 30 s, jittered down to half.
+pub fn backoff(attempt: u32) -> Duration {
+    let base_ms = 500u64.saturating_mul(1u64 << attempt.min(16)).min(30_000);
+    Duration::from_millis(base_ms / 2 + fastrand::u64(0..=base_ms / 2))
+}
+
+/// Runs sessions until `shutdown` resolves.
+pub async fn run(mut ctx: UplinkContext, shutdown: impl Future<Output = ()>) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stats = ctx.stats.clone();
+    tokio::pin!(shutdown);
+    let mut attempt = 0u32;
+    loop {
+        let mut welcomed = false;
+        let result = {
+            let session = session(&mut ctx, stop_rx.clone(), &mut welcomed);
+            tokio::pin!(session);
+            tokio::select! {
+                result = &mut session => result,
+                () = &mut shutdown => {
+                    let _ = stop_tx.send(true);
+                    let _ = tokio::time::timeout(DRAIN_TIMEOUT + Duration::from_secs(1), session).await;
+                    stats.connected.store(false, Ordering::Relaxed);
+                    info!("Uplink stopped.");
+                    return;
+                }
+            }
+        };
+        ctx.stats.connected.store(false, Ordering::Relaxed);
+        if welcomed {
+            attempt = 0;
+        }
+        let delay = match &result {
+            Err(UplinkError::Resync) => Duration::ZERO,
+            _ => backoff(attempt),
+        };
+        match result {
+            Ok(()) => info!("Uplink session closed by the server; reconnecting."),
+            Err(error) => warn!(%error, delay_ms = delay.as_millis() as u64, "Uplink session ended; reconnecting."),
+        }
+        attempt = attempt.saturating_add(1);
+        ctx.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = &mut shutdown => {
+                info!("Uplink stopped.");
+                return;
+            }
+        }
+    }
+}
+
+async fn spool_call<T: Send + 'static>(
+    spool: &SharedSpool,
+    call: impl FnOnce(&mut crate::spool::Spool) -> Result<T, SpoolError> + Send + 'static,
+) -> Result<T, UplinkError> {
+    let spool = spool.clone();
+    tokio::task::spawn_blocking(move || call(&mut spool.lock().unwrap_or_else(PoisonError::into_inner)))
+        .await
+        .map_err(|_| UplinkError::Protocol("spool task panicked".into()))?
+        .map_err(UplinkError::from)
+}
+
+async fn send(tx: &mpsc::Sender<AgentFrame>, frame: Frame) -> Result<(), UplinkError> {
+    tx.send(AgentFrame { frame: Some(frame) }).await.map_err(|_| UplinkError::Protocol("stream closed".into()))
+}
+
+async fn session(
+    ctx: &mut UplinkContext,
+    mut stop: watch::Receiver<bool>,
+    welcomed: &mut bool,
+) -> Result<(), UplinkError> {
+    let channel: Channel = ctx.server.endpoint()?.connect().await?;
+    let (tx, rx) = mpsc::channel::<AgentFrame>(ctx.window + 16);
+    let (next_seq, acked_seq) = {
+        let spool = ctx.spool.lock().unwrap_or_else(PoisonError::into_inner);
+        (spool.next_seq(), spool.acked_seq())
+    };
+    let hello = Hello {
+        agent_id: ctx.credentials.agent_id.clone(),
+        version: crate::VERSION.to_owned(),
+        hostname: ctx.hostname.clone(),
+        addresses: ctx.addresses.iter().map(|ip| IpAddress::from(*ip)).collect(),
+        blocklist_version: ctx.firewall.version(),
+        next_seq,
+    };
+    send(&tx, Frame::Hello(hello)).await?;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    let metadata = request.metadata_mut();
+    let bad =
+        |what: &str| UplinkError::Config { server: ctx.server.server.clone(), message: format!("invalid {what}") };
+    metadata.insert(AGENT_ID_HEADER, ctx.credentials.agent_id.parse().map_err(|_| bad("agent id"))?);
+    metadata.insert(AGENT_SECRET_HEADER, ctx.credentials.agent_secret.parse().map_err(|_| bad("agent secret"))?);
+    let mut inbound = AgentServiceClient::new(channel)
+        .max_decoding_message_size(MAX_DECODE_BYTES)
+        .connect(request)
+        .await?
+        .into_inner();
+    let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, inbound.message()).await {
+        Err(_) => return Err(UplinkError::Protocol("no Welcome in time".into())),
+        Ok(Err(status)) => return Err(status.into()),
+        Ok(Ok(None)) => return Err(UplinkError::Protocol("stream closed before Welcome".into())),
+        Ok(Ok(Some(frame))) => match frame.frame {
+            Some(In::Welcome(welcome)) => welcome,
+            other => return Err(UplinkError::Protocol(format!("expected Welcome, got {other:?}"))),
+        },
+    };
+    *welcomed = true;
+    let stats = ctx.stats.clone();
+    stats.connected.store(true, Ordering::Relaxed);
+    stats.sessions.fetch_add(1, Ordering::Relaxed);
+    stats.connected_since_ms.store(crate::firewall::now_ms(), Ordering::Relaxed);
+    info!(
+        server = %ctx.server.server, server_version = %welcome.server_version,
+        last_acked_seq = welcome.last_acked_seq, blocklist_version = ctx.firewall.version(), "Uplink session open."
+    );
+    if welcome.last_acked_seq > acked_seq {
+        let seq = welcome.last_acked_seq;
+        spool_call(&ctx.spool, move |spool| spool.ack(seq)).await?;
+        stats.last_ack_seq.fetch_max(seq, Ordering::Relaxed);
+    }
+    let mut sent = acked_seq.max(welcome.last_acked_seq);
+    let mut in_flight: VecDeque<u64> = VecDeque::new();
+    let loss = ctx.spool.lock().unwrap_or_else(PoisonError::into_inner).unreported_loss();
+    if loss != Loss::default() {
+        send(&tx, Frame::SpoolLoss(SpoolLoss { dropped_events: loss.events, dropped_batches: loss.batches })).await?;
+        spool_call(&ctx.spool, move |spool| spool.loss_reported(loss)).await?;
+    }
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(u64::from(welcome.heartbeat_secs.max(1))));
+    heartbeat.reset();
+    let mut stopping = *stop.borrow();
+    let drain_deadline = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(drain_deadline);
+    loop {
+        if stopping && in_flight.is_empty() {
+            return Ok(());
+        }
+        // Fill the window from the spool.
+        let durable = *ctx.durable.borrow_and_update();
+        if !stopping && in_flight.len() < ctx.window && durable > sent {
+            let room = ctx.window - in_flight.len();
+            let after = sent;
+            let batches: Vec<EventBatch> = spool_call(&ctx.spool, move |spool| spool.read_batches(after, room)).await?;
+            for batch in batches {
+                sent = batch.seq;
+                in_flight.push_back(batch.seq);
+                debug!(seq = batch.seq, events = batch.events.len(), "Sending batch.");
+                send(&tx, Frame::Batch(batch)).await?;
+                stats.batches_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            if sent < durable && in_flight.len() < ctx.window {
+                // The rest of the durable range is position records only.
+                sent = durable;
+            }
+        }
+        let room = !stopping && in_flight.len() < ctx.window;
+        tokio::select! {
+            biased;
+            frame = inbound.message() => {
+                let frame = match frame {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => return if stopping { Ok(()) } else { Err(UplinkError::Protocol("server closed the stream".into())) },
+                    Err(status) => return Err(status.into()),
+                };
+                handle_frame(ctx, &tx, frame, &mut in_flight).await?;
+            }
+            changed = stop.changed(), if !stopping => {
+                if changed.is_err() || *stop.borrow() {
+                    stopping = true;
+                    drain_deadline.as_mut().reset(tokio::time::Instant::now() + DRAIN_TIMEOUT);
+                }
+            }
+            () = &mut drain_deadline, if stopping => {
+                warn!(in_flight = in_flight.len(), "Shutdown: batches still unacked; they are resent at the next start.");
+                return Ok(());
+            }
+            changed = ctx.durable.changed(), if room => {
+                if changed.is_err() {
+                    stopping = true;
+                    drain_deadline.as_mut().reset(tokio::time::Instant::now() + DRAIN_TIMEOUT);
+                }
+            }
+            block = ctx.local_blocks.recv(), if !stopping => {
+                if let Some(block) = block {
+                    send(&tx, Frame::LocalBlock(block)).await?;
+                    stats.local_blocks_sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            _ = heartbeat.tick() => {
+                let pending = ctx.spool.lock().unwrap_or_else(PoisonError::into_inner).status().pending_batches;
+                send(&tx, Frame::Heartbeat(Heartbeat {
+                    blocklist_version: ctx.firewall.version(),
+                    firewall_entries: ctx.firewall.entries(),
+                    pending_batches: pending,
+                })).await?;
+            }
+        }
+    }
+}
+
+async fn handle_frame(
+    ctx: &mut UplinkContext,
+    tx: &mpsc::Sender<AgentFrame>,
+    frame: fleetban_proto::v1::ServerFrame,
+    in_flight: &mut VecDeque<u64>,
+) -> Result<(), UplinkError> {
+    let stats = ctx.stats.clone();
+    match frame.frame {
+        Some(In::Ack(ack)) => {
+            let seq = ack.seq;
+            if ack.rejected_events > 0 {
+                warn!(seq, rejected_events = ack.rejected_events, "Server rejected some events of a batch.");
+            }
+            spool_call(&ctx.spool, move |spool| spool.ack(seq)).await?;
+            in_flight.retain(|s| *s > seq);
+            stats.last_ack_seq.fetch_max(seq, Ordering::Relaxed);
+        }
+        Some(In::Nack(nack)) => {
+            warn!(seq = nack.seq, reason = %nack.reason, "Server refused a frame.");
+            if nack.seq > 0 && in_flight.front() == Some(&nack.seq) {
+                stats.batches_nacked.fetch_add(1, Ordering::Relaxed);
+                let seq = nack.seq;
+                spool_call(&ctx.spool, move |spool| spool.ack(seq)).await?;
+                in_flight.retain(|s| *s > seq);
+            }
+        }
+        Some(In::Snapshot(snapshot)) => {
+            let applied = ctx.firewall.snapshot(snapshot).await.map_err(UplinkError::Firewall)?;
+            stats.blocklists_applied.fetch_add(1, Ordering::Relaxed);
+            send(tx, Frame::Applied(applied)).await?;
+        }
+        Some(In::Delta(delta)) => match ctx.firewall.delta(delta).await {
+            DeltaReply::Applied(applied) => {
+                stats.blocklists_applied.fetch_add(1, Ordering::Relaxed);
+                send(tx, Frame::Applied(applied)).await?;
+            }
+            DeltaReply::Stale => {}
+            DeltaReply::Gap => return Err(UplinkError::Resync),
+            DeltaReply::Failed(message) => return Err(UplinkError::Firewall(message)),
+        },
+        Some(In::Policy(policy)) => {
+            info!(?policy, "Server pushed a detection policy.");
+            (ctx.on_policy)(&policy);
+        }
+        Some(In::Welcome(_)) => warn!("Ignoring a second Welcome."),
+        None => warn!("Ignoring an empty server frame."),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        for attempt in 0..40 {
+            let delay = backoff(attempt);
+            let base = (500u64 << attempt.min(16)).min(30_000);
+            assert!(
+                delay >= Duration::from_millis(base / 2) && delay <= Duration::from_millis(base),
+                "{attempt}: {delay:?}"
+            );
+        }
+        assert!(backoff(30) <= Duration::from_secs(30));
+        assert!(backoff(30) >= Duration::from_secs(15));
+    }
+
+    #[test]
+    fn credentials_are_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let credentials = Credentials { agent_id: "id".into(), agent_secret: "s3cret".into() };
+        let path = credentials.store(dir.path()).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(Credentials::load(dir.path()).unwrap(), credentials);
+        assert!(!format!("{credentials:?}").contains("s3cret"));
+        assert!(Credentials::load(&dir.path().join("missing")).unwrap_err().to_string().contains("enroll"));
+    }
+
+    #[test]
+    fn plaintext_only_for_loopback_or_insecure() {
+        let options = |server: &str, insecure| ServerOptions { server: server.into(), ca_file: None, insecure };
+        assert!(options("http://127.0.0.1:50051", false).endpoint().is_ok());
+        assert!(options("http://[::1]:50051", false).endpoint().is_ok());
+        assert!(options("http://192.0.2.1:50051", false).endpoint().is_err());
+        assert!(options("http://192.0.2.1:50051", true).endpoint().is_ok());
+        assert!(options("https://fleet.example.net:50051", false).endpoint().is_ok());
+        let missing =
+            ServerOptions { ca_file: Some("/nonexistent/ca.pem".into()), ..options("https://a.example:1", false) };
+        assert!(missing.endpoint().unwrap_err().to_string().contains("ca_file"));
+    }
+
+    #[test]
+    fn interfaces_exclude_loopback() {
+        assert!(interface_addresses().iter().all(|ip| !ip.is_loopback()));
+        assert!(!hostname().is_empty());
+    }
+}
