@@ -621,3 +621,27 @@ async fn local_blocks_and_fleet_evidence_become_fleet_blocks_pushed_to_agents(po
     assert_eq!(source, "auto");
     server.stop().await;
 }
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn silent_session_is_detected_and_cleaned_up(pool: PgPool) {
+    let options = Options { heartbeat: Duration::from_secs(1), ..Default::default() };
+    let server = TestServer::start_with(pool.clone(), options).await;
+    let (id, secret) = enroll(&pool, server.channel().await).await;
+    let mut agent = Agent::connect(server.channel().await, &id.to_string(), &secret).await.unwrap();
+    agent.hello(id, 0).await;
+    agent.next().await;
+    assert_eq!(count(&pool, "select count(*) from agents where connected").await, 1);
+    // The agent keeps its stream open but sends nothing: after three
+    // heartbeat intervals the server ends the session.
+    let started = tokio::time::Instant::now();
+    let status = agent.try_next().await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() >= Duration::from_secs(2), "ended too early: {:?}", started.elapsed());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while count(&pool, "select count(*) from agents where connected").await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "a dead session left the agent connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(Stats::get(&server.stats.sessions_open), 0);
+    server.stop().await;
+}
