@@ -15,6 +15,7 @@
 //! - [`ingest`]: validation and exactly-once storage of event batches.
 //! - [`blocks`]: the versioned fleet blocklist and its policy checks.
 //! - [`correlate`]: the fleet policy that turns evidence into blocks.
+//! - [`backlog`]: coalesced correlation work of committed batches.
 //! - [`push`]: LISTEN/NOTIFY fan-out of blocklist changes to sessions.
 //! - [`session`]: the gRPC `AgentService` (Enroll, Connect).
 //! - [`api`]: the HTTP side: REST API, dashboard, metrics, OpenAPI, health.
@@ -26,6 +27,7 @@
 pub mod api;
 pub mod asn;
 pub mod auth;
+pub mod backlog;
 pub mod blocks;
 pub mod cli;
 pub mod config;
