@@ -34,7 +34,8 @@ use fleetban_proto::v1::agent_frame::Frame;
 use fleetban_proto::v1::agent_service_server::AgentService;
 use fleetban_proto::v1::server_frame::Frame as Out;
 use fleetban_proto::v1::{
-    Ack, AgentFrame, Applied, EnrollRequest, EnrollResponse, Heartbeat, Hello, LocalBlock, Nack, ServerFrame, Welcome,
+    Ack, AgentFrame, Applied, EnrollRequest, EnrollResponse, Heartbeat, Hello, LocalBlock, Nack, Policy, ServerFrame,
+    Welcome,
 };
 use ipnet::IpNet;
 use sqlx::PgPool;
@@ -405,6 +406,13 @@ impl Session {
             server_version: crate::VERSION.to_owned(),
             last_acked_seq: last_acked,
             heartbeat_secs: self.shared.heartbeat.as_secs().max(1) as u32,
+        }))
+        .await?;
+        // The agent's local IPv6 blocks must cover the same prefix the fleet
+        // blocks; every other threshold stays the agent's own (zero = keep).
+        self.send(Out::Policy(Policy {
+            ipv6_block_prefix: u32::from(self.shared.correlator.config().ipv6_block_prefix),
+            ..Policy::default()
         }))
         .await?;
         self.version = hello.blocklist_version;

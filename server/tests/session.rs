@@ -74,6 +74,9 @@ impl TestServer {
 struct Agent {
     tx: mpsc::Sender<AgentFrame>,
     rx: Streaming<ServerFrame>,
+    /// `Policy` frames received so far (kept aside so that tests can read
+    /// the other frames in order).
+    policies: Vec<fleetban_proto::v1::Policy>,
 }
 
 impl Agent {
@@ -87,7 +90,7 @@ impl Agent {
             request.metadata_mut().insert(AGENT_SECRET_HEADER, secret.parse().unwrap());
         }
         let rx = AgentServiceClient::new(channel).connect(request).await?.into_inner();
-        Ok(Agent { tx, rx })
+        Ok(Agent { tx, rx, policies: Vec::new() })
     }
 
     async fn send(&self, frame: Frame) {
@@ -104,10 +107,21 @@ impl Agent {
             next_seq: 1,
         }))
         .await;
-        match self.next().await {
+        let last_acked = match self.next().await {
             Out::Welcome(w) => w.last_acked_seq,
             other => panic!("expected Welcome, got {other:?}"),
+        };
+        // The fleet's IPv6 block prefix follows the Welcome, before any
+        // blocklist frame.
+        match tokio::time::timeout(WAIT, self.rx.message()).await.expect("no frame in time") {
+            Ok(Some(ServerFrame { frame: Some(Out::Policy(p)) })) => {
+                assert_eq!(p.ipv6_block_prefix, 64, "the server's default ipv6_block_prefix");
+                assert_eq!(p.conn_rate, 0, "thresholds the server does not set stay zero (keep the agent's)");
+                self.policies.push(p);
+            }
+            other => panic!("expected Policy after Welcome, got {other:?}"),
         }
+        last_acked
     }
 
     /// Skips pushed frames until an ack; returns its seq.
@@ -124,8 +138,13 @@ impl Agent {
     }
 
     async fn try_next(&mut self) -> Result<Option<Out>, Status> {
-        let frame = tokio::time::timeout(WAIT, self.rx.message()).await.expect("no frame in time")?;
-        Ok(frame.map(|f| f.frame.expect("empty server frame")))
+        loop {
+            let frame = tokio::time::timeout(WAIT, self.rx.message()).await.expect("no frame in time")?;
+            match frame.map(|f| f.frame.expect("empty server frame")) {
+                Some(Out::Policy(p)) => self.policies.push(p),
+                other => return Ok(other),
+            }
+        }
     }
 
     /// Waits for a delta or snapshot that reaches `version`; returns the
