@@ -305,6 +305,9 @@ mod tests {
                 if excluded || covering.is_empty() {
                     prop_assert!(holders.is_empty(), "{} blocked but must not be", ip);
                 } else {
+                    // `None` means "never expires" and must win the fold, not
+                    // stop it, so this is not a `try_fold`.
+                    #[allow(clippy::manual_try_fold)]
                     let longest = covering.iter().map(|e| e.expires_at_ms).fold(Some(i64::MIN), |a, b| {
                         if outlasts(b, a) { b } else { a }
                     });
