@@ -110,6 +110,13 @@ pub fn desired<'a>(
     sorted.sort_by_key(|entry| (entry.net.prefix_len(), entry.net));
     let mut placed: HashMap<IpNet, Entry> = HashMap::with_capacity(sorted.len());
     for entry in sorted {
+        // A piece cut from a broader entry may be exactly this range.
+        if let Some(held) = placed.get_mut(&entry.net) {
+            if outlasts(entry.expires_at_ms, held.expires_at_ms) {
+                *held = entry;
+            }
+            continue;
+        }
         let container = (0..entry.net.prefix_len())
             .rev()
             .filter_map(|len| IpNet::new(entry.net.addr(), len).ok().map(|n| n.trunc()))
@@ -260,6 +267,18 @@ mod tests {
     }
 
     #[test]
+    fn a_cut_piece_keeps_the_longer_expiry() {
+        // Found by the property test: the /24 is cut around the permanent
+        // /26, and the remaining /26 piece is also an input of its own.
+        let out = desired(
+            &[entry("192.0.2.0/26", None), entry("192.0.2.0/24", Some(2000)), entry("192.0.2.64/26", Some(1000))],
+            &[],
+            0,
+        );
+        assert_eq!(nets(&out), ["192.0.2.0/26 None", "192.0.2.128/25 Some(2000)", "192.0.2.64/26 Some(2000)"]);
+    }
+
+    #[test]
     fn diff_adds_removes_and_retimes() {
         let want = desired(&[entry("192.0.2.1/32", Some(100_000)), entry("192.0.2.2/32", Some(100_000))], &[], 0);
         let actual = desired(
@@ -284,6 +303,7 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
         /// Every address is blocked in the result exactly when some input
         /// entry (not excluded) blocks it, until that entry's longest expiry;
         /// the result is disjoint.
