@@ -160,10 +160,10 @@ fn detection(ns: &support::Netns) {
         samples.push(applied.duration_since(written));
         std::thread::sleep(Duration::from_millis(20));
     }
-    let listing = ns.exec_server(&["nft", "list", "set", "inet", "fleetban", "v4"]);
+    report("detection latency, log line written -> nft element present (100k loaded)", samples);
+    let listing = ns.exec_server(&["nft", "list", "set", "inet", "fleetban", "v4_32"]);
     let present = (0..60u32).filter(|i| listing.contains(&Ipv4Addr::from(0xC613_8000 + i).to_string())).count();
     assert_eq!(present, 60, "every attacker's element is in the kernel");
-    report("detection latency, log line written -> nft element present (100k loaded)", samples);
     pipeline.shutdown().expect("pipeline");
     runtime.block_on(services.shutdown());
     let backend = backend_of(

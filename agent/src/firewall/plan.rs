@@ -27,7 +27,7 @@ pub const EXPIRY_TOLERANCE_MS: i64 = 10_000;
 pub const EXPIRING_SOON_MS: i64 = 2_000;
 
 /// Whether `a` lasts longer than `b` (`None` = forever).
-fn outlasts(a: Option<i64>, b: Option<i64>) -> bool {
+pub fn outlasts(a: Option<i64>, b: Option<i64>) -> bool {
     match (a, b) {
         (None, None) => false,
         (None, Some(_)) => true,
@@ -109,6 +109,10 @@ pub fn desired<'a>(
     let mut sorted: Vec<Entry> = by_net.into_values().collect();
     sorted.sort_by_key(|entry| (entry.net.prefix_len(), entry.net));
     let mut placed: HashMap<IpNet, Entry> = HashMap::with_capacity(sorted.len());
+    // Prefix lengths present in `placed`, per family: a container can only
+    // have one of them (usually one or two, instead of up to 128 lookups).
+    let mut lengths = [[false; 129]; 2];
+    let family = |net: &IpNet| usize::from(net.addr().is_ipv6());
     for entry in sorted {
         // A piece cut from a broader entry may be exactly this range.
         if let Some(held) = placed.get_mut(&entry.net) {
@@ -117,12 +121,15 @@ pub fn desired<'a>(
             }
             continue;
         }
+        let present = &lengths[family(&entry.net)];
         let container = (0..entry.net.prefix_len())
             .rev()
+            .filter(|len| present[usize::from(*len)])
             .filter_map(|len| IpNet::new(entry.net.addr(), len).ok().map(|n| n.trunc()))
             .find(|candidate| placed.contains_key(candidate));
         match container {
             None => {
+                lengths[family(&entry.net)][usize::from(entry.net.prefix_len())] = true;
                 placed.insert(entry.net, entry);
             }
             Some(outer) => {
@@ -132,8 +139,10 @@ pub fn desired<'a>(
                 }
                 let Some(outer_entry) = placed.remove(&outer) else { continue };
                 for piece in cut(outer, entry.net) {
+                    lengths[family(&piece)][usize::from(piece.prefix_len())] = true;
                     placed.insert(piece, Entry { net: piece, ..outer_entry.clone() });
                 }
+                lengths[family(&entry.net)][usize::from(entry.net.prefix_len())] = true;
                 placed.insert(entry.net, entry);
             }
         }
