@@ -334,9 +334,11 @@ mod tests {
                 if excluded || covering.is_empty() {
                     prop_assert!(holders.is_empty(), "{} blocked but must not be", ip);
                 } else {
-                    let longest = covering.iter().map(|e| e.expires_at_ms).fold(Some(i64::MIN), |a, b| {
-                        if outlasts(b, a) { b } else { a }
-                    });
+                    let longest = covering
+                        .iter()
+                        .map(|e| e.expires_at_ms)
+                        .reduce(|a, b| if outlasts(b, a) { b } else { a })
+                        .expect("covering is not empty");
                     prop_assert_eq!(holders.len(), 1, "{} not blocked", ip);
                     prop_assert_eq!(holders[0].expires_at_ms, longest);
                 }
