@@ -106,6 +106,9 @@ pub struct DemoOptions {
     pub grpc_listen: SocketAddr,
     /// Interval of the legitimate deliveries (round-robin over the hosts).
     pub legit_every: Duration,
+    /// Stop on its own this long after the scripted attack ran (tests);
+    /// `None` = only when `stop` resolves.
+    pub exit_after_script: Option<Duration>,
     /// Where the timeline goes.
     pub out: Arc<Mutex<dyn std::io::Write + Send>>,
 }
@@ -130,6 +133,7 @@ impl Default for DemoOptions {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             legit_every: Duration::from_millis(250),
+            exit_after_script: None,
             out: Arc::new(Mutex::new(std::io::stdout())),
         }
     }
@@ -535,12 +539,17 @@ pub async fn run(
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     let mut last_counts = Instant::now();
+    let mut exit_at: Option<Instant> = None;
     loop {
+        if exit_at.is_some_and(|at| Instant::now() >= at) {
+            break;
+        }
         tokio::select! {
             () = &mut stop => break,
             result = &mut script_task, if !script_completed => {
                 script_completed = result.is_ok();
                 if !script_completed { break; }
+                exit_at = options.exit_after_script.map(|after| Instant::now() + after);
             }
             _ = tick.tick() => {
                 timeline.poll(false);
