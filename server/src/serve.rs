@@ -134,7 +134,7 @@ pub async fn run(
         }
     };
 
-    let app = api::router(api::AppState { pool });
+    let app = api::router(api::AppState::new(pool, options.correlate.clone()).with_stats(options.stats.clone()));
     let http_server = axum::serve(listeners.http, app).with_graceful_shutdown(stopped(&stop_rx));
 
     let (grpc_result, http_result) = tokio::join!(grpc, http_server.into_future());
