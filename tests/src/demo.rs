@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use fleetban_agent::config::AgentConfig;
 use fleetban_agent::firewall::dryrun;
 use fleetban_agent::uplink::{self, ServerOptions};
-use fleetban_server::{auth, db, pgembed, serve};
+use fleetban_server::{api, auth, db, pgembed, serve};
 use ipnet::IpNet;
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -58,6 +58,9 @@ pub enum DemoError {
     /// An enrollment token could not be created.
     #[error("enrollment token: {0}")]
     Token(#[from] auth::AuthError),
+    /// The admin API token could not be created.
+    #[error("API token: {0}")]
+    ApiToken(#[from] api::auth::TokenError),
     /// A file or socket operation failed.
     #[error("{what}: {source}")]
     Io {
@@ -466,6 +469,7 @@ pub async fn run(
 
     // Agents: enroll through the real RPC, then run.
     let names: Vec<String> = (1..=hosts).map(|i| format!("mx{i}")).collect();
+    let admin = api::auth::create_token(&pool, api::auth::Role::Admin, Some("demo-admin")).await?;
     let token = auth::create_enrollment_token(&pool, hosts as u32, Duration::from_secs(600), "demo").await?;
     let server_url = format!("http://{grpc_addr}");
     let (agents_stop_tx, agents_stop_rx) = watch::channel(false);
@@ -495,6 +499,7 @@ pub async fn run(
     }
 
     printer.raw(&banner(&url, options.database_url.is_none(), grpc_addr, http_addr, &names, &work, temp.is_some()));
+    printer.raw(&format!("  admin token {}  (paste it into the dashboard, or: curl -H 'Authorization: Bearer {}' http://{http_addr}/api/v1/blocks)\n", admin.token, admin.token));
 
     // Wait for every agent's session.
     let deadline = Instant::now() + Duration::from_secs(20);
