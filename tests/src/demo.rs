@@ -212,11 +212,14 @@ async fn bind(preferred: SocketAddr) -> Result<tokio::net::TcpListener, DemoErro
     }
 }
 
+/// Per host index: when a range was first seen there, and its reason.
+type SeenOn = HashMap<usize, (Instant, String)>;
+
 /// The firewall state of every host: first-seen times per range.
 #[derive(Debug, Default)]
 struct Observed {
     /// net -> host -> (first seen, reason).
-    seen: HashMap<IpNet, HashMap<usize, (Instant, String)>>,
+    seen: HashMap<IpNet, SeenOn>,
     /// Order in which nets first appeared.
     order: Vec<IpNet>,
 }
@@ -266,7 +269,7 @@ struct Timeline {
 }
 
 impl Timeline {
-    fn block_seen(&self, net: IpNet, seen: &HashMap<usize, (Instant, String)>) -> BlockSeen {
+    fn block_seen(&self, net: IpNet, seen: &SeenOn) -> BlockSeen {
         let first = seen.values().map(|(at, _)| *at).min();
         let first_host = seen.iter().min_by_key(|(_, (at, _))| *at).map(|(h, _)| *h);
         let writes = self.fleet.writes();
@@ -290,7 +293,7 @@ impl Timeline {
     /// Prints the blocks that are complete (or overdue); with `all`, every
     /// block not printed yet.
     fn poll(&mut self, all: bool) {
-        let pending: Vec<(IpNet, HashMap<usize, (Instant, String)>)> = {
+        let pending: Vec<(IpNet, SeenOn)> = {
             let obs = lock(&self.observed);
             obs.order
                 .iter()
