@@ -22,17 +22,17 @@ struct Cli {
     database_url: Option<String>,
 }
 
-async fn stop_signal(duration: Option<u64>) {
+async fn stop_signal(deadline: Option<tokio::time::Instant>) {
     let ctrl_c = async {
         if let Err(error) = tokio::signal::ctrl_c().await {
             tracing::warn!(%error, "Cannot listen for Ctrl-C.");
             std::future::pending::<()>().await;
         }
     };
-    match duration {
-        Some(secs) => {
+    match deadline {
+        Some(deadline) => {
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(secs)) => {}
+                () = tokio::time::sleep_until(deadline) => {}
                 () = ctrl_c => {}
             }
         }
@@ -49,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let options =
         DemoOptions { hosts: usize::from(cli.hosts), database_url: cli.database_url, ..DemoOptions::default() };
-    demo::run(options, stop_signal(cli.duration)).await?;
+    let deadline = cli.duration.map(|secs| tokio::time::Instant::now() + Duration::from_secs(secs));
+    demo::run(options, stop_signal(deadline)).await?;
     Ok(())
 }
