@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fleetban_server::config::{Overrides, ServerConfig};
-use fleetban_server::{api, asn, auth, db, pgembed, serve, tls};
+use fleetban_server::{api, asn, auth, db, serve, tls};
 use tracing::{info, warn};
 
 /// The audit log's actor for changes made by `fleetban-server` commands.
@@ -83,16 +83,6 @@ enum Command {
     Asn {
         #[command(subcommand)]
         command: AsnCommand,
-    },
-    /// Run a self-contained demo: an embedded Postgres and the server on
-    /// loopback.
-    Demo {
-        /// Stop after this many seconds (default: run until Ctrl-C).
-        #[arg(long)]
-        duration: Option<u64>,
-        /// Address of the HTTP listener.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        http_listen: SocketAddr,
     },
 }
 
@@ -228,34 +218,6 @@ async fn main() -> anyhow::Result<()> {
                 files.server_cert.display(),
                 files.server_key.display()
             );
-        }
-        Command::Demo { duration, http_listen } => {
-            let pg = tokio::task::spawn_blocking(pgembed::EmbeddedPostgres::start)
-                .await
-                .context("embedded postgres start task")??;
-            let pool = db::connect(&pg.url(), 16).await?;
-            db::migrate(&pool).await?;
-            println!("fleetban demo: embedded Postgres at {}", pg.url());
-            println!("fleetban demo: health at http://{http_listen}/healthz");
-            println!(
-                "fleetban demo: simulated agents and the scripted attack are not implemented yet; \
-                 the server runs until Ctrl-C{}",
-                duration.map(|d| format!(" or {d} s")).unwrap_or_default()
-            );
-            let stop = async move {
-                match duration {
-                    Some(secs) => {
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(secs)) => {}
-                            _ = shutdown_signal() => {}
-                        }
-                    }
-                    None => shutdown_signal().await,
-                }
-            };
-            run(pool, serve::Options::default(), "127.0.0.1:0".parse()?, http_listen, stop).await?;
-            drop(pg);
-            println!("fleetban demo: stopped, embedded Postgres removed");
         }
     }
     Ok(())
