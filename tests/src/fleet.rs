@@ -517,6 +517,64 @@ impl Fleet {
         Ok(id)
     }
 
+    /// Per remote port, how many `connect` events host `i`'s agent stored
+    /// from `remote` with a source port in `ports`.
+    pub fn stored_connects(
+        &self,
+        i: usize,
+        remote: IpAddr,
+        ports: std::ops::Range<u16>,
+    ) -> anyhow::Result<std::collections::BTreeMap<u16, i64>> {
+        let agent = self.agent_id(i)?;
+        let rows = self.rt.block_on(
+            sqlx::query_as::<_, (i32, i64)>(
+                "select remote_port, count(*) from events where agent_id = $1 and kind = 'connect' \
+                 and remote = $2::inet and remote_port >= $3 and remote_port < $4 group by remote_port",
+            )
+            .bind(agent)
+            .bind(remote.to_string())
+            .bind(i32::from(ports.start))
+            .bind(i32::from(ports.end))
+            .fetch_all(&self.pool),
+        )?;
+        Ok(rows.into_iter().map(|(port, n)| (port as u16, n)).collect())
+    }
+
+    /// Per remote port, how many connect lines host `i`'s Exim log holds
+    /// from `remote` with a source port in `ports`.
+    pub fn written_connects(
+        &self,
+        i: usize,
+        remote: IpAddr,
+        ports: std::ops::Range<u16>,
+    ) -> anyhow::Result<std::collections::BTreeMap<u16, i64>> {
+        let text = fs::read_to_string(self.hosts[i].log())?;
+        let needle = format!("SMTP connection from [{remote}]:");
+        let mut out = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            let Some(pos) = line.find(&needle) else { continue };
+            let rest = &line[pos + needle.len()..];
+            if !rest.contains("(TCP/IP connection count") {
+                continue;
+            }
+            let port: u16 = rest.split(' ').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            if ports.contains(&port) {
+                *out.entry(port).or_insert(0) += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stops (`false`) or restarts (`true`) Postgres.
+    pub fn set_postgres(&mut self, up: bool) -> anyhow::Result<()> {
+        if up {
+            self.pg.start_again()?;
+        } else {
+            self.pg.stop();
+        }
+        Ok(())
+    }
+
     /// Server log (for failure messages).
     pub fn server_log_tail(&self) -> String {
         tail_file(&self.dir.join("server.out"), 30)
@@ -599,6 +657,30 @@ pub fn connect(to: SocketAddr, from: Option<IpAddr>, timeout: Duration) -> std::
             socket2_like::connect_timeout(socket, to, timeout)
         }
     }
+}
+
+/// Opens a TCP connection to `to` from exactly `from` (address and port).
+pub fn connect_bound(to: SocketAddr, from: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let socket = match from {
+        SocketAddr::V4(_) => socket2_like::new(libc::AF_INET)?,
+        SocketAddr::V6(_) => socket2_like::new(libc::AF_INET6)?,
+    };
+    socket2_like::bind(&socket, from)?;
+    socket2_like::connect_timeout(socket, to, timeout)
+}
+
+/// One polite SMTP session (banner, `QUIT`) from `from`, at most `timeout` per step.
+pub fn smtp_quit(to: SocketAddr, from: SocketAddr, timeout: Duration) -> std::io::Result<()> {
+    let stream = connect_bound(to, from, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut stream = stream;
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    stream.write_all(b"QUIT\r\n")?;
+    line.clear();
+    reader.read_line(&mut line)?;
+    Ok(())
 }
 
 /// Connects and reads the `220` banner.

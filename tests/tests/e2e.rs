@@ -299,3 +299,156 @@ fn unblock_and_allowlist() {
     );
     println!("e2e allowlist: allowlisted address after 24 failed logins on 3 hosts: never blocked");
 }
+
+/// Polite sessions (banner, QUIT) from `from` with source ports
+/// `ports` to `to`, one every 5 ms, bounded by the port range and `max_time`.
+fn drill_traffic(
+    ns: &fleetban_tests::netns::Netns,
+    from: IpAddr,
+    to: SocketAddr,
+    ports: std::ops::Range<u16>,
+    max_time: Duration,
+) -> std::thread::JoinHandle<Result<usize, fleetban_tests::netns::NetnsError>> {
+    ns.spawn(move || {
+        let started = Instant::now();
+        let mut ok = 0;
+        for port in ports {
+            if started.elapsed() > max_time {
+                break;
+            }
+            if fleet::smtp_quit(to, SocketAddr::new(from, port), Duration::from_millis(300)).is_ok() {
+                ok += 1;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        ok
+    })
+}
+
+/// (written, stored, lost, duplicated, catch-up time).
+type Accounting = (i64, i64, i64, i64, Duration);
+
+/// Waits until host `i` stored as many connect events from `remote` in
+/// `ports` as its log holds lines; returns (written, stored, lost,
+/// duplicated, how long after the traffic ended the store caught up).
+fn account(fleet: &Fleet, i: usize, remote: IpAddr, ports: std::ops::Range<u16>, within: Duration) -> Accounting {
+    let written = fleet.written_connects(i, remote, ports.clone()).expect("read the log");
+    let started = Instant::now();
+    let deadline = started + within;
+    loop {
+        let stored = fleet.stored_connects(i, remote, ports.clone()).unwrap_or_default();
+        let lost = written.keys().filter(|p| !stored.contains_key(p)).count() as i64;
+        let dup: i64 = stored.values().map(|n| n - 1).sum();
+        let extra = stored.keys().filter(|p| !written.contains_key(p)).count() as i64;
+        if (lost == 0 && extra == 0) || Instant::now() > deadline {
+            return (written.values().sum(), stored.values().sum(), lost + extra, dup, started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Every live block is in every host's nft set within `within`; returns how long it took.
+fn converge(fleet: &Fleet, within: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    loop {
+        let cidrs = fleet.live_cidrs().unwrap_or_default();
+        let ok = (0..3).all(|i| {
+            let nft = fleet.nft_entries(i).unwrap_or_default();
+            cidrs.iter().all(|c| nft.contains(c.trim_end_matches("/32")))
+        });
+        if ok {
+            return Some(started.elapsed());
+        }
+        if started.elapsed() > within {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Scenario 5: kill -9 an agent, kill -9 the server, restart Postgres and
+/// cut a host's link for 30 s, each in the middle of traffic: every connect
+/// line is stored exactly once (by its source port), and the firewalls
+/// converge on the blocklist.
+#[test]
+fn failure_drills_lose_and_duplicate_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut fleet = start(FleetOptions {
+        agent_allowlist: vec!["203.0.113.0/24".into(), "192.0.2.0/24".into()],
+        ..FleetOptions::default()
+    });
+    fleet.allowlist("203.0.113.0/24").expect("allowlist");
+    let client = IpAddr::V4(CLIENT);
+    let mut failures = Vec::new();
+    let mut report = |name: &str, (written, stored, lost, dup, caught_up): Accounting, conv: Option<Duration>| {
+        println!(
+            "e2e drill {name}: lines written {written}, events stored {stored}, lost {lost}, duplicated {dup}; \
+             store complete {} ms after the traffic ended; firewalls converged {}",
+            ms(caught_up),
+            conv.map_or("NEVER".to_owned(), |d| format!("{} ms later", ms(d)))
+        );
+        if lost != 0 || dup != 0 || written == 0 || conv.is_none() {
+            failures.push(name.to_owned());
+        }
+    };
+
+    // 1. kill -9 mx1's agent mid-traffic; a block is made while it is down.
+    let ports = 20000..21000;
+    let traffic = drill_traffic(fleet.client(), client, smtp(0), ports.clone(), Duration::from_secs(6));
+    std::thread::sleep(Duration::from_secs(1));
+    fleet.hosts[0].agent.kill9();
+    fleet.manual_block("198.51.100.42/32").expect("block");
+    std::thread::sleep(Duration::from_secs(1));
+    fleet.start_agent(0).expect("restart agent");
+    traffic.join().expect("traffic thread").expect("namespace");
+    let acc = account(&fleet, 0, client, ports, Duration::from_secs(30));
+    report("kill -9 agent", acc, converge(&fleet, Duration::from_secs(10)));
+
+    // 2. kill -9 the server mid-traffic.
+    let ports = 21000..22000;
+    let traffic = drill_traffic(fleet.client(), client, smtp(0), ports.clone(), Duration::from_secs(6));
+    std::thread::sleep(Duration::from_secs(1));
+    fleet.server.kill9();
+    std::thread::sleep(Duration::from_secs(2));
+    fleet.start_server().expect("restart server");
+    fleet.manual_block("198.51.100.43/32").expect("block");
+    traffic.join().expect("traffic thread").expect("namespace");
+    let acc = account(&fleet, 0, client, ports, Duration::from_secs(40));
+    report("kill -9 server", acc, converge(&fleet, Duration::from_secs(10)));
+
+    // 3. restart Postgres mid-traffic.
+    let ports = 22000..23000;
+    let traffic = drill_traffic(fleet.client(), client, smtp(0), ports.clone(), Duration::from_secs(6));
+    std::thread::sleep(Duration::from_secs(1));
+    fleet.set_postgres(false).expect("stop postgres");
+    std::thread::sleep(Duration::from_secs(2));
+    fleet.set_postgres(true).expect("start postgres");
+    traffic.join().expect("traffic thread").expect("namespace");
+    fleet.manual_block("198.51.100.44/32").expect("block");
+    let acc = account(&fleet, 0, client, ports, Duration::from_secs(40));
+    report("restart postgres", acc, converge(&fleet, Duration::from_secs(10)));
+
+    // 4. cut mx1's link for 30 s; its own traffic (from itself, over
+    // loopback) goes on; a block is made and one deleted meanwhile.
+    let ports = 23000..30000;
+    let me = IpAddr::V4(mx_v4(0));
+    let traffic = drill_traffic(fleet.host_ns(0), me, smtp(0), ports.clone(), Duration::from_secs(33));
+    std::thread::sleep(Duration::from_secs(1));
+    fleet.set_host_link(0, false).expect("cut link");
+    let gone = fleet.live_block(att_v4(42)).expect("query").expect("block 42");
+    fleet.revoke_block(gone.0).expect("revoke");
+    fleet.manual_block("198.51.100.45/32").expect("block");
+    std::thread::sleep(Duration::from_secs(30));
+    fleet.set_host_link(0, true).expect("restore link");
+    traffic.join().expect("traffic thread").expect("namespace");
+    let acc = account(&fleet, 0, me, ports, Duration::from_secs(60));
+    let conv = converge(&fleet, Duration::from_secs(40));
+    let stale = fleet.nft_entries(0).unwrap_or_default().contains("198.51.100.42");
+    report("cut link 30 s", acc, if stale { None } else { conv });
+    assert!(
+        failures.is_empty(),
+        "failed drills: {failures:?}\nserver:\n{}\nmx1:\n{}",
+        fleet.server_log_tail(),
+        fleet.agent_log_tail(0)
+    );
+}
