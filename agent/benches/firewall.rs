@@ -145,8 +145,10 @@ fn detection(ns: &support::Netns) {
         Pipeline::start(spool, &sources, || services.parser(), PipelineOptions::default()).expect("pipeline");
     let mut file = std::fs::OpenOptions::new().append(true).open(&log).expect("open log");
     let mut samples = Vec::new();
+    // Attackers from 198.19.200.0 on: outside the fleet list (198.18.0.0 to
+    // 198.19.134.159), so every local block is a real kernel change.
     for attacker in 0..60u32 {
-        let ip = Ipv4Addr::from(0xC613_8000 + attacker);
+        let ip = Ipv4Addr::from(0xC613_C800 + attacker);
         let mut lines = String::new();
         for port in 0..29 {
             lines.push_str(&connect_line(ip, 40_000 + port));
@@ -160,11 +162,14 @@ fn detection(ns: &support::Netns) {
         samples.push(applied.duration_since(written));
         std::thread::sleep(Duration::from_millis(20));
     }
-    let listing = ns.exec_server(&["nft", "list", "set", "inet", "fleetban", "v4"]);
-    let present = (0..60u32).filter(|i| listing.contains(&Ipv4Addr::from(0xC613_8000 + i).to_string())).count();
-    assert_eq!(present, 60, "every attacker's element is in the kernel");
     report("detection latency, log line written -> nft element present (100k loaded)", samples);
+    let listing = ns.exec_server(&["nft", "list", "set", "inet", "fleetban", "v4_32"]);
+    let present =
+        (0..60u32).filter(|i| listing.contains(&format!("{} timeout", Ipv4Addr::from(0xC613_C800 + i)))).count();
+    assert_eq!(present, 60, "every attacker's element is in the kernel");
+    assert_eq!(firewall.entries(), 100_060, "every local block was a new element");
     pipeline.shutdown().expect("pipeline");
+    drop(firewall);
     runtime.block_on(services.shutdown());
     let backend = backend_of(
         FirewallBackend::Nftables,

@@ -47,6 +47,8 @@ fn blocks_and_repairs(kind: FirewallBackend, tag: &str, flush_by_hand: &[&str]) 
         entries: vec![
             block(1, "192.0.2.10/32", hour),
             block(2, "2001:db8:bad::/64", hour),
+            // A prefix length without a hash set of its own.
+            block(5, "192.0.2.252/30", hour),
             // Allowlisted: never applied.
             block(3, "198.51.100.20/32", hour),
         ],
@@ -54,8 +56,8 @@ fn blocks_and_repairs(kind: FirewallBackend, tag: &str, flush_by_hand: &[&str]) 
     fw.apply_snapshot(&snapshot, now_ms()).unwrap();
     assert_reachability(
         &ns,
-        &["192.0.2.10", "2001:db8:bad::1", "2001:db8:bad::2"],
-        &["192.0.2.77", "198.51.100.10", "198.51.100.20", "2001:db8:600d::1"],
+        &["192.0.2.10", "192.0.2.254", "2001:db8:bad::1", "2001:db8:bad::2"],
+        &["192.0.2.1", "192.0.2.77", "198.51.100.10", "198.51.100.20", "2001:db8:600d::1"],
         25,
     );
     // Scope smtp: other ports stay open.
@@ -133,7 +135,7 @@ fn loads_100k_in_one_commit(kind: FirewallBackend, tag: &str) {
 #[test]
 fn nftables_blocks_expires_and_repairs_drift() {
     if support::root_or_skip("nftables_blocks_expires_and_repairs_drift") {
-        blocks_and_repairs(FirewallBackend::Nftables, "n1", &["nft", "flush", "set", "inet", "fleetban", "v4"]);
+        blocks_and_repairs(FirewallBackend::Nftables, "n1", &["nft", "flush", "set", "inet", "fleetban", "v4_24"]);
     }
 }
 

@@ -245,12 +245,14 @@ struct Evidence {
 pub struct Ingest {
     pool: PgPool,
     known_days: Arc<Mutex<HashSet<Date>>>,
+    /// Serialises partition creation within this process.
+    creating: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Ingest {
     /// A writer on `pool`.
     pub fn new(pool: PgPool) -> Self {
-        Ingest { pool, known_days: Arc::default() }
+        Ingest { pool, known_days: Arc::default(), creating: Arc::default() }
     }
 
     /// Validates and stores `batch` from `agent_id` exactly once.
@@ -346,18 +348,33 @@ impl Ingest {
 
     /// Creates the day partitions `rows` need that are not known to exist.
     async fn ensure_partitions(&self, rows: &[Row]) -> Result<(), sqlx::Error> {
-        let days: Vec<Date> = {
+        if self.unknown_days(rows).is_empty() {
+            return Ok(());
+        }
+        let _creating = self.creating.lock().await;
+        for day in self.unknown_days(rows) {
+            let created = sqlx::query("select fleetban_ensure_event_partition($1)").bind(day).execute(&self.pool).await;
+            match created {
+                Ok(_) => {}
+                // Another server process created it between the function's
+                // check and its `create table`.
+                Err(error) if sqlstate(&error).as_deref() == Some("42P07") => {}
+                Err(error) => return Err(error),
+            }
+            self.known_days.lock().unwrap_or_else(|e| e.into_inner()).insert(day);
+        }
+        Ok(())
+    }
+
+    /// The days of `rows` not known to have a partition, sorted.
+    fn unknown_days(&self, rows: &[Row]) -> Vec<Date> {
+        {
             let known = self.known_days.lock().unwrap_or_else(|e| e.into_inner());
             let mut days: Vec<Date> = rows.iter().map(|r| r.time.date()).filter(|d| !known.contains(d)).collect();
             days.sort_unstable();
             days.dedup();
             days
-        };
-        for day in days {
-            sqlx::query("select fleetban_ensure_event_partition($1)").bind(day).execute(&self.pool).await?;
-            self.known_days.lock().unwrap_or_else(|e| e.into_inner()).insert(day);
         }
-        Ok(())
     }
 
     fn forget_days(&self) {

@@ -15,20 +15,28 @@
 //! - [`ingest`]: validation and exactly-once storage of event batches.
 //! - [`blocks`]: the versioned fleet blocklist and its policy checks.
 //! - [`correlate`]: the fleet policy that turns evidence into blocks.
+//! - [`backlog`]: coalesced correlation work of committed batches.
 //! - [`push`]: LISTEN/NOTIFY fan-out of blocklist changes to sessions.
 //! - [`session`]: the gRPC `AgentService` (Enroll, Connect).
-//! - [`api`]: the HTTP router (health today; REST API and dashboard).
+//! - [`api`]: the HTTP side: REST API, dashboard, metrics, OpenAPI, health.
+//! - [`report`]: plain-text abuse reports.
+//! - [`asn`]: autonomous-system data (iptoasn import and lookup).
+//! - [`cli`]: the `fleetban` operator CLI (a client of the REST API).
 //! - [`serve`]: runs the gRPC and HTTP listeners until shutdown.
 
 pub mod api;
+pub mod asn;
 pub mod auth;
+pub mod backlog;
 pub mod blocks;
+pub mod cli;
 pub mod config;
 pub mod correlate;
 pub mod db;
 pub mod ingest;
 pub mod pgembed;
 pub mod push;
+pub mod report;
 pub mod serve;
 pub mod session;
 pub mod tls;

@@ -7,8 +7,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fleetban_server::config::{Overrides, ServerConfig};
-use fleetban_server::{auth, db, pgembed, serve, tls};
+use fleetban_server::{api, asn, auth, db, pgembed, serve, tls};
 use tracing::{info, warn};
+
+/// The audit log's actor for changes made by `fleetban-server` commands.
+const ADMIN_ACTOR: &str = "fleetban-server";
 
 /// fleetban server: fleet-wide SMTP abuse correlation and blocklist push.
 #[derive(Debug, Parser)]
@@ -71,6 +74,16 @@ enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// REST API tokens for operators, the CLI and the dashboard.
+    Token {
+        #[command(subcommand)]
+        command: ApiTokenCommand,
+    },
+    /// The ASN database (abuse reports and attacker views show AS data).
+    Asn {
+        #[command(subcommand)]
+        command: AsnCommand,
+    },
     /// Run a self-contained demo: an embedded Postgres and the server on
     /// loopback.
     Demo {
@@ -102,6 +115,32 @@ enum TokenCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum ApiTokenCommand {
+    /// Create an API token and print it once (only its hash is stored).
+    Create {
+        #[command(flatten)]
+        source: Source,
+        /// `admin` (read and write) or `read` (read only).
+        #[arg(long, value_parser = ["admin", "read"])]
+        role: String,
+        /// Name shown in the audit log (default `<role>-<id>`).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AsnCommand {
+    /// Replace the ASN table with an iptoasn `ip2asn-combined.tsv` file.
+    Import {
+        #[command(flatten)]
+        source: Source,
+        /// The uncompressed TSV file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum PkiCommand {
     /// Write a CA (ca.pem, ca.key) and a server certificate (server.pem,
     /// server.key) into a directory; agents trust ca.pem.
@@ -118,7 +157,9 @@ enum PkiCommand {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Logs go to stderr: stdout carries what commands print (tokens, paths).
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     match Cli::parse().command {
@@ -150,6 +191,31 @@ async fn main() -> anyhow::Result<()> {
             let token = auth::create_enrollment_token(&pool, uses, ttl, &note).await?;
             info!(uses, ttl_secs = ttl.as_secs(), "Enrollment token created.");
             println!("{token}");
+        }
+        Command::Token { command: ApiTokenCommand::Create { source, role, name } } => {
+            let cfg = resolve(&source, Overrides::default())?;
+            let pool = db::connect(&database_url(&cfg)?, 2).await?;
+            db::migrate(&pool).await?;
+            let role = api::auth::Role::parse(&role).context("role must be admin or read")?;
+            let token = api::auth::create_token(&pool, role, name.as_deref()).await?;
+            let detail = serde_json::json!({ "id": token.id, "role": role.as_str() });
+            api::auth::audit(&pool, ADMIN_ACTOR, "token.create", &token.name, detail).await?;
+            eprintln!("Created {} token {:?} (id {}); it is shown only once:", token.role, token.name, token.id);
+            println!("{}", token.token);
+        }
+        Command::Asn { command: AsnCommand::Import { source, file } } => {
+            let cfg = resolve(&source, Overrides::default())?;
+            let pool = db::connect(&database_url(&cfg)?, 2).await?;
+            db::migrate(&pool).await?;
+            let reader = std::fs::File::open(&file).with_context(|| format!("open {}", file.display()))?;
+            let stats = asn::import(&pool, std::io::BufReader::new(reader)).await?;
+            let detail =
+                serde_json::json!({ "ranges": stats.ranges, "unrouted": stats.unrouted, "malformed": stats.malformed });
+            api::auth::audit(&pool, ADMIN_ACTOR, "asn.import", &file.display().to_string(), detail).await?;
+            println!(
+                "Imported {} ASN ranges ({} unrouted and {} malformed lines skipped).",
+                stats.ranges, stats.unrouted, stats.malformed
+            );
         }
         Command::Pki { command: PkiCommand::Init { dir, server_name } } => {
             let files = tls::pki_init(&dir, &server_name)?;

@@ -160,11 +160,11 @@ impl Hub {
     fn fan_out(&self, push: Push) {
         let sessions = self.inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
         for (agent_id, r) in sessions.iter() {
-            if let Err(mpsc::error::TrySendError::Full(_)) = r.tx.try_send(push.clone()) {
-                if !r.lagged.swap(true, Ordering::AcqRel) {
-                    self.inner.lagged.fetch_add(1, Ordering::Relaxed);
-                    debug!(%agent_id, "Agent's push queue is full; it will get a snapshot.");
-                }
+            if let Err(mpsc::error::TrySendError::Full(_)) = r.tx.try_send(push.clone())
+                && !r.lagged.swap(true, Ordering::AcqRel)
+            {
+                self.inner.lagged.fetch_add(1, Ordering::Relaxed);
+                debug!(%agent_id, "Agent's push queue is full; it will get a snapshot.");
             }
         }
     }
@@ -269,10 +269,12 @@ async fn catch_up(pool: &PgPool, hub: &Hub, version: &mut u64) {
     match changes_after(pool, *version).await {
         Ok(Some(delta)) => {
             if delta.to_version > *version {
+                let from = *version;
                 *version = delta.to_version;
                 hub.inner.version.store(*version, Ordering::Relaxed);
                 hub.inner.deltas.fetch_add(1, Ordering::Relaxed);
                 hub.fan_out(Push::Delta(Arc::new(delta)));
+                record_push_lag(pool, from, *version).await;
             }
         }
         Ok(None) => {
@@ -287,6 +289,24 @@ async fn catch_up(pool: &PgPool, hub: &Hub, version: &mut u64) {
             }
         }
         Err(error) => warn!(%error, version = *version, "Cannot read block changes; the next notification retries."),
+    }
+}
+
+/// Records `fleetban_push_lag_seconds`: from the oldest change of a delta
+/// (its `changed_at`, by the database clock) to its fan-out to the sessions.
+async fn record_push_lag(pool: &PgPool, from: u64, to: u64) {
+    let lag: Result<Option<f64>, sqlx::Error> = sqlx::query_scalar(
+        "select extract(epoch from clock_timestamp() - min(changed_at))::float8 from block_changes \
+         where version > $1 and version <= $2",
+    )
+    .bind(i64::try_from(from).unwrap_or(i64::MAX))
+    .bind(i64::try_from(to).unwrap_or(i64::MAX))
+    .fetch_one(pool)
+    .await;
+    match lag {
+        Ok(Some(secs)) => metrics::histogram!(crate::api::metrics::PUSH_LAG).record(secs.max(0.0)),
+        Ok(None) => {}
+        Err(error) => debug!(%error, "Cannot measure the push lag."),
     }
 }
 

@@ -19,6 +19,7 @@ use tonic::transport::ServerTlsConfig;
 use tracing::warn;
 
 use crate::api;
+use crate::backlog::Backlog;
 use crate::blocks;
 use crate::correlate::{CorrelateConfig, Correlator};
 use crate::ingest::MAX_MESSAGE_BYTES;
@@ -103,10 +104,19 @@ pub async fn run(
     let sweeper = tokio::spawn(session::run_stale_sweeper(pool.clone(), options.heartbeat, stopped(&stop_rx)));
 
     let expiry = tokio::spawn(blocks::run_expiry_sweeper(pool.clone(), options.expiry_interval, stopped(&stop_rx)));
+    let correlator = Correlator::new(pool.clone(), options.correlate.clone());
+    let backlog = Backlog::new();
+    // The correlation worker outlives the sessions' drain, so that the last
+    // batches are evaluated too.
+    let (sessions_done, sessions_done_rx) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(backlog.clone().run_worker(correlator.clone(), async move {
+        let _ = sessions_done_rx.await;
+    }));
     let service = session::Service::new(
         pool.clone(),
         options.hub.clone(),
-        Correlator::new(pool.clone(), options.correlate.clone()),
+        correlator,
+        backlog,
         options.heartbeat,
         stop_rx.clone(),
         options.stats.clone(),
@@ -134,10 +144,14 @@ pub async fn run(
         }
     };
 
-    let app = api::router(api::AppState { pool });
+    let app = api::router(api::AppState::new(pool, options.correlate.clone()).with_stats(options.stats.clone()));
     let http_server = axum::serve(listeners.http, app).with_graceful_shutdown(stopped(&stop_rx));
 
     let (grpc_result, http_result) = tokio::join!(grpc, http_server.into_future());
+    let _ = sessions_done.send(());
+    if tokio::time::timeout(drain_timeout, worker).await.is_err() {
+        warn!("The last correlation did not finish in time.");
+    }
     let _ = listener.await;
     let _ = sweeper.await;
     let _ = expiry.await;

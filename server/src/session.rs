@@ -11,7 +11,8 @@
 //!   to date (the delta since its version, or a snapshot);
 //! - stores each `EventBatch` through [`crate::ingest`] and acks it after the
 //!   commit (`Ack.rejected_events` counts invalid events; a batch invalid as a
-//!   whole gets a `Nack`, and the session goes on);
+//!   whole gets a `Nack`, and the session goes on), then hands the batch's
+//!   abuse addresses to the correlation [`crate::backlog`];
 //! - turns `LocalBlock` frames into fleet blocks, records heartbeats and
 //!   `Applied` reports on the agent's row;
 //! - forwards blocklist changes from [`crate::push`].
@@ -33,7 +34,8 @@ use fleetban_proto::v1::agent_frame::Frame;
 use fleetban_proto::v1::agent_service_server::AgentService;
 use fleetban_proto::v1::server_frame::Frame as Out;
 use fleetban_proto::v1::{
-    Ack, AgentFrame, Applied, EnrollRequest, EnrollResponse, Heartbeat, Hello, LocalBlock, Nack, ServerFrame, Welcome,
+    Ack, AgentFrame, Applied, EnrollRequest, EnrollResponse, Heartbeat, Hello, LocalBlock, Nack, Policy, ServerFrame,
+    Welcome,
 };
 use ipnet::IpNet;
 use sqlx::PgPool;
@@ -46,6 +48,7 @@ use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use crate::auth::{self, AuthError};
+use crate::backlog::Backlog;
 use crate::blocks;
 use crate::correlate::Correlator;
 use crate::ingest::{BatchError, Ingest};
@@ -111,6 +114,7 @@ struct Shared {
     ingest: Ingest,
     hub: Hub,
     correlator: Correlator,
+    backlog: Backlog,
     heartbeat: Duration,
     stop: watch::Receiver<bool>,
     stats: Arc<Stats>,
@@ -123,17 +127,21 @@ pub struct Service {
 }
 
 impl Service {
-    /// A service on `pool`; sessions end when `stop` becomes true.
+    /// A service on `pool`; sessions end when `stop` becomes true. Abuse
+    /// addresses of stored batches go to `backlog`; local blocks go to
+    /// `correlator` at once.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         pool: PgPool,
         hub: Hub,
         correlator: Correlator,
+        backlog: Backlog,
         heartbeat: Duration,
         stop: watch::Receiver<bool>,
         stats: Arc<Stats>,
     ) -> Self {
         let ingest = Ingest::new(pool.clone());
-        Service { shared: Arc::new(Shared { pool, ingest, hub, correlator, heartbeat, stop, stats }) }
+        Service { shared: Arc::new(Shared { pool, ingest, hub, correlator, backlog, heartbeat, stop, stats }) }
     }
 
     /// The database pool.
@@ -400,6 +408,13 @@ impl Session {
             heartbeat_secs: self.shared.heartbeat.as_secs().max(1) as u32,
         }))
         .await?;
+        // The agent's local IPv6 blocks must cover the same prefix the fleet
+        // blocks; every other threshold stays the agent's own (zero = keep).
+        self.send(Out::Policy(Policy {
+            ipv6_block_prefix: u32::from(self.shared.correlator.config().ipv6_block_prefix),
+            ..Policy::default()
+        }))
+        .await?;
         self.version = hello.blocklist_version;
         let current = blocks::current_version(&self.shared.pool)
             .await
@@ -521,9 +536,7 @@ impl Session {
                     Stats::add(&stats.events_rejected, u64::from(outcome.rejected));
                 }
                 self.send(Out::Ack(Ack { seq, rejected_events: outcome.rejected })).await?;
-                if !outcome.abuse_addresses.is_empty() {
-                    self.correlate_batch(&outcome.abuse_addresses).await;
-                }
+                self.shared.backlog.add(self.agent_id, &outcome.abuse_addresses);
                 self.touch().await;
                 Ok(())
             }
@@ -547,20 +560,6 @@ impl Session {
         info!(agent_id = %self.agent_id, %cidr, reason, ttl_secs = block.ttl_secs, "Agent reported a local block.");
         self.correlate_local_block(cidr, reason, evidence, block.ttl_secs).await;
         Ok(())
-    }
-
-    /// Lets the fleet policy look at the abuse addresses of a stored batch.
-    /// A failure is logged: the batch is stored, and the next batch about
-    /// the same addresses evaluates them again.
-    async fn correlate_batch(&self, addresses: &[IpAddr]) {
-        match self.shared.correlator.on_batch(self.agent_id, addresses).await {
-            Ok(blocks) => {
-                for block in blocks {
-                    info!(agent_id = %self.agent_id, cidr = %block.cidr, reason = %block.reason, "Fleet block decided.");
-                }
-            }
-            Err(error) => warn!(%error, agent_id = %self.agent_id, "Correlation of a batch failed."),
-        }
     }
 
     /// Lets the fleet policy turn an agent's local block into a fleet block.

@@ -74,6 +74,9 @@ impl TestServer {
 struct Agent {
     tx: mpsc::Sender<AgentFrame>,
     rx: Streaming<ServerFrame>,
+    /// `Policy` frames received so far (kept aside so that tests can read
+    /// the other frames in order).
+    policies: Vec<fleetban_proto::v1::Policy>,
 }
 
 impl Agent {
@@ -87,7 +90,7 @@ impl Agent {
             request.metadata_mut().insert(AGENT_SECRET_HEADER, secret.parse().unwrap());
         }
         let rx = AgentServiceClient::new(channel).connect(request).await?.into_inner();
-        Ok(Agent { tx, rx })
+        Ok(Agent { tx, rx, policies: Vec::new() })
     }
 
     async fn send(&self, frame: Frame) {
@@ -104,10 +107,21 @@ impl Agent {
             next_seq: 1,
         }))
         .await;
-        match self.next().await {
+        let last_acked = match self.next().await {
             Out::Welcome(w) => w.last_acked_seq,
             other => panic!("expected Welcome, got {other:?}"),
+        };
+        // The fleet's IPv6 block prefix follows the Welcome, before any
+        // blocklist frame.
+        match tokio::time::timeout(WAIT, self.rx.message()).await.expect("no frame in time") {
+            Ok(Some(ServerFrame { frame: Some(Out::Policy(p)) })) => {
+                assert_eq!(p.ipv6_block_prefix, 64, "the server's default ipv6_block_prefix");
+                assert_eq!(p.conn_rate, 0, "thresholds the server does not set stay zero (keep the agent's)");
+                self.policies.push(p);
+            }
+            other => panic!("expected Policy after Welcome, got {other:?}"),
         }
+        last_acked
     }
 
     /// Skips pushed frames until an ack; returns its seq.
@@ -124,8 +138,13 @@ impl Agent {
     }
 
     async fn try_next(&mut self) -> Result<Option<Out>, Status> {
-        let frame = tokio::time::timeout(WAIT, self.rx.message()).await.expect("no frame in time")?;
-        Ok(frame.map(|f| f.frame.expect("empty server frame")))
+        loop {
+            let frame = tokio::time::timeout(WAIT, self.rx.message()).await.expect("no frame in time")?;
+            match frame.map(|f| f.frame.expect("empty server frame")) {
+                Some(Out::Policy(p)) => self.policies.push(p),
+                other => return Ok(other),
+            }
+        }
     }
 
     /// Waits for a delta or snapshot that reaches `version`; returns the
@@ -607,22 +626,41 @@ async fn local_blocks_and_fleet_evidence_become_fleet_blocks_pushed_to_agents(po
     // Both agents see auth failures from one address: a fleet block.
     a.send(batch(1, vec![event(EventKind::AuthFailed, "198.51.100.9")])).await;
     assert_eq!(a.until_ack().await, 1);
-    let none: i64 = count(&pool, "select count(*) from blocks where cidr = '198.51.100.9/32'").await;
-    assert_eq!(none, 0, "one agent below the threshold must not block");
     b.send(batch(1, vec![event(EventKind::AuthFailed, "198.51.100.9")])).await;
-    // Agent `a` may still be handed the local block's delta first (it was
-    // sent to every agent); wait for the one that adds the fleet block.
-    let wanted: ipnet::IpNet = "198.51.100.9/32".parse().unwrap();
-    let entry = loop {
+    let fleet: ipnet::IpNet = "198.51.100.9/32".parse().unwrap();
+    loop {
         if let Out::Delta(d) = a.next().await
-            && let Some(e) = d
-                .added
-                .into_iter()
-                .find(|e| e.cidr.as_ref().and_then(|c| ipnet::IpNet::try_from(c).ok()) == Some(wanted))
+            && d.added.iter().any(|e| ipnet::IpNet::try_from(e.cidr.as_ref().unwrap()).unwrap() == fleet)
         {
-            break e;
+            break;
         }
-    };
-    assert_eq!(ipnet::IpNet::try_from(entry.cidr.as_ref().unwrap()).unwrap(), wanted);
+    }
+    let source: String =
+        sqlx::query_scalar("select source from blocks where cidr = '198.51.100.9/32'").fetch_one(&pool).await.unwrap();
+    assert_eq!(source, "auto");
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn silent_session_is_detected_and_cleaned_up(pool: PgPool) {
+    let options = Options { heartbeat: Duration::from_secs(1), ..Default::default() };
+    let server = TestServer::start_with(pool.clone(), options).await;
+    let (id, secret) = enroll(&pool, server.channel().await).await;
+    let mut agent = Agent::connect(server.channel().await, &id.to_string(), &secret).await.unwrap();
+    agent.hello(id, 0).await;
+    agent.next().await;
+    assert_eq!(count(&pool, "select count(*) from agents where connected").await, 1);
+    // The agent keeps its stream open but sends nothing: after three
+    // heartbeat intervals the server ends the session.
+    let started = tokio::time::Instant::now();
+    let status = agent.try_next().await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() >= Duration::from_secs(2), "ended too early: {:?}", started.elapsed());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while count(&pool, "select count(*) from agents where connected").await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "a dead session left the agent connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(Stats::get(&server.stats.sessions_open), 0);
     server.stop().await;
 }

@@ -90,10 +90,34 @@ pub enum ReconcileError {
     },
 }
 
+/// One change to the inputs of the desired set.
+#[derive(Debug, Clone)]
+enum Change {
+    /// An entry was added (or renewed).
+    Add(Entry),
+    /// The last input entry of a range was removed.
+    Remove(IpNet),
+}
+
+impl Change {
+    fn net(&self) -> IpNet {
+        match self {
+            Change::Add(entry) => entry.net,
+            Change::Remove(net) => *net,
+        }
+    }
+}
+
 /// The reconciler. See the module documentation.
 pub struct Reconciler {
     backend: Box<dyn Backend>,
     fleet: HashMap<i64, Entry>,
+    /// How many fleet entries hold each range (for incremental removals).
+    fleet_nets: HashMap<IpNet, u32>,
+    /// How many `believed` entries have each prefix length, per family.
+    lengths: Box<[[u32; 129]; 2]>,
+    /// How many input entries (fleet and local) have each prefix length.
+    input_lengths: Box<[[u32; 129]; 2]>,
     local: HashMap<IpNet, Entry>,
     exclude: Vec<IpNet>,
     version: u64,
@@ -145,6 +169,9 @@ impl Reconciler {
         let mut reconciler = Self {
             backend,
             fleet: HashMap::new(),
+            fleet_nets: HashMap::new(),
+            lengths: Box::new([[0; 129]; 2]),
+            input_lengths: Box::new([[0; 129]; 2]),
             local: HashMap::new(),
             exclude,
             version: 0,
@@ -156,6 +183,7 @@ impl Reconciler {
             stats,
         };
         reconciler.load_state();
+        reconciler.rebuild_index();
         reconciler
     }
 
@@ -201,6 +229,7 @@ impl Reconciler {
         let changes = diff.changes();
         self.commit(diff, now_ms)?;
         self.believed = desired;
+        self.recount();
         self.reconciled = true;
         self.stats.reconciles.fetch_add(1, Ordering::Relaxed);
         self.stats.last_reconcile_ms.store(now_ms, Ordering::Relaxed);
@@ -247,6 +276,7 @@ impl Reconciler {
         match self.commit(diff, now_ms) {
             Ok(()) => {
                 self.believed = desired;
+                self.recount();
                 self.stats.entries.store(self.believed.len() as u64, Ordering::Relaxed);
                 Ok(changes)
             }
@@ -269,6 +299,7 @@ impl Reconciler {
             }
         }
         self.fleet = fleet;
+        self.rebuild_index();
         self.version = snapshot.version;
         self.stats.version.store(self.version, Ordering::Relaxed);
         info!(version = snapshot.version, entries = snapshot.entries.len(), "Applying blocklist snapshot.");
@@ -283,28 +314,172 @@ impl Reconciler {
         if delta.from_version != self.version {
             return Ok(DeltaOutcome::Gap);
         }
+        let mut changes = Vec::with_capacity(delta.removed.len() + delta.added.len());
         for id in &delta.removed {
-            self.fleet.remove(id);
+            if let Some(old) = self.fleet.remove(id) {
+                self.unindex(old.net);
+                changes.push(Change::Remove(old.net));
+            }
         }
         for block in &delta.added {
             match entry_of(block) {
                 Ok(entry) => {
-                    self.fleet.insert(block.block_id, entry);
+                    self.index(entry.net);
+                    if let Some(old) = self.fleet.insert(block.block_id, entry.clone()) {
+                        self.unindex(old.net);
+                        changes.push(Change::Remove(old.net));
+                    }
+                    changes.push(Change::Add(entry));
                 }
                 Err(error) => warn!(%error, "Skipping an invalid blocklist entry."),
             }
         }
         self.version = delta.to_version;
         self.stats.version.store(self.version, Ordering::Relaxed);
-        self.apply(now_ms)?;
+        self.apply_changes(&changes, now_ms)?;
         Ok(DeltaOutcome::Applied)
     }
 
     /// Adds a local block and applies it at once.
     pub fn add_local(&mut self, entry: Entry, now_ms: i64) -> Result<usize, ReconcileError> {
-        self.local.insert(entry.net, entry);
+        let change = Change::Add(entry.clone());
+        let net = entry.net;
+        if self.local.insert(net, entry).is_none() {
+            self.input_lengths[usize::from(net.addr().is_ipv6())][usize::from(net.prefix_len())] += 1;
+        }
         self.stats.local_blocks.fetch_add(1, Ordering::Relaxed);
-        self.apply(now_ms)
+        self.apply_changes(std::slice::from_ref(&change), now_ms)
+    }
+
+    fn index(&mut self, net: IpNet) {
+        *self.fleet_nets.entry(net).or_default() += 1;
+        self.input_lengths[usize::from(net.addr().is_ipv6())][usize::from(net.prefix_len())] += 1;
+    }
+
+    fn unindex(&mut self, net: IpNet) {
+        let length = &mut self.input_lengths[usize::from(net.addr().is_ipv6())][usize::from(net.prefix_len())];
+        *length = length.saturating_sub(1);
+        if let Some(count) = self.fleet_nets.get_mut(&net) {
+            *count -= 1;
+            if *count == 0 {
+                self.fleet_nets.remove(&net);
+            }
+        }
+    }
+
+    fn rebuild_index(&mut self) {
+        self.fleet_nets.clear();
+        let mut lengths = Box::new([[0u32; 129]; 2]);
+        for entry in self.fleet.values() {
+            *self.fleet_nets.entry(entry.net).or_default() += 1;
+        }
+        for entry in self.fleet.values().chain(self.local.values()) {
+            lengths[usize::from(entry.net.addr().is_ipv6())][usize::from(entry.net.prefix_len())] += 1;
+        }
+        self.input_lengths = lengths;
+    }
+
+    fn recount(&mut self) {
+        let mut lengths = Box::new([[0u32; 129]; 2]);
+        for net in self.believed.keys() {
+            lengths[usize::from(net.addr().is_ipv6())][usize::from(net.prefix_len())] += 1;
+        }
+        self.lengths = lengths;
+    }
+
+    /// Applies a few changes without recomputing the whole desired set when
+    /// each one provably touches only its own range: no exclusion overlaps
+    /// it, no held range contains it, and no held range is longer (so none
+    /// can lie inside it or have been absorbed by it). Anything else takes
+    /// the general path.
+    fn apply_changes(&mut self, changes: &[Change], now_ms: i64) -> Result<usize, ReconcileError> {
+        self.dirty = true;
+        let Some(diff) = self.fast_diff(changes, now_ms) else { return self.apply(now_ms) };
+        let count = diff.changes();
+        let (removed, added): (Vec<IpNet>, Vec<Entry>) =
+            (diff.remove.iter().map(|e| e.net).collect(), diff.add.clone());
+        match self.commit(diff, now_ms) {
+            Ok(()) => {
+                for net in removed {
+                    if self.believed.remove(&net).is_some() {
+                        self.lengths[usize::from(net.addr().is_ipv6())][usize::from(net.prefix_len())] -= 1;
+                    }
+                }
+                for entry in added {
+                    let net = entry.net;
+                    if self.believed.insert(net, entry).is_none() {
+                        self.lengths[usize::from(net.addr().is_ipv6())][usize::from(net.prefix_len())] += 1;
+                    }
+                }
+                self.stats.entries.store(self.believed.len() as u64, Ordering::Relaxed);
+                Ok(count)
+            }
+            Err(error) => {
+                warn!(%error, "Incremental firewall change failed; reconciling in full.");
+                self.reconcile(now_ms)
+            }
+        }
+    }
+
+    fn fast_diff(&self, changes: &[Change], now_ms: i64) -> Option<Diff> {
+        if !self.reconciled {
+            return None;
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut diff = Diff::default();
+        for change in changes {
+            let net = change.net();
+            if !seen.insert(net) || self.exclude.iter().any(|x| x.contains(&net) || net.contains(x)) {
+                return None;
+            }
+            let family = usize::from(net.addr().is_ipv6());
+            let present = &self.lengths[family];
+            let len = usize::from(net.prefix_len());
+            // An input inside this range may be held, absorbed or cut around.
+            if self.input_lengths[family][len + 1..].iter().any(|n| *n > 0) {
+                return None;
+            }
+            let contained = (0..len)
+                .rev()
+                .filter(|l| present[*l] > 0)
+                .filter_map(|l| IpNet::new(net.addr(), l as u8).ok().map(|n| n.trunc()))
+                .any(|outer| self.believed.contains_key(&outer));
+            // An input containing this range was cut around it or absorbs it.
+            let input_container = (0..len)
+                .rev()
+                .filter(|l| self.input_lengths[family][*l] > 0)
+                .filter_map(|l| IpNet::new(net.addr(), l as u8).ok().map(|n| n.trunc()))
+                .any(|outer| self.fleet_nets.contains_key(&outer) || self.local.contains_key(&outer));
+            if contained || input_container {
+                return None;
+            }
+            let held = self.believed.get(&net);
+            match change {
+                Change::Add(entry) => {
+                    if entry.expires_at_ms.is_some_and(|at| at <= now_ms) {
+                        continue;
+                    }
+                    match held {
+                        None => diff.add.push(entry.clone()),
+                        Some(held) if plan::same_expiry(held.expires_at_ms, entry.expires_at_ms) => {}
+                        Some(held) if plan::outlasts(entry.expires_at_ms, held.expires_at_ms) => {
+                            diff.remove.push(held.clone());
+                            diff.add.push(entry.clone());
+                        }
+                        Some(_) => return None,
+                    }
+                }
+                Change::Remove(_) => {
+                    if self.fleet_nets.contains_key(&net) || self.local.contains_key(&net) {
+                        return None;
+                    }
+                    if let Some(held) = held {
+                        diff.remove.push(held.clone());
+                    }
+                }
+            }
+        }
+        Some(diff)
     }
 
     /// Replaces the ranges that are never blocked and applies the change.
@@ -318,7 +493,9 @@ impl Reconciler {
         let live = |entry: &Entry| entry.expires_at_ms.is_none_or(|at| at > now_ms);
         self.local.retain(|_, entry| live(entry));
         self.fleet.retain(|_, entry| live(entry));
+        self.rebuild_index();
         self.prune_believed(now_ms);
+        self.recount();
         self.stats.entries.store(self.believed.len() as u64, Ordering::Relaxed);
     }
 
@@ -396,6 +573,8 @@ impl Reconciler {
         self.fleet.clear();
         self.local.clear();
         self.believed.clear();
+        self.rebuild_index();
+        self.recount();
         self.version = 0;
         self.dirty = true;
         self.persist(true);
@@ -557,6 +736,93 @@ mod tests {
         )
         .unwrap();
         assert_eq!(memory.held.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn removing_a_container_brings_back_what_it_absorbed() {
+        let memory = Memory::default();
+        let mut r = Reconciler::new(Box::new(memory.clone()), vec![], None, Arc::default());
+        r.apply_snapshot(
+            &BlocklistSnapshot { version: 1, entries: vec![block(1, "192.0.2.0/24", NOW + 900_000)] },
+            NOW,
+        )
+        .unwrap();
+        r.add_local(
+            Entry {
+                net: "192.0.2.7/32".parse().unwrap(),
+                expires_at_ms: Some(NOW + 60_000),
+                reason: "conn_rate".into(),
+            },
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(memory.held.lock().unwrap().len(), 1, "absorbed by the /24");
+        let delta = BlocklistDelta { from_version: 1, to_version: 2, added: vec![], removed: vec![1] };
+        r.apply_delta(&delta, NOW).unwrap();
+        let held: Vec<_> = memory.held.lock().unwrap().keys().map(|n| n.to_string()).collect();
+        assert_eq!(held, ["192.0.2.7/32"]);
+    }
+
+    /// Random deltas and local blocks, applied incrementally, always leave
+    /// the backend equal to the desired set computed from scratch.
+    #[test]
+    fn incremental_changes_match_a_full_recompute() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let memory = Memory::default();
+        let mut r =
+            Reconciler::new(Box::new(memory.clone()), vec!["192.0.2.128/30".parse().unwrap()], None, Arc::default());
+        let mut live: Vec<i64> = Vec::new();
+        let mut next_id = 1;
+        let mut version = 0;
+        r.apply_snapshot(&BlocklistSnapshot { version, entries: vec![] }, NOW).unwrap();
+        let random_net = |rng: &mut fastrand::Rng| -> String {
+            match rng.u8(0..4) {
+                0 => format!("192.0.2.0/{}", rng.u8(22..=26)),
+                1 => format!("2001:db8:{}::/{}", rng.u8(0..4), [48u8, 64, 128][rng.usize(0..3)]),
+                _ => format!("192.0.2.{}/32", rng.u8(0..=255)),
+            }
+        };
+        for _ in 0..2000 {
+            if rng.u8(0..5) == 0 {
+                let net: IpNet = random_net(&mut rng).parse::<IpNet>().unwrap().trunc();
+                let entry =
+                    Entry { net, expires_at_ms: Some(NOW + i64::from(rng.u32(5..100)) * 1000), reason: "l".into() };
+                r.add_local(entry, NOW).unwrap();
+            } else {
+                let mut removed = Vec::new();
+                for _ in 0..rng.usize(0..3) {
+                    if !live.is_empty() {
+                        removed.push(live.swap_remove(rng.usize(0..live.len())));
+                    }
+                }
+                let mut added = Vec::new();
+                for _ in 0..rng.usize(0..3) {
+                    let net: IpNet = random_net(&mut rng).parse::<IpNet>().unwrap().trunc();
+                    // (Entries expiring within 2 s are left to expire by themselves.)
+                    let expires = if rng.bool() { 0 } else { NOW + i64::from(rng.u32(5..100)) * 1000 };
+                    added.push(block(next_id, &net.to_string(), expires));
+                    live.push(next_id);
+                    next_id += 1;
+                }
+                let delta = BlocklistDelta { from_version: version, to_version: version + 1, added, removed };
+                version += 1;
+                assert_eq!(r.apply_delta(&delta, NOW).unwrap(), DeltaOutcome::Applied);
+            }
+            let want = r.desired(NOW);
+            let held = memory.held.lock().unwrap().clone();
+            let mut want_nets: Vec<_> = want.values().map(|e| (e.net, e.expires_at_ms)).collect();
+            let mut held_nets: Vec<_> = held.values().map(|e| (e.net, e.expires_at_ms)).collect();
+            want_nets.sort();
+            held_nets.sort();
+            // Expiries within the tolerance are not rewritten.
+            assert_eq!(
+                held_nets.iter().map(|h| h.0).collect::<Vec<_>>(),
+                want_nets.iter().map(|w| w.0).collect::<Vec<_>>()
+            );
+            for (held, want) in held_nets.iter().zip(&want_nets) {
+                assert!(plan::same_expiry(held.1, want.1), "{held:?} vs {want:?}");
+            }
+        }
     }
 
     #[test]

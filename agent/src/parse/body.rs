@@ -72,6 +72,21 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// A decimal `u32` (no sign, no leading `+`), or `None` on overflow.
+fn parse_u32(s: &[u8]) -> Option<u32> {
+    if s.is_empty() || s.len() > 10 {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for &c in s {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        v = v * 10 + u64::from(c - b'0');
+    }
+    u32::try_from(v).ok()
+}
+
 fn skip_space(b: &[u8], mut pos: usize) -> usize {
     while pos < b.len() && b[pos] == b' ' {
         pos += 1;
@@ -151,7 +166,7 @@ fn smtp_connection(b: &[u8]) -> Option<Fields<'_>> {
     let (host, tail, rest) = host_and_rest(b, pos + 5)?;
     if let Some(n) = rest.strip_prefix(b"(TCP/IP connection count = ") {
         let close = memchr::memchr(b')', n)?;
-        let count = std::str::from_utf8(&n[..close]).ok()?.parse().ok()?;
+        let count = parse_u32(&n[..close])?;
         let mut f = Fields::new(EventKind::Connect, &host, &tail);
         f.count = Some(count);
         return Some(f);

@@ -1,8 +1,8 @@
 //! A deterministic generator of realistic Exim main logs, for benchmarks and
 //! load tests (`fleetban-agent gen-log --lines N --seed S`).
 //!
-//! The mix resembles a busy cPanel host: mostly connects, arrivals,
-//! deliveries and clean closes, a few percent abuse lines of every kind, a
+//! The mix resembles a busy cPanel host: about 94% connects, arrivals,
+//! deliveries, clean closes and housekeeping, about 6% abuse lines of every kind, a
 //! few continuation and housekeeping lines, many distinct addresses (IPv4
 //! from 10.0.0.0/8 with a small hot set of repeat offenders, IPv6 from
 //! 2001:db8::/32), and both timestamp styles (Exim's default and
@@ -121,18 +121,18 @@ pub fn write_log(lines: u64, seed: u64, out: &mut impl Write) -> io::Result<GenS
         }
         line.clear();
         match roll {
-            0..=299 => {
+            0..=319 => {
                 ev.helo = None;
                 ev.count = Some(1 + rng.below(100) as u32);
                 line.push_str(&render::render(&ev, &style));
             }
-            300..=499 => {
+            320..=539 | 975..=989 => {
                 let mut s = render::render(&Event { kind: EventKind::ClosedByDrop, ..ev }, &style);
                 s.truncate(s.len() - "DROP in ACL".len());
                 s.push_str("QUIT");
                 line.push_str(&s);
             }
-            500..=679 => {
+            540..=719 => {
                 ev.kind = EventKind::Accepted;
                 ev.detail = Some(USERS[rng.below(USERS.len() as u64) as usize]);
                 if rng.below(4) == 0 {
@@ -141,50 +141,50 @@ pub fn write_log(lines: u64, seed: u64, out: &mut impl Write) -> io::Result<GenS
                 let style = Style { msgid: if full { MsgId::New } else { MsgId::Old }, ..style };
                 line.push_str(&render::render(&ev, &style));
             }
-            680..=859 => {
+            720..=899 => {
                 let mut s = render::render(&Event { kind: EventKind::Accepted, detail: Some("x"), ..ev }, &style);
                 let at = s.find("<= ").unwrap_or(s.len());
                 s.truncate(at);
-                if roll < 780 {
+                if roll < 820 {
                     s.push_str("=> user@example.org R=dkim_lookuphost T=dkim_remote_smtp H=mx.example.org [192.0.2.77] C=\"250 OK\"");
                 } else {
                     s.push_str("Completed");
                 }
                 line.push_str(&s);
             }
-            860..=899 => {
+            900..=919 => {
                 ev.kind = EventKind::NoMail;
                 ev.duration_ms = Some(rng.below(30_000));
                 ev.detail = Some(["EHLO,AUTH,QUIT", "EHLO", "EHLO,STARTTLS"][rng.below(3) as usize]);
                 line.push_str(&render::render(&ev, &style));
             }
-            900..=919 => {
+            920..=929 => {
                 ev.kind = EventKind::Lost;
                 ev.duration_ms = Some(rng.below(30_000));
                 line.push_str(&render::render(&ev, &style));
             }
-            920..=934 => {
+            930..=944 => {
                 ev.kind = EventKind::AuthFailed;
                 ev.detail = Some(DRIVERS[rng.below(3) as usize]);
                 ev.user = Some(USERS[rng.below(USERS.len() as u64) as usize]);
                 let style = Style { auth_h_prefix: rng.below(2) == 0, ..style };
                 line.push_str(&render::render(&ev, &style));
             }
-            935..=989 => {
+            945..=974 => {
                 let (kind, detail) = match roll {
-                    935..=942 => (EventKind::RelayDenied, "relay not permitted"),
-                    943..=950 => (EventKind::RcptRejected, "Unrouteable address"),
-                    951..=956 => (EventKind::RefusedTooMany, ""),
-                    957..=959 => (EventKind::SyncError, "input sent without waiting for greeting"),
-                    960..=962 => (EventKind::TooManyNonmail, "NOOP"),
-                    963..=965 => (EventKind::ProtocolError, "AUTH command used when not advertised"),
-                    966..=968 => (EventKind::SyntaxError, "unrecognized command"),
-                    969..=971 => (EventKind::AclRejected, "Host is ratelimited"),
-                    972..=974 => (EventKind::ClosedByDrop, ""),
-                    975..=977 => (EventKind::TlsError, "(tls lib accept fn): TCP connection closed by peer"),
-                    978..=980 => (EventKind::CommandTimeout, ""),
-                    981..=983 => (EventKind::TooManyUnrecognized, "GET / HTTP/1.1"),
-                    984..=986 => (EventKind::NoHostName, ""),
+                    945..=947 => (EventKind::RelayDenied, "relay not permitted"),
+                    948..=950 => (EventKind::RcptRejected, "Unrouteable address"),
+                    951..=954 => (EventKind::RefusedTooMany, ""),
+                    955..=956 => (EventKind::SyncError, "input sent without waiting for greeting"),
+                    957..=958 => (EventKind::TooManyNonmail, "NOOP"),
+                    959..=960 => (EventKind::ProtocolError, "AUTH command used when not advertised"),
+                    961..=962 => (EventKind::SyntaxError, "unrecognized command"),
+                    963..=964 => (EventKind::AclRejected, "Host is ratelimited"),
+                    965 => (EventKind::ClosedByDrop, ""),
+                    966..=967 => (EventKind::TlsError, "(tls lib accept fn): TCP connection closed by peer"),
+                    968..=969 => (EventKind::CommandTimeout, ""),
+                    970 => (EventKind::TooManyUnrecognized, "GET / HTTP/1.1"),
+                    971..=972 => (EventKind::NoHostName, ""),
                     _ => (EventKind::TooManySyntax, "AUTH LOGIN"),
                 };
                 ev.kind = kind;

@@ -76,7 +76,7 @@ pub(crate) fn parse_ip(s: &[u8]) -> Option<IpAddr> {
     if s.len() < 2 || s.len() > 45 {
         return None;
     }
-    if s.iter().all(|c| c.is_ascii_digit() || *c == b'.') {
+    if !s.contains(&b':') {
         return parse_v4(s).map(IpAddr::V4);
     }
     let text = std::str::from_utf8(s).ok()?;
@@ -258,7 +258,7 @@ pub(crate) fn scan_tail(b: &[u8], mut pos: usize) -> Tail<'_> {
         match key {
             b"I" => {
                 if let Some((ip, port, e)) = parse_bracketed(val, 0)
-                    && (e == val.len() || (e + 1 == val.len() && val[e] == b':'))
+                    && (e == val.len() || (e + 1 == val.len() && matches!(val[e], b':' | b')')))
                 {
                     tail.local_ip = Some(ip);
                     tail.local_port = port;

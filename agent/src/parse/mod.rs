@@ -261,12 +261,20 @@ fn trim_eol(line: &[u8]) -> &[u8] {
 }
 
 /// The year for a BSD syslog stamp (which has none): this year, or last year
-/// when that would put the stamp more than two days in the future.
+/// when that would put the stamp more than two days in the future (29
+/// February: the latest leap year).
 fn syslog_year(month: u32, day: u32) -> i64 {
     let now_days = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() / 86_400) as i64;
-    let (year, _, _) = civil::civil_from_days(now_days);
-    let day = day.min(civil::days_in_month(year, month));
-    if civil::days_from_civil(year, month, day) > now_days + 2 { year - 1 } else { year }
+    let (mut year, _, _) = civil::civil_from_days(now_days);
+    let clamped = day.min(civil::days_in_month(year, month));
+    if civil::days_from_civil(year, month, clamped) > now_days + 2 {
+        year -= 1;
+    }
+    // 29 February happens only in leap years: it is from the latest one.
+    while month == 2 && day == 29 && !civil::is_leap(year) {
+        year -= 1;
+    }
+    year
 }
 
 /// Parses the parts of a line: its stamp and fields.
@@ -403,3 +411,6 @@ impl Parser {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod proptests;

@@ -202,6 +202,9 @@ fn pid_and_msgid(b: &[u8], mut pos: usize) -> (bool, usize) {
 /// Recognises a message id at `pos` followed by a space: `XXXXXX-XXXXXX-XX`
 /// (before 4.97) or `XXXXXX-XXXXXXXXXXX-XXXX` (4.97+). Returns its length.
 pub(crate) fn is_msgid(b: &[u8], pos: usize) -> Option<usize> {
+    if b.get(pos + 6) != Some(&b'-') {
+        return None;
+    }
     let shape = |len: usize, d1: usize, d2: usize| {
         let s = b.get(pos..pos + len)?;
         if b.get(pos + len) != Some(&b' ') {

@@ -143,18 +143,31 @@ fn open(path: &Path) -> Result<Box<dyn Read>, ReportError> {
     if head.starts_with(&[0x1f, 0x8b]) { Ok(Box::new(MultiGzDecoder::new(reader))) } else { Ok(Box::new(reader)) }
 }
 
-/// Per-kind counts and per-kind address counts, for the summary.
-#[derive(Debug, Default)]
+/// Per-kind address counts, for the summary (indexed like [`EventKind::ALL`]).
+#[derive(Debug)]
 struct Summary {
-    by_kind: HashMap<EventKind, u64>,
-    by_addr: HashMap<(EventKind, IpAddr), u64>,
+    by_kind: Vec<HashMap<IpAddr, u64>>,
+}
+
+impl Summary {
+    fn new() -> Summary {
+        Summary { by_kind: vec![HashMap::new(); EventKind::ALL.len()] }
+    }
+
+    fn add(&mut self, kind: EventKind, ip: IpAddr) {
+        // `to_proto` numbers kinds 1..=ALL.len() in `ALL` order.
+        let idx = kind.to_proto() as usize - 1;
+        if let Some(map) = self.by_kind.get_mut(idx) {
+            *map.entry(ip).or_default() += 1;
+        }
+    }
 }
 
 /// Parses every path in order and writes JSON lines or a summary to `out`.
 /// Returns the counters; the caller prints [`stats_line`] on stderr.
 pub fn run(paths: &[PathBuf], opts: &ParseOptions, out: &mut impl Write) -> Result<ParseStats, ReportError> {
     let mut parser = Parser::new(opts.tz.clone());
-    let mut summary = Summary::default();
+    let mut summary = Summary::new();
     let mut json = Vec::with_capacity(512);
     for path in paths {
         let reader = open(path)?;
@@ -176,8 +189,7 @@ pub fn run(paths: &[PathBuf], opts: &ParseOptions, out: &mut impl Write) -> Resu
                     }
                 }
             } else {
-                *summary.by_kind.entry(ev.kind).or_default() += 1;
-                *summary.by_addr.entry((ev.kind, ev.ip)).or_default() += 1;
+                summary.add(ev.kind, ev.ip);
             }
             Ok(())
         });
@@ -195,21 +207,25 @@ pub fn run(paths: &[PathBuf], opts: &ParseOptions, out: &mut impl Write) -> Resu
 
 fn write_summary(s: &Summary, out: &mut impl Write) -> io::Result<()> {
     writeln!(out, "events by kind:")?;
-    for kind in EventKind::ALL {
-        if let Some(n) = s.by_kind.get(&kind) {
-            writeln!(out, "  {:<24}{n:>10}", kind.as_str())?;
+    for (kind, addrs) in EventKind::ALL.iter().zip(&s.by_kind) {
+        if !addrs.is_empty() {
+            writeln!(out, "  {:<24}{:>10}", kind.as_str(), addrs.values().sum::<u64>())?;
         }
     }
     writeln!(out, "top addresses by kind:")?;
-    for kind in EventKind::ALL {
-        let mut addrs: Vec<(IpAddr, u64)> =
-            s.by_addr.iter().filter(|((k, _), _)| *k == kind).map(|((_, ip), n)| (*ip, *n)).collect();
+    for (kind, addrs) in EventKind::ALL.iter().zip(&s.by_kind) {
         if addrs.is_empty() {
             continue;
         }
-        addrs.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut top: Vec<(IpAddr, u64)> = addrs.iter().map(|(ip, n)| (*ip, *n)).collect();
+        let order = |a: &(IpAddr, u64), b: &(IpAddr, u64)| b.1.cmp(&a.1).then(a.0.cmp(&b.0));
+        if top.len() > 10 {
+            top.select_nth_unstable_by(9, order);
+            top.truncate(10);
+        }
+        top.sort_unstable_by(order);
         writeln!(out, "  {}:", kind.as_str())?;
-        for (ip, n) in addrs.iter().take(10) {
+        for (ip, n) in &top {
             writeln!(out, "    {:<40}{n:>10}", ip.to_string())?;
         }
     }
@@ -219,4 +235,85 @@ fn write_summary(s: &Summary, out: &mut impl Write) -> io::Result<()> {
 /// The one-line summary printed on stderr: `lines=N events=M ignored=K`.
 pub fn stats_line(stats: &ParseStats) -> String {
     format!("lines={} events={} ignored={}", stats.lines, stats.events, stats.ignored)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use flate2::Compression;
+    use flate2::write::GzEncoder;
+
+    use super::*;
+
+    #[test]
+    fn lines_over_the_limit_are_skipped_without_buffering() {
+        let mut input = b"first\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 3 << 20));
+        input.extend(b"\nsecond\n");
+        input.extend(std::iter::repeat_n(b'y', MAX_LINE_BYTES + 1));
+        input.extend(b"\nlast without newline");
+        let mut seen = Vec::new();
+        for_each_line(&input[..], |l| {
+            seen.push(l.map(|l| String::from_utf8_lossy(l).into_owned()));
+            Ok(())
+        })
+        .unwrap();
+        let want = [Some("first"), None, Some("second"), None, Some("last without newline")];
+        assert_eq!(seen, want.map(|s| s.map(str::to_owned)));
+    }
+
+    #[test]
+    fn reads_gzip_and_writes_json_lines() {
+        let log = "2026-11-27 01:57:50.552 [8679] dovecot_plain authenticator failed for (scanner.invalid) [192.0.2.110]:35157 I=[192.0.2.10]:25: 535 Incorrect authentication data (set_id=admin0@example.test)\n\
+                   \x20continuation\n\
+                   \x00\x01binary garbage\x7f\n\
+                   2026-11-27 01:57:47 Connection from [2001:db8::1]:58745 refused: too many connections\n";
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mainlog.1.gz");
+        let mut gz = GzEncoder::new(File::create(&path).unwrap(), Compression::fast());
+        gz.write_all(log.as_bytes()).unwrap();
+        gz.finish().unwrap();
+        let mut out = Vec::new();
+        let opts = ParseOptions { json: true, tz: Timezone::Utc };
+        let stats = run(&[path], &opts, &mut out).unwrap();
+        assert_eq!(stats_line(&stats), "lines=4 events=2 ignored=2");
+        let rows: Vec<serde_json::Value> =
+            String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0]["ts"], "2026-11-27T01:57:50.552Z");
+        assert_eq!(rows[0]["kind"], "auth_failed");
+        assert_eq!(rows[0]["ip"], "192.0.2.110");
+        assert_eq!(rows[0]["port"], 35157);
+        assert_eq!(rows[0]["local_ip"], "192.0.2.10");
+        assert_eq!(rows[0]["local_port"], 25);
+        assert_eq!(rows[0]["user"], "admin0@example.test");
+        assert_eq!(rows[0]["helo"], "scanner.invalid");
+        assert_eq!(rows[0]["detail"], "dovecot_plain");
+        assert_eq!(rows[1]["kind"], "refused_too_many");
+        assert_eq!(rows[1]["ip"], "2001:db8::1");
+        assert!(rows[1]["count"].is_null());
+    }
+
+    #[test]
+    fn summary_counts_kinds_and_top_addresses() {
+        let mut log = Vec::new();
+        genlog_lines(&mut log);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mainlog");
+        std::fs::write(&path, &log).unwrap();
+        let mut out = Vec::new();
+        let stats = run(&[path], &ParseOptions { json: false, tz: Timezone::Utc }, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(stats.lines, 3);
+        assert!(text.contains("  connect                          2"), "{text}");
+        assert!(text.contains("  connect:\n    192.0.2.1                                        2\n"), "{text}");
+        assert!(text.contains("  lost:\n    192.0.2.2"), "{text}");
+    }
+
+    fn genlog_lines(out: &mut Vec<u8>) {
+        out.extend(b"2026-01-01 00:00:00 SMTP connection from [192.0.2.1]:1 (TCP/IP connection count = 1)\n");
+        out.extend(b"2026-01-01 00:00:01 SMTP connection from [192.0.2.1]:2 (TCP/IP connection count = 2)\n");
+        out.extend(b"2026-01-01 00:00:02 SMTP connection from [192.0.2.2]:3 lost\n");
+    }
 }

@@ -67,6 +67,10 @@ enum Command {
         /// Rows in the reference COPY.
         #[arg(long, default_value_t = 1_000_000)]
         copy_rows: usize,
+        /// Share of abuse events (evidence + correlation), percent in steps
+        /// of 10.
+        #[arg(long, default_value_t = 20)]
+        abuse_percent: usize,
     },
     /// Time from a block's commit to its delta at every connected agent.
     Propagation {
@@ -85,6 +89,11 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Warnings and errors of the server under test go to stderr.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .init();
     let mut embedded = None;
     let url = match cli.database_url {
         Some(url) => url,
@@ -96,8 +105,9 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     match cli.command {
-        Command::Ingest { agents, batch, in_flight, warmup_secs, seconds, pool, copy_rows } => {
-            let cfg = IngestConfig { agents, batch, in_flight, warmup_secs, seconds, pool, copy_rows };
+        Command::Ingest { agents, batch, in_flight, warmup_secs, seconds, pool, copy_rows, abuse_percent } => {
+            let abuse_tenths = (abuse_percent / 10).min(10);
+            let cfg = IngestConfig { agents, batch, in_flight, warmup_secs, seconds, pool, copy_rows, abuse_tenths };
             ingest(&url, cfg).await?;
         }
         Command::Propagation { agents, blocks, pause_ms } => {
@@ -189,6 +199,7 @@ struct IngestConfig {
     seconds: u64,
     pool: u32,
     copy_rows: usize,
+    abuse_tenths: usize,
 }
 
 /// Attacker addresses: the three IPv4 documentation ranges and some
@@ -203,10 +214,13 @@ fn remote(i: usize) -> std::net::IpAddr {
     }
 }
 
-/// One event of the mix: 70 % connects, 10 % accepted/lost, 20 % abuse.
-fn bench_event(agent: usize, i: usize, time_ms: i64) -> Event {
+/// One event of the mix: `abuse_tenths` tenths abuse (auth failures and
+/// relay attempts), then 10 % accepted and 10 % lost, the rest connects.
+fn bench_event(agent: usize, i: usize, time_ms: i64, abuse_tenths: usize) -> Event {
     let addr = remote(agent * 7919 + i * 31);
-    let (kind, text) = match i % 10 {
+    let slot = i % 10;
+    let slot = if slot < abuse_tenths { slot % 2 } else { 2 + (slot - abuse_tenths) % 8 };
+    let (kind, text) = match slot {
         0 => (
             EventKind::AuthFailed,
             "dovecot_login authenticator failed for (User) [{a}]:51234: 535 Incorrect authentication data (set_id=info@example.com)",
@@ -240,18 +254,29 @@ async fn ingest(url: &str, cfg: IngestConfig) -> anyhow::Result<()> {
     db::migrate(&pool).await?;
     let server = start_server(pool.clone()).await?;
     let creds = enroll(&pool, server.addr, cfg.agents).await?;
+    // Open every session first, so that all agents stream for the whole
+    // measured period.
+    let mut sessions = Vec::with_capacity(creds.len());
+    for (id, secret) in creds {
+        sessions.push(open(server.addr, id, &secret).await?);
+    }
     let acked = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(cfg.warmup_secs + cfg.seconds);
     let mut tasks = Vec::new();
-    for (n, (id, secret)) in creds.into_iter().enumerate() {
-        let session = open(server.addr, id, &secret).await?;
+    for (n, session) in sessions.into_iter().enumerate() {
         let acked = acked.clone();
-        let (batch_size, in_flight) = (cfg.batch, cfg.in_flight);
-        tasks.push(tokio::spawn(async move { agent_stream(session, n, batch_size, in_flight, deadline, acked).await }));
+        let (batch_size, in_flight, abuse) = (cfg.batch, cfg.in_flight, cfg.abuse_tenths);
+        tasks.push(tokio::spawn(async move {
+            agent_stream(session, n, batch_size, in_flight, abuse, deadline, acked).await
+        }));
     }
     println!(
-        "ingest: {} agents, batches of {} events, {} in flight per agent, server pool {} connections",
-        cfg.agents, cfg.batch, cfg.in_flight, cfg.pool
+        "ingest: {} agents, batches of {} events ({} % abuse), {} in flight per agent, server pool {} connections",
+        cfg.agents,
+        cfg.batch,
+        cfg.abuse_tenths * 10,
+        cfg.in_flight,
+        cfg.pool
     );
     tokio::time::sleep(Duration::from_secs(cfg.warmup_secs)).await;
     let (start_events, start) = (acked.load(Ordering::Relaxed), Instant::now());
@@ -273,7 +298,7 @@ async fn ingest(url: &str, cfg: IngestConfig) -> anyhow::Result<()> {
     let stored: i64 = sqlx::query_scalar("select count(*) from events").fetch_one(&pool).await?;
     println!("ingest: {stored} events stored in total");
 
-    let copy_rate = copy_reference(url, &pool, cfg.copy_rows).await?;
+    let copy_rate = copy_reference(url, &pool, cfg.copy_rows, cfg.abuse_tenths).await?;
     println!("reference: raw COPY via psql of {} rows of the same shape: {:.0} rows/s", cfg.copy_rows, copy_rate);
     println!("ratio: gRPC ingest reaches {:.0} % of raw COPY", 100.0 * rate / copy_rate);
     Ok(())
@@ -285,16 +310,24 @@ async fn agent_stream(
     agent: usize,
     batch_size: usize,
     in_flight: usize,
+    abuse_tenths: usize,
     deadline: Instant,
     acked: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
     let mut seq = 0u64;
     let mut pending = 0usize;
+    // Generated once: the simulated agent's cost per batch is a clone, not
+    // formatting a thousand log lines, so the client steals little CPU from
+    // the server it measures.
+    let template: Vec<Event> = (0..batch_size).map(|i| bench_event(agent, i, 0, abuse_tenths)).collect();
     loop {
         while pending < in_flight && Instant::now() < deadline {
             seq += 1;
             let now = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
-            let events = (0..batch_size).map(|i| bench_event(agent, i + seq as usize, now)).collect();
+            let mut events = template.clone();
+            for e in &mut events {
+                e.time_ms = now;
+            }
             let frame = Frame::Batch(EventBatch { seq, events, position: None });
             s.tx.send(AgentFrame { frame: Some(frame) }).await?;
             pending += 1;
@@ -316,7 +349,7 @@ async fn agent_stream(
 
 /// Writes `rows` events of the bench's shape as CSV and times `\copy` of
 /// them into `events` through psql; returns rows/s.
-async fn copy_reference(url: &str, pool: &PgPool, rows: usize) -> anyhow::Result<f64> {
+async fn copy_reference(url: &str, pool: &PgPool, rows: usize, abuse_tenths: usize) -> anyhow::Result<f64> {
     let dir = std::env::temp_dir().join(format!("fleetban-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("events.csv");
@@ -326,7 +359,7 @@ async fn copy_reference(url: &str, pool: &PgPool, rows: usize) -> anyhow::Result
         let now = time::OffsetDateTime::now_utc();
         let ts = now.format(&time::format_description::well_known::Rfc3339)?;
         for i in 0..rows {
-            let e = bench_event(i % 50, i, 0);
+            let e = bench_event(i % 50, i, 0, abuse_tenths);
             let kind = fleetban_server::ingest::kind_name(EventKind::try_from(e.kind)?);
             let remote = std::net::IpAddr::try_from(e.remote.as_ref().context("remote")?)?;
             let cc = if e.connection_count > 0 { e.connection_count.to_string() } else { String::new() };

@@ -1,0 +1,245 @@
+//! `/api/v1/attackers`: addresses ranked by how many of the fleet's hosts
+//! they hit and how many abuse events they caused, from the evidence tables
+//! (`offenders`, `offender_hosts`) that ingest keeps current; and one
+//! address's timeline across hosts with sample raw lines.
+
+use std::net::IpAddr;
+
+use axum::Json;
+use axum::extract::State;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::auth::Caller;
+use super::error::{ApiError, ApiPath, ApiQuery};
+use super::{AppState, LIVE_BLOCK, params};
+use crate::asn::{self, AsnInfo};
+
+/// Filters of the attacker ranking.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AttackerQuery {
+    /// Only addresses seen since: RFC 3339 or a duration ago (default `24h`).
+    pub since: Option<String>,
+    /// How many, 1 to 1000 (default 100).
+    pub limit: Option<i64>,
+}
+
+/// An attacking address.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Attacker {
+    /// The address.
+    #[schema(value_type = String)]
+    pub ip: IpAddr,
+    /// Distinct hosts of the fleet it hit.
+    pub hosts: i32,
+    /// Abuse events.
+    pub events: i64,
+    /// Kinds of abuse seen.
+    pub kinds: Vec<String>,
+    /// First abuse event.
+    #[serde(with = "time::serde::rfc3339")]
+    pub first_seen: OffsetDateTime,
+    /// Last abuse event.
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+    /// Whether a live block covers it.
+    pub blocked: bool,
+    /// Its autonomous system, when an ASN database is loaded.
+    pub asn: Option<AsnInfo>,
+}
+
+#[derive(sqlx::FromRow)]
+struct AttackerRow {
+    ip: IpNet,
+    hosts: i32,
+    events: i64,
+    kinds: Vec<String>,
+    first_seen: OffsetDateTime,
+    last_seen: OffsetDateTime,
+    blocked: bool,
+    asn: Option<i64>,
+    as_name: Option<String>,
+    country: Option<String>,
+}
+
+impl From<AttackerRow> for Attacker {
+    fn from(row: AttackerRow) -> Self {
+        let asn = match (row.asn, row.as_name, row.country) {
+            (Some(asn), Some(name), Some(country)) => Some(AsnInfo { asn, name, country }),
+            _ => None,
+        };
+        Attacker {
+            ip: row.ip.addr(),
+            hosts: row.hosts,
+            events: row.events,
+            kinds: row.kinds,
+            first_seen: row.first_seen,
+            last_seen: row.last_seen,
+            blocked: row.blocked,
+            asn,
+        }
+    }
+}
+
+fn select() -> String {
+    format!(
+        "select o.address as ip, o.hosts, o.events, o.first_seen, o.last_seen, \
+           coalesce((select array_agg(distinct h.kind) from offender_hosts h where h.address = o.address), '{{}}') \
+             as kinds, \
+           exists (select 1 from blocks b where {LIVE_BLOCK} and b.cidr >>= o.address) as blocked, \
+           x.asn, x.name as as_name, x.country \
+         from offenders o left join lateral ({}) x on true",
+        asn::lookup_sql("o.address")
+    )
+}
+
+/// Addresses ranked by hosts hit, then events.
+#[utoipa::path(get, path = "/api/v1/attackers", tag = "attackers", security(("bearer" = [])), params(AttackerQuery),
+    responses((status = 200, body = [Attacker]), (status = 400, body = super::error::ErrorBody)))]
+pub async fn list(
+    State(state): State<AppState>,
+    _caller: Caller,
+    ApiQuery(query): ApiQuery<AttackerQuery>,
+) -> Result<Json<Vec<Attacker>>, ApiError> {
+    let limit = params::limit(query.limit)?;
+    let since = params::time("since", query.since.as_deref().unwrap_or("24h"))?;
+    let rows = sqlx::query_as::<_, AttackerRow>(&format!(
+        "{} where o.last_seen >= $1 order by o.hosts desc, o.events desc, o.address limit $2",
+        select()
+    ))
+    .bind(since)
+    .bind(limit)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(rows.into_iter().map(Attacker::from).collect()))
+}
+
+/// Evidence of one address on one host.
+#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
+pub struct HostEvidence {
+    /// The agent.
+    pub agent_id: Uuid,
+    /// Its name.
+    pub agent: String,
+    /// Its host name.
+    pub hostname: String,
+    /// Kind of abuse.
+    pub kind: String,
+    /// Events of that kind.
+    pub events: i64,
+    /// First seen.
+    #[serde(with = "time::serde::rfc3339")]
+    pub first_seen: OffsetDateTime,
+    /// Last seen.
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+    /// A sample raw log line.
+    pub sample_raw: Option<String>,
+}
+
+/// One event on the timeline.
+#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
+pub struct TimelineEvent {
+    /// Log time.
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    /// The agent's name.
+    pub agent: String,
+    /// Event kind.
+    pub kind: String,
+    /// The raw log line.
+    pub raw: Option<String>,
+}
+
+/// A block that covers or covered the address.
+#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
+pub struct BlockRef {
+    /// Block id.
+    pub id: i64,
+    /// Blocked range.
+    #[schema(value_type = String)]
+    pub cidr: IpNet,
+    /// Reason.
+    pub reason: String,
+    /// `auto`, `agent` or `manual`.
+    pub source: String,
+    /// Created.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Expiry; `null` = permanent.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    /// Whether it is live now.
+    pub active: bool,
+}
+
+/// One address in detail.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AttackerDetail {
+    /// The summary (absent when only raw events, no abuse evidence, exist).
+    pub summary: Option<Attacker>,
+    /// Its autonomous system, when an ASN database is loaded.
+    pub asn: Option<AsnInfo>,
+    /// Evidence per host and kind.
+    pub hosts: Vec<HostEvidence>,
+    /// The latest events from it across hosts, newest first (at most 200).
+    pub timeline: Vec<TimelineEvent>,
+    /// Blocks covering it, newest first.
+    pub blocks: Vec<BlockRef>,
+}
+
+/// Events on the timeline of one address.
+const TIMELINE_LIMIT: i64 = 200;
+
+/// One address: evidence per host, timeline with raw lines, blocks.
+#[utoipa::path(get, path = "/api/v1/attackers/{ip}", tag = "attackers", security(("bearer" = [])),
+    params(("ip" = String, Path, description = "The address")),
+    responses((status = 200, body = AttackerDetail), (status = 400, body = super::error::ErrorBody),
+              (status = 404, body = super::error::ErrorBody)))]
+pub async fn get(
+    State(state): State<AppState>,
+    _caller: Caller,
+    ApiPath(ip): ApiPath<String>,
+) -> Result<Json<AttackerDetail>, ApiError> {
+    let ip = params::ip("ip", &ip)?;
+    let host = IpNet::from(ip);
+    let summary = sqlx::query_as::<_, AttackerRow>(&format!("{} where o.address = $1", select()))
+        .bind(host)
+        .fetch_optional(&state.pool)
+        .await?
+        .map(Attacker::from);
+    let hosts = sqlx::query_as::<_, HostEvidence>(
+        "select h.agent_id, coalesce(a.name, '') as agent, coalesce(a.hostname, '') as hostname, h.kind, h.events, \
+                h.first_seen, h.last_seen, h.sample_raw \
+         from offender_hosts h left join agents a on a.id = h.agent_id \
+         where h.address = $1 order by h.events desc, a.name, h.kind",
+    )
+    .bind(host)
+    .fetch_all(&state.pool)
+    .await?;
+    let timeline = sqlx::query_as::<_, TimelineEvent>(
+        "select e.time, coalesce(a.name, '') as agent, e.kind, e.raw \
+         from events e left join agents a on a.id = e.agent_id \
+         where e.remote = $1 order by e.time desc, e.id desc limit $2",
+    )
+    .bind(host)
+    .bind(TIMELINE_LIMIT)
+    .fetch_all(&state.pool)
+    .await?;
+    let blocks = sqlx::query_as::<_, BlockRef>(&format!(
+        "select b.id, b.cidr, b.reason, b.source, b.created_at, b.expires_at, ({LIVE_BLOCK}) as active \
+         from blocks b where b.cidr >>= $1 order by b.id desc limit 50"
+    ))
+    .bind(host)
+    .fetch_all(&state.pool)
+    .await?;
+    if summary.is_none() && timeline.is_empty() && blocks.is_empty() {
+        return Err(ApiError::not_found(format!("nothing is known about {ip}")));
+    }
+    let asn = asn::lookup(&state.pool, ip).await?;
+    Ok(Json(AttackerDetail { summary, asn, hosts, timeline, blocks }))
+}

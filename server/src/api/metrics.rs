@@ -1,0 +1,181 @@
+//! `/metrics`: Prometheus text exposition.
+//!
+//! Any code of the server records through the `metrics` facade
+//! (`metrics::counter!`, `gauge!`, `histogram!`); [`install`] puts the
+//! Prometheus recorder behind it once per process, and `/metrics` renders
+//! it. Values that live in the database (agents, blocks, blocklist version,
+//! propagation lag) and the pool's state are refreshed from it at each
+//! scrape, so they are right whichever replica is scraped.
+//!
+//! # Metric names
+//!
+//! | name | type | labels | recorded by |
+//! |---|---|---|---|
+//! | `fleetban_ingest_events_total` | counter | | scrape, from `session::Stats`: events stored |
+//! | `fleetban_ingest_invalid_events_total` | counter | | scrape, from `session::Stats`: events rejected as invalid |
+//! | `fleetban_ingest_batches_total` | counter | `result` = `stored`, `duplicate`, `refused` | scrape, from `session::Stats` |
+//! | `fleetban_agent_frames_rejected_total` | counter | `reason` = `undecodable`, `invalid` | scrape, from `session::Stats` |
+//! | `fleetban_agent_auth_refused_total` | counter | | scrape, from `session::Stats` |
+//! | `fleetban_agent_spool_lost_events_total` | counter | | scrape, from `session::Stats`: losses agents reported |
+//! | `fleetban_push_lag_seconds` | histogram | | push: oldest change of a delta, commit → fan-out to sessions |
+//! | `fleetban_agent_sessions` | gauge | | scrape, from `session::Stats`: sessions open on this replica |
+//! | `fleetban_agents_connected` | gauge | | scrape: agents with an open session (fleet-wide) |
+//! | `fleetban_agents_total` | gauge | | scrape: agents not revoked |
+//! | `fleetban_blocks_active` | gauge | `source` = `auto`, `agent`, `manual` | scrape |
+//! | `fleetban_blocklist_version` | gauge | | scrape: latest block change version |
+//! | `fleetban_propagation_lag_seconds` | gauge | | scrape: oldest change a connected agent has not applied |
+//! | `fleetban_events_per_second` | gauge | `window` = `1m`, `1h` | scrape |
+//! | `fleetban_db_pool_connections` | gauge | `state` = `idle`, `busy` | scrape |
+//! | `fleetban_http_requests_total` | counter | `method`, `route`, `status` | API middleware |
+//! | `fleetban_http_request_duration_seconds` | histogram | `method`, `route` | API middleware |
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use super::AppState;
+use super::stats;
+
+/// Events stored by ingest.
+pub const INGEST_EVENTS: &str = "fleetban_ingest_events_total";
+/// Events rejected by ingest.
+pub const INGEST_INVALID_EVENTS: &str = "fleetban_ingest_invalid_events_total";
+/// Batches by result.
+pub const INGEST_BATCHES: &str = "fleetban_ingest_batches_total";
+/// Seconds from a block change's commit to its delivery to an agent.
+pub const PUSH_LAG: &str = "fleetban_push_lag_seconds";
+/// Agent sessions open on this replica.
+pub const AGENT_SESSIONS: &str = "fleetban_agent_sessions";
+
+/// Buckets of every `_seconds` histogram: 1 ms to 30 s.
+const SECONDS_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder as the process's `metrics` recorder, once;
+/// returns its handle, or `None` if another recorder was installed first.
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = match PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS)
+            {
+                Ok(builder) => builder,
+                Err(error) => {
+                    tracing::warn!(%error, "Cannot configure metric buckets; using summaries.");
+                    PrometheusBuilder::new()
+                }
+            };
+            match builder.install_recorder() {
+                Ok(handle) => {
+                    describe();
+                    Some(handle)
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "Cannot install the Prometheus recorder; /metrics is unavailable.");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+fn describe() {
+    metrics::describe_counter!(INGEST_EVENTS, "Events stored by ingest.");
+    metrics::describe_counter!(INGEST_INVALID_EVENTS, "Events rejected by ingest as invalid.");
+    metrics::describe_counter!(INGEST_BATCHES, "Event batches by result (stored, duplicate, refused).");
+    metrics::describe_histogram!(PUSH_LAG, metrics::Unit::Seconds, "Block change commit to delivery to an agent.");
+    metrics::describe_gauge!(AGENT_SESSIONS, "Agent sessions open on this replica.");
+    metrics::describe_gauge!("fleetban_agents_connected", "Agents with an open session, fleet-wide.");
+    metrics::describe_gauge!("fleetban_agents_total", "Agents not revoked.");
+    metrics::describe_gauge!("fleetban_blocks_active", "Live blocks by source.");
+    metrics::describe_gauge!("fleetban_blocklist_version", "Latest blocklist version.");
+    metrics::describe_gauge!(
+        "fleetban_propagation_lag_seconds",
+        "Age of the oldest block change a connected agent has not applied."
+    );
+    metrics::describe_gauge!("fleetban_events_per_second", "Stored events per second by log time.");
+    metrics::describe_gauge!("fleetban_db_pool_connections", "Database pool connections by state.");
+    metrics::describe_counter!("fleetban_http_requests_total", "HTTP requests by method, route and status.");
+    metrics::describe_histogram!(
+        "fleetban_http_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "HTTP request duration by method and route."
+    );
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
+              (status = 503, description = "No recorder")))]
+pub async fn render(State(state): State<AppState>) -> Response {
+    let Some(handle) = install() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder unavailable\n").into_response();
+    };
+    if let Some(stats) = &state.stats {
+        export_session_stats(stats);
+    }
+    let size = state.pool.size();
+    let idle = u32::try_from(state.pool.num_idle()).unwrap_or(u32::MAX);
+    metrics::gauge!("fleetban_db_pool_connections", "state" => "idle").set(f64::from(idle));
+    metrics::gauge!("fleetban_db_pool_connections", "state" => "busy").set(f64::from(size.saturating_sub(idle)));
+    match stats::compute(&state.pool).await {
+        Ok(s) => {
+            metrics::gauge!("fleetban_agents_connected").set(s.agents_connected as f64);
+            metrics::gauge!("fleetban_agents_total").set(s.agents_total as f64);
+            metrics::gauge!("fleetban_blocklist_version").set(s.blocklist_version as f64);
+            metrics::gauge!("fleetban_propagation_lag_seconds").set(s.propagation_lag_secs);
+            metrics::gauge!("fleetban_events_per_second", "window" => "1m").set(s.events_per_sec_1m);
+            metrics::gauge!("fleetban_events_per_second", "window" => "1h").set(s.events_per_sec_1h);
+            for source in ["auto", "agent", "manual"] {
+                let n = s.blocks_by_source.get(source).copied().unwrap_or(0);
+                metrics::gauge!("fleetban_blocks_active", "source" => source).set(n as f64);
+            }
+        }
+        Err(error) => tracing::warn!(%error, "Metrics scrape: cannot read fleet statistics."),
+    }
+    handle.run_upkeep();
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+}
+
+/// Mirrors the session counters (atomics owned by `session`) into the
+/// recorder.
+fn export_session_stats(stats: &crate::session::Stats) {
+    use crate::session::Stats;
+    metrics::counter!(INGEST_EVENTS).absolute(Stats::get(&stats.events_stored));
+    metrics::counter!(INGEST_INVALID_EVENTS).absolute(Stats::get(&stats.events_rejected));
+    metrics::counter!(INGEST_BATCHES, "result" => "stored").absolute(Stats::get(&stats.batches_stored));
+    metrics::counter!(INGEST_BATCHES, "result" => "duplicate").absolute(Stats::get(&stats.batches_duplicate));
+    metrics::counter!(INGEST_BATCHES, "result" => "refused").absolute(Stats::get(&stats.batches_refused));
+    metrics::counter!("fleetban_agent_frames_rejected_total", "reason" => "undecodable")
+        .absolute(Stats::get(&stats.frames_rejected));
+    metrics::counter!("fleetban_agent_frames_rejected_total", "reason" => "invalid")
+        .absolute(Stats::get(&stats.frames_invalid));
+    metrics::counter!("fleetban_agent_auth_refused_total").absolute(Stats::get(&stats.auth_refused));
+    metrics::counter!("fleetban_agent_spool_lost_events_total").absolute(Stats::get(&stats.spool_lost_events));
+    metrics::gauge!(AGENT_SESSIONS).set(Stats::get(&stats.sessions_open) as f64);
+}
+
+/// Middleware: counts and times every HTTP request by its route template.
+pub async fn track(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("fleetban_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("fleetban_http_request_duration_seconds", "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}

@@ -1,0 +1,685 @@
+//! The `fleetban` operator CLI: a thin client of the REST API.
+//!
+//! `fleetban --url URL --token T <command>` (or `FLEETBAN_URL`,
+//! `FLEETBAN_TOKEN`). Every command is one or a few API calls; the output is
+//! an aligned table, or the API's JSON with `--json` for scripts. Any failure
+//! is one [`CliError`] whose message fits one line; the binary prints it and
+//! exits non-zero.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use ipnet::IpNet;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+/// Timeout of one API call.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// fleetban operator CLI: inspect the fleet, block and unblock, report abuse.
+#[derive(Debug, Parser)]
+#[command(name = "fleetban", version)]
+pub struct Cli {
+    /// Base URL of the fleetban server's HTTP listener.
+    #[arg(long, env = "FLEETBAN_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    pub url: String,
+    /// API token (`fleetban-server token create`).
+    #[arg(long, env = "FLEETBAN_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List agents.
+    Agents,
+    /// List live blocks (`--all`: also expired and removed ones).
+    Blocks {
+        /// Include expired and removed blocks.
+        #[arg(long)]
+        all: bool,
+        /// Only blocks containing this address or range.
+        #[arg(long)]
+        contains: Option<String>,
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Block an address or range on every agent.
+    Block {
+        /// Address or CIDR.
+        cidr: String,
+        /// Lifetime (`90s`, `30m`, `6h`, `7d`); default permanent.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+        /// Allow a range broader than the configured minimum prefix.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove a block by id, or every live block of a range.
+    Unblock {
+        /// Block id or CIDR.
+        target: String,
+    },
+    /// Allowlist a range (live blocks inside it are removed).
+    Allow {
+        /// Address or CIDR.
+        cidr: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        note: String,
+        /// Lifetime (`6h`, `30d`); default permanent.
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// List the allowlist.
+    Allowlist,
+    /// Remove a range from the allowlist.
+    Unallow {
+        /// The CIDR as listed.
+        cidr: String,
+    },
+    /// Attacking addresses ranked by hosts hit and events.
+    Attackers {
+        /// Seen since (`1h`, `24h`, `7d` or RFC 3339).
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// One address: evidence per host, timeline, blocks.
+    Attacker {
+        /// The address.
+        ip: String,
+    },
+    /// Stored events, newest first.
+    Events {
+        /// Remote address or range.
+        #[arg(long)]
+        ip: Option<String>,
+        /// Agent id or name.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Event kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Since (`1h` or RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Print the abuse report for an address or range.
+    Report {
+        /// Address or CIDR.
+        target: String,
+        /// Replace our own host names and addresses.
+        #[arg(long)]
+        redact: bool,
+    },
+    /// Fleet statistics.
+    Stats,
+}
+
+/// Why a command failed; every message is one line.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// No token was given.
+    #[error("no API token: pass --token or set FLEETBAN_TOKEN")]
+    NoToken,
+    /// The URL is not usable.
+    #[error("bad --url {0:?}: expected http://host:port or https://host:port")]
+    BadUrl(String),
+    /// A command-line value is invalid.
+    #[error("{0}")]
+    BadArgument(String),
+    /// The server could not be reached or did not answer.
+    #[error("cannot reach {url}: {reason}")]
+    Unreachable {
+        /// The server URL.
+        url: String,
+        /// What went wrong, on one line.
+        reason: String,
+    },
+    /// The API answered with an error.
+    #[error("{status} {message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The API's message.
+        message: String,
+    },
+    /// The API answered something that is not the expected JSON.
+    #[error("unexpected answer from the server: {0}")]
+    Decode(String),
+}
+
+/// An API client.
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    fn new(cli: &Cli) -> Result<Self, CliError> {
+        let base = cli.url.trim_end_matches('/').to_owned();
+        if !(base.starts_with("http://") || base.starts_with("https://")) || reqwest::Url::parse(&base).is_err() {
+            return Err(CliError::BadUrl(cli.url.clone()));
+        }
+        let token = cli.token.clone().filter(|t| !t.trim().is_empty()).ok_or(CliError::NoToken)?;
+        let http = reqwest::Client::builder()
+            .timeout(HTTP_TIMEOUT)
+            .user_agent(concat!("fleetban-cli/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| CliError::Unreachable { url: base.clone(), reason: one_line(&e) })?;
+        Ok(Client { http, base, token: token.trim().to_owned() })
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Value>,
+    ) -> Result<reqwest::Response, CliError> {
+        let mut request =
+            self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token).query(query);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response =
+            request.send().await.map_err(|e| CliError::Unreachable { url: self.base.clone(), reason: one_line(&e) })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let text = response.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| text.lines().next().unwrap_or_default().to_owned());
+        let reason = status.canonical_reason().unwrap_or("error").to_lowercase();
+        Err(CliError::Api { status: status.as_u16(), message: format!("{reason}: {message}") })
+    }
+
+    async fn json(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Value>,
+    ) -> Result<Value, CliError> {
+        let response = self.send(method, path, query, body).await?;
+        if response.status() == StatusCode::NO_CONTENT {
+            return Ok(Value::Null);
+        }
+        response.json().await.map_err(|e| CliError::Decode(one_line(&e)))
+    }
+
+    async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, CliError> {
+        self.json(Method::GET, path, query, None).await
+    }
+}
+
+/// An error and its sources on one line.
+fn one_line(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let message = cause.to_string();
+        if !text.contains(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        source = cause.source();
+    }
+    text.replace('\n', " ")
+}
+
+/// Parses `90s`, `30m`, `6h`, `7d`, `2w` or bare seconds.
+pub fn parse_duration(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let unit_secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        "w" => 604_800,
+        _ => return None,
+    };
+    number.checked_mul(unit_secs).filter(|s| *s > 0).map(Duration::from_secs)
+}
+
+fn ttl_secs(ttl: Option<&str>) -> Result<Option<u64>, CliError> {
+    ttl.map(|t| {
+        parse_duration(t)
+            .map(|d| d.as_secs())
+            .ok_or_else(|| CliError::BadArgument(format!("bad --ttl {t:?}: expected e.g. 90s, 30m, 6h, 7d")))
+    })
+    .transpose()
+}
+
+/// Renders rows as an aligned table under `headers`.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        let mut text = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i == last {
+                text.push_str(cell);
+            } else {
+                let _ = write!(text, "{cell:<width$}  ", width = widths[i]);
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+/// A JSON value as a table cell.
+fn cell(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items.iter().map(cell).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+/// An RFC 3339 time as `YYYY-MM-DD HH:MM:SS`.
+fn when(value: &Value) -> String {
+    match value.as_str() {
+        Some(t) if t.len() >= 19 => t[..19].replace('T', " "),
+        _ => cell(value),
+    }
+}
+
+fn items(value: &Value) -> &[Value] {
+    value.as_array().map(Vec::as_slice).unwrap_or_default()
+}
+
+fn pretty(value: &Value) -> String {
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
+    text.push('\n');
+    text
+}
+
+fn cidr_arg(value: &str) -> Result<IpNet, CliError> {
+    if let Ok(ip) = value.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    value
+        .parse::<IpNet>()
+        .map(|n| n.trunc())
+        .map_err(|_| CliError::BadArgument(format!("{value:?} is not an IP address or CIDR")))
+}
+
+fn asn_text(asn: &Value) -> String {
+    if asn.is_null() {
+        return "-".to_owned();
+    }
+    let country = asn["country"].as_str().filter(|c| !c.is_empty()).map(|c| format!(" ({c})")).unwrap_or_default();
+    format!("AS{} {}{country}", cell(&asn["asn"]), cell(&asn["name"]))
+}
+
+fn blocks_table(blocks: &Value) -> String {
+    let rows: Vec<Vec<String>> = items(blocks)
+        .iter()
+        .map(|b| {
+            vec![
+                cell(&b["id"]),
+                cell(&b["cidr"]),
+                cell(&b["source"]),
+                if b["active"] == true { "yes".into() } else { "no".into() },
+                when(&b["created_at"]),
+                if b["expires_at"].is_null() { "never".into() } else { when(&b["expires_at"]) },
+                cell(&b["evidence"]["agents"]),
+                cell(&b["evidence"]["events"]),
+                cell(&b["reason"]),
+            ]
+        })
+        .collect();
+    table(&["ID", "CIDR", "SOURCE", "ACTIVE", "CREATED", "EXPIRES", "HOSTS", "EVENTS", "REASON"], &rows)
+}
+
+/// Runs one command; returns what to print on standard output.
+pub async fn run(cli: &Cli) -> Result<String, CliError> {
+    let client = Client::new(cli)?;
+    let json = cli.json;
+    match &cli.command {
+        Command::Agents => {
+            let agents = client.get("/api/v1/agents", &[]).await?;
+            if json {
+                return Ok(pretty(&agents));
+            }
+            let rows: Vec<Vec<String>> = items(&agents)
+                .iter()
+                .map(|a| {
+                    let state = if !a["revoked_at"].is_null() {
+                        "revoked"
+                    } else if a["connected"] == true {
+                        "online"
+                    } else {
+                        "offline"
+                    };
+                    vec![
+                        cell(&a["id"]),
+                        cell(&a["name"]),
+                        cell(&a["hostname"]),
+                        state.to_owned(),
+                        cell(&a["version"]),
+                        when(&a["last_seen"]),
+                        cell(&a["blocklist_version"]),
+                        cell(&a["firewall_entries"]),
+                        cell(&a["addresses"]),
+                    ]
+                })
+                .collect();
+            Ok(table(
+                &["ID", "NAME", "HOSTNAME", "STATE", "VERSION", "LAST SEEN", "BLOCKLIST", "FW", "ADDRESSES"],
+                &rows,
+            ))
+        }
+        Command::Blocks { all, contains, limit } => {
+            let mut query = vec![("active", (!all).to_string()), ("limit", limit.to_string())];
+            if let Some(c) = contains {
+                query.push(("contains", c.clone()));
+            }
+            let blocks = client.get("/api/v1/blocks", &query).await?;
+            Ok(if json { pretty(&blocks) } else { blocks_table(&blocks) })
+        }
+        Command::Block { cidr, ttl, reason, force } => {
+            let mut body = json!({ "cidr": cidr, "reason": reason, "force": force });
+            if let Some(secs) = ttl_secs(ttl.as_deref())? {
+                body["ttl_secs"] = json!(secs);
+            }
+            let block = client.json(Method::POST, "/api/v1/blocks", &[], Some(body)).await?;
+            if json {
+                return Ok(pretty(&block));
+            }
+            let expires = if block["expires_at"].is_null() {
+                "permanent".into()
+            } else {
+                format!("until {} UTC", when(&block["expires_at"]))
+            };
+            Ok(format!("Blocked {} (block {}, {expires}).\n", cell(&block["cidr"]), cell(&block["id"])))
+        }
+        Command::Unblock { target } => {
+            let ids: Vec<(i64, String)> = if let Ok(id) = target.parse::<i64>() {
+                vec![(id, format!("block {id}"))]
+            } else {
+                let cidr = cidr_arg(target)?;
+                let blocks =
+                    client.get("/api/v1/blocks", &[("cidr", cidr.to_string()), ("active", "true".into())]).await?;
+                let ids: Vec<(i64, String)> = items(&blocks)
+                    .iter()
+                    .filter_map(|b| b["id"].as_i64().map(|id| (id, format!("block {id} ({})", cell(&b["cidr"])))))
+                    .collect();
+                if ids.is_empty() {
+                    return Err(CliError::Api { status: 404, message: format!("not found: no live block of {cidr}") });
+                }
+                ids
+            };
+            let mut out = String::new();
+            for (id, label) in &ids {
+                client.json(Method::DELETE, &format!("/api/v1/blocks/{id}"), &[], None).await?;
+                let _ = writeln!(out, "Removed {label}.");
+            }
+            Ok(if json { pretty(&json!({ "removed": ids.iter().map(|(id, _)| id).collect::<Vec<_>>() })) } else { out })
+        }
+        Command::Allow { cidr, note, ttl } => {
+            let mut body = json!({ "cidr": cidr, "note": note });
+            if let Some(secs) = ttl_secs(ttl.as_deref())? {
+                body["ttl_secs"] = json!(secs);
+            }
+            let allowed = client.json(Method::POST, "/api/v1/allowlist", &[], Some(body)).await?;
+            if json {
+                return Ok(pretty(&allowed));
+            }
+            let removed = items(&allowed["removed_blocks"]);
+            let mut out = format!("Allowlisted {}.\n", cell(&allowed["entry"]["cidr"]));
+            if !removed.is_empty() {
+                let _ =
+                    writeln!(out, "Removed {} covered block(s): {}.", removed.len(), cell(&allowed["removed_blocks"]));
+            }
+            Ok(out)
+        }
+        Command::Allowlist => {
+            let list = client.get("/api/v1/allowlist", &[]).await?;
+            if json {
+                return Ok(pretty(&list));
+            }
+            let rows: Vec<Vec<String>> = items(&list)
+                .iter()
+                .map(|e| {
+                    vec![
+                        cell(&e["id"]),
+                        cell(&e["cidr"]),
+                        when(&e["created_at"]),
+                        if e["expires_at"].is_null() { "never".into() } else { when(&e["expires_at"]) },
+                        cell(&e["created_by"]),
+                        cell(&e["note"]),
+                    ]
+                })
+                .collect();
+            Ok(table(&["ID", "CIDR", "ADDED", "EXPIRES", "BY", "NOTE"], &rows))
+        }
+        Command::Unallow { cidr } => {
+            let cidr = cidr_arg(cidr)?;
+            client.json(Method::DELETE, "/api/v1/allowlist", &[("cidr", cidr.to_string())], None).await?;
+            Ok(if json {
+                pretty(&json!({ "removed": cidr.to_string() }))
+            } else {
+                format!("Removed {cidr} from the allowlist.\n")
+            })
+        }
+        Command::Attackers { since, limit } => {
+            let list =
+                client.get("/api/v1/attackers", &[("since", since.clone()), ("limit", limit.to_string())]).await?;
+            if json {
+                return Ok(pretty(&list));
+            }
+            let rows: Vec<Vec<String>> = items(&list)
+                .iter()
+                .map(|a| {
+                    vec![
+                        cell(&a["ip"]),
+                        cell(&a["hosts"]),
+                        cell(&a["events"]),
+                        if a["blocked"] == true { "yes".into() } else { "no".into() },
+                        when(&a["first_seen"]),
+                        when(&a["last_seen"]),
+                        asn_text(&a["asn"]),
+                        cell(&a["kinds"]),
+                    ]
+                })
+                .collect();
+            Ok(table(&["IP", "HOSTS", "EVENTS", "BLOCKED", "FIRST SEEN", "LAST SEEN", "AS", "KINDS"], &rows))
+        }
+        Command::Attacker { ip } => {
+            let ip: IpAddr = ip.parse().map_err(|_| CliError::BadArgument(format!("{ip:?} is not an IP address")))?;
+            let detail = client.get(&format!("/api/v1/attackers/{ip}"), &[]).await?;
+            if json {
+                return Ok(pretty(&detail));
+            }
+            let mut out = String::new();
+            let s = &detail["summary"];
+            let _ = writeln!(out, "{ip}  AS: {}", asn_text(&detail["asn"]));
+            if !s.is_null() {
+                let _ = writeln!(
+                    out,
+                    "hosts {}  events {}  blocked {}  first {}  last {}",
+                    cell(&s["hosts"]),
+                    cell(&s["events"]),
+                    if s["blocked"] == true { "yes" } else { "no" },
+                    when(&s["first_seen"]),
+                    when(&s["last_seen"])
+                );
+            }
+            out.push('\n');
+            let rows: Vec<Vec<String>> = items(&detail["hosts"])
+                .iter()
+                .map(|h| {
+                    vec![
+                        cell(&h["agent"]),
+                        cell(&h["hostname"]),
+                        cell(&h["kind"]),
+                        cell(&h["events"]),
+                        when(&h["first_seen"]),
+                        when(&h["last_seen"]),
+                    ]
+                })
+                .collect();
+            out.push_str(&table(&["AGENT", "HOSTNAME", "KIND", "EVENTS", "FIRST SEEN", "LAST SEEN"], &rows));
+            if !items(&detail["blocks"]).is_empty() {
+                out.push('\n');
+                out.push_str(&blocks_table(&Value::Array(
+                    items(&detail["blocks"])
+                        .iter()
+                        .map(|b| {
+                            json!({
+                                "id": b["id"], "cidr": b["cidr"], "source": b["source"], "active": b["active"],
+                                "created_at": b["created_at"], "expires_at": b["expires_at"], "reason": b["reason"],
+                                "evidence": {"agents": null, "events": null}
+                            })
+                        })
+                        .collect(),
+                )));
+            }
+            out.push_str("\nTimeline (newest first):\n");
+            for e in items(&detail["timeline"]) {
+                let _ = writeln!(out, "  {}  {}  {}", when(&e["time"]), cell(&e["agent"]), cell(&e["kind"]));
+                if let Some(raw) = e["raw"].as_str() {
+                    let _ = writeln!(out, "    {raw}");
+                }
+            }
+            Ok(out)
+        }
+        Command::Events { ip, agent, kind, since, limit } => {
+            let mut query = vec![("limit", limit.to_string())];
+            for (key, value) in [("ip", ip), ("agent", agent), ("kind", kind), ("since", since)] {
+                if let Some(value) = value {
+                    query.push((key, value.clone()));
+                }
+            }
+            let events = client.get("/api/v1/events", &query).await?;
+            if json {
+                return Ok(pretty(&events));
+            }
+            let rows: Vec<Vec<String>> = items(&events)
+                .iter()
+                .map(|e| {
+                    vec![when(&e["time"]), cell(&e["agent"]), cell(&e["kind"]), cell(&e["remote"]), cell(&e["raw"])]
+                })
+                .collect();
+            Ok(table(&["TIME", "AGENT", "KIND", "REMOTE", "RAW"], &rows))
+        }
+        Command::Report { target, redact } => {
+            let response = client
+                .send(
+                    Method::GET,
+                    "/api/v1/reports/abuse",
+                    &[("target", target.clone()), ("redact", redact.to_string())],
+                    None,
+                )
+                .await?;
+            let text = response.text().await.map_err(|e| CliError::Decode(one_line(&e)))?;
+            Ok(if json { pretty(&json!({ "target": target, "report": text })) } else { text })
+        }
+        Command::Stats => {
+            let stats = client.get("/api/v1/stats", &[]).await?;
+            if json {
+                return Ok(pretty(&stats));
+            }
+            let mut rows = vec![
+                vec![
+                    "events/s (1 min)".to_owned(),
+                    format!("{:.2}", stats["events_per_sec_1m"].as_f64().unwrap_or(0.0)),
+                ],
+                vec!["events/s (1 h)".to_owned(), format!("{:.2}", stats["events_per_sec_1h"].as_f64().unwrap_or(0.0))],
+                vec!["active blocks".to_owned(), cell(&stats["active_blocks"])],
+                vec![
+                    "agents connected".to_owned(),
+                    format!("{} / {}", cell(&stats["agents_connected"]), cell(&stats["agents_total"])),
+                ],
+                vec!["blocklist version".to_owned(), cell(&stats["blocklist_version"])],
+                vec!["max versions behind".to_owned(), cell(&stats["max_versions_behind"])],
+                vec![
+                    "propagation lag".to_owned(),
+                    format!("{:.1} s", stats["propagation_lag_secs"].as_f64().unwrap_or(0.0)),
+                ],
+            ];
+            if let Some(by_source) = stats["blocks_by_source"].as_object() {
+                for (source, n) in by_source {
+                    rows.push(vec![format!("blocks ({source})"), cell(n)]);
+                }
+            }
+            if let Some(by_kind) = stats["events_by_kind_1h"].as_object() {
+                for (kind, n) in by_kind {
+                    rows.push(vec![format!("events 1 h ({kind})"), cell(n)]);
+                }
+            }
+            Ok(table(&["STAT", "VALUE"], &rows))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align() {
+        let text = table(&["ID", "NAME"], &[vec!["1".into(), "mx1".into()], vec!["100".into(), "m".into()]]);
+        assert_eq!(text, "ID   NAME\n1    mx1\n100  m\n");
+    }
+
+    #[test]
+    fn ttls() {
+        assert_eq!(parse_duration("6h"), Some(Duration::from_secs(21_600)));
+        assert_eq!(parse_duration("0"), None);
+        assert_eq!(parse_duration("6 hours"), None);
+        assert!(ttl_secs(Some("soon")).is_err());
+        assert_eq!(ttl_secs(None).unwrap(), None);
+    }
+
+    #[test]
+    fn missing_token_and_bad_url_are_clear() {
+        let cli = Cli::try_parse_from(["fleetban", "--url", "http://127.0.0.1:1", "agents"]).unwrap();
+        let cli = Cli { token: None, ..cli };
+        assert!(matches!(Client::new(&cli), Err(CliError::NoToken)));
+        let cli = Cli::try_parse_from(["fleetban", "--url", "ftp://x", "--token", "t", "agents"]).unwrap();
+        assert!(matches!(Client::new(&cli), Err(CliError::BadUrl(_))));
+    }
+}

@@ -1,0 +1,803 @@
+//! The REST API driven through the real router (`tower::ServiceExt::oneshot`)
+//! against a fresh database per test: the auth matrix over every write,
+//! every endpoint's happy path, pagination, validation errors, the allowlist
+//! removing covered blocks, the abuse report, the OpenAPI document and the
+//! dashboard assets. (`/metrics` has its own test binary: the recorder is
+//! process-wide.)
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use fleetban_server::api::{self, AppState};
+use fleetban_server::correlate::CorrelateConfig;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use time::{Duration, OffsetDateTime};
+use tower::ServiceExt;
+
+#[ctor::ctor]
+fn init() {
+    fleetban_server::pgembed::ensure_test_database_url();
+}
+
+fn app(pool: &PgPool) -> Router {
+    api::router(AppState::new(pool.clone(), CorrelateConfig::default()))
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    /// Asserts the status and, for errors, the one error shape.
+    fn expect(self, status: StatusCode) -> Self {
+        assert_eq!(self.status, status, "body: {}", self.text());
+        if status.is_client_error() || status.is_server_error() {
+            let body = self.json();
+            assert!(body["error"]["code"].is_string(), "{body}");
+            assert!(body["error"]["message"].is_string(), "{body}");
+        }
+        self
+    }
+    fn code(&self) -> String {
+        self.json()["error"]["code"].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+async fn call(app: &Router, method: Method, uri: &str, token: Option<&str>, body: Option<Value>) -> Reply {
+    let mut request = Request::builder().method(method).uri(uri);
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let request = match body {
+        Some(body) => request.header("content-type", "application/json").body(Body::from(body.to_string())),
+        None => request.body(Body::empty()),
+    }
+    .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = axum::body::to_bytes(response.into_body(), 16 << 20).await.unwrap().to_vec();
+    Reply { status, headers, body }
+}
+
+async fn get(app: &Router, uri: &str, token: &str) -> Reply {
+    call(app, Method::GET, uri, Some(token), None).await
+}
+
+async fn audit_actions(pool: &PgPool) -> Vec<(String, String, String)> {
+    sqlx::query_as("select actor, action, coalesce(target, '') from audit_log order by id")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// A concrete request for each route template.
+fn concrete(path: &str) -> String {
+    path.replace("{id}", "1").replace("{ip}", "203.0.113.7")
+}
+
+fn write_body(method: &Method, path: &str) -> Option<Value> {
+    match (method.as_str(), path) {
+        ("POST", "/api/v1/blocks") => Some(json!({"cidr": "203.0.113.7", "reason": "test"})),
+        ("POST", "/api/v1/allowlist") => Some(json!({"cidr": "198.51.100.0/24", "note": "partner"})),
+        _ => None,
+    }
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn auth_matrix_over_every_route(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    let public: BTreeSet<&str> =
+        ["/", "/dashboard/app.js", "/dashboard/app.css", "/healthz", "/readyz", "/metrics", "/api/v1/openapi.json"]
+            .into();
+    let routes = api::routes();
+    let writes: Vec<_> = routes.iter().filter(|(m, _, _)| *m != Method::GET).collect();
+    assert_eq!(writes.len(), 6, "every write must be in this matrix");
+    for (method, path, _) in &routes {
+        let uri = match *path {
+            "/api/v1/allowlist" if *method == Method::DELETE => "/api/v1/allowlist?cidr=198.51.100.0/24".to_owned(),
+            p => concrete(p),
+        };
+        let body = write_body(method, path);
+        if public.contains(path) {
+            let reply = call(&app, method.clone(), &uri, None, None).await;
+            assert_eq!(reply.status, StatusCode::OK, "{method} {path} is public: {}", reply.text());
+            continue;
+        }
+        // No token, a malformed header, an unknown token: 401.
+        let none = call(&app, method.clone(), &uri, None, body.clone()).await.expect(StatusCode::UNAUTHORIZED);
+        assert_eq!(none.code(), "unauthorized");
+        let bogus = call(&app, method.clone(), &uri, Some("fbt_0000"), body.clone()).await;
+        bogus.expect(StatusCode::UNAUTHORIZED);
+        let mut request = Request::builder().method(method.clone()).uri(&uri).header("authorization", "Basic abc");
+        if body.is_some() {
+            request = request.header("content-type", "application/json");
+        }
+        let request = request.body(Body::from(body.clone().map(|b| b.to_string()).unwrap_or_default())).unwrap();
+        assert_eq!(app.clone().oneshot(request).await.unwrap().status(), StatusCode::UNAUTHORIZED, "{method} {path}");
+
+        let read = call(&app, method.clone(), &uri, Some(&t.read), body.clone()).await;
+        if *method == Method::GET {
+            assert!(
+                read.status != StatusCode::UNAUTHORIZED && read.status != StatusCode::FORBIDDEN,
+                "read token may {method} {path}: {} {}",
+                read.status,
+                read.text()
+            );
+        } else {
+            let read = read.expect(StatusCode::FORBIDDEN);
+            assert_eq!(read.code(), "forbidden");
+            // The admin token passes authorisation (the outcome depends on state).
+            let admin = call(&app, method.clone(), &uri, Some(&t.admin), body.clone()).await;
+            assert!(
+                admin.status != StatusCode::UNAUTHORIZED && admin.status != StatusCode::FORBIDDEN,
+                "admin may {method} {path}: {} {}",
+                admin.status,
+                admin.text()
+            );
+        }
+    }
+    // A revoked token is refused.
+    sqlx::query("update api_tokens set revoked_at = now() where name = 'ops-read'").execute(&pool).await.unwrap();
+    call(&app, Method::GET, "/api/v1/agents", Some(&t.read), None).await.expect(StatusCode::UNAUTHORIZED);
+    // Tokens record their last use.
+    let used: i64 = sqlx::query_scalar("select count(*) from api_tokens where last_used_at is not null")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(used, 2);
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn every_write_is_audited(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    let agent = common::agent(&pool, "mx1", "mx1.example.net", true, &["192.0.2.10"]).await;
+    call(&app, Method::DELETE, &format!("/api/v1/agents/{agent}"), Some(&t.admin), None)
+        .await
+        .expect(StatusCode::NO_CONTENT);
+    let block = call(
+        &app,
+        Method::POST,
+        "/api/v1/blocks",
+        Some(&t.admin),
+        Some(json!({"cidr": "203.0.113.7", "reason": "manual", "ttl_secs": 600})),
+    )
+    .await
+    .expect(StatusCode::CREATED)
+    .json();
+    let id = block["id"].as_i64().unwrap();
+    call(&app, Method::DELETE, &format!("/api/v1/blocks/{id}"), Some(&t.admin), None)
+        .await
+        .expect(StatusCode::NO_CONTENT);
+    let allowed = call(
+        &app,
+        Method::POST,
+        "/api/v1/allowlist",
+        Some(&t.admin),
+        Some(json!({"cidr": "198.51.100.0/24", "note": "partner"})),
+    )
+    .await
+    .expect(StatusCode::CREATED)
+    .json();
+    call(&app, Method::DELETE, "/api/v1/allowlist?cidr=198.51.100.0/24", Some(&t.admin), None)
+        .await
+        .expect(StatusCode::NO_CONTENT);
+    call(&app, Method::POST, "/api/v1/allowlist", Some(&t.admin), Some(json!({"cidr": "198.51.100.9"})))
+        .await
+        .expect(StatusCode::CREATED);
+    let entry: i64 = sqlx::query_scalar("select id from allowlist").fetch_one(&pool).await.unwrap();
+    assert_ne!(Some(entry), allowed["entry"]["id"].as_i64());
+    call(&app, Method::DELETE, &format!("/api/v1/allowlist/{entry}"), Some(&t.admin), None)
+        .await
+        .expect(StatusCode::NO_CONTENT);
+    // Refused and failed writes leave no trace.
+    call(&app, Method::DELETE, "/api/v1/blocks/999", Some(&t.admin), None).await.expect(StatusCode::NOT_FOUND);
+    call(&app, Method::POST, "/api/v1/blocks", Some(&t.read), Some(json!({"cidr": "203.0.113.8", "reason": "x"})))
+        .await
+        .expect(StatusCode::FORBIDDEN);
+
+    let actions = audit_actions(&pool).await;
+    let expected = vec![
+        ("ops-admin".to_owned(), "agent.revoke".to_owned(), agent.to_string()),
+        ("ops-admin".to_owned(), "block.create".to_owned(), "203.0.113.7/32".to_owned()),
+        ("ops-admin".to_owned(), "block.delete".to_owned(), "203.0.113.7/32".to_owned()),
+        ("ops-admin".to_owned(), "allowlist.create".to_owned(), "198.51.100.0/24".to_owned()),
+        ("ops-admin".to_owned(), "allowlist.delete".to_owned(), "198.51.100.0/24".to_owned()),
+        ("ops-admin".to_owned(), "allowlist.create".to_owned(), "198.51.100.9/32".to_owned()),
+        ("ops-admin".to_owned(), "allowlist.delete".to_owned(), "198.51.100.9/32".to_owned()),
+    ];
+    assert_eq!(actions, expected);
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn agents_list_get_and_revoke(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    let mx1 = common::agent(&pool, "mx1", "mx1.example.net", true, &["192.0.2.10", "2001:db8::10"]).await;
+    let mx2 = common::agent(&pool, "mx2", "mx2.example.net", false, &[]).await;
+    let list = get(&app, "/api/v1/agents", &t.read).await.expect(StatusCode::OK).json();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0]["id"], mx1.to_string());
+    assert_eq!(list[0]["name"], "mx1");
+    assert_eq!(list[0]["hostname"], "mx1.example.net");
+    assert_eq!(list[0]["connected"], true);
+    assert_eq!(list[0]["addresses"], json!(["192.0.2.10", "2001:db8::10"]));
+    for key in ["version", "last_seen", "blocklist_version", "firewall_entries"] {
+        assert!(!list[0][key].is_null(), "{key}");
+    }
+    assert_eq!(list[1]["connected"], false);
+
+    let one = get(&app, &format!("/api/v1/agents/{mx2}"), &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(one["name"], "mx2");
+    get(&app, &format!("/api/v1/agents/{}", uuid::Uuid::new_v4()), &t.read).await.expect(StatusCode::NOT_FOUND);
+    let bad = get(&app, "/api/v1/agents/not-a-uuid", &t.read).await.expect(StatusCode::BAD_REQUEST);
+    assert_eq!(bad.code(), "bad_request");
+
+    call(&app, Method::DELETE, &format!("/api/v1/agents/{mx1}"), Some(&t.admin), None)
+        .await
+        .expect(StatusCode::NO_CONTENT);
+    let (revoked, connected): (bool, bool) =
+        sqlx::query_as("select revoked_at is not null, connected from agents where id = $1")
+            .bind(mx1)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(revoked && !connected);
+    let shown = get(&app, &format!("/api/v1/agents/{mx1}"), &t.read).await.expect(StatusCode::OK).json();
+    assert!(shown["revoked_at"].is_string());
+    assert_eq!(shown["connected"], false);
+    let again = call(&app, Method::DELETE, &format!("/api/v1/agents/{mx1}"), Some(&t.admin), None)
+        .await
+        .expect(StatusCode::CONFLICT);
+    assert_eq!(again.code(), "conflict");
+    call(&app, Method::DELETE, &format!("/api/v1/agents/{}", uuid::Uuid::new_v4()), Some(&t.admin), None)
+        .await
+        .expect(StatusCode::NOT_FOUND);
+}
+
+async fn create_block(app: &Router, token: &str, body: Value) -> Reply {
+    call(app, Method::POST, "/api/v1/blocks", Some(token), Some(body)).await
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn blocks_create_list_filter_delete(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    let mx1 = common::agent(&pool, "mx1", "mx1.example.net", true, &["192.0.2.10"]).await;
+    let mx2 = common::agent(&pool, "mx2", "mx2.example.net", true, &["192.0.2.11"]).await;
+    let now = OffsetDateTime::now_utc();
+    common::evidence(&pool, mx1, "203.0.113.7", "auth_failed", 12, now - Duration::minutes(5), "line a").await;
+    common::evidence(&pool, mx2, "203.0.113.7", "refused_too_many", 3, now - Duration::minutes(1), "line b").await;
+
+    let created =
+        create_block(&app, &t.admin, json!({"cidr": "203.0.113.7", "reason": "brute force", "ttl_secs": 3600}))
+            .await
+            .expect(StatusCode::CREATED)
+            .json();
+    assert_eq!(created["cidr"], "203.0.113.7/32");
+    assert_eq!(created["source"], "manual");
+    assert_eq!(created["reason"], "brute force");
+    assert_eq!(created["created_by"], "ops-admin");
+    assert_eq!(created["active"], true);
+    assert_eq!(created["evidence"]["agents"], 2);
+    assert_eq!(created["evidence"]["events"], 15);
+    assert_eq!(created["evidence"]["kinds"], json!(["auth_failed", "refused_too_many"]));
+    assert!(created["evidence"]["first_seen"].is_string() && created["evidence"]["last_seen"].is_string());
+    let expires =
+        OffsetDateTime::parse(created["expires_at"].as_str().unwrap(), &time::format_description::well_known::Rfc3339)
+            .unwrap();
+    assert!((expires - now - Duration::hours(1)).abs() < Duration::minutes(1), "{expires}");
+    let id = created["id"].as_i64().unwrap();
+    // The block is versioned like any other: an `add` change exists.
+    let ops: Vec<String> = sqlx::query_scalar("select op from block_changes where block_id = $1 order by version")
+        .bind(id)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(ops, ["add"]);
+
+    // Permanent range block; host bits are cleared.
+    let range = create_block(&app, &t.admin, json!({"cidr": "198.51.100.77/24", "reason": "spam run"}))
+        .await
+        .expect(StatusCode::CREATED)
+        .json();
+    assert_eq!(range["cidr"], "198.51.100.0/24");
+    assert!(range["expires_at"].is_null());
+
+    // Filters.
+    let list = get(&app, "/api/v1/blocks", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert_eq!(list[0]["id"], range["id"], "newest first");
+    let contains = get(&app, "/api/v1/blocks?contains=198.51.100.5", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(
+        contains.as_array().unwrap().iter().map(|b| b["cidr"].clone()).collect::<Vec<_>>(),
+        [json!("198.51.100.0/24")]
+    );
+    let exact = get(&app, "/api/v1/blocks?cidr=203.0.113.7/32", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(exact.as_array().unwrap().len(), 1);
+    let one = get(&app, &format!("/api/v1/blocks/{id}"), &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(one["id"], id);
+    get(&app, "/api/v1/blocks/424242", &t.read).await.expect(StatusCode::NOT_FOUND);
+
+    // Delete: gone from the active list, kept with active=false, a `remove` change.
+    call(&app, Method::DELETE, &format!("/api/v1/blocks/{id}"), Some(&t.admin), None)
+        .await
+        .expect(StatusCode::NO_CONTENT);
+    let active = get(&app, "/api/v1/blocks?active=true", &t.read).await.expect(StatusCode::OK).json();
+    assert!(active.as_array().unwrap().iter().all(|b| b["id"] != id));
+    let all = get(&app, "/api/v1/blocks?active=false", &t.read).await.expect(StatusCode::OK).json();
+    let gone = all.as_array().unwrap().iter().find(|b| b["id"] == id).unwrap();
+    assert_eq!(gone["active"], false);
+    assert!(gone["revoked_at"].is_string());
+    let ops: Vec<String> = sqlx::query_scalar("select op from block_changes where block_id = $1 order by version")
+        .bind(id)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(ops, ["add", "remove"]);
+    let again = call(&app, Method::DELETE, &format!("/api/v1/blocks/{id}"), Some(&t.admin), None)
+        .await
+        .expect(StatusCode::CONFLICT);
+    assert_eq!(again.code(), "conflict");
+    call(&app, Method::DELETE, "/api/v1/blocks/424242", Some(&t.admin), None).await.expect(StatusCode::NOT_FOUND);
+    call(&app, Method::DELETE, "/api/v1/blocks/abc", Some(&t.admin), None).await.expect(StatusCode::BAD_REQUEST);
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn block_validation_and_policy(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    common::agent(&pool, "mx1", "mx1.example.net", true, &["192.0.2.10"]).await;
+    let bad = [
+        json!({"cidr": "203.0.113.300", "reason": "x"}),
+        json!({"cidr": "not an ip", "reason": "x"}),
+        json!({"cidr": "203.0.113.7", "reason": ""}),
+        json!({"cidr": "203.0.113.7", "reason": "x".repeat(300)}),
+        json!({"cidr": "203.0.113.7", "reason": "x", "ttl_secs": 0}),
+        json!({"cidr": "203.0.113.7", "reason": "x", "ttl_secs": -5}),
+        json!({"cidr": "203.0.113.7", "reason": "x", "colour": "red"}),
+        json!({"reason": "x"}),
+    ];
+    for body in bad {
+        let reply = create_block(&app, &t.admin, body.clone()).await.expect(StatusCode::BAD_REQUEST);
+        assert_eq!(reply.code(), "bad_request", "{body}");
+    }
+    // Malformed JSON, wrong content type, oversized body.
+    let request = Request::post("/api/v1/blocks")
+        .header("authorization", format!("Bearer {}", t.admin))
+        .header("content-type", "application/json")
+        .body(Body::from("{\"cidr\": "))
+        .unwrap();
+    assert_eq!(app.clone().oneshot(request).await.unwrap().status(), StatusCode::BAD_REQUEST);
+    let huge = json!({"cidr": "203.0.113.7", "reason": "x".repeat(api::MAX_BODY_BYTES)});
+    let reply = create_block(&app, &t.admin, huge).await.expect(StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(reply.code(), "payload_too_large");
+
+    // Policy: over-broad without force, never_block, the fleet's own address.
+    let broad = create_block(&app, &t.admin, json!({"cidr": "203.0.0.0/8", "reason": "x"}))
+        .await
+        .expect(StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(broad.code(), "refused");
+    assert!(broad.json()["error"]["message"].as_str().unwrap().contains("203.0.0.0/8"));
+    create_block(&app, &t.admin, json!({"cidr": "203.0.0.0/8", "reason": "x", "force": true}))
+        .await
+        .expect(StatusCode::CREATED);
+    // Absurd TTLs are clamped, not an internal error.
+    let forever = create_block(&app, &t.admin, json!({"cidr": "203.0.113.99", "reason": "x", "ttl_secs": u64::MAX}))
+        .await
+        .expect(StatusCode::CREATED)
+        .json();
+    assert!(forever["expires_at"].as_str().unwrap() > "2100", "{forever}");
+    let allow_forever = call(
+        &app,
+        Method::POST,
+        "/api/v1/allowlist",
+        Some(&t.admin),
+        Some(json!({"cidr": "198.18.0.0/24", "ttl_secs": u64::MAX})),
+    )
+    .await
+    .expect(StatusCode::CREATED)
+    .json();
+    assert!(allow_forever["entry"]["expires_at"].as_str().unwrap() > "2100", "{allow_forever}");
+    create_block(&app, &t.admin, json!({"cidr": "10.1.2.3", "reason": "x"}))
+        .await
+        .expect(StatusCode::UNPROCESSABLE_ENTITY);
+    create_block(&app, &t.admin, json!({"cidr": "192.0.2.0/24", "reason": "x"}))
+        .await
+        .expect(StatusCode::UNPROCESSABLE_ENTITY);
+    // Allowlisted target.
+    call(&app, Method::POST, "/api/v1/allowlist", Some(&t.admin), Some(json!({"cidr": "198.51.100.0/24"})))
+        .await
+        .expect(StatusCode::CREATED);
+    let allowed = create_block(&app, &t.admin, json!({"cidr": "198.51.100.9", "reason": "x", "force": true}))
+        .await
+        .expect(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(allowed.json()["error"]["message"].as_str().unwrap().contains("198.51.100.0/24"), "{}", allowed.text());
+    // Bad query parameters.
+    for uri in [
+        "/api/v1/blocks?limit=0",
+        "/api/v1/blocks?limit=1001",
+        "/api/v1/blocks?limit=x",
+        "/api/v1/blocks?contains=nope",
+        "/api/v1/blocks?cursor=zz",
+        "/api/v1/blocks?active=maybe",
+        "/api/v1/blocks?bogus=1",
+    ] {
+        get(&app, uri, &t.read).await.expect(StatusCode::BAD_REQUEST);
+    }
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn blocks_paginate_without_gaps_or_repeats(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    for i in 1..=7 {
+        create_block(&app, &t.admin, json!({"cidr": format!("203.0.113.{i}"), "reason": "r"}))
+            .await
+            .expect(StatusCode::CREATED);
+    }
+    let mut seen = Vec::new();
+    let mut uri = "/api/v1/blocks?limit=3".to_owned();
+    let mut pages = 0;
+    loop {
+        let reply = get(&app, &uri, &t.read).await.expect(StatusCode::OK);
+        pages += 1;
+        let page = reply.json();
+        let ids: Vec<i64> = page.as_array().unwrap().iter().map(|b| b["id"].as_i64().unwrap()).collect();
+        assert!(ids.len() <= 3);
+        seen.extend(ids);
+        match reply.headers.get("x-next-cursor") {
+            Some(cursor) => uri = format!("/api/v1/blocks?limit=3&cursor={}", cursor.to_str().unwrap()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let mut sorted = seen.clone();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    sorted.dedup();
+    assert_eq!(seen, sorted, "newest first, no repeats");
+    assert_eq!(seen.len(), 7);
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn allowlist_removes_covered_blocks(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    let mut ids = Vec::new();
+    for cidr in ["198.51.100.7", "198.51.100.64/26", "198.51.100.0/24", "203.0.113.9"] {
+        let b = create_block(&app, &t.admin, json!({"cidr": cidr, "reason": "r"})).await.expect(StatusCode::CREATED);
+        ids.push(b.json()["id"].as_i64().unwrap());
+    }
+    let before: i64 = sqlx::query_scalar("select count(*) from block_changes").fetch_one(&pool).await.unwrap();
+    let reply = call(
+        &app,
+        Method::POST,
+        "/api/v1/allowlist",
+        Some(&t.admin),
+        Some(json!({"cidr": "198.51.100.0/24", "note": "partner relay", "ttl_secs": 86400})),
+    )
+    .await
+    .expect(StatusCode::CREATED)
+    .json();
+    assert_eq!(reply["entry"]["cidr"], "198.51.100.0/24");
+    assert_eq!(reply["entry"]["note"], "partner relay");
+    assert_eq!(reply["entry"]["created_by"], "ops-admin");
+    assert!(reply["entry"]["expires_at"].is_string());
+    assert_eq!(reply["removed_blocks"], json!([ids[0], ids[1], ids[2]]));
+    let active = get(&app, "/api/v1/blocks", &t.read).await.expect(StatusCode::OK).json();
+    let active: Vec<i64> = active.as_array().unwrap().iter().map(|b| b["id"].as_i64().unwrap()).collect();
+    assert_eq!(active, [ids[3]], "only the block outside the allowlisted range stays");
+    let removes: i64 = sqlx::query_scalar("select count(*) from block_changes where op = 'remove' and version > $1")
+        .bind(before)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(removes, 3, "each removal reaches the agents as a change");
+
+    let list = get(&app, "/api/v1/allowlist", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let dup = call(&app, Method::POST, "/api/v1/allowlist", Some(&t.admin), Some(json!({"cidr": "198.51.100.0/24"})))
+        .await
+        .expect(StatusCode::CONFLICT);
+    assert_eq!(dup.code(), "conflict");
+    for body in [json!({"cidr": "x"}), json!({"cidr": "198.51.100.0/24", "ttl_secs": 0}), json!({"note": "n"})] {
+        call(&app, Method::POST, "/api/v1/allowlist", Some(&t.admin), Some(body)).await.expect(StatusCode::BAD_REQUEST);
+    }
+    call(&app, Method::DELETE, "/api/v1/allowlist?cidr=203.0.113.0/24", Some(&t.admin), None)
+        .await
+        .expect(StatusCode::NOT_FOUND);
+    call(&app, Method::DELETE, "/api/v1/allowlist?cidr=bad", Some(&t.admin), None)
+        .await
+        .expect(StatusCode::BAD_REQUEST);
+    call(&app, Method::DELETE, "/api/v1/allowlist?cidr=198.51.100.0/24", Some(&t.admin), None)
+        .await
+        .expect(StatusCode::NO_CONTENT);
+    let list = get(&app, "/api/v1/allowlist", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(list, json!([]));
+    call(&app, Method::DELETE, "/api/v1/allowlist/77", Some(&t.admin), None).await.expect(StatusCode::NOT_FOUND);
+}
+
+/// Two agents; 203.0.113.7 hits both, 203.0.113.8 one; events for timelines.
+async fn seed_attack(pool: &PgPool) -> (uuid::Uuid, uuid::Uuid, OffsetDateTime) {
+    let mx1 = common::agent(pool, "mx1", "mx1.example.net", true, &["192.0.2.10"]).await;
+    let mx2 = common::agent(pool, "mx2", "mx2.example.net", true, &["192.0.2.11"]).await;
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+    let raw = |host: &str, ip: &str| {
+        format!(
+            "2026-11-27 01:00:00 dovecot_login authenticator failed for ({host}) [{ip}]:41000 I=[192.0.2.10]:587: \
+             535 Incorrect authentication data (set_id=info@example.com)"
+        )
+    };
+    for i in 0..6 {
+        let t = now - Duration::seconds(30 + i);
+        common::event(pool, mx1, 1, t, "auth_failed", "203.0.113.7", &raw("mx1.example.net", "203.0.113.7")).await;
+        common::event(pool, mx2, 1, t, "connect", "203.0.113.7", "connection line").await;
+    }
+    common::event(pool, mx2, 2, now - Duration::hours(3), "auth_failed", "203.0.113.8", &raw("mx2", "203.0.113.8"))
+        .await;
+    common::evidence(
+        pool,
+        mx1,
+        "203.0.113.7",
+        "auth_failed",
+        6,
+        now - Duration::seconds(30),
+        &raw("mx1.example.net", "203.0.113.7"),
+    )
+    .await;
+    common::evidence(pool, mx2, "203.0.113.7", "refused_too_many", 2, now - Duration::seconds(40), "refused line")
+        .await;
+    common::evidence(pool, mx2, "203.0.113.8", "auth_failed", 40, now - Duration::hours(3), &raw("mx2", "203.0.113.8"))
+        .await;
+    (mx1, mx2, now)
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn attackers_rank_and_detail(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    seed_attack(&pool).await;
+    fleetban_server::asn::import(&pool, "203.0.113.0\t203.0.113.255\t64500\tNL\tEXAMPLE-NET\n".as_bytes())
+        .await
+        .unwrap();
+    create_block(&app, &t.admin, json!({"cidr": "203.0.113.7", "reason": "r"})).await.expect(StatusCode::CREATED);
+
+    let list = get(&app, "/api/v1/attackers", &t.read).await.expect(StatusCode::OK).json();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    // Two hosts beat one host with more events.
+    assert_eq!(list[0]["ip"], "203.0.113.7");
+    assert_eq!(list[0]["hosts"], 2);
+    assert_eq!(list[0]["events"], 8);
+    assert_eq!(list[0]["kinds"], json!(["auth_failed", "refused_too_many"]));
+    assert_eq!(list[0]["blocked"], true);
+    assert_eq!(list[0]["asn"], json!({"asn": 64500, "name": "EXAMPLE-NET", "country": "NL"}));
+    assert_eq!(list[1]["ip"], "203.0.113.8");
+    assert_eq!(list[1]["blocked"], false);
+    let recent = get(&app, "/api/v1/attackers?since=1h&limit=5", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(recent.as_array().unwrap().len(), 1);
+    let limited = get(&app, "/api/v1/attackers?limit=1", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(limited.as_array().unwrap().len(), 1);
+    get(&app, "/api/v1/attackers?since=yesterday", &t.read).await.expect(StatusCode::BAD_REQUEST);
+
+    let detail = get(&app, "/api/v1/attackers/203.0.113.7", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(detail["summary"]["hosts"], 2);
+    assert_eq!(detail["asn"]["asn"], 64500);
+    let hosts = detail["hosts"].as_array().unwrap();
+    assert_eq!(hosts.len(), 2);
+    assert_eq!(hosts[0]["agent"], "mx1");
+    assert_eq!(hosts[0]["hostname"], "mx1.example.net");
+    assert!(hosts[0]["sample_raw"].as_str().unwrap().contains("535 Incorrect authentication data"));
+    let timeline = detail["timeline"].as_array().unwrap();
+    assert_eq!(timeline.len(), 12);
+    assert!(timeline.iter().any(|e| e["agent"] == "mx2" && e["kind"] == "connect"));
+    assert!(timeline.iter().any(|e| e["raw"].as_str().unwrap_or_default().contains("set_id=info@example.com")));
+    assert_eq!(detail["blocks"][0]["cidr"], "203.0.113.7/32");
+    assert_eq!(detail["blocks"][0]["active"], true);
+    get(&app, "/api/v1/attackers/198.51.100.200", &t.read).await.expect(StatusCode::NOT_FOUND);
+    get(&app, "/api/v1/attackers/not-an-ip", &t.read).await.expect(StatusCode::BAD_REQUEST);
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn events_filter_and_keyset_pagination(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    let (mx1, _mx2, now) = seed_attack(&pool).await;
+    // 13 events in total; several share a timestamp, which the keyset must handle.
+    let mut seen = Vec::new();
+    let mut uri = "/api/v1/events?limit=5".to_owned();
+    loop {
+        let reply = get(&app, &uri, &t.read).await.expect(StatusCode::OK);
+        let page = reply.json();
+        for e in page.as_array().unwrap() {
+            seen.push((e["time"].as_str().unwrap().to_owned(), e["id"].as_i64().unwrap()));
+        }
+        match reply.headers.get("x-next-cursor") {
+            Some(c) => uri = format!("/api/v1/events?limit=5&cursor={}", c.to_str().unwrap()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 13);
+    let ids: BTreeSet<i64> = seen.iter().map(|(_, id)| *id).collect();
+    assert_eq!(ids.len(), 13, "no event repeated across pages");
+    let times: Vec<OffsetDateTime> = seen
+        .iter()
+        .map(|(t, _)| OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] >= w[1]), "newest first");
+
+    let by_ip = get(&app, "/api/v1/events?ip=203.0.113.8", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(by_ip.as_array().unwrap().len(), 1);
+    let by_range = get(&app, "/api/v1/events?ip=203.0.113.0/24", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(by_range.as_array().unwrap().len(), 13);
+    let by_agent = get(&app, "/api/v1/events?agent=mx1", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(by_agent.as_array().unwrap().len(), 6);
+    let by_id =
+        get(&app, &format!("/api/v1/events?agent={mx1}&kind=auth_failed"), &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(by_id.as_array().unwrap().len(), 6);
+    assert_eq!(by_id[0]["agent"], "mx1");
+    assert_eq!(by_id[0]["remote"], "203.0.113.7/32");
+    let by_kind = get(&app, "/api/v1/events?kind=connect", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(by_kind.as_array().unwrap().len(), 6);
+    let since = get(&app, "/api/v1/events?since=1h", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(since.as_array().unwrap().len(), 12);
+    let until = (now - Duration::hours(1)).format(&time::format_description::well_known::Rfc3339).unwrap();
+    let old = get(&app, &format!("/api/v1/events?until={until}"), &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(old.as_array().unwrap().len(), 1);
+
+    for uri in [
+        "/api/v1/events?ip=x",
+        "/api/v1/events?agent=nobody",
+        "/api/v1/events?kind=DROP%20TABLE",
+        "/api/v1/events?since=tomorrow",
+        "/api/v1/events?cursor=abc",
+        "/api/v1/events?limit=0",
+    ] {
+        get(&app, uri, &t.read).await.expect(StatusCode::BAD_REQUEST);
+    }
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn stats_count_the_fleet(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    let (mx1, _, _) = seed_attack(&pool).await;
+    common::agent(&pool, "mx3", "mx3.example.net", false, &[]).await;
+    create_block(&app, &t.admin, json!({"cidr": "203.0.113.7", "reason": "r"})).await.expect(StatusCode::CREATED);
+    create_block(&app, &t.admin, json!({"cidr": "203.0.113.8", "reason": "r"})).await.expect(StatusCode::CREATED);
+    // mx1 has applied everything, mx2 nothing.
+    sqlx::query("update agents set blocklist_version = (select max(version) from block_changes) where id = $1")
+        .bind(mx1)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let stats = get(&app, "/api/v1/stats", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(stats["events_per_sec_1m"].as_f64().unwrap(), 12.0 / 60.0);
+    assert_eq!(stats["events_per_sec_1h"].as_f64().unwrap(), 12.0 / 3600.0);
+    assert_eq!(stats["events_by_kind_1h"], json!({"auth_failed": 6, "connect": 6}));
+    assert_eq!(stats["active_blocks"], 2);
+    assert_eq!(stats["blocks_by_source"], json!({"manual": 2}));
+    assert_eq!(stats["agents_connected"], 2);
+    assert_eq!(stats["agents_total"], 3);
+    assert_eq!(stats["max_versions_behind"], stats["blocklist_version"]);
+    assert!(stats["propagation_lag_secs"].as_f64().unwrap() >= 0.0);
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn abuse_report_contents(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    seed_attack(&pool).await;
+    create_block(&app, &t.admin, json!({"cidr": "203.0.113.7", "reason": "fleet abuse", "ttl_secs": 21600}))
+        .await
+        .expect(StatusCode::CREATED);
+
+    let reply = get(&app, "/api/v1/reports/abuse?target=203.0.113.7", &t.read).await.expect(StatusCode::OK);
+    assert!(reply.headers["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let text = reply.text();
+    assert!(text.contains("Abuse report: SMTP abuse from 203.0.113.7"), "{text}");
+    assert!(text.contains("made 8 abusive SMTP connection attempts against 2 of our mail servers"), "{text}");
+    assert!(text.contains("Connections from 203.0.113.7 recorded in our logs: 6."), "{text}");
+    assert!(text.contains(" UTC and "), "{text}");
+    assert!(text.contains("203.0.113.7/32 blocked on all our mail servers since"), "{text}");
+    assert!(text.contains("(reason: fleet abuse)"), "{text}");
+    assert!(text.contains("535 Incorrect authentication data"), "{text}");
+    assert!(text.contains("mx1.example.net"), "{text}");
+    assert!(!text.contains("Network: AS"), "no ASN data loaded: {text}");
+
+    fleetban_server::asn::import(&pool, "203.0.113.0\t203.0.113.255\t64500\tNL\tEXAMPLE-NET\n".as_bytes())
+        .await
+        .unwrap();
+    let redacted = get(&app, "/api/v1/reports/abuse?target=203.0.113.0/24&redact=true", &t.read)
+        .await
+        .expect(StatusCode::OK)
+        .text();
+    assert!(redacted.contains("Network: AS64500 EXAMPLE-NET, NL"), "{redacted}");
+    assert!(redacted.contains("2 addresses in 203.0.113.0/24"), "{redacted}");
+    assert!(!redacted.contains("example.net") && !redacted.contains("mx1") && !redacted.contains("mx2"), "{redacted}");
+    assert!(!redacted.contains("192.0.2.10"), "{redacted}");
+    assert!(redacted.contains("server-1"), "{redacted}");
+
+    get(&app, "/api/v1/reports/abuse?target=198.51.100.1", &t.read).await.expect(StatusCode::NOT_FOUND);
+    get(&app, "/api/v1/reports/abuse?target=garbage", &t.read).await.expect(StatusCode::BAD_REQUEST);
+    get(&app, "/api/v1/reports/abuse", &t.read).await.expect(StatusCode::BAD_REQUEST);
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn openapi_document_covers_every_route(pool: PgPool) {
+    let app = app(&pool);
+    let reply = call(&app, Method::GET, "/api/v1/openapi.json", None, None).await.expect(StatusCode::OK);
+    let doc = reply.json();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{}", doc["openapi"]);
+    assert_eq!(doc["info"]["version"], fleetban_server::VERSION);
+    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    let paths = doc["paths"].as_object().unwrap();
+    let mut documented = BTreeSet::new();
+    for (path, item) in paths {
+        for method in item.as_object().unwrap().keys() {
+            if ["get", "post", "put", "delete", "patch"].contains(&method.as_str()) {
+                documented.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    let routed: BTreeSet<(String, String)> =
+        api::routes().iter().map(|(m, p, _)| (m.as_str().to_owned(), (*p).to_owned())).collect();
+    assert_eq!(routed, documented, "router and OpenAPI document must describe the same routes");
+    // Every operation documents its responses; API routes require the bearer scheme.
+    for (path, item) in paths {
+        for (method, op) in item.as_object().unwrap() {
+            assert!(op["responses"].as_object().is_some_and(|r| !r.is_empty()), "{method} {path}");
+            if path.starts_with("/api/v1/") && path != "/api/v1/openapi.json" {
+                assert_eq!(op["security"][0]["bearer"], json!([]), "{method} {path}");
+            }
+        }
+    }
+    // Referenced schemas exist.
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for name in
+        ["Agent", "Block", "Evidence", "AllowEntry", "Attacker", "AttackerDetail", "Event", "Stats", "ErrorBody"]
+    {
+        assert!(schemas.contains_key(name), "schema {name}");
+    }
+    let text = reply.text();
+    for reference in text.split("\"$ref\": \"#/components/schemas/").skip(1) {
+        let name = reference.split('"').next().unwrap();
+        assert!(schemas.contains_key(name), "dangling $ref {name}");
+    }
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn dashboard_assets_and_fallback(pool: PgPool) {
+    let app = app(&pool);
+    let page = call(&app, Method::GET, "/", None, None).await.expect(StatusCode::OK);
+    assert!(page.headers["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(page.headers["content-security-policy"].to_str().unwrap().contains("script-src 'self'"));
+    let html = page.text();
+    assert!(html.contains("id=\"token\"") && html.contains("/dashboard/app.js"), "{html}");
+    let js = call(&app, Method::GET, "/dashboard/app.js", None, None).await.expect(StatusCode::OK).text();
+    assert!(js.contains("sessionStorage") && js.contains("/api/v1/blocks/"), "{js}");
+    assert!(!js.contains("innerHTML"), "the dashboard must not inject API data as HTML");
+    call(&app, Method::GET, "/dashboard/app.css", None, None).await.expect(StatusCode::OK);
+    let missing = call(&app, Method::GET, "/api/v1/nothing", None, None).await.expect(StatusCode::NOT_FOUND);
+    assert_eq!(missing.code(), "not_found");
+    // No CORS headers, even when asked.
+    let request = Request::get("/api/v1/stats").header("origin", "https://evil.example").body(Body::empty()).unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    assert!(response.headers().get("access-control-allow-origin").is_none());
+}

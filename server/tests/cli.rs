@@ -1,0 +1,156 @@
+//! The `fleetban` binary against a real server (`serve::run` on
+//! 127.0.0.1:0): tables, `--json`, writes, env configuration, and one-line
+//! errors with a non-zero exit code.
+
+mod common;
+
+use std::process::Output;
+
+use serde_json::Value;
+use sqlx::PgPool;
+use time::{Duration, OffsetDateTime};
+
+#[ctor::ctor]
+fn init() {
+    fleetban_server::pgembed::ensure_test_database_url();
+}
+
+async fn fleetban(url: &str, token: Option<&str>, args: &[&str]) -> Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetban"));
+    command.env_remove("FLEETBAN_URL").env_remove("FLEETBAN_TOKEN").arg("--url").arg(url);
+    if let Some(token) = token {
+        command.arg("--token").arg(token);
+    }
+    command.args(args).output().await.unwrap()
+}
+
+fn ok(output: &Output) -> String {
+    assert!(output.status.success(), "failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.stderr.is_empty(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+/// Asserts a failure with exactly one line on stderr containing `needle`.
+fn fails(output: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "should fail; stdout: {}", String::from_utf8_lossy(&output.stdout));
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.starts_with("fleetban: ") && stderr.contains(needle), "{needle:?} in {stderr}");
+    assert!(output.stdout.is_empty());
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn cli_reads_and_writes_through_the_api(pool: PgPool) {
+    let server = common::Server::start(&pool).await;
+    let url = server.url.clone();
+    let t = common::tokens(&pool).await;
+    let mx1 = common::agent(&pool, "mx1", "mx1.example.net", true, &["192.0.2.10"]).await;
+    let mx2 = common::agent(&pool, "mx2", "mx2.example.net", false, &[]).await;
+    let now = OffsetDateTime::now_utc();
+    for (agent, n) in [(mx1, 3), (mx2, 2)] {
+        for i in 0..n {
+            let raw =
+                format!("dovecot_login authenticator failed for (x) [203.0.113.7]:4{i} 535 Incorrect (agent {n})");
+            common::event(&pool, agent, 1, now - Duration::seconds(10 + i), "auth_failed", "203.0.113.7", &raw).await;
+        }
+        common::evidence(&pool, agent, "203.0.113.7", "auth_failed", n, now - Duration::seconds(10), "sample").await;
+    }
+
+    // agents: an aligned table, and JSON.
+    let agents = ok(&fleetban(&url, Some(&t.read), &["agents"]).await);
+    let lines: Vec<&str> = agents.lines().collect();
+    assert!(lines[0].starts_with("ID") && lines[0].contains("NAME") && lines[0].contains("STATE"), "{agents}");
+    assert_eq!(lines.len(), 3, "{agents}");
+    let name_col = lines[0].find("NAME").unwrap();
+    assert_eq!(&lines[1][name_col..name_col + 3], "mx1", "columns align: {agents}");
+    assert!(lines[1].contains("online") && lines[2].contains("offline"), "{agents}");
+    let json: Value = serde_json::from_str(&ok(&fleetban(&url, Some(&t.read), &["--json", "agents"]).await)).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 2);
+
+    // block, blocks, unblock by CIDR and by id.
+    let out =
+        ok(&fleetban(&url, Some(&t.admin), &["block", "203.0.113.7", "--ttl", "6h", "--reason", "brute force"]).await);
+    assert!(out.starts_with("Blocked 203.0.113.7/32 (block "), "{out}");
+    let out = ok(&fleetban(&url, Some(&t.admin), &["block", "198.51.100.0/24", "--reason", "spam"]).await);
+    assert!(out.contains("permanent"), "{out}");
+    let blocks = ok(&fleetban(&url, Some(&t.read), &["blocks"]).await);
+    assert!(blocks.lines().next().unwrap().starts_with("ID"), "{blocks}");
+    assert!(blocks.contains("203.0.113.7/32") && blocks.contains("brute force") && blocks.contains("198.51.100.0/24"));
+    let listed: Value = serde_json::from_str(&ok(&fleetban(&url, Some(&t.read), &["blocks", "--json"]).await)).unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    let host_block = listed.iter().find(|b| b["cidr"] == "203.0.113.7/32").unwrap();
+    assert_eq!(host_block["evidence"]["agents"], 2);
+    let range_id = listed.iter().find(|b| b["cidr"] == "198.51.100.0/24").unwrap()["id"].as_i64().unwrap();
+
+    let out = ok(&fleetban(&url, Some(&t.admin), &["unblock", "203.0.113.7"]).await);
+    assert!(out.starts_with("Removed block ") && out.contains("203.0.113.7/32"), "{out}");
+    let out = ok(&fleetban(&url, Some(&t.admin), &["unblock", &range_id.to_string()]).await);
+    assert_eq!(out, format!("Removed block {range_id}.\n"));
+    let live: i64 =
+        sqlx::query_scalar("select count(*) from blocks where revoked_at is null").fetch_one(&pool).await.unwrap();
+    assert_eq!(live, 0);
+    let all = ok(&fleetban(&url, Some(&t.read), &["blocks", "--all"]).await);
+    assert_eq!(all.lines().count(), 3, "{all}");
+    fails(&fleetban(&url, Some(&t.admin), &["unblock", "203.0.113.7"]).await, "no live block of 203.0.113.7/32");
+    fails(&fleetban(&url, Some(&t.admin), &["unblock", &range_id.to_string()]).await, "409");
+
+    // allow / allowlist / unallow; allow removes covered blocks.
+    ok(&fleetban(&url, Some(&t.admin), &["block", "203.0.113.9", "--reason", "r"]).await);
+    let out = ok(&fleetban(&url, Some(&t.admin), &["allow", "203.0.113.0/24", "--note", "partner"]).await);
+    assert!(out.contains("Allowlisted 203.0.113.0/24") && out.contains("Removed 1 covered block"), "{out}");
+    let list = ok(&fleetban(&url, Some(&t.read), &["allowlist"]).await);
+    assert!(list.contains("203.0.113.0/24") && list.contains("partner") && list.contains("ops-admin"), "{list}");
+    fails(&fleetban(&url, Some(&t.admin), &["block", "203.0.113.20", "--reason", "r"]).await, "422");
+    ok(&fleetban(&url, Some(&t.admin), &["unallow", "203.0.113.0/24"]).await);
+    assert_eq!(ok(&fleetban(&url, Some(&t.read), &["allowlist"]).await).lines().count(), 1);
+
+    // attackers, attacker, events, report, stats.
+    let attackers = ok(&fleetban(&url, Some(&t.read), &["attackers", "--since", "1h"]).await);
+    assert!(attackers.lines().nth(1).unwrap().starts_with("203.0.113.7"), "{attackers}");
+    assert!(attackers.contains("auth_failed"), "{attackers}");
+    let attacker = ok(&fleetban(&url, Some(&t.read), &["attacker", "203.0.113.7"]).await);
+    assert!(
+        attacker.contains("hosts 2") && attacker.contains("mx2.example.net") && attacker.contains("535 Incorrect"),
+        "{attacker}"
+    );
+    let events = ok(&fleetban(&url, Some(&t.read), &["events", "--ip", "203.0.113.7"]).await);
+    assert_eq!(events.lines().count(), 6, "{events}");
+    let events: Value = serde_json::from_str(&ok(&fleetban(
+        &url,
+        Some(&t.read),
+        &["events", "--ip", "203.0.113.7", "--agent", "mx2", "--json"],
+    )
+    .await))
+    .unwrap();
+    assert_eq!(events.as_array().unwrap().len(), 2);
+    let report = ok(&fleetban(&url, Some(&t.read), &["report", "203.0.113.7"]).await);
+    assert!(report.starts_with("Abuse report: SMTP abuse from 203.0.113.7"), "{report}");
+    assert!(report.contains("against 2 of our mail servers"), "{report}");
+    let stats = ok(&fleetban(&url, Some(&t.read), &["stats"]).await);
+    assert!(stats.contains("agents connected") && stats.contains("1 / 2"), "{stats}");
+
+    // Errors: one line, non-zero exit.
+    fails(&fleetban(&url, Some(&t.read), &["block", "203.0.113.50", "--reason", "r"]).await, "403 forbidden");
+    fails(&fleetban(&url, None, &["agents"]).await, "no API token");
+    fails(&fleetban(&url, Some("fbt_nope"), &["agents"]).await, "401 unauthorized");
+    fails(&fleetban(&url, Some(&t.admin), &["block", "nonsense", "--reason", "r"]).await, "400 bad request");
+    fails(
+        &fleetban(&url, Some(&t.admin), &["block", "203.0.113.5", "--ttl", "soon", "--reason", "r"]).await,
+        "bad --ttl",
+    );
+    fails(&fleetban(&url, Some(&t.read), &["attacker", "203.0.113.200"]).await, "404 not found");
+    fails(&fleetban("http://127.0.0.1:1", Some(&t.read), &["agents"]).await, "cannot reach http://127.0.0.1:1");
+
+    // FLEETBAN_URL and FLEETBAN_TOKEN from the environment.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetban"))
+        .env("FLEETBAN_URL", &url)
+        .env("FLEETBAN_TOKEN", &t.read)
+        .arg("stats")
+        .output()
+        .await
+        .unwrap();
+    assert!(ok(&output).contains("active blocks"));
+
+    server.stop().await;
+}
