@@ -575,6 +575,12 @@ impl Fleet {
         Ok(())
     }
 
+    /// The listing of set `name` in host `i`'s `inet fleetban` table.
+    pub fn nft_set(&self, i: usize, name: &str) -> anyhow::Result<String> {
+        let out = self.host_ns(i).command("nft").args(["list", "set", "inet", "fleetban", name]).output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Server log (for failure messages).
     pub fn server_log_tail(&self) -> String {
         tail_file(&self.dir.join("server.out"), 30)
