@@ -2,6 +2,20 @@
 //!
 //! The tests themselves live in `tests/tests/`; they drive real agents and a
 //! real server (on the embedded Postgres unless `DATABASE_URL` is set).
+//!
+//! # Layout
+//!
+//! - `demo`, `demo_script`: the `fleetban-demo` command: an in-process fleet
+//!   with dry-run firewalls and a scripted attack.
+//! - `netns`: network namespaces and the bridged segment the end-to-end
+//!   tests build.
+//! - `smtp_sim`: an SMTP responder writing Exim-format log lines (the
+//!   `fleetban-smtp-sim` binary).
+//! - `fleet`: the whole fleet (Postgres, server, three hosts with agents, an
+//!   attacker and a client) in namespaces.
 
 pub mod demo;
 pub mod demo_script;
+pub mod fleet;
+pub mod netns;
+pub mod smtp_sim;
