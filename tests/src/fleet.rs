@@ -191,7 +191,7 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
 /// fleetban-server -p fleetban-tests --bins`).
 pub fn binaries() -> anyhow::Result<PathBuf> {
     let bins = bin_dir()?;
-    for name in ["fleetban-agent", "fleetban-server", "fleetban-smtp-sim"] {
+    for name in ["fleetban-agent", "fleetban-server", "fleetban", "fleetban-smtp-sim"] {
         if !bins.join(name).is_file() {
             bail!(
                 "{} is missing: build the binaries first (cargo build -p fleetban-agent -p fleetban-server \
@@ -478,6 +478,50 @@ impl Fleet {
     }
 
     /// Deletes block `id` the way `DELETE /api/v1/blocks/{id}` does.
+    /// An admin API token, made the way an operator makes one
+    /// (`fleetban-server token create --role admin`).
+    pub fn admin_token(&self) -> anyhow::Result<String> {
+        let token = String::from_utf8(
+            run_ok(Command::new(self.bins.join("fleetban-server")).env("RUST_LOG", "warn").args([
+                "token",
+                "create",
+                "--config",
+                path_str(&self.dir.join("server.toml"))?,
+                "--role",
+                "admin",
+                "--name",
+                "e2e-operator",
+            ]))?
+            .stdout,
+        )?
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+        if token.is_empty() {
+            bail!("fleetban-server token create printed no token");
+        }
+        Ok(token)
+    }
+
+    /// Deletes block `id` the way an operator does: `fleetban unblock ID`
+    /// (the CLI, over the REST API's `DELETE /api/v1/blocks/{id}`) with an
+    /// admin token, run inside the server's namespace.
+    pub fn unblock_via_api(&self, token: &str, id: i64) -> anyhow::Result<()> {
+        let out = self
+            .server_ns()
+            .command(path_str(&self.bins.join("fleetban"))?)
+            .args(["--url", "http://127.0.0.1:8080", "--token", token, "unblock", &id.to_string()])
+            .output()?;
+        if !out.status.success() {
+            bail!("fleetban unblock {id} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+
+    /// Revokes block `id` directly in the store (for drills that must not
+    /// depend on the HTTP API).
     pub fn revoke_block(&self, id: i64) -> anyhow::Result<()> {
         self.rt.block_on(fleetban_server::blocks::revoke(&self.pool, id, "unblocked by the e2e test"))?;
         Ok(())

@@ -264,8 +264,9 @@ fn unblock_and_allowlist() {
     let first = wait_blocked(&fleet, attacker, vec![0, 1, 2], Duration::from_secs(10));
     assert!(first.iter().all(Option::is_some), "not blocked everywhere: {first:?}");
     let (id, _, _) = fleet.live_block(attacker).expect("query").expect("a live block");
+    let token = fleet.admin_token().expect("admin API token");
     let revoked_at = Instant::now();
-    fleet.revoke_block(id).expect("revoke");
+    fleet.unblock_via_api(&token, id).expect("unblock through the REST API");
     let open_at = wait_open(&fleet, attacker, vec![0, 1, 2], Duration::from_secs(5));
     let Some(open_at) = open_at else {
         panic!(
