@@ -2,8 +2,8 @@
 //!
 //! For each [`EventBatch`] the session hands over, ingest validates every
 //! event, then in ONE transaction records `(agent_id, seq)` in
-//! `agent_batches`, bulk-inserts the valid events (one `unnest` statement,
-//! never a row per statement) and updates the per-address evidence
+//! `agent_batches`, bulk-inserts the valid events (one binary `COPY`, never a
+//! row per statement) and updates the per-address evidence
 //! (`offender_hosts`, `offenders`) for abuse kinds; only after the commit may
 //! the session acknowledge the batch.
 //!
@@ -30,6 +30,8 @@ use std::time::Duration;
 
 use fleetban_proto::v1::{Event, EventBatch, EventKind};
 use sqlx::PgPool;
+
+use crate::pgcopy::CopyBuf;
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
@@ -298,7 +300,7 @@ impl Ingest {
         }
 
         self.ensure_partitions(&rows).await?;
-        let columns = Columns::new(&rows);
+        let events = copy_events(agent_id, seq, &rows);
         let (hosts, offenders) = evidence(&rows);
         let abuse_addresses: Vec<IpAddr> = offenders.keys().copied().collect();
 
@@ -314,7 +316,7 @@ impl Ingest {
                 fingerprint,
                 offset,
             };
-            match self.write(&batch_row, &columns, &hosts, &offenders).await {
+            match self.write(&batch_row, events.as_deref(), &hosts, &offenders).await {
                 Ok(true) => {
                     return Ok(Outcome {
                         seq: batch.seq,
@@ -386,7 +388,7 @@ impl Ingest {
     async fn write(
         &self,
         batch: &BatchRow<'_>,
-        c: &Columns,
+        events: Option<&[u8]>,
         hosts: &BTreeMap<(IpAddr, &'static str), Evidence>,
         offenders: &BTreeMap<IpAddr, Evidence>,
     ) -> Result<bool, sqlx::Error> {
@@ -409,30 +411,10 @@ impl Ingest {
             tx.rollback().await?;
             return Ok(false);
         }
-        if !c.index.is_empty() {
-            sqlx::query(
-                "insert into events (agent_id, batch_seq, batch_index, time, kind, remote, remote_port, local, \
-                 local_port, connection_count, auth_user, helo, detail, duration_ms, raw) \
-                 select $1, $2, * from unnest($3::int4[], $4::timestamptz[], $5::text[], $6::inet[], $7::int4[], \
-                 $8::inet[], $9::int4[], $10::int4[], $11::text[], $12::text[], $13::text[], $14::int8[], $15::text[])",
-            )
-            .bind(batch.agent_id)
-            .bind(batch.seq)
-            .bind(&c.index)
-            .bind(&c.time)
-            .bind(&c.kind)
-            .bind(&c.remote)
-            .bind(&c.remote_port)
-            .bind(&c.local)
-            .bind(&c.local_port)
-            .bind(&c.connection_count)
-            .bind(&c.auth_user)
-            .bind(&c.helo)
-            .bind(&c.detail)
-            .bind(&c.duration_ms)
-            .bind(&c.raw)
-            .execute(&mut *tx)
-            .await?;
+        if let Some(events) = events {
+            let mut copy = tx.copy_in_raw(COPY_EVENTS).await?;
+            copy.send(events).await?;
+            copy.finish().await?;
         }
         if !hosts.is_empty() {
             let mut address = Vec::with_capacity(hosts.len());
@@ -446,7 +428,9 @@ impl Ingest {
                 events.push(e.events);
                 sample.push(e.sample.as_deref());
             }
-            sqlx::query(
+            // Per (address, agent, kind); `xmax = 0` marks rows this
+            // statement inserted rather than updated.
+            let created: Vec<(IpAddr, bool)> = sqlx::query_as(
                 "insert into offender_hosts (address, agent_id, kind, first_seen, last_seen, events, sample_raw) \
                  select a, $1, k, f, l, n, s from unnest($2::inet[], $3::text[], $4::timestamptz[], \
                  $5::timestamptz[], $6::int8[], $7::text[]) as t(a, k, f, l, n, s) \
@@ -454,7 +438,8 @@ impl Ingest {
                  first_seen = least(offender_hosts.first_seen, excluded.first_seen), \
                  last_seen = greatest(offender_hosts.last_seen, excluded.last_seen), \
                  events = offender_hosts.events + excluded.events, \
-                 sample_raw = coalesce(excluded.sample_raw, offender_hosts.sample_raw)",
+                 sample_raw = coalesce(excluded.sample_raw, offender_hosts.sample_raw) \
+                 returning address, xmax = 0",
             )
             .bind(batch.agent_id)
             .bind(&address)
@@ -463,7 +448,7 @@ impl Ingest {
             .bind(&last)
             .bind(&events)
             .bind(&sample)
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await?;
             let mut address = Vec::with_capacity(offenders.len());
             let (mut first, mut last, mut events) = (Vec::new(), Vec::new(), Vec::new());
@@ -473,15 +458,16 @@ impl Ingest {
                 last.push(e.last);
                 events.push(e.events);
             }
+            // Rows are locked in address order (the map's order), so
+            // concurrent batches over the same addresses cannot deadlock.
             sqlx::query(
                 "insert into offenders (address, first_seen, last_seen, events, hosts) \
-                 select t.a, t.f, t.l, t.n, (select count(distinct oh.agent_id) from offender_hosts oh where oh.address = t.a) \
+                 select t.a, t.f, t.l, t.n, 0 \
                  from unnest($1::inet[], $2::timestamptz[], $3::timestamptz[], $4::int8[]) as t(a, f, l, n) \
                  on conflict (address) do update set \
                  first_seen = least(offenders.first_seen, excluded.first_seen), \
                  last_seen = greatest(offenders.last_seen, excluded.last_seen), \
-                 events = offenders.events + excluded.events, \
-                 hosts = excluded.hosts",
+                 events = offenders.events + excluded.events",
             )
             .bind(&address)
             .bind(&first)
@@ -489,6 +475,23 @@ impl Ingest {
             .bind(&events)
             .execute(&mut *tx)
             .await?;
+            // The host count changes only when an (address, agent, kind) row
+            // is new. This runs after the statement above took the offenders
+            // row locks, so it sees every concurrent batch that committed a
+            // new host for the same address before us.
+            let mut new_hosts: Vec<IpAddr> = created.into_iter().filter(|(_, new)| *new).map(|(a, _)| a).collect();
+            if !new_hosts.is_empty() {
+                new_hosts.sort_unstable();
+                new_hosts.dedup();
+                sqlx::query(
+                    "update offenders o set hosts = \
+                       (select count(distinct oh.agent_id) from offender_hosts oh where oh.address = o.address) \
+                     where o.address = any($1::inet[])",
+                )
+                .bind(&new_hosts)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         tx.commit().await?;
         Ok(true)
@@ -505,44 +508,37 @@ struct BatchRow<'a> {
     offset: Option<i64>,
 }
 
-/// The events of a batch as column arrays for `unnest`.
-#[derive(Debug, Default)]
-struct Columns {
-    index: Vec<i32>,
-    time: Vec<OffsetDateTime>,
-    kind: Vec<&'static str>,
-    remote: Vec<IpAddr>,
-    remote_port: Vec<Option<i32>>,
-    local: Vec<Option<IpAddr>>,
-    local_port: Vec<Option<i32>>,
-    connection_count: Vec<Option<i32>>,
-    auth_user: Vec<Option<String>>,
-    helo: Vec<Option<String>>,
-    detail: Vec<Option<String>>,
-    duration_ms: Vec<Option<i64>>,
-    raw: Vec<Option<String>>,
-}
+/// The `COPY` statement of a batch's events; [`copy_events`] writes its
+/// fields in this order.
+const COPY_EVENTS: &str = "copy events (agent_id, batch_seq, batch_index, time, kind, remote, remote_port, local, \
+     local_port, connection_count, auth_user, helo, detail, duration_ms, raw) from stdin with (format binary)";
 
-impl Columns {
-    fn new(rows: &[Row]) -> Self {
-        let mut c = Columns::default();
-        for r in rows {
-            c.index.push(r.index);
-            c.time.push(r.time);
-            c.kind.push(kind_name(r.kind));
-            c.remote.push(r.remote);
-            c.remote_port.push(r.remote_port);
-            c.local.push(r.local);
-            c.local_port.push(r.local_port);
-            c.connection_count.push(r.connection_count);
-            c.auth_user.push(r.auth_user.clone());
-            c.helo.push(r.helo.clone());
-            c.detail.push(r.detail.clone());
-            c.duration_ms.push(r.duration_ms);
-            c.raw.push(r.raw.clone());
-        }
-        c
+/// The binary `COPY` stream of `rows`; `None` when there are none.
+fn copy_events(agent_id: Uuid, seq: i64, rows: &[Row]) -> Option<Vec<u8>> {
+    if rows.is_empty() {
+        return None;
     }
+    let bytes: usize = rows.iter().map(|r| 160 + r.raw.as_ref().map_or(0, String::len)).sum();
+    let mut c = CopyBuf::with_capacity(bytes);
+    for r in rows {
+        c.row(15);
+        c.uuid(agent_id);
+        c.i64(seq);
+        c.i32(r.index);
+        c.timestamptz(r.time);
+        c.text(kind_name(r.kind));
+        c.inet(r.remote);
+        c.opt_i32(r.remote_port);
+        c.opt_inet(r.local);
+        c.opt_i32(r.local_port);
+        c.opt_i32(r.connection_count);
+        c.opt_text(r.auth_user.as_deref());
+        c.opt_text(r.helo.as_deref());
+        c.opt_text(r.detail.as_deref());
+        c.opt_i64(r.duration_ms);
+        c.opt_text(r.raw.as_deref());
+    }
+    Some(c.finish())
 }
 
 /// Per (address, kind) and per address evidence of the abuse events in
