@@ -86,6 +86,11 @@ enum Command {
     },
 }
 
+/// The same allocator as `fleetban-server`, so the in-process server
+/// measures what the real one does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
