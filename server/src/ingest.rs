@@ -714,6 +714,66 @@ mod tests {
         assert_eq!(connects, 0, "a connect is not abuse");
     }
 
+    /// Many agents report the same addresses at the same time: every
+    /// address's host count ends equal to its distinct agents, and every
+    /// event of every batch is stored once, with the full row intact.
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn concurrent_agents_keep_host_counts_exact(pool: PgPool) {
+        let ingest = Ingest::new(pool.clone());
+        let mut agents = Vec::new();
+        for _ in 0..8 {
+            agents.push(agent(&pool).await);
+        }
+        let addresses: Vec<String> = (0..40).map(|i| format!("203.0.113.{i}")).collect();
+        let mut tasks = Vec::new();
+        for (n, id) in agents.iter().copied().enumerate() {
+            let ingest = ingest.clone();
+            // Agent n reports addresses n.. so host counts differ per address.
+            let events: Vec<Event> = addresses[n..]
+                .iter()
+                .map(|a| Event {
+                    auth_user: "info@example.com".into(),
+                    local: ip("192.0.2.25"),
+                    local_port: 587,
+                    duration_ms: 1500,
+                    ..event(EventKind::AuthFailed, a)
+                })
+                .collect();
+            tasks.push(tokio::spawn(async move {
+                for seq in 1..=3 {
+                    ingest.store(id, EventBatch { seq, events: events.clone(), position: None }).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let rows: Vec<(IpAddr, i32, i64)> =
+            sqlx::query_as("select address, hosts, events from offenders order by address")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(rows.len(), 40);
+        for (address, hosts, events) in rows {
+            let i: usize = address.to_string().rsplit('.').next().unwrap().parse().unwrap();
+            let expected = (i + 1).min(8) as i32;
+            assert_eq!(hosts, expected, "{address}");
+            assert_eq!(events, 3 * i64::from(expected), "{address}");
+        }
+        let stored: i64 = sqlx::query_scalar("select count(*) from events").fetch_one(&pool).await.unwrap();
+        assert_eq!(stored, 3 * (40 + 39 + 38 + 37 + 36 + 35 + 34 + 33));
+        let (user, local, port, duration): (String, IpAddr, i32, i64) = sqlx::query_as(
+            "select auth_user, local, local_port, duration_ms from events where remote = '203.0.113.39' limit 1",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            (user.as_str(), local, port, duration),
+            ("info@example.com", "192.0.2.25".parse().unwrap(), 587, 1500)
+        );
+    }
+
     #[sqlx::test(migrator = "crate::db::MIGRATOR")]
     async fn invalid_batches_are_refused_whole(pool: PgPool) {
         let ingest = Ingest::new(pool.clone());
