@@ -61,8 +61,9 @@ enum Command {
         /// Measured period, seconds.
         #[arg(long, default_value_t = 20)]
         seconds: u64,
-        /// Database pool of the server, connections.
-        #[arg(long, default_value_t = 16)]
+        /// Database pool of the server, connections (the server's default
+        /// `db_max_connections`; a quarter of it writes batches).
+        #[arg(long, default_value_t = 32)]
         pool: u32,
         /// Rows in the reference COPY.
         #[arg(long, default_value_t = 1_000_000)]
