@@ -23,6 +23,7 @@
 //! - [`asn`]: autonomous-system data (iptoasn import and lookup).
 //! - [`cli`]: the `fleetban` operator CLI (a client of the REST API).
 //! - [`serve`]: runs the gRPC and HTTP listeners until shutdown.
+//! - [`notify`]: systemd readiness (`READY=1` once listening, `STOPPING=1`).
 
 pub mod api;
 pub mod asn;
@@ -34,6 +35,7 @@ pub mod config;
 pub mod correlate;
 pub mod db;
 pub mod ingest;
+pub mod notify;
 pub mod pgembed;
 pub mod push;
 pub mod report;
