@@ -94,20 +94,26 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     services.attach(pipeline.spool(), pipeline.durable(), Some(pipeline.stats())).await?;
     // Ready for systemd only once the firewall holds the desired set: a
     // failed first reconcile is retried periodically, and said so in the
-    // status line instead of holding the start back.
+    // status line instead of holding the start back. A shutdown while the
+    // reconcile still runs is not held back either.
     let backend = services.backend_name();
-    let status = match services.first_reconcile().await {
-        Ok(changes) => {
-            format!("Running: {} source(s), {backend} firewall reconciled ({changes} changes).", config.sources.len())
-        }
-        Err(error) => format!(
-            "Running: {} source(s); {backend} firewall reconcile failed, retrying: {error}",
-            config.sources.len()
-        ),
+    let sources = config.sources.len();
+    tokio::pin!(shutdown);
+    let first = tokio::select! {
+        outcome = services.first_reconcile() => Some(outcome),
+        () = &mut shutdown => None,
     };
-    info!(server = %config.server, "Agent running.");
-    notify::ready(&status);
-    shutdown.await;
+    if let Some(outcome) = first {
+        let status = match outcome {
+            Ok(changes) => format!("Running: {sources} source(s), {backend} firewall reconciled ({changes} changes)."),
+            Err(error) => {
+                format!("Running: {sources} source(s); {backend} firewall reconcile failed, retrying: {error}")
+            }
+        };
+        info!(server = %config.server, "Agent running.");
+        notify::ready(&status);
+        shutdown.await;
+    }
     info!("Shutting down.");
     notify::stopping();
     let stopped = tokio::task::spawn_blocking(move || pipeline.shutdown())

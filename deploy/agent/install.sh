@@ -240,7 +240,8 @@ d $STATE_DIR"
         fi
     done
     if printf '%s\n' "$manifest" | grep -qxF "d $STATE_DIR"; then
-        rm -rf "${ROOT:?}$STATE_DIR"
+        state_path=$ROOT$STATE_DIR
+        rm -rf -- "$state_path"
         say "removed $STATE_DIR (credentials, spool)"
     fi
     printf '%s\n' "$manifest" | sed -n 's/^d //p' | sort -r | while read -r path; do
@@ -251,7 +252,7 @@ d $STATE_DIR"
     if [ -z "$ROOT" ] && have systemctl; then
         systemctl daemon-reload >/dev/null 2>&1 || true
     fi
-    say "fleetban agent uninstalled (remove the agent on the server: fleetban agents)"
+    say "fleetban agent uninstalled; revoke it on the server (DELETE /api/v1/agents/ID) to drop it from the fleet"
     exit 0
 fi
 
