@@ -450,6 +450,9 @@ NEW_VERSION=$("$TMP/agent" --version 2>/dev/null) || die "$BINARY does not run o
 WRITE_CONFIG=0
 if [ -f "$ROOT$CONF_PATH" ] && [ "$RECONFIGURE" -eq 0 ]; then
     say "keeping $CONF_PATH (pass --reconfigure to rewrite it)"
+    if [ -n "$CA_FILE" ] && ! grep -q '^ca_file' "$ROOT$CONF_PATH"; then
+        warn "$CONF_PATH sets no ca_file: pass --reconfigure to use $CA_PATH"
+    fi
 else
     WRITE_CONFIG=1
     [ -n "$SERVER" ] || die "--server URL is required to write $CONF_PATH"

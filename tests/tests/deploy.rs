@@ -245,9 +245,13 @@ fn installer_detects_the_firewall_and_refuses_what_it_cannot_do() {
     write(&ubuntu, "usr/sbin/nft", "#!/bin/sh\nexit 0\n");
     std::fs::set_permissions(ubuntu.join("usr/sbin/nft"), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::create_dir_all(ubuntu.join("var/log/exim4")).unwrap();
-    let stdout = ok(&install(&ubuntu, &args));
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
+    let stdout = ok(&install(&ubuntu, &[&args[..], &["--ca-file", ca.to_str().unwrap()]].concat()));
     assert!(stdout.contains("OS: ubuntu 24.04"), "{stdout}");
+    assert_eq!(mode(&ubuntu, "etc/fleetban/ca.pem"), 0o644);
     let config = AgentConfig::load(&ubuntu.join("etc/fleetban/agent.toml")).unwrap();
+    assert_eq!(config.ca_file.as_deref(), Some(Path::new("/etc/fleetban/ca.pem")));
     assert_eq!(config.firewall.backend, FirewallBackend::Nftables);
     assert_eq!(config.sources[0].path, Path::new("/var/log/exim4/mainlog"));
     assert_eq!(config.detect.smtp_accept_max, 0, "no exim.conf: learn it");
