@@ -257,7 +257,7 @@ pub(crate) async fn check_policy(
         return Err(Refusal::Allowlisted { cidr, entry }.into());
     }
     let own: Option<(Uuid, IpNet)> =
-        sqlx::query_as("select agent_id, address from agent_addresses where address <<= $1::cidr limit 1")
+        sqlx::query_as("select agent_id, address from agent_addresses where address between fleetban_first($1::cidr) and fleetban_last($1::cidr) limit 1")
             .bind(cidr)
             .fetch_optional(&mut *conn)
             .await?;

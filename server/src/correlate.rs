@@ -405,9 +405,9 @@ impl Correlator {
         let candidates: Vec<(IpNet, i64, i64)> = sqlx::query_as(
             "select t.target, \
                (select count(distinct oh.agent_id) from offender_hosts oh \
-                  where oh.address <<= t.target and oh.last_seen >= now() - make_interval(secs => $2)), \
+                  where oh.address between fleetban_first(t.target) and fleetban_last(t.target) and oh.last_seen >= now() - make_interval(secs => $2)), \
                (select count(*) from (select 1 from events e \
-                  where e.remote <<= t.target and e.agent_id = $3 \
+                  where e.remote between fleetban_first(t.target) and fleetban_last(t.target) and e.agent_id = $3 \
                   and e.time >= now() - make_interval(secs => $2) and e.kind = any($4) limit $5) x) \
              from unnest($1::cidr[]) as t(target) \
              where not exists (select 1 from blocks b where b.revoked_at is null and b.cidr >>= t.target \
@@ -542,7 +542,7 @@ impl Correlator {
             }
             Err(BlockError::Database(error)) => return Err(error.into()),
         };
-        sqlx::query("update offenders set last_blocked_at = now() where address <<= $1::cidr")
+        sqlx::query("update offenders set last_blocked_at = now() where address between fleetban_first($1::cidr) and fleetban_last($1::cidr)")
             .bind(range)
             .execute(&mut *tx)
             .await?;
@@ -563,7 +563,7 @@ impl Correlator {
         let window = secs(self.config.window_secs);
         let rows: Vec<(Uuid, String, i64, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(
             "select agent_id, kind, count(*), min(time), max(time) from events \
-             where remote <<= $1::cidr and time >= now() - make_interval(secs => $2) and kind = any($3) \
+             where remote between fleetban_first($1::cidr) and fleetban_last($1::cidr) and time >= now() - make_interval(secs => $2) and kind = any($3) \
              group by agent_id, kind",
         )
         .bind(range)
@@ -580,7 +580,7 @@ impl Correlator {
         }
         let hosts: Vec<(IpNet, Option<String>)> = sqlx::query_as(
             "select address, sample_raw from offender_hosts \
-             where address <<= $1::cidr and last_seen >= now() - make_interval(secs => $2) \
+             where address between fleetban_first($1::cidr) and fleetban_last($1::cidr) and last_seen >= now() - make_interval(secs => $2) \
              order by last_seen desc limit $3",
         )
         .bind(range)

@@ -18,6 +18,7 @@ use time::macros::format_description;
 use uuid::Uuid;
 
 use crate::asn::{self, AsnInfo};
+use crate::eventlog;
 
 /// Evidence lines quoted in a report.
 pub const MAX_LINES: i64 = 50;
@@ -104,24 +105,24 @@ pub async fn gather(pool: &PgPool, target: IpNet) -> Result<Option<ReportData>, 
     let addresses = sqlx::query_as::<_, AddressSummary>(
         "select address, count(distinct agent_id) as servers, sum(events)::bigint as events, \
                 min(first_seen) as first_seen, max(last_seen) as last_seen \
-         from offender_hosts where address <<= $1 group by address order by 3 desc, address limit 100",
+         from offender_hosts where address between fleetban_first($1::cidr) and fleetban_last($1::cidr) group by address order by 3 desc, address limit 100",
     )
     .bind(target)
     .fetch_all(pool)
     .await?;
     let kinds: Vec<(String, i64)> = sqlx::query_as(
-        "select kind, sum(events)::bigint from offender_hosts where address <<= $1 group by kind order by 2 desc, kind",
+        "select kind, sum(events)::bigint from offender_hosts where address between fleetban_first($1::cidr) and fleetban_last($1::cidr) group by kind order by 2 desc, kind",
     )
     .bind(target)
     .fetch_all(pool)
     .await?;
     let (servers, first_seen, last_seen): (i64, Option<OffsetDateTime>, Option<OffsetDateTime>) = sqlx::query_as(
-        "select count(distinct agent_id), min(first_seen), max(last_seen) from offender_hosts where address <<= $1",
+        "select count(distinct agent_id), min(first_seen), max(last_seen) from offender_hosts where address between fleetban_first($1::cidr) and fleetban_last($1::cidr)",
     )
     .bind(target)
     .fetch_one(pool)
     .await?;
-    let connections: i64 = sqlx::query_scalar("select count(*) from events where remote <<= $1 and kind = 'connect'")
+    let connections: i64 = sqlx::query_scalar("select count(*) from events where remote between fleetban_first($1::cidr) and fleetban_last($1::cidr) and kind = 'connect'")
         .bind(target)
         .fetch_one(pool)
         .await?;
@@ -131,16 +132,28 @@ pub async fn gather(pool: &PgPool, target: IpNet) -> Result<Option<ReportData>, 
     .bind(target)
     .fetch_all(pool)
     .await?;
-    let mut lines = sqlx::query_as::<_, EvidenceLine>(
-        "select time, agent_id, kind, raw from events \
-         where remote <<= $1 and raw is not null and kind <> 'connect' order by time desc, id desc limit $2",
-    )
-    .bind(target)
-    .bind(MAX_LINES)
-    .fetch_all(pool)
-    .await?;
+    let mut lines: Vec<EvidenceLine> = Vec::new();
+    for slice in eventlog::slices(eventlog::latest_possible(), None) {
+        lines.extend(
+            sqlx::query_as::<_, EvidenceLine>(
+                "select time, agent_id, kind, raw from events \
+                 where remote between fleetban_first($1::cidr) and fleetban_last($1::cidr) \
+                   and time >= $2 and time < $3 and raw is not null and kind <> 'connect' \
+                 order by time desc, id desc limit $4",
+            )
+            .bind(target)
+            .bind(slice.from.unwrap_or(OffsetDateTime::UNIX_EPOCH))
+            .bind(slice.to_exclusive())
+            .bind(MAX_LINES - lines.len() as i64)
+            .fetch_all(pool)
+            .await?,
+        );
+        if lines.len() as i64 >= MAX_LINES {
+            break;
+        }
+    }
     let mut total_lines: i64 =
-        sqlx::query_scalar("select count(*) from events where remote <<= $1 and raw is not null and kind <> 'connect'")
+        sqlx::query_scalar("select count(*) from events where remote between fleetban_first($1::cidr) and fleetban_last($1::cidr) and raw is not null and kind <> 'connect'")
             .bind(target)
             .fetch_one(pool)
             .await?;
@@ -148,7 +161,7 @@ pub async fn gather(pool: &PgPool, target: IpNet) -> Result<Option<ReportData>, 
         // Events past retention: fall back to the sample lines of the evidence.
         lines = sqlx::query_as::<_, EvidenceLine>(
             "select last_seen as time, agent_id, kind, sample_raw as raw from offender_hosts \
-             where address <<= $1 and sample_raw is not null order by last_seen desc limit $2",
+             where address between fleetban_first($1::cidr) and fleetban_last($1::cidr) and sample_raw is not null order by last_seen desc limit $2",
         )
         .bind(target)
         .bind(MAX_LINES)

@@ -51,9 +51,83 @@ async fn migrations_apply_twice_and_create_the_schema(pool: PgPool) {
     .fetch_all(&pool)
     .await
     .unwrap();
-    for index in ["blocks_cidr_gist", "allowlist_cidr_gist", "agent_addresses_address_gist", "offenders_address_gist"] {
+    for index in ["blocks_cidr_gist", "allowlist_cidr_gist", "agent_addresses_address_gist"] {
         assert!(gist.iter().any(|i| i == index), "{index} missing: {gist:?}");
     }
+
+    // Per event, ingest maintains one btree (the address) and one BRIN (time).
+    let events: Vec<(String, String)> =
+        sqlx::query_as("select indexname::text, indexdef from pg_indexes where tablename = 'events' order by 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["events_remote", "events_time"], "{events:?}");
+    assert!(events[1].1.contains("USING brin"), "{events:?}");
+}
+
+/// Address-range lookups written as `between fleetban_first(r) and
+/// fleetban_last(r)` stay index scans when the range is a parameter of a
+/// generic plan or a column of another table, where `<<=` falls back to a
+/// sequential scan; and they select exactly the addresses `<<=` does.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn address_ranges_use_the_index_with_parameters(pool: PgPool) {
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("select fleetban_ensure_event_partition('2026-11-27')").execute(&mut *conn).await.unwrap();
+    sqlx::query(
+        "insert into events (agent_id, batch_seq, batch_index, time, kind, remote) \
+         select '00000000-0000-0000-0000-000000000001', g, 0, '2026-11-27 12:00:00+00', 'connect', \
+                ('10.' || (g / 65536) % 256 || '.' || (g / 256) % 256 || '.' || g % 256)::inet \
+         from generate_series(1, 20000) g",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query(
+        "insert into events (agent_id, batch_seq, batch_index, time, kind, remote) values \
+         ('00000000-0000-0000-0000-000000000001', 0, 1, '2026-11-27 12:00:00+00', 'connect', '2001:db8::1'), \
+         ('00000000-0000-0000-0000-000000000001', 0, 2, '2026-11-27 12:00:00+00', 'connect', '2001:db8:0:1::1')",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("analyze events").execute(&mut *conn).await.unwrap();
+    sqlx::query("set plan_cache_mode = force_generic_plan").execute(&mut *conn).await.unwrap();
+    sqlx::query(
+        "prepare by_range(cidr) as \
+         select count(*) from events where remote between fleetban_first($1) and fleetban_last($1)",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    for range in ["10.0.0.0/16", "10.0.1.0/24", "10.0.0.7/32", "2001:db8::/64", "192.0.2.0/24"] {
+        // A generic plan: the range is an unknown parameter.
+        let explain: Vec<String> =
+            sqlx::query_scalar(&format!("explain execute by_range('{range}')")).fetch_all(&mut *conn).await.unwrap();
+        let text = explain.join("\n");
+        assert!(text.contains("Index Cond") && text.contains("fleetban_first($1)"), "{range}: {text}");
+        let (between, contained): (i64, i64) = sqlx::query_as(
+            "select count(*) filter (where remote between fleetban_first($1::cidr) and fleetban_last($1::cidr)), \
+                    count(*) filter (where remote <<= $1::cidr) from events",
+        )
+        .bind(range)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!(between, contained, "{range}");
+        assert_eq!(between > 0, range != "192.0.2.0/24", "{range}");
+    }
+    // A correlated subquery: the range is a column of the outer row.
+    let explain: Vec<String> = sqlx::query_scalar(
+        "explain select t.r, (select count(*) from events e \
+           where e.remote between fleetban_first(t.r) and fleetban_last(t.r)) \
+         from unnest('{10.0.1.0/24,2001:db8::/64}'::cidr[]) t(r)",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    let text = explain.join("\n");
+    assert!(text.contains("Index Cond") && !text.contains("Seq Scan on events"), "{text}");
 }
 
 async fn insert_event(pool: &PgPool, seq: i64, time: &str, remote: &str) {

@@ -17,6 +17,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ApiPath, ApiQuery};
 use super::{AppState, LIVE_BLOCK, params};
 use crate::asn::{self, AsnInfo};
+use crate::eventlog;
 
 /// Filters of the attacker ranking.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -221,15 +222,25 @@ pub async fn get(
     .bind(host)
     .fetch_all(&state.pool)
     .await?;
-    let timeline = sqlx::query_as::<_, TimelineEvent>(
-        "select e.time, coalesce(a.name, '') as agent, e.kind, e.raw \
-         from events e left join agents a on a.id = e.agent_id \
-         where e.remote = $1 order by e.time desc, e.id desc limit $2",
-    )
-    .bind(host)
-    .bind(TIMELINE_LIMIT)
-    .fetch_all(&state.pool)
-    .await?;
+    let mut timeline: Vec<TimelineEvent> = Vec::new();
+    for slice in eventlog::slices(eventlog::latest_possible(), None) {
+        timeline.extend(
+            sqlx::query_as::<_, TimelineEvent>(
+                "select e.time, coalesce(a.name, '') as agent, e.kind, e.raw \
+                 from events e left join agents a on a.id = e.agent_id \
+                 where e.remote = $1 and e.time >= $2 and e.time < $3 order by e.time desc, e.id desc limit $4",
+            )
+            .bind(host)
+            .bind(slice.from.unwrap_or(OffsetDateTime::UNIX_EPOCH))
+            .bind(slice.to_exclusive())
+            .bind(TIMELINE_LIMIT - timeline.len() as i64)
+            .fetch_all(&state.pool)
+            .await?,
+        );
+        if timeline.len() as i64 >= TIMELINE_LIMIT {
+            break;
+        }
+    }
     let blocks = sqlx::query_as::<_, BlockRef>(&format!(
         "select b.id, b.cidr, b.reason, b.source, b.created_at, b.expires_at, ({LIVE_BLOCK}) as active \
          from blocks b where b.cidr >>= $1 order by b.id desc limit 50"

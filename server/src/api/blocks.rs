@@ -141,7 +141,7 @@ fn select() -> String {
            select count(distinct h.agent_id) as agents, coalesce(array_agg(distinct h.kind), '{{}}') as kinds, \
                   coalesce(sum(h.events), 0)::bigint as events, min(h.first_seen) as first_seen, \
                   max(h.last_seen) as last_seen \
-           from offender_hosts h where h.address <<= b.cidr) ev on true"
+           from offender_hosts h where h.address between fleetban_first(b.cidr) and fleetban_last(b.cidr)) ev on true"
     )
 }
 

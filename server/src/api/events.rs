@@ -6,6 +6,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use sqlx::{Postgres, QueryBuilder};
 use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
@@ -13,6 +14,7 @@ use uuid::Uuid;
 use super::auth::Caller;
 use super::error::{ApiError, ApiQuery};
 use super::{AppState, next_cursor_headers, params};
+use crate::eventlog;
 
 /// Filters of the event list.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -94,28 +96,42 @@ pub async fn list(
     {
         return Err(ApiError::bad_request(format!("kind: {kind:?} is not an event kind")));
     }
-    let mut events = sqlx::query_as::<_, Event>(
-        "select e.id, e.time, e.agent_id, coalesce(a.name, '') as agent, e.kind, e.remote, e.remote_port, \
-                e.local, e.local_port, e.connection_count, e.auth_user, e.helo, e.detail, e.raw \
-         from events e left join agents a on a.id = e.agent_id \
-         where ($1::inet is null or e.remote <<= $1) \
-           and ($2::uuid is null or e.agent_id = $2) \
-           and ($3::text is null or e.kind = $3) \
-           and ($4::timestamptz is null or e.time >= $4) \
-           and ($5::timestamptz is null or e.time < $5) \
-           and ($6::timestamptz is null or (e.time, e.id) < ($6, $7)) \
-         order by e.time desc, e.id desc limit $8",
-    )
-    .bind(ip)
-    .bind(agent)
-    .bind(&query.kind)
-    .bind(since)
-    .bind(until)
-    .bind(cursor.map(|c| c.0))
-    .bind(cursor.map(|c| c.1))
-    .bind(limit + 1)
-    .fetch_all(&state.pool)
-    .await?;
+    // Newest first over slices of time (see `eventlog`): the first slices
+    // usually hold a whole page.
+    let latest = eventlog::latest_possible();
+    let end = [cursor.map(|c| c.0), until].into_iter().flatten().fold(latest, OffsetDateTime::min);
+    let mut events: Vec<Event> = Vec::new();
+    for slice in eventlog::slices(end, since) {
+        let want = limit + 1 - events.len() as i64;
+        let mut q = QueryBuilder::<Postgres>::new(
+            "select e.id, e.time, e.agent_id, coalesce(a.name, '') as agent, e.kind, e.remote, e.remote_port, \
+                    e.local, e.local_port, e.connection_count, e.auth_user, e.helo, e.detail, e.raw \
+             from events e left join agents a on a.id = e.agent_id where e.time < ",
+        );
+        q.push_bind(slice.to_exclusive());
+        q.push(" and e.time >= ").push_bind(slice.from.unwrap_or(OffsetDateTime::UNIX_EPOCH));
+        if let Some(ip) = ip {
+            q.push(" and e.remote between fleetban_first(").push_bind(ip);
+            q.push("::cidr) and fleetban_last(").push_bind(ip).push("::cidr)");
+        }
+        if let Some(agent) = agent {
+            q.push(" and e.agent_id = ").push_bind(agent);
+        }
+        if let Some(kind) = &query.kind {
+            q.push(" and e.kind = ").push_bind(kind);
+        }
+        if let Some(until) = until {
+            q.push(" and e.time < ").push_bind(until);
+        }
+        if let Some((t, id)) = cursor {
+            q.push(" and (e.time, e.id) < (").push_bind(t).push(", ").push_bind(id).push(")");
+        }
+        q.push(" order by e.time desc, e.id desc limit ").push_bind(want);
+        events.extend(q.build_query_as::<Event>().fetch_all(&state.pool).await?);
+        if events.len() as i64 > limit {
+            break;
+        }
+    }
     let next = if events.len() as i64 > limit {
         events.truncate(limit as usize);
         events.last().map(|e| params::time_cursor(e.time, e.id))

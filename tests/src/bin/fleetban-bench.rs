@@ -86,6 +86,11 @@ enum Command {
     },
 }
 
+/// The same allocator as `fleetban-server`, so the in-process server
+/// measures what the real one does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -168,7 +173,7 @@ struct Session {
 }
 
 /// Opens a session on its own connection and completes the Hello exchange
-/// (Welcome plus the initial snapshot or delta).
+/// (Welcome, Policy and the initial snapshot or delta).
 async fn open(addr: SocketAddr, id: Uuid, secret: &str) -> anyhow::Result<Session> {
     let (tx, rx) = mpsc::channel(64);
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
@@ -178,9 +183,12 @@ async fn open(addr: SocketAddr, id: Uuid, secret: &str) -> anyhow::Result<Sessio
     let hello =
         Hello { agent_id: id.to_string(), version: "bench".into(), hostname: "bench".into(), ..Default::default() };
     tx.send(AgentFrame { frame: Some(Frame::Hello(hello)) }).await?;
-    for _ in 0..2 {
+    // Welcome, Policy, then the snapshot or delta that brings the agent
+    // up to date.
+    loop {
         match rx.message().await?.and_then(|f| f.frame) {
-            Some(Out::Welcome(_)) | Some(Out::Snapshot(_)) | Some(Out::Delta(_)) => {}
+            Some(Out::Welcome(_)) | Some(Out::Policy(_)) => {}
+            Some(Out::Snapshot(_)) | Some(Out::Delta(_)) => break,
             other => bail!("unexpected reply to Hello: {other:?}"),
         }
     }
