@@ -26,14 +26,17 @@
 //!
 //! Around them: [`config`] (`agent.toml`), [`run`] (the `run` command),
 //! [`status`], [`metrics`] (`/metrics`), [`backfill`] and [`bench`]
-//! (`bench-ingest`).
+//! (`bench-ingest`), [`check`] (the `check-config` command) and [`notify`]
+//! (systemd readiness).
 
 pub mod backfill;
 pub mod bench;
+pub mod check;
 pub mod config;
 pub mod detect;
 pub mod firewall;
 pub mod metrics;
+pub mod notify;
 pub mod parse;
 pub mod pipeline;
 pub mod run;

@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io::{self, BufWriter, IsTerminal, Write};
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -29,6 +30,9 @@ enum Command {
     Run(ConfigArgs),
     /// Print the agent's state as JSON (works whether or not it runs).
     Status(ConfigArgs),
+    /// Validate a configuration file: exits non-zero and names the offending
+    /// key on an error; warnings (host-dependent) fail only with --strict.
+    CheckConfig(CheckArgs),
     /// Import old log files (plain or .gz) into the spool; stop the agent first.
     Backfill(BackfillArgs),
     /// Parse Exim log files and print the events found.
@@ -79,6 +83,19 @@ struct ConfigArgs {
     /// The agent configuration file.
     #[arg(long, value_name = "FILE", env = "FLEETBAN_AGENT_CONFIG", default_value = DEFAULT_PATH)]
     config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Fail on warnings too (missing files, firewall tools not installed).
+    #[arg(long)]
+    strict: bool,
+    /// Skip the checks against this host (files, programs): for a file
+    /// meant for another machine.
+    #[arg(long)]
+    no_host: bool,
 }
 
 #[derive(Debug, Args)]
@@ -164,6 +181,29 @@ fn status_cmd(args: ConfigArgs) -> anyhow::Result<()> {
     serde_json::to_writer_pretty(&mut out, &status)?;
     writeln!(out)?;
     Ok(())
+}
+
+fn check_config_cmd(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    use fleetban_agent::check;
+    let path = &args.config.config;
+    let config = match AgentConfig::load(path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let findings = check::check(&config, !args.no_host);
+    for finding in &findings {
+        eprintln!("{finding}");
+    }
+    if check::failed(&findings, args.strict) {
+        eprintln!("{}: invalid", path.display());
+        return Ok(ExitCode::FAILURE);
+    }
+    let warnings = findings.len();
+    println!("{}: OK ({warnings} warning{})", path.display(), if warnings == 1 { "" } else { "s" });
+    Ok(ExitCode::SUCCESS)
 }
 
 fn backfill_cmd(args: BackfillArgs) -> anyhow::Result<()> {
@@ -275,8 +315,9 @@ fn firewall_cmd(command: FirewallCommand) -> anyhow::Result<()> {
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> anyhow::Result<ExitCode> {
+    let done = match Cli::parse().command {
+        Command::CheckConfig(args) => return check_config_cmd(args),
         Command::Run(args) => run_cmd(args),
         Command::Status(args) => status_cmd(args),
         Command::Backfill(args) => backfill_cmd(args),
@@ -285,5 +326,6 @@ fn main() -> anyhow::Result<()> {
         Command::BenchIngest(args) => bench_cmd(args),
         Command::Enroll(args) => enroll_cmd(args),
         Command::Firewall(command) => firewall_cmd(command),
-    }
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }

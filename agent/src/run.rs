@@ -4,7 +4,9 @@
 //! crash), starts the [`crate::pipeline`] over every configured source with
 //! the Exim parser, and runs until the shutdown future resolves; then it
 //! stops reading, flushes every pending batch and syncs the spool. It needs
-//! no server: events are spooled until an uplink sends them.
+//! no server: events are spooled until an uplink sends them. Under systemd it
+//! reports `READY=1` after the firewall's first reconcile and `STOPPING=1`
+//! when the shutdown begins ([`crate::notify`]).
 
 use std::future::Future;
 use std::time::Duration;
@@ -12,6 +14,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::config::AgentConfig;
+use crate::notify;
 use crate::parse::{Parser, Timezone};
 use crate::pipeline::{LineParser, Pipeline, PipelineError, PipelineOptions, SourceSpec};
 use crate::service::{ServiceOptions, Services};
@@ -89,9 +92,30 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let mut services = Services::start(&config, timezone, ServiceOptions::default())?;
     let pipeline = Pipeline::start(spool, &sources, || services.parser(), pipeline_options(&config))?;
     services.attach(pipeline.spool(), pipeline.durable(), Some(pipeline.stats())).await?;
-    info!(server = %config.server, "Agent running.");
-    shutdown.await;
+    // Ready for systemd only once the firewall holds the desired set: a
+    // failed first reconcile is retried periodically, and said so in the
+    // status line instead of holding the start back. A shutdown while the
+    // reconcile still runs is not held back either.
+    let backend = services.backend_name();
+    let sources = config.sources.len();
+    tokio::pin!(shutdown);
+    let first = tokio::select! {
+        outcome = services.first_reconcile() => Some(outcome),
+        () = &mut shutdown => None,
+    };
+    if let Some(outcome) = first {
+        let status = match outcome {
+            Ok(changes) => format!("Running: {sources} source(s), {backend} firewall reconciled ({changes} changes)."),
+            Err(error) => {
+                format!("Running: {sources} source(s); {backend} firewall reconcile failed, retrying: {error}")
+            }
+        };
+        info!(server = %config.server, "Agent running.");
+        notify::ready(&status);
+        shutdown.await;
+    }
     info!("Shutting down.");
+    notify::stopping();
     let stopped = tokio::task::spawn_blocking(move || pipeline.shutdown())
         .await
         .map_err(|_| RunError::Pipeline(PipelineError::Panicked("shutdown".into())));

@@ -250,6 +250,8 @@ pub struct Services {
     own: Vec<IpAddr>,
     insecure: bool,
     reports: Option<mpsc::Receiver<LocalBlock>>,
+    started: Option<oneshot::Receiver<Result<usize, String>>>,
+    backend_name: &'static str,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     status_path: PathBuf,
@@ -275,15 +277,18 @@ impl Services {
         let exclude = exclusions(config, &own);
         let firewall_stats = Arc::new(FirewallStats::default());
         let backend = backend_for(config, Exec { netns: options.netns.clone() });
+        let backend_name = backend.name();
         let reconciler =
             Reconciler::new(backend, exclude.clone(), Some(config.state_dir.clone()), firewall_stats.clone());
         let (report_tx, report_rx) = mpsc::channel::<LocalBlock>(1024);
+        let (started_tx, started_rx) = oneshot::channel();
         let worker = Worker::start(
             reconciler,
             WorkerOptions {
                 reconcile_interval: Duration::from_secs(config.firewall.reconcile_secs),
                 reports: Some(report_tx),
                 applied: options.applied,
+                started: Some(started_tx),
             },
         )
         .map_err(ServiceError::Spawn)?;
@@ -330,6 +335,8 @@ impl Services {
             own,
             insecure: options.insecure,
             reports: Some(report_rx),
+            started: Some(started_rx),
+            backend_name,
             stop,
             tasks,
             status_path,
@@ -391,6 +398,22 @@ impl Services {
             self.tasks.push(tokio::spawn(metrics::serve(listener, sources, stopped(stop_rx))));
         }
         Ok(())
+    }
+
+    /// Waits for the firewall's reconcile at start and returns its outcome:
+    /// the changes it made, or why it failed (the firewall thread retries at
+    /// every periodic reconcile). Later calls return at once with the first
+    /// call's answer lost: `Ok(0)`.
+    pub async fn first_reconcile(&mut self) -> Result<usize, String> {
+        match self.started.take() {
+            Some(started) => started.await.unwrap_or_else(|_| Err("the firewall thread is gone".into())),
+            None => Ok(0),
+        }
+    }
+
+    /// Name of the firewall backend (`nftables`, `ipset`, `csf`, `dry-run`).
+    pub fn backend_name(&self) -> &'static str {
+        self.backend_name
     }
 
     /// A line parser for one pipeline source.

@@ -214,7 +214,12 @@ async fn batches_blocklists_and_restart() {
     let (report_tx, report_rx) = mpsc::channel(16);
     let worker = Worker::start(
         reconciler,
-        WorkerOptions { reconcile_interval: Duration::from_secs(60), reports: Some(report_tx.clone()), applied: None },
+        WorkerOptions {
+            reconcile_interval: Duration::from_secs(60),
+            reports: Some(report_tx.clone()),
+            applied: None,
+            started: None,
+        },
     )
     .unwrap();
     let stats = Arc::new(UplinkStats::default());

@@ -23,6 +23,7 @@
 //! - [`asn`]: autonomous-system data (iptoasn import and lookup).
 //! - [`cli`]: the `fleetban` operator CLI (a client of the REST API).
 //! - [`serve`]: runs the gRPC and HTTP listeners until shutdown.
+//! - [`notify`]: systemd readiness (`READY=1` once listening, `STOPPING=1`).
 
 pub mod api;
 pub mod asn;
@@ -35,6 +36,7 @@ pub mod correlate;
 pub mod db;
 pub mod eventlog;
 pub mod ingest;
+pub mod notify;
 pub mod pgcopy;
 pub mod pgembed;
 pub mod push;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fleetban_server::config::{Overrides, ServerConfig};
-use fleetban_server::{api, asn, auth, db, serve, tls};
+use fleetban_server::{api, asn, auth, db, notify, serve, tls};
 use tracing::{info, warn};
 
 /// The audit log's actor for changes made by `fleetban-server` commands.
@@ -251,10 +251,15 @@ async fn run(
     let http = tokio::net::TcpListener::bind(http_listen)
         .await
         .with_context(|| format!("bind HTTP listener {http_listen}"))?;
-    info!(
-        grpc = %grpc.local_addr()?, http = %http.local_addr()?, tls = options.tls.is_some(),
-        "fleetban-server listening."
-    );
+    let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
+    info!(grpc = %grpc_addr, http = %http_addr, tls = options.tls.is_some(), "fleetban-server listening.");
+    // Migrations ran before the listeners were bound; connections queue on
+    // them from here on, so the server is ready.
+    notify::ready(&format!("Listening: gRPC {grpc_addr}, HTTP {http_addr}"));
+    let shutdown = async move {
+        shutdown.await;
+        notify::stopping();
+    };
     serve::run(pool, options, serve::Listeners { grpc, http }, shutdown).await?;
     info!("fleetban-server stopped.");
     Ok(())

@@ -140,7 +140,7 @@ async fn uplink_against_the_real_server(pool: PgPool) {
     assert_eq!(held(dir.path()), ["203.0.113.0/24"]);
     let worker = Worker::start(
         reconciler,
-        WorkerOptions { reconcile_interval: Duration::from_secs(60), reports: None, applied: None },
+        WorkerOptions { reconcile_interval: Duration::from_secs(60), reports: None, applied: None, started: None },
     )
     .unwrap();
     let firewall = worker.handle();

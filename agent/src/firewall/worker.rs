@@ -140,6 +140,10 @@ pub struct WorkerOptions {
     /// Told the range of every local block once its commit returned (for
     /// benchmarks and tests).
     pub applied: Option<std::sync::mpsc::Sender<(IpNet, Instant)>>,
+    /// Told the outcome of the reconcile at start (changes made, or why it
+    /// failed) as soon as it returns; the agent reports itself ready to
+    /// systemd only then.
+    pub started: Option<oneshot::Sender<Result<usize, String>>>,
 }
 
 /// The running firewall thread.
@@ -177,11 +181,20 @@ impl Worker {
     }
 }
 
-fn worker_loop(mut reconciler: Reconciler, rx: Receiver<Request>, options: WorkerOptions) {
+fn worker_loop(mut reconciler: Reconciler, rx: Receiver<Request>, mut options: WorkerOptions) {
     let backend = reconciler.backend_name();
-    match reconciler.reconcile(now_ms()) {
-        Ok(changes) => info!(backend, changes, entries = reconciler.entries(), "Firewall reconciled at start."),
-        Err(error) => error!(%error, backend, "Cannot reconcile the firewall at start; retrying periodically."),
+    let outcome = match reconciler.reconcile(now_ms()) {
+        Ok(changes) => {
+            info!(backend, changes, entries = reconciler.entries(), "Firewall reconciled at start.");
+            Ok(changes)
+        }
+        Err(error) => {
+            error!(%error, backend, "Cannot reconcile the firewall at start; retrying periodically.");
+            Err(error.to_string())
+        }
+    };
+    if let Some(started) = options.started.take() {
+        let _ = started.send(outcome);
     }
     let mut next_reconcile = Instant::now() + options.reconcile_interval;
     loop {
