@@ -79,6 +79,28 @@ pub fn exclusions(config: &AgentConfig, own: &[IpAddr]) -> Vec<IpNet> {
     out
 }
 
+/// What to do with the fleet's allowlist when the server pushes it: the
+/// never-blocked ranges become `local` (the agent's own `[allowlist]` and
+/// addresses) plus the fleet's ranges, for the firewall (whose next plan
+/// drops any entry inside them) and for detection (which stops deciding
+/// blocks inside them).
+pub fn allowlist_handler(
+    local: Vec<IpNet>,
+    firewall: FirewallHandle,
+    detector: Option<Arc<Mutex<Detector>>>,
+) -> uplink::OnAllowlist {
+    Box::new(move |fleet| {
+        let mut exclude = local.clone();
+        exclude.extend(fleet.iter().copied());
+        if let Some(detector) = &detector {
+            detector.lock().unwrap_or_else(PoisonError::into_inner).set_exclusions(exclude.clone());
+        }
+        if !firewall.try_send(Request::Exclusions(exclude)) {
+            warn!("The fleet allowlist was not applied: the firewall queue is full; it is sent again on reconnect.");
+        }
+    })
+}
+
 /// The Exim parser as a pipeline step, with detection on every event:
 /// decisions go to the firewall thread without waiting, the event goes on to
 /// the spool (raw line kept only for abuse kinds).
@@ -374,6 +396,11 @@ impl Services {
                             detector.lock().unwrap_or_else(PoisonError::into_inner).set_policy(policy);
                         }
                     }),
+                    on_allowlist: allowlist_handler(
+                        exclusions(&self.config, &self.own),
+                        self.firewall.clone(),
+                        self.detector.clone(),
+                    ),
                     window: UPLINK_WINDOW,
                     stats: self.uplink_stats.clone(),
                 };

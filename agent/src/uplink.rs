@@ -45,6 +45,7 @@ use fleetban_proto::v1::server_frame::Frame as In;
 use fleetban_proto::v1::{
     AgentFrame, EnrollRequest, EventBatch, Heartbeat, Hello, IpAddress, LocalBlock, Policy, SpoolLoss,
 };
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -304,6 +305,9 @@ pub struct UplinkStats {
     pub connected_since_ms: AtomicI64,
 }
 
+/// The callback that receives the fleet's allowlist ranges.
+pub type OnAllowlist = Box<dyn Fn(&[IpNet]) + Send + Sync>;
+
 /// What the uplink works with.
 pub struct UplinkContext {
     /// Server address and TLS.
@@ -324,6 +328,9 @@ pub struct UplinkContext {
     pub local_blocks: mpsc::Receiver<LocalBlock>,
     /// Called with every `Policy` the server pushes.
     pub on_policy: Box<dyn Fn(&Policy) + Send + Sync>,
+    /// Called with the ranges of every `Allowlist` the server pushes (the
+    /// fleet's allowlist, replacing the previous one).
+    pub on_allowlist: OnAllowlist,
     /// Unacked batches in flight, at most.
     pub window: usize,
     /// Counters.
@@ -580,6 +587,15 @@ async fn handle_frame(
         Some(In::Policy(policy)) => {
             info!(?policy, "Server pushed a detection policy.");
             (ctx.on_policy)(&policy);
+        }
+        Some(In::Allowlist(list)) => {
+            let total = list.ranges.len();
+            let ranges: Vec<IpNet> = list.ranges.iter().filter_map(|c| IpNet::try_from(c).ok()).collect();
+            if ranges.len() < total {
+                warn!(invalid = total - ranges.len(), "Ignoring invalid ranges in the fleet allowlist.");
+            }
+            info!(ranges = ranges.len(), "Server pushed the fleet allowlist.");
+            (ctx.on_allowlist)(&ranges);
         }
         Some(In::Welcome(_)) => warn!("Ignoring a second Welcome."),
         None => warn!("Ignoring an empty server frame."),

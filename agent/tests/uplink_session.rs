@@ -20,8 +20,8 @@ use fleetban_proto::v1::agent_frame::Frame;
 use fleetban_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use fleetban_proto::v1::server_frame::Frame as Out;
 use fleetban_proto::v1::{
-    Ack, AgentFrame, BlockEntry, BlocklistDelta, BlocklistSnapshot, EnrollRequest, EnrollResponse, Event, Hello,
-    LocalBlock, ServerFrame, SourcePosition, Welcome,
+    Ack, AgentFrame, Allowlist, BlockEntry, BlocklistDelta, BlocklistSnapshot, EnrollRequest, EnrollResponse, Event,
+    Hello, LocalBlock, ServerFrame, SourcePosition, Welcome,
 };
 use ipnet::IpNet;
 use tokio::sync::{mpsc, watch};
@@ -236,6 +236,7 @@ async fn batches_blocklists_and_restart() {
         firewall: worker.handle(),
         local_blocks: report_rx,
         on_policy: Box::new(|_| {}),
+        on_allowlist: fleetban_agent::service::allowlist_handler(vec![], worker.handle(), None),
         window: 3,
         stats: stats.clone(),
     };
@@ -286,6 +287,17 @@ async fn batches_blocklists_and_restart() {
     push(&store, Out::Snapshot(BlocklistSnapshot { version: 10, entries: vec![block(9, "198.51.100.0/24")] })).await;
     wait_until("Applied 10", || store.lock().unwrap().applied.contains(&(10, 1))).await;
     assert_eq!(dryrun(dir.path()), ["198.51.100.0/24"]);
+
+    // 4b. The fleet's allowlist reaches the firewall: the part of the fleet
+    // block inside it is taken out.
+    push(&store, Out::Allowlist(Allowlist { ranges: vec!["198.51.100.0/25".parse::<IpNet>().unwrap().into()] })).await;
+    wait_until("allowlist applied", || {
+        std::fs::read(dir.path().join(FILE_NAME))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Vec<Record>>(&bytes).ok())
+            .is_some_and(|records| records.iter().map(|r| r.cidr.as_str()).eq(["198.51.100.128/25"]))
+    })
+    .await;
 
     // 5. Local blocks are reported.
     report_tx

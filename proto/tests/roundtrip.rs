@@ -118,6 +118,7 @@ fn every_message_round_trips() {
     let welcome = Welcome { server_version: "0.1.0".into(), last_acked_seq: 6, heartbeat_secs: 15 };
     let ack = Ack { seq: 7, rejected_events: 1 };
     let nack = Nack { seq: 8, reason: "batch of 20000 events exceeds 10000".into() };
+    let allowlist = Allowlist { ranges: vec![cidr("198.51.100.0/25"), cidr("2001:db8:a::/48")] };
     let server_frames = [
         server_frame::Frame::Welcome(welcome.clone()),
         server_frame::Frame::Ack(ack),
@@ -125,6 +126,7 @@ fn every_message_round_trips() {
         server_frame::Frame::Delta(delta.clone()),
         server_frame::Frame::Policy(policy()),
         server_frame::Frame::Nack(nack.clone()),
+        server_frame::Frame::Allowlist(allowlist.clone()),
     ];
     for frame in server_frames {
         seen.insert(round_trip(ServerFrame { frame: Some(frame) }));
@@ -150,6 +152,7 @@ fn every_message_round_trips() {
         round_trip(welcome),
         round_trip(ack),
         round_trip(nack),
+        round_trip(allowlist),
         round_trip(snapshot),
         round_trip(delta),
         round_trip(policy()),

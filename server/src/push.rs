@@ -28,7 +28,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fleetban_proto::v1::BlocklistDelta;
+use fleetban_proto::v1::{Allowlist, BlocklistDelta};
+use ipnet::IpNet;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::mpsc;
@@ -39,6 +40,9 @@ use crate::blocks;
 
 /// The notification channel block changes are announced on.
 pub const CHANNEL: &str = "fleetban_blocks";
+/// The notification channel allowlist changes are announced on (a trigger on
+/// `allowlist`).
+pub const ALLOWLIST_CHANNEL: &str = "fleetban_allowlist";
 /// Deltas queued per agent before it is considered lagged.
 pub const AGENT_QUEUE: usize = 64;
 /// How often the listener compares its version with the database's, as a
@@ -52,6 +56,8 @@ pub enum Push {
     Delta(Arc<BlocklistDelta>),
     /// The change log cannot serve a delta; send a snapshot.
     Resync,
+    /// The fleet's live allowlist changed; send it.
+    Allowlist(Arc<Allowlist>),
 }
 
 #[derive(Debug)]
@@ -190,6 +196,8 @@ pub async fn run_listener(pool: PgPool, hub: Hub, shutdown: impl Future<Output =
     };
     hub.inner.version.store(version, Ordering::Relaxed);
     backoff = Duration::from_millis(50);
+    // The allowlist last fanned out; `None` until read once.
+    let mut allowlist: Option<Vec<IpNet>> = None;
     loop {
         let listener = tokio::select! {
             _ = &mut shutdown => return,
@@ -213,6 +221,7 @@ pub async fn run_listener(pool: PgPool, hub: Hub, shutdown: impl Future<Output =
         };
         // Changes committed while we were not listening.
         catch_up(&pool, &hub, &mut version).await;
+        refresh_allowlist(&pool, &hub, &mut allowlist, true).await;
         let mut poll = tokio::time::interval(POLL_INTERVAL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -220,12 +229,19 @@ pub async fn run_listener(pool: PgPool, hub: Hub, shutdown: impl Future<Output =
                 _ = &mut shutdown => return,
                 n = listener.try_recv() => match n {
                     Ok(Some(notification)) => {
-                        let mut newest = notification.payload().parse::<u64>().unwrap_or(u64::MAX);
-                        while let Some(n) = listener.next_buffered() {
-                            newest = newest.max(n.payload().parse::<u64>().unwrap_or(u64::MAX));
+                        let (mut newest, mut allowlist_changed) = (0, false);
+                        for n in std::iter::once(notification).chain(std::iter::from_fn(|| listener.next_buffered())) {
+                            if n.channel() == ALLOWLIST_CHANNEL {
+                                allowlist_changed = true;
+                            } else {
+                                newest = newest.max(n.payload().parse::<u64>().unwrap_or(u64::MAX));
+                            }
                         }
                         if newest > version {
                             catch_up(&pool, &hub, &mut version).await;
+                        }
+                        if allowlist_changed {
+                            refresh_allowlist(&pool, &hub, &mut allowlist, false).await;
                         }
                     }
                     Ok(None) => {
@@ -242,6 +258,8 @@ pub async fn run_listener(pool: PgPool, hub: Hub, shutdown: impl Future<Output =
                         debug!(current, version, "Block changes found by polling.");
                         catch_up(&pool, &hub, &mut version).await;
                     }
+                    // Also how entries that expire reach the agents.
+                    refresh_allowlist(&pool, &hub, &mut allowlist, false).await;
                 }
             }
         }
@@ -250,8 +268,35 @@ pub async fn run_listener(pool: PgPool, hub: Hub, shutdown: impl Future<Output =
 
 async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(CHANNEL).await?;
+    listener.listen_all([CHANNEL, ALLOWLIST_CHANNEL]).await?;
     Ok(listener)
+}
+
+/// The live allowlist entries, in address order.
+pub async fn live_allowlist(pool: &PgPool) -> Result<Vec<IpNet>, sqlx::Error> {
+    sqlx::query_scalar("select cidr from allowlist where expires_at is null or expires_at > now() order by cidr")
+        .fetch_all(pool)
+        .await
+}
+
+/// The allowlist as the agents receive it.
+pub fn allowlist_frame(ranges: &[IpNet]) -> Allowlist {
+    Allowlist { ranges: ranges.iter().map(|r| (*r).into()).collect() }
+}
+
+/// Re-reads the live allowlist and fans it out when it differs from `last`
+/// (or always, with `force`: after a reconnect notifications may have been
+/// missed).
+async fn refresh_allowlist(pool: &PgPool, hub: &Hub, last: &mut Option<Vec<IpNet>>, force: bool) {
+    match live_allowlist(pool).await {
+        Ok(ranges) => {
+            if force || last.as_ref() != Some(&ranges) {
+                hub.fan_out(Push::Allowlist(Arc::new(allowlist_frame(&ranges))));
+                *last = Some(ranges);
+            }
+        }
+        Err(error) => warn!(%error, "Cannot read the allowlist; the next notification or poll retries."),
+    }
 }
 
 /// The changes after `version`: from the change log, or (from version 0,

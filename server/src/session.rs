@@ -415,6 +415,7 @@ impl Session {
             ..Policy::default()
         }))
         .await?;
+        self.send_allowlist().await?;
         self.version = hello.blocklist_version;
         let current = blocks::current_version(&self.shared.pool)
             .await
@@ -477,11 +478,23 @@ impl Session {
         }
     }
 
+    /// The fleet's live allowlist, read now.
+    async fn send_allowlist(&mut self) -> Result<(), End> {
+        let ranges = crate::push::live_allowlist(&self.shared.pool)
+            .await
+            .map_err(|error| End::Status(unavailable(error, "Cannot read the allowlist.")))?;
+        self.send(Out::Allowlist(crate::push::allowlist_frame(&ranges))).await
+    }
+
     async fn push(&mut self, sub: &Subscription, push: Push) -> Result<(), End> {
         if sub.take_lagged() {
+            // Pushes were dropped for this agent: the allowlist may have been
+            // among them.
+            self.send_allowlist().await?;
             return self.send_snapshot().await;
         }
         match push {
+            Push::Allowlist(list) => self.send(Out::Allowlist((*list).clone())).await,
             Push::Resync => self.send_snapshot().await,
             Push::Delta(delta) if delta.to_version <= self.version => Ok(()),
             Push::Delta(delta) if delta.from_version == self.version => {

@@ -77,6 +77,8 @@ struct Agent {
     /// `Policy` frames received so far (kept aside so that tests can read
     /// the other frames in order).
     policies: Vec<fleetban_proto::v1::Policy>,
+    /// `Allowlist` frames received so far, likewise.
+    allowlists: Vec<fleetban_proto::v1::Allowlist>,
 }
 
 impl Agent {
@@ -90,7 +92,7 @@ impl Agent {
             request.metadata_mut().insert(AGENT_SECRET_HEADER, secret.parse().unwrap());
         }
         let rx = AgentServiceClient::new(channel).connect(request).await?.into_inner();
-        Ok(Agent { tx, rx, policies: Vec::new() })
+        Ok(Agent { tx, rx, policies: Vec::new(), allowlists: Vec::new() })
     }
 
     async fn send(&self, frame: Frame) {
@@ -121,6 +123,11 @@ impl Agent {
             }
             other => panic!("expected Policy after Welcome, got {other:?}"),
         }
+        // Then the fleet's allowlist, still before any blocklist frame.
+        match tokio::time::timeout(WAIT, self.rx.message()).await.expect("no frame in time") {
+            Ok(Some(ServerFrame { frame: Some(Out::Allowlist(a)) })) => self.allowlists.push(a),
+            other => panic!("expected Allowlist after Policy, got {other:?}"),
+        }
         last_acked
     }
 
@@ -142,6 +149,7 @@ impl Agent {
             let frame = tokio::time::timeout(WAIT, self.rx.message()).await.expect("no frame in time")?;
             match frame.map(|f| f.frame.expect("empty server frame")) {
                 Some(Out::Policy(p)) => self.policies.push(p),
+                Some(Out::Allowlist(a)) => self.allowlists.push(a),
                 other => return Ok(other),
             }
         }
@@ -470,6 +478,46 @@ async fn reconnecting_agent_gets_exactly_the_missing_delta_or_a_snapshot(pool: P
         }
         other => panic!("expected a delta, got {other:?}"),
     }
+    server.stop().await;
+}
+
+/// Reads frames until an `Allowlist` arrives; returns its ranges.
+async fn next_allowlist(agent: &mut Agent) -> Vec<String> {
+    loop {
+        let frame = tokio::time::timeout(WAIT, agent.rx.message()).await.expect("no allowlist in time").unwrap();
+        if let Some(ServerFrame { frame: Some(Out::Allowlist(a)) }) = frame {
+            return a.ranges.iter().map(|c| ipnet::IpNet::try_from(c).unwrap().to_string()).collect();
+        }
+    }
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn agents_receive_the_allowlist_at_hello_and_on_every_change(pool: PgPool) {
+    let server = TestServer::start(pool.clone()).await;
+    let (id, secret) = enroll(&pool, server.channel().await).await;
+    sqlx::query("insert into allowlist (cidr, note) values ('198.51.100.0/25', 'partner')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "insert into allowlist (cidr, note, expires_at) values ('192.0.2.0/24', 'old', now() - interval '1 hour')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut agent = Agent::connect(server.channel().await, &id.to_string(), &secret).await.unwrap();
+    agent.hello(id, 0).await;
+    let at_hello: Vec<String> =
+        agent.allowlists[0].ranges.iter().map(|c| ipnet::IpNet::try_from(c).unwrap().to_string()).collect();
+    assert_eq!(at_hello, ["198.51.100.0/25"], "live entries only");
+
+    sqlx::query("insert into allowlist (cidr, note) values ('2001:db8:a::/48', 'office')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(next_allowlist(&mut agent).await, ["198.51.100.0/25", "2001:db8:a::/48"]);
+    sqlx::query("delete from allowlist where cidr = '198.51.100.0/25'").execute(&pool).await.unwrap();
+    assert_eq!(next_allowlist(&mut agent).await, ["2001:db8:a::/48"]);
     server.stop().await;
 }
 

@@ -156,6 +156,7 @@ async fn uplink_against_the_real_server(pool: PgPool) {
         firewall: firewall.clone(),
         local_blocks: reports_rx,
         on_policy: Box::new(|_| {}),
+        on_allowlist: Box::new(|_| {}),
         window: 2,
         stats: stats.clone(),
     };

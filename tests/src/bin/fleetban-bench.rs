@@ -184,11 +184,11 @@ async fn open(addr: SocketAddr, id: Uuid, secret: &str) -> anyhow::Result<Sessio
     let hello =
         Hello { agent_id: id.to_string(), version: "bench".into(), hostname: "bench".into(), ..Default::default() };
     tx.send(AgentFrame { frame: Some(Frame::Hello(hello)) }).await?;
-    // Welcome, Policy, then the snapshot or delta that brings the agent
+    // Welcome, Policy, Allowlist, then the snapshot or delta that brings the agent
     // up to date.
     loop {
         match rx.message().await?.and_then(|f| f.frame) {
-            Some(Out::Welcome(_)) | Some(Out::Policy(_)) => {}
+            Some(Out::Welcome(_)) | Some(Out::Policy(_)) | Some(Out::Allowlist(_)) => {}
             Some(Out::Snapshot(_)) | Some(Out::Delta(_)) => break,
             other => bail!("unexpected reply to Hello: {other:?}"),
         }
