@@ -43,6 +43,9 @@ pub const CHANNEL: &str = "fleetban_blocks";
 /// The notification channel allowlist changes are announced on (a trigger on
 /// `allowlist`).
 pub const ALLOWLIST_CHANNEL: &str = "fleetban_allowlist";
+/// The notification channel revoked agents' ids are announced on (a trigger
+/// on `agents`).
+pub const REVOKED_CHANNEL: &str = "fleetban_revoked";
 /// Deltas queued per agent before it is considered lagged.
 pub const AGENT_QUEUE: usize = 64;
 /// How often the listener compares its version with the database's, as a
@@ -58,6 +61,8 @@ pub enum Push {
     Resync,
     /// The fleet's live allowlist changed; send it.
     Allowlist(Arc<Allowlist>),
+    /// The agent was revoked; end its session.
+    Revoked,
 }
 
 #[derive(Debug)]
@@ -162,6 +167,14 @@ impl Hub {
         }
     }
 
+    /// Ends the session of `agent_id` on this server, if it has one. Sent
+    /// without waiting; a session whose queue is full is cut off by its
+    /// next report instead (the session checks revocation there too).
+    pub fn revoke(&self, agent_id: Uuid) -> bool {
+        let sessions = self.inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions.get(&agent_id).is_some_and(|r| r.tx.try_send(Push::Revoked).is_ok())
+    }
+
     /// Offers `push` to every session without waiting for any.
     fn fan_out(&self, push: Push) {
         let sessions = self.inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
@@ -233,6 +246,12 @@ pub async fn run_listener(pool: PgPool, hub: Hub, shutdown: impl Future<Output =
                         for n in std::iter::once(notification).chain(std::iter::from_fn(|| listener.next_buffered())) {
                             if n.channel() == ALLOWLIST_CHANNEL {
                                 allowlist_changed = true;
+                            } else if n.channel() == REVOKED_CHANNEL {
+                                if let Ok(agent_id) = n.payload().parse::<Uuid>()
+                                    && hub.revoke(agent_id)
+                                {
+                                    info!(%agent_id, "Closing the session of a revoked agent.");
+                                }
                             } else {
                                 newest = newest.max(n.payload().parse::<u64>().unwrap_or(u64::MAX));
                             }
@@ -268,7 +287,7 @@ pub async fn run_listener(pool: PgPool, hub: Hub, shutdown: impl Future<Output =
 
 async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen_all([CHANNEL, ALLOWLIST_CHANNEL]).await?;
+    listener.listen_all([CHANNEL, ALLOWLIST_CHANNEL, REVOKED_CHANNEL]).await?;
     Ok(listener)
 }
 

@@ -495,6 +495,7 @@ impl Session {
         }
         match push {
             Push::Allowlist(list) => self.send(Out::Allowlist((*list).clone())).await,
+            Push::Revoked => Err(End::Status(Status::unauthenticated("agent revoked"))),
             Push::Resync => self.send_snapshot().await,
             Push::Delta(delta) if delta.to_version <= self.version => Ok(()),
             Push::Delta(delta) if delta.from_version == self.version => {

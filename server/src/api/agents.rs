@@ -1,8 +1,10 @@
 //! `/api/v1/agents`: the fleet's enrolled agents, and revoking one.
 //!
 //! Revoking sets `agents.revoked_at`: the agent's credentials stop working at
-//! once (the session side refuses revoked agents on `Connect` and cuts off a
-//! live session at its next heartbeat or report), and it is shown offline.
+//! once (the session side refuses revoked agents on `Connect`; a trigger
+//! announces the revocation and the server process holding the agent's live
+//! session closes it, or failing that its next heartbeat or report does), and
+//! it is shown offline.
 
 use axum::Json;
 use axum::extract::State;
