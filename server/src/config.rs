@@ -32,6 +32,12 @@ pub struct ServerConfig {
     /// Interval at which agents send heartbeats, seconds; a session silent
     /// for three intervals is considered dead. Default 15.
     pub heartbeat_secs: u64,
+    /// How long events, per-address evidence and batch records are kept,
+    /// days (whole day partitions are dropped). Default 30.
+    pub events_retention_days: u32,
+    /// How long the blocklist change log is kept, days; an agent further
+    /// behind gets a snapshot. Default 7.
+    pub change_log_retention_days: u32,
     /// Correlation policy.
     pub correlate: CorrelateConfig,
 }
@@ -59,6 +65,8 @@ impl Default for ServerConfig {
             tls: None,
             insecure: false,
             heartbeat_secs: 15,
+            events_retention_days: 30,
+            change_log_retention_days: 7,
             correlate: CorrelateConfig::default(),
         }
     }
@@ -177,6 +185,12 @@ impl ServerConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.heartbeat_secs == 0 || self.heartbeat_secs > 3600 {
             return Err(ConfigError::Invalid { key: "heartbeat_secs", problem: "must be 1 to 3600".into() });
+        }
+        if self.events_retention_days == 0 || self.events_retention_days > 3650 {
+            return Err(ConfigError::Invalid { key: "events_retention_days", problem: "must be 1 to 3650".into() });
+        }
+        if self.change_log_retention_days == 0 || self.change_log_retention_days > 3650 {
+            return Err(ConfigError::Invalid { key: "change_log_retention_days", problem: "must be 1 to 3650".into() });
         }
         if self.db_max_connections < 2 {
             return Err(ConfigError::Invalid { key: "db_max_connections", problem: "must be at least 2".into() });

@@ -41,6 +41,7 @@ pub mod pgcopy;
 pub mod pgembed;
 pub mod push;
 pub mod report;
+pub mod retention;
 pub mod serve;
 pub mod session;
 pub mod tls;

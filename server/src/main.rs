@@ -176,6 +176,10 @@ async fn main() -> anyhow::Result<()> {
                 tls,
                 correlate: cfg.correlate.clone(),
                 heartbeat: Duration::from_secs(cfg.heartbeat_secs),
+                retention: fleetban_server::retention::Retention {
+                    events: Duration::from_secs(u64::from(cfg.events_retention_days) * 86_400),
+                    change_log: Duration::from_secs(u64::from(cfg.change_log_retention_days) * 86_400),
+                },
                 ..Default::default()
             };
             run(pool, options, cfg.grpc_listen, cfg.http_listen, shutdown_signal()).await?;

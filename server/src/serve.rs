@@ -24,6 +24,7 @@ use crate::blocks;
 use crate::correlate::{CorrelateConfig, Correlator};
 use crate::ingest::MAX_MESSAGE_BYTES;
 use crate::push::{self, Hub};
+use crate::retention::{self, Retention};
 use crate::session::{self, Stats};
 
 /// Errors that end a running server.
@@ -61,6 +62,10 @@ pub struct Options {
     pub drain_timeout: Duration,
     /// How often expired blocks are turned into `remove` changes.
     pub expiry_interval: Duration,
+    /// What the store keeps, swept at start and every `retention_interval`.
+    pub retention: Retention,
+    /// How often the retention sweep runs.
+    pub retention_interval: Duration,
     /// Session counters (shared so that tests and metrics can read them).
     pub stats: Arc<Stats>,
     /// The push hub (shared so that tests and metrics can read it).
@@ -75,6 +80,11 @@ impl Default for Options {
             heartbeat: Duration::from_secs(15),
             drain_timeout: Duration::from_secs(10),
             expiry_interval: Duration::from_secs(5),
+            retention: Retention {
+                events: Duration::from_secs(30 * 86_400),
+                change_log: Duration::from_secs(7 * 86_400),
+            },
+            retention_interval: Duration::from_secs(3600),
             stats: Arc::default(),
             hub: Hub::new(),
         }
@@ -104,6 +114,8 @@ pub async fn run(
     let sweeper = tokio::spawn(session::run_stale_sweeper(pool.clone(), options.heartbeat, stopped(&stop_rx)));
 
     let expiry = tokio::spawn(blocks::run_expiry_sweeper(pool.clone(), options.expiry_interval, stopped(&stop_rx)));
+    let retention =
+        tokio::spawn(retention::run(pool.clone(), options.retention, options.retention_interval, stopped(&stop_rx)));
     let correlator = Correlator::new(pool.clone(), options.correlate.clone());
     let backlog = Backlog::new();
     // The correlation worker outlives the sessions' drain, so that the last
@@ -155,6 +167,7 @@ pub async fn run(
     let _ = listener.await;
     let _ = sweeper.await;
     let _ = expiry.await;
+    let _ = retention.await;
     grpc_result?;
     http_result?;
     Ok(())
