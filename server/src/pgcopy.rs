@@ -54,25 +54,25 @@ impl CopyBuf {
         self.buf.extend_from_slice(&(fields as i16).to_be_bytes());
     }
 
-    fn field(&mut self, len: usize) {
+    /// A field's length word; -1 is NULL.
+    fn length(&mut self, len: i32) {
         #[cfg(debug_assertions)]
         {
             debug_assert!(self.fields_left > 0, "more COPY fields than the row declared");
             self.fields_left -= 1;
         }
+        self.buf.extend_from_slice(&len.to_be_bytes());
+    }
+
+    fn field(&mut self, len: usize) {
         // Every value written here is far below 2 GiB (strings are bounded
         // by ingest validation), so the length fits an i32.
-        self.buf.extend_from_slice(&(len as i32).to_be_bytes());
+        self.length(len as i32);
     }
 
     /// A NULL.
     pub fn null(&mut self) {
-        #[cfg(debug_assertions)]
-        {
-            debug_assert!(self.fields_left > 0, "more COPY fields than the row declared");
-            self.fields_left -= 1;
-        }
-        self.buf.extend_from_slice(&(-1i32).to_be_bytes());
+        self.length(-1);
     }
 
     /// A `uuid`.

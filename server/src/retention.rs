@@ -46,7 +46,7 @@ pub struct Swept {
 }
 
 /// One sweep now.
-pub async fn sweep(pool: &PgPool, retention: Retention) -> Result<Swept, sqlx::Error> {
+pub async fn sweep(pool: &PgPool, retention: Retention) -> Result<Swept, blocks::BlockError> {
     let secs = retention.events.as_secs_f64();
     // Whole days only: a partition is dropped once every event it can hold
     // is older than the cutoff.
@@ -76,10 +76,7 @@ pub async fn sweep(pool: &PgPool, retention: Retention) -> Result<Swept, sqlx::E
     .execute(pool)
     .await?
     .rows_affected();
-    let changes = blocks::compact_changes(pool, retention.change_log).await.map_err(|error| match error {
-        blocks::BlockError::Database(error) => error,
-        other => sqlx::Error::Protocol(other.to_string()),
-    })?;
+    let changes = blocks::compact_changes(pool, retention.change_log).await?;
     Ok(Swept { partitions, offender_hosts, offenders, batches, changes })
 }
 
