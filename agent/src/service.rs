@@ -139,6 +139,7 @@ impl LineParser for DetectingParser {
             for decision in decisions {
                 let expires_at_ms = decision.time_ms + i64::from(decision.ttl_secs) * 1000;
                 let report = LocalBlock {
+                    shadow: false,
                     cidr: Some(decision.net.into()),
                     reason: decision.rule.as_str().to_owned(),
                     evidence: format!("{}; last line: {}", decision.evidence, String::from_utf8_lossy(event.raw)),

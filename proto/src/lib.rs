@@ -1,4 +1,5 @@
-//! The wire contract between fleetban agents and servers.
+//! The wire contract between fleetban agents and servers, and the
+//! vocabulary and evidence model both sides decide with.
 //!
 //! `proto/fleetban/v1/agent.proto` is compiled at build time with protox (no
 //! system `protoc`) into prost messages and the tonic `AgentService` client and
@@ -11,6 +12,8 @@ pub mod v1 {
 }
 
 mod convert;
+pub mod kind;
+pub mod policy;
 
 /// The encoded `FileDescriptorSet` of every fleetban proto, for reflection and
 /// for tests that must cover every message.

@@ -27,6 +27,21 @@ fn policy() -> Policy {
         abuse_events: 10,
         ipv6_block_prefix: 64,
         local_block_ttl_secs: 3600,
+        rules: vec![rule_policy()],
+        protected_domains: vec!["google.com".into()],
+        protected_domains_set: true,
+        good_standing_secs: 604_800,
+    }
+}
+
+fn rule_policy() -> RulePolicy {
+    RulePolicy {
+        name: "auth".into(),
+        per_host: 10,
+        window_secs: 3600,
+        distinct_users: 5,
+        good_standing_factor: 5,
+        shadow: true,
     }
 }
 
@@ -44,6 +59,7 @@ fn event() -> Event {
         local: Some(ip("192.0.2.11")),
         detail: "dovecot_login".into(),
         duration_ms: 1_250,
+        host_name: "mail.attacker.example".into(),
     }
 }
 
@@ -92,6 +108,7 @@ fn every_message_round_trips() {
         evidence: "41 of 100 slots".into(),
         time_ms: 1,
         ttl_secs: 3600,
+        shadow: true,
     };
     let heartbeat = Heartbeat { blocklist_version: 9, firewall_entries: 100_000, pending_batches: 3 };
     let applied = Applied { blocklist_version: 9, firewall_entries: 12 };
@@ -156,6 +173,7 @@ fn every_message_round_trips() {
         round_trip(snapshot),
         round_trip(delta),
         round_trip(policy()),
+        round_trip(rule_policy()),
         round_trip(event()),
         round_trip(entry(5, "192.0.2.0/24")),
         round_trip(cidr("192.0.2.0/24")),

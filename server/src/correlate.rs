@@ -34,6 +34,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleetban_proto::v1::EventKind;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
@@ -161,22 +162,10 @@ impl CorrelateConfig {
 }
 
 /// The stored names (`events.kind`, `offender_hosts.kind`) of the event kinds
-/// that count as abuse; the same set ingest keeps evidence for.
-pub const ABUSE_KINDS: &[&str] = &[
-    "refused_too_many",
-    "refused_per_host",
-    "auth_failed",
-    "relay_denied",
-    "rcpt_rejected",
-    "sync_error",
-    "too_many_nonmail",
-    "too_many_syntax",
-    "too_many_unrecognized",
-    "protocol_error",
-    "syntax_error",
-    "acl_rejected",
-    "acl_dropped",
-];
+/// that count as abuse (the shared vocabulary's abuse kinds).
+pub fn abuse_kinds() -> Vec<&'static str> {
+    EventKind::ALL.into_iter().filter(|k| k.is_abuse()).map(EventKind::as_str).collect()
+}
 
 /// Block reason: abuse seen on `min_hosts` agents.
 pub const REASON_FLEET: &str = "fleet_correlation";
@@ -416,7 +405,7 @@ impl Correlator {
         .bind(&list)
         .bind(window)
         .bind(agent_id)
-        .bind(ABUSE_KINDS)
+        .bind(abuse_kinds())
         .bind(i64::from(self.config.single_host_threshold))
         .fetch_all(&self.pool)
         .await?;
@@ -568,7 +557,7 @@ impl Correlator {
         )
         .bind(range)
         .bind(window)
-        .bind(ABUSE_KINDS)
+        .bind(abuse_kinds())
         .fetch_all(&mut *conn)
         .await?;
         let mut ev = Evidence { rule: rule.reason().to_owned(), ..Evidence::default() };

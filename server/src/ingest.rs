@@ -55,57 +55,6 @@ pub const MAX_PATH_BYTES: usize = 4096;
 
 const MAX_ATTEMPTS: u32 = 4;
 
-/// The SQL name of an event kind: the proto name without its prefix, in
-/// snake case (`EVENT_KIND_AUTH_FAILED` → `auth_failed`).
-pub fn kind_name(kind: EventKind) -> &'static str {
-    match kind {
-        EventKind::Unspecified => "unspecified",
-        EventKind::Connect => "connect",
-        EventKind::RefusedTooMany => "refused_too_many",
-        EventKind::RefusedPerHost => "refused_per_host",
-        EventKind::RefusedLoad => "refused_load",
-        EventKind::AuthFailed => "auth_failed",
-        EventKind::RelayDenied => "relay_denied",
-        EventKind::RcptRejected => "rcpt_rejected",
-        EventKind::SyncError => "sync_error",
-        EventKind::TooManyNonmail => "too_many_nonmail",
-        EventKind::TooManySyntax => "too_many_syntax",
-        EventKind::TooManyUnrecognized => "too_many_unrecognized",
-        EventKind::ProtocolError => "protocol_error",
-        EventKind::SyntaxError => "syntax_error",
-        EventKind::NoMail => "no_mail",
-        EventKind::AclRejected => "acl_rejected",
-        EventKind::AclDropped => "acl_dropped",
-        EventKind::ClosedByDrop => "closed_by_drop",
-        EventKind::Lost => "lost",
-        EventKind::CommandTimeout => "command_timeout",
-        EventKind::TlsError => "tls_error",
-        EventKind::NoHostName => "no_host_name",
-        EventKind::Accepted => "accepted",
-    }
-}
-
-/// Whether events of `kind` are evidence of abuse (and so feed
-/// `offenders`/`offender_hosts` and correlation).
-pub fn is_abuse(kind: EventKind) -> bool {
-    matches!(
-        kind,
-        EventKind::RefusedTooMany
-            | EventKind::RefusedPerHost
-            | EventKind::AuthFailed
-            | EventKind::RelayDenied
-            | EventKind::RcptRejected
-            | EventKind::SyncError
-            | EventKind::TooManyNonmail
-            | EventKind::TooManySyntax
-            | EventKind::TooManyUnrecognized
-            | EventKind::ProtocolError
-            | EventKind::SyntaxError
-            | EventKind::AclRejected
-            | EventKind::AclDropped
-    )
-}
-
 /// Why one event was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
@@ -541,7 +490,7 @@ fn copy_events(agent_id: Uuid, seq: i64, rows: &[Row]) -> Option<Vec<u8>> {
         c.i64(seq);
         c.i32(r.index);
         c.timestamptz(r.time);
-        c.text(kind_name(r.kind));
+        c.text(r.kind.as_str());
         c.inet(r.remote);
         c.opt_i32(r.remote_port);
         c.opt_inet(r.local);
@@ -562,7 +511,7 @@ fn copy_events(agent_id: Uuid, seq: i64, rows: &[Row]) -> Option<Vec<u8>> {
 fn evidence(rows: &[Row]) -> (BTreeMap<(IpAddr, &'static str), Evidence>, BTreeMap<IpAddr, Evidence>) {
     let mut hosts: BTreeMap<(IpAddr, &'static str), Evidence> = BTreeMap::new();
     let mut offenders: BTreeMap<IpAddr, Evidence> = BTreeMap::new();
-    for r in rows.iter().filter(|r| is_abuse(r.kind)) {
+    for r in rows.iter().filter(|r| r.kind.is_abuse()) {
         let add = |e: &mut Evidence| {
             e.first = e.first.min(r.time);
             e.last = e.last.max(r.time);
@@ -572,7 +521,7 @@ fn evidence(rows: &[Row]) -> (BTreeMap<(IpAddr, &'static str), Evidence>, BTreeM
             }
         };
         let fresh = || Evidence { first: r.time, last: r.time, events: 0, sample: None };
-        add(hosts.entry((r.remote, kind_name(r.kind))).or_insert_with(fresh));
+        add(hosts.entry((r.remote, r.kind.as_str())).or_insert_with(fresh));
         add(offenders.entry(r.remote).or_insert_with(fresh));
     }
     (hosts, offenders)
@@ -614,22 +563,6 @@ mod tests {
             raw: format!("2026-11-27 10:00:00 H=({remote}) [{remote}] rejected"),
             ..Default::default()
         }
-    }
-
-    #[test]
-    fn kinds_map_to_snake_case_names() {
-        for value in 0..=22 {
-            let kind = EventKind::try_from(value).unwrap();
-            let expected = kind.as_str_name().strip_prefix("EVENT_KIND_").unwrap().to_ascii_lowercase();
-            assert_eq!(kind_name(kind), expected);
-        }
-        assert!(is_abuse(EventKind::AuthFailed) && !is_abuse(EventKind::Connect) && !is_abuse(EventKind::Accepted));
-        let mut abuse: Vec<&str> =
-            (0..=22).map(|v| EventKind::try_from(v).unwrap()).filter(|k| is_abuse(*k)).map(kind_name).collect();
-        let mut policy = crate::correlate::ABUSE_KINDS.to_vec();
-        abuse.sort_unstable();
-        policy.sort_unstable();
-        assert_eq!(abuse, policy, "ingest and correlation must agree on what abuse is");
     }
 
     #[test]

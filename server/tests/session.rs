@@ -654,6 +654,7 @@ async fn local_blocks_and_fleet_evidence_become_fleet_blocks_pushed_to_agents(po
         evidence: "held 60 of 100 slots".into(),
         time_ms: now_ms(),
         ttl_secs: 600,
+        shadow: false,
     }))
     .await;
     let entry = loop {

@@ -33,6 +33,7 @@ pub(crate) struct Fields<'a> {
     pub helo: Option<&'a [u8]>,
     pub detail: Option<&'a [u8]>,
     pub duration_ms: Option<u64>,
+    pub host_name: Option<&'a [u8]>,
 }
 
 impl<'a> Fields<'a> {
@@ -48,6 +49,7 @@ impl<'a> Fields<'a> {
             helo: host.helo,
             detail: None,
             duration_ms: tail.duration_ms,
+            host_name: host.name,
         }
     }
 
@@ -63,6 +65,7 @@ impl<'a> Fields<'a> {
             helo: None,
             detail: None,
             duration_ms: None,
+            host_name: None,
         }
     }
 
@@ -154,7 +157,8 @@ fn smtp(b: &[u8]) -> Option<Fields<'_>> {
     }
 }
 
-/// `SMTP connection [Ci=x ]from HOST ...`: connect, lost, closed by DROP.
+/// `SMTP connection [Ci=x ]from HOST ...`: connect, lost, closed by QUIT,
+/// closed by DROP.
 fn smtp_connection(b: &[u8]) -> Option<Fields<'_>> {
     let mut pos = 16;
     // Exim 4.97+ may put `Ci=<id>` between `connection` and `from`.
@@ -173,6 +177,9 @@ fn smtp_connection(b: &[u8]) -> Option<Fields<'_>> {
     }
     if rest.starts_with(b"closed by DROP in ACL") {
         return Some(Fields::new(EventKind::ClosedByDrop, &host, &tail));
+    }
+    if rest == b"closed by QUIT" || rest.starts_with(b"closed by QUIT ") {
+        return Some(Fields::new(EventKind::Closed, &host, &tail));
     }
     if rest == b"lost" || rest.starts_with(b"lost ") {
         let mut f = Fields::new(EventKind::Lost, &host, &tail);

@@ -90,6 +90,7 @@ fn event<'a>(kind: EventKind, time_ms: i64, rng: &mut Rng) -> Event<'a> {
         helo: Some(helo),
         detail: None,
         duration_ms: None,
+        host_name: None,
         raw: b"",
     }
 }

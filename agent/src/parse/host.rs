@@ -16,6 +16,8 @@ pub(crate) struct Host<'a> {
     pub ip: IpAddr,
     pub port: Option<u16>,
     pub helo: Option<&'a [u8]>,
+    /// The verified reverse-DNS name (`H=name`, outside the parentheses).
+    pub name: Option<&'a [u8]>,
     /// Index just past the host (after `]` or the port).
     pub end: usize,
 }
@@ -136,6 +138,7 @@ pub(crate) fn parse_host(b: &[u8], mut pos: usize) -> Option<Host<'_>> {
         pos += 2;
     }
     let mut helo = None;
+    let mut name = None;
     match *b.get(pos)? {
         b'[' => {}
         b'(' => {
@@ -150,6 +153,7 @@ pub(crate) fn parse_host(b: &[u8], mut pos: usize) -> Option<Host<'_>> {
             if b[pos..sp].iter().any(|c| matches!(c, b'[' | b'(' | b'"')) {
                 return None;
             }
+            name = Some(&b[pos..sp]);
             pos = sp + 1;
             if b.get(pos) == Some(&b'(') {
                 let (h, next) = parse_helo(b, pos)?;
@@ -162,7 +166,7 @@ pub(crate) fn parse_host(b: &[u8], mut pos: usize) -> Option<Host<'_>> {
     if !host_terminator(b, end) {
         return None;
     }
-    Some(Host { ip, port, helo, end })
+    Some(Host { ip, port, helo, name, end })
 }
 
 /// Parses `(helo) ` at `pos` (which holds `(`); returns the HELO text and the

@@ -39,168 +39,9 @@ pub use tz::{Timezone, TimezoneError};
 /// Exim's own log buffer is far smaller, so such a line is never genuine.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
-/// What a log line reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum EventKind {
-    /// `SMTP connection from [ip]:port (TCP/IP connection count = N)`.
-    Connect,
-    /// `Connection from [ip] refused: too many connections` (`smtp_accept_max`).
-    RefusedTooMany,
-    /// `... refused: too many connections from that IP address`.
-    RefusedPerHost,
-    /// `... refused: load average = N`.
-    RefusedLoad,
-    /// `<driver> authenticator failed for ... 5xx ...`, with `set_id`.
-    AuthFailed,
-    /// `rejected RCPT ...: relay not permitted`, cPanel's `Rejected relay attempt`,
-    /// `SMTP AUTH is required for message submission`.
-    RelayDenied,
-    /// Other RCPT, MAIL and DATA rejections, sender verify failures, `local_scan`.
-    RcptRejected,
-    /// `SMTP protocol synchronization error` (pre-greeting talker or unadvertised pipelining).
-    SyncError,
-    /// `SMTP call from ... dropped: too many nonmail commands`.
-    TooManyNonmail,
-    /// `... dropped: too many syntax or protocol errors`.
-    TooManySyntax,
-    /// `... dropped: too many unrecognized commands`.
-    TooManyUnrecognized,
-    /// `SMTP protocol error in "..."`.
-    ProtocolError,
-    /// `SMTP syntax error in "..."`.
-    SyntaxError,
-    /// `no MAIL in SMTP connection from ...`.
-    NoMail,
-    /// An ACL rejection outside RCPT/MAIL/DATA: the connect ACL (cPanel's
-    /// `Host is ratelimited`, `Host is banned`), HELO, VRFY, ...
-    AclRejected,
-    /// A connect-ACL `drop` (`dropped by 'connect' ACL`, `forcibly dropped`).
-    AclDropped,
-    /// `SMTP connection from ... closed by DROP in ACL`.
-    ClosedByDrop,
-    /// `SMTP connection from ... lost`.
-    Lost,
-    /// `SMTP command timeout` or `SMTP data timeout` on a connection.
-    CommandTimeout,
-    /// `TLS error on connection from ...`.
-    TlsError,
-    /// `no host name found for IP address ...`, `no IP address found for host ...`.
-    NoHostName,
-    /// `<=` message arrival over SMTP, for context.
-    Accepted,
-}
-
-impl EventKind {
-    /// Every kind, in proto order.
-    pub const ALL: [EventKind; 22] = [
-        EventKind::Connect,
-        EventKind::RefusedTooMany,
-        EventKind::RefusedPerHost,
-        EventKind::RefusedLoad,
-        EventKind::AuthFailed,
-        EventKind::RelayDenied,
-        EventKind::RcptRejected,
-        EventKind::SyncError,
-        EventKind::TooManyNonmail,
-        EventKind::TooManySyntax,
-        EventKind::TooManyUnrecognized,
-        EventKind::ProtocolError,
-        EventKind::SyntaxError,
-        EventKind::NoMail,
-        EventKind::AclRejected,
-        EventKind::AclDropped,
-        EventKind::ClosedByDrop,
-        EventKind::Lost,
-        EventKind::CommandTimeout,
-        EventKind::TlsError,
-        EventKind::NoHostName,
-        EventKind::Accepted,
-    ];
-
-    /// The snake_case name used in JSON output and config.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::Connect => "connect",
-            EventKind::RefusedTooMany => "refused_too_many",
-            EventKind::RefusedPerHost => "refused_per_host",
-            EventKind::RefusedLoad => "refused_load",
-            EventKind::AuthFailed => "auth_failed",
-            EventKind::RelayDenied => "relay_denied",
-            EventKind::RcptRejected => "rcpt_rejected",
-            EventKind::SyncError => "sync_error",
-            EventKind::TooManyNonmail => "too_many_nonmail",
-            EventKind::TooManySyntax => "too_many_syntax",
-            EventKind::TooManyUnrecognized => "too_many_unrecognized",
-            EventKind::ProtocolError => "protocol_error",
-            EventKind::SyntaxError => "syntax_error",
-            EventKind::NoMail => "no_mail",
-            EventKind::AclRejected => "acl_rejected",
-            EventKind::AclDropped => "acl_dropped",
-            EventKind::ClosedByDrop => "closed_by_drop",
-            EventKind::Lost => "lost",
-            EventKind::CommandTimeout => "command_timeout",
-            EventKind::TlsError => "tls_error",
-            EventKind::NoHostName => "no_host_name",
-            EventKind::Accepted => "accepted",
-        }
-    }
-
-    /// The kind named `name` (the inverse of [`EventKind::as_str`]).
-    pub fn from_name(name: &str) -> Option<EventKind> {
-        EventKind::ALL.into_iter().find(|k| k.as_str() == name)
-    }
-
-    /// Whether the line on its own is evidence of misbehaviour by the
-    /// address. Context kinds (connect, the global refusals that hit everyone
-    /// when the host is full, lost connections, TLS errors, reverse-DNS
-    /// misses and arrivals) are not; detection may still count them.
-    pub fn is_abuse(self) -> bool {
-        !matches!(
-            self,
-            EventKind::Connect
-                | EventKind::RefusedTooMany
-                | EventKind::RefusedLoad
-                | EventKind::Lost
-                | EventKind::TlsError
-                | EventKind::NoHostName
-                | EventKind::Accepted
-        )
-    }
-
-    /// The wire enum value.
-    pub fn to_proto(self) -> v1::EventKind {
-        match self {
-            EventKind::Connect => v1::EventKind::Connect,
-            EventKind::RefusedTooMany => v1::EventKind::RefusedTooMany,
-            EventKind::RefusedPerHost => v1::EventKind::RefusedPerHost,
-            EventKind::RefusedLoad => v1::EventKind::RefusedLoad,
-            EventKind::AuthFailed => v1::EventKind::AuthFailed,
-            EventKind::RelayDenied => v1::EventKind::RelayDenied,
-            EventKind::RcptRejected => v1::EventKind::RcptRejected,
-            EventKind::SyncError => v1::EventKind::SyncError,
-            EventKind::TooManyNonmail => v1::EventKind::TooManyNonmail,
-            EventKind::TooManySyntax => v1::EventKind::TooManySyntax,
-            EventKind::TooManyUnrecognized => v1::EventKind::TooManyUnrecognized,
-            EventKind::ProtocolError => v1::EventKind::ProtocolError,
-            EventKind::SyntaxError => v1::EventKind::SyntaxError,
-            EventKind::NoMail => v1::EventKind::NoMail,
-            EventKind::AclRejected => v1::EventKind::AclRejected,
-            EventKind::AclDropped => v1::EventKind::AclDropped,
-            EventKind::ClosedByDrop => v1::EventKind::ClosedByDrop,
-            EventKind::Lost => v1::EventKind::Lost,
-            EventKind::CommandTimeout => v1::EventKind::CommandTimeout,
-            EventKind::TlsError => v1::EventKind::TlsError,
-            EventKind::NoHostName => v1::EventKind::NoHostName,
-            EventKind::Accepted => v1::EventKind::Accepted,
-        }
-    }
-}
-
-impl std::fmt::Display for EventKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// What a log line reports: the wire enum, whose names and evidence value
+/// are defined once in `fleetban_proto::kind`.
+pub use fleetban_proto::v1::EventKind;
 
 /// One parsed line, borrowing its text from the line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,6 +70,8 @@ pub struct Event<'a> {
     pub detail: Option<&'a str>,
     /// The session duration (`D=`), in milliseconds.
     pub duration_ms: Option<u64>,
+    /// The verified reverse-DNS name (`H=name`, outside the parentheses).
+    pub host_name: Option<&'a str>,
     /// The whole line, without its line terminator.
     pub raw: &'a [u8],
 }
@@ -239,7 +82,7 @@ impl Event<'_> {
     pub fn to_proto(&self, keep_raw: bool) -> v1::Event {
         v1::Event {
             time_ms: self.time_ms,
-            kind: self.kind.to_proto() as i32,
+            kind: self.kind as i32,
             remote: Some(self.ip.into()),
             remote_port: self.port.map_or(0, u32::from),
             local_port: self.local_port.map_or(0, u32::from),
@@ -250,6 +93,7 @@ impl Event<'_> {
             local: self.local_ip.map(Into::into),
             detail: self.detail.unwrap_or_default().to_owned(),
             duration_ms: self.duration_ms.unwrap_or(0),
+            host_name: self.host_name.unwrap_or_default().to_owned(),
         }
     }
 }
@@ -304,6 +148,7 @@ fn build<'a>(time_ms: i64, f: body::Fields<'a>, raw: &'a [u8]) -> Event<'a> {
         helo: text(f.helo),
         detail: text(f.detail),
         duration_ms: f.duration_ms,
+        host_name: text(f.host_name),
         raw,
     }
 }

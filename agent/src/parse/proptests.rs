@@ -40,6 +40,7 @@ impl Owned {
             helo: self.helo.as_deref(),
             detail: self.detail.as_deref(),
             duration_ms: self.duration_ms,
+            host_name: None,
             raw: b"",
         }
     }
@@ -158,6 +159,11 @@ fn arb_owned() -> impl Strategy<Value = Owned> {
                     o.detail = Some(choose(&["Country is banned", "Host is banned"]));
                 }
                 EventKind::ClosedByDrop => o.helo = helo,
+                EventKind::Closed => {
+                    o.helo = helo;
+                    o.duration_ms = duration;
+                }
+                EventKind::Unspecified => {}
                 EventKind::Lost => {
                     o.helo = helo;
                     o.duration_ms = duration;
@@ -255,8 +261,16 @@ proptest! {
             style.millis = false;
         }
         o.time_ms = if style.millis { o.time_ms } else { o.time_ms - o.time_ms.rem_euclid(1000) };
-        let want = o.event();
+        let mut want = o.event();
         let line = render::render(&want, &style);
+        // A host name the style writes before the HELO is the verified
+        // reverse-DNS name, for the kinds whose host carries one.
+        if let Some(name) = style.host_name.as_deref()
+            && line.contains(&format!("{name} ("))
+            || style.host_name.as_deref().is_some_and(|n| line.contains(&format!("{n} [")))
+        {
+            want.host_name = style.host_name.as_deref();
+        }
         let got = parse_line(line.as_bytes());
         prop_assert!(got.is_some(), "no event from {line}");
         let got = got.unwrap_or(want);

@@ -231,6 +231,9 @@ pub fn body(ev: &Event<'_>, style: &Style) -> String {
         EventKind::AclRejected => format!("H={h} rejected connection in \"connect\" ACL: \"{d}\""),
         EventKind::AclDropped => format!("H={h} dropped by 'connect' ACL: {d}"),
         EventKind::ClosedByDrop => format!("SMTP connection from {h} closed by DROP in ACL"),
+        EventKind::Closed => format!("SMTP connection from {h}{} closed by QUIT", dur(ev)),
+        // Never produced by the parser.
+        EventKind::Unspecified => String::new(),
         EventKind::Lost => {
             let why = ev.detail.map(|w| format!(" {w}")).unwrap_or_default();
             format!("SMTP connection from {h} lost{why}{}", dur(ev))

@@ -156,7 +156,7 @@ impl Summary {
 
     fn add(&mut self, kind: EventKind, ip: IpAddr) {
         // `to_proto` numbers kinds 1..=ALL.len() in `ALL` order.
-        let idx = kind.to_proto() as usize - 1;
+        let idx = kind as usize - 1;
         if let Some(map) = self.by_kind.get_mut(idx) {
             *map.entry(ip).or_default() += 1;
         }

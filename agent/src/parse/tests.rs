@@ -193,7 +193,7 @@ fn invalid_utf8_in_text_fields_keeps_the_event() {
 #[test]
 fn kinds_have_stable_names_and_proto_values() {
     for (i, kind) in EventKind::ALL.into_iter().enumerate() {
-        assert_eq!(kind.to_proto() as usize, i + 1, "{kind}");
+        assert_eq!(kind as usize, i + 1, "{kind}");
         assert_eq!(EventKind::from_name(kind.as_str()), Some(kind));
     }
     assert!(EventKind::AuthFailed.is_abuse());

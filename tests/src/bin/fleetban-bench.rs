@@ -369,7 +369,7 @@ async fn copy_reference(url: &str, pool: &PgPool, rows: usize, abuse_tenths: usi
         let ts = now.format(&time::format_description::well_known::Rfc3339)?;
         for i in 0..rows {
             let e = bench_event(i % 50, i, 0, abuse_tenths);
-            let kind = fleetban_server::ingest::kind_name(EventKind::try_from(e.kind)?);
+            let kind = EventKind::try_from(e.kind)?.as_str();
             let remote = std::net::IpAddr::try_from(e.remote.as_ref().context("remote")?)?;
             let cc = if e.connection_count > 0 { e.connection_count.to_string() } else { String::new() };
             writeln!(

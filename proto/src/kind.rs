@@ -1,0 +1,211 @@
+//! The event vocabulary: every kind of Exim line fleetban reads, its stored
+//! name, and what it is worth as evidence.
+//!
+//! This is the one place that says what a kind is called and whether it is
+//! abuse. The agent (parser, detection, metrics), the server (ingest,
+//! correlation, the API) and the replay all read it from here, so the two
+//! sides cannot drift apart.
+//!
+//! Invariants:
+//! - [`EventKind::as_str`] and [`EventKind::from_name`] are inverse for every
+//!   kind in [`EventKind::ALL`]; the names are stored in Postgres
+//!   (`events.kind`) and never change.
+//! - Context kinds ([`EventKind::is_context`]) are never evidence of abuse on
+//!   their own: connects, the global refusals Exim gives everyone while a host
+//!   is full, lost or timed-out sessions, TLS errors, missing reverse DNS,
+//!   accepted mail and connection ends.
+
+use std::fmt;
+
+use crate::policy::Scenario;
+use crate::v1::EventKind;
+
+impl EventKind {
+    /// Every kind fleetban produces, in wire order (without `Unspecified`).
+    pub const ALL: [EventKind; 23] = [
+        EventKind::Connect,
+        EventKind::RefusedTooMany,
+        EventKind::RefusedPerHost,
+        EventKind::RefusedLoad,
+        EventKind::AuthFailed,
+        EventKind::RelayDenied,
+        EventKind::RcptRejected,
+        EventKind::SyncError,
+        EventKind::TooManyNonmail,
+        EventKind::TooManySyntax,
+        EventKind::TooManyUnrecognized,
+        EventKind::ProtocolError,
+        EventKind::SyntaxError,
+        EventKind::NoMail,
+        EventKind::AclRejected,
+        EventKind::AclDropped,
+        EventKind::ClosedByDrop,
+        EventKind::Lost,
+        EventKind::CommandTimeout,
+        EventKind::TlsError,
+        EventKind::NoHostName,
+        EventKind::Accepted,
+        EventKind::Closed,
+    ];
+
+    /// The snake_case name used in storage, JSON, metrics and config.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Unspecified => "unspecified",
+            EventKind::Connect => "connect",
+            EventKind::RefusedTooMany => "refused_too_many",
+            EventKind::RefusedPerHost => "refused_per_host",
+            EventKind::RefusedLoad => "refused_load",
+            EventKind::AuthFailed => "auth_failed",
+            EventKind::RelayDenied => "relay_denied",
+            EventKind::RcptRejected => "rcpt_rejected",
+            EventKind::SyncError => "sync_error",
+            EventKind::TooManyNonmail => "too_many_nonmail",
+            EventKind::TooManySyntax => "too_many_syntax",
+            EventKind::TooManyUnrecognized => "too_many_unrecognized",
+            EventKind::ProtocolError => "protocol_error",
+            EventKind::SyntaxError => "syntax_error",
+            EventKind::NoMail => "no_mail",
+            EventKind::AclRejected => "acl_rejected",
+            EventKind::AclDropped => "acl_dropped",
+            EventKind::ClosedByDrop => "closed_by_drop",
+            EventKind::Lost => "lost",
+            EventKind::CommandTimeout => "command_timeout",
+            EventKind::TlsError => "tls_error",
+            EventKind::NoHostName => "no_host_name",
+            EventKind::Accepted => "accepted",
+            EventKind::Closed => "closed",
+        }
+    }
+
+    /// The kind named `name` (the inverse of [`EventKind::as_str`]);
+    /// `unspecified` and unknown names are `None`.
+    pub fn from_name(name: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    /// The abuse scenario a line of this kind is evidence for, or `None` for
+    /// a context kind.
+    pub const fn scenario(self) -> Option<Scenario> {
+        match self {
+            EventKind::AuthFailed => Some(Scenario::Auth),
+            EventKind::RelayDenied => Some(Scenario::Relay),
+            EventKind::RcptRejected => Some(Scenario::Dictionary),
+            EventKind::SyncError
+            | EventKind::TooManyNonmail
+            | EventKind::TooManySyntax
+            | EventKind::TooManyUnrecognized
+            | EventKind::ProtocolError
+            | EventKind::SyntaxError => Some(Scenario::Protocol),
+            EventKind::RefusedPerHost => Some(Scenario::ConnLimit),
+            EventKind::AclRejected | EventKind::AclDropped => Some(Scenario::Acl),
+            EventKind::Unspecified
+            | EventKind::Connect
+            | EventKind::RefusedTooMany
+            | EventKind::RefusedLoad
+            | EventKind::NoMail
+            | EventKind::ClosedByDrop
+            | EventKind::Lost
+            | EventKind::CommandTimeout
+            | EventKind::TlsError
+            | EventKind::NoHostName
+            | EventKind::Accepted
+            | EventKind::Closed => None,
+        }
+    }
+
+    /// Whether a line of this kind is evidence of abuse by its address.
+    pub const fn is_abuse(self) -> bool {
+        self.scenario().is_some()
+    }
+
+    /// Whether a line of this kind is context only (never abuse on its own).
+    pub const fn is_context(self) -> bool {
+        !self.is_abuse()
+    }
+
+    /// What one line of this kind counts towards its scenario's thresholds.
+    /// Exim drops a session for too many bad commands only after it has seen
+    /// several, so such a drop counts three; every other abuse line counts
+    /// one; context counts nothing.
+    pub const fn weight(self) -> u32 {
+        match self {
+            EventKind::TooManyNonmail | EventKind::TooManySyntax | EventKind::TooManyUnrecognized => 3,
+            k if k.is_abuse() => 1,
+            _ => 0,
+        }
+    }
+
+    /// Whether a line of this kind ends an SMTP session that had opened (so
+    /// the connection no longer holds one of the host's slots): `closed by
+    /// QUIT`, `lost`, timeouts, `closed by DROP`, the `dropped: too many ...`
+    /// forms, `no MAIL in SMTP connection` and connect-ACL drops.
+    pub const fn ends_session(self) -> bool {
+        matches!(
+            self,
+            EventKind::Closed
+                | EventKind::Lost
+                | EventKind::CommandTimeout
+                | EventKind::ClosedByDrop
+                | EventKind::TooManyNonmail
+                | EventKind::TooManySyntax
+                | EventKind::TooManyUnrecognized
+                | EventKind::NoMail
+                | EventKind::AclDropped
+        )
+    }
+
+    /// Whether a line of this kind is a successful delivery or login that
+    /// earns its address good standing.
+    pub const fn earns_standing(self) -> bool {
+        matches!(self, EventKind::Accepted)
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_follow_wire_order() {
+        for (i, kind) in EventKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind as usize, i + 1, "{kind}");
+            assert_eq!(EventKind::from_name(kind.as_str()), Some(kind));
+            // The stored name is the proto name without its prefix, lower case.
+            let proto = kind.as_str_name().strip_prefix("EVENT_KIND_").unwrap().to_ascii_lowercase();
+            assert_eq!(kind.as_str(), proto);
+        }
+        assert_eq!(EventKind::from_name("unspecified"), None);
+        assert_eq!(EventKind::from_name("AUTH_FAILED"), None);
+    }
+
+    #[test]
+    fn context_kinds_are_never_abuse() {
+        for kind in [
+            EventKind::Connect,
+            EventKind::RefusedTooMany,
+            EventKind::RefusedLoad,
+            EventKind::Lost,
+            EventKind::CommandTimeout,
+            EventKind::TlsError,
+            EventKind::NoHostName,
+            EventKind::Accepted,
+            EventKind::Closed,
+            EventKind::NoMail,
+            EventKind::ClosedByDrop,
+        ] {
+            assert!(kind.is_context(), "{kind}");
+            assert_eq!(kind.weight(), 0, "{kind}");
+        }
+        for kind in EventKind::ALL.into_iter().filter(|k| k.is_abuse()) {
+            assert!(kind.weight() >= 1, "{kind}");
+        }
+        assert!(EventKind::AuthFailed.is_abuse() && EventKind::RefusedPerHost.is_abuse());
+    }
+}
