@@ -16,4 +16,4 @@ mod convert;
 /// for tests that must cover every message.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fleetban_descriptor.bin"));
 
-pub use convert::AddressError;
+pub use convert::{AddressError, canonical_ip, canonical_net};

@@ -20,7 +20,10 @@
 //! - Policy is enforced here, in the creating transaction, whoever creates:
 //!   allowlisted ranges (unexpired `allowlist` rows), ranges holding a fleet
 //!   address (`agent_addresses`) and `never_block` ranges are refused; ranges
-//!   broader than `min_prefix_v4`/`min_prefix_v6` need `force`.
+//!   broader than `min_prefix_v4`/`min_prefix_v6` need `force`. Ranges are
+//!   checked and stored in canonical form ([`fleetban_proto::canonical_net`]):
+//!   `::ffff:127.0.0.1` is refused as the loopback address it maps, and
+//!   `::ffff:0.0.0.0/96` as all of IPv4.
 //! - Expired blocks stay live until the sweeper ([`expire_due`]) turns them
 //!   into `remove` changes; agents also time entries out on their own.
 
@@ -30,6 +33,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use fleetban_proto::canonical_net;
 use fleetban_proto::v1::{BlockEntry, BlocklistDelta, BlocklistSnapshot, Cidr};
 use ipnet::IpNet;
 use sqlx::{PgConnection, PgPool};
@@ -232,7 +236,7 @@ fn min_prefix_len(policy: &CorrelateConfig, cidr: IpNet) -> u8 {
     }
 }
 
-/// Checks `cidr` (host bits already cleared) against the policy.
+/// Checks `cidr` (canonical, host bits cleared) against the policy.
 pub(crate) async fn check_policy(
     conn: &mut PgConnection,
     policy: &CorrelateConfig,
@@ -243,6 +247,8 @@ pub(crate) async fn check_policy(
     if cidr.prefix_len() < min && !force {
         return Err(Refusal::TooBroad { cidr, min_prefix_len: min }.into());
     }
+    // `cidr` is canonical; the configured ranges are taken as written (the
+    // default `::ffff:0:0/96` guards IPv6 ranges spanning the mapped space).
     if let Some(range) = policy.never_block.iter().find(|r| r.contains(&cidr) || cidr.contains(*r)) {
         return Err(Refusal::NeverBlock { cidr, range: *range }.into());
     }
@@ -313,7 +319,7 @@ pub(crate) async fn create_in(
     policy: &CorrelateConfig,
     new: NewBlock,
 ) -> Result<Block, BlockError> {
-    let cidr = new.cidr.trunc();
+    let cidr = canonical_net(new.cidr);
     check_policy(conn, policy, cidr, new.force).await?;
     let now: OffsetDateTime = sqlx::query_scalar("select now()").fetch_one(&mut *conn).await?;
     let expires_at = new.ttl.map(|ttl| expiry(now, ttl));
