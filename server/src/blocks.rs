@@ -727,6 +727,57 @@ mod tests {
         assert_eq!(current_version(&pool).await.unwrap(), 4);
     }
 
+    /// Every creator (API, correlation of batches and of agents' local
+    /// blocks) goes through `create`: a mapped spelling is judged and stored
+    /// as the IPv4 range it maps.
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn mapped_and_reserved_ranges_are_judged_as_ipv4(pool: PgPool) {
+        let policy = CorrelateConfig::default();
+        let agent = add_agent(&pool, &[]).await;
+        let mut conn = pool.acquire().await.unwrap();
+        crate::auth::replace_addresses(&mut conn, agent, &["::ffff:203.0.113.5".parse().unwrap()]).await.unwrap();
+        drop(conn);
+        let refused = |r: Result<Block, BlockError>| match r {
+            Err(BlockError::Refused(refusal)) => refusal,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        assert_eq!(
+            refused(create(&pool, &policy, new_block("::ffff:127.0.0.1/128", None)).await),
+            Refusal::NeverBlock { cidr: net("127.0.0.1/32"), range: net("127.0.0.0/8") }
+        );
+        assert_eq!(
+            refused(create(&pool, &policy, new_block("::ffff:0.0.0.0/96", None)).await),
+            Refusal::TooBroad { cidr: net("0.0.0.0/0"), min_prefix_len: 16 }
+        );
+        let mut forced = new_block("::ffff:0.0.0.0/96", None);
+        forced.force = true;
+        assert!(matches!(refused(create(&pool, &policy, forced).await), Refusal::NeverBlock { .. }));
+        let mut spanning = new_block("::fffe:0:0/95", None);
+        spanning.force = true;
+        assert_eq!(
+            refused(create(&pool, &policy, spanning).await),
+            Refusal::NeverBlock { cidr: net("::fffe:0:0/95"), range: net("::ffff:0:0/96") }
+        );
+        // The agent reported its address mapped; it is stored as IPv4.
+        assert_eq!(
+            refused(create(&pool, &policy, new_block("203.0.113.5/32", None)).await),
+            Refusal::FleetOwn { cidr: net("203.0.113.5/32"), address: "203.0.113.5".parse().unwrap(), agent_id: agent }
+        );
+        // Carrier-grade NAT, reserved and broadcast addresses.
+        for cidr in
+            ["100.64.1.2/32", "100.127.255.255/32", "240.0.0.1/32", "255.255.255.255/32", "::ffff:100.64.0.1/128"]
+        {
+            assert!(matches!(refused(create(&pool, &policy, new_block(cidr, None)).await), Refusal::NeverBlock { .. }));
+        }
+        assert_eq!(current_version(&pool).await.unwrap(), 0, "a refusal must not write a change");
+        let block = create(&pool, &policy, new_block("::ffff:198.51.100.77/128", None)).await.unwrap();
+        assert_eq!(block.cidr, net("198.51.100.77/32"));
+        // Neighbours of the new never_block ranges are attackers as before.
+        create(&pool, &policy, new_block("100.63.255.255/32", None)).await.unwrap();
+        create(&pool, &policy, new_block("100.128.0.0/32", None)).await.unwrap();
+        create(&pool, &policy, new_block("239.255.255.255/32", None)).await.unwrap_err();
+    }
+
     #[sqlx::test(migrator = "crate::db::MIGRATOR")]
     async fn over_broad_ranges_need_force(pool: PgPool) {
         let policy = CorrelateConfig::default();

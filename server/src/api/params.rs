@@ -146,6 +146,7 @@ pub fn parse_id_cursor(value: &str) -> Result<i64, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::{Strategy, any, prop_oneof};
 
     #[test]
     fn durations() {
@@ -175,6 +176,74 @@ mod tests {
         assert!(parse_time_cursor("x.1").is_err());
         assert!(parse_time_cursor("12").is_err());
         assert!(parse_id_cursor("abc").is_err());
+    }
+
+    #[test]
+    fn mapped_addresses_come_back_as_ipv4() {
+        assert_eq!(cidr("cidr", "::ffff:127.0.0.1").unwrap().to_string(), "127.0.0.1/32");
+        assert_eq!(cidr("cidr", "::ffff:0.0.0.0/96").unwrap().to_string(), "0.0.0.0/0");
+        assert_eq!(cidr("cidr", "::ffff:198.51.100.9/120").unwrap().to_string(), "198.51.100.0/24");
+        assert_eq!(ip("ip", "::ffff:203.0.113.7").unwrap().to_string(), "203.0.113.7");
+    }
+
+    #[test]
+    fn the_reported_inputs_are_400() {
+        for cursor in ["-377705116800000000000.1", "253402300800000000000.1", "-1.1", "1e3.1"] {
+            assert_eq!(parse_time_cursor(cursor).unwrap_err().status_code(), 400, "{cursor}");
+        }
+        for since in ["2500000d", "0000-01-01T00:00:00Z", "1969-12-31T23:59:59Z"] {
+            assert_eq!(time("since", since).unwrap_err().status_code(), 400, "{since}");
+        }
+        assert!(time("since", "1970-01-01T00:00:00Z").is_ok());
+        assert_eq!(cidr("cidr", &"1".repeat(10_000)).unwrap_err().status_code(), 400);
+    }
+
+    /// Strings shaped like the values the parsers expect, and any string.
+    fn values() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "-?[0-9]{0,30}\\.-?[0-9]{0,25}",
+            "[0-9]{0,25}[smhdwy]?",
+            "[0-9]{1,6}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})",
+            "[0-9a-fA-F:.]{0,45}(/[0-9]{1,3})?",
+            "::ffff:[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}(/[0-9]{1,3})?",
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(2_000))]
+
+        /// Any input is a value or a 400, never a panic; and what the events
+        /// list computes from valid values (the end of its search, the
+        /// slices) never panics either.
+        #[test]
+        fn parsers_answer_any_input_with_a_value_or_400(
+            a in values(), b in values(), c in values(), n in any::<i64>()
+        ) {
+            let bad = |e: ApiError| e.status_code() == 400;
+            proptest::prop_assert!(limit(Some(n)).map_or_else(bad, |l| (1..=MAX_LIMIT).contains(&l)));
+            for value in [&a, &b, &c] {
+                proptest::prop_assert!(cidr("ip", value).map_or_else(bad, |_| true));
+                proptest::prop_assert!(ip("ip", value).map_or_else(bad, |ip| ip.to_canonical() == ip));
+                proptest::prop_assert!(parse_id_cursor(value).map_or_else(bad, |_| true));
+                let _ = duration(value);
+            }
+            let since = time("since", &a);
+            let until = time("until", &b);
+            let cursor = parse_time_cursor(&c);
+            for t in [&since, &until] {
+                proptest::prop_assert!(t.as_ref().map_or_else(|e| e.status_code() == 400, |t| (EARLIEST..=LATEST).contains(t)));
+            }
+            proptest::prop_assert!(cursor.as_ref().map_or_else(|e| e.status_code() == 400, |(t, _)| (EARLIEST..=LATEST).contains(t)));
+            // As `events::list` does.
+            let end = [cursor.ok().map(|c| c.0), until.ok()]
+                .into_iter()
+                .flatten()
+                .fold(crate::eventlog::latest_possible(), OffsetDateTime::min);
+            for slice in crate::eventlog::slices(end, since.ok()) {
+                let _ = slice.to_exclusive();
+            }
+        }
     }
 
     #[test]
