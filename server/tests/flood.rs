@@ -17,16 +17,16 @@ use fleetban_proto::v1::agent_frame::Frame;
 use fleetban_proto::v1::agent_service_client::AgentServiceClient;
 use fleetban_proto::v1::server_frame::Frame as Out;
 use fleetban_proto::v1::{AgentFrame, EnrollRequest, Event, EventBatch, EventKind, Hello, IpAddress, ServerFrame};
-use fleetban_server::auth;
 use fleetban_server::config::LimitsConfig;
 use fleetban_server::serve::{self, Listeners, Options};
 use fleetban_server::session::{AGENT_ID_HEADER, AGENT_SECRET_HEADER};
+use fleetban_server::{auth, tls};
 use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Streaming};
 use uuid::Uuid;
 
@@ -90,6 +90,17 @@ impl TestServer {
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
         let options = Options { limits, ..Options::default() };
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(serve::run(pool, options, Listeners { grpc, http }, async move {
+            let _ = rx.await;
+        }));
+        TestServer { grpc: grpc_addr, http: http_addr, stop: Some(tx), handle }
+    }
+
+    async fn start_with(pool: PgPool, options: Options) -> Self {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(serve::run(pool, options, Listeners { grpc, http }, async move {
             let _ = rx.await;
@@ -467,4 +478,54 @@ async fn failed_enrollments_are_throttled_and_logged_escaped(pool: PgPool) {
     assert!(!log.contains('\x1b'), "no escape sequence reaches the log");
     assert!(!log.lines().any(|l| l.starts_with("2026-11-28T00:00:00Z")), "no forged line:\n{log}");
     assert_eq!(log.matches("Throttling agent authentication").count(), 1, "{log}");
+}
+
+/// With TLS, the deadline covers the handshake too: idle connections and
+/// ones that stop inside their ClientHello are closed, while an agent whose
+/// session was accepted keeps its connection past the deadline.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn tls_handshakes_have_a_deadline_and_sessions_do_not(pool: PgPool) {
+    raise_fd_limit(4_096);
+    let dir = tempfile::tempdir().unwrap();
+    let files = tls::pki_init(dir.path(), "localhost").unwrap();
+    let config = fleetban_server::config::TlsConfig {
+        cert_file: files.server_cert.clone(),
+        key_file: files.server_key.clone(),
+        client_ca_file: None,
+    };
+    let tls = tls::server_config(Some(&config), "0.0.0.0:0".parse().unwrap(), false).unwrap();
+    let limits = LimitsConfig { grpc_auth_timeout_secs: 1, ..limits() };
+    let server = TestServer::start_with(pool.clone(), Options { tls, limits, ..Options::default() }).await;
+    let ca = tonic::transport::Certificate::from_pem(std::fs::read(&files.ca_cert).unwrap());
+    let channel = Endpoint::from_shared(format!("https://{}", server.grpc))
+        .unwrap()
+        .tls_config(ClientTlsConfig::new().ca_certificate(ca).domain_name("localhost"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (id, secret) = enroll(&pool, channel.clone(), "mx-tls.test").await;
+    let mut agent = Session::open(channel, id, &secret, "mx-tls.test").await;
+    let opened = Instant::now();
+
+    let idle = flood(server.grpc, 200, Duration::from_secs(5)).await;
+    let mut partial = Vec::new();
+    for i in 0..20u8 {
+        let mut stream = connect_from(Ipv4Addr::new(127, 0, 0, 2 + i % 4), server.grpc).await.unwrap();
+        // A TLS record header announcing a ClientHello that never comes.
+        stream.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await.unwrap();
+        partial.push(stream);
+    }
+    let closed = futures_util::future::join_all(
+        idle.into_iter().chain(partial).map(|s| closed_within(s, Duration::from_secs(4))),
+    )
+    .await;
+    assert!(closed.iter().all(Option::is_some), "every stalled handshake was closed");
+    // The session outlives the 1 s deadline: its connection still carries
+    // batches well after it.
+    tokio::time::sleep_until((opened + Duration::from_millis(1_500)).into()).await;
+    for seq in 1..=3 {
+        assert!(agent.batch(seq).await < Duration::from_secs(2));
+    }
+    server.stop().await;
 }
