@@ -230,21 +230,18 @@ where
             };
             // A failed call answers with its status in the headers
             // (trailers-only); an accepted stream has none yet.
-            match response.headers().get("grpc-status").map(|v| v.as_bytes()) {
-                Some(code) if code == b"16" => {
-                    if throttle.failed(peer.ip()) {
-                        warn!(
-                            source = %source_key(peer.ip()),
-                            "Throttling agent authentication from a source after repeated failures."
-                        );
-                    }
-                }
-                None if call == Call::Connect => {
-                    if let Some(gate) = &gate {
-                        gate.authenticated(peer);
-                    }
-                }
-                _ => {}
+            let status = response.headers().get("grpc-status").map(|v| v.as_bytes());
+            let unauthenticated = status == Some(b"16".as_slice());
+            if unauthenticated && throttle.failed(peer.ip()) {
+                warn!(
+                    source = %source_key(peer.ip()),
+                    "Throttling agent authentication from a source after repeated failures."
+                );
+            } else if status.is_none()
+                && call == Call::Connect
+                && let Some(gate) = &gate
+            {
+                gate.authenticated(peer);
             }
             Ok(response)
         })
