@@ -529,3 +529,31 @@ async fn tls_handshakes_have_a_deadline_and_sessions_do_not(pool: PgPool) {
     }
     server.stop().await;
 }
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn failed_connects_are_throttled_per_source(pool: PgPool) {
+    let limits = LimitsConfig { auth_failure_burst: 3, auth_failures_per_minute: 1, ..LimitsConfig::default() };
+    let server = TestServer::start(pool.clone(), limits).await;
+    let (id, secret) = enroll(&pool, server.channel().await, "mx-c.test").await;
+    // Failures below the burst leave a correct agent alone.
+    let connect = |id: String, secret: String| {
+        let channel = server.channel();
+        async move {
+            let (_tx, rx) = mpsc::channel::<AgentFrame>(1);
+            let mut request = Request::new(ReceiverStream::new(rx));
+            if !id.is_empty() {
+                request.metadata_mut().insert(AGENT_ID_HEADER, id.parse().unwrap());
+            }
+            request.metadata_mut().insert(AGENT_SECRET_HEADER, secret.parse().unwrap());
+            AgentServiceClient::new(channel.await).connect(request).await.map(|_| ()).map_err(|s| s.code())
+        }
+    };
+    assert_eq!(connect(id.to_string(), "wrong".into()).await, Err(Code::Unauthenticated));
+    assert_eq!(connect(String::new(), "wrong".into()).await, Err(Code::Unauthenticated), "missing id");
+    assert_eq!(connect(id.to_string(), secret.clone()).await, Ok(()));
+    assert_eq!(connect(Uuid::new_v4().to_string(), "x".into()).await, Err(Code::Unauthenticated));
+    // The burst of three is spent: even the right secret waits now.
+    assert_eq!(connect(id.to_string(), "wrong".into()).await, Err(Code::ResourceExhausted));
+    assert_eq!(connect(id.to_string(), secret).await, Err(Code::ResourceExhausted));
+    server.stop().await;
+}
