@@ -775,7 +775,11 @@ mod tests {
         // Neighbours of the new never_block ranges are attackers as before.
         create(&pool, &policy, new_block("100.63.255.255/32", None)).await.unwrap();
         create(&pool, &policy, new_block("100.128.0.0/32", None)).await.unwrap();
-        create(&pool, &policy, new_block("239.255.255.255/32", None)).await.unwrap_err();
+        // Below 240.0.0.0/4 lies multicast, refused by its own range.
+        assert_eq!(
+            refused(create(&pool, &policy, new_block("239.255.255.255/32", None)).await),
+            Refusal::NeverBlock { cidr: net("239.255.255.255/32"), range: net("224.0.0.0/4") }
+        );
     }
 
     #[sqlx::test(migrator = "crate::db::MIGRATOR")]
