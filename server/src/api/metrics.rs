@@ -28,6 +28,11 @@
 //! | `fleetban_db_pool_connections` | gauge | `state` = `idle`, `busy` | scrape |
 //! | `fleetban_http_requests_total` | counter | `method`, `route`, `status` | API middleware |
 //! | `fleetban_http_request_duration_seconds` | histogram | `method`, `route` | API middleware |
+//! | `fleetban_connections_open` | gauge | `listener` = `grpc`, `http` | `conn`: admitted connections open now |
+//! | `fleetban_connections_unauthenticated` | gauge | | `conn`: gRPC connections without an authenticated session |
+//! | `fleetban_connections_refused_total` | counter | `listener`; `reason` = `max_connections`, `per_source`, `unauthenticated`, `unauthenticated_per_source` | `conn`: closed at accept |
+//! | `fleetban_connections_timed_out_total` | counter | `listener`; `phase` = `handshake`, `header`, `idle` | `conn`: closed for a deadline |
+//! | `fleetban_agent_auth_throttled_total` | counter | | `guard`: Enroll/Connect refused after repeated failures from the source |
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -103,6 +108,23 @@ fn describe() {
     metrics::describe_gauge!("fleetban_events_per_second", "Stored events per second by log time.");
     metrics::describe_gauge!("fleetban_db_pool_connections", "Database pool connections by state.");
     metrics::describe_counter!("fleetban_http_requests_total", "HTTP requests by method, route and status.");
+    metrics::describe_gauge!(crate::conn::CONNECTIONS_OPEN, "Open connections by listener.");
+    metrics::describe_gauge!(
+        crate::conn::CONNECTIONS_UNAUTHENTICATED,
+        "gRPC connections without an authenticated agent session."
+    );
+    metrics::describe_counter!(
+        crate::conn::CONNECTIONS_REFUSED,
+        "Connections closed at accept by a connection limit, by listener and limit."
+    );
+    metrics::describe_counter!(
+        crate::conn::CONNECTIONS_TIMED_OUT,
+        "Connections closed for a deadline (handshake, header, idle), by listener."
+    );
+    metrics::describe_counter!(
+        crate::guard::AUTH_THROTTLED,
+        "Enroll/Connect calls refused because their source failed authentication too often."
+    );
     metrics::describe_histogram!(
         "fleetban_http_request_duration_seconds",
         metrics::Unit::Seconds,
