@@ -62,6 +62,18 @@ pub enum Command {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// What rules in shadow mode would have blocked (nothing was).
+    Shadow {
+        /// Decided since (`1h`, `24h`, `7d` or RFC 3339).
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Only this rule (`auth`, `slot_exhaustion`, `prefix`, ...).
+        #[arg(long)]
+        rule: Option<String>,
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
     /// Block an address or range on every agent.
     Block {
         /// Address or CIDR.
@@ -429,6 +441,36 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
             }
             let blocks = client.get("/api/v1/blocks", &query).await?;
             Ok(if json { pretty(&blocks) } else { blocks_table(&blocks) })
+        }
+        Command::Shadow { since, rule, limit } => {
+            let mut query = vec![("since", since.clone()), ("limit", limit.to_string())];
+            if let Some(rule) = rule {
+                query.push(("rule", rule.clone()));
+            }
+            let decisions = client.get("/api/v1/shadow", &query).await?;
+            if json {
+                return Ok(pretty(&decisions));
+            }
+            let rows: Vec<Vec<String>> = items(&decisions)
+                .iter()
+                .map(|d| {
+                    let ev = &d["evidence"];
+                    let why = ev["verdict"]
+                        .as_str()
+                        .filter(|v| !v.is_empty())
+                        .map(str::to_owned)
+                        .or_else(|| ev["local"]["evidence"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    vec![
+                        when(&d["decided_at"]),
+                        cell(&d["cidr"]),
+                        cell(&d["rule"]),
+                        cell(&d["source"]),
+                        cell(&serde_json::Value::String(why)),
+                    ]
+                })
+                .collect();
+            Ok(table(&["DECIDED (UTC)", "RANGE", "RULE", "SOURCE", "EVIDENCE"], &rows))
         }
         Command::Block { cidr, ttl, reason, force } => {
             let mut body = json!({ "cidr": cidr, "reason": reason, "force": force });

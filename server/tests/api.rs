@@ -882,3 +882,43 @@ async fn out_of_range_parameters_are_400(pool: PgPool) {
         get(&app, uri, &t.read).await.expect(StatusCode::OK);
     }
 }
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn shadow_decisions_are_listed_and_filtered(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    let correlator = fleetban_server::correlate::Correlator::new(pool.clone(), CorrelateConfig::default());
+    let agent = common::agent(&pool, "mx1", "mx1.example.net", true, &[]).await;
+    let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+    assert!(
+        correlator
+            .on_shadow_local_block(agent, net("203.0.113.7/32"), "slot_exhaustion", "held 8 of 20")
+            .await
+            .unwrap()
+    );
+    assert!(correlator.on_shadow_local_block(agent, net("198.51.100.9/32"), "auth", "10 failures").await.unwrap());
+    // The same range and rule again within the hour: recorded once.
+    assert!(
+        !correlator.on_shadow_local_block(agent, net("203.0.113.7/32"), "slot_exhaustion", "held 9").await.unwrap()
+    );
+    let all = get(&app, "/api/v1/shadow", &t.read).await.expect(StatusCode::OK).json();
+    let rows = all.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!((rows[0]["cidr"].as_str(), rows[0]["rule"].as_str()), (Some("198.51.100.9/32"), Some("auth")));
+    assert_eq!(rows[1]["evidence"]["local"]["evidence"], "held 8 of 20");
+    assert_eq!(rows[1]["source"], "agent");
+    let one = get(&app, "/api/v1/shadow?rule=slot_exhaustion", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(one.as_array().unwrap().len(), 1);
+    let inside = get(&app, "/api/v1/shadow?contains=203.0.113.7", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(inside[0]["cidr"], "203.0.113.7/32");
+    let page = get(&app, "/api/v1/shadow?limit=1", &t.read).await.expect(StatusCode::OK);
+    let cursor = page.headers["x-next-cursor"].to_str().unwrap().to_owned();
+    let next =
+        get(&app, &format!("/api/v1/shadow?limit=1&cursor={cursor}"), &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(next[0]["cidr"], "203.0.113.7/32");
+    get(&app, "/api/v1/shadow?since=yesterday", &t.read).await.expect(StatusCode::BAD_REQUEST);
+    get(&app, "/api/v1/shadow?limit=0", &t.read).await.expect(StatusCode::BAD_REQUEST);
+    // Nothing was blocked.
+    let blocks = get(&app, "/api/v1/blocks", &t.read).await.expect(StatusCode::OK).json();
+    assert!(blocks.as_array().unwrap().is_empty());
+}

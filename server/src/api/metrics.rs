@@ -33,6 +33,8 @@
 //! | `fleetban_connections_refused_total` | counter | `listener`; `reason` = `max_connections`, `per_source`, `unauthenticated`, `unauthenticated_per_source` | `conn`: closed at accept |
 //! | `fleetban_connections_timed_out_total` | counter | `listener`; `phase` = `handshake`, `header`, `idle` | `conn`: closed for a deadline |
 //! | `fleetban_agent_auth_throttled_total` | counter | | `guard`: Enroll/Connect refused after repeated failures from the source |
+//! | `fleetban_shadow_decisions_total` | counter | `rule` | `correlate`: decisions of rules in shadow mode, recorded, nothing blocked |
+//! | `fleetban_correlate_spared_total` | counter | `why` = `protected`, `good_standing` | `correlate`: automatic blocks not made |
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -97,6 +99,14 @@ fn describe() {
     metrics::describe_counter!(INGEST_BATCHES, "Event batches by result (stored, duplicate, refused).");
     metrics::describe_histogram!(PUSH_LAG, metrics::Unit::Seconds, "Block change commit to delivery to an agent.");
     metrics::describe_gauge!(AGENT_SESSIONS, "Agent sessions open on this replica.");
+    metrics::describe_counter!(
+        crate::correlate::SHADOW_DECISIONS,
+        "Decisions of rules in shadow mode (recorded, nothing blocked), by rule."
+    );
+    metrics::describe_counter!(
+        crate::correlate::SPARED,
+        "Automatic blocks not made, by why (protected sender, good standing)."
+    );
     metrics::describe_gauge!("fleetban_agents_connected", "Agents with an open session, fleet-wide.");
     metrics::describe_gauge!("fleetban_agents_total", "Agents not revoked.");
     metrics::describe_gauge!("fleetban_blocks_active", "Live blocks by source.");
