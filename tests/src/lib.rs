@@ -11,6 +11,9 @@
 //!   tests build.
 //! - `smtp_sim`: an SMTP responder writing Exim-format log lines (the
 //!   `fleetban-smtp-sim` binary).
+//! - `traffic`: the precision benchmark: a generator of a labelled
+//!   multi-host day of realistic Exim traffic (the `fleetban-traffic`
+//!   binary) and the scorer of a detector's decisions against its labels.
 //! - `fleet`: the whole fleet (Postgres, server, three hosts with agents, an
 //!   attacker and a client) in namespaces.
 
@@ -19,3 +22,4 @@ pub mod demo_script;
 pub mod fleet;
 pub mod netns;
 pub mod smtp_sim;
+pub mod traffic;

@@ -1,0 +1,128 @@
+//! `fleetban-traffic`: the precision benchmark's generator and scorer.
+//!
+//! - `generate --out DIR [--small] [--seed N] [--hosts N] [--hours H]
+//!   [--start RFC3339]`: writes `DIR/<host>/exim_mainlog` for each host and
+//!   `DIR/labels.json` (see `fleetban_tests::traffic` for what is in them),
+//!   and prints the volume.
+//! - `score --labels DIR/labels.json --decisions FILE [--json]`: scores a
+//!   detector's decisions (a JSON array of `{"range": "198.19.77.0/24",
+//!   "time_ms": 1793580000000}`) against the labels.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fleetban_tests::traffic::{self, Config, Decision, Labels};
+
+#[derive(Debug, Parser)]
+#[command(name = "fleetban-traffic")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Writes a labelled fleet of Exim logs.
+    Generate {
+        /// Output directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// The CI size: 5 hosts, 2 hours, smtp_accept_max 20.
+        #[arg(long)]
+        small: bool,
+        /// Seed of every random choice.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Hosts (default 20, or 5 with --small).
+        #[arg(long)]
+        hosts: Option<usize>,
+        /// Hours (default 24, or 2 with --small).
+        #[arg(long)]
+        hours: Option<u32>,
+        /// Start of the run, RFC 3339 (default 2026-11-02T00:00:00Z).
+        #[arg(long)]
+        start: Option<String>,
+        /// Exim's smtp_accept_max on every host (default 100, or 20 with --small).
+        #[arg(long)]
+        smtp_accept_max: Option<u32>,
+        /// Exim's smtp_receive_timeout, seconds.
+        #[arg(long, default_value_t = 300)]
+        receive_timeout_secs: u32,
+        /// Write +millisec timestamps.
+        #[arg(long)]
+        millisec: bool,
+    },
+    /// Scores decisions against a fleet's labels.
+    Score {
+        /// The fleet's labels.json.
+        #[arg(long)]
+        labels: PathBuf,
+        /// JSON array of {"range": CIDR, "time_ms": unix ms}.
+        #[arg(long)]
+        decisions: PathBuf,
+        /// Print the score as JSON instead of the report.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Generate { out, small, seed, hosts, hours, start, smtp_accept_max, receive_timeout_secs, millisec } => {
+            let mut config = if small { Config::small(seed) } else { Config::full(seed) };
+            if let Some(h) = hosts {
+                config.hosts = h;
+            }
+            if let Some(h) = hours {
+                config.hours = h;
+            }
+            if let Some(start) = start {
+                let ts: jiff::Timestamp = start.parse().with_context(|| format!("--start {start:?} is not RFC 3339"))?;
+                config.start_ms = ts.as_millisecond();
+            }
+            if let Some(m) = smtp_accept_max {
+                config.smtp_accept_max = m;
+            }
+            config.receive_timeout_secs = receive_timeout_secs;
+            config.millisec = millisec;
+            let began = Instant::now();
+            let summary = traffic::write_fleet(config.clone(), &out)?;
+            println!(
+                "{} hosts, {} h, smtp_accept_max {}, seed {} -> {}",
+                config.hosts,
+                config.hours,
+                config.smtp_accept_max,
+                config.seed,
+                out.display()
+            );
+            println!("host   lines      sessions  refused  peak-open");
+            for (name, lines, sessions, refused, peak) in &summary.hosts {
+                println!("{name:<6} {lines:<10} {sessions:<9} {refused:<8} {peak}");
+            }
+            println!(
+                "total {} lines, {:.1} MB, {:.0} lines/host/hour; {} legitimate and {} attack sources; {:.1} s",
+                summary.lines,
+                summary.bytes as f64 / 1e6,
+                summary.lines_per_host_hour,
+                summary.legit_sources,
+                summary.attack_sources,
+                began.elapsed().as_secs_f64()
+            );
+        }
+        Command::Score { labels, decisions, json } => {
+            let labels = Labels::read(&labels)?;
+            let text = std::fs::read(&decisions).with_context(|| format!("reading {}", decisions.display()))?;
+            let decisions: Vec<Decision> =
+                serde_json::from_slice(&text).with_context(|| format!("parsing {}", decisions.display()))?;
+            let score = traffic::score(&labels, &decisions);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&score)?);
+            } else {
+                print!("{score}");
+            }
+        }
+    }
+    Ok(())
+}

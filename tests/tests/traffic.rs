@@ -1,0 +1,247 @@
+//! The precision benchmark's generator, checked against the real parser and
+//! against Exim's slot rules over whole generated fleets.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use fleetban_agent::parse::{EventKind, Parser, Timezone};
+use fleetban_tests::traffic::{Class, Config, Decision, Generator, HostLog, Label, Labels, score};
+
+fn fleet(config: Config) -> (Vec<HostLog>, Labels) {
+    let mut g = Generator::new(config).unwrap();
+    let logs: Vec<HostLog> = (0..g.config().hosts).map(|h| g.generate_host(h)).collect();
+    (logs, g.labels())
+}
+
+/// Every line meant as an event parses as that kind and address at its
+/// time; every other line parses as nothing.
+fn assert_parses(logs: &[HostLog]) -> usize {
+    let mut events = 0;
+    for log in logs {
+        let mut parser = Parser::new(Timezone::Utc);
+        for line in &log.lines {
+            let got = parser.feed(line.text.as_bytes());
+            match (line.expect, got) {
+                (Some((kind, ip)), Some(ev)) => {
+                    assert_eq!((ev.kind, ev.ip, ev.time_ms), (kind, ip, line.time_ms), "{}: {}", log.name, line.text);
+                    events += 1;
+                }
+                (None, None) => {}
+                (want, got) => panic!("{}: {}\nwanted {want:?}, parsed {:?}", log.name, line.text, got.map(|e| e.kind)),
+            }
+        }
+        let stats = parser.stats();
+        assert_eq!(stats.lines, log.lines.len() as u64);
+        assert_eq!(stats.events as usize, log.lines.iter().filter(|l| l.expect.is_some()).count());
+    }
+    events
+}
+
+#[test]
+fn every_generated_line_parses_as_intended() {
+    let (logs, _) = fleet(Config::small(7));
+    let events = assert_parses(&logs);
+    assert!(events > 5_000, "{events}");
+    // With +millisec too, and a start that is not midnight.
+    let (logs, _) = fleet(Config { millisec: true, start_ms: 1_790_000_123_456, ..Config::small(8) });
+    assert_parses(&logs);
+}
+
+/// Replays a host's log the way Exim's daemon counts: connects open a
+/// session (count = open sessions including it), end lines close it by
+/// ip:port and pid, refusals happen exactly when the host is full.
+fn assert_slots(log: &HostLog, max: usize) -> (u64, u64) {
+    let mut parser = Parser::new(Timezone::Utc);
+    // (ip, port) -> session pid once known.
+    let mut open: HashMap<(IpAddr, u16), Option<u32>> = HashMap::new();
+    let (mut connects, mut refused) = (0, 0);
+    let mut last_time = i64::MIN;
+    let pid_of = |text: &str| -> u32 {
+        let start = text.find('[').unwrap() + 1;
+        text[start..start + text[start..].find(']').unwrap()].parse().unwrap()
+    };
+    let mut daemon = None;
+    for line in &log.lines {
+        assert!(line.time_ms >= last_time, "{}: out of order: {}", log.name, line.text);
+        last_time = line.time_ms;
+        let Some(ev) = parser.feed(line.text.as_bytes()) else { continue };
+        let key = (ev.ip, ev.port.unwrap());
+        let pid = pid_of(&line.text);
+        match ev.kind {
+            EventKind::Connect => {
+                assert!(open.len() < max, "{}: connect while full: {}", log.name, line.text);
+                assert!(open.insert(key, None).is_none(), "{}: ip:port reused while open: {}", log.name, line.text);
+                assert_eq!(ev.count, Some(open.len() as u32), "{}: {}", log.name, line.text);
+                assert_eq!(*daemon.get_or_insert(pid), pid, "connects come from the daemon");
+                connects += 1;
+            }
+            EventKind::RefusedTooMany => {
+                assert_eq!(open.len(), max, "{}: refused while not full: {}", log.name, line.text);
+                assert_eq!(*daemon.get_or_insert(pid), pid);
+                refused += 1;
+            }
+            kind => {
+                let session = open.get_mut(&key).unwrap_or_else(|| panic!("{}: no open session: {}", log.name, line.text));
+                assert_eq!(*session.get_or_insert(pid), pid, "{}: pid differs within a session: {}", log.name, line.text);
+                if kind.ends_session() {
+                    open.remove(&key);
+                }
+            }
+        }
+    }
+    assert!(open.is_empty(), "{}: {} sessions never ended", log.name, open.len());
+    (connects, refused)
+}
+
+#[test]
+fn hosts_simulate_their_slots_faithfully() {
+    let config = Config::small(3);
+    let max = config.smtp_accept_max as usize;
+    let (logs, labels) = fleet(config);
+    let mut full_hosts = 0;
+    for log in &logs {
+        let (connects, refused) = assert_slots(log, max);
+        assert_eq!((connects, refused), (log.sessions, log.refused));
+        if refused > 0 {
+            full_hosts += 1;
+            assert_eq!(log.peak_open as usize, max);
+        }
+    }
+    // Slot floods fill at least two hosts.
+    assert!(full_hosts >= 2, "{full_hosts}");
+    // Legitimate senders were refused there too, and those that retry got
+    // their mail through later.
+    let refused_legit: Vec<_> = labels.sources.iter().filter(|s| s.label == Label::Legit && s.refused > 0).collect();
+    assert!(!refused_legit.is_empty(), "no legitimate sender was refused during a flood");
+}
+
+#[test]
+fn floods_refuse_big_providers_who_retry_later() {
+    // The full-size slot count over a shorter day, so the test stays quick.
+    let (logs, labels) = fleet(Config { hosts: 12, hours: 6, ..Config::full(5) });
+    let mut parser = Parser::new(Timezone::Utc);
+    let providers: BTreeSet<IpAddr> =
+        labels.sources.iter().filter(|s| s.class == Class::BigProvider).map(|s| s.range.addr()).collect();
+    let mut refused_then_accepted = 0;
+    for log in &logs {
+        let mut refused: BTreeSet<IpAddr> = BTreeSet::new();
+        for line in &log.lines {
+            let Some(ev) = parser.feed(line.text.as_bytes()) else { continue };
+            if !providers.contains(&ev.ip) {
+                continue;
+            }
+            match ev.kind {
+                EventKind::RefusedTooMany => {
+                    refused.insert(ev.ip);
+                }
+                EventKind::Accepted if refused.remove(&ev.ip) => refused_then_accepted += 1,
+                _ => {}
+            }
+        }
+        assert_slots(log, 100);
+    }
+    assert!(refused_then_accepted > 0, "no provider was refused and delivered later");
+}
+
+#[test]
+fn labels_cover_every_class_with_its_hard_cases() {
+    let (logs, labels) = fleet(Config::small(11));
+    let classes: BTreeSet<Class> = labels.sources.iter().map(|s| s.class).collect();
+    assert_eq!(classes.len(), 16, "{classes:?}");
+    for s in &labels.sources {
+        assert_eq!(s.label, s.class.label());
+        assert!(s.lines > 0 && !s.hosts.is_empty());
+    }
+    // First lines are the earliest line each source wrote anywhere.
+    let mut first: HashMap<IpAddr, i64> = HashMap::new();
+    let mut parser = Parser::new(Timezone::Utc);
+    for log in &logs {
+        for line in &log.lines {
+            if let Some(ev) = parser.feed(line.text.as_bytes()) {
+                let f = first.entry(ev.ip).or_insert(i64::MAX);
+                *f = (*f).min(ev.time_ms);
+            }
+        }
+    }
+    for s in labels.sources.iter().filter(|s| s.label == Label::Attack) {
+        let earliest = if s.members.is_empty() {
+            first[&s.range.addr()]
+        } else {
+            assert!(s.members.iter().all(|m| s.range.contains(m)));
+            s.members.iter().map(|m| first[m]).min().unwrap()
+        };
+        assert_eq!(s.first_line_ms, earliest, "{}", s.range);
+    }
+    let by = |c: Class| labels.sources.iter().filter(move |s| s.class == c);
+    // Ranges: the campaign is one /24, the rotation one /64, each with many members.
+    let campaign: Vec<_> = by(Class::Campaign24).collect();
+    assert_eq!(campaign.len(), 1);
+    assert_eq!(campaign[0].range.prefix_len(), 24);
+    assert!(campaign[0].members.len() >= 15, "{}", campaign[0].members.len());
+    let rotation: Vec<_> = by(Class::Ipv6Rotation).collect();
+    assert_eq!(rotation[0].range.prefix_len(), 64);
+    assert!(rotation[0].members.len() >= 8);
+    // Distributed brute force: a few failures on each of many hosts.
+    for s in by(Class::DistributedAuth) {
+        assert!(s.hosts.len() >= 3 && s.abuse_lines <= 4 * s.hosts.len() as u64, "{s:?}");
+    }
+    // ESPs write unknown recipients on several hosts and also deliver.
+    let esp_hosts: BTreeSet<&String> = by(Class::EspStaleList).filter(|s| s.abuse_lines > 0).flat_map(|s| &s.hosts).collect();
+    assert!(esp_hosts.len() >= 3, "{esp_hosts:?}");
+    // Office typos: a failure on exactly two hosts, at most two per host.
+    for s in by(Class::OfficeNat) {
+        assert!((2..=4).contains(&s.abuse_lines), "{s:?}");
+    }
+    // Slot floods never write an abuse-kind line.
+    for s in by(Class::SlotFlood) {
+        assert_eq!(s.abuse_lines, 0);
+        assert!(s.refused > 0 || s.lines > 10);
+    }
+    // A legitimate neighbour in the /24 next to the campaign and in the /48
+    // of the rotation.
+    let legit: Vec<_> = labels.sources.iter().filter(|s| s.label == Label::Legit).collect();
+    assert!(legit.iter().any(|s| "198.19.76.0/24".parse::<ipnet::IpNet>().unwrap().contains(&s.range)));
+    assert!(legit.iter().any(|s| "2001:db8:bad::/48".parse::<ipnet::IpNet>().unwrap().contains(&s.range)));
+}
+
+#[test]
+fn generation_is_deterministic_in_the_seed() {
+    let (a, la) = fleet(Config::small(21));
+    let (b, lb) = fleet(Config::small(21));
+    let (c, _) = fleet(Config::small(22));
+    assert_eq!(la, lb);
+    assert!(a.iter().zip(&b).all(|(x, y)| x.lines == y.lines));
+    assert!(a.iter().zip(&c).any(|(x, y)| x.lines != y.lines));
+}
+
+#[test]
+fn labels_and_scorer_fit_together() {
+    let (_, labels) = fleet(Config::small(4));
+    let attacks: Vec<_> = labels.sources.iter().filter(|s| s.label == Label::Attack).collect();
+    // An ideal detector: every attacker's range, one second after its first line.
+    let ideal: Vec<Decision> = attacks.iter().map(|s| Decision { range: s.range, time_ms: s.first_line_ms + 1000 }).collect();
+    let s = score(&labels, &ideal);
+    assert!(s.goal_met(), "{s}");
+    assert_eq!(s.median_time_to_block_ms, Some(1000));
+    // Blocking the providers' /24s hurts.
+    let provider = labels.sources.iter().find(|s| s.class == Class::BigProvider).unwrap();
+    let net = ipnet::IpNet::new(provider.range.addr(), 24).unwrap().trunc();
+    let s = score(&labels, &[Decision { range: net, time_ms: labels.start_ms }]);
+    assert!(s.legit_blocked.len() > 1, "{s}");
+    assert!(s.legit_blocked.iter().all(|l| l.class == Class::BigProvider));
+}
+
+#[test]
+fn write_fleet_writes_logs_and_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let summary = fleetban_tests::traffic::write_fleet(Config::small(2), dir.path()).unwrap();
+    assert_eq!(summary.hosts.len(), 5);
+    let labels = Labels::read(&dir.path().join("labels.json")).unwrap();
+    assert_eq!(labels.hosts, ["mx01", "mx02", "mx03", "mx04", "mx05"]);
+    let mut total = 0;
+    for h in &labels.hosts {
+        let text = std::fs::read_to_string(dir.path().join(h).join("exim_mainlog")).unwrap();
+        total += text.lines().count() as u64;
+    }
+    assert_eq!(total, summary.lines);
+}
