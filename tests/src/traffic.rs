@@ -69,13 +69,14 @@
 //!
 //! # Volume
 //!
-//! About 1,700 lines per host per hour of legitimate traffic at full size
-//! (more at the afternoon peak, less at night) plus the attacks (a slot
-//! flood alone writes up to ~20,000 refusals on its host). The full size
-//! (20 hosts, 24 h) is about 0.9 million lines, ≈ 120 MB; the `--small`
-//! preset (5 hosts, 2 h, `smtp_accept_max` 20) about 25,000 lines. The exact
-//! figures are printed by `fleetban-traffic generate` and recorded in
-//! BENCHMARKS.md.
+//! At full size (20 hosts, 24 h from midnight UTC, seed 1): 812,371 lines,
+//! 111 MB, about 1,700 lines per host per hour on average (≈ 2,500 at the
+//! afternoon peak, ≈ 600 at night); big providers write three quarters of
+//! them, and a flooded host adds 5,000–30,000 refusals. Generating it takes
+//! about 1.5 s. The `--small` preset (5 hosts, 2 h from 12:00 UTC,
+//! `smtp_accept_max` 20) is about 45,000 lines, of which ~12,500 are the two
+//! slot floods. `fleetban-traffic generate` prints the figures of each run;
+//! BENCHMARKS.md records them.
 //!
 //! # Addresses
 //!
@@ -135,9 +136,10 @@ impl Config {
         }
     }
 
-    /// The CI size: 5 hosts, 2 hours, `smtp_accept_max` 20.
+    /// The CI size: 5 hosts, 2 hours from 12:00 UTC (the busy afternoon),
+    /// `smtp_accept_max` 20.
     pub fn small(seed: u64) -> Config {
-        Config { hosts: 5, hours: 2, smtp_accept_max: 20, ..Config::full(seed) }
+        Config { hosts: 5, hours: 2, smtp_accept_max: 20, start_ms: DEFAULT_START_MS + 12 * HOUR, ..Config::full(seed) }
     }
 
     fn end_ms(&self) -> i64 {
@@ -549,9 +551,32 @@ pub struct Generator {
 }
 
 const WORDS: &[&str] = &[
-    "acme", "bluebird", "cedar", "delta", "ember", "fjord", "granite", "harbor", "indigo", "juniper", "kestrel",
-    "lumen", "maple", "nimbus", "orchid", "pioneer", "quartz", "riverside", "summit", "tundra", "umber", "vista",
-    "willow", "xenon", "yarrow", "zephyr",
+    "acme",
+    "bluebird",
+    "cedar",
+    "delta",
+    "ember",
+    "fjord",
+    "granite",
+    "harbor",
+    "indigo",
+    "juniper",
+    "kestrel",
+    "lumen",
+    "maple",
+    "nimbus",
+    "orchid",
+    "pioneer",
+    "quartz",
+    "riverside",
+    "summit",
+    "tundra",
+    "umber",
+    "vista",
+    "willow",
+    "xenon",
+    "yarrow",
+    "zephyr",
 ];
 const FIRST: &[&str] = &[
     "anna", "ben", "carla", "david", "elena", "frank", "grace", "hugo", "ines", "jonas", "kate", "liam", "maria",
@@ -627,7 +652,8 @@ impl Planner<'_> {
 
     fn big_providers(&mut self) {
         // (name, /24s (third octet in 198.18.x), rate per host-hour of bursts, rdns, helo differs)
-        let providers: [(&str, &[u8], f64); 3] = [("google", &[10, 11, 12], 30.0), ("outlook", &[20, 21, 22], 20.0), ("yahoo", &[30, 31], 10.0)];
+        let providers: [(&str, &[u8], f64); 3] =
+            [("google", &[10, 11, 12], 50.0), ("outlook", &[20, 21, 22], 30.0), ("yahoo", &[30, 31], 15.0)];
         let mut rng = Rng::new(self.cfg.seed, "big_providers");
         for (name, nets, rate) in providers {
             let mut addrs = Vec::new();
@@ -640,8 +666,17 @@ impl Planner<'_> {
                             (n.clone(), n, "gmail.com")
                         }
                         "outlook" => (
-                            format!("mail-{}eur0{}on2{:03}.outbound.protection.outlook.com", ["db8", "am6", "he1"][d % 3], d % 9, d),
-                            format!("EUR0{}-{}-obe.outbound.protection.outlook.com", d % 9, ["DB8", "AM6", "HE1"][d % 3]),
+                            format!(
+                                "mail-{}eur0{}on2{:03}.outbound.protection.outlook.com",
+                                ["db8", "am6", "he1"][d % 3],
+                                d % 9,
+                                d
+                            ),
+                            format!(
+                                "EUR0{}-{}-obe.outbound.protection.outlook.com",
+                                d % 9,
+                                ["DB8", "AM6", "HE1"][d % 3]
+                            ),
                             "outlook.com",
                         ),
                         _ => (
@@ -672,8 +707,10 @@ impl Planner<'_> {
 
     fn ipv6_providers(&mut self) {
         let mut rng = Rng::new(self.cfg.seed, "ipv6_providers");
-        let providers: [(&str, [u16; 4], &str); 2] =
-            [("google-v6", [0x2001, 0xdb8, 0x4860, 0x4864], "gmail.com"), ("outlook-v6", [0x2001, 0xdb8, 0xa0, 0x1], "outlook.com")];
+        let providers: [(&str, [u16; 4], &str); 2] = [
+            ("google-v6", [0x2001, 0xdb8, 0x4860, 0x4864], "gmail.com"),
+            ("outlook-v6", [0x2001, 0xdb8, 0xa0, 0x1], "outlook.com"),
+        ];
         for (name, p, domain) in providers {
             let mut addrs = Vec::new();
             for k in 0..6u16 {
@@ -689,7 +726,7 @@ impl Planner<'_> {
             }
             let (from, to) = self.span();
             for host in 0..self.hosts() {
-                for t in arrivals(&mut rng, from, to, 6.0, true) {
+                for t in arrivals(&mut rng, from, to, 10.0, true) {
                     for k in 0..rng.range(1, 2) {
                         let (src, ip, id) = *rng.pick(&addrs);
                         let n = rng.range(1, 2) as u8;
@@ -754,17 +791,30 @@ impl Planner<'_> {
         let mut rng = Rng::new(self.cfg.seed, "offices");
         let (from, to) = self.span();
         // The last office sits in the /24 next to the attack campaign.
-        let addrs = [v4(198, 18, 50, 17), v4(198, 18, 51, 200), v4(198, 18, 52, 33), v4(198, 18, 53, 4), v4(198, 18, 54, 90), v4(198, 19, 76, 14)];
+        let addrs = [
+            v4(198, 18, 50, 17),
+            v4(198, 18, 51, 200),
+            v4(198, 18, 52, 33),
+            v4(198, 18, 53, 4),
+            v4(198, 18, 54, 90),
+            v4(198, 19, 76, 14),
+        ];
         for (i, ip) in addrs.into_iter().enumerate() {
             let actor = format!("office-{}", i + 1);
             let src = self.source(host_net(ip), Class::OfficeNat, &actor, Some(CLIENT_RETRY));
             let homes = rng.sample_some(self.hosts(), 2, 3);
             let company = WORDS[(i * 5 + 3) % WORDS.len()];
             let domain = format!("{company}-office.example");
-            let users: Vec<String> = (0..rng.range(10, 40)).map(|k| format!("{}{}@{domain}", FIRST[k as usize % FIRST.len()], k / 20)).collect();
+            let users: Vec<String> = (0..rng.range(10, 40))
+                .map(|k| format!("{}{}@{domain}", FIRST[k as usize % FIRST.len()], k / 20))
+                .collect();
             let helos: Vec<u32> = (0..4)
                 .map(|k| {
-                    let helo = if k % 2 == 0 { format!("DESKTOP-{:04X}{}", rng.below(65_536), k) } else { format!("[192.168.{}.{}]", i, 20 + k) };
+                    let helo = if k % 2 == 0 {
+                        format!("DESKTOP-{:04X}{}", rng.below(65_536), k)
+                    } else {
+                        format!("[192.168.{}.{}]", i, 20 + k)
+                    };
                     self.ident(None, helo, domain.clone())
                 })
                 .collect();
@@ -803,7 +853,8 @@ impl Planner<'_> {
             let ip = v4(198, 18, 60 + i, 101 + i * 3);
             let actor = format!("carrier-{}", i + 1);
             let src = self.source(host_net(ip), Class::MobileStalePassword, &actor, None);
-            let phone = self.ident(None, ["[10.84.3.17]", "iPhone", "android-8f3a2c"][i as usize].to_owned(), "example".into());
+            let phone =
+                self.ident(None, ["[10.84.3.17]", "iPhone", "android-8f3a2c"][i as usize].to_owned(), "example".into());
             let hosts = rng.sample_some(self.hosts(), 2, 4);
             let stale_host = hosts[0];
             let domain = format!("{}-mail.example", WORDS[(i as usize * 7 + 1) % WORDS.len()]);
@@ -812,7 +863,14 @@ impl Planner<'_> {
             let mut t = rng.range(from, to - span);
             let end = t + span;
             while t < end {
-                self.push(stale_host, t, src, ip, phone, Act::AuthFail { users: vec![stale_user.clone()], port: 587, driver: "dovecot_login" });
+                self.push(
+                    stale_host,
+                    t,
+                    src,
+                    ip,
+                    phone,
+                    Act::AuthFail { users: vec![stale_user.clone()], port: 587, driver: "dovecot_login" },
+                );
                 t += rng.range(10 * MIN, 20 * MIN);
             }
             let others = self.ident(None, "[10.84.7.2]".into(), domain.clone());
@@ -842,7 +900,14 @@ impl Planner<'_> {
                     for s in 0..parallel {
                         let n = (total / parallel) as u8;
                         let msgs = Self::msgs(&mut rng, n, 0.05, 1);
-                        self.push(host, t + s * length / parallel / 4, src, ip, id, Act::Deliver { msgs, tls: rng.chance(0.7) });
+                        self.push(
+                            host,
+                            t + s * length / parallel / 4,
+                            src,
+                            ip,
+                            id,
+                            Act::Deliver { msgs, tls: rng.chance(0.7) },
+                        );
                     }
                     t += rng.range(HOUR, 3 * HOUR);
                 }
@@ -858,7 +923,11 @@ impl Planner<'_> {
             let actor = format!("flaky-{}", i + 1);
             let src = self.source(host_net(ip), Class::FlakyMta, &actor, Some(MTA_RETRY));
             let name = format!("mail.{}-{}.example", WORDS[(i as usize * 11 + 5) % WORDS.len()], i);
-            let id = if i % 2 == 0 { self.ident(Some(name.clone()), name.clone(), name) } else { self.ident(None, "localhost.localdomain".into(), name) };
+            let id = if i % 2 == 0 {
+                self.ident(Some(name.clone()), name.clone(), name)
+            } else {
+                self.ident(None, "localhost.localdomain".into(), name)
+            };
             for host in rng.sample_some(self.hosts(), 2, 5) {
                 for t in arrivals(&mut rng, from, to, 3.0, true) {
                     let r = rng.unit();
@@ -887,7 +956,11 @@ impl Planner<'_> {
         for (k, ip) in addrs.into_iter().enumerate() {
             let name = format!("{}{}.example", WORDS[k % WORDS.len()], k);
             let src = self.source(host_net(ip), Class::SmallSender, &format!("small-{k}"), Some(MTA_RETRY));
-            let id = if k % 3 == 0 { self.ident(None, format!("mail.{name}"), name) } else { self.ident(Some(format!("mail.{name}")), format!("mail.{name}"), name) };
+            let id = if k % 3 == 0 {
+                self.ident(None, format!("mail.{name}"), name)
+            } else {
+                self.ident(Some(format!("mail.{name}")), format!("mail.{name}"), name)
+            };
             // The VPS next to the rotation sends steadily, so it is in every run.
             let (rate, daily) = if ip.is_ipv6() { (4.0, false) } else { (0.2 + rng.unit() * 1.8, true) };
             for t in arrivals(&mut rng, from, to, rate, daily) {
@@ -951,7 +1024,14 @@ impl Planner<'_> {
                 while done < failures {
                     let per = rng.range(1, 2).min(failures - done);
                     let users = (0..per).map(|_| self.brute_users(&mut rng, host)).collect();
-                    self.push(host, t, src, ip, id, Act::AuthFail { users, port: *rng.pick(&[25, 587, 465]), driver: "dovecot_login" });
+                    self.push(
+                        host,
+                        t,
+                        src,
+                        ip,
+                        id,
+                        Act::AuthFail { users, port: *rng.pick(&[25, 587, 465]), driver: "dovecot_login" },
+                    );
                     done += per;
                     t += rng.range(MIN, 10 * MIN);
                 }
@@ -1035,7 +1115,14 @@ impl Planner<'_> {
             let t0 = rng.range(start, end);
             for host in rng.sample_some(self.hosts(), 1, 3) {
                 let users = (0..rng.range(1, 3)).map(|_| self.brute_users(&mut rng, host)).collect();
-                self.push(host, t0 + rng.range(0, 5 * MIN), src, ip, id, Act::AuthFail { users, port: 587, driver: "dovecot_login" });
+                self.push(
+                    host,
+                    t0 + rng.range(0, 5 * MIN),
+                    src,
+                    ip,
+                    id,
+                    Act::AuthFail { users, port: 587, driver: "dovecot_login" },
+                );
             }
         }
     }
@@ -1043,7 +1130,8 @@ impl Planner<'_> {
     fn ipv6_rotation(&mut self) {
         let mut rng = Rng::new(self.cfg.seed, "ipv6_rotation");
         let prefix = [0x2001, 0xdb8, 0xbad, 0x1];
-        let net: IpNet = IpNet::new(v6([prefix[0], prefix[1], prefix[2], prefix[3], 0, 0, 0, 0]), 64).unwrap_or_else(|_| host_net(v6([0; 8])));
+        let net: IpNet = IpNet::new(v6([prefix[0], prefix[1], prefix[2], prefix[3], 0, 0, 0, 0]), 64)
+            .unwrap_or_else(|_| host_net(v6([0; 8])));
         let src = self.source(net, Class::Ipv6Rotation, "rotation-2001:db8:bad:1", None);
         let (start, end) = self.window(&mut rng, 40 * MIN, 60 * MIN);
         let attempts = rng.range(30, 60);
@@ -1052,7 +1140,12 @@ impl Planner<'_> {
         let (mut ip, mut id) = (v6([0; 8]), 0);
         for _ in 0..attempts {
             if left == 0 {
-                let s = [rng.below(65_536) as u16, rng.below(65_536) as u16, rng.below(65_536) as u16, rng.below(65_536) as u16];
+                let s = [
+                    rng.below(65_536) as u16,
+                    rng.below(65_536) as u16,
+                    rng.below(65_536) as u16,
+                    rng.below(65_536) as u16,
+                ];
                 ip = v6([prefix[0], prefix[1], prefix[2], prefix[3], s[0], s[1], s[2], s[3]]);
                 id = self.ident(None, "User".into(), "x".into());
                 left = rng.range(2, 4);
@@ -1169,7 +1262,9 @@ impl Generator {
                 if kind == EventKind::RefusedTooMany {
                     st.refused += 1;
                 }
-                if self.sources[l.source as usize].range.prefix_len() < self.sources[l.source as usize].range.max_prefix_len() {
+                if self.sources[l.source as usize].range.prefix_len()
+                    < self.sources[l.source as usize].range.max_prefix_len()
+                {
                     st.members.insert(ip);
                 }
             }
@@ -1391,7 +1486,8 @@ impl HostSim {
         let count = self.open.len() + 1;
         self.peak = self.peak.max(count as u32);
         self.sessions += 1;
-        let body = format!("SMTP connection from [{}]:{port} I=[{local}]:{lport} (TCP/IP connection count = {count})", req.ip);
+        let body =
+            format!("SMTP connection from [{}]:{port} I=[{local}]:{lport} (TCP/IP connection count = {count})", req.ip);
         self.emit(t, daemon, &body, Some((EventKind::Connect, req.ip)), req.source);
         let ident = &g.idents[req.ident as usize];
         let peer = Peer { ip: req.ip, port, local, lport, ident };
@@ -1421,7 +1517,8 @@ impl HostSim {
                 for &(unknown, valid) in msgs {
                     for _ in 0..unknown {
                         t += self.rng.range(20, 300);
-                        let rcpt = format!("{}{}@{}", self.rng.pick(FIRST), self.rng.range(1, 99), self.rng.pick(domains));
+                        let rcpt =
+                            format!("{}{}@{}", self.rng.pick(FIRST), self.rng.range(1, 99), self.rng.pick(domains));
                         let sp = if *tls { format!("{x} ") } else { String::new() };
                         let body = format!("H={h} {sp}F=<{from}> rejected RCPT <{rcpt}>: No Such User Here");
                         self.emit(t, pid, &body, Some((EventKind::RcptRejected, ip)), src);
@@ -1431,7 +1528,8 @@ impl HostSim {
                         let id = self.msgid(t, pid);
                         let size = self.rng.range(1500, 80_000);
                         let xs = if *tls { format!(" {x}") } else { String::new() };
-                        let body = format!("{id} <= {from} H={h} P={p}{xs} S={size} id={}.{}@{}", t, pid, peer.ident.domain);
+                        let body =
+                            format!("{id} <= {from} H={h} P={p}{xs} S={size} id={}.{}@{}", t, pid, peer.ident.domain);
                         self.emit(t, pid, &body, Some((EventKind::Accepted, ip)), src);
                         let dpid = self.pid();
                         for _ in 0..valid {
@@ -1457,7 +1555,11 @@ impl HostSim {
                     );
                     self.emit(t, pid, &body, Some((EventKind::Accepted, ip)), src);
                     let dpid = self.pid();
-                    let to = format!("{}@{}", self.rng.pick(FIRST), self.rng.pick(&["gmail.com", "outlook.com", "partner.example"]));
+                    let to = format!(
+                        "{}@{}",
+                        self.rng.pick(FIRST),
+                        self.rng.pick(&["gmail.com", "outlook.com", "partner.example"])
+                    );
                     let body = format!(
                         "{id} => {to} R=dkim_lookuphost T=dkim_remote_smtp H=mx.partner.example [192.0.2.200] {TLS12} C=\"250 2.0.0 Ok: queued\""
                     );
@@ -1470,7 +1572,9 @@ impl HostSim {
             Act::AuthFail { users, driver, .. } => {
                 for user in users {
                     t += self.rng.range(300, 3000);
-                    let body = format!("{driver} authenticator failed for {h}: 535 Incorrect authentication data (set_id={user})");
+                    let body = format!(
+                        "{driver} authenticator failed for {h}: 535 Incorrect authentication data (set_id={user})"
+                    );
                     self.emit(t, pid, &body, Some((EventKind::AuthFailed, ip)), src);
                 }
                 t += self.rng.range(20, 500);
@@ -1483,7 +1587,11 @@ impl HostSim {
             }
             Act::Hold => {
                 let t = t0 + self.timeout_ms;
-                let body = format!("SMTP command timeout on connection from {} D={}", peer.spec(false), self.dur(self.timeout_ms));
+                let body = format!(
+                    "SMTP command timeout on connection from {} D={}",
+                    peer.spec(false),
+                    self.dur(self.timeout_ms)
+                );
                 self.emit(t, pid, &body, Some((EventKind::CommandTimeout, ip)), src);
                 return t;
             }
@@ -1496,7 +1604,13 @@ impl HostSim {
                             "(SSL_accept): error:0A000418:SSL routines::tlsv1 alert unknown ca",
                         ]);
                         t += self.rng.range(100, 2000);
-                        self.emit(t, pid, &format!("TLS error on connection from {h} {why}"), Some((EventKind::TlsError, ip)), src);
+                        self.emit(
+                            t,
+                            pid,
+                            &format!("TLS error on connection from {h} {why}"),
+                            Some((EventKind::TlsError, ip)),
+                            src,
+                        );
                     }
                     1 => t += self.rng.range(2000, 60_000),
                     _ => {
@@ -1528,7 +1642,12 @@ impl HostSim {
             Act::Relay { rcpts } => {
                 for _ in 0..*rcpts {
                     t += self.rng.range(200, 2000);
-                    let rcpt = format!("{}{}@{}", self.rng.pick(FIRST), self.rng.range(1, 999), self.rng.pick(&["gmail.com", "yahoo.co.jp", "qq.com", "mail.ru"]));
+                    let rcpt = format!(
+                        "{}{}@{}",
+                        self.rng.pick(FIRST),
+                        self.rng.range(1, 999),
+                        self.rng.pick(&["gmail.com", "yahoo.co.jp", "qq.com", "mail.ru"])
+                    );
                     let body = format!("H={h} F=<spameri@tiscali.it> rejected RCPT <{rcpt}>: relay not permitted");
                     self.emit(t, pid, &body, Some((EventKind::RelayDenied, ip)), src);
                 }
@@ -1551,11 +1670,15 @@ impl HostSim {
                 1 => {
                     for _ in 0..3 {
                         t += self.rng.range(100, 800);
-                        let body = format!("SMTP protocol error in \"AUTH LOGIN\" H={h} AUTH command used when not advertised");
+                        let body = format!(
+                            "SMTP protocol error in \"AUTH LOGIN\" H={h} AUTH command used when not advertised"
+                        );
                         self.emit(t, pid, &body, Some((EventKind::ProtocolError, ip)), src);
                     }
                     t += self.rng.range(10, 100);
-                    let body = format!("SMTP call from {h} dropped: too many syntax or protocol errors (last command was \"AUTH LOGIN\")");
+                    let body = format!(
+                        "SMTP call from {h} dropped: too many syntax or protocol errors (last command was \"AUTH LOGIN\")"
+                    );
                     self.emit(t, pid, &body, Some((EventKind::TooManySyntax, ip)), src);
                 }
                 _ => {
@@ -1617,7 +1740,14 @@ pub fn write_fleet(config: Config, dir: &Path) -> Result<Summary, TrafficError> 
     };
     let hours = config.hours;
     let mut g = Generator::new(config)?;
-    let mut summary = Summary { hosts: Vec::new(), lines: 0, bytes: 0, lines_per_host_hour: 0.0, legit_sources: 0, attack_sources: 0 };
+    let mut summary = Summary {
+        hosts: Vec::new(),
+        lines: 0,
+        bytes: 0,
+        lines_per_host_hour: 0.0,
+        legit_sources: 0,
+        attack_sources: 0,
+    };
     for host in 0..g.config().hosts {
         let log = g.generate_host(host);
         let hdir = dir.join(&log.name);
@@ -1641,7 +1771,8 @@ pub fn write_fleet(config: Config, dir: &Path) -> Result<Summary, TrafficError> 
     summary.attack_sources = labels.sources.len() - summary.legit_sources;
     summary.lines_per_host_hour = summary.lines as f64 / (labels.hosts.len() as f64 * f64::from(hours));
     let path = dir.join("labels.json");
-    let json = serde_json::to_vec_pretty(&labels).map_err(|source| TrafficError::Json { path: path.clone(), source })?;
+    let json =
+        serde_json::to_vec_pretty(&labels).map_err(|source| TrafficError::Json { path: path.clone(), source })?;
     std::fs::write(&path, json).map_err(io(&path))?;
     Ok(summary)
 }
@@ -1775,8 +1906,11 @@ pub fn score(labels: &Labels, decisions: &[Decision]) -> Score {
                 if hit.is_some() {
                     c.blocked += 1;
                 }
-                let members_covered =
-                    s.members.iter().filter(|m| sorted.iter().any(|d| d.time_ms >= s.first_line_ms && d.range.contains(*m))).count();
+                let members_covered = s
+                    .members
+                    .iter()
+                    .filter(|m| sorted.iter().any(|d| d.time_ms >= s.first_line_ms && d.range.contains(*m)))
+                    .count();
                 attackers.push(AttackerResult {
                     range: s.range,
                     class: s.class,
@@ -1828,7 +1962,11 @@ impl fmt::Display for Score {
             secs(self.median_time_to_block_ms),
             secs(self.p95_time_to_block_ms)
         )?;
-        writeln!(f, "goal (0 legit, 100 % attackers, median < 2 s): {}", if self.goal_met() { "met" } else { "NOT met" })?;
+        writeln!(
+            f,
+            "goal (0 legit, 100 % attackers, median < 2 s): {}",
+            if self.goal_met() { "met" } else { "NOT met" }
+        )?;
         writeln!(f, "\nper class (blocked / total):")?;
         for (class, c) in &self.classes {
             writeln!(f, "  {class:<22} {:>4} / {:<4}", c.blocked, c.total)?;
@@ -1836,12 +1974,20 @@ impl fmt::Display for Score {
         if !self.legit_blocked.is_empty() {
             writeln!(f, "\nlegitimate senders blocked:")?;
             for l in &self.legit_blocked {
-                writeln!(f, "  {:<28} {:<22} {:<16} by {} at {}", l.range, l.class, l.actor, l.decision, l.decision_ms)?;
+                writeln!(
+                    f,
+                    "  {:<28} {:<22} {:<16} by {} at {}",
+                    l.range, l.class, l.actor, l.decision, l.decision_ms
+                )?;
             }
         }
         writeln!(f, "\nattackers:")?;
         for a in &self.attackers {
-            let members = if a.members > 0 { format!(" (members covered {}/{})", a.members_covered, a.members) } else { String::new() };
+            let members = if a.members > 0 {
+                format!(" (members covered {}/{})", a.members_covered, a.members)
+            } else {
+                String::new()
+            };
             match (a.decision, a.time_to_block_ms) {
                 (Some(d), Some(ms)) => {
                     writeln!(f, "  {:<28} {:<18} blocked by {d} after {}{members}", a.range, a.class, secs(Some(ms)))?

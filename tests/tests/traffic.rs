@@ -81,8 +81,15 @@ fn assert_slots(log: &HostLog, max: usize) -> (u64, u64) {
                 refused += 1;
             }
             kind => {
-                let session = open.get_mut(&key).unwrap_or_else(|| panic!("{}: no open session: {}", log.name, line.text));
-                assert_eq!(*session.get_or_insert(pid), pid, "{}: pid differs within a session: {}", log.name, line.text);
+                let session =
+                    open.get_mut(&key).unwrap_or_else(|| panic!("{}: no open session: {}", log.name, line.text));
+                assert_eq!(
+                    *session.get_or_insert(pid),
+                    pid,
+                    "{}: pid differs within a session: {}",
+                    log.name,
+                    line.text
+                );
                 if kind.ends_session() {
                     open.remove(&key);
                 }
@@ -186,7 +193,8 @@ fn labels_cover_every_class_with_its_hard_cases() {
         assert!(s.hosts.len() >= 3 && s.abuse_lines <= 4 * s.hosts.len() as u64, "{s:?}");
     }
     // ESPs write unknown recipients on several hosts and also deliver.
-    let esp_hosts: BTreeSet<&String> = by(Class::EspStaleList).filter(|s| s.abuse_lines > 0).flat_map(|s| &s.hosts).collect();
+    let esp_hosts: BTreeSet<&String> =
+        by(Class::EspStaleList).filter(|s| s.abuse_lines > 0).flat_map(|s| &s.hosts).collect();
     assert!(esp_hosts.len() >= 3, "{esp_hosts:?}");
     // Office typos: a failure on exactly two hosts, at most two per host.
     for s in by(Class::OfficeNat) {
@@ -219,7 +227,8 @@ fn labels_and_scorer_fit_together() {
     let (_, labels) = fleet(Config::small(4));
     let attacks: Vec<_> = labels.sources.iter().filter(|s| s.label == Label::Attack).collect();
     // An ideal detector: every attacker's range, one second after its first line.
-    let ideal: Vec<Decision> = attacks.iter().map(|s| Decision { range: s.range, time_ms: s.first_line_ms + 1000 }).collect();
+    let ideal: Vec<Decision> =
+        attacks.iter().map(|s| Decision { range: s.range, time_ms: s.first_line_ms + 1000 }).collect();
     let s = score(&labels, &ideal);
     assert!(s.goal_met(), "{s}");
     assert_eq!(s.median_time_to_block_ms, Some(1000));

@@ -29,7 +29,7 @@ enum Command {
         /// Output directory (created if missing).
         #[arg(long)]
         out: PathBuf,
-        /// The CI size: 5 hosts, 2 hours, smtp_accept_max 20.
+        /// The CI size: 5 hosts, 2 hours from 12:00 UTC, smtp_accept_max 20.
         #[arg(long)]
         small: bool,
         /// Seed of every random choice.
@@ -41,7 +41,7 @@ enum Command {
         /// Hours (default 24, or 2 with --small).
         #[arg(long)]
         hours: Option<u32>,
-        /// Start of the run, RFC 3339 (default 2026-11-02T00:00:00Z).
+        /// Start of the run, RFC 3339 (default 2026-11-02T00:00:00Z, or 12:00 with --small).
         #[arg(long)]
         start: Option<String>,
         /// Exim's smtp_accept_max on every host (default 100, or 20 with --small).
@@ -70,7 +70,17 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Generate { out, small, seed, hosts, hours, start, smtp_accept_max, receive_timeout_secs, millisec } => {
+        Command::Generate {
+            out,
+            small,
+            seed,
+            hosts,
+            hours,
+            start,
+            smtp_accept_max,
+            receive_timeout_secs,
+            millisec,
+        } => {
             let mut config = if small { Config::small(seed) } else { Config::full(seed) };
             if let Some(h) = hosts {
                 config.hosts = h;
@@ -79,7 +89,8 @@ fn main() -> anyhow::Result<()> {
                 config.hours = h;
             }
             if let Some(start) = start {
-                let ts: jiff::Timestamp = start.parse().with_context(|| format!("--start {start:?} is not RFC 3339"))?;
+                let ts: jiff::Timestamp =
+                    start.parse().with_context(|| format!("--start {start:?} is not RFC 3339"))?;
                 config.start_ms = ts.as_millisecond();
             }
             if let Some(m) = smtp_accept_max {
