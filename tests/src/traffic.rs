@@ -86,14 +86,14 @@
 //!
 //! # Volume
 //!
-//! At full size (20 hosts, 24 h from midnight UTC, seed 1): 812,371 lines,
+//! At full size (20 hosts, 24 h from midnight UTC, seed 1): 810,158 lines,
 //! 111 MB, about 1,700 lines per host per hour on average (≈ 2,500 at the
 //! afternoon peak, ≈ 600 at night); big providers write three quarters of
 //! them, and a flooded host adds 5,000–30,000 refusals. Generating it takes
-//! about 1.5 s. The `--small` preset (5 hosts, 2 h from 12:00 UTC,
-//! `smtp_accept_max` 20) is about 45,000 lines, of which ~12,500 are the two
-//! slot floods. `fleetban-traffic generate` prints the figures of each run;
-//! BENCHMARKS.md records them.
+//! about 3 s (debug build). The `--small` preset (5 hosts, 2 h from 12:00
+//! UTC, `smtp_accept_max` 20) is about 44,000 lines, of which ~12,700 are
+//! the two slot floods. `fleetban-traffic generate` prints the figures of
+//! each run; BENCHMARKS.md records them.
 //!
 //! # Addresses
 //!
@@ -282,7 +282,7 @@ impl Class {
 
 impl fmt::Display for Class {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -2010,7 +2010,11 @@ impl fmt::Display for Score {
                 writeln!(
                     f,
                     "  {:<28} {:<22} {:<16} by {} at {}",
-                    l.range, l.class, l.actor, l.decision, l.decision_ms
+                    l.range.to_string(),
+                    l.class,
+                    l.actor,
+                    l.decision,
+                    l.decision_ms
                 )?;
             }
         }
@@ -2022,10 +2026,14 @@ impl fmt::Display for Score {
                 String::new()
             };
             match (a.decision, a.time_to_block_ms) {
-                (Some(d), Some(ms)) => {
-                    writeln!(f, "  {:<28} {:<18} blocked by {d} after {}{members}", a.range, a.class, secs(Some(ms)))?
-                }
-                _ => writeln!(f, "  {:<28} {:<18} NOT blocked{members}", a.range, a.class)?,
+                (Some(d), Some(ms)) => writeln!(
+                    f,
+                    "  {:<28} {:<18} blocked by {d} after {}{members}",
+                    a.range.to_string(),
+                    a.class,
+                    secs(Some(ms))
+                )?,
+                _ => writeln!(f, "  {:<28} {:<18} NOT blocked{members}", a.range.to_string(), a.class)?,
             }
         }
         Ok(())

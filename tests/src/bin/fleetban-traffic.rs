@@ -7,13 +7,22 @@
 //! - `score --labels DIR/labels.json --decisions FILE [--json]`: scores a
 //!   detector's decisions (a JSON array of `{"range": "198.19.77.0/24",
 //!   "time_ms": 1793580000000}`) against the labels.
+//! - `local [--small] [--seed N]`: a baseline, not the benchmark's figure:
+//!   generates a fleet in memory, runs each host's log through the per-host
+//!   detector alone (`fleetban_proto::detect` at its default thresholds,
+//!   with the fleet's `smtp_accept_max`; no server correlation) and scores
+//!   its decisions.
 
+use std::io::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fleetban_tests::traffic::{self, Config, Decision, Labels};
+use fleetban_agent::parse::{Parser as LogParser, Timezone};
+use fleetban_proto::detect::{DetectStats, Detector, Observation, Thresholds};
+use fleetban_tests::traffic::{self, Config, Decision, Generator, Labels};
 
 #[derive(Debug, Parser)]
 #[command(name = "fleetban-traffic")]
@@ -66,9 +75,54 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Scores the per-host detector alone (no correlation) on a fleet.
+    Local {
+        /// The CI size.
+        #[arg(long)]
+        small: bool,
+        /// Seed of every random choice.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print the score as JSON instead of the report.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Every non-shadow decision of a per-host detector over each host's log.
+fn local_decisions(config: Config) -> anyhow::Result<(Labels, Vec<Decision>)> {
+    let max = config.smtp_accept_max;
+    let mut g = Generator::new(config)?;
+    let mut decisions = Vec::new();
+    for host in 0..g.config().hosts {
+        let log = g.generate_host(host);
+        let mut parser = LogParser::new(Timezone::Utc);
+        let thresholds = Thresholds { smtp_accept_max: max, ..Thresholds::default() };
+        let mut detector = Detector::new(thresholds, 1_000_000, Vec::new(), Arc::new(DetectStats::default()));
+        for line in &log.lines {
+            let Some(ev) = parser.feed(line.text.as_bytes()) else { continue };
+            let o = Observation {
+                kind: ev.kind,
+                ip: ev.ip,
+                port: ev.port,
+                count: ev.count,
+                user: ev.user,
+                host_name: ev.host_name,
+                time_ms: ev.time_ms,
+            };
+            for d in detector.observe(&o, ev.time_ms) {
+                if !d.shadow {
+                    decisions.push(Decision { range: d.net, time_ms: d.time_ms });
+                }
+            }
+        }
+    }
+    Ok((g.labels(), decisions))
 }
 
 fn main() -> anyhow::Result<()> {
+    // Written through a handle so that a closed pipe is an error, not a panic.
+    let mut stdout = std::io::stdout().lock();
     match Cli::parse().command {
         Command::Generate {
             out,
@@ -100,19 +154,21 @@ fn main() -> anyhow::Result<()> {
             config.millisec = millisec;
             let began = Instant::now();
             let summary = traffic::write_fleet(config.clone(), &out)?;
-            println!(
+            writeln!(
+                stdout,
                 "{} hosts, {} h, smtp_accept_max {}, seed {} -> {}",
                 config.hosts,
                 config.hours,
                 config.smtp_accept_max,
                 config.seed,
                 out.display()
-            );
-            println!("host   lines      sessions  refused  peak-open");
+            )?;
+            writeln!(stdout, "host   lines      sessions  refused  peak-open")?;
             for (name, lines, sessions, refused, peak) in &summary.hosts {
-                println!("{name:<6} {lines:<10} {sessions:<9} {refused:<8} {peak}");
+                writeln!(stdout, "{name:<6} {lines:<10} {sessions:<9} {refused:<8} {peak}")?;
             }
-            println!(
+            writeln!(
+                stdout,
                 "total {} lines, {:.1} MB, {:.0} lines/host/hour; {} legitimate and {} attack sources; {:.1} s",
                 summary.lines,
                 summary.bytes as f64 / 1e6,
@@ -129,9 +185,19 @@ fn main() -> anyhow::Result<()> {
                 serde_json::from_slice(&text).with_context(|| format!("parsing {}", decisions.display()))?;
             let score = traffic::score(&labels, &decisions);
             if json {
-                println!("{}", serde_json::to_string_pretty(&score)?);
+                writeln!(stdout, "{}", serde_json::to_string_pretty(&score)?)?;
             } else {
-                print!("{score}");
+                write!(stdout, "{score}")?;
+            }
+        }
+        Command::Local { small, seed, json } => {
+            let config = if small { Config::small(seed) } else { Config::full(seed) };
+            let (labels, decisions) = local_decisions(config)?;
+            let score = traffic::score(&labels, &decisions);
+            if json {
+                writeln!(stdout, "{}", serde_json::to_string_pretty(&score)?)?;
+            } else {
+                write!(stdout, "{score}")?;
             }
         }
     }
