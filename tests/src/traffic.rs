@@ -67,6 +67,25 @@
 //! | `campaign_24` | its /24 | 20–30 addresses (40–80 at full size) of one /24 each writing 1–3 AUTH failures on 1–3 hosts within an hour: almost nothing per address |
 //! | `ipv6_rotation` | its /64 | 30–60 AUTH failures within an hour over the fleet, a new address inside one /64 every 2–4 attempts |
 //!
+//! ## Against the thresholds other tools ship
+//!
+//! - `distributed_auth`, `campaign_24`, `ipv6_rotation`: at most 4
+//!   failures per host per address, under CSF `LF_SMTPAUTH` (5 in 3600 s)
+//!   and fail2ban (`maxretry` 5 in 10 min) on every host; only a fleet-wide
+//!   count (or, for the ranges, a count per /24 or /64) sees them.
+//! - `slow_auth`: 7–20 failures an hour over the fleet, spread over hosts,
+//!   so one host sees about one an hour at full size; CrowdSec's slow SMTP
+//!   AUTH bucket (capacity 7, leak 15 min) would need 8 on one host.
+//! - `protocol_abuse`: 1–3 sessions per host, each with 1–4 syntax or
+//!   protocol lines, under CSF `LF_EXIMSYNTAX` (10 in 3600 s) per host.
+//! - `slot_flood`: 1–3 addresses share the host's 100 slots, so each holds
+//!   33–100; CSF's `CT_LIMIT` (off by default, 50–300 when set, sampled
+//!   every 30 s) misses the ones holding fewer than its limit.
+//! - The hard legitimate cases sit on the other side of the same lines: an
+//!   ESP writes up to 18 unknown recipients per host per campaign, the
+//!   phone 3–6 AUTH failures an hour on one host (CSF blocks it), an office
+//!   one or two typos on each of two hosts.
+//!
 //! # Judgement calls
 //!
 //! - The phone with a stale password is labelled legitimate. CSF would block

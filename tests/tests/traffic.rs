@@ -147,6 +147,7 @@ fn floods_refuse_big_providers_who_retry_later() {
         }
         assert_slots(log, 100);
     }
+    assert_parses(&logs);
     assert!(refused_then_accepted > 0, "no provider was refused and delivered later");
 }
 
@@ -253,4 +254,56 @@ fn write_fleet_writes_logs_and_labels() {
         total += text.lines().count() as u64;
     }
     assert_eq!(total, summary.lines);
+}
+
+#[test]
+fn the_binary_generates_and_scores() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_fleetban-traffic");
+    let out = dir.path().join("fleet");
+    let status = std::process::Command::new(bin)
+        .args(["generate", "--small", "--seed", "9", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(String::from_utf8_lossy(&status.stdout).contains("lines/host/hour"));
+    let labels = Labels::read(&out.join("labels.json")).unwrap();
+    assert_eq!(labels.seed, 9);
+    // Block every attacker two seconds after its first line, and one big
+    // provider's address.
+    let mut decisions: Vec<serde_json::Value> = labels
+        .sources
+        .iter()
+        .filter(|s| s.label == Label::Attack)
+        .map(|s| serde_json::json!({"range": s.range.to_string(), "time_ms": s.first_line_ms + 2000}))
+        .collect();
+    let provider = labels.sources.iter().find(|s| s.class == Class::BigProvider).unwrap();
+    decisions.push(serde_json::json!({"range": provider.range.to_string(), "time_ms": labels.start_ms}));
+    let path = dir.path().join("decisions.json");
+    std::fs::write(&path, serde_json::to_vec(&decisions).unwrap()).unwrap();
+    let output = std::process::Command::new(bin)
+        .args(["score", "--json", "--labels"])
+        .arg(out.join("labels.json"))
+        .arg("--decisions")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let score: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(score["attackers_blocked"], score["attackers_total"]);
+    assert_eq!(score["median_time_to_block_ms"], 2000);
+    assert_eq!(score["legit_blocked"].as_array().unwrap().len(), 1);
+    assert_eq!(score["legit_blocked"][0]["range"], provider.range.to_string());
+    // A decisions file with an unknown field is refused, not half-read.
+    std::fs::write(&path, br#"[{"range": "198.19.77.0/24", "time_ms": 1, "ttl": 5}]"#).unwrap();
+    let status = std::process::Command::new(bin)
+        .args(["score", "--labels"])
+        .arg(out.join("labels.json"))
+        .arg("--decisions")
+        .arg(&path)
+        .output()
+        .unwrap()
+        .status;
+    assert!(!status.success());
 }
