@@ -176,7 +176,7 @@ fn main() -> anyhow::Result<()> {
                 summary.legit_sources,
                 summary.attack_sources,
                 began.elapsed().as_secs_f64()
-            );
+            )?;
         }
         Command::Score { labels, decisions, json } => {
             let labels = Labels::read(&labels)?;
