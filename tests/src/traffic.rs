@@ -114,7 +114,10 @@
 //! the two slot floods. `fleetban-traffic generate` prints the figures of
 //! each run; BENCHMARKS.md records them.
 //!
-//! # Addresses
+//! # Addresses and time
+//!
+//! Timestamps are UTC without a zone (no `log_timezone`), whole seconds
+//! unless `+millisec` is asked for.
 //!
 //! Senders are in 198.18.0.0/15 (RFC 2544, reserved for benchmarks) and
 //! 2001:db8::/32; the hosts' own interfaces are 203.0.113.N and

@@ -102,9 +102,16 @@ fn assert_slots(log: &HostLog, max: usize) -> (u64, u64) {
 
 #[test]
 fn hosts_simulate_their_slots_faithfully() {
-    let config = Config::small(3);
+    for seed in 3..7 {
+        slots_of_seed(seed);
+    }
+}
+
+fn slots_of_seed(seed: u64) {
+    let config = Config::small(seed);
     let max = config.smtp_accept_max as usize;
     let (logs, labels) = fleet(config);
+    assert_parses(&logs);
     let mut full_hosts = 0;
     for log in &logs {
         let (connects, refused) = assert_slots(log, max);
