@@ -1835,7 +1835,8 @@ pub fn write_fleet(config: Config, dir: &Path) -> Result<Summary, TrafficError> 
 // ---------------------------------------------------------------------------
 // Scoring
 
-/// One decision of a detector: a range blocked at a time.
+/// One decision of a detector: a range blocked at a time (the form of a
+/// decisions file; [`score`] takes `(range, time_ms)` pairs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Decision {
@@ -1932,8 +1933,8 @@ fn percentile(sorted: &[i64], p: usize) -> Option<i64> {
 ///   /24 or wider; single-address blocks of its members are reported as
 ///   `members_covered` but do not count).
 /// - Time to block is the first such decision's time minus the first line.
-pub fn score(labels: &Labels, decisions: &[Decision]) -> Score {
-    let mut sorted: Vec<Decision> = decisions.to_vec();
+pub fn score(labels: &Labels, decisions: &[(IpNet, i64)]) -> Score {
+    let mut sorted: Vec<Decision> = decisions.iter().map(|&(range, time_ms)| Decision { range, time_ms }).collect();
     sorted.sort_by_key(|d| d.time_ms);
     let mut legit_total = 0;
     let mut legit_blocked = Vec::new();
@@ -1990,6 +1991,13 @@ pub fn score(labels: &Labels, decisions: &[Decision]) -> Score {
         legit_blocked,
         attackers,
         classes,
+    }
+}
+
+impl Decision {
+    /// The `(range, time_ms)` pair [`score`] takes.
+    pub fn pair(&self) -> (IpNet, i64) {
+        (self.range, self.time_ms)
     }
 }
 
@@ -2101,8 +2109,8 @@ mod tests {
         }
     }
 
-    fn d(range: &str, time_ms: i64) -> Decision {
-        Decision { range: range.parse().unwrap(), time_ms }
+    fn d(range: &str, time_ms: i64) -> (IpNet, i64) {
+        (range.parse().unwrap(), time_ms)
     }
 
     #[test]

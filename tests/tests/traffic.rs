@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use fleetban_agent::parse::{EventKind, Parser, Timezone};
-use fleetban_tests::traffic::{Class, Config, Decision, Generator, HostLog, Label, Labels, score};
+use fleetban_tests::traffic::{Class, Config, Generator, HostLog, Label, Labels, score};
 
 fn fleet(config: Config) -> (Vec<HostLog>, Labels) {
     let mut g = Generator::new(config).unwrap();
@@ -235,15 +235,14 @@ fn labels_and_scorer_fit_together() {
     let (_, labels) = fleet(Config::small(4));
     let attacks: Vec<_> = labels.sources.iter().filter(|s| s.label == Label::Attack).collect();
     // An ideal detector: every attacker's range, one second after its first line.
-    let ideal: Vec<Decision> =
-        attacks.iter().map(|s| Decision { range: s.range, time_ms: s.first_line_ms + 1000 }).collect();
+    let ideal: Vec<(ipnet::IpNet, i64)> = attacks.iter().map(|s| (s.range, s.first_line_ms + 1000)).collect();
     let s = score(&labels, &ideal);
     assert!(s.goal_met(), "{s}");
     assert_eq!(s.median_time_to_block_ms, Some(1000));
     // Blocking the providers' /24s hurts.
     let provider = labels.sources.iter().find(|s| s.class == Class::BigProvider).unwrap();
     let net = ipnet::IpNet::new(provider.range.addr(), 24).unwrap().trunc();
-    let s = score(&labels, &[Decision { range: net, time_ms: labels.start_ms }]);
+    let s = score(&labels, &[(net, labels.start_ms)]);
     assert!(s.legit_blocked.len() > 1, "{s}");
     assert!(s.legit_blocked.iter().all(|l| l.class == Class::BigProvider));
 }

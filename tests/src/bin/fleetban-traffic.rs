@@ -23,6 +23,7 @@ use clap::{Parser, Subcommand};
 use fleetban_agent::parse::{Parser as LogParser, Timezone};
 use fleetban_proto::detect::{DetectStats, Detector, Observation, Thresholds};
 use fleetban_tests::traffic::{self, Config, Decision, Generator, Labels};
+use ipnet::IpNet;
 
 #[derive(Debug, Parser)]
 #[command(name = "fleetban-traffic")]
@@ -90,7 +91,7 @@ enum Command {
 }
 
 /// Every non-shadow decision of a per-host detector over each host's log.
-fn local_decisions(config: Config) -> anyhow::Result<(Labels, Vec<Decision>)> {
+fn local_decisions(config: Config) -> anyhow::Result<(Labels, Vec<(IpNet, i64)>)> {
     let max = config.smtp_accept_max;
     let mut g = Generator::new(config)?;
     let mut decisions = Vec::new();
@@ -112,7 +113,7 @@ fn local_decisions(config: Config) -> anyhow::Result<(Labels, Vec<Decision>)> {
             };
             for d in detector.observe(&o, ev.time_ms) {
                 if !d.shadow {
-                    decisions.push(Decision { range: d.net, time_ms: d.time_ms });
+                    decisions.push((d.net, d.time_ms));
                 }
             }
         }
@@ -183,7 +184,8 @@ fn main() -> anyhow::Result<()> {
             let text = std::fs::read(&decisions).with_context(|| format!("reading {}", decisions.display()))?;
             let decisions: Vec<Decision> =
                 serde_json::from_slice(&text).with_context(|| format!("parsing {}", decisions.display()))?;
-            let score = traffic::score(&labels, &decisions);
+            let pairs: Vec<(IpNet, i64)> = decisions.iter().map(Decision::pair).collect();
+            let score = traffic::score(&labels, &pairs);
             if json {
                 writeln!(stdout, "{}", serde_json::to_string_pretty(&score)?)?;
             } else {
