@@ -45,8 +45,8 @@
 //!
 //! | class | sources | traffic |
 //! |---|---|---|
-//! | `big_provider` | 3 providers, 8 /24s, 16 addresses each; verified reverse DNS | ≈ 120 sessions/h/host in bursts of 1–4 parallel connections from different addresses; 1–3 messages each (`<= sender H=mail-xx.google.com [ip]:port I=.. P=esmtps X=TLS1.3:.. CV=no S=..`, then `=>` and `Completed`); 3 % of recipients unknown (`rejected RCPT <x>: No Such User Here`); 0.3 % of sessions a TLS error then `lost`, 0.5 % `lost` mid-session; refused connections retried after 5–15 min, doubling, up to 6 tries |
-//! | `ipv6_provider` | 2 providers' IPv6 relays in two /64s | ≈ 15 sessions/h/host, as above, over IPv6 (`I=[2001:db8:f1ee::N]:25`) |
+//! | `big_provider` | 3 providers, 8 /24s, 16 addresses each; verified reverse DNS | 95 bursts/h/host at the peak (Google 50, Outlook 30, Yahoo 15), each 1–4 parallel connections from different addresses (≈ 240 sessions/h); 1–3 messages each (`<= sender H=mail-xx.google.com [ip]:port I=.. P=esmtps X=TLS1.3:.. CV=no S=..`, then `=>` and `Completed`); 3 % of recipients unknown (`rejected RCPT <x>: No Such User Here`); 0.3 % of sessions a TLS error then `lost`, 0.5 % `lost` mid-session; refused connections retried after 5–15 min, doubling, up to 6 tries |
+//! | `ipv6_provider` | 2 providers' IPv6 relays in two /64s | 10 bursts/h/host per provider at the peak, 1–2 connections each, as above, over IPv6 (`I=[2001:db8:f1ee::N]:25`) |
 //! | `esp_stale_list` | 4 ESPs, 2 addresses each | 2–4 campaigns a day (at least one per run); each campaign reaches every host with 10–60 messages in 3–8 sessions over 5–20 min; 10–30 % of recipients unknown, so a campaign writes 1–18 `No Such User Here` per host and many hosts at once, alongside accepted mail |
 //! | `office_nat` | 6 offices, one address each (one in the /24 next to the attack campaign) | users submitting on port 587 (`P=esmtpsa A=dovecot_login:user`) to 2–3 home hosts, ≈ 12/h per home host in office hours, 1/h at night; once per day on each of two home hosts a typo (1–2 × `dovecot_login authenticator failed ... (set_id=user)`) followed 20–90 s later by that user's successful login |
 //! | `mobile_stale_password` | 3 carrier NAT addresses | one phone retries an old password on one host every 10–20 min for 3–10 h (the whole run when shorter), one failure per connection, never succeeding; ≈ 4/h other users behind the same address submit mail successfully on 2–4 hosts |
@@ -411,6 +411,8 @@ impl Rng {
         self.unit() < p
     }
 
+    /// One of `items`, which is never empty: every caller passes a constant
+    /// list or one built with at least one element.
     fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         &items[self.below(items.len() as u64) as usize]
     }
