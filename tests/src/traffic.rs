@@ -51,7 +51,7 @@
 //! | `office_nat` | 6 offices, one address each (one in the /24 next to the attack campaign) | users submitting on port 587 (`P=esmtpsa A=dovecot_login:user`) to 2–3 home hosts, ≈ 12/h per home host in office hours, 1/h at night; once per day on each of two home hosts a typo (1–2 × `dovecot_login authenticator failed ... (set_id=user)`) followed 20–90 s later by that user's successful login |
 //! | `mobile_stale_password` | 3 carrier NAT addresses | one phone retries an old password on one host every 10–20 min for 3–10 h (the whole run when shorter), one failure per connection, never succeeding; ≈ 4/h other users behind the same address submit mail successfully on 2–4 hosts |
 //! | `forwarder` | 4 list servers / forwarders | bursts every 1–3 h per target host (1–3 hosts): 20–80 messages over 1–3 min in 3–8 parallel sessions; 5 % unknown recipients (stale subscribers); 10 % of sessions are bounces (`<= <>`, `F=<>`) |
-//! | `flaky_mta` | 8 small MTAs, half without reverse DNS | ≈ 3 sessions/h on each of 2–5 hosts; 8 % `TLS error on connection from ...` then `lost`, 6 % `lost` mid-session, 2 % `SMTP protocol synchronization error (next input sent too soon ...)` then `lost`; the rest deliver |
+//! | `flaky_mta` | 8 small MTAs, half without reverse DNS | ≈ 3 sessions/h on each of 2–5 hosts; 8 % `TLS error on connection from ...` then `lost`, 6 % `lost` mid-session, 2 % `SMTP protocol synchronization error (next input sent too soon ...)` then `lost`, 2 % `SMTP data timeout (message abandoned)` after 5 min; the rest deliver |
 //! | `small_sender` | 8 per host (40 at 5 hosts, 160 at 20), and an IPv6 VPS in the /48 of the IPv6 rotation | 0.2–2 sessions/h each to random hosts (the VPS: 4/h) |
 //!
 //! # Attack classes (`label = "attack"`)
@@ -105,11 +105,11 @@
 //!
 //! # Volume
 //!
-//! At full size (20 hosts, 24 h from midnight UTC, seed 1): 810,158 lines,
+//! At full size (20 hosts, 24 h from midnight UTC, seed 1): 810,654 lines,
 //! 111 MB, about 1,700 lines per host per hour on average (≈ 2,500 at the
 //! afternoon peak, ≈ 600 at night); big providers write three quarters of
 //! them, and a flooded host adds 5,000–30,000 refusals. Generating it takes
-//! about 3 s (debug build). The `--small` preset (5 hosts, 2 h from 12:00
+//! about 2 s (debug build). The `--small` preset (5 hosts, 2 h from 12:00
 //! UTC, `smtp_accept_max` 20) is about 44,000 lines, of which ~12,700 are
 //! the two slot floods. `fleetban-traffic generate` prints the figures of
 //! each run; BENCHMARKS.md records them.
@@ -515,7 +515,7 @@ enum Act {
     /// Connect and send nothing until the receive timeout.
     Hold,
     /// A broken delivery: 0 TLS error, 1 lost mid-session, 2 pipelining
-    /// synchronisation error.
+    /// synchronisation error, 3 data timeout (a stalled link).
     Flaky(u8),
     /// Unknown recipients only.
     Dictionary { rcpts: u8 },
@@ -992,6 +992,8 @@ impl Planner<'_> {
                         Act::Flaky(1)
                     } else if r < 0.16 {
                         Act::Flaky(2)
+                    } else if r < 0.18 {
+                        Act::Flaky(3)
                     } else {
                         Act::Deliver { msgs: Self::msgs(&mut rng, 1, 0.02, 2), tls: rng.chance(0.5), bounce: false }
                     };
@@ -1648,6 +1650,17 @@ impl HostSim {
                     "SMTP command timeout on connection from {} D={}",
                     peer.spec(false),
                     self.dur(self.timeout_ms)
+                );
+                self.emit(t, pid, &body, Some((EventKind::CommandTimeout, ip)), src);
+                return t;
+            }
+            Act::Flaky(3) => {
+                // The message stalls in DATA until the receive timeout.
+                let from = format!("{}@{}", self.rng.pick(FIRST), peer.ident.domain);
+                let t = t + self.timeout_ms;
+                let body = format!(
+                    "SMTP data timeout (message abandoned) on connection from {h} F=<{from}> D={}",
+                    self.dur(t - t0)
                 );
                 self.emit(t, pid, &body, Some((EventKind::CommandTimeout, ip)), src);
                 return t;
