@@ -435,6 +435,40 @@ pub struct Finding {
     pub evidence: Evidence,
 }
 
+/// Why an automatic decision was not made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spared {
+    /// The sender's verified reverse DNS is in a protected domain.
+    Protected,
+    /// The sender is in good standing and one host's evidence is not enough.
+    GoodStanding,
+}
+
+impl Spared {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Spared::Protected => "protected",
+            Spared::GoodStanding => "good_standing",
+        }
+    }
+}
+
+/// Whether an agent's local block for `reason` may become a fleet block of
+/// a range with `tally`: never for a protected sender; for one in good
+/// standing only a slot or connection flood (the agent has already doubled
+/// those thresholds), never one host's scenario evidence.
+pub fn judge_local(tally: &Tally, reason: &str) -> Result<(), Spared> {
+    if tally.protected {
+        return Err(Spared::Protected);
+    }
+    let flood = matches!(LocalRule::from_name(reason), Some(LocalRule::SlotExhaustion | LocalRule::ConnRate));
+    if tally.good_standing && !flood {
+        return Err(Spared::GoodStanding);
+    }
+    Ok(())
+}
+
 /// Which rule an automatic decision is recorded under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Rule {
@@ -589,7 +623,7 @@ impl Correlator {
     }
 
     /// The TTL of a block that is offence number `earlier + 1`.
-    fn ttl(&self, earlier: i64) -> Duration {
+    pub fn ttl(&self, earlier: i64) -> Duration {
         let i = usize::try_from(earlier).unwrap_or(usize::MAX).min(self.config.ttl_secs.len().saturating_sub(1));
         Duration::from_secs(self.config.ttl_secs.get(i).copied().unwrap_or(3_600))
     }
@@ -750,6 +784,7 @@ impl Correlator {
         .await?;
         let now = OffsetDateTime::now_utc();
         let mut created = Vec::new();
+        let touched: BTreeSet<IpNet> = open.iter().copied().collect();
         for target in open {
             let finding = {
                 let mut conn = self.pool.acquire().await?;
@@ -775,6 +810,7 @@ impl Correlator {
                 created.extend(prefix);
             }
         }
+        created.extend(self.campaigns(&touched).await?);
         Ok(created)
     }
 
@@ -865,15 +901,9 @@ impl Correlator {
             let mut conn = self.pool.acquire().await?;
             self.assess(&mut conn, target, OffsetDateTime::now_utc()).await?
         };
-        if assessment.tally.protected {
-            metrics::counter!(SPARED, "why" => "protected").increment(1);
-            tracing::info!(%agent_id, %cidr, reason, "Local block not made a fleet block: the sender is protected.");
-            return Ok(None);
-        }
-        let flood = matches!(LocalRule::from_name(reason), Some(LocalRule::SlotExhaustion | LocalRule::ConnRate));
-        if assessment.tally.good_standing && !flood {
-            metrics::counter!(SPARED, "why" => "good_standing").increment(1);
-            tracing::info!(%agent_id, %cidr, reason, "Local block not made a fleet block: the sender is in good standing.");
+        if let Err(spared) = judge_local(&assessment.tally, reason) {
+            metrics::counter!(SPARED, "why" => spared.as_str()).increment(1);
+            tracing::info!(%agent_id, %cidr, reason, why = spared.as_str(), "Local block not made a fleet block.");
             return Ok(None);
         }
         let local = LocalEvidence {
@@ -988,6 +1018,178 @@ impl Correlator {
         Ok(Some(block))
     }
 
+    /// Judges the prefix `prefix` (a /24, or a /48 counting /64s: `unit`)
+    /// as one attacker at `now`: a campaign of many addresses that each stay
+    /// below every threshold. The evidence of its units (addresses or /64s)
+    /// is summed, leaving out units in good standing, protected ones and
+    /// ones with too little evidence of their own (under a quarter of a
+    /// rule's `per_host`); at least `prefix_min_addresses` units must
+    /// remain, and the sum must meet a scenario's thresholds as one
+    /// address's would. Reads only.
+    pub async fn evaluate_campaign(
+        &self,
+        conn: &mut PgConnection,
+        prefix: IpNet,
+        unit: u8,
+        now: OffsetDateTime,
+    ) -> Result<Option<Finding>, sqlx::Error> {
+        let (kinds, windows): (Vec<&str>, Vec<f64>) = EventKind::ALL
+            .into_iter()
+            .filter_map(|k| k.scenario().map(|s| (k.as_str(), f64::from(self.rules.get(s).window_secs))))
+            .unzip();
+        let rows: Vec<(IpAddr, Uuid, String, i64, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(
+            "select em.address, em.agent_id, em.kind, sum(em.events)::int8, min(em.minute), max(em.minute) \
+             from evidence_minutes em join unnest($2::text[], $3::float8[]) as w(kind, secs) on em.kind = w.kind \
+             where em.address between fleetban_first($1::cidr) and fleetban_last($1::cidr) \
+             and em.minute > $4 - make_interval(secs => w.secs) and em.minute <= $4 \
+             group by em.address, em.agent_id, em.kind limit 20000",
+        )
+        .bind(prefix)
+        .bind(&kinds)
+        .bind(&windows)
+        .bind(now)
+        .fetch_all(&mut *conn)
+        .await?;
+        let unit_of = |a: IpAddr| IpNet::new(a, unit).map_or(IpNet::from(a), |n| n.trunc());
+        // A unit takes part only with evidence of its own: in one scenario,
+        // at least a quarter of that rule's per-host threshold (at least 2),
+        // so one mistyped password never lends its address to a campaign.
+        let mut weight: BTreeMap<(IpNet, Scenario), u64> = BTreeMap::new();
+        for (address, _, kind, n, _, _) in &rows {
+            if let Some(kind) = EventKind::from_name(kind)
+                && let Some(scenario) = kind.scenario()
+            {
+                *weight.entry((unit_of(*address), scenario)).or_default() +=
+                    u64::from(kind.weight()) * u64::try_from(*n).unwrap_or(0);
+            }
+        }
+        let abusive: BTreeSet<IpNet> = weight
+            .iter()
+            .filter(|((_, scenario), w)| {
+                let per_host = self.rules.get(*scenario).per_host;
+                per_host > 0 && **w >= u64::from(per_host.div_ceil(4).max(2))
+            })
+            .map(|((unit, _), _)| *unit)
+            .collect();
+        let min_units = usize::try_from(self.config.prefix_min_addresses).unwrap_or(usize::MAX);
+        if abusive.len() < min_units {
+            return Ok(None);
+        }
+        let standing: Vec<(IpAddr, bool, Option<String>)> = sqlx::query_as(
+            "select address, coalesce(last_accepted > $2 - make_interval(secs => $3) and last_accepted <= $2, false), host_name \
+             from sender_standing where address between fleetban_first($1::cidr) and fleetban_last($1::cidr) limit 20000",
+        )
+        .bind(prefix)
+        .bind(now)
+        .bind(secs(self.config.good_standing_secs))
+        .fetch_all(&mut *conn)
+        .await?;
+        let excluded: BTreeSet<IpNet> = standing
+            .iter()
+            .filter(|(_, good, name)| {
+                *good || name.as_deref().is_some_and(|n| policy::is_protected(n, &self.protected))
+            })
+            .map(|(a, _, _)| unit_of(*a))
+            .collect();
+        let units: BTreeSet<IpNet> = abusive.difference(&excluded).copied().collect();
+        if units.len() < min_units {
+            return Ok(None);
+        }
+        let mut per_agent: BTreeMap<(Uuid, String), (i64, OffsetDateTime, OffsetDateTime)> = BTreeMap::new();
+        for (address, agent, kind, n, first, last) in &rows {
+            if !units.contains(&unit_of(*address)) {
+                continue;
+            }
+            let e = per_agent.entry((*agent, kind.clone())).or_insert((0, *first, *last));
+            e.0 += n;
+            e.1 = e.1.min(*first);
+            e.2 = e.2.max(*last);
+        }
+        let per_agent: Vec<(Uuid, String, i64, OffsetDateTime, OffsetDateTime)> =
+            per_agent.into_iter().map(|((a, k), (n, f, l))| (a, k, n, f, l)).collect();
+        let mut users: Vec<(Option<Uuid>, i64)> = Vec::new();
+        if per_agent.iter().any(|(_, k, ..)| k == EventKind::AuthFailed.as_str()) {
+            let rows: Vec<(IpAddr, Uuid, String)> = sqlx::query_as(
+                "select address, agent_id, auth_user from auth_users \
+                 where address between fleetban_first($1::cidr) and fleetban_last($1::cidr) \
+                 and last_seen > $2 - make_interval(secs => $3) and last_seen <= $2 limit 20000",
+            )
+            .bind(prefix)
+            .bind(now)
+            .bind(f64::from(self.rules.get(Scenario::Auth).window_secs))
+            .fetch_all(&mut *conn)
+            .await?;
+            let mut by_agent: BTreeMap<Uuid, BTreeSet<&str>> = BTreeMap::new();
+            let mut all: BTreeSet<&str> = BTreeSet::new();
+            for (address, agent, user) in rows.iter().filter(|r| units.contains(&unit_of(r.0))) {
+                let _ = address;
+                by_agent.entry(*agent).or_default().insert(user);
+                all.insert(user);
+            }
+            users = by_agent.into_iter().map(|(a, u)| (Some(a), u.len() as i64)).collect();
+            users.push((None, all.len() as i64));
+        }
+        let t = tally(&per_agent, &users);
+        let Some(verdict) = policy::judge(&self.rules, &t) else { return Ok(None) };
+        let mut evidence = Evidence {
+            rule: REASON_PREFIX.to_owned(),
+            scenario: Some(verdict.scenario),
+            verdict: format!(
+                "campaign of {} addresses: {}",
+                units.len(),
+                verdict.describe(self.rules.get(verdict.scenario))
+            ),
+            escalates: false,
+            addresses: units.iter().map(ToString::to_string).collect(),
+            ..Evidence::default()
+        };
+        for (agent, kind, n, first, last) in &per_agent {
+            evidence.agents.insert(*agent);
+            *evidence.kinds.entry(kind.clone()).or_default() += n;
+            evidence.events += n;
+            evidence.see(*first, *last);
+        }
+        self.samples(conn, prefix, now, &mut evidence).await?;
+        evidence.addresses = units.iter().map(ToString::to_string).collect();
+        Ok(Some(Finding { target: prefix, verdict, evidence }))
+    }
+
+    /// Evaluates the campaign prefixes of `targets` and blocks (or, in
+    /// shadow mode, records) each one found.
+    async fn campaigns(&self, targets: &BTreeSet<IpNet>) -> Result<Vec<Block>, CorrelateError> {
+        let prefixes: BTreeMap<IpNet, u8> = targets.iter().filter_map(|t| escalation_prefix(*t)).collect();
+        let now = OffsetDateTime::now_utc();
+        let mut created = Vec::new();
+        for (prefix, unit) in prefixes {
+            if self.never_blocked(prefix) {
+                continue;
+            }
+            let finding = {
+                let mut conn = self.pool.acquire().await?;
+                let (covered, _) = standing(&mut conn, prefix, false, self.config.offence_window_secs).await?;
+                if covered {
+                    continue;
+                }
+                self.evaluate_campaign(&mut conn, prefix, unit, now).await?
+            };
+            let Some(finding) = finding else { continue };
+            if finding.verdict.shadow || self.config.is_shadow(REASON_PREFIX) {
+                self.record_shadow(prefix, REASON_PREFIX, BlockSource::Auto, None, &finding.evidence).await?;
+                continue;
+            }
+            let mut tx = self.pool.begin().await?;
+            lock_range(&mut tx, prefix).await?;
+            let (covered, earlier) = standing(&mut tx, prefix, false, self.config.offence_window_secs).await?;
+            if covered {
+                continue;
+            }
+            if let Some(block) = self.block_prefix(tx, prefix, finding.evidence, earlier).await? {
+                created.push(block);
+            }
+        }
+        Ok(created)
+    }
+
     /// Prefix escalation after `blocked` was blocked: when enough ranges
     /// inside its /24 (IPv4) or /48 (IPv6, counting /64s) were blocked within
     /// `prefix_window_secs`, blocks the prefix and retires the blocks inside.
@@ -1016,17 +1218,7 @@ impl Correlator {
         if units.len() < usize::try_from(self.config.prefix_min_addresses).unwrap_or(usize::MAX) {
             return Ok(None);
         }
-        // Refused prefixes (a fleet address or allowlisted host inside) leave
-        // the single blocks alone.
-        match blocks::check_policy(&mut tx, &self.config, prefix, false).await {
-            Ok(()) => {}
-            Err(BlockError::Refused(refusal)) => {
-                tracing::info!(%prefix, %refusal, "Not escalating to the prefix: policy refuses it.");
-                return Ok(None);
-            }
-            Err(BlockError::Database(error)) => return Err(error.into()),
-        }
-        let mut ev = Evidence { rule: REASON_PREFIX.to_owned(), escalates: true, ..Evidence::default() };
+        let mut ev = Evidence { rule: REASON_PREFIX.to_owned(), escalates: false, ..Evidence::default() };
         for (cidr, json) in inside {
             ev.addresses.insert(cidr.to_string());
             let Ok(one) = serde_json::from_value::<Evidence>(json) else {
@@ -1052,6 +1244,29 @@ impl Correlator {
             self.record_shadow(prefix, REASON_PREFIX, BlockSource::Auto, None, &ev).await?;
             return Ok(None);
         }
+        self.block_prefix(tx, prefix, ev, earlier).await
+    }
+
+    /// Blocks `prefix` in `tx` (which holds its lock): retires the blocks
+    /// inside, creates the prefix block, commits. A prefix policy refuses (a
+    /// fleet address or allowlisted host inside) leaves the blocks inside
+    /// alone.
+    async fn block_prefix(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        prefix: IpNet,
+        mut ev: Evidence,
+        earlier: i64,
+    ) -> Result<Option<Block>, CorrelateError> {
+        match blocks::check_policy(&mut tx, &self.config, prefix, false).await {
+            Ok(()) => {}
+            Err(BlockError::Refused(refusal)) => {
+                tracing::info!(%prefix, %refusal, "Not blocking the prefix: policy refuses it.");
+                return Ok(None);
+            }
+            Err(BlockError::Database(error)) => return Err(error.into()),
+        }
+        ev.offence = u32::try_from(earlier + 1).unwrap_or(u32::MAX);
         let ttl = self.ttl(earlier);
         // Retire the blocks inside first: the prefix's add and their removes
         // commit together, and row locks are taken in the same order as every
@@ -1083,7 +1298,7 @@ impl Correlator {
         tracing::info!(
             %prefix,
             block_id = block.id,
-            ranges = units.len(),
+            ranges = ev.addresses.len(),
             retired = retired.len(),
             ttl_secs = ttl.as_secs(),
             "Prefix block created."

@@ -414,19 +414,21 @@ async fn four_abusive_addresses_in_a_slash_24_escalate_to_the_prefix(pool: PgPoo
         assert_eq!(made.len(), 1, "three addresses do not escalate");
         singles.push(made[0].id);
     }
-    let made = two_agent_attack(&c, a, b, "192.0.2.200").await;
-    assert_eq!(made.len(), 2, "{made:?}");
-    singles.push(made[0].id);
-    let prefix = &made[1];
+    // The fourth: its first agent's 8 failures already make the /24 a
+    // campaign of four abusive addresses.
+    abuse(&pool, a, "192.0.2.200", EventKind::AuthFailed, 8, 30).await;
+    let made = c.on_batch(a, &[ip("192.0.2.200")]).await.unwrap();
+    assert_eq!(made.len(), 1, "{made:?}");
+    let prefix = &made[0];
     assert_eq!((prefix.cidr, prefix.reason.as_str()), (net("192.0.2.0/24"), REASON_PREFIX));
     assert_eq!(live(&pool).await, vec![net("192.0.2.0/24")], "the prefix replaces the singles");
     let ev = &prefix.evidence;
     assert_eq!(ev["addresses"].as_array().unwrap().len(), 4);
-    assert_eq!(ev["events"], 64);
+    assert_eq!(ev["events"], 56);
     let log: Vec<(String, i64)> =
         sqlx::query_as("select op, block_id from block_changes order by version").fetch_all(&pool).await.unwrap();
     let removes: Vec<i64> = log.iter().filter(|(op, _)| op == "remove").map(|(_, id)| *id).collect();
-    assert_eq!(removes, singles);
+    assert_eq!(removes, singles, "the prefix retires the singles inside it");
     assert_eq!(log.last().unwrap(), &("add".to_owned(), prefix.id));
     // A fifth address inside is covered; another /24 is unaffected.
     abuse(&pool, a, "192.0.2.77", EventKind::AuthFailed, 60, 1).await;
@@ -463,10 +465,13 @@ async fn ipv6_attackers_are_blocked_as_their_slash_64(pool: PgPool) {
     assert_eq!(made.len(), 1);
     assert_eq!(made[0].cidr, net("2001:db8:a:b::/64"));
     assert_eq!(made[0].evidence["addresses"].as_array().unwrap().len(), 4);
-    for i in 1..=3 {
-        let made = two_agent_attack(&c, a, b, &format!("2001:db8:a:{i}::5")).await;
-        assert_eq!(made.len(), if i < 3 { 1 } else { 2 }, "{i}");
+    for i in 1..=2 {
+        assert_eq!(two_agent_attack(&c, a, b, &format!("2001:db8:a:{i}::5")).await.len(), 1, "{i}");
     }
+    // The fourth /64 of the /48 (after ::b::/64 and two more).
+    abuse(&pool, a, "2001:db8:a:3::5", EventKind::AuthFailed, 8, 30).await;
+    let made = c.on_batch(a, &[ip("2001:db8:a:3::5")]).await.unwrap();
+    assert_eq!(made.iter().map(|b| b.cidr).collect::<Vec<_>>(), [net("2001:db8:a::/48")]);
     assert_eq!(live(&pool).await, vec![net("2001:db8:a::/48")]);
 }
 
@@ -558,4 +563,65 @@ async fn distinct_users_across_the_fleet_block(pool: PgPool) {
     let made = c.on_batch(hosts[2], &[ip("203.0.113.90")]).await.unwrap();
     assert_eq!(made.len(), 1);
     assert!(made[0].evidence["verdict"].as_str().unwrap().contains("distinct users"), "{}", made[0].evidence);
+}
+
+/// A /24 campaign: five addresses, each a little AUTH brute force on two
+/// hosts (8 failures, under every per-address threshold), are one
+/// attacker: the /24 is blocked. The same volume from addresses in good
+/// standing (a provider's relays whose users mistype) is not.
+#[sqlx::test(migrator = "crate::db::MIGRATOR")]
+async fn campaigns_of_small_abusers_block_their_prefix_and_delivering_neighbours_do_not(pool: PgPool) {
+    let c = correlator(&pool);
+    let (a, b) = (agent(&pool, "mx1", &[]).await, agent(&pool, "mx2", &[]).await);
+    let mut made = Vec::new();
+    for i in 1..=5 {
+        let addr = format!("198.51.100.{i}");
+        abuse(&pool, a, &addr, EventKind::AuthFailed, 4, 20).await;
+        made.extend(c.on_batch(a, &[ip(&addr)]).await.unwrap());
+        abuse(&pool, b, &addr, EventKind::AuthFailed, 4, 10).await;
+        made.extend(c.on_batch(b, &[ip(&addr)]).await.unwrap());
+    }
+    let cidrs: Vec<IpNet> = made.iter().map(|b| b.cidr).collect();
+    assert_eq!(cidrs, [net("198.51.100.0/24")], "{made:?}");
+    let ev = &made[0].evidence;
+    assert_eq!(ev["rule"], REASON_PREFIX);
+    assert!(ev["verdict"].as_str().unwrap().starts_with("campaign of 4 addresses"), "{ev}");
+    assert_eq!(ev["escalates"], false);
+
+    // Neighbours that deliver: never a campaign.
+    for i in 1..=8 {
+        let addr = format!("203.0.113.{i}");
+        delivers(&pool, a, &addr, "").await;
+        abuse(&pool, a, &addr, EventKind::AuthFailed, 4, 20).await;
+        abuse(&pool, b, &addr, EventKind::AuthFailed, 4, 10).await;
+        assert!(c.on_batch(b, &[ip(&addr)]).await.unwrap().is_empty(), "{addr}");
+    }
+    // Too few addresses for a campaign, however busy.
+    for i in 1..=3 {
+        let addr = format!("192.0.2.{i}");
+        abuse(&pool, a, &addr, EventKind::RelayDenied, 9, 20).await;
+        assert!(c.on_batch(a, &[ip(&addr)]).await.unwrap().is_empty(), "{addr}");
+    }
+    // An office's users mistyping once each: 6 addresses, 6 failures.
+    for i in 10..=15 {
+        let addr = format!("192.0.2.{i}");
+        abuse(&pool, a, &addr, EventKind::AuthFailed, 1, 20).await;
+        assert!(c.on_batch(a, &[ip(&addr)]).await.unwrap().is_empty(), "{addr}");
+    }
+    assert_eq!(live(&pool).await, [net("198.51.100.0/24")]);
+}
+
+/// Four agents' slot-flood blocks in one /24 (no abuse lines, only held
+/// connections) escalate to the /24 through the blocks themselves.
+#[sqlx::test(migrator = "crate::db::MIGRATOR")]
+async fn four_local_flood_blocks_in_a_slash_24_escalate(pool: PgPool) {
+    let c = correlator(&pool);
+    let a = agent(&pool, "mx1", &[]).await;
+    for i in 1..=3 {
+        let block = c.on_local_block(a, net(&format!("198.51.100.{i}/32")), "slot_exhaustion", "held 8", 600).await;
+        assert!(block.unwrap().is_some());
+    }
+    assert_eq!(live(&pool).await.len(), 3);
+    assert!(c.on_local_block(a, net("198.51.100.99/32"), "slot_exhaustion", "held 8", 600).await.unwrap().is_some());
+    assert_eq!(live(&pool).await, [net("198.51.100.0/24")]);
 }
