@@ -14,6 +14,8 @@
 //! - `traffic`: the precision benchmark: a generator of a labelled
 //!   multi-host day of realistic Exim traffic (the `fleetban-traffic`
 //!   binary) and the scorer of a detector's decisions against its labels.
+//! - `precision`: the benchmark end to end: a generated fleet replayed
+//!   through the real detection and correlation, scored.
 //! - `fleet`: the whole fleet (Postgres, server, three hosts with agents, an
 //!   attacker and a client) in namespaces.
 
@@ -21,5 +23,6 @@ pub mod demo;
 pub mod demo_script;
 pub mod fleet;
 pub mod netns;
+pub mod precision;
 pub mod smtp_sim;
 pub mod traffic;

@@ -322,9 +322,15 @@ pub struct Source {
     pub actor: String,
     /// The hosts it wrote lines on.
     pub hosts: Vec<String>,
-    /// Its first line (for an attacker: its first abusive line; every line
-    /// an attacker causes is part of the attack), unix ms as written.
+    /// For a legitimate sender its first line; for an attacker its first
+    /// abusive line (the first of [`Source::attack_lines_ms`]: an abuse-kind
+    /// line, or for a slot flooder the connect of its first held session;
+    /// the connect before a brute-force attempt does not count), unix ms as
+    /// written.
     pub first_line_ms: i64,
+    /// Its first line of any kind (for an attacker, often the connect
+    /// before its first abusive line), unix ms.
+    pub first_any_line_ms: i64,
     /// Its last line, unix ms.
     pub last_line_ms: i64,
     /// Lines it caused (refusals included).
@@ -336,6 +342,10 @@ pub struct Source {
     /// For a range: the addresses inside it that wrote lines.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<IpAddr>,
+    /// For an attacker: the times of its attack lines, in order (abuse-kind
+    /// lines; for a slot flooder, the connects of the sessions it held).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attack_lines_ms: Vec<i64>,
 }
 
 /// The `labels.json` of a generated fleet.
@@ -577,6 +587,7 @@ struct Stats {
     refused: u64,
     hosts: BTreeSet<usize>,
     members: BTreeSet<IpAddr>,
+    attack_ms: Vec<i64>,
 }
 
 /// The planned fleet: generate each host's log with
@@ -1319,6 +1330,12 @@ impl Generator {
                 if kind == EventKind::RefusedTooMany {
                     st.refused += 1;
                 }
+                let class = self.sources[l.source as usize].class;
+                if class.label() == Label::Attack
+                    && (kind.is_abuse() || (class == Class::SlotFlood && kind == EventKind::Connect))
+                {
+                    st.attack_ms.push(l.time_ms);
+                }
                 if self.sources[l.source as usize].range.prefix_len()
                     < self.sources[l.source as usize].range.max_prefix_len()
                 {
@@ -1344,12 +1361,22 @@ impl Generator {
                     class: s.class,
                     actor: s.actor.clone(),
                     hosts: st.hosts.iter().map(|&h| self.host_name(h)).collect(),
-                    first_line_ms: first,
+                    first_line_ms: if s.class.label() == Label::Attack {
+                        st.attack_ms.iter().copied().min().unwrap_or(first)
+                    } else {
+                        first
+                    },
                     last_line_ms: st.last,
+                    first_any_line_ms: first,
                     lines: st.lines,
                     abuse_lines: st.abuse,
                     refused: st.refused,
                     members: st.members.iter().copied().collect(),
+                    attack_lines_ms: {
+                        let mut t = st.attack_ms.clone();
+                        t.sort_unstable();
+                        t
+                    },
                 })
             })
             .collect();
@@ -1896,6 +1923,11 @@ pub struct AttackerResult {
     pub members_covered: usize,
     /// For a range: how many members it has.
     pub members: usize,
+    /// Its attack lines (see [`Source::attack_lines_ms`]).
+    pub attack_lines: usize,
+    /// Of them, written before it was blocked (all when never blocked): the
+    /// exposure, independent of how the attack is paced.
+    pub attack_lines_before_block: usize,
 }
 
 /// Counts of one class.
@@ -1920,6 +1952,9 @@ pub struct Score {
     pub attackers_blocked: usize,
     /// Every attacker.
     pub attackers: Vec<AttackerResult>,
+    /// Attackers that never wrote an attack line (every connection refused
+    /// while a host was full): not scored.
+    pub attackers_unseen: Vec<IpNet>,
     /// Median time from an attacker's first line to its block, over the
     /// blocked ones (ms).
     pub median_time_to_block_ms: Option<i64>,
@@ -1948,10 +1983,14 @@ fn percentile(sorted: &[i64], p: usize) -> Option<i64> {
 ///   /24 or wider; single-address blocks of its members are reported as
 ///   `members_covered` but do not count).
 /// - Time to block is the first such decision's time minus the first line.
+/// - An attacker without attack lines (every connection it tried was
+///   refused because a host was full) is listed in `attackers_unseen` and
+///   not scored: it never did anything a detector could see.
 pub fn score(labels: &Labels, decisions: &[(IpNet, i64)]) -> Score {
     let mut sorted: Vec<Decision> = decisions.iter().map(|&(range, time_ms)| Decision { range, time_ms }).collect();
     sorted.sort_by_key(|d| d.time_ms);
     let mut legit_total = 0;
+    let mut unseen = Vec::new();
     let mut legit_blocked = Vec::new();
     let mut attackers = Vec::new();
     let mut classes: BTreeMap<String, ClassCount> = BTreeMap::new();
@@ -1972,6 +2011,12 @@ pub fn score(labels: &Labels, decisions: &[(IpNet, i64)]) -> Score {
                     });
                 }
             }
+            Label::Attack if s.attack_lines_ms.is_empty() => {
+                // Every attempt was refused while a host was full: nothing
+                // abusive was ever written, so there is nothing to block.
+                c.total -= 1;
+                unseen.push(s.range);
+            }
             Label::Attack => {
                 let hit = sorted.iter().find(|d| d.time_ms >= s.first_line_ms && d.range.contains(&s.range));
                 if hit.is_some() {
@@ -1991,6 +2036,9 @@ pub fn score(labels: &Labels, decisions: &[(IpNet, i64)]) -> Score {
                     time_to_block_ms: hit.map(|d| d.time_ms - s.first_line_ms),
                     members_covered,
                     members: s.members.len(),
+                    attack_lines: s.attack_lines_ms.len(),
+                    attack_lines_before_block: hit
+                        .map_or(s.attack_lines_ms.len(), |d| s.attack_lines_ms.partition_point(|&t| t < d.time_ms)),
                 });
             }
         }
@@ -2005,6 +2053,7 @@ pub fn score(labels: &Labels, decisions: &[(IpNet, i64)]) -> Score {
         p95_time_to_block_ms: percentile(&times, 95),
         legit_blocked,
         attackers,
+        attackers_unseen: unseen,
         classes,
     }
 }
@@ -2063,6 +2112,10 @@ impl fmt::Display for Score {
                 )?;
             }
         }
+        if !self.attackers_unseen.is_empty() {
+            let list: Vec<String> = self.attackers_unseen.iter().map(ToString::to_string).collect();
+            writeln!(f, "\nattackers never seen attacking (only refused), not scored: {}", list.join(", "))?;
+        }
         writeln!(f, "\nattackers:")?;
         for a in &self.attackers {
             let members = if a.members > 0 {
@@ -2073,12 +2126,20 @@ impl fmt::Display for Score {
             match (a.decision, a.time_to_block_ms) {
                 (Some(d), Some(ms)) => writeln!(
                     f,
-                    "  {:<28} {:<18} blocked by {d} after {}{members}",
+                    "  {:<28} {:<18} blocked by {d} after {} and {}/{} attack lines{members}",
                     a.range.to_string(),
                     a.class,
-                    secs(Some(ms))
+                    secs(Some(ms)),
+                    a.attack_lines_before_block,
+                    a.attack_lines
                 )?,
-                _ => writeln!(f, "  {:<28} {:<18} NOT blocked{members}", a.range.to_string(), a.class)?,
+                _ => writeln!(
+                    f,
+                    "  {:<28} {:<18} NOT blocked ({} attack lines){members}",
+                    a.range.to_string(),
+                    a.class,
+                    a.attack_lines
+                )?,
             }
         }
         Ok(())
@@ -2097,9 +2158,11 @@ mod tests {
             actor: range.to_owned(),
             hosts: vec!["mx01".into()],
             first_line_ms: first,
+            first_any_line_ms: first,
             last_line_ms: first + 1000,
             lines: 1,
             abuse_lines: 0,
+            attack_lines_ms: vec![first, first + 500, first + 5000],
             refused: 0,
             members: members.iter().map(|m| m.parse().unwrap()).collect(),
         }
@@ -2198,6 +2261,10 @@ mod tests {
         let s = score(&labels(), &[d("198.19.20.0/24", 19_000), d("198.19.20.7/32", 12_000)]);
         let a = s.attackers.iter().find(|a| a.class == Class::DistributedAuth).unwrap();
         assert_eq!(a.time_to_block_ms, Some(2000));
+        // Its attack lines are at +0, +0.5 s and +5 s: two came before the block.
+        assert_eq!((a.attack_lines_before_block, a.attack_lines), (2, 3));
+        let never = s.attackers.iter().find(|a| a.class == Class::SlowAuth).unwrap();
+        assert_eq!((never.attack_lines_before_block, never.attack_lines), (3, 3));
         assert_eq!(a.decision, Some("198.19.20.7/32".parse().unwrap()));
     }
 
@@ -2212,6 +2279,19 @@ mod tests {
         assert_eq!(json["legit_blocked"][0]["class"], "big_provider");
         assert_eq!(json["attackers_blocked"], 1);
         assert_eq!(json["median_time_to_block_ms"], 0);
+    }
+
+    #[test]
+    fn attackers_that_only_were_refused_are_not_scored() {
+        let mut l = labels();
+        let mut only_refused = src("198.19.40.201/32", Class::Dictionary, 0, &[]);
+        only_refused.attack_lines_ms.clear();
+        l.sources.push(only_refused);
+        let s = score(&l, &[]);
+        assert_eq!(s.attackers_total, 4);
+        assert_eq!(s.attackers_unseen, ["198.19.40.201/32".parse::<IpNet>().unwrap()]);
+        assert_eq!(s.classes["dictionary"], ClassCount { total: 0, blocked: 0 });
+        assert!(s.to_string().contains("not scored: 198.19.40.201/32"));
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //! - `score --labels DIR/labels.json --decisions FILE [--json]`: scores a
 //!   detector's decisions (a JSON array of `{"range": "198.19.77.0/24",
 //!   "time_ms": 1793580000000}`) against the labels.
+//! - `bench [--small] [--seed N] [--policy server.toml]`: the benchmark:
+//!   generates a fleet in memory, replays it through the real per-host
+//!   detection and fleet correlation (`fleetban_server::replay`, in a
+//!   throwaway database on the Postgres of `DATABASE_URL`, or an embedded
+//!   one) and scores the decisions.
 //! - `local [--small] [--seed N]`: a baseline, not the benchmark's figure:
 //!   generates a fleet in memory, runs each host's log through the per-host
 //!   detector alone (`fleetban_proto::detect` at its default thresholds,
@@ -76,6 +81,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The benchmark: replays a generated fleet through detection and
+    /// correlation and scores the decisions.
+    Bench {
+        /// The CI size.
+        #[arg(long)]
+        small: bool,
+        /// Seed of every random choice.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// A server config whose `[correlate]` policy is replayed (default:
+        /// the built-in defaults).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// A Postgres URL whose user may create databases (default: an
+        /// embedded cluster).
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
+        /// Print the score as JSON instead of the report.
+        #[arg(long)]
+        json: bool,
+    },
     /// Scores the per-host detector alone (no correlation) on a fleet.
     Local {
         /// The CI size.
@@ -121,7 +147,8 @@ fn local_decisions(config: Config) -> anyhow::Result<(Labels, Vec<(IpNet, i64)>)
     Ok((g.labels(), decisions))
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
     // Written through a handle so that a closed pipe is an error, not a panic.
     let mut stdout = std::io::stdout().lock();
     match Cli::parse().command {
@@ -190,6 +217,43 @@ fn main() -> anyhow::Result<()> {
                 writeln!(stdout, "{}", serde_json::to_string_pretty(&score)?)?;
             } else {
                 write!(stdout, "{score}")?;
+            }
+        }
+        Command::Bench { small, seed, policy, database_url, json } => {
+            let config = if small { Config::small(seed) } else { Config::full(seed) };
+            let policy = match policy {
+                Some(path) => {
+                    fleetban_server::config::ServerConfig::load(&path)
+                        .with_context(|| format!("--policy {}", path.display()))?
+                        .correlate
+                }
+                None => fleetban_server::correlate::CorrelateConfig::default(),
+            };
+            // The embedded cluster lives as long as this arm.
+            let (_embedded, url) = match database_url {
+                Some(url) => (None, url),
+                None => {
+                    let pg = tokio::task::spawn_blocking(fleetban_server::pgembed::EmbeddedPostgres::start)
+                        .await?
+                        .context("no DATABASE_URL and no embedded Postgres")?;
+                    let url = pg.url();
+                    (Some(pg), url)
+                }
+            };
+            let began = Instant::now();
+            let run = fleetban_tests::precision::run(config, &policy, &url).await?;
+            if json {
+                writeln!(stdout, "{}", serde_json::to_string_pretty(&run.score)?)?;
+            } else {
+                writeln!(
+                    stdout,
+                    "{} lines, {} events replayed, {} decisions, {:.1} s\n",
+                    run.lines,
+                    run.outcome.events,
+                    run.outcome.decisions.len(),
+                    began.elapsed().as_secs_f64()
+                )?;
+                write!(stdout, "{}", run.score)?;
             }
         }
         Command::Local { small, seed, json } => {
