@@ -8,8 +8,11 @@
 //! [`Labels`] file that says, for every source address (or range), whether it
 //! is legitimate or an attacker, its class, the hosts it touched and when its
 //! first line was written. [`score`] takes a detector's decisions (range,
-//! time) and reports legitimate senders blocked, attackers blocked and the
-//! time from each attacker's first line to its block.
+//! time) and reports legitimate senders blocked, attackers blocked, the
+//! time from each attacker's first abusive line to its block and how many
+//! of its attack lines came before the block. [`crate::precision`] runs
+//! the whole benchmark: a fleet through the real detection and correlation
+//! (`fleetban-traffic bench`), scored.
 //!
 //! # What makes it honest
 //!
