@@ -20,4 +20,4 @@ pub mod policy;
 /// for tests that must cover every message.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fleetban_descriptor.bin"));
 
-pub use convert::AddressError;
+pub use convert::{AddressError, canonical_ip, canonical_net};

@@ -427,12 +427,8 @@ pub async fn run(
     let mut out = Outcome::default();
     let mut list = Blocklist::default();
 
-    loop {
-        // The next step starts at the earliest unread event.
-        let Some(start) = hosts.iter().zip(&cursor).filter_map(|(h, c)| h.events.get(*c).map(|e| e.time_ms)).min()
-        else {
-            break;
-        };
+    // Each step starts at the earliest unread event.
+    while let Some(start) = hosts.iter().zip(&cursor).filter_map(|(h, c)| h.events.get(*c).map(|e| e.time_ms)).min() {
         let end = start + step_ms;
         let mut locals: Vec<Local> = Vec::new();
         // Per host: the step's events to store; per target: the host and
