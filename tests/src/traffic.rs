@@ -1825,7 +1825,7 @@ pub struct Summary {
     pub bytes: u64,
     /// Lines per host per hour, on average.
     pub lines_per_host_hour: f64,
-    /// Legitimate and attack sources in the labels.
+    /// Legitimate sources in the labels.
     pub legit_sources: usize,
     /// Attack sources in the labels.
     pub attack_sources: usize,
