@@ -54,10 +54,7 @@ use crate::ingest::{BatchError, Ingest};
 use crate::push::{Hub, Push, Subscription};
 use crate::text::Escaped;
 
-/// Metadata key of the agent id.
-pub const AGENT_ID_HEADER: &str = "x-fleetban-agent-id";
-/// Metadata key of the agent secret.
-pub const AGENT_SECRET_HEADER: &str = "x-fleetban-agent-secret";
+pub use fleetban_proto::{AGENT_ID_HEADER, AGENT_SECRET_HEADER};
 /// Frames queued towards one agent.
 const OUTBOUND_QUEUE: usize = 64;
 /// How long a new session may take to send `Hello`.
