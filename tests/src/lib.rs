@@ -11,6 +11,11 @@
 //!   tests build.
 //! - `smtp_sim`: an SMTP responder writing Exim-format log lines (the
 //!   `fleetban-smtp-sim` binary).
+//! - `traffic`: the precision benchmark: a generator of a labelled
+//!   multi-host day of realistic Exim traffic (the `fleetban-traffic`
+//!   binary) and the scorer of a detector's decisions against its labels.
+//! - `precision`: the benchmark end to end: a generated fleet replayed
+//!   through the real detection and correlation, scored.
 //! - `fleet`: the whole fleet (Postgres, server, three hosts with agents, an
 //!   attacker and a client) in namespaces.
 
@@ -18,4 +23,6 @@ pub mod demo;
 pub mod demo_script;
 pub mod fleet;
 pub mod netns;
+pub mod precision;
 pub mod smtp_sim;
+pub mod traffic;
