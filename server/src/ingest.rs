@@ -23,7 +23,7 @@
 //!   share addresses wait for each other instead of deadlocking; a deadlock or
 //!   serialization failure is retried.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -202,7 +202,16 @@ pub struct Ingest {
     creating: Arc<tokio::sync::Mutex<()>>,
     /// Batch transactions in flight at once (see [`Ingest::new`]).
     writers: Arc<tokio::sync::Semaphore>,
+    /// Good standing this process wrote lately: address → (minute of the
+    /// latest accepted mail written, verified name written). A busy sender's
+    /// row is rewritten at most once a minute (standing is judged in days),
+    /// so batches of every agent do not queue on the same rows.
+    standing_written: Arc<Mutex<HashMap<IpAddr, (i64, Option<String>)>>>,
 }
+
+/// Most addresses [`Ingest`] remembers having written standing for; past it
+/// the memory is cleared (the next writes go through again).
+const MAX_STANDING_REMEMBERED: usize = 200_000;
 
 impl Ingest {
     /// A writer on `pool`. At most a quarter of the pool's connections (at
@@ -218,6 +227,29 @@ impl Ingest {
             known_days: Arc::default(),
             creating: Arc::default(),
             writers: Arc::new(tokio::sync::Semaphore::new(writers)),
+            standing_written: Arc::default(),
+        }
+    }
+
+    /// Leaves out of `evidence` the standing rows this process wrote within
+    /// the same minute with the same name.
+    fn skip_written_standing(&self, evidence: &mut BatchEvidence) {
+        let mut written = self.standing_written.lock().unwrap_or_else(|e| e.into_inner());
+        if written.len() > MAX_STANDING_REMEMBERED {
+            written.clear();
+        }
+        evidence.standing.retain(|address, s| {
+            let minute = s.last_accepted.or(s.last_seen).map_or(0, |t| t.unix_timestamp() / 60);
+            !matches!(written.get(address), Some((m, name)) if *m >= minute && (s.host_name.is_none() || *name == s.host_name))
+        });
+    }
+
+    /// Remembers the standing rows of a committed batch.
+    fn remember_standing(&self, evidence: &BatchEvidence) {
+        let mut written = self.standing_written.lock().unwrap_or_else(|e| e.into_inner());
+        for (address, s) in &evidence.standing {
+            let minute = s.last_accepted.or(s.last_seen).map_or(0, |t| t.unix_timestamp() / 60);
+            written.insert(*address, (minute, s.host_name.clone()));
         }
     }
 
@@ -275,7 +307,8 @@ impl Ingest {
 
         self.ensure_partitions(&rows).await?;
         let events = copy_events(agent_id, seq, &rows);
-        let evidence = BatchEvidence::of(&rows);
+        let mut evidence = BatchEvidence::of(&rows);
+        self.skip_written_standing(&mut evidence);
         let abuse_addresses: Vec<IpAddr> = evidence.offenders.keys().copied().collect();
 
         // The semaphore is never closed, so acquiring only waits.
@@ -294,6 +327,7 @@ impl Ingest {
             };
             match self.write(&batch_row, events.as_deref(), &evidence).await {
                 Ok(true) => {
+                    self.remember_standing(&evidence);
                     return Ok(Outcome {
                         seq: batch.seq,
                         stored: rows.len() as u32,
