@@ -167,8 +167,23 @@ fn arb_owned() -> impl Strategy<Value = Owned> {
                 EventKind::Lost => {
                     o.helo = helo;
                     o.duration_ms = duration;
-                    o.detail = (pick % 3 != 0)
-                        .then(|| choose(&["(error: Connection reset by peer)", "while reading message data"]));
+                    o.detail = (pick % 3 != 0).then(|| {
+                        choose(&[
+                            "(error: Connection reset by peer)",
+                            "while reading message data",
+                            "while reading message data (header)",
+                            "unexpected disconnection while reading SMTP command",
+                            "unexpected disconnection while reading SMTP data (header)",
+                            "after final dot",
+                            "closed by EOF",
+                            "closed after SIGTERM",
+                            "closed SIGTERM",
+                            "closed SIGINT",
+                        ])
+                    });
+                    if o.detail.as_deref() == Some("after final dot") {
+                        o.duration_ms = None;
+                    }
                 }
                 EventKind::CommandTimeout => {
                     o.helo = helo;
@@ -265,9 +280,10 @@ proptest! {
         let line = render::render(&want, &style);
         // A host name the style writes before the HELO is the verified
         // reverse-DNS name, for the kinds whose host carries one.
-        if let Some(name) = style.host_name.as_deref()
-            && line.contains(&format!("{name} ("))
-            || style.host_name.as_deref().is_some_and(|n| line.contains(&format!("{n} [")))
+        if style
+            .host_name
+            .as_deref()
+            .is_some_and(|n| line.contains(&format!("{n} (")) || line.contains(&format!("{n} [")))
         {
             want.host_name = style.host_name.as_deref();
         }
