@@ -11,11 +11,14 @@
 //!   tests build.
 //! - `smtp_sim`: an SMTP responder writing Exim-format log lines (the
 //!   `fleetban-smtp-sim` binary).
+//! - `exim`: a real Exim daemon (self-contained configuration, started in
+//!   a namespace) and an SMTP client for driving it.
 //! - `fleet`: the whole fleet (Postgres, server, three hosts with agents, an
 //!   attacker and a client) in namespaces.
 
 pub mod demo;
 pub mod demo_script;
+pub mod exim;
 pub mod fleet;
 pub mod netns;
 pub mod smtp_sim;
