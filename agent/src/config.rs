@@ -110,42 +110,69 @@ pub struct DetectConfig {
     /// raise the slot alarm, 0 < ratio <= 1. Default: 0.9.
     #[serde(default = "default_slot_alarm_ratio")]
     pub slot_alarm_ratio: f64,
-    /// On a slot alarm, addresses holding at least this share of the
-    /// connections opened in the last `slot_window_secs` are blocked,
+    /// On a slot alarm, addresses holding at least this share of the slot
+    /// ceiling in open sessions (opened and not yet ended) are blocked,
     /// 0 < share <= 1. Default: 0.1.
     #[serde(default = "default_slot_share")]
     pub slot_share: f64,
-    /// Window of the slot-share computation, in seconds. Default: 60.
-    #[serde(default = "default_slot_window_secs")]
-    pub slot_window_secs: u32,
+    /// Obsolete (slot holders are now the addresses with open sessions);
+    /// accepted and ignored so that older configs still load.
+    #[serde(default)]
+    pub slot_window_secs: Option<u32>,
+    /// An open session whose end is never logged is forgotten after this
+    /// many seconds (Exim's `smtp_receive_timeout` plus the longest DATA
+    /// phase), 60 to 86400. Default: 900.
+    #[serde(default = "default_session_timeout_secs")]
+    pub session_timeout_secs: u32,
     /// Connects from one address within `conn_rate_window_secs` that trigger
-    /// a block. Default: 30.
+    /// a block (twice as many for an address in good standing). Default: 30.
     #[serde(default = "default_conn_rate")]
     pub conn_rate: u32,
     /// Window of the connection-rate rule, in seconds. Default: 60.
     #[serde(default = "default_conn_rate_window_secs")]
     pub conn_rate_window_secs: u32,
     /// Authentication failures from one address within `auth_window_secs`
-    /// that trigger a block. Default: 5.
+    /// that trigger a block (the `auth` rule's `per_host`). Default: 10.
     #[serde(default = "default_auth_failures")]
     pub auth_failures: u32,
     /// Distinct user names failing from one address within
     /// `auth_window_secs` that trigger a block (password spraying).
-    /// Default: 3.
+    /// Default: 5.
     #[serde(default = "default_auth_distinct_users")]
     pub auth_distinct_users: u32,
-    /// Window of the auth-failure rules, in seconds. Default: 600.
+    /// Window of the auth-failure rules, in seconds. Default: 3600.
     #[serde(default = "default_long_window_secs")]
     pub auth_window_secs: u32,
-    /// Protocol-abuse events (sync errors, too many nonmail / syntax /
-    /// unrecognized commands, protocol and syntax errors, relay attempts)
-    /// from one address within `abuse_window_secs` that trigger a block.
-    /// Default: 10.
+    /// Weighted protocol-abuse events (sync errors, protocol and syntax
+    /// errors; a drop for too many bad commands counts 3) from one address
+    /// within `abuse_window_secs` that trigger a block (the `protocol`
+    /// rule's `per_host`). Default: 10.
     #[serde(default = "default_abuse_events")]
     pub abuse_events: u32,
-    /// Window of the protocol-abuse rule, in seconds. Default: 600.
+    /// Window of the protocol-abuse rule, in seconds. Default: 3600.
     #[serde(default = "default_long_window_secs")]
     pub abuse_window_secs: u32,
+    /// Per-scenario overrides, e.g. `[detect.rules.relay] per_host = 5`
+    /// (scenarios: auth, relay, dictionary, protocol, conn_limit, acl; keys:
+    /// per_host, window_secs, distinct_users, good_standing_factor,
+    /// enforce). They win over the keys above. Default: the shipped rules
+    /// (see `deploy/server.example.toml`).
+    #[serde(default)]
+    pub rules: std::collections::BTreeMap<String, fleetban_proto::policy::RuleTable>,
+    /// Rules that run in shadow mode: they decide and report, but block
+    /// nothing (`slot_exhaustion`, `conn_rate` or a scenario name). The
+    /// server's policy may change this. Default: none.
+    #[serde(default)]
+    pub shadow_rules: Vec<String>,
+    /// Verified reverse-DNS domains (Exim's `H=name`, never the HELO) whose
+    /// senders are never blocked automatically. Default: the big mailbox
+    /// providers and ESPs (`fleetban_proto::policy::DEFAULT_PROTECTED_DOMAINS`).
+    #[serde(default)]
+    pub protected_domains: Option<Vec<String>>,
+    /// How long accepted mail or a login keeps an address in good standing,
+    /// in seconds. Default: 604800 (7 days).
+    #[serde(default = "default_good_standing_secs")]
+    pub good_standing_secs: u32,
     /// Prefix length an IPv6 offender is blocked as, 48 to 128 (the same
     /// value as the server's, which may push it). Default: 64.
     #[serde(default = "default_ipv6_block_prefix")]
@@ -167,7 +194,8 @@ impl Default for DetectConfig {
             smtp_accept_max: 0,
             slot_alarm_ratio: default_slot_alarm_ratio(),
             slot_share: default_slot_share(),
-            slot_window_secs: default_slot_window_secs(),
+            slot_window_secs: None,
+            session_timeout_secs: default_session_timeout_secs(),
             conn_rate: default_conn_rate(),
             conn_rate_window_secs: default_conn_rate_window_secs(),
             auth_failures: default_auth_failures(),
@@ -175,6 +203,10 @@ impl Default for DetectConfig {
             auth_window_secs: default_long_window_secs(),
             abuse_events: default_abuse_events(),
             abuse_window_secs: default_long_window_secs(),
+            rules: std::collections::BTreeMap::new(),
+            shadow_rules: Vec::new(),
+            protected_domains: None,
+            good_standing_secs: default_good_standing_secs(),
             ipv6_block_prefix: default_ipv6_block_prefix(),
             local_block_ttl_secs: default_local_block_ttl_secs(),
             max_tracked: default_max_tracked(),
@@ -368,8 +400,12 @@ fn default_slot_share() -> f64 {
     0.1
 }
 
-fn default_slot_window_secs() -> u32 {
-    60
+fn default_session_timeout_secs() -> u32 {
+    900
+}
+
+fn default_good_standing_secs() -> u32 {
+    604_800
 }
 
 fn default_conn_rate() -> u32 {
@@ -381,15 +417,15 @@ fn default_conn_rate_window_secs() -> u32 {
 }
 
 fn default_auth_failures() -> u32 {
-    5
+    10
 }
 
 fn default_auth_distinct_users() -> u32 {
-    3
+    5
 }
 
 fn default_long_window_secs() -> u32 {
-    600
+    3600
 }
 
 fn default_abuse_events() -> u32 {
@@ -489,7 +525,6 @@ impl DetectConfig {
         fraction("slot_alarm_ratio", self.slot_alarm_ratio)?;
         fraction("slot_share", self.slot_share)?;
         let positive = [
-            ("slot_window_secs", self.slot_window_secs),
             ("conn_rate", self.conn_rate),
             ("conn_rate_window_secs", self.conn_rate_window_secs),
             ("auth_failures", self.auth_failures),
@@ -504,8 +539,34 @@ impl DetectConfig {
                 return Err((key.to_owned(), "must be at least 1".into()));
             }
         }
+        if !(60..=86_400).contains(&self.session_timeout_secs) {
+            return Err(("session_timeout_secs".into(), "must be between 60 and 86400 seconds".into()));
+        }
+        if self.good_standing_secs == 0 {
+            return Err(("good_standing_secs".into(), "must be at least 1".into()));
+        }
+        for name in self.rules.keys() {
+            if fleetban_proto::policy::Scenario::from_name(name).is_none() {
+                return Err((
+                    format!("rules.{name}"),
+                    "is not a scenario (auth, relay, dictionary, protocol, conn_limit, acl)".into(),
+                ));
+            }
+        }
+        for name in &self.shadow_rules {
+            if fleetban_proto::detect::Rule::from_name(name).is_none() {
+                return Err((
+                    "shadow_rules".into(),
+                    format!(
+                        "{name:?} is not a rule (slot_exhaustion, conn_rate, auth, relay, dictionary, protocol, conn_limit, acl)"
+                    ),
+                ));
+            }
+        }
+        if let Err(error) = crate::detect::thresholds(self).rules.validate() {
+            return Err((format!("rules.{}.{}", error.scenario, error.key), error.problem.into()));
+        }
         for (key, value) in [
-            ("slot_window_secs", self.slot_window_secs),
             ("conn_rate_window_secs", self.conn_rate_window_secs),
             ("auth_window_secs", self.auth_window_secs),
             ("abuse_window_secs", self.abuse_window_secs),
@@ -598,13 +659,19 @@ mod tests {
         assert_eq!(detect.smtp_accept_max, 0);
         assert_eq!(detect.slot_alarm_ratio, 0.9);
         assert_eq!(detect.slot_share, 0.1);
-        assert_eq!(detect.slot_window_secs, 60);
+        assert_eq!(detect.slot_window_secs, None);
+        assert_eq!(detect.session_timeout_secs, 900);
         assert_eq!(detect.conn_rate, 30);
-        assert_eq!(detect.auth_failures, 5);
-        assert_eq!(detect.auth_distinct_users, 3);
-        assert_eq!(detect.auth_window_secs, 600);
+        assert_eq!(detect.auth_failures, 10);
+        assert_eq!(detect.auth_distinct_users, 5);
+        assert_eq!(detect.auth_window_secs, 3600);
         assert_eq!(detect.abuse_events, 10);
-        assert_eq!(detect.abuse_window_secs, 600);
+        assert_eq!(detect.abuse_window_secs, 3600);
+        assert_eq!(detect.good_standing_secs, 604_800);
+        assert!(detect.protected_domains.is_none() && detect.shadow_rules.is_empty() && detect.rules.is_empty());
+        // The shipped per-host thresholds are the shared model's.
+        let th = crate::detect::thresholds(&detect);
+        assert_eq!(th.rules, fleetban_proto::policy::Rules::default());
         assert_eq!(detect.ipv6_block_prefix, 64);
         assert_eq!(detect.max_tracked, 100_000);
     }
@@ -692,6 +759,10 @@ cidrs = ["192.0.2.0/24", "2001:db8::1"]
             ("[detect]\nconn_rate = 0\n", "detect.conn_rate"),
             ("[detect]\nipv6_block_prefix = 32\n", "detect.ipv6_block_prefix"),
             ("[detect]\nmax_tracked = 10\n", "detect.max_tracked"),
+            ("[detect]\nshadow_rules = [\"slots\"]\n", "detect.shadow_rules"),
+            ("[detect.rules.brute]\nper_host = 3\n", "detect.rules.brute"),
+            ("[detect.rules.relay]\ndistinct_users = 3\n", "detect.rules.relay.distinct_users"),
+            ("[detect]\nsession_timeout_secs = 5\n", "detect.session_timeout_secs"),
             ("[detect]\nconn_rat = 5\n", "conn_rat"),
             ("[metrics]\nlisten = \"nowhere\"\n", "listen"),
             ("addresses = [\"0.0.0.0\"]\n", "addresses[0]"),

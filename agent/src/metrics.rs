@@ -101,6 +101,32 @@ pub fn render(sources: &Sources) -> String {
             .map(|(i, rule)| (format!("{{rule=\"{}\"}}", rule.as_str()), load(&d.decisions[i])))
             .collect();
         metric(&mut out, "fleetban_agent_local_blocks_total", "counter", "Local blocks decided, by rule.", &samples);
+        let shadow: Vec<(String, u64)> = Rule::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, rule)| (format!("{{rule=\"{}\"}}", rule.as_str()), load(&d.shadow_decisions[i])))
+            .collect();
+        metric(
+            &mut out,
+            "fleetban_agent_shadow_decisions_total",
+            "counter",
+            "Decisions of rules in shadow mode (nothing blocked), by rule.",
+            &shadow,
+        );
+        metric(
+            &mut out,
+            "fleetban_agent_open_sessions",
+            "gauge",
+            "SMTP sessions open now (opened, not yet ended), as detection tracks them.",
+            &one(load(&d.open_sessions)),
+        );
+        metric(
+            &mut out,
+            "fleetban_agent_protected_spared_total",
+            "counter",
+            "Decisions not made because the sender's verified reverse DNS is protected.",
+            &one(load(&d.protected_spared)),
+        );
         metric(
             &mut out,
             "fleetban_agent_detect_tracked",

@@ -139,13 +139,20 @@ impl LineParser for DetectingParser {
             for decision in decisions {
                 let expires_at_ms = decision.time_ms + i64::from(decision.ttl_secs) * 1000;
                 let report = LocalBlock {
-                    shadow: false,
+                    shadow: decision.shadow,
                     cidr: Some(decision.net.into()),
                     reason: decision.rule.as_str().to_owned(),
                     evidence: format!("{}; last line: {}", decision.evidence, String::from_utf8_lossy(event.raw)),
                     time_ms: decision.time_ms,
                     ttl_secs: decision.ttl_secs,
                 };
+                if decision.shadow {
+                    info!(net = %decision.net, rule = decision.rule.as_str(), evidence = %decision.evidence, "Shadow decision: not blocking.");
+                    if !self.firewall.try_send(Request::Report(report)) {
+                        warn!(net = %decision.net, "Shadow decision dropped: the firewall queue is full.");
+                    }
+                    continue;
+                }
                 let entry = Entry {
                     net: decision.net,
                     expires_at_ms: Some(expires_at_ms),

@@ -12,6 +12,7 @@ pub mod v1 {
 }
 
 mod convert;
+pub mod detect;
 pub mod kind;
 pub mod policy;
 

@@ -47,6 +47,8 @@ pub enum Request {
     Delta(BlocklistDelta, oneshot::Sender<DeltaReply>),
     /// Block locally now, then report `report` to the server.
     Local(Entry, Option<LocalBlock>),
+    /// A shadow-mode decision: block nothing, only report it to the server.
+    Report(LocalBlock),
     /// Replace the never-blocked ranges.
     Exclusions(Vec<IpNet>),
     /// Run a full reconcile now.
@@ -250,6 +252,13 @@ fn handle(reconciler: &mut Reconciler, request: Request, options: &WorkerOptions
                 && reports.try_send(report).is_err()
             {
                 warn!(%net, "Local block not reported: the uplink queue is full.");
+            }
+        }
+        Request::Report(report) => {
+            if let Some(reports) = &options.reports
+                && reports.try_send(report).is_err()
+            {
+                warn!("Shadow decision not reported: the uplink queue is full.");
             }
         }
         Request::Exclusions(exclude) => {

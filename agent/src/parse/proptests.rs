@@ -280,11 +280,7 @@ proptest! {
         let line = render::render(&want, &style);
         // A host name the style writes before the HELO is the verified
         // reverse-DNS name, for the kinds whose host carries one.
-        if style
-            .host_name
-            .as_deref()
-            .is_some_and(|n| line.contains(&format!("{n} (")) || line.contains(&format!("{n} [")))
-        {
+        if style.host_name.as_deref().is_some_and(|n| line.contains(&format!("{n} (")) || line.contains(&format!("{n} ["))) {
             want.host_name = style.host_name.as_deref();
         }
         let got = parse_line(line.as_bytes());
