@@ -215,7 +215,11 @@ mod tests {
     #[test]
     fn example_config_parses_to_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/server.example.toml");
-        let cfg = ServerConfig::load(&path).unwrap();
+        let mut cfg = ServerConfig::load(&path).unwrap();
+        // Every scenario's table is spelled out, with the shipped values.
+        assert_eq!(cfg.correlate.rules.len(), fleetban_proto::policy::Scenario::ALL.len());
+        assert_eq!(cfg.correlate.resolved_rules(), fleetban_proto::policy::Rules::default());
+        cfg.correlate.rules.clear();
         let defaults =
             ServerConfig { database_url: cfg.database_url.clone(), tls: cfg.tls.clone(), ..ServerConfig::default() };
         assert_eq!(cfg, defaults, "deploy/server.example.toml must document the defaults");

@@ -1,5 +1,5 @@
 //! Fleet correlation: turns per-address evidence from many agents into fleet
-//! blocks.
+//! blocks, with the shared evidence model of `fleetban_proto::policy`.
 //!
 //! This module owns the policy (`[correlate]` in the server TOML,
 //! [`CorrelateConfig`]) and the [`Correlator`] that applies it. After ingest
@@ -7,24 +7,41 @@
 //! the batch touched; an agent's `LocalBlock` goes to
 //! [`Correlator::on_local_block`]. The rules:
 //!
-//! - **fleet**: abuse from one address on at least `min_hosts` distinct agents
-//!   within `window_secs` (`offender_hosts.last_seen`, kept by ingest);
-//! - **single host**: at least `single_host_threshold` abuse events from one
-//!   address on the reporting agent within `window_secs` (counted in `events`);
+//! - **scenarios** (`auth`, `relay`, `dictionary`, `protocol`, `conn_limit`,
+//!   `acl`): each abuse kind feeds one scenario with its weight; a scenario
+//!   blocks when one host's weighted events (`per_host`), or the fleet's
+//!   spread over `min_hosts` hosts (`fleet`), within its `window_secs` meet
+//!   its threshold ([`policy::judge`]). Context lines (connects, the global
+//!   refusals everyone gets while a host is full, lost sessions, TLS errors,
+//!   accepted mail) are never evidence. Counts come from `evidence_minutes`
+//!   and `auth_users`, kept by ingest;
+//! - **good standing**: an address that delivered accepted mail or logged in
+//!   within `good_standing_secs` (`sender_standing`) needs each rule's
+//!   `good_standing_factor` times the evidence (0 = never);
+//! - **protected senders**: a verified reverse-DNS name in
+//!   `protected_domains` is never blocked automatically, only by an
+//!   operator;
 //! - **local block**: an agent's own block is a fleet block at once when
-//!   `trust_local_blocks`;
+//!   `trust_local_blocks`, unless the address is protected, or in good
+//!   standing and the agent's rule is a scenario (its one host's evidence is
+//!   then not enough; a slot flood or connection flood still is);
 //! - **prefix**: `prefix_min_addresses` blocked addresses in one /24, or /64s
-//!   in one /48, within `prefix_window_secs` make a block of the prefix, which
-//!   retires the blocks inside it;
-//! - an IPv6 address is judged and blocked as its /`ipv6_block_prefix`: with
-//!   64, every address of a /64 counts as the same attacker;
+//!   in one /48, within `prefix_window_secs` make a block of the prefix,
+//!   which retires the blocks inside it. Only clearly abusive blocks count:
+//!   never one of an address in good standing;
+//! - an IPv6 address is judged and blocked as its /`ipv6_block_prefix`;
 //! - the n-th block of a range within `offence_window_secs` lasts
 //!   `ttl_secs[n-1]` (the last value repeats); blocks an operator revoked do
 //!   not count as offences, nor towards a prefix;
+//! - **shadow mode**: a rule named in `shadow_rules` (or a scenario table
+//!   with `enforce = false`) records what it would have blocked in
+//!   `shadow_decisions` and blocks nothing;
 //! - never: allowlisted, `never_block` or fleet-own ranges, nor over-broad ones
 //!   (enforced by [`crate::blocks`] for every creator). An IPv6 /64 refused
 //!   because it holds such an address falls back to the attacker's /128.
 //!
+//! Every evaluation takes the time it judges at as a parameter, so the
+//! replay (`crate::replay`) runs the same code over past traffic.
 //! Every decision records its [`Evidence`] as the block's JSON evidence.
 //! Decisions about one range are serialised by a transaction-level advisory
 //! lock on it, so concurrent batches about one attacker make one block.
@@ -34,7 +51,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetban_proto::v1::EventKind;
+use fleetban_proto::detect::Rule as LocalRule;
+use fleetban_proto::policy::{self, Count, DEFAULT_PROTECTED_DOMAINS, RuleTable, Rules, Scenario, Tally, Verdict};
+use fleetban_proto::v1::{EventKind, Policy, RulePolicy};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
@@ -48,14 +67,28 @@ use crate::blocks::{self, Block, BlockError, BlockSource, NewBlock, Refusal};
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CorrelateConfig {
-    /// Distinct agents that must see abuse from one address within
-    /// `window_secs` for a fleet block. Default 2.
-    pub min_hosts: u32,
-    /// Sliding evidence window, seconds. Default 600.
-    pub window_secs: u64,
-    /// Abuse events from one address on one agent within `window_secs` that
-    /// make a fleet block on their own. Default 50.
-    pub single_host_threshold: u32,
+    /// Replaced by the scenario rules (`[correlate.rules.<scenario>]
+    /// min_hosts`); refused with a message that says so.
+    pub min_hosts: Option<u32>,
+    /// Replaced by the scenario rules' `window_secs`; refused.
+    pub window_secs: Option<u64>,
+    /// Replaced by the scenario rules' `per_host`; refused.
+    pub single_host_threshold: Option<u32>,
+    /// Per-scenario rules (`auth`, `relay`, `dictionary`, `protocol`,
+    /// `conn_limit`, `acl`), each key optional: `per_host`, `fleet`,
+    /// `min_hosts`, `window_secs`, `distinct_users`, `good_standing_factor`,
+    /// `enforce`. Default: the shipped rules (`deploy/server.example.toml`).
+    pub rules: BTreeMap<String, RuleTable>,
+    /// Rules that run in shadow mode (record, never block): scenario names,
+    /// `local_block` (agents' local blocks), `prefix`, and the agents' own
+    /// `slot_exhaustion` and `conn_rate` (pushed to them). Default: none.
+    pub shadow_rules: Vec<String>,
+    /// How long accepted mail or a login keeps an address in good standing,
+    /// seconds. Default 604800 (7 days).
+    pub good_standing_secs: u64,
+    /// Verified reverse-DNS domains never blocked automatically. Default: the
+    /// big mailbox providers and ESPs.
+    pub protected_domains: Option<Vec<String>>,
     /// Blocked addresses in one /24 (IPv4) or /48 (IPv6, counting /64s)
     /// within `prefix_window_secs` that escalate to a block of the prefix.
     /// Default 4.
@@ -99,12 +132,19 @@ pub const DEFAULT_NEVER_BLOCK: &[&str] = &[
     "fc00::/7",
 ];
 
+/// Rule names `shadow_rules` accepts besides the scenarios.
+const OTHER_RULES: [&str; 4] = ["local_block", "prefix", "slot_exhaustion", "conn_rate"];
+
 impl Default for CorrelateConfig {
     fn default() -> Self {
         CorrelateConfig {
-            min_hosts: 2,
-            window_secs: 600,
-            single_host_threshold: 50,
+            min_hosts: None,
+            window_secs: None,
+            single_host_threshold: None,
+            rules: BTreeMap::new(),
+            shadow_rules: Vec::new(),
+            good_standing_secs: 604_800,
+            protected_domains: None,
             prefix_min_addresses: 4,
             prefix_window_secs: 86_400,
             ipv6_block_prefix: 64,
@@ -124,7 +164,7 @@ impl Default for CorrelateConfig {
 #[error("correlate.{key}: {problem}")]
 pub struct ConfigError {
     /// The offending key.
-    pub key: &'static str,
+    pub key: String,
     /// What is wrong with it.
     pub problem: String,
 }
@@ -132,15 +172,45 @@ pub struct ConfigError {
 impl CorrelateConfig {
     /// Checks values that deserialize but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let err = |key, problem: &str| Err(ConfigError { key, problem: problem.to_owned() });
-        if self.min_hosts == 0 {
-            return err("min_hosts", "must be at least 1");
+        let err = |key: &str, problem: &str| Err(ConfigError { key: key.to_owned(), problem: problem.to_owned() });
+        if self.min_hosts.is_some() {
+            return err("min_hosts", "was replaced by per-scenario rules: set [correlate.rules.<scenario>] min_hosts");
         }
-        if self.window_secs == 0 {
-            return err("window_secs", "must be at least 1");
+        if self.window_secs.is_some() {
+            return err(
+                "window_secs",
+                "was replaced by per-scenario rules: set [correlate.rules.<scenario>] window_secs",
+            );
         }
-        if self.single_host_threshold == 0 {
-            return err("single_host_threshold", "must be at least 1");
+        if self.single_host_threshold.is_some() {
+            return err(
+                "single_host_threshold",
+                "was replaced by per-scenario rules: set [correlate.rules.<scenario>] per_host",
+            );
+        }
+        for name in self.rules.keys() {
+            if Scenario::from_name(name).is_none() {
+                return err(
+                    &format!("rules.{name}"),
+                    "is not a scenario (auth, relay, dictionary, protocol, conn_limit, acl)",
+                );
+            }
+        }
+        for name in &self.shadow_rules {
+            if Scenario::from_name(name).is_none() && !OTHER_RULES.contains(&name.as_str()) {
+                return err(
+                    "shadow_rules",
+                    &format!(
+                        "{name:?} is not a rule (auth, relay, dictionary, protocol, conn_limit, acl, local_block, prefix, slot_exhaustion, conn_rate)"
+                    ),
+                );
+            }
+        }
+        if let Err(e) = self.resolved_rules().validate() {
+            return err(&format!("rules.{}.{}", e.scenario, e.key), e.problem);
+        }
+        if self.good_standing_secs == 0 || self.good_standing_secs > 31_536_000 {
+            return err("good_standing_secs", "must be between 1 and 31536000 (a year)");
         }
         if self.prefix_min_addresses < 2 {
             return err("prefix_min_addresses", "must be at least 2");
@@ -159,6 +229,64 @@ impl CorrelateConfig {
         }
         Ok(())
     }
+
+    /// The scenario rules in force: the shipped ones with the configured
+    /// tables applied and `shadow_rules` set.
+    pub fn resolved_rules(&self) -> Rules {
+        let mut rules = Rules::default();
+        for scenario in Scenario::ALL {
+            let mut rule = self.rules.get(scenario.as_str()).copied().unwrap_or_default().resolve(scenario);
+            rule.shadow |= self.is_shadow(scenario.as_str());
+            rules.set(scenario, rule);
+        }
+        rules
+    }
+
+    /// Whether the rule named `name` runs in shadow mode by `shadow_rules`.
+    pub fn is_shadow(&self, name: &str) -> bool {
+        self.shadow_rules.iter().any(|n| n == name)
+    }
+
+    /// The protected domains in force.
+    pub fn protected_domains(&self) -> Vec<String> {
+        match &self.protected_domains {
+            Some(list) => list.clone(),
+            None => DEFAULT_PROTECTED_DOMAINS.iter().map(|d| (*d).to_owned()).collect(),
+        }
+    }
+
+    /// The policy pushed to every agent on Hello: the IPv6 block prefix, the
+    /// per-host parts of the scenario rules the operator configured, the
+    /// shadow flags of the agents' own rules, and the protected domains and
+    /// good-standing time when configured. A field left at zero keeps the
+    /// agent's own value.
+    pub fn agent_policy(&self) -> Policy {
+        let resolved = self.resolved_rules();
+        let mut rules: Vec<RulePolicy> = resolved
+            .to_proto()
+            .into_iter()
+            .filter(|r| self.rules.contains_key(&r.name) || self.is_shadow(&r.name))
+            .collect();
+        for local in [LocalRule::SlotExhaustion, LocalRule::ConnRate] {
+            rules.push(RulePolicy {
+                name: local.as_str().to_owned(),
+                shadow: self.is_shadow(local.as_str()),
+                ..RulePolicy::default()
+            });
+        }
+        Policy {
+            ipv6_block_prefix: u32::from(self.ipv6_block_prefix),
+            rules,
+            protected_domains: self.protected_domains.clone().unwrap_or_default(),
+            protected_domains_set: self.protected_domains.is_some(),
+            good_standing_secs: if self.good_standing_secs == 604_800 {
+                0
+            } else {
+                u32::try_from(self.good_standing_secs).unwrap_or(u32::MAX)
+            },
+            ..Policy::default()
+        }
+    }
 }
 
 /// The stored names (`events.kind`, `offender_hosts.kind`) of the event kinds
@@ -167,14 +295,20 @@ pub fn abuse_kinds() -> Vec<&'static str> {
     EventKind::ALL.into_iter().filter(|k| k.is_abuse()).map(EventKind::as_str).collect()
 }
 
-/// Block reason: abuse seen on `min_hosts` agents.
+/// Block reason: a scenario's fleet threshold (evidence from several agents).
 pub const REASON_FLEET: &str = "fleet_correlation";
-/// Block reason: `single_host_threshold` events on one agent.
+/// Block reason: a scenario's per-host threshold, seen by the server.
 pub const REASON_SINGLE_HOST: &str = "single_host";
 /// Block reason: an agent's local block.
 pub const REASON_LOCAL: &str = "local_block";
 /// Block reason: prefix escalation.
 pub const REASON_PREFIX: &str = "prefix";
+
+/// Metric: decisions of rules in shadow mode, by rule.
+pub const SHADOW_DECISIONS: &str = "fleetban_shadow_decisions_total";
+/// Metric: automatic decisions not made, by why (`protected`,
+/// `good_standing`).
+pub const SPARED: &str = "fleetban_correlate_spared_total";
 
 /// Sample raw lines kept in a decision's evidence.
 const MAX_SAMPLES: usize = 5;
@@ -182,9 +316,11 @@ const MAX_SAMPLES: usize = 5;
 const MAX_ADDRESSES: usize = 64;
 /// Longest agent-supplied evidence text kept, bytes.
 const MAX_LOCAL_EVIDENCE_BYTES: usize = 4096;
-
 /// Longest agent-supplied rule name kept, bytes.
 const MAX_LOCAL_REASON_BYTES: usize = 128;
+/// A shadow decision about a range is recorded at most once per this long
+/// per rule.
+const SHADOW_REPEAT: Duration = Duration::from_secs(3_600);
 
 /// `text` cut to at most `max` bytes on a character boundary.
 fn truncated(text: &str, max: usize) -> String {
@@ -211,9 +347,21 @@ pub struct Evidence {
     /// The rule that fired: `fleet_correlation`, `single_host`,
     /// `local_block` or `prefix`.
     pub rule: String,
+    /// The scenario whose threshold was met, for a scenario verdict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scenario: Option<Scenario>,
+    /// The verdict in one line (counts, window, threshold).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub verdict: String,
+    /// The address was in good standing (the thresholds were raised).
+    pub good_standing: bool,
+    /// Whether this block counts towards a prefix escalation (only clearly
+    /// abusive ones do; absent in older blocks = true).
+    #[serde(default = "yes")]
+    pub escalates: bool,
     /// Agents that saw abuse from the range.
     pub agents: BTreeSet<Uuid>,
-    /// Abuse events by kind.
+    /// Abuse events by kind, within each kind's rule window.
     pub kinds: BTreeMap<String, i64>,
     /// Abuse events in all.
     pub events: i64,
@@ -235,6 +383,10 @@ pub struct Evidence {
     pub local: Option<LocalEvidence>,
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// What an agent said about its local block.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LocalEvidence {
@@ -247,7 +399,8 @@ pub struct LocalEvidence {
 }
 
 impl Evidence {
-    fn to_json(&self) -> serde_json::Value {
+    /// The JSON stored with a block or shadow decision.
+    pub fn to_json(&self) -> serde_json::Value {
         // Serialising plain data (strings, numbers, UTC timestamps) cannot fail.
         serde_json::to_value(self).unwrap_or_else(|_| serde_json::json!({ "rule": self.rule }))
     }
@@ -258,7 +411,65 @@ impl Evidence {
     }
 }
 
-/// Which threshold rule an address met.
+/// What the store knows about one range at one time: the evaluation of
+/// [`Correlator::assess`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Assessment {
+    /// The counts, standing and protection the verdict is judged on.
+    pub tally: Tally,
+    /// Abuse events by (agent, kind) within each kind's window, with the
+    /// first and last minute seen.
+    pub per_agent: Vec<(Uuid, String, i64, OffsetDateTime, OffsetDateTime)>,
+    /// The verified reverse-DNS names seen for the range.
+    pub host_names: Vec<String>,
+}
+
+/// A decision the correlation made (or would make, in shadow mode).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    /// The range.
+    pub target: IpNet,
+    /// The scenario verdict.
+    pub verdict: Verdict,
+    /// The evidence to store.
+    pub evidence: Evidence,
+}
+
+/// Why an automatic decision was not made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spared {
+    /// The sender's verified reverse DNS is in a protected domain.
+    Protected,
+    /// The sender is in good standing and one host's evidence is not enough.
+    GoodStanding,
+}
+
+impl Spared {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Spared::Protected => "protected",
+            Spared::GoodStanding => "good_standing",
+        }
+    }
+}
+
+/// Whether an agent's local block for `reason` may become a fleet block of
+/// a range with `tally`: never for a protected sender; for one in good
+/// standing only a slot or connection flood (the agent has already doubled
+/// those thresholds), never one host's scenario evidence.
+pub fn judge_local(tally: &Tally, reason: &str) -> Result<(), Spared> {
+    if tally.protected {
+        return Err(Spared::Protected);
+    }
+    let flood = matches!(LocalRule::from_name(reason), Some(LocalRule::SlotExhaustion | LocalRule::ConnRate));
+    if tally.good_standing && !flood {
+        return Err(Spared::GoodStanding);
+    }
+    Ok(())
+}
+
+/// Which rule an automatic decision is recorded under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Rule {
     Fleet,
@@ -281,6 +492,8 @@ impl Rule {
 pub struct Correlator {
     pool: PgPool,
     config: Arc<CorrelateConfig>,
+    rules: Rules,
+    protected: Arc<Vec<String>>,
 }
 
 /// Seconds as the `double precision` that `make_interval(secs => ..)` takes.
@@ -334,7 +547,7 @@ fn canonical_net(net: IpNet) -> IpNet {
 
 /// The prefix an escalation of `range` would block, with the prefix length of
 /// the units counted inside it: /24 counting addresses, /48 counting /64s.
-fn escalation_prefix(range: IpNet) -> Option<(IpNet, u8)> {
+pub fn escalation_prefix(range: IpNet) -> Option<(IpNet, u8)> {
     let (len, unit) = match range {
         IpNet::V4(_) => (24, 32),
         IpNet::V6(_) => (48, 64),
@@ -345,15 +558,54 @@ fn escalation_prefix(range: IpNet) -> Option<(IpNet, u8)> {
     IpNet::new(range.addr(), len).ok().map(|p| (p.trunc(), unit))
 }
 
+/// The tally of per-(agent, kind) counts and per-agent failing users.
+fn tally(per_agent: &[(Uuid, String, i64, OffsetDateTime, OffsetDateTime)], users: &[(Option<Uuid>, i64)]) -> Tally {
+    let mut t = Tally::default();
+    // Per scenario, per agent: weighted events.
+    let mut by_agent: [BTreeMap<Uuid, u64>; 6] = Default::default();
+    for (agent, kind, n, _, _) in per_agent {
+        let Some(kind) = EventKind::from_name(kind) else { continue };
+        let Some(scenario) = kind.scenario() else { continue };
+        let w = u64::from(kind.weight()) * u64::try_from(*n).unwrap_or(0);
+        *by_agent[scenario.index()].entry(*agent).or_default() += w;
+    }
+    let clamp = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+    for scenario in Scenario::ALL {
+        let m = &by_agent[scenario.index()];
+        t.counts[scenario.index()] = Count {
+            host_max: clamp(m.values().copied().max().unwrap_or(0)),
+            fleet: clamp(m.values().sum()),
+            hosts: clamp(m.values().filter(|v| **v > 0).count() as u64),
+            ..Count::default()
+        };
+    }
+    let auth = &mut t.counts[Scenario::Auth.index()];
+    for (agent, n) in users {
+        let n = clamp(u64::try_from(*n).unwrap_or(0));
+        match agent {
+            Some(_) => auth.host_users = auth.host_users.max(n),
+            None => auth.fleet_users = n,
+        }
+    }
+    t
+}
+
 impl Correlator {
     /// A correlator deciding with `config` (already validated).
     pub fn new(pool: PgPool, config: CorrelateConfig) -> Self {
-        Correlator { pool, config: Arc::new(config) }
+        let rules = config.resolved_rules();
+        let protected = Arc::new(config.protected_domains());
+        Correlator { pool, config: Arc::new(config), rules, protected }
     }
 
     /// The policy in force.
     pub fn config(&self) -> &CorrelateConfig {
         &self.config
+    }
+
+    /// The scenario rules in force.
+    pub fn rules(&self) -> &Rules {
+        &self.rules
     }
 
     /// The range an attacker at `addr` is judged and blocked as.
@@ -365,19 +617,151 @@ impl Correlator {
         }
     }
 
-    fn never_blocked(&self, range: IpNet) -> bool {
+    /// Whether `range` is in a `never_block` range.
+    pub fn never_blocked(&self, range: IpNet) -> bool {
         self.config.never_block.iter().any(|r| r.contains(&range) || range.contains(r))
     }
 
     /// The TTL of a block that is offence number `earlier + 1`.
-    fn ttl(&self, earlier: i64) -> Duration {
+    pub fn ttl(&self, earlier: i64) -> Duration {
         let i = usize::try_from(earlier).unwrap_or(usize::MAX).min(self.config.ttl_secs.len().saturating_sub(1));
         Duration::from_secs(self.config.ttl_secs.get(i).copied().unwrap_or(3_600))
     }
 
+    /// What the store knows about `range` at `now`: per-scenario counts
+    /// within each rule's window, failing users, good standing and the
+    /// verified names (protection).
+    pub async fn assess(
+        &self,
+        conn: &mut PgConnection,
+        range: IpNet,
+        now: OffsetDateTime,
+    ) -> Result<Assessment, sqlx::Error> {
+        let (kinds, windows): (Vec<&str>, Vec<f64>) = EventKind::ALL
+            .into_iter()
+            .filter_map(|k| k.scenario().map(|s| (k.as_str(), f64::from(self.rules.get(s).window_secs))))
+            .unzip();
+        let per_agent: Vec<(Uuid, String, i64, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(
+            "select em.agent_id, em.kind, sum(em.events)::int8, min(em.minute), max(em.minute) \
+             from evidence_minutes em join unnest($2::text[], $3::float8[]) as w(kind, secs) on em.kind = w.kind \
+             where em.address between fleetban_first($1::cidr) and fleetban_last($1::cidr) \
+             and em.minute > $4 - make_interval(secs => w.secs) and em.minute <= $4 \
+             group by em.agent_id, em.kind",
+        )
+        .bind(range)
+        .bind(&kinds)
+        .bind(&windows)
+        .bind(now)
+        .fetch_all(&mut *conn)
+        .await?;
+        let auth_window = f64::from(self.rules.get(Scenario::Auth).window_secs);
+        let users: Vec<(Option<Uuid>, i64)> = if per_agent.iter().any(|(_, k, ..)| k == EventKind::AuthFailed.as_str())
+        {
+            sqlx::query_as(
+                "select agent_id, count(distinct auth_user) from auth_users \
+                 where address between fleetban_first($1::cidr) and fleetban_last($1::cidr) \
+                 and last_seen > $2 - make_interval(secs => $3) and last_seen <= $2 \
+                 group by grouping sets ((agent_id), ())",
+            )
+            .bind(range)
+            .bind(now)
+            .bind(auth_window)
+            .fetch_all(&mut *conn)
+            .await?
+        } else {
+            Vec::new()
+        };
+        let (good, host_names): (Option<bool>, Option<Vec<String>>) = sqlx::query_as(
+            "select bool_or(last_accepted > $2 - make_interval(secs => $3) and last_accepted <= $2), \
+                    array_agg(distinct host_name) filter (where host_name is not null) \
+             from (select last_accepted, host_name from sender_standing \
+                   where address between fleetban_first($1::cidr) and fleetban_last($1::cidr) limit 256) s",
+        )
+        .bind(range)
+        .bind(now)
+        .bind(secs(self.config.good_standing_secs))
+        .fetch_one(&mut *conn)
+        .await?;
+        let host_names = host_names.unwrap_or_default();
+        let mut t = tally(&per_agent, &users);
+        t.good_standing = good.unwrap_or(false);
+        t.protected = host_names.iter().any(|n| policy::is_protected(n, &self.protected));
+        Ok(Assessment { tally: t, per_agent, host_names })
+    }
+
+    /// Judges `range` at `now`: the finding it makes, if any (in shadow mode
+    /// too; the caller decides what to do with it). Reads only.
+    pub async fn evaluate(
+        &self,
+        conn: &mut PgConnection,
+        range: IpNet,
+        now: OffsetDateTime,
+    ) -> Result<Option<Finding>, sqlx::Error> {
+        let a = self.assess(conn, range, now).await?;
+        let Some(verdict) = policy::judge(&self.rules, &a.tally) else {
+            if a.tally.protected && policy::judge(&self.rules, &Tally { protected: false, ..a.tally }).is_some() {
+                metrics::counter!(SPARED, "why" => "protected").increment(1);
+            }
+            return Ok(None);
+        };
+        let rule = match verdict.scope {
+            policy::Scope::Fleet => Rule::Fleet,
+            policy::Scope::Host => Rule::SingleHost,
+        };
+        let mut evidence = Evidence {
+            rule: rule.reason().to_owned(),
+            scenario: Some(verdict.scenario),
+            verdict: verdict.describe(self.rules.get(verdict.scenario)),
+            good_standing: verdict.good_standing,
+            escalates: !verdict.good_standing,
+            ..Evidence::default()
+        };
+        for (agent, kind, n, first, last) in &a.per_agent {
+            evidence.agents.insert(*agent);
+            *evidence.kinds.entry(kind.clone()).or_default() += n;
+            evidence.events += n;
+            evidence.see(*first, *last);
+        }
+        self.samples(conn, range, now, &mut evidence).await?;
+        Ok(Some(Finding { target: range, verdict, evidence }))
+    }
+
+    /// Adds the range's offending addresses and a few sample lines.
+    async fn samples(
+        &self,
+        conn: &mut PgConnection,
+        range: IpNet,
+        now: OffsetDateTime,
+        ev: &mut Evidence,
+    ) -> Result<(), sqlx::Error> {
+        let window = f64::from(self.rules.longest_window_secs());
+        let hosts: Vec<(IpNet, Option<String>)> = sqlx::query_as(
+            "select address, sample_raw from offender_hosts \
+             where address between fleetban_first($1::cidr) and fleetban_last($1::cidr) \
+             and last_seen >= $2 - make_interval(secs => $3) \
+             order by last_seen desc limit $4",
+        )
+        .bind(range)
+        .bind(now)
+        .bind(window)
+        .bind(i64::try_from(MAX_ADDRESSES).unwrap_or(i64::MAX))
+        .fetch_all(&mut *conn)
+        .await?;
+        for (address, sample) in hosts {
+            ev.addresses.insert(address.addr().to_string());
+            if let Some(sample) = sample.filter(|s| !s.is_empty())
+                && ev.samples.len() < MAX_SAMPLES
+                && !ev.samples.contains(&sample)
+            {
+                ev.samples.push(sample);
+            }
+        }
+        Ok(())
+    }
+
     /// After a batch from `agent_id` committed: evaluates the abuse addresses
     /// it touched and returns the blocks created (prefix blocks included).
-    pub async fn on_batch(&self, agent_id: Uuid, addresses: &[IpAddr]) -> Result<Vec<Block>, CorrelateError> {
+    pub async fn on_batch(&self, _agent_id: Uuid, addresses: &[IpAddr]) -> Result<Vec<Block>, CorrelateError> {
         // Target range → one address of the batch inside it.
         let mut targets: BTreeMap<IpNet, IpAddr> = BTreeMap::new();
         for addr in addresses {
@@ -390,50 +774,107 @@ impl Correlator {
             return Ok(Vec::new());
         }
         let list: Vec<IpNet> = targets.keys().copied().collect();
-        let window = secs(self.config.window_secs);
-        let candidates: Vec<(IpNet, i64, i64)> = sqlx::query_as(
-            "select t.target, \
-               (select count(distinct oh.agent_id) from offender_hosts oh \
-                  where oh.address between fleetban_first(t.target) and fleetban_last(t.target) and oh.last_seen >= now() - make_interval(secs => $2)), \
-               (select count(*) from (select 1 from events e \
-                  where e.remote between fleetban_first(t.target) and fleetban_last(t.target) and e.agent_id = $3 \
-                  and e.time >= now() - make_interval(secs => $2) and e.kind = any($4) limit $5) x) \
-             from unnest($1::cidr[]) as t(target) \
+        let open: Vec<IpNet> = sqlx::query_scalar(
+            "select t.target from unnest($1::cidr[]) as t(target) \
              where not exists (select 1 from blocks b where b.revoked_at is null and b.cidr >>= t.target \
                                and (b.expires_at is null or b.expires_at > now()))",
         )
         .bind(&list)
-        .bind(window)
-        .bind(agent_id)
-        .bind(abuse_kinds())
-        .bind(i64::from(self.config.single_host_threshold))
         .fetch_all(&self.pool)
         .await?;
-
+        let now = OffsetDateTime::now_utc();
         let mut created = Vec::new();
-        for (target, hosts, single) in candidates {
-            let rule = if hosts >= i64::from(self.config.min_hosts) {
-                Rule::Fleet
-            } else if single >= i64::from(self.config.single_host_threshold) {
-                Rule::SingleHost
-            } else {
-                continue;
+        let touched: BTreeSet<IpNet> = open.iter().copied().collect();
+        for target in open {
+            let finding = {
+                let mut conn = self.pool.acquire().await?;
+                self.evaluate(&mut conn, target, now).await?
             };
+            let Some(finding) = finding else { continue };
+            if finding.verdict.shadow {
+                self.record_shadow(
+                    finding.target,
+                    finding.verdict.scenario.as_str(),
+                    BlockSource::Auto,
+                    None,
+                    &finding.evidence,
+                )
+                .await?;
+                continue;
+            }
+            let rule = if finding.verdict.scope == policy::Scope::Fleet { Rule::Fleet } else { Rule::SingleHost };
             let addr = targets.get(&target).copied().unwrap_or(target.addr());
-            if let Some(block) = self.decide(target, addr, rule, None).await? {
+            if let Some(block) = self.decide(target, addr, rule, finding.evidence, None).await? {
                 let prefix = self.escalate(block.cidr).await?;
                 created.push(block);
                 created.extend(prefix);
             }
         }
+        created.extend(self.campaigns(&touched).await?);
         Ok(created)
     }
 
+    /// Records what a rule in shadow mode would have blocked (once per
+    /// range and rule within [`SHADOW_REPEAT`]); true when recorded.
+    pub async fn record_shadow(
+        &self,
+        cidr: IpNet,
+        rule: &str,
+        source: BlockSource,
+        agent_id: Option<Uuid>,
+        evidence: &Evidence,
+    ) -> Result<bool, sqlx::Error> {
+        let inserted = sqlx::query(
+            "insert into shadow_decisions (cidr, rule, source, agent_id, evidence) \
+             select $1, $2, $3, $4, $5 where not exists (select 1 from shadow_decisions \
+               where cidr = $1::cidr and rule = $2 and decided_at > now() - make_interval(secs => $6))",
+        )
+        .bind(cidr)
+        .bind(rule)
+        .bind(source.as_str())
+        .bind(agent_id)
+        .bind(evidence.to_json())
+        .bind(secs(SHADOW_REPEAT.as_secs()))
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            > 0;
+        if inserted {
+            metrics::counter!(SHADOW_DECISIONS, "rule" => rule.to_owned()).increment(1);
+            tracing::info!(%cidr, rule, source = source.as_str(), "Shadow decision: would block, blocking nothing.");
+        }
+        Ok(inserted)
+    }
+
+    /// An agent's shadow-mode `LocalBlock`: recorded, nothing blocked.
+    pub async fn on_shadow_local_block(
+        &self,
+        agent_id: Uuid,
+        cidr: IpNet,
+        reason: &str,
+        evidence: &str,
+    ) -> Result<bool, CorrelateError> {
+        let target = canonical_net(cidr);
+        let ev = Evidence {
+            rule: REASON_LOCAL.to_owned(),
+            agents: BTreeSet::from([agent_id]),
+            local: Some(LocalEvidence {
+                agent_id,
+                reason: truncated(reason, MAX_LOCAL_REASON_BYTES),
+                evidence: truncated(evidence, MAX_LOCAL_EVIDENCE_BYTES),
+            }),
+            ..Evidence::default()
+        };
+        let rule = truncated(reason, MAX_LOCAL_REASON_BYTES);
+        Ok(self.record_shadow(target, &rule, BlockSource::Agent, Some(agent_id), &ev).await?)
+    }
+
     /// An agent's `LocalBlock`: makes it a fleet block (unless
-    /// `trust_local_blocks` is off, the range is already covered, or policy
-    /// refuses it). The TTL is the offence TTL, at least the agent's own.
-    /// A prefix escalation it causes is created too (visible in the change
-    /// log), but only the block of `cidr` is returned.
+    /// `trust_local_blocks` is off, the range is already covered, protected,
+    /// in good standing for a scenario rule, or policy refuses it). The TTL
+    /// is the offence TTL, at least the agent's own. A prefix escalation it
+    /// causes is created too (visible in the change log), but only the block
+    /// of `cidr` is returned.
     pub async fn on_local_block(
         &self,
         agent_id: Uuid,
@@ -452,27 +893,57 @@ impl Correlator {
         {
             target = self.target(target.addr());
         }
+        if self.config.is_shadow(REASON_LOCAL) || self.config.is_shadow(reason) {
+            self.on_shadow_local_block(agent_id, target, reason, evidence).await?;
+            return Ok(None);
+        }
+        let assessment = {
+            let mut conn = self.pool.acquire().await?;
+            self.assess(&mut conn, target, OffsetDateTime::now_utc()).await?
+        };
+        if let Err(spared) = judge_local(&assessment.tally, reason) {
+            metrics::counter!(SPARED, "why" => spared.as_str()).increment(1);
+            tracing::info!(%agent_id, %cidr, reason, why = spared.as_str(), "Local block not made a fleet block.");
+            return Ok(None);
+        }
         let local = LocalEvidence {
             agent_id,
             reason: truncated(reason, MAX_LOCAL_REASON_BYTES),
             evidence: truncated(evidence, MAX_LOCAL_EVIDENCE_BYTES),
         };
+        let mut ev = Evidence {
+            rule: REASON_LOCAL.to_owned(),
+            good_standing: assessment.tally.good_standing,
+            escalates: !assessment.tally.good_standing,
+            ..Evidence::default()
+        };
+        for (agent, kind, n, first, last) in &assessment.per_agent {
+            ev.agents.insert(*agent);
+            *ev.kinds.entry(kind.clone()).or_default() += n;
+            ev.events += n;
+            ev.see(*first, *last);
+        }
+        {
+            let mut conn = self.pool.acquire().await?;
+            self.samples(&mut conn, target, OffsetDateTime::now_utc(), &mut ev).await?;
+        }
         let min_ttl = Duration::from_secs(u64::from(ttl_secs));
-        let block = self.decide(target, target.addr(), Rule::Local, Some((local, min_ttl))).await?;
+        let block = self.decide(target, target.addr(), Rule::Local, ev, Some((local, min_ttl))).await?;
         if let Some(block) = &block {
             self.escalate(block.cidr).await?;
         }
         Ok(block)
     }
 
-    /// Blocks `target` for `rule` unless it is covered already or policy
-    /// refuses it; `addr` is the attacker's address inside it (the /128
-    /// fallback of a refused IPv6 /64).
+    /// Blocks `target` for `rule` with `evidence` unless it is covered
+    /// already or policy refuses it; `addr` is the attacker's address inside
+    /// it (the /128 fallback of a refused IPv6 /64).
     async fn decide(
         &self,
         target: IpNet,
         addr: IpAddr,
         rule: Rule,
+        mut evidence: Evidence,
         local: Option<(LocalEvidence, Duration)>,
     ) -> Result<Option<Block>, CorrelateError> {
         let mut tx = self.pool.begin().await?;
@@ -502,7 +973,6 @@ impl Correlator {
             }
             Err(BlockError::Database(error)) => return Err(error.into()),
         }
-        let mut evidence = self.evidence(&mut tx, range, rule).await?;
         evidence.offence = u32::try_from(earlier + 1).unwrap_or(u32::MAX);
         let mut ttl = self.ttl(earlier);
         let source = match local {
@@ -540,6 +1010,7 @@ impl Correlator {
             cidr = %block.cidr,
             block_id = block.id,
             rule = rule.reason(),
+            scenario = evidence.scenario.map(Scenario::as_str),
             offence = evidence.offence,
             ttl_secs = ttl.as_secs(),
             "Fleet block created."
@@ -547,46 +1018,176 @@ impl Correlator {
         Ok(Some(block))
     }
 
-    /// The abuse evidence for `range` within the window.
-    async fn evidence(&self, conn: &mut PgConnection, range: IpNet, rule: Rule) -> Result<Evidence, sqlx::Error> {
-        let window = secs(self.config.window_secs);
-        let rows: Vec<(Uuid, String, i64, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(
-            "select agent_id, kind, count(*), min(time), max(time) from events \
-             where remote between fleetban_first($1::cidr) and fleetban_last($1::cidr) and time >= now() - make_interval(secs => $2) and kind = any($3) \
-             group by agent_id, kind",
+    /// Judges the prefix `prefix` (a /24, or a /48 counting /64s: `unit`)
+    /// as one attacker at `now`: a campaign of many addresses that each stay
+    /// below every threshold. The evidence of its units (addresses or /64s)
+    /// is summed, leaving out units in good standing, protected ones and
+    /// ones with too little evidence of their own (under a quarter of a
+    /// rule's `per_host`); at least `prefix_min_addresses` units must
+    /// remain, and the sum must meet a scenario's thresholds as one
+    /// address's would. Reads only.
+    pub async fn evaluate_campaign(
+        &self,
+        conn: &mut PgConnection,
+        prefix: IpNet,
+        unit: u8,
+        now: OffsetDateTime,
+    ) -> Result<Option<Finding>, sqlx::Error> {
+        let (kinds, windows): (Vec<&str>, Vec<f64>) = EventKind::ALL
+            .into_iter()
+            .filter_map(|k| k.scenario().map(|s| (k.as_str(), f64::from(self.rules.get(s).window_secs))))
+            .unzip();
+        let rows: Vec<(IpAddr, Uuid, String, i64, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(
+            "select em.address, em.agent_id, em.kind, sum(em.events)::int8, min(em.minute), max(em.minute) \
+             from evidence_minutes em join unnest($2::text[], $3::float8[]) as w(kind, secs) on em.kind = w.kind \
+             where em.address between fleetban_first($1::cidr) and fleetban_last($1::cidr) \
+             and em.minute > $4 - make_interval(secs => w.secs) and em.minute <= $4 \
+             group by em.address, em.agent_id, em.kind limit 20000",
         )
-        .bind(range)
-        .bind(window)
-        .bind(abuse_kinds())
+        .bind(prefix)
+        .bind(&kinds)
+        .bind(&windows)
+        .bind(now)
         .fetch_all(&mut *conn)
         .await?;
-        let mut ev = Evidence { rule: rule.reason().to_owned(), ..Evidence::default() };
-        for (agent, kind, n, first, last) in rows {
-            ev.agents.insert(agent);
-            *ev.kinds.entry(kind).or_default() += n;
-            ev.events += n;
-            ev.see(first, last);
-        }
-        let hosts: Vec<(IpNet, Option<String>)> = sqlx::query_as(
-            "select address, sample_raw from offender_hosts \
-             where address between fleetban_first($1::cidr) and fleetban_last($1::cidr) and last_seen >= now() - make_interval(secs => $2) \
-             order by last_seen desc limit $3",
-        )
-        .bind(range)
-        .bind(window)
-        .bind(i64::try_from(MAX_ADDRESSES).unwrap_or(i64::MAX))
-        .fetch_all(&mut *conn)
-        .await?;
-        for (address, sample) in hosts {
-            ev.addresses.insert(address.addr().to_string());
-            if let Some(sample) = sample.filter(|s| !s.is_empty())
-                && ev.samples.len() < MAX_SAMPLES
-                && !ev.samples.contains(&sample)
+        let unit_of = |a: IpAddr| IpNet::new(a, unit).map_or(IpNet::from(a), |n| n.trunc());
+        // A unit takes part only with evidence of its own: in one scenario,
+        // at least a quarter of that rule's per-host threshold (at least 2),
+        // so one mistyped password never lends its address to a campaign.
+        let mut weight: BTreeMap<(IpNet, Scenario), u64> = BTreeMap::new();
+        for (address, _, kind, n, _, _) in &rows {
+            if let Some(kind) = EventKind::from_name(kind)
+                && let Some(scenario) = kind.scenario()
             {
-                ev.samples.push(sample);
+                *weight.entry((unit_of(*address), scenario)).or_default() +=
+                    u64::from(kind.weight()) * u64::try_from(*n).unwrap_or(0);
             }
         }
-        Ok(ev)
+        let abusive: BTreeSet<IpNet> = weight
+            .iter()
+            .filter(|((_, scenario), w)| {
+                let per_host = self.rules.get(*scenario).per_host;
+                per_host > 0 && **w >= u64::from(per_host.div_ceil(4).max(2))
+            })
+            .map(|((unit, _), _)| *unit)
+            .collect();
+        let min_units = usize::try_from(self.config.prefix_min_addresses).unwrap_or(usize::MAX);
+        if abusive.len() < min_units {
+            return Ok(None);
+        }
+        let standing: Vec<(IpAddr, bool, Option<String>)> = sqlx::query_as(
+            "select address, coalesce(last_accepted > $2 - make_interval(secs => $3) and last_accepted <= $2, false), host_name \
+             from sender_standing where address between fleetban_first($1::cidr) and fleetban_last($1::cidr) limit 20000",
+        )
+        .bind(prefix)
+        .bind(now)
+        .bind(secs(self.config.good_standing_secs))
+        .fetch_all(&mut *conn)
+        .await?;
+        let excluded: BTreeSet<IpNet> = standing
+            .iter()
+            .filter(|(_, good, name)| {
+                *good || name.as_deref().is_some_and(|n| policy::is_protected(n, &self.protected))
+            })
+            .map(|(a, _, _)| unit_of(*a))
+            .collect();
+        let units: BTreeSet<IpNet> = abusive.difference(&excluded).copied().collect();
+        if units.len() < min_units {
+            return Ok(None);
+        }
+        let mut per_agent: BTreeMap<(Uuid, String), (i64, OffsetDateTime, OffsetDateTime)> = BTreeMap::new();
+        for (address, agent, kind, n, first, last) in &rows {
+            if !units.contains(&unit_of(*address)) {
+                continue;
+            }
+            let e = per_agent.entry((*agent, kind.clone())).or_insert((0, *first, *last));
+            e.0 += n;
+            e.1 = e.1.min(*first);
+            e.2 = e.2.max(*last);
+        }
+        let per_agent: Vec<(Uuid, String, i64, OffsetDateTime, OffsetDateTime)> =
+            per_agent.into_iter().map(|((a, k), (n, f, l))| (a, k, n, f, l)).collect();
+        let mut users: Vec<(Option<Uuid>, i64)> = Vec::new();
+        if per_agent.iter().any(|(_, k, ..)| k == EventKind::AuthFailed.as_str()) {
+            let rows: Vec<(IpAddr, Uuid, String)> = sqlx::query_as(
+                "select address, agent_id, auth_user from auth_users \
+                 where address between fleetban_first($1::cidr) and fleetban_last($1::cidr) \
+                 and last_seen > $2 - make_interval(secs => $3) and last_seen <= $2 limit 20000",
+            )
+            .bind(prefix)
+            .bind(now)
+            .bind(f64::from(self.rules.get(Scenario::Auth).window_secs))
+            .fetch_all(&mut *conn)
+            .await?;
+            let mut by_agent: BTreeMap<Uuid, BTreeSet<&str>> = BTreeMap::new();
+            let mut all: BTreeSet<&str> = BTreeSet::new();
+            for (address, agent, user) in rows.iter().filter(|r| units.contains(&unit_of(r.0))) {
+                let _ = address;
+                by_agent.entry(*agent).or_default().insert(user);
+                all.insert(user);
+            }
+            users = by_agent.into_iter().map(|(a, u)| (Some(a), u.len() as i64)).collect();
+            users.push((None, all.len() as i64));
+        }
+        let t = tally(&per_agent, &users);
+        let Some(verdict) = policy::judge(&self.rules, &t) else { return Ok(None) };
+        let mut evidence = Evidence {
+            rule: REASON_PREFIX.to_owned(),
+            scenario: Some(verdict.scenario),
+            verdict: format!(
+                "campaign of {} addresses: {}",
+                units.len(),
+                verdict.describe(self.rules.get(verdict.scenario))
+            ),
+            escalates: false,
+            addresses: units.iter().map(ToString::to_string).collect(),
+            ..Evidence::default()
+        };
+        for (agent, kind, n, first, last) in &per_agent {
+            evidence.agents.insert(*agent);
+            *evidence.kinds.entry(kind.clone()).or_default() += n;
+            evidence.events += n;
+            evidence.see(*first, *last);
+        }
+        self.samples(conn, prefix, now, &mut evidence).await?;
+        evidence.addresses = units.iter().map(ToString::to_string).collect();
+        Ok(Some(Finding { target: prefix, verdict, evidence }))
+    }
+
+    /// Evaluates the campaign prefixes of `targets` and blocks (or, in
+    /// shadow mode, records) each one found.
+    async fn campaigns(&self, targets: &BTreeSet<IpNet>) -> Result<Vec<Block>, CorrelateError> {
+        let prefixes: BTreeMap<IpNet, u8> = targets.iter().filter_map(|t| escalation_prefix(*t)).collect();
+        let now = OffsetDateTime::now_utc();
+        let mut created = Vec::new();
+        for (prefix, unit) in prefixes {
+            if self.never_blocked(prefix) {
+                continue;
+            }
+            let finding = {
+                let mut conn = self.pool.acquire().await?;
+                let (covered, _) = standing(&mut conn, prefix, false, self.config.offence_window_secs).await?;
+                if covered {
+                    continue;
+                }
+                self.evaluate_campaign(&mut conn, prefix, unit, now).await?
+            };
+            let Some(finding) = finding else { continue };
+            if finding.verdict.shadow || self.config.is_shadow(REASON_PREFIX) {
+                self.record_shadow(prefix, REASON_PREFIX, BlockSource::Auto, None, &finding.evidence).await?;
+                continue;
+            }
+            let mut tx = self.pool.begin().await?;
+            lock_range(&mut tx, prefix).await?;
+            let (covered, earlier) = standing(&mut tx, prefix, false, self.config.offence_window_secs).await?;
+            if covered {
+                continue;
+            }
+            if let Some(block) = self.block_prefix(tx, prefix, finding.evidence, earlier).await? {
+                created.push(block);
+            }
+        }
+        Ok(created)
     }
 
     /// Prefix escalation after `blocked` was blocked: when enough ranges
@@ -605,6 +1206,7 @@ impl Correlator {
         let inside: Vec<(IpNet, serde_json::Value)> = sqlx::query_as(
             "select cidr, evidence from blocks where cidr << $1::cidr \
              and created_at >= now() - make_interval(secs => $2) and revoked_cause is distinct from 'revoked' \
+             and coalesce((evidence->>'escalates')::boolean, true) \
              order by created_at",
         )
         .bind(prefix)
@@ -616,17 +1218,7 @@ impl Correlator {
         if units.len() < usize::try_from(self.config.prefix_min_addresses).unwrap_or(usize::MAX) {
             return Ok(None);
         }
-        // Refused prefixes (a fleet address or allowlisted host inside) leave
-        // the single blocks alone.
-        match blocks::check_policy(&mut tx, &self.config, prefix, false).await {
-            Ok(()) => {}
-            Err(BlockError::Refused(refusal)) => {
-                tracing::info!(%prefix, %refusal, "Not escalating to the prefix: policy refuses it.");
-                return Ok(None);
-            }
-            Err(BlockError::Database(error)) => return Err(error.into()),
-        }
-        let mut ev = Evidence { rule: REASON_PREFIX.to_owned(), ..Evidence::default() };
+        let mut ev = Evidence { rule: REASON_PREFIX.to_owned(), escalates: false, ..Evidence::default() };
         for (cidr, json) in inside {
             ev.addresses.insert(cidr.to_string());
             let Ok(one) = serde_json::from_value::<Evidence>(json) else {
@@ -645,6 +1237,34 @@ impl Correlator {
                     ev.samples.push(sample);
                 }
             }
+        }
+        ev.offence = u32::try_from(earlier + 1).unwrap_or(u32::MAX);
+        if self.config.is_shadow(REASON_PREFIX) {
+            tx.rollback().await?;
+            self.record_shadow(prefix, REASON_PREFIX, BlockSource::Auto, None, &ev).await?;
+            return Ok(None);
+        }
+        self.block_prefix(tx, prefix, ev, earlier).await
+    }
+
+    /// Blocks `prefix` in `tx` (which holds its lock): retires the blocks
+    /// inside, creates the prefix block, commits. A prefix policy refuses (a
+    /// fleet address or allowlisted host inside) leaves the blocks inside
+    /// alone.
+    async fn block_prefix(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        prefix: IpNet,
+        mut ev: Evidence,
+        earlier: i64,
+    ) -> Result<Option<Block>, CorrelateError> {
+        match blocks::check_policy(&mut tx, &self.config, prefix, false).await {
+            Ok(()) => {}
+            Err(BlockError::Refused(refusal)) => {
+                tracing::info!(%prefix, %refusal, "Not blocking the prefix: policy refuses it.");
+                return Ok(None);
+            }
+            Err(BlockError::Database(error)) => return Err(error.into()),
         }
         ev.offence = u32::try_from(earlier + 1).unwrap_or(u32::MAX);
         let ttl = self.ttl(earlier);
@@ -678,7 +1298,7 @@ impl Correlator {
         tracing::info!(
             %prefix,
             block_id = block.id,
-            ranges = units.len(),
+            ranges = ev.addresses.len(),
             retired = retired.len(),
             ttl_secs = ttl.as_secs(),
             "Prefix block created."
@@ -688,445 +1308,4 @@ impl Correlator {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn defaults_parse_and_validate() {
-        let cfg = CorrelateConfig::default();
-        assert_eq!(cfg.never_block.len(), DEFAULT_NEVER_BLOCK.len(), "a default never_block range failed to parse");
-        cfg.validate().unwrap();
-        let doc: IpNet = "192.0.2.0/24".parse().unwrap();
-        assert!(!cfg.never_block.iter().any(|n| n.contains(&doc)), "documentation ranges are attackers in tests");
-    }
-
-    #[test]
-    fn bad_values_name_the_key() {
-        let cfg = CorrelateConfig { ipv6_block_prefix: 48, ..Default::default() };
-        assert_eq!(cfg.validate().unwrap_err().key, "ipv6_block_prefix");
-        let cfg = CorrelateConfig { ttl_secs: vec![], ..Default::default() };
-        assert_eq!(
-            cfg.validate().unwrap_err().to_string(),
-            "correlate.ttl_secs: must be a non-empty list of positive durations"
-        );
-    }
-
-    #[test]
-    fn truncation_keeps_whole_characters() {
-        assert_eq!(truncated("abc", 10), "abc");
-        assert_eq!(truncated("abcdef", 3), "abc");
-        assert_eq!(truncated("aé", 2), "a", "é is two bytes");
-        assert_eq!(truncated("", 0), "");
-    }
-
-    // ---- Correlator (database tests) ----
-
-    use std::net::IpAddr;
-
-    use sqlx::PgPool;
-    use uuid::Uuid;
-
-    use crate::blocks::{self, Block, BlockSource};
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
-    fn net(s: &str) -> IpNet {
-        s.parse().unwrap()
-    }
-
-    async fn agent(pool: &PgPool, name: &str, addresses: &[&str]) -> Uuid {
-        let id = Uuid::new_v4();
-        sqlx::query("insert into agents (id, name, hostname, secret_hash) values ($1, $2, $2, '\\x00')")
-            .bind(id)
-            .bind(name)
-            .execute(pool)
-            .await
-            .unwrap();
-        for a in addresses {
-            sqlx::query("insert into agent_addresses (agent_id, address) values ($1, $2)")
-                .bind(id)
-                .bind(ip(a))
-                .execute(pool)
-                .await
-                .unwrap();
-        }
-        id
-    }
-
-    /// What ingest writes for `n` abuse events of `kind` from `addr` on
-    /// `agent`, `ago_secs` before now: the events, then the evidence rows
-    /// (`offender_hosts` upsert, `offenders` upsert with the host count).
-    async fn abuse(pool: &PgPool, agent: Uuid, addr: &str, kind: &str, n: i32, ago_secs: i64) {
-        let mut tx = pool.begin().await.unwrap();
-        sqlx::query("select fleetban_ensure_event_partition((now() - make_interval(secs => $1))::date)")
-            .bind(ago_secs as f64)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        let raw = format!(
-            "2026-11-27 02:00:00 dovecot_login authenticator failed for (User) [{addr}]:51234: \
-             535 Incorrect authentication data (set_id=info@example.com)"
-        );
-        let (first, last): (OffsetDateTime, OffsetDateTime) = sqlx::query_as(
-            "with b as (select coalesce(max(batch_seq), 0) + 1 as seq from events where agent_id = $1), \
-             ins as (insert into events (agent_id, batch_seq, batch_index, time, kind, remote, raw) \
-               select $1, b.seq, g, now() - make_interval(secs => $2) - g * interval '1 millisecond', $3, $4, $5 \
-               from b, generate_series(1, $6) g returning time) \
-             select min(time), max(time) from ins",
-        )
-        .bind(agent)
-        .bind(ago_secs as f64)
-        .bind(kind)
-        .bind(ip(addr))
-        .bind(&raw)
-        .bind(n)
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
-        sqlx::query(
-            "insert into offender_hosts (address, agent_id, kind, first_seen, last_seen, events, sample_raw) \
-             values ($1, $2, $3, $4, $5, $6, $7) \
-             on conflict (address, agent_id, kind) do update set \
-               first_seen = least(offender_hosts.first_seen, excluded.first_seen), \
-               last_seen = greatest(offender_hosts.last_seen, excluded.last_seen), \
-               events = offender_hosts.events + excluded.events, \
-               sample_raw = coalesce(excluded.sample_raw, offender_hosts.sample_raw)",
-        )
-        .bind(ip(addr))
-        .bind(agent)
-        .bind(kind)
-        .bind(first)
-        .bind(last)
-        .bind(i64::from(n))
-        .bind(&raw)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-        sqlx::query(
-            "insert into offenders (address, first_seen, last_seen, events, hosts) \
-             values ($1, $2, $3, $4, (select count(distinct agent_id) from offender_hosts where address = $1)) \
-             on conflict (address) do update set \
-               first_seen = least(offenders.first_seen, excluded.first_seen), \
-               last_seen = greatest(offenders.last_seen, excluded.last_seen), \
-               events = offenders.events + excluded.events, hosts = excluded.hosts",
-        )
-        .bind(ip(addr))
-        .bind(first)
-        .bind(last)
-        .bind(i64::from(n))
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
-    }
-
-    fn correlator(pool: &PgPool) -> Correlator {
-        Correlator::new(pool.clone(), CorrelateConfig::default())
-    }
-
-    fn ttl_secs(block: &Block) -> i64 {
-        (block.expires_at.unwrap() - block.created_at).whole_seconds()
-    }
-
-    async fn live(pool: &PgPool) -> Vec<IpNet> {
-        sqlx::query_scalar("select cidr from blocks where revoked_at is null order by cidr")
-            .fetch_all(pool)
-            .await
-            .unwrap()
-    }
-
-    /// Two agents see `addr`; the second batch triggers the decision.
-    async fn two_agent_attack(c: &Correlator, a: Uuid, b: Uuid, addr: &str) -> Vec<Block> {
-        abuse(&c.pool, a, addr, "auth_failed", 3, 30).await;
-        assert!(c.on_batch(a, &[ip(addr)]).await.unwrap().is_empty(), "{addr}: one agent is not enough");
-        abuse(&c.pool, b, addr, "rcpt_rejected", 2, 5).await;
-        c.on_batch(b, &[ip(addr)]).await.unwrap()
-    }
-
-    /// One more event from an address whose two-agent evidence is still in
-    /// the window.
-    async fn attack_again(c: &Correlator, a: Uuid, addr: &str) -> Vec<Block> {
-        abuse(&c.pool, a, addr, "auth_failed", 1, 1).await;
-        c.on_batch(a, &[ip(addr)]).await.unwrap()
-    }
-
-    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
-    async fn two_agents_make_a_fleet_block_with_evidence(pool: PgPool) {
-        let c = correlator(&pool);
-        let (a, b) = (agent(&pool, "mx1", &[]).await, agent(&pool, "mx2", &[]).await);
-        let made = two_agent_attack(&c, a, b, "203.0.113.9").await;
-        assert_eq!(made.len(), 1);
-        let block = &made[0];
-        assert_eq!(
-            (block.cidr, block.reason.as_str(), block.source),
-            (net("203.0.113.9/32"), REASON_FLEET, BlockSource::Auto)
-        );
-        assert_eq!(ttl_secs(block), 3_600);
-        let ev = &block.evidence;
-        let mut agents: Vec<String> = serde_json::from_value(ev["agents"].clone()).unwrap();
-        agents.sort();
-        let mut want = vec![a.to_string(), b.to_string()];
-        want.sort();
-        assert_eq!(agents, want);
-        assert_eq!(ev["kinds"], serde_json::json!({"auth_failed": 3, "rcpt_rejected": 2}));
-        assert_eq!(ev["events"], 5);
-        assert_eq!(ev["rule"], REASON_FLEET);
-        assert_eq!(ev["offence"], 1);
-        assert!(ev["samples"][0].as_str().unwrap().contains("[203.0.113.9]"), "{ev}");
-        let first =
-            OffsetDateTime::parse(ev["first_seen"].as_str().unwrap(), &time::format_description::well_known::Rfc3339)
-                .unwrap();
-        let last =
-            OffsetDateTime::parse(ev["last_seen"].as_str().unwrap(), &time::format_description::well_known::Rfc3339)
-                .unwrap();
-        assert!(first < last && (last - first).whole_seconds() >= 24, "{first} {last}");
-        let logged: Option<OffsetDateTime> =
-            sqlx::query_scalar("select last_blocked_at from offenders where address = '203.0.113.9'")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        assert!(logged.is_some());
-
-        // Another batch about the blocked address changes nothing.
-        abuse(&pool, a, "203.0.113.9", "auth_failed", 3, 1).await;
-        assert!(c.on_batch(a, &[ip("203.0.113.9")]).await.unwrap().is_empty());
-        assert_eq!(blocks::current_version(&pool).await.unwrap(), 1);
-    }
-
-    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
-    async fn below_the_thresholds_nothing_is_blocked(pool: PgPool) {
-        let c = correlator(&pool);
-        let (a, b) = (agent(&pool, "mx1", &[]).await, agent(&pool, "mx2", &[]).await);
-        // One agent, 49 events: neither rule.
-        abuse(&pool, a, "203.0.113.20", "auth_failed", 49, 10).await;
-        assert!(c.on_batch(a, &[ip("203.0.113.20")]).await.unwrap().is_empty());
-        // The second agent's evidence is older than the window.
-        abuse(&pool, b, "203.0.113.20", "auth_failed", 5, 700).await;
-        assert!(c.on_batch(b, &[ip("203.0.113.20")]).await.unwrap().is_empty());
-        // Non-abuse events do not count towards the single-host threshold.
-        abuse(&pool, a, "203.0.113.21", "connect", 80, 10).await;
-        assert!(c.on_batch(a, &[ip("203.0.113.21")]).await.unwrap().is_empty());
-        assert!(live(&pool).await.is_empty());
-        // With min_hosts = 3, two agents are not enough.
-        let strict = Correlator::new(pool.clone(), CorrelateConfig { min_hosts: 3, ..Default::default() });
-        abuse(&pool, b, "203.0.113.22", "auth_failed", 1, 10).await;
-        abuse(&pool, a, "203.0.113.22", "auth_failed", 1, 10).await;
-        assert!(strict.on_batch(a, &[ip("203.0.113.22")]).await.unwrap().is_empty());
-        assert_eq!(c.on_batch(a, &[ip("203.0.113.22")]).await.unwrap().len(), 1);
-    }
-
-    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
-    async fn heavy_abuse_on_one_host_is_blocked(pool: PgPool) {
-        let c = correlator(&pool);
-        let (a, b) = (agent(&pool, "mx1", &[]).await, agent(&pool, "mx2", &[]).await);
-        abuse(&pool, a, "203.0.113.30", "too_many_syntax", 30, 100).await;
-        abuse(&pool, a, "203.0.113.30", "auth_failed", 19, 10).await;
-        assert!(c.on_batch(a, &[ip("203.0.113.30")]).await.unwrap().is_empty());
-        // Another agent's batch does not count the first agent's events.
-        abuse(&pool, b, "203.0.113.31", "auth_failed", 1, 10).await;
-        assert!(c.on_batch(b, &[ip("203.0.113.30"), ip("203.0.113.31")]).await.unwrap().is_empty());
-        abuse(&pool, a, "203.0.113.30", "auth_failed", 1, 1).await;
-        let made = c.on_batch(a, &[ip("203.0.113.30")]).await.unwrap();
-        assert_eq!(made.len(), 1);
-        assert_eq!((made[0].cidr, made[0].reason.as_str()), (net("203.0.113.30/32"), REASON_SINGLE_HOST));
-        assert_eq!(made[0].evidence["events"], 50);
-        assert_eq!(made[0].evidence["kinds"], serde_json::json!({"auth_failed": 20, "too_many_syntax": 30}));
-    }
-
-    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
-    async fn local_blocks_become_fleet_blocks(pool: PgPool) {
-        let c = correlator(&pool);
-        let a = agent(&pool, "mx1", &["198.51.100.25"]).await;
-        let block = c
-            .on_local_block(a, net("203.0.113.40/32"), "slot_exhaustion", "held 80 of 100 slots", 600)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            (block.cidr, block.source, block.reason.as_str()),
-            (net("203.0.113.40/32"), BlockSource::Agent, REASON_LOCAL)
-        );
-        assert_eq!(ttl_secs(&block), 3_600, "the offence TTL when longer than the agent's");
-        assert_eq!(block.evidence["local"]["reason"], "slot_exhaustion");
-        assert_eq!(block.evidence["local"]["evidence"], "held 80 of 100 slots");
-        assert_eq!(block.evidence["agents"], serde_json::json!([a.to_string()]));
-        // Already covered: nothing new.
-        assert!(c.on_local_block(a, net("203.0.113.40/32"), "conn_rate", "", 600).await.unwrap().is_none());
-        // The agent's TTL when longer; an IPv6 /128 becomes its /64.
-        let v6 = c.on_local_block(a, net("2001:db8:4:4::7/128"), "conn_rate", "", 7_200).await.unwrap().unwrap();
-        assert_eq!((v6.cidr, ttl_secs(&v6)), (net("2001:db8:4:4::/64"), 7_200));
-        // Mapped IPv4 is IPv4.
-        let mapped = c.on_local_block(a, net("::ffff:203.0.113.41/128"), "conn_rate", "", 60).await.unwrap().unwrap();
-        assert_eq!(mapped.cidr, net("203.0.113.41/32"));
-        // Never: the fleet's own address, a never_block range, an over-broad range.
-        assert!(c.on_local_block(a, net("198.51.100.25/32"), "conn_rate", "", 60).await.unwrap().is_none());
-        assert!(c.on_local_block(a, net("192.168.1.1/32"), "conn_rate", "", 60).await.unwrap().is_none());
-        assert!(c.on_local_block(a, net("198.0.0.0/8"), "conn_rate", "", 60).await.unwrap().is_none());
-        assert_eq!(live(&pool).await.len(), 3);
-        // Not trusted: nothing.
-        let distrust =
-            Correlator::new(pool.clone(), CorrelateConfig { trust_local_blocks: false, ..Default::default() });
-        assert!(distrust.on_local_block(a, net("203.0.113.42/32"), "conn_rate", "", 60).await.unwrap().is_none());
-        assert_eq!(blocks::current_version(&pool).await.unwrap(), 3);
-    }
-
-    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
-    async fn four_addresses_in_a_slash_24_escalate_to_the_prefix(pool: PgPool) {
-        let c = correlator(&pool);
-        let (a, b) = (agent(&pool, "mx1", &[]).await, agent(&pool, "mx2", &[]).await);
-        let mut singles = Vec::new();
-        for i in 1..=3 {
-            let made = two_agent_attack(&c, a, b, &format!("192.0.2.{i}")).await;
-            assert_eq!(made.len(), 1, "three addresses do not escalate");
-            singles.push(made[0].id);
-        }
-        let made = two_agent_attack(&c, a, b, "192.0.2.200").await;
-        assert_eq!(made.len(), 2, "{made:?}");
-        singles.push(made[0].id);
-        let prefix = &made[1];
-        assert_eq!((prefix.cidr, prefix.reason.as_str()), (net("192.0.2.0/24"), REASON_PREFIX));
-        assert_eq!(ttl_secs(prefix), 3_600);
-        assert_eq!(live(&pool).await, vec![net("192.0.2.0/24")], "the prefix replaces the singles");
-        let ev = &prefix.evidence;
-        assert_eq!(ev["addresses"].as_array().unwrap().len(), 4);
-        assert_eq!(ev["events"], 20);
-        assert_eq!(ev["agents"].as_array().unwrap().len(), 2);
-
-        // The change log: 4 adds, the prefix's removes of the singles and its add, in one commit.
-        let log: Vec<(String, i64)> =
-            sqlx::query_as("select op, block_id from block_changes order by version").fetch_all(&pool).await.unwrap();
-        let removes: Vec<i64> = log.iter().filter(|(op, _)| op == "remove").map(|(_, id)| *id).collect();
-        assert_eq!(removes, singles);
-        assert_eq!(log.last().unwrap(), &("add".to_owned(), prefix.id));
-        let delta = blocks::changes_since(&pool, 3, None).await.unwrap().unwrap();
-        assert_eq!(delta.added.iter().map(|e| e.block_id).collect::<Vec<_>>(), vec![prefix.id]);
-        assert_eq!(delta.removed, singles[..3].to_vec());
-
-        // A fifth address inside is covered; another /24 is unaffected.
-        abuse(&pool, a, "192.0.2.77", "auth_failed", 60, 1).await;
-        assert!(c.on_batch(a, &[ip("192.0.2.77")]).await.unwrap().is_empty());
-        assert_eq!(two_agent_attack(&c, a, b, "192.0.3.1").await.len(), 1);
-    }
-
-    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
-    async fn ipv6_attackers_are_blocked_as_their_slash_64(pool: PgPool) {
-        let c = correlator(&pool);
-        let (a, b) = (agent(&pool, "mx1", &[]).await, agent(&pool, "mx2", &[]).await);
-        // Two addresses of one /64 on two agents are one attacker.
-        abuse(&pool, a, "2001:db8:a:b::1", "auth_failed", 2, 20).await;
-        assert!(c.on_batch(a, &[ip("2001:db8:a:b::1")]).await.unwrap().is_empty());
-        abuse(&pool, b, "2001:db8:a:b::2", "auth_failed", 2, 10).await;
-        let made = c.on_batch(b, &[ip("2001:db8:a:b::2")]).await.unwrap();
-        assert_eq!(made.len(), 1);
-        assert_eq!(made[0].cidr, net("2001:db8:a:b::/64"));
-        assert_eq!(made[0].evidence["addresses"], serde_json::json!(["2001:db8:a:b::1", "2001:db8:a:b::2"]));
-
-        // Four /64s of one /48 escalate to the /48.
-        for i in 1..=3 {
-            let made = two_agent_attack(&c, a, b, &format!("2001:db8:a:{i}::5")).await;
-            assert_eq!(made.len(), if i < 3 { 1 } else { 2 }, "{i}");
-        }
-        assert_eq!(live(&pool).await, vec![net("2001:db8:a::/48")]);
-
-        // Configured to /128: the address alone, and four of one /64 are one /64 towards the /48.
-        let exact = Correlator::new(pool.clone(), CorrelateConfig { ipv6_block_prefix: 128, ..Default::default() });
-        for i in 1..=4 {
-            let addr = format!("2001:db8:c:d::{i}");
-            abuse(&pool, a, &addr, "auth_failed", 1, 10).await;
-            abuse(&pool, b, &addr, "auth_failed", 1, 10).await;
-            let made = exact.on_batch(b, &[ip(&addr)]).await.unwrap();
-            assert_eq!(made.iter().map(|b| b.cidr).collect::<Vec<_>>(), vec![net(&format!("{addr}/128"))]);
-        }
-    }
-
-    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
-    async fn repeat_offenders_get_escalating_ttls(pool: PgPool) {
-        let c = correlator(&pool);
-        let (a, b) = (agent(&pool, "mx1", &[]).await, agent(&pool, "mx2", &[]).await);
-        let addr = "203.0.113.50";
-        let mut ttls = Vec::new();
-        for round in 0..4 {
-            let made =
-                if round == 0 { two_agent_attack(&c, a, b, addr).await } else { attack_again(&c, a, addr).await };
-            assert_eq!(made.len(), 1);
-            ttls.push((ttl_secs(&made[0]), made[0].evidence["offence"].as_i64().unwrap()));
-            // The block runs out; the attacker comes back.
-            sqlx::query("update blocks set expires_at = now() - interval '1 second' where id = $1")
-                .bind(made[0].id)
-                .execute(&pool)
-                .await
-                .unwrap();
-            assert_eq!(blocks::expire_due(&pool).await.unwrap(), 1);
-        }
-        assert_eq!(ttls, vec![(3_600, 1), (21_600, 2), (86_400, 3), (604_800, 4)]);
-
-        // An operator's revocation is not an offence; blocks older than the window are not either.
-        let fresh = "203.0.113.51";
-        let first = two_agent_attack(&c, a, b, fresh).await.remove(0);
-        blocks::revoke(&pool, first.id, "false positive").await.unwrap().unwrap();
-        let again = attack_again(&c, a, fresh).await.remove(0);
-        assert_eq!(ttl_secs(&again), 3_600);
-        sqlx::query("update blocks set created_at = now() - interval '31 days', expires_at = now() - interval '1 second' where id = $1")
-            .bind(again.id)
-            .execute(&pool)
-            .await
-            .unwrap();
-        blocks::expire_due(&pool).await.unwrap();
-        assert_eq!(ttl_secs(&attack_again(&c, a, fresh).await.remove(0)), 3_600);
-    }
-
-    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
-    async fn allowlisted_and_fleet_addresses_are_never_blocked(pool: PgPool) {
-        let c = correlator(&pool);
-        let a = agent(&pool, "mx1", &["203.0.113.60", "2001:db8:f:1::25"]).await;
-        let b = agent(&pool, "mx2", &[]).await;
-        sqlx::query("insert into allowlist (cidr, note) values ('198.51.100.0/24', 'partner relays')")
-            .execute(&pool)
-            .await
-            .unwrap();
-        for addr in ["198.51.100.5", "203.0.113.60", "10.0.0.5"] {
-            abuse(&pool, a, addr, "auth_failed", 60, 10).await;
-            assert!(two_agent_attack(&c, a, b, addr).await.is_empty(), "{addr}");
-            assert!(c.on_local_block(b, IpNet::from(ip(addr)), "conn_rate", "", 60).await.unwrap().is_none(), "{addr}");
-        }
-        // Four allowlisted addresses in one /24 do not escalate either.
-        assert!(live(&pool).await.is_empty());
-        assert_eq!(blocks::current_version(&pool).await.unwrap(), 0);
-
-        // An attacker in the /64 of a fleet host: the address alone.
-        let made = two_agent_attack(&c, a, b, "2001:db8:f:1::bad").await;
-        assert_eq!(made.iter().map(|b| b.cidr).collect::<Vec<_>>(), vec![net("2001:db8:f:1::bad/128")]);
-        // A prefix that would hold an allowlisted or fleet address is not made.
-        sqlx::query("insert into allowlist (cidr, note) values ('192.0.2.99/32', 'monitoring')")
-            .execute(&pool)
-            .await
-            .unwrap();
-        for i in 1..=4 {
-            assert_eq!(two_agent_attack(&c, a, b, &format!("192.0.2.{i}")).await.len(), 1);
-        }
-        assert_eq!(live(&pool).await.len(), 5);
-    }
-
-    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
-    async fn concurrent_batches_about_one_attacker_make_one_block(pool: PgPool) {
-        let c = correlator(&pool);
-        let (a, b) = (agent(&pool, "mx1", &[]).await, agent(&pool, "mx2", &[]).await);
-        abuse(&pool, a, "203.0.113.70", "auth_failed", 2, 10).await;
-        abuse(&pool, b, "203.0.113.70", "auth_failed", 2, 10).await;
-        let tasks: Vec<_> = (0..6)
-            .map(|i| {
-                let c = c.clone();
-                let agent = if i % 2 == 0 { a } else { b };
-                tokio::spawn(async move { c.on_batch(agent, &[ip("203.0.113.70")]).await.unwrap().len() })
-            })
-            .collect();
-        let mut made = 0;
-        for t in tasks {
-            made += t.await.unwrap();
-        }
-        assert_eq!(made, 1);
-        assert_eq!(blocks::current_version(&pool).await.unwrap(), 1);
-    }
-}
+mod tests;

@@ -105,6 +105,7 @@ struct Row {
     detail: Option<String>,
     duration_ms: Option<i64>,
     raw: Option<String>,
+    host_name: Option<String>,
 }
 
 fn text(value: String, max: usize, what: &'static str) -> Result<Option<String>, EventError> {
@@ -164,6 +165,7 @@ fn validate(index: usize, event: Event, now: OffsetDateTime) -> Result<Row, Even
         detail: text(event.detail, MAX_DETAIL_BYTES, "detail")?,
         duration_ms,
         raw: text(event.raw, MAX_RAW_BYTES, "raw")?,
+        host_name: text(event.host_name, MAX_NAME_BYTES, "host_name")?.map(|n| n.to_ascii_lowercase()),
     })
 }
 
@@ -221,6 +223,17 @@ impl Ingest {
 
     /// Validates and stores `batch` from `agent_id` exactly once.
     pub async fn store(&self, agent_id: Uuid, batch: EventBatch) -> Result<Outcome, BatchError> {
+        self.store_at(agent_id, batch, OffsetDateTime::now_utc()).await
+    }
+
+    /// [`Ingest::store`] with event times validated against `now` (the
+    /// replay stores past traffic at the time it happened).
+    pub async fn store_at(
+        &self,
+        agent_id: Uuid,
+        batch: EventBatch,
+        now: OffsetDateTime,
+    ) -> Result<Outcome, BatchError> {
         let seq = i64::try_from(batch.seq)
             .ok()
             .filter(|s| *s > 0)
@@ -244,7 +257,6 @@ impl Ingest {
             }
         };
 
-        let now = OffsetDateTime::now_utc();
         let total = batch.events.len();
         let mut rows = Vec::with_capacity(total);
         let mut first_error = None;
@@ -263,8 +275,8 @@ impl Ingest {
 
         self.ensure_partitions(&rows).await?;
         let events = copy_events(agent_id, seq, &rows);
-        let (hosts, offenders) = evidence(&rows);
-        let abuse_addresses: Vec<IpAddr> = offenders.keys().copied().collect();
+        let evidence = BatchEvidence::of(&rows);
+        let abuse_addresses: Vec<IpAddr> = evidence.offenders.keys().copied().collect();
 
         // The semaphore is never closed, so acquiring only waits.
         let _writer = self.writers.acquire().await;
@@ -280,7 +292,7 @@ impl Ingest {
                 fingerprint,
                 offset,
             };
-            match self.write(&batch_row, events.as_deref(), &hosts, &offenders).await {
+            match self.write(&batch_row, events.as_deref(), &evidence).await {
                 Ok(true) => {
                     return Ok(Outcome {
                         seq: batch.seq,
@@ -353,9 +365,9 @@ impl Ingest {
         &self,
         batch: &BatchRow<'_>,
         events: Option<&[u8]>,
-        hosts: &BTreeMap<(IpAddr, &'static str), Evidence>,
-        offenders: &BTreeMap<IpAddr, Evidence>,
+        evidence: &BatchEvidence,
     ) -> Result<bool, sqlx::Error> {
+        let (hosts, offenders) = (&evidence.hosts, &evidence.offenders);
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
             "insert into agent_batches (agent_id, seq, events, rejected, source_path, source_fingerprint, source_offset) \
@@ -457,6 +469,7 @@ impl Ingest {
                 .await?;
             }
         }
+        evidence.write_model(batch.agent_id, &mut tx).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -475,7 +488,7 @@ struct BatchRow<'a> {
 /// The `COPY` statement of a batch's events; [`copy_events`] writes its
 /// fields in this order.
 const COPY_EVENTS: &str = "copy events (agent_id, batch_seq, batch_index, time, kind, remote, remote_port, local, \
-     local_port, connection_count, auth_user, helo, detail, duration_ms, raw) from stdin with (format binary)";
+     local_port, connection_count, auth_user, helo, detail, duration_ms, raw, host_name) from stdin with (format binary)";
 
 /// The binary `COPY` stream of `rows`; `None` when there are none.
 fn copy_events(agent_id: Uuid, seq: i64, rows: &[Row]) -> Option<Vec<u8>> {
@@ -485,7 +498,7 @@ fn copy_events(agent_id: Uuid, seq: i64, rows: &[Row]) -> Option<Vec<u8>> {
     let bytes: usize = rows.iter().map(|r| 160 + r.raw.as_ref().map_or(0, String::len)).sum();
     let mut c = CopyBuf::with_capacity(bytes);
     for r in rows {
-        c.row(15);
+        c.row(16);
         c.uuid(agent_id);
         c.i64(seq);
         c.i32(r.index);
@@ -501,30 +514,155 @@ fn copy_events(agent_id: Uuid, seq: i64, rows: &[Row]) -> Option<Vec<u8>> {
         c.opt_text(r.detail.as_deref());
         c.opt_i64(r.duration_ms);
         c.opt_text(r.raw.as_deref());
+        c.opt_text(r.host_name.as_deref());
     }
     Some(c.finish())
 }
 
-/// Per (address, kind) and per address evidence of the abuse events in
-/// `rows`, in address order.
-#[allow(clippy::type_complexity)]
-fn evidence(rows: &[Row]) -> (BTreeMap<(IpAddr, &'static str), Evidence>, BTreeMap<IpAddr, Evidence>) {
-    let mut hosts: BTreeMap<(IpAddr, &'static str), Evidence> = BTreeMap::new();
-    let mut offenders: BTreeMap<IpAddr, Evidence> = BTreeMap::new();
-    for r in rows.iter().filter(|r| r.kind.is_abuse()) {
-        let add = |e: &mut Evidence| {
-            e.first = e.first.min(r.time);
-            e.last = e.last.max(r.time);
-            e.events += 1;
-            if e.sample.is_none() {
-                e.sample.clone_from(&r.raw);
+/// What one batch adds to the evidence tables, in address order (so that
+/// concurrent batches over the same addresses lock rows in one order).
+#[derive(Debug, Default)]
+struct BatchEvidence {
+    /// Per (address, kind): `offender_hosts`.
+    hosts: BTreeMap<(IpAddr, &'static str), Evidence>,
+    /// Per address: `offenders`.
+    offenders: BTreeMap<IpAddr, Evidence>,
+    /// Per (address, kind, minute): `evidence_minutes`.
+    minutes: BTreeMap<(IpAddr, &'static str, OffsetDateTime), i32>,
+    /// Per (address, failing user): `auth_users`.
+    users: BTreeMap<(IpAddr, String), OffsetDateTime>,
+    /// Per address with accepted mail or a verified name: `sender_standing`.
+    standing: BTreeMap<IpAddr, Standing>,
+}
+
+/// Good standing seen in one batch for one address.
+#[derive(Debug, Default)]
+struct Standing {
+    host_name: Option<String>,
+    last_accepted: Option<OffsetDateTime>,
+    accepted: i64,
+    last_seen: Option<OffsetDateTime>,
+}
+
+/// `t` truncated to its minute.
+fn minute(t: OffsetDateTime) -> OffsetDateTime {
+    t.replace_nanosecond(0).and_then(|t| t.replace_second(0)).unwrap_or(t)
+}
+
+impl BatchEvidence {
+    fn of(rows: &[Row]) -> Self {
+        let mut ev = BatchEvidence::default();
+        for r in rows {
+            let kind = r.kind.as_str();
+            if r.kind.earns_standing() || r.host_name.is_some() {
+                let s = ev.standing.entry(r.remote).or_default();
+                if r.host_name.is_some() {
+                    s.host_name.clone_from(&r.host_name);
+                }
+                if r.kind.earns_standing() {
+                    s.accepted += 1;
+                    s.last_accepted = Some(s.last_accepted.map_or(r.time, |t| t.max(r.time)));
+                }
+                s.last_seen = Some(s.last_seen.map_or(r.time, |t| t.max(r.time)));
             }
-        };
-        let fresh = || Evidence { first: r.time, last: r.time, events: 0, sample: None };
-        add(hosts.entry((r.remote, r.kind.as_str())).or_insert_with(fresh));
-        add(offenders.entry(r.remote).or_insert_with(fresh));
+            if !r.kind.is_abuse() {
+                continue;
+            }
+            let add = |e: &mut Evidence| {
+                e.first = e.first.min(r.time);
+                e.last = e.last.max(r.time);
+                e.events += 1;
+                if e.sample.is_none() {
+                    e.sample.clone_from(&r.raw);
+                }
+            };
+            let fresh = || Evidence { first: r.time, last: r.time, events: 0, sample: None };
+            add(ev.hosts.entry((r.remote, kind)).or_insert_with(fresh));
+            add(ev.offenders.entry(r.remote).or_insert_with(fresh));
+            *ev.minutes.entry((r.remote, kind, minute(r.time))).or_default() += 1;
+            if r.kind == EventKind::AuthFailed
+                && let Some(user) = &r.auth_user
+            {
+                let seen = ev.users.entry((r.remote, user.clone())).or_insert(r.time);
+                *seen = (*seen).max(r.time);
+            }
+        }
+        ev
     }
-    (hosts, offenders)
+
+    /// Writes the evidence-model rows (windowed counts, failing users, good
+    /// standing) inside the batch transaction.
+    async fn write_model(&self, agent_id: Uuid, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+        if !self.minutes.is_empty() {
+            let (mut a, mut k, mut m, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ((address, kind, min), count) in &self.minutes {
+                a.push(*address);
+                k.push(*kind);
+                m.push(*min);
+                n.push(*count);
+            }
+            sqlx::query(
+                "insert into evidence_minutes (address, agent_id, kind, minute, events) \
+                 select a, $1, k, m, n from unnest($2::inet[], $3::text[], $4::timestamptz[], $5::int4[]) as t(a, k, m, n) \
+                 on conflict (address, agent_id, kind, minute) do update set events = evidence_minutes.events + excluded.events",
+            )
+            .bind(agent_id)
+            .bind(&a)
+            .bind(&k)
+            .bind(&m)
+            .bind(&n)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !self.users.is_empty() {
+            let (mut a, mut u, mut t) = (Vec::new(), Vec::new(), Vec::new());
+            for ((address, user), seen) in &self.users {
+                a.push(*address);
+                u.push(user.as_str());
+                t.push(*seen);
+            }
+            sqlx::query(
+                "insert into auth_users (address, agent_id, auth_user, last_seen) \
+                 select a, $1, u, t from unnest($2::inet[], $3::text[], $4::timestamptz[]) as x(a, u, t) \
+                 on conflict (address, agent_id, auth_user) do update set \
+                 last_seen = greatest(auth_users.last_seen, excluded.last_seen)",
+            )
+            .bind(agent_id)
+            .bind(&a)
+            .bind(&u)
+            .bind(&t)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !self.standing.is_empty() {
+            let (mut a, mut h, mut la, mut n, mut ls) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for (address, s) in &self.standing {
+                a.push(*address);
+                h.push(s.host_name.as_deref());
+                la.push(s.last_accepted);
+                n.push(s.accepted);
+                ls.push(s.last_seen);
+            }
+            sqlx::query(
+                "insert into sender_standing (address, host_name, last_accepted, accepted, last_seen) \
+                 select a, h, la, n, ls from unnest($1::inet[], $2::text[], $3::timestamptz[], $4::int8[], $5::timestamptz[]) \
+                   as x(a, h, la, n, ls) \
+                 on conflict (address) do update set \
+                 host_name = coalesce(excluded.host_name, sender_standing.host_name), \
+                 last_accepted = greatest(sender_standing.last_accepted, excluded.last_accepted), \
+                 accepted = sender_standing.accepted + excluded.accepted, \
+                 last_seen = greatest(sender_standing.last_seen, excluded.last_seen)",
+            )
+            .bind(&a)
+            .bind(&h)
+            .bind(&la)
+            .bind(&n)
+            .bind(&ls)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(())
+    }
 }
 
 fn sqlstate(error: &sqlx::Error) -> Option<String> {

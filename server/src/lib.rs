@@ -19,6 +19,8 @@
 //! - [`push`]: LISTEN/NOTIFY fan-out of blocklist changes to sessions.
 //! - [`session`]: the gRPC `AgentService` (Enroll, Connect).
 //! - [`api`]: the HTTP side: REST API, dashboard, metrics, OpenAPI, health.
+//! - [`replay`]: past traffic of many hosts through detection and
+//!   correlation with a candidate policy (`fleetban-server replay`).
 //! - [`report`]: plain-text abuse reports.
 //! - [`asn`]: autonomous-system data (iptoasn import and lookup).
 //! - [`cli`]: the `fleetban` operator CLI (a client of the REST API).
@@ -40,6 +42,7 @@ pub mod notify;
 pub mod pgcopy;
 pub mod pgembed;
 pub mod push;
+pub mod replay;
 pub mod report;
 pub mod retention;
 pub mod serve;

@@ -84,6 +84,55 @@ enum Command {
         #[command(subcommand)]
         command: AsnCommand,
     },
+    /// Replay past traffic of many hosts through detection and correlation
+    /// with a candidate policy: what it would have blocked, when, on what
+    /// evidence, and what the live policy did differently.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    /// The candidate policy: a server TOML whose [correlate] table is used.
+    #[arg(long)]
+    policy: PathBuf,
+    /// The live policy to compare with (a server TOML); default: --config,
+    /// else the shipped defaults.
+    #[arg(long)]
+    live_policy: Option<PathBuf>,
+    /// One directory of Exim logs per host (the directory's name is the
+    /// host's); a single log file also works.
+    #[arg(long, num_args = 1.., required_unless_present = "from_db", conflicts_with = "from_db")]
+    logs: Vec<PathBuf>,
+    /// Replay the live store's events instead (read only).
+    #[arg(long, requires = "since")]
+    from_db: bool,
+    /// With --from-db: how far back (`90m`, `24h`, `7d`).
+    #[arg(long, value_parser = auth::parse_duration)]
+    since: Option<Duration>,
+    /// Where the live store is, for --from-db.
+    #[command(flatten)]
+    source: Source,
+    /// A Postgres URL whose user may create databases: the replay works in a
+    /// throwaway database there. Default: an embedded cluster (needs
+    /// `initdb` and `postgres`).
+    #[arg(long, env = "FLEETBAN_SCRATCH_DATABASE_URL", hide_env_values = true)]
+    scratch_database_url: Option<String>,
+    /// The agent binary whose parser reads --logs. Default: `fleetban-agent`
+    /// next to this binary, else on PATH.
+    #[arg(long)]
+    agent_bin: Option<PathBuf>,
+    /// Time zone of log stamps that carry none (IANA name).
+    #[arg(long, default_value = "UTC")]
+    tz: String,
+    /// Exim's smtp_accept_max on the hosts; 0 = learn it as agents do.
+    #[arg(long, default_value_t = 0)]
+    smtp_accept_max: u32,
+    /// Log time between two correlation steps, milliseconds.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    step_ms: u64,
+    /// Print JSON (candidate, live, difference) instead of the report.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -159,6 +208,7 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     match Cli::parse().command {
+        Command::Replay(args) => replay(args).await?,
         Command::Migrate { source } => {
             let cfg = resolve(&source, Overrides::default())?;
             let pool = db::connect(&database_url(&cfg)?, 2).await?;
@@ -284,4 +334,71 @@ async fn shutdown_signal() {
             let _ = ctrl_c.await;
         }
     }
+}
+
+/// `fleetban-server replay`.
+async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    use fleetban_server::replay;
+    use std::io::IsTerminal;
+
+    let candidate =
+        ServerConfig::load(&args.policy).with_context(|| format!("--policy {}", args.policy.display()))?.correlate;
+    let live_path = args.live_policy.as_ref().or(args.source.config.as_ref());
+    let live = match live_path {
+        Some(path) => ServerConfig::load(path).with_context(|| format!("live policy {}", path.display()))?.correlate,
+        None => fleetban_server::correlate::CorrelateConfig::default(),
+    };
+    let hosts = if args.from_db {
+        let cfg = resolve(&args.source, Overrides::default())?;
+        let pool = db::connect(&database_url(&cfg)?, 2).await?;
+        let since = args.since.context("--from-db needs --since")?;
+        replay::load_db(&pool, since).await?
+    } else {
+        let agent_bin = match &args.agent_bin {
+            Some(bin) => bin.clone(),
+            None => std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(|dir| dir.join("fleetban-agent")))
+                .filter(|bin| bin.is_file())
+                .unwrap_or_else(|| PathBuf::from("fleetban-agent")),
+        };
+        let (logs, tz) = (args.logs.clone(), args.tz.clone());
+        tokio::task::spawn_blocking(move || replay::load_logs(&logs, &agent_bin, &tz)).await??
+    };
+    let total: u64 = hosts.iter().map(|h| h.events.len() as u64).sum();
+    info!(hosts = hosts.len(), events = total, "Replaying.");
+    // The embedded cluster lives as long as this function.
+    let (_embedded, admin_url) = match &args.scratch_database_url {
+        Some(url) => (None, url.clone()),
+        None => {
+            let pg = tokio::task::spawn_blocking(fleetban_server::pgembed::EmbeddedPostgres::start)
+                .await?
+                .context("no --scratch-database-url and no embedded Postgres")?;
+            let url = pg.url();
+            (Some(pg), url)
+        }
+    };
+    let options = replay::Options { step: Duration::from_millis(args.step_ms), smtp_accept_max: args.smtp_accept_max };
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(total * 2)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} events ({eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message("candidate");
+    let candidate_out = replay::run_scratch(&admin_url, &hosts, &candidate, &options, &|n| bar.set_position(n)).await?;
+    bar.set_message("live policy");
+    let live_out = replay::run_scratch(&admin_url, &hosts, &live, &options, &|n| bar.set_position(total + n)).await?;
+    bar.finish_and_clear();
+    let diff = replay::Difference::of(&candidate_out, &live_out);
+    if args.json {
+        let json = serde_json::json!({ "candidate": candidate_out, "live": live_out, "difference": diff });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        print!("{}", replay::render(&candidate_out, &live_out, &diff));
+    }
+    Ok(())
 }

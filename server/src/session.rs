@@ -34,8 +34,7 @@ use fleetban_proto::v1::agent_frame::Frame;
 use fleetban_proto::v1::agent_service_server::AgentService;
 use fleetban_proto::v1::server_frame::Frame as Out;
 use fleetban_proto::v1::{
-    Ack, AgentFrame, Applied, EnrollRequest, EnrollResponse, Heartbeat, Hello, LocalBlock, Nack, Policy, ServerFrame,
-    Welcome,
+    Ack, AgentFrame, Applied, EnrollRequest, EnrollResponse, Heartbeat, Hello, LocalBlock, Nack, ServerFrame, Welcome,
 };
 use ipnet::IpNet;
 use sqlx::PgPool;
@@ -409,12 +408,9 @@ impl Session {
         }))
         .await?;
         // The agent's local IPv6 blocks must cover the same prefix the fleet
-        // blocks; every other threshold stays the agent's own (zero = keep).
-        self.send(Out::Policy(Policy {
-            ipv6_block_prefix: u32::from(self.shared.correlator.config().ipv6_block_prefix),
-            ..Policy::default()
-        }))
-        .await?;
+        // blocks; the rules the operator configured and the shadow flags go
+        // along; every other threshold stays the agent's own (zero = keep).
+        self.send(Out::Policy(self.shared.correlator.config().agent_policy())).await?;
         self.send_allowlist().await?;
         self.version = hello.blocklist_version;
         let current = blocks::current_version(&self.shared.pool)
@@ -571,6 +567,15 @@ impl Session {
         };
         let reason = truncate(&block.reason, MAX_REASON_BYTES);
         let evidence = truncate(&block.evidence, MAX_EVIDENCE_BYTES);
+        if block.shadow {
+            info!(agent_id = %self.agent_id, %cidr, reason, "Agent reported a shadow decision.");
+            if let Err(error) =
+                self.shared.correlator.on_shadow_local_block(self.agent_id, cidr, reason, evidence).await
+            {
+                warn!(%error, agent_id = %self.agent_id, %cidr, "Cannot record a shadow decision.");
+            }
+            return Ok(());
+        }
         info!(agent_id = %self.agent_id, %cidr, reason, ttl_secs = block.ttl_secs, "Agent reported a local block.");
         self.correlate_local_block(cidr, reason, evidence, block.ttl_secs).await;
         Ok(())

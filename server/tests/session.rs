@@ -672,10 +672,13 @@ async fn local_blocks_and_fleet_evidence_become_fleet_blocks_pushed_to_agents(po
         .unwrap();
     assert_eq!(source, "agent");
 
-    // Both agents see auth failures from one address: a fleet block.
-    a.send(batch(1, vec![event(EventKind::AuthFailed, "198.51.100.9")])).await;
+    // Both agents see a distributed brute force from one address, below
+    // each host's own threshold (10) but above the fleet's (15): a fleet
+    // block. (One failure on each, an office NAT's typos, would not be.)
+    let failures = || (0..8).map(|_| event(EventKind::AuthFailed, "198.51.100.9")).collect::<Vec<_>>();
+    a.send(batch(1, failures())).await;
     assert_eq!(a.until_ack().await, 1);
-    b.send(batch(1, vec![event(EventKind::AuthFailed, "198.51.100.9")])).await;
+    b.send(batch(1, failures())).await;
     let fleet: ipnet::IpNet = "198.51.100.9/32".parse().unwrap();
     loop {
         if let Out::Delta(d) = a.next().await

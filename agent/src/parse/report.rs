@@ -53,6 +53,7 @@ pub struct ParseOptions {
 #[derive(Debug, Serialize)]
 struct JsonEvent<'a> {
     ts: String,
+    time_ms: i64,
     kind: &'static str,
     ip: IpAddr,
     port: Option<u16>,
@@ -63,12 +64,17 @@ struct JsonEvent<'a> {
     helo: Option<&'a str>,
     detail: Option<&'a str>,
     duration_ms: Option<u64>,
+    host_name: Option<&'a str>,
+    /// The line itself, for abuse kinds only (the evidence the agent keeps).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw: Option<std::borrow::Cow<'a, str>>,
 }
 
 impl<'a> From<&Event<'a>> for JsonEvent<'a> {
     fn from(e: &Event<'a>) -> Self {
         JsonEvent {
             ts: format_rfc3339_ms(e.time_ms),
+            time_ms: e.time_ms,
             kind: e.kind.as_str(),
             ip: e.ip,
             port: e.port,
@@ -79,6 +85,8 @@ impl<'a> From<&Event<'a>> for JsonEvent<'a> {
             helo: e.helo,
             detail: e.detail,
             duration_ms: e.duration_ms,
+            host_name: e.host_name,
+            raw: e.kind.is_abuse().then(|| String::from_utf8_lossy(e.raw)),
         }
     }
 }
