@@ -22,10 +22,12 @@
 //! Exim honours `-C <file>` fully only for root (or the Exim user), or for
 //! files listed in the build's `TRUSTED_CONFIG_LIST`; anyone else gets the
 //! configuration with privileges dropped (`exim user lost privilege for
-//! using -C option`), and then cannot bind port 25. Debian's
-//! `exim4-daemon-heavy` (4.96) accepts `-C` from root for a file anywhere
-//! owned by root, so the tests run as root (they need root for namespaces
-//! and nftables anyway) and the configuration sets `exim_user = root` and
+//! using -C option`) and cannot run a daemon on port 25. Debian's
+//! `exim4-daemon-heavy` 4.96 has no `TRUSTED_CONFIG_LIST` (`exim4 -bV` names
+//! none) and answers `exim: permission denied` to `-bd` from `nobody`; from
+//! root it accepts `-C` for a root-owned file anywhere. So the tests run as
+//! root (they need root for namespaces and nftables anyway), and the
+//! configuration sets `exim_user = root` and
 //! `exim_group = root`, so that the spool in a root-owned temporary directory
 //! needs no ownership changes. Deliveries may not run as root (Debian builds
 //! with `FIXED_NEVER_USERS=root`), so the local transport runs as `nobody`
