@@ -206,8 +206,8 @@ fn smtp_connection(b: &[u8]) -> Option<Fields<'_>> {
 
 /// `unexpected disconnection while reading SMTP command from HOST [I=..]
 /// [(error: ...)] [D=..]`: the client dropped the connection in the middle
-/// of a transaction (after `MAIL`). Exim 4.96 writes it instead of `lost`
-/// then; releases before 4.80 wrote it for every drop, and the oldest ones
+/// of a transaction (after `MAIL`); Exim 4.96 writes it instead of `lost`
+/// then, older releases with the reason after the host, and old ones also
 /// `... while reading SMTP data (header) from HOST`. The detail is the
 /// phrase before `from` (the reason Exim may add stays in the raw line).
 fn unexpected_disconnection(b: &[u8]) -> Option<Fields<'_>> {
