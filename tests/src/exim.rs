@@ -404,11 +404,43 @@ pub fn polite_session(to: SocketAddr, from: IpAddr, helo: &str, timeout: Duratio
 }
 
 /// The process ids of `pid`'s children (Exim's per-connection processes,
-/// for a daemon's pid), from `/proc/<pid>/task/<pid>/children`.
+/// for a daemon's pid): every process in `/proc` whose parent is `pid`.
+/// (`/proc/<pid>/task/<pid>/children` is not reliable while the children
+/// run, so it is not used.)
 pub fn children(pid: u32) -> Vec<u32> {
-    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
+    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { continue };
+        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+        let ppid = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// The process of `daemon_pid` that serves the session from client port
+/// `client_port`: the child holding the socket whose remote port it is
+/// (from the daemon's network namespace's `/proc/<pid>/net/tcp{,6}`).
+pub fn session_pid(daemon_pid: u32, client_port: u16) -> Option<u32> {
+    let port = format!(":{client_port:04X}");
+    let mut inodes = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = fs::read_to_string(format!("/proc/{daemon_pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && f[2].ends_with(&port) && f[1].ends_with(":0019") {
+                inodes.push(format!("socket:[{}]", f[9]));
+            }
+        }
+    }
+    children(daemon_pid).into_iter().find(|child| {
+        fs::read_dir(format!("/proc/{child}/fd")).into_iter().flatten().flatten().any(|fd| {
+            fs::read_link(fd.path()).is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+        })
+    })
 }

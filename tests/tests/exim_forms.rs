@@ -196,25 +196,13 @@ fn quick_sessions(daemon_pid: u32) -> std::io::Result<Vec<Expect>> {
     // Exim is told to stop the session (SIGTERM to its process).
     let mut s = open(me, mx())?;
     ehlo(&mut s, "client.example.org")?;
-    // Earlier sessions' processes linger a moment after their end (Exim
-    // writes `no MAIL` 200 ms later); wait until this session's process has
-    // been the daemon's only child for 500 ms, at most 5 s.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut kids = exim::children(daemon_pid);
-    let mut single_since = Instant::now();
-    while Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-        let now = exim::children(daemon_pid);
-        if now.len() != 1 || now != kids {
-            single_since = Instant::now();
-        }
-        kids = now;
-        if kids.len() == 1 && single_since.elapsed() >= Duration::from_millis(500) {
-            break;
-        }
-    }
-    let [session] = kids[..] else {
-        return Err(std::io::Error::other(format!("no single session process to stop: {kids:?}")));
+    // The session's own process: the daemon's child holding its socket.
+    let Some(session) = exim::session_pid(daemon_pid, s.local_port()) else {
+        return Err(std::io::Error::other(format!(
+            "no process of the daemon holds the session from port {}; children {:?}",
+            s.local_port(),
+            exim::children(daemon_pid)
+        )));
     };
     // SAFETY: kill(2) on a process of the daemon this test started.
     if unsafe { libc::kill(session as libc::pid_t, libc::SIGTERM) } != 0 {
