@@ -56,10 +56,7 @@ use crate::firewall::worker::{DeltaReply, FirewallHandle};
 use crate::pipeline::SharedSpool;
 use crate::spool::{Loss, SpoolError};
 
-/// Metadata key of the agent id.
-pub const AGENT_ID_HEADER: &str = "x-fleetban-agent-id";
-/// Metadata key of the agent secret.
-pub const AGENT_SECRET_HEADER: &str = "x-fleetban-agent-secret";
+pub use fleetban_proto::{AGENT_ID_HEADER, AGENT_SECRET_HEADER};
 /// File of the credentials inside the state directory.
 pub const CREDENTIALS_FILE: &str = "credentials.json";
 /// How long shutdown waits for the acks of batches in flight.

@@ -3,6 +3,13 @@
 //! The wire carries addresses as raw octets (4 or 16 bytes) and CIDRs as
 //! octets plus a prefix length; anything else is an [`AddressError`], never a
 //! panic, because frames come from the network.
+//!
+//! [`canonical_ip`] and [`canonical_net`] are the one normalisation of
+//! addresses: an IPv4-mapped IPv6 address (`::ffff:192.0.2.1`) or a range
+//! inside `::ffff:0:0/96` is the IPv4 address or range it maps. Every policy
+//! check (never-block, loopback, allowlist, minimum prefix) sees addresses in
+//! this form, so the mapped spelling cannot slip past a check written for
+//! IPv4.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -25,6 +32,26 @@ pub enum AddressError {
     /// The address has bits set beyond the prefix.
     #[error("{0} has host bits set")]
     HostBits(IpNet),
+}
+
+/// The canonical form of an address: IPv4-mapped IPv6 (`::ffff:a.b.c.d`)
+/// becomes the IPv4 address; everything else is unchanged.
+pub fn canonical_ip(addr: IpAddr) -> IpAddr {
+    addr.to_canonical()
+}
+
+/// The canonical form of a range: host bits cleared, and a range inside
+/// `::ffff:0:0/96` (prefix length 96 or longer) becomes the IPv4 range it
+/// maps (`::ffff:0.0.0.0/96` is `0.0.0.0/0`, all of IPv4). A shorter IPv6
+/// prefix that merely contains the mapped space stays IPv6.
+pub fn canonical_net(net: IpNet) -> IpNet {
+    if let IpNet::V6(v6) = net
+        && v6.prefix_len() >= 96
+        && let Some(v4) = v6.network().to_ipv4_mapped()
+    {
+        return IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).map_or(net.trunc(), |n| n.trunc());
+    }
+    net.trunc()
 }
 
 impl From<IpAddr> for IpAddress {
@@ -82,6 +109,25 @@ impl TryFrom<&Cidr> for IpNet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn mapped_addresses_and_ranges_become_ipv4() {
+        assert_eq!(canonical_ip("::ffff:127.0.0.1".parse().unwrap()), "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(canonical_ip("2001:db8::1".parse().unwrap()), "2001:db8::1".parse::<IpAddr>().unwrap());
+        assert_eq!(canonical_ip("192.0.2.1".parse().unwrap()), "192.0.2.1".parse::<IpAddr>().unwrap());
+        assert_eq!(canonical_net(net("::ffff:127.0.0.1/128")), net("127.0.0.1/32"));
+        assert_eq!(canonical_net(net("::ffff:0.0.0.0/96")), net("0.0.0.0/0"));
+        assert_eq!(canonical_net(net("::ffff:192.0.2.77/120")), net("192.0.2.0/24"), "host bits cleared");
+        assert_eq!(canonical_net(net("::ffff:0:0/95")), net("::fffe:0:0/95"), "broader than the mapped space");
+        assert_eq!(canonical_net(net("2001:db8::7/64")), net("2001:db8::/64"));
+        assert_eq!(canonical_net(net("198.51.100.9/24")), net("198.51.100.0/24"));
+        // The IPv4-compatible (deprecated) form is not mapped.
+        assert_eq!(canonical_net(net("::127.0.0.1/128")), net("::127.0.0.1/128"));
+    }
 
     #[test]
     fn address_round_trip_and_bad_lengths() {

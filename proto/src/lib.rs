@@ -20,4 +20,9 @@ pub mod policy;
 /// for tests that must cover every message.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/fleetban_descriptor.bin"));
 
-pub use convert::AddressError;
+pub use convert::{AddressError, canonical_ip, canonical_net};
+
+/// Request metadata key of the agent id on `Connect`.
+pub const AGENT_ID_HEADER: &str = "x-fleetban-agent-id";
+/// Request metadata key of the agent secret on `Connect`.
+pub const AGENT_SECRET_HEADER: &str = "x-fleetban-agent-secret";

@@ -96,10 +96,15 @@ impl Scenario {
             // A phone retrying a stale password polls every few minutes
             // (under 10 an hour); an office NAT mistypes once per host.
             Scenario::Auth => Rule { per_host: 10, fleet: 15, distinct_users: 5, ..base },
-            Scenario::Relay => Rule { per_host: 10, fleet: 15, ..base },
+            // A misconfigured client (`SMTP AUTH is required`) talks to its
+            // own server; a relay probe walks the fleet, so the fleet's bar
+            // is lower than one host's.
+            Scenario::Relay => Rule { per_host: 10, fleet: 8, ..base },
             // Never for a sender that also delivers accepted mail.
-            Scenario::Dictionary => Rule { per_host: 30, fleet: 50, good_standing_factor: 0, ..base },
-            Scenario::Protocol => Rule { per_host: 10, fleet: 15, ..base },
+            Scenario::Dictionary => Rule { per_host: 20, fleet: 25, good_standing_factor: 0, ..base },
+            // A flaky MTA that delivers is in good standing (x5); a pre-greeting
+            // talker that walks the fleet is a scanner.
+            Scenario::Protocol => Rule { per_host: 10, fleet: 8, ..base },
             // Big senders open many connections and retry after refusals.
             Scenario::ConnLimit => {
                 Rule { per_host: 100, fleet: 200, window_secs: 600, good_standing_factor: 0, ..base }

@@ -155,10 +155,12 @@ pub async fn replace_addresses(
     agent_id: Uuid,
     addresses: &[IpAddr],
 ) -> Result<(), sqlx::Error> {
+    // Canonical, so that policy finds `::ffff:192.0.2.1` as 192.0.2.1.
+    let addresses: Vec<IpAddr> = addresses.iter().map(|a| fleetban_proto::canonical_ip(*a)).collect();
     sqlx::query("delete from agent_addresses where agent_id = $1").bind(agent_id).execute(&mut *conn).await?;
     sqlx::query("insert into agent_addresses (agent_id, address) select $1, a from unnest($2::inet[]) as t(a) on conflict do nothing")
         .bind(agent_id)
-        .bind(addresses)
+        .bind(&addresses)
         .execute(&mut *conn)
         .await?;
     Ok(())

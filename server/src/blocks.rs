@@ -20,7 +20,10 @@
 //! - Policy is enforced here, in the creating transaction, whoever creates:
 //!   allowlisted ranges (unexpired `allowlist` rows), ranges holding a fleet
 //!   address (`agent_addresses`) and `never_block` ranges are refused; ranges
-//!   broader than `min_prefix_v4`/`min_prefix_v6` need `force`.
+//!   broader than `min_prefix_v4`/`min_prefix_v6` need `force`. Ranges are
+//!   checked and stored in canonical form ([`fleetban_proto::canonical_net`]):
+//!   `::ffff:127.0.0.1` is refused as the loopback address it maps, and
+//!   `::ffff:0.0.0.0/96` as all of IPv4.
 //! - Expired blocks stay live until the sweeper ([`expire_due`]) turns them
 //!   into `remove` changes; agents also time entries out on their own.
 
@@ -30,6 +33,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use fleetban_proto::canonical_net;
 use fleetban_proto::v1::{BlockEntry, BlocklistDelta, BlocklistSnapshot, Cidr};
 use ipnet::IpNet;
 use sqlx::{PgConnection, PgPool};
@@ -232,7 +236,7 @@ fn min_prefix_len(policy: &CorrelateConfig, cidr: IpNet) -> u8 {
     }
 }
 
-/// Checks `cidr` (host bits already cleared) against the policy.
+/// Checks `cidr` (canonical, host bits cleared) against the policy.
 pub(crate) async fn check_policy(
     conn: &mut PgConnection,
     policy: &CorrelateConfig,
@@ -243,6 +247,8 @@ pub(crate) async fn check_policy(
     if cidr.prefix_len() < min && !force {
         return Err(Refusal::TooBroad { cidr, min_prefix_len: min }.into());
     }
+    // `cidr` is canonical; the configured ranges are taken as written (the
+    // default `::ffff:0:0/96` guards IPv6 ranges spanning the mapped space).
     if let Some(range) = policy.never_block.iter().find(|r| r.contains(&cidr) || cidr.contains(*r)) {
         return Err(Refusal::NeverBlock { cidr, range: *range }.into());
     }
@@ -313,7 +319,7 @@ pub(crate) async fn create_in(
     policy: &CorrelateConfig,
     new: NewBlock,
 ) -> Result<Block, BlockError> {
-    let cidr = new.cidr.trunc();
+    let cidr = canonical_net(new.cidr);
     check_policy(conn, policy, cidr, new.force).await?;
     let now: OffsetDateTime = sqlx::query_scalar("select now()").fetch_one(&mut *conn).await?;
     let expires_at = new.ttl.map(|ttl| expiry(now, ttl));
@@ -719,6 +725,61 @@ mod tests {
         create(&pool, &policy, new_block("203.0.113.6/32", None)).await.unwrap();
         create(&pool, &policy, new_block("2001:db8:1:3::/64", None)).await.unwrap();
         assert_eq!(current_version(&pool).await.unwrap(), 4);
+    }
+
+    /// Every creator (API, correlation of batches and of agents' local
+    /// blocks) goes through `create`: a mapped spelling is judged and stored
+    /// as the IPv4 range it maps.
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn mapped_and_reserved_ranges_are_judged_as_ipv4(pool: PgPool) {
+        let policy = CorrelateConfig::default();
+        let agent = add_agent(&pool, &[]).await;
+        let mut conn = pool.acquire().await.unwrap();
+        crate::auth::replace_addresses(&mut conn, agent, &["::ffff:203.0.113.5".parse().unwrap()]).await.unwrap();
+        drop(conn);
+        let refused = |r: Result<Block, BlockError>| match r {
+            Err(BlockError::Refused(refusal)) => refusal,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        assert_eq!(
+            refused(create(&pool, &policy, new_block("::ffff:127.0.0.1/128", None)).await),
+            Refusal::NeverBlock { cidr: net("127.0.0.1/32"), range: net("127.0.0.0/8") }
+        );
+        assert_eq!(
+            refused(create(&pool, &policy, new_block("::ffff:0.0.0.0/96", None)).await),
+            Refusal::TooBroad { cidr: net("0.0.0.0/0"), min_prefix_len: 16 }
+        );
+        let mut forced = new_block("::ffff:0.0.0.0/96", None);
+        forced.force = true;
+        assert!(matches!(refused(create(&pool, &policy, forced).await), Refusal::NeverBlock { .. }));
+        let mut spanning = new_block("::fffe:0:0/95", None);
+        spanning.force = true;
+        assert_eq!(
+            refused(create(&pool, &policy, spanning).await),
+            Refusal::NeverBlock { cidr: net("::fffe:0:0/95"), range: net("::ffff:0:0/96") }
+        );
+        // The agent reported its address mapped; it is stored as IPv4.
+        assert_eq!(
+            refused(create(&pool, &policy, new_block("203.0.113.5/32", None)).await),
+            Refusal::FleetOwn { cidr: net("203.0.113.5/32"), address: "203.0.113.5".parse().unwrap(), agent_id: agent }
+        );
+        // Carrier-grade NAT, reserved and broadcast addresses.
+        for cidr in
+            ["100.64.1.2/32", "100.127.255.255/32", "240.0.0.1/32", "255.255.255.255/32", "::ffff:100.64.0.1/128"]
+        {
+            assert!(matches!(refused(create(&pool, &policy, new_block(cidr, None)).await), Refusal::NeverBlock { .. }));
+        }
+        assert_eq!(current_version(&pool).await.unwrap(), 0, "a refusal must not write a change");
+        let block = create(&pool, &policy, new_block("::ffff:198.51.100.77/128", None)).await.unwrap();
+        assert_eq!(block.cidr, net("198.51.100.77/32"));
+        // Neighbours of the new never_block ranges are attackers as before.
+        create(&pool, &policy, new_block("100.63.255.255/32", None)).await.unwrap();
+        create(&pool, &policy, new_block("100.128.0.0/32", None)).await.unwrap();
+        // Below 240.0.0.0/4 lies multicast, refused by its own range.
+        assert_eq!(
+            refused(create(&pool, &policy, new_block("239.255.255.255/32", None)).await),
+            Refusal::NeverBlock { cidr: net("239.255.255.255/32"), range: net("224.0.0.0/4") }
+        );
     }
 
     #[sqlx::test(migrator = "crate::db::MIGRATOR")]

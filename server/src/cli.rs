@@ -5,6 +5,13 @@
 //! an aligned table, or the API's JSON with `--json` for scripts. Any failure
 //! is one [`CliError`] whose message fits one line; the binary prints it and
 //! exits non-zero.
+//!
+//! Agent names, host names, raw log lines, user names and notes come from
+//! agents and mail clients: every table cell and every other text printed
+//! for a terminal goes through [`crate::text::escape`], so a control
+//! character shows as `\n` or `\u{1b}` instead of acting on the terminal.
+//! `--json` prints the API's JSON as it is (JSON escapes control characters
+//! itself).
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -12,6 +19,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ipnet::IpNet;
+
+use crate::text::escape;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -49,6 +58,18 @@ pub enum Command {
         /// Only blocks containing this address or range.
         #[arg(long)]
         contains: Option<String>,
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// What rules in shadow mode would have blocked (nothing was).
+    Shadow {
+        /// Decided since (`1h`, `24h`, `7d` or RFC 3339).
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Only this rule (`auth`, `slot_exhaustion`, `prefix`, ...).
+        #[arg(long)]
+        rule: Option<String>,
         /// At most this many (1 to 1000).
         #[arg(long, default_value_t = 100)]
         limit: u32,
@@ -213,7 +234,7 @@ impl Client {
             .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
             .unwrap_or_else(|| text.lines().next().unwrap_or_default().to_owned());
         let reason = status.canonical_reason().unwrap_or("error").to_lowercase();
-        Err(CliError::Api { status: status.as_u16(), message: format!("{reason}: {message}") })
+        Err(CliError::Api { status: status.as_u16(), message: format!("{reason}: {}", escape(&message)) })
     }
 
     async fn json(
@@ -276,10 +297,12 @@ fn ttl_secs(ttl: Option<&str>) -> Result<Option<u64>, CliError> {
     .transpose()
 }
 
-/// Renders rows as an aligned table under `headers`.
+/// Renders rows as an aligned table under `headers`; every cell is escaped.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> =
+        rows.iter().map(|row| row.iter().map(|cell| escape(cell).into_owned()).collect()).collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             if let Some(w) = widths.get_mut(i) {
                 *w = (*w).max(cell.chars().count());
@@ -301,7 +324,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         out.push('\n');
     };
     line(headers.to_vec());
-    for row in rows {
+    for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }
     out
@@ -419,6 +442,36 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
             let blocks = client.get("/api/v1/blocks", &query).await?;
             Ok(if json { pretty(&blocks) } else { blocks_table(&blocks) })
         }
+        Command::Shadow { since, rule, limit } => {
+            let mut query = vec![("since", since.clone()), ("limit", limit.to_string())];
+            if let Some(rule) = rule {
+                query.push(("rule", rule.clone()));
+            }
+            let decisions = client.get("/api/v1/shadow", &query).await?;
+            if json {
+                return Ok(pretty(&decisions));
+            }
+            let rows: Vec<Vec<String>> = items(&decisions)
+                .iter()
+                .map(|d| {
+                    let ev = &d["evidence"];
+                    let why = ev["verdict"]
+                        .as_str()
+                        .filter(|v| !v.is_empty())
+                        .map(str::to_owned)
+                        .or_else(|| ev["local"]["evidence"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    vec![
+                        when(&d["decided_at"]),
+                        cell(&d["cidr"]),
+                        cell(&d["rule"]),
+                        cell(&d["source"]),
+                        cell(&serde_json::Value::String(why)),
+                    ]
+                })
+                .collect();
+            Ok(table(&["DECIDED (UTC)", "RANGE", "RULE", "SOURCE", "EVIDENCE"], &rows))
+        }
         Command::Block { cidr, ttl, reason, force } => {
             let mut body = json!({ "cidr": cidr, "reason": reason, "force": force });
             if let Some(secs) = ttl_secs(ttl.as_deref())? {
@@ -468,7 +521,7 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
                 return Ok(pretty(&allowed));
             }
             let removed = items(&allowed["removed_blocks"]);
-            let mut out = format!("Allowlisted {}.\n", cell(&allowed["entry"]["cidr"]));
+            let mut out = format!("Allowlisted {}.\n", escape(&cell(&allowed["entry"]["cidr"])));
             if !removed.is_empty() {
                 let _ =
                     writeln!(out, "Removed {} covered block(s): {}.", removed.len(), cell(&allowed["removed_blocks"]));
@@ -535,7 +588,7 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
             }
             let mut out = String::new();
             let s = &detail["summary"];
-            let _ = writeln!(out, "{ip}  AS: {}", asn_text(&detail["asn"]));
+            let _ = writeln!(out, "{ip}  AS: {}", escape(&asn_text(&detail["asn"])));
             if !s.is_null() {
                 let _ = writeln!(
                     out,
@@ -579,9 +632,15 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
             }
             out.push_str("\nTimeline (newest first):\n");
             for e in items(&detail["timeline"]) {
-                let _ = writeln!(out, "  {}  {}  {}", when(&e["time"]), cell(&e["agent"]), cell(&e["kind"]));
+                let _ = writeln!(
+                    out,
+                    "  {}  {}  {}",
+                    escape(&when(&e["time"])),
+                    escape(&cell(&e["agent"])),
+                    escape(&cell(&e["kind"]))
+                );
                 if let Some(raw) = e["raw"].as_str() {
-                    let _ = writeln!(out, "    {raw}");
+                    let _ = writeln!(out, "    {}", escape(raw));
                 }
             }
             Ok(out)
@@ -615,7 +674,18 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
                 )
                 .await?;
             let text = response.text().await.map_err(|e| CliError::Decode(one_line(&e)))?;
-            Ok(if json { pretty(&json!({ "target": target, "report": text })) } else { text })
+            if json {
+                return Ok(pretty(&json!({ "target": target, "report": text })));
+            }
+            // The report is multi-line text: keep its line breaks, escape the
+            // rest of each line.
+            let mut out = String::with_capacity(text.len());
+            for line in text.split_inclusive('\n') {
+                let (body, newline) = line.strip_suffix('\n').map_or((line, ""), |body| (body, "\n"));
+                out.push_str(&escape(body));
+                out.push_str(newline);
+            }
+            Ok(out)
         }
         Command::Stats => {
             let stats = client.get("/api/v1/stats", &[]).await?;
@@ -663,6 +733,19 @@ mod tests {
     fn tables_align() {
         let text = table(&["ID", "NAME"], &[vec!["1".into(), "mx1".into()], vec!["100".into(), "m".into()]]);
         assert_eq!(text, "ID   NAME\n1    mx1\n100  m\n");
+    }
+
+    #[test]
+    fn table_cells_are_escaped() {
+        let rows = vec![vec!["1".into(), "mx\x1b[2J\nroot@evil".into(), "\u{202e}gpj.exe".into()]];
+        let text = table(&["ID", "NAME", "FILE"], &rows);
+        assert!(!text.contains('\x1b') && !text.contains('\u{202e}'), "{text:?}");
+        assert_eq!(text.lines().count(), 2, "one line per row: {text:?}");
+        assert!(text.contains("mx\\u{1b}[2J\\nroot@evil"), "{text}");
+        // Columns are aligned on the escaped text.
+        let widths: Vec<usize> =
+            text.lines().map(|l| l.find("FILE").or_else(|| l.find("\\u{202e}")).unwrap()).collect();
+        assert_eq!(widths[0], widths[1], "{text}");
     }
 
     #[test]

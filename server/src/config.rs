@@ -40,6 +40,116 @@ pub struct ServerConfig {
     pub change_log_retention_days: u32,
     /// Correlation policy.
     pub correlate: CorrelateConfig,
+    /// Connection discipline of both listeners and the throttle of failed
+    /// agent authentication.
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: what one client may hold of the server. See
+/// [`crate::conn`] and [`crate::guard`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// TCP keepalive idle time of accepted connections on both listeners,
+    /// seconds; 0 turns it off. Default 60.
+    pub tcp_keepalive_secs: u64,
+    /// Most open connections on the gRPC listener. Default 16384.
+    pub grpc_max_connections: u32,
+    /// Most open gRPC connections from one source (an IPv4 address or an
+    /// IPv6 /64). Default 256.
+    pub grpc_max_connections_per_source: u32,
+    /// Most gRPC connections that do not (yet) carry an authenticated agent
+    /// session: TLS and HTTP/2 handshakes, enrollments, refused sessions.
+    /// Established agent sessions never count. Default 512.
+    pub grpc_max_unauthenticated: u32,
+    /// Most such connections from one source. Default 16.
+    pub grpc_max_unauthenticated_per_source: u32,
+    /// How long a gRPC connection may go from accept to an authenticated
+    /// agent session (TLS handshake, HTTP/2 preface and `Connect`), seconds;
+    /// it is closed then. An enrollment must finish within it. Default 20.
+    pub grpc_auth_timeout_secs: u64,
+    /// Most open connections on the HTTP listener. Default 1024.
+    pub http_max_connections: u32,
+    /// Most open HTTP connections from one source (a reverse proxy is one
+    /// source). Default 128.
+    pub http_max_connections_per_source: u32,
+    /// How long an HTTP client may take to send a request's headers, from
+    /// accept or from the previous response, seconds. Default 10.
+    pub http_header_timeout_secs: u64,
+    /// An HTTP connection with no traffic either way for this long is closed,
+    /// seconds; more than the 30 s request timeout. Default 60.
+    pub http_idle_timeout_secs: u64,
+    /// Failed `Enroll`/`Connect` calls one source may make in a burst before
+    /// it is throttled. Default 10.
+    pub auth_failure_burst: u32,
+    /// Failed calls per minute one source regains after the burst. Default 6.
+    pub auth_failures_per_minute: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            tcp_keepalive_secs: 60,
+            grpc_max_connections: 16_384,
+            grpc_max_connections_per_source: 256,
+            grpc_max_unauthenticated: 512,
+            grpc_max_unauthenticated_per_source: 16,
+            grpc_auth_timeout_secs: 20,
+            http_max_connections: 1024,
+            http_max_connections_per_source: 128,
+            http_header_timeout_secs: 10,
+            http_idle_timeout_secs: 60,
+            auth_failure_burst: 10,
+            auth_failures_per_minute: 6,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// Checks that every limit can work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, problem: &str| Err(ConfigError::Invalid { key, problem: problem.into() });
+        let positive = [
+            ("limits.grpc_max_connections", self.grpc_max_connections),
+            ("limits.grpc_max_connections_per_source", self.grpc_max_connections_per_source),
+            ("limits.grpc_max_unauthenticated", self.grpc_max_unauthenticated),
+            ("limits.grpc_max_unauthenticated_per_source", self.grpc_max_unauthenticated_per_source),
+            ("limits.http_max_connections", self.http_max_connections),
+            ("limits.http_max_connections_per_source", self.http_max_connections_per_source),
+            ("limits.auth_failure_burst", self.auth_failure_burst),
+            ("limits.auth_failures_per_minute", self.auth_failures_per_minute),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return invalid(key, "must be at least 1");
+            }
+        }
+        for (key, secs) in [
+            ("limits.grpc_auth_timeout_secs", self.grpc_auth_timeout_secs),
+            ("limits.http_header_timeout_secs", self.http_header_timeout_secs),
+            ("limits.http_idle_timeout_secs", self.http_idle_timeout_secs),
+        ] {
+            if secs == 0 || secs > 3600 {
+                return invalid(key, "must be 1 to 3600");
+            }
+        }
+        if self.tcp_keepalive_secs > 7200 {
+            return invalid("limits.tcp_keepalive_secs", "must be 0 (off) to 7200");
+        }
+        if self.grpc_max_unauthenticated > self.grpc_max_connections {
+            return invalid("limits.grpc_max_unauthenticated", "must not exceed grpc_max_connections");
+        }
+        if self.grpc_max_unauthenticated_per_source > self.grpc_max_connections_per_source {
+            return invalid(
+                "limits.grpc_max_unauthenticated_per_source",
+                "must not exceed grpc_max_connections_per_source",
+            );
+        }
+        if self.http_idle_timeout_secs <= crate::api::REQUEST_TIMEOUT.as_secs() {
+            return invalid("limits.http_idle_timeout_secs", "must exceed the 30 s request timeout");
+        }
+        Ok(())
+    }
 }
 
 /// `[tls]`: certificate and key of the gRPC listener.
@@ -68,6 +178,7 @@ impl Default for ServerConfig {
             events_retention_days: 30,
             change_log_retention_days: 7,
             correlate: CorrelateConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -196,6 +307,7 @@ impl ServerConfig {
             return Err(ConfigError::Invalid { key: "db_max_connections", problem: "must be at least 2".into() });
         }
         self.correlate.validate()?;
+        self.limits.validate()?;
         Ok(())
     }
 
@@ -235,6 +347,12 @@ mod tests {
         assert!(err.contains("correlate.ipv6_block_prefix"), "{err}");
         let err = ServerConfig::parse("heartbeat_secs = 0\n").unwrap_err().to_string();
         assert!(err.contains("heartbeat_secs"), "{err}");
+        let err = ServerConfig::parse("[limits]\nhttp_idle_timeout_secs = 5\n").unwrap_err().to_string();
+        assert!(err.contains("limits.http_idle_timeout_secs"), "{err}");
+        let err = ServerConfig::parse("[limits]\ngrpc_max_unauthenticated = 0\n").unwrap_err().to_string();
+        assert!(err.contains("limits.grpc_max_unauthenticated"), "{err}");
+        let err = ServerConfig::parse("[limits]\ngrpc_max_connection = 5\n").unwrap_err().to_string();
+        assert!(err.contains("grpc_max_connection"), "{err}");
     }
 
     #[test]

@@ -51,6 +51,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleetban_proto::canonical_net;
 use fleetban_proto::detect::Rule as LocalRule;
 use fleetban_proto::policy::{self, Count, DEFAULT_PROTECTED_DOMAINS, RuleTable, Rules, Scenario, Tally, Verdict};
 use fleetban_proto::v1::{EventKind, Policy, RulePolicy};
@@ -108,7 +109,9 @@ pub struct CorrelateConfig {
     pub trust_local_blocks: bool,
     /// Ranges never blocked, in addition to the allowlist table and the
     /// fleet's own addresses. Default: unspecified, loopback, link-local,
-    /// multicast, RFC 1918 and ULA ranges.
+    /// multicast, RFC 1918, carrier-grade NAT (100.64.0.0/10), reserved and
+    /// broadcast (240.0.0.0/4), ULA ranges and the IPv4-mapped IPv6 space
+    /// (addresses in it are judged as IPv4).
     pub never_block: Vec<IpNet>,
     /// Shortest IPv4 prefix blocked without `force`. Default 16.
     pub min_prefix_v4: u8,
@@ -125,11 +128,14 @@ pub const DEFAULT_NEVER_BLOCK: &[&str] = &[
     "10.0.0.0/8",
     "172.16.0.0/12",
     "192.168.0.0/16",
+    "100.64.0.0/10",
+    "240.0.0.0/4",
     "::/128",
     "::1/128",
     "fe80::/10",
     "ff00::/8",
     "fc00::/7",
+    "::ffff:0:0/96",
 ];
 
 /// Rule names `shadow_rules` accepts besides the scenarios.
@@ -532,17 +538,6 @@ async fn standing(
     .bind(secs(offence_window_secs))
     .fetch_one(conn)
     .await
-}
-
-/// The canonical form of an address: `::ffff:a.b.c.d` is IPv4.
-fn canonical_net(net: IpNet) -> IpNet {
-    if let IpNet::V6(v6) = net
-        && let Some(v4) = v6.addr().to_ipv4_mapped()
-        && v6.prefix_len() >= 96
-    {
-        return IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).map_or(net, |n| n.trunc());
-    }
-    net.trunc()
 }
 
 /// The prefix an escalation of `range` would block, with the prefix length of

@@ -10,6 +10,9 @@
 //! enough rows. Each slice is a bounded range scan (or a bitmap-and with the
 //! address index) followed by a small sort; a busy fleet is answered from the
 //! first slice.
+//!
+//! The arithmetic saturates: any `end` and `since` a caller passes, however
+//! near the ends of the representable range, give slices and never panic.
 
 use time::{Duration, OffsetDateTime};
 
@@ -33,7 +36,7 @@ impl Slice {
     /// Postgres stores microseconds, so one microsecond past `to` includes
     /// `to` and nothing after it.
     pub fn to_exclusive(&self) -> OffsetDateTime {
-        if self.to_inclusive { self.to + Duration::microseconds(1) } else { self.to }
+        if self.to_inclusive { self.to.saturating_add(Duration::microseconds(1)) } else { self.to }
     }
 }
 
@@ -42,7 +45,7 @@ impl Slice {
 /// slack covers the time between ingest and this read.
 pub fn latest_possible() -> OffsetDateTime {
     let ahead = Duration::try_from(crate::ingest::MAX_FUTURE).unwrap_or(Duration::minutes(10));
-    OffsetDateTime::now_utc() + ahead + Duration::minutes(1)
+    OffsetDateTime::now_utc().saturating_add(ahead).saturating_add(Duration::minutes(1))
 }
 
 /// Disjoint slices covering `[since, end]`, newest first; `since` `None`
@@ -55,7 +58,11 @@ pub fn slices(end: OffsetDateTime, since: Option<OffsetDateTime>) -> Vec<Slice> 
     let mut to = end;
     let mut to_inclusive = true;
     for step in STEPS {
-        let from = end - step;
+        // Near the earliest representable time there is nothing older:
+        // the rest is one last slice.
+        let Some(from) = end.checked_sub(step) else {
+            break;
+        };
         if since.is_some_and(|s| s >= from) {
             out.push(Slice { from: since, to, to_inclusive });
             return out;
@@ -100,6 +107,19 @@ mod tests {
         assert_eq!(s[1].from, Some(END - Duration::hours(1)));
         assert!(slices(END, Some(END + Duration::seconds(1))).is_empty());
         assert_eq!(slices(END, Some(END)).len(), 1);
+    }
+
+    #[test]
+    fn extreme_ends_neither_panic_nor_leave_gaps() {
+        let min = time::PrimitiveDateTime::MIN.assume_utc();
+        let max = time::PrimitiveDateTime::MAX.assume_utc();
+        let s = slices(min, None);
+        assert_eq!(s, vec![Slice { from: None, to: min, to_inclusive: true }]);
+        let s = slices(min + Duration::hours(2), Some(min));
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[2], Slice { from: Some(min), to: min + Duration::hours(1), to_inclusive: false });
+        assert_eq!(slices(max, None)[0].to_exclusive(), max, "saturates at the latest time");
+        assert_eq!(slices(max, None).len(), 5);
     }
 
     #[test]

@@ -25,6 +25,10 @@
 //! - [`asn`]: autonomous-system data (iptoasn import and lookup).
 //! - [`cli`]: the `fleetban` operator CLI (a client of the REST API).
 //! - [`serve`]: runs the gRPC and HTTP listeners until shutdown.
+//! - [`conn`]: connection discipline of both listeners (caps, deadlines).
+//! - [`guard`]: throttle of failed agent authentication; marks
+//!   authenticated gRPC connections.
+//! - [`text`]: escaping of client-supplied text for logs and terminals.
 //! - [`notify`]: systemd readiness (`READY=1` once listening, `STOPPING=1`).
 
 pub mod api;
@@ -34,9 +38,11 @@ pub mod backlog;
 pub mod blocks;
 pub mod cli;
 pub mod config;
+pub mod conn;
 pub mod correlate;
 pub mod db;
 pub mod eventlog;
+pub mod guard;
 pub mod ingest;
 pub mod notify;
 pub mod pgcopy;
@@ -47,6 +53,7 @@ pub mod report;
 pub mod retention;
 pub mod serve;
 pub mod session;
+pub mod text;
 pub mod tls;
 
 /// The server's version.

@@ -230,8 +230,10 @@ async fn main() -> anyhow::Result<()> {
                     events: Duration::from_secs(u64::from(cfg.events_retention_days) * 86_400),
                     change_log: Duration::from_secs(u64::from(cfg.change_log_retention_days) * 86_400),
                 },
+                limits: cfg.limits.clone(),
                 ..Default::default()
             };
+            check_descriptors(&cfg);
             run(pool, options, cfg.grpc_listen, cfg.http_listen, shutdown_signal()).await?;
         }
         Command::EnrollToken { command: TokenCommand::Create { source, uses, ttl, note } } => {
@@ -317,6 +319,39 @@ async fn run(
     serve::run(pool, options, serve::Listeners { grpc, http }, shutdown).await?;
     info!("fleetban-server stopped.");
     Ok(())
+}
+
+/// Raises the soft descriptor limit to the hard one and warns when the
+/// connection caps of `[limits]` could still exhaust it: a cap above the
+/// limit would let connections take the descriptors the database pool and
+/// the other listener need.
+fn check_descriptors(cfg: &ServerConfig) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    let soft = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+        limit.rlim_cur
+    };
+    let needed = u64::from(cfg.limits.grpc_max_connections)
+        + u64::from(cfg.limits.http_max_connections)
+        + u64::from(cfg.db_max_connections)
+        + 64;
+    if needed > soft {
+        warn!(
+            descriptors = soft,
+            needed,
+            "The descriptor limit is below limits.grpc_max_connections + limits.http_max_connections + the pool; \
+             lower the caps or raise LimitNOFILE, or connections can exhaust descriptors."
+        );
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -43,7 +43,15 @@ pub struct Swept {
     pub batches: u64,
     /// `block_changes` rows deleted.
     pub changes: u64,
+    /// Rows of the evidence model deleted: `evidence_minutes` and
+    /// `auth_users` older than the longest rule window allows (8 days),
+    /// `sender_standing` and `shadow_decisions` older than the cutoff.
+    pub model: u64,
 }
+
+/// Evidence-model rows older than this can no longer be in any rule's
+/// window (windows are at most 7 days).
+const MODEL_WINDOW_SECS: f64 = 8.0 * 86_400.0;
 
 /// One sweep now.
 pub async fn sweep(pool: &PgPool, retention: Retention) -> Result<Swept, blocks::BlockError> {
@@ -77,7 +85,16 @@ pub async fn sweep(pool: &PgPool, retention: Retention) -> Result<Swept, blocks:
     .await?
     .rows_affected();
     let changes = blocks::compact_changes(pool, retention.change_log).await?;
-    Ok(Swept { partitions, offender_hosts, offenders, batches, changes })
+    let mut model = 0;
+    for (sql, cutoff) in [
+        ("delete from evidence_minutes where minute < now() - make_interval(secs => $1)", MODEL_WINDOW_SECS.min(secs)),
+        ("delete from auth_users where last_seen < now() - make_interval(secs => $1)", MODEL_WINDOW_SECS.min(secs)),
+        ("delete from sender_standing where last_seen < now() - make_interval(secs => $1)", secs),
+        ("delete from shadow_decisions where decided_at < now() - make_interval(secs => $1)", secs),
+    ] {
+        model += sqlx::query(sql).bind(cutoff).execute(pool).await?.rows_affected();
+    }
+    Ok(Swept { partitions, offender_hosts, offenders, batches, changes, model })
 }
 
 /// Sweeps at start and then every `every` until `shutdown` resolves.
@@ -98,6 +115,7 @@ pub async fn run(pool: PgPool, retention: Retention, every: Duration, shutdown: 
                 offender_hosts = swept.offender_hosts,
                 offenders = swept.offenders,
                 batches = swept.batches,
+                model = swept.model,
                 changes = swept.changes,
                 "Retention sweep removed old data."
             ),
@@ -170,8 +188,49 @@ mod tests {
         .await
         .unwrap();
 
+        // The evidence model: minute counts and failing users a day and ten
+        // days old (the second beyond every rule window), standing and
+        // shadow decisions a day and forty days old.
+        sqlx::query(
+            "insert into evidence_minutes (address, agent_id, kind, minute, events) values \
+             ('192.0.2.1', $1, 'auth_failed', date_trunc('minute', now() - interval '10 days'), 1), \
+             ('192.0.2.1', $1, 'auth_failed', date_trunc('minute', now() - interval '1 day'), 1); \
+             ",
+        )
+        .bind(a)
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "insert into auth_users (address, agent_id, auth_user, last_seen) values \
+             ('192.0.2.1', $1, 'old', now() - interval '10 days'), ('192.0.2.1', $1, 'new', now() - interval '1 day')",
+        )
+        .bind(a)
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "insert into sender_standing (address, last_accepted, last_seen) values \
+             ('192.0.2.8', now() - interval '40 days', now() - interval '40 days'), ('192.0.2.9', now(), now())",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "insert into shadow_decisions (decided_at, cidr, rule, source) values \
+             (now() - interval '40 days', '192.0.2.8/32', 'auth', 'auto'), (now(), '192.0.2.9/32', 'auth', 'auto')",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+
         let retention = Retention { events: Duration::from_secs(30 * 86_400), change_log: Duration::from_secs(86_400) };
         let swept = sweep(&pool, retention).await.unwrap();
+        assert_eq!(swept.model, 4, "one old row of each evidence-model table: {swept:?}");
+        for table in ["evidence_minutes", "auth_users", "sender_standing", "shadow_decisions"] {
+            let n: i64 = sqlx::query_scalar(&format!("select count(*) from {table}")).fetch_one(&pool).await.unwrap();
+            assert_eq!(n, 1, "{table}: the recent row stays");
+        }
         assert_eq!(swept.partitions.len(), 1, "{swept:?}");
         assert_eq!((swept.offender_hosts, swept.offenders, swept.batches), (1, 1, 2), "{swept:?}");
         let events: i64 = sqlx::query_scalar("select count(*) from events").fetch_one(&pool).await.unwrap();

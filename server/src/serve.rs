@@ -6,22 +6,33 @@
 //! finishes and acks the frames it already received, then closes its stream;
 //! whatever has not drained within [`Options::drain_timeout`] is dropped (the
 //! agents resend unacked batches to another replica or after the restart).
+//!
+//! Both listeners accept through [`crate::conn`] (connection caps in total
+//! and per source, handshake and idle deadlines, TCP keepalive; `[limits]` in
+//! `server.toml`). The gRPC service sits behind [`crate::guard`] (throttle of
+//! failed authentication, marking of authenticated connections); the HTTP
+//! side is served by hyper with a header-read timeout, which `axum::serve`
+//! does not set.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fleetban_proto::v1::agent_service_server::AgentServiceServer;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::ServerTlsConfig;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::api;
 use crate::backlog::Backlog;
 use crate::blocks;
+use crate::config::LimitsConfig;
+use crate::conn::{Gate, GateLimits, GatedListener, Listener};
 use crate::correlate::{CorrelateConfig, Correlator};
+use crate::guard::{AgentGuardLayer, AuthThrottle};
 use crate::ingest::MAX_MESSAGE_BYTES;
 use crate::push::{self, Hub};
 use crate::retention::{self, Retention};
@@ -70,6 +81,8 @@ pub struct Options {
     pub stats: Arc<Stats>,
     /// The push hub (shared so that tests and metrics can read it).
     pub hub: Hub,
+    /// Connection discipline and the throttle of failed authentication.
+    pub limits: LimitsConfig,
 }
 
 impl Default for Options {
@@ -87,6 +100,7 @@ impl Default for Options {
             retention_interval: Duration::from_secs(3600),
             stats: Arc::default(),
             hub: Hub::new(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -133,16 +147,22 @@ pub async fn run(
         stop_rx.clone(),
         options.stats.clone(),
     );
+    let grpc_limits = GateLimits::grpc(&options.limits);
+    let auth_timeout = grpc_limits.first_deadline;
+    let grpc_gate = Gate::new(Listener::Grpc, grpc_limits);
+    let throttle =
+        Arc::new(AuthThrottle::new(options.limits.auth_failure_burst, options.limits.auth_failures_per_minute));
+    // TCP keepalive is set by the gate on every accepted socket.
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .tcp_keepalive(Some(Duration::from_secs(60)));
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
     if let Some(tls) = options.tls.clone() {
-        builder = builder.tls_config(tls)?;
+        builder = builder.tls_config(tls.timeout(auth_timeout))?;
     }
     let grpc_server = builder
+        .layer(AgentGuardLayer::new(throttle, Some(grpc_gate.clone())))
         .add_service(AgentServiceServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), stopped(&stop_rx));
+        .serve_with_incoming_shutdown(GatedListener::new(listeners.grpc, grpc_gate), stopped(&stop_rx));
     let drain_timeout = options.drain_timeout;
     let grpc_stop = stopped(&stop_rx);
     let grpc = async move {
@@ -157,9 +177,15 @@ pub async fn run(
     };
 
     let app = api::router(api::AppState::new(pool, options.correlate.clone()).with_stats(options.stats.clone()));
-    let http_server = axum::serve(listeners.http, app).with_graceful_shutdown(stopped(&stop_rx));
+    let http_gate = Gate::new(Listener::Http, GateLimits::http(&options.limits));
+    let http_server = serve_http(
+        GatedListener::new(listeners.http, http_gate),
+        app,
+        Duration::from_secs(options.limits.http_header_timeout_secs),
+        stopped(&stop_rx),
+    );
 
-    let (grpc_result, http_result) = tokio::join!(grpc, http_server.into_future());
+    let (grpc_result, http_result) = tokio::join!(grpc, http_server);
     let _ = sessions_done.send(());
     if tokio::time::timeout(drain_timeout, worker).await.is_err() {
         warn!("The last correlation did not finish in time.");
@@ -170,5 +196,64 @@ pub async fn run(
     let _ = retention.await;
     grpc_result?;
     http_result?;
+    Ok(())
+}
+
+/// Serves `app` on `listener` until `shutdown`, then lets every connection
+/// finish its request and waits for them (the caller bounds the wait).
+///
+/// Like `axum::serve`, but hyper gets a timer, so that its HTTP/1 header-read
+/// timeout (`header_timeout`, from accept and between requests) is enforced:
+/// a client that trickles its headers is closed.
+async fn serve_http(
+    mut listener: GatedListener,
+    app: axum::Router,
+    header_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), std::io::Error> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    // Every connection task holds a receiver; `closed` resolves when all are gone.
+    let (close_tx, close_rx) = tokio::sync::watch::channel(());
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut shutdown => break,
+            stream = listener.accept() => stream,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let builder = builder.clone();
+        let mut close_rx = close_rx.clone();
+        tokio::spawn(async move {
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let mut draining = false;
+            loop {
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(error) = result {
+                            debug!(error = %error, "HTTP connection ended with an error.");
+                        }
+                        break;
+                    }
+                    changed = close_rx.changed(), if !draining => {
+                        // Sent at shutdown (or the sender is gone): finish the
+                        // request in hand and close.
+                        let _ = changed;
+                        draining = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+            drop(close_rx);
+        });
+    }
+    // Stop accepting (the listener closes), ask connections to finish.
+    drop(listener);
+    drop(close_rx);
+    let _ = close_tx.send(());
+    close_tx.closed().await;
     Ok(())
 }

@@ -52,11 +52,9 @@ use crate::blocks;
 use crate::correlate::Correlator;
 use crate::ingest::{BatchError, Ingest};
 use crate::push::{Hub, Push, Subscription};
+use crate::text::Escaped;
 
-/// Metadata key of the agent id.
-pub const AGENT_ID_HEADER: &str = "x-fleetban-agent-id";
-/// Metadata key of the agent secret.
-pub const AGENT_SECRET_HEADER: &str = "x-fleetban-agent-secret";
+pub use fleetban_proto::{AGENT_ID_HEADER, AGENT_SECRET_HEADER};
 /// Frames queued towards one agent.
 const OUTBOUND_QUEUE: usize = 64;
 /// How long a new session may take to send `Hello`.
@@ -182,7 +180,10 @@ impl AgentService for Service {
         }
         match auth::enroll(&self.shared.pool, &req.token, &req.hostname, &req.version, &addresses).await {
             Ok(enrolled) => {
-                info!(agent_id = %enrolled.agent_id, hostname = %req.hostname, version = %req.version, "Agent enrolled.");
+                info!(
+                    agent_id = %enrolled.agent_id, hostname = %Escaped(&req.hostname), version = %Escaped(&req.version),
+                    "Agent enrolled."
+                );
                 Ok(Response::new(EnrollResponse {
                     agent_id: enrolled.agent_id.to_string(),
                     agent_secret: enrolled.secret,
@@ -193,7 +194,7 @@ impl AgentService for Service {
             Err(AuthError::BadRequest(msg)) => Err(Status::invalid_argument(msg)),
             Err(error) => {
                 Stats::add(&self.shared.stats.auth_refused, 1);
-                warn!(hostname = %req.hostname, %error, "Enrollment refused.");
+                warn!(hostname = %Escaped(&req.hostname), %error, "Enrollment refused.");
                 Err(Status::unauthenticated(error.to_string()))
             }
         }
@@ -398,7 +399,7 @@ impl Session {
         // from here on can be missed.
         let sub = self.shared.hub.subscribe(agent_id);
         info!(
-            %agent_id, hostname = %hello.hostname, version = %hello.version,
+            %agent_id, hostname = %Escaped(&hello.hostname), version = %Escaped(&hello.version),
             blocklist_version = hello.blocklist_version, last_acked, "Agent session open."
         );
         self.send(Out::Welcome(Welcome {
@@ -552,7 +553,7 @@ impl Session {
             }
             Err(BatchError::Invalid(reason)) => {
                 Stats::add(&stats.batches_refused, 1);
-                warn!(agent_id = %self.agent_id, seq, %reason, "Batch refused.");
+                warn!(agent_id = %self.agent_id, seq, reason = %Escaped(&reason), "Batch refused.");
                 self.send(Out::Nack(Nack { seq, reason })).await
             }
             Err(BatchError::Database(error)) => Err(End::Status(unavailable(error, "Cannot store a batch."))),
@@ -594,7 +595,7 @@ impl Session {
 
     async fn refuse_frame(&self, reason: String) -> Result<(), End> {
         Stats::add(&self.shared.stats.frames_invalid, 1);
-        warn!(agent_id = %self.agent_id, %reason, "Frame refused.");
+        warn!(agent_id = %self.agent_id, reason = %Escaped(&reason), "Frame refused.");
         self.send(Out::Nack(Nack { seq: 0, reason })).await
     }
 

@@ -154,3 +154,40 @@ async fn cli_reads_and_writes_through_the_api(pool: PgPool) {
 
     server.stop().await;
 }
+
+/// Agent names, host names and raw log lines come from agents and mail
+/// clients: tables show their control characters escaped, one line per row;
+/// `--json` keeps them exact.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn cli_tables_escape_client_text_and_json_stays_exact(pool: PgPool) {
+    let server = common::Server::start(&pool).await;
+    let url = server.url.clone();
+    let t = common::tokens(&pool).await;
+    let name = "mx\x1b[31mred";
+    let hostname = "mx1.example.net\x1b]0;owned\x07\nroot@mx1:~# ";
+    let raw = "535 Incorrect authentication data (set_id=\x1b[2J\r\nforged line)";
+    let mx = common::agent(&pool, name, hostname, true, &[]).await;
+    let now = OffsetDateTime::now_utc();
+    common::event(&pool, mx, 1, now - Duration::seconds(5), "auth_failed", "203.0.113.7", raw).await;
+    common::evidence(&pool, mx, "203.0.113.7", "auth_failed", 1, now - Duration::seconds(5), raw).await;
+
+    let clean = |text: &str| !text.chars().any(|c| c.is_control() && c != '\n');
+    let agents = ok(&fleetban(&url, Some(&t.read), &["agents"]).await);
+    assert!(clean(&agents), "{agents:?}");
+    assert_eq!(agents.lines().count(), 2, "{agents}");
+    assert!(agents.contains(r"mx\u{1b}[31mred") && agents.contains(r"\u{7}\nroot@mx1:~#"), "{agents}");
+    let events = ok(&fleetban(&url, Some(&t.read), &["events"]).await);
+    assert!(clean(&events), "{events:?}");
+    assert_eq!(events.lines().count(), 2, "{events}");
+    assert!(events.contains(r"set_id=\u{1b}[2J\r\nforged line"), "{events}");
+    let attacker = ok(&fleetban(&url, Some(&t.read), &["attacker", "203.0.113.7"]).await);
+    assert!(clean(&attacker), "{attacker:?}");
+    assert!(!attacker.lines().any(|l| l.starts_with("forged")), "{attacker}");
+
+    let json: Value = serde_json::from_str(&ok(&fleetban(&url, Some(&t.read), &["--json", "agents"]).await)).unwrap();
+    assert_eq!(json[0]["name"], name);
+    assert_eq!(json[0]["hostname"], hostname);
+    let json: Value = serde_json::from_str(&ok(&fleetban(&url, Some(&t.read), &["--json", "events"]).await)).unwrap();
+    assert_eq!(json[0]["raw"], raw);
+    server.stop().await;
+}

@@ -13,7 +13,12 @@
 //!   `fleetban-smtp-sim` binary).
 //! - `exim`: a real Exim daemon (self-contained configuration, started in
 //!   a namespace) and an SMTP client for driving it.
-//! - `fleet`: the whole fleet (Postgres, server, three hosts with agents, an
+//! - `traffic`: the precision benchmark: a generator of a labelled
+//!   multi-host day of realistic Exim traffic (the `fleetban-traffic`
+//!   binary) and the scorer of a detector's decisions against its labels.
+//! - `precision`: the benchmark end to end: a generated fleet replayed
+//!   through the real detection and correlation, scored.
+//! - `fleet`: the whole fleet (Postgres, server, mail hosts with agents, an
 //!   attacker and a client) in namespaces.
 
 pub mod demo;
@@ -21,4 +26,6 @@ pub mod demo_script;
 pub mod exim;
 pub mod fleet;
 pub mod netns;
+pub mod precision;
 pub mod smtp_sim;
+pub mod traffic;

@@ -169,8 +169,16 @@ fn flood_is_blocked_locally_then_fleet_wide() {
     assert!(client_reaches_all(&fleet, Duration::from_secs(8)), "the legitimate client was refused");
 }
 
-/// Scenario 2: a few failed logins on mx2 and on mx3, each below the local
-/// threshold (5) → a fleet block by correlation, also on mx1.
+/// Four failed logins of four users on one host: below every host's own
+/// thresholds (10 failures, 5 users).
+fn spray(host: usize, from: IpAddr) -> std::io::Result<()> {
+    let users: Vec<String> = (0..4).map(|k| format!("user{host}{k}@example.test")).collect();
+    auth_failures(smtp(host), from, &users)
+}
+
+/// Scenario 2: password spraying on every host, each below the local
+/// thresholds (10 failures, 5 users) → a fleet block by correlation (12
+/// distinct users across the fleet, the fleet's bar is 7).
 #[test]
 fn distributed_brute_force_is_blocked_by_correlation() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -178,9 +186,9 @@ fn distributed_brute_force_is_blocked_by_correlation() {
     let attacker = att_v4(20);
     let sent = fleet
         .in_attacker(move || {
-            let users: Vec<String> = vec!["info@example.test".into(), "admin@example.test".into()];
-            auth_failures(smtp(1), attacker, &users)?;
-            auth_failures(smtp(2), attacker, &users)?;
+            for host in 0..3 {
+                spray(host, attacker)?;
+            }
             Ok::<_, std::io::Error>(Instant::now())
         })
         .expect("attacker thread")
@@ -254,11 +262,7 @@ fn unblock_and_allowlist() {
     // A fleet block by correlation, then its deletion.
     let attacker = att_v4(40);
     fleet
-        .in_attacker(move || {
-            let users: Vec<String> = vec!["info@example.test".into(), "admin@example.test".into()];
-            auth_failures(smtp(1), attacker, &users)?;
-            auth_failures(smtp(2), attacker, &users)
-        })
+        .in_attacker(move || (0..3).try_for_each(|host| spray(host, attacker)))
         .expect("attacker thread")
         .expect("the AUTH attempts ran");
     let first = wait_blocked(&fleet, attacker, vec![0, 1, 2], Duration::from_secs(10));

@@ -123,7 +123,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status_code();
         if status.is_server_error() {
-            tracing::error!(error = %self, "API request failed.");
+            // Database messages can quote the client's values.
+            tracing::error!(error = %crate::text::Escaped(&self.to_string()), "API request failed.");
         }
         let body = ErrorBody { error: ErrorDetail { code: self.code(), message: self.public_message() } };
         (status, Json(body)).into_response()

@@ -28,6 +28,13 @@
 //! | `fleetban_db_pool_connections` | gauge | `state` = `idle`, `busy` | scrape |
 //! | `fleetban_http_requests_total` | counter | `method`, `route`, `status` | API middleware |
 //! | `fleetban_http_request_duration_seconds` | histogram | `method`, `route` | API middleware |
+//! | `fleetban_connections_open` | gauge | `listener` = `grpc`, `http` | `conn`: admitted connections open now |
+//! | `fleetban_connections_unauthenticated` | gauge | | `conn`: gRPC connections without an authenticated session |
+//! | `fleetban_connections_refused_total` | counter | `listener`; `reason` = `max_connections`, `per_source`, `unauthenticated`, `unauthenticated_per_source` | `conn`: closed at accept |
+//! | `fleetban_connections_timed_out_total` | counter | `listener`; `phase` = `handshake`, `header`, `idle` | `conn`: closed for a deadline |
+//! | `fleetban_agent_auth_throttled_total` | counter | | `guard`: Enroll/Connect refused after repeated failures from the source |
+//! | `fleetban_shadow_decisions_total` | counter | `rule` | `correlate`: decisions of rules in shadow mode, recorded, nothing blocked |
+//! | `fleetban_correlate_spared_total` | counter | `why` = `protected`, `good_standing` | `correlate`: automatic blocks not made |
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -92,6 +99,14 @@ fn describe() {
     metrics::describe_counter!(INGEST_BATCHES, "Event batches by result (stored, duplicate, refused).");
     metrics::describe_histogram!(PUSH_LAG, metrics::Unit::Seconds, "Block change commit to delivery to an agent.");
     metrics::describe_gauge!(AGENT_SESSIONS, "Agent sessions open on this replica.");
+    metrics::describe_counter!(
+        crate::correlate::SHADOW_DECISIONS,
+        "Decisions of rules in shadow mode (recorded, nothing blocked), by rule."
+    );
+    metrics::describe_counter!(
+        crate::correlate::SPARED,
+        "Automatic blocks not made, by why (protected sender, good standing)."
+    );
     metrics::describe_gauge!("fleetban_agents_connected", "Agents with an open session, fleet-wide.");
     metrics::describe_gauge!("fleetban_agents_total", "Agents not revoked.");
     metrics::describe_gauge!("fleetban_blocks_active", "Live blocks by source.");
@@ -103,6 +118,23 @@ fn describe() {
     metrics::describe_gauge!("fleetban_events_per_second", "Stored events per second by log time.");
     metrics::describe_gauge!("fleetban_db_pool_connections", "Database pool connections by state.");
     metrics::describe_counter!("fleetban_http_requests_total", "HTTP requests by method, route and status.");
+    metrics::describe_gauge!(crate::conn::CONNECTIONS_OPEN, "Open connections by listener.");
+    metrics::describe_gauge!(
+        crate::conn::CONNECTIONS_UNAUTHENTICATED,
+        "gRPC connections without an authenticated agent session."
+    );
+    metrics::describe_counter!(
+        crate::conn::CONNECTIONS_REFUSED,
+        "Connections closed at accept by a connection limit, by listener and limit."
+    );
+    metrics::describe_counter!(
+        crate::conn::CONNECTIONS_TIMED_OUT,
+        "Connections closed for a deadline (handshake, header, idle), by listener."
+    );
+    metrics::describe_counter!(
+        crate::guard::AUTH_THROTTLED,
+        "Enroll/Connect calls refused because their source failed authentication too often."
+    );
     metrics::describe_histogram!(
         "fleetban_http_request_duration_seconds",
         metrics::Unit::Seconds,

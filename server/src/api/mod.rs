@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod params;
 pub mod reports;
+pub mod shadow;
 pub mod stats;
 
 use std::sync::Arc;
@@ -108,6 +109,7 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::GET, "/api/v1/attackers", get(attackers::list)),
         (Method::GET, "/api/v1/attackers/{ip}", get(attackers::get)),
         (Method::GET, "/api/v1/events", get(events::list)),
+        (Method::GET, "/api/v1/shadow", get(shadow::list)),
         (Method::GET, "/api/v1/stats", get(stats::get)),
         (Method::GET, "/api/v1/reports/abuse", get(reports::abuse)),
     ]

@@ -11,7 +11,7 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{agents, allowlist, attackers, blocks, dashboard, events, metrics, reports, stats};
+use super::{agents, allowlist, attackers, blocks, dashboard, events, metrics, reports, shadow, stats};
 
 /// The document.
 #[derive(OpenApi)]
@@ -28,7 +28,7 @@ use super::{agents, allowlist, attackers, blocks, dashboard, events, metrics, re
         super::healthz, super::readyz, metrics::render, document,
         dashboard::index, dashboard::script, dashboard::style,
         agents::list, agents::get, agents::revoke,
-        blocks::list, blocks::create, blocks::get, blocks::delete,
+        blocks::list, blocks::create, blocks::get, blocks::delete, shadow::list,
         allowlist::list, allowlist::create, allowlist::delete_by_cidr, allowlist::delete,
         attackers::list, attackers::get,
         events::list,

@@ -137,7 +137,15 @@ async fn start_server(pool: PgPool) -> anyhow::Result<Server> {
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = grpc.local_addr()?;
     let (stop, rx) = oneshot::channel::<()>();
-    let options = serve::Options { heartbeat: Duration::from_secs(300), ..Default::default() };
+    // Every simulated agent connects from 127.0.0.1: the per-source limits,
+    // meant for real hosts, are lifted.
+    let limits = fleetban_server::config::LimitsConfig {
+        grpc_max_connections_per_source: 16_384,
+        grpc_max_unauthenticated: 4_096,
+        grpc_max_unauthenticated_per_source: 4_096,
+        ..Default::default()
+    };
+    let options = serve::Options { heartbeat: Duration::from_secs(300), limits, ..Default::default() };
     let handle = tokio::spawn(serve::run(pool, options, serve::Listeners { grpc, http }, async move {
         let _ = rx.await;
     }));

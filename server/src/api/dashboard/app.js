@@ -105,6 +105,17 @@ function renderAttacker(a) {
   return tr;
 }
 
+function renderShadow(d) {
+  const tr = document.createElement("tr");
+  const ev = d.evidence || {};
+  cell(tr, ago(d.decided_at));
+  cell(tr, d.cidr);
+  cell(tr, d.rule);
+  cell(tr, d.source);
+  cell(tr, ev.verdict || (ev.local && ev.local.evidence) || "");
+  return tr;
+}
+
 function feed(text) {
   const li = document.createElement("li");
   li.textContent = text;
@@ -150,12 +161,13 @@ function drawChart() {
 }
 
 async function refresh() {
-  const [stats, agents, blocks, attackers, events] = await Promise.all([
+  const [stats, agents, blocks, attackers, events, shadow] = await Promise.all([
     api("GET", "/api/v1/stats"),
     api("GET", "/api/v1/agents"),
     api("GET", "/api/v1/blocks?active=true&limit=200"),
     api("GET", "/api/v1/attackers?since=24h&limit=10"),
     api("GET", "/api/v1/events?limit=25"),
+    api("GET", "/api/v1/shadow?since=24h&limit=50"),
   ]);
   $("stat-rate").textContent = stats.events_per_sec_1m.toFixed(2);
   $("stat-blocks").textContent = stats.active_blocks;
@@ -167,6 +179,7 @@ async function refresh() {
   fill("agents", agents, renderAgent);
   fill("blocks", blocks, renderBlock);
   fill("attackers", attackers, renderAttacker);
+  fill("shadow", shadow, renderShadow);
   for (const e of events.slice().reverse()) {
     if (seenEvents.has(e.id)) continue;
     seenEvents.add(e.id);
