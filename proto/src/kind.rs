@@ -126,11 +126,14 @@ impl EventKind {
 
     /// What one line of this kind counts towards its scenario's thresholds.
     /// Exim drops a session for too many bad commands only after it has seen
-    /// several, so such a drop counts three; every other abuse line counts
-    /// one; context counts nothing.
+    /// several, so such a drop counts three; a synchronization error (input
+    /// before the banner, or pipelining that was not offered: the check Exim
+    /// has to catch bots) counts two; every other abuse line counts one;
+    /// context counts nothing.
     pub const fn weight(self) -> u32 {
         match self {
             EventKind::TooManyNonmail | EventKind::TooManySyntax | EventKind::TooManyUnrecognized => 3,
+            EventKind::SyncError => 2,
             k if k.is_abuse() => 1,
             _ => 0,
         }

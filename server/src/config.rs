@@ -38,6 +38,10 @@ pub struct ServerConfig {
     /// How long the blocklist change log is kept, days; an agent further
     /// behind gets a snapshot. Default 7.
     pub change_log_retention_days: u32,
+    /// The addresses agents reach this server at (its public addresses, a
+    /// load balancer's), besides the listeners' own: never blocked, so that
+    /// no decision can cut agents off from their server. Default: none.
+    pub advertised_addresses: Vec<std::net::IpAddr>,
     /// Correlation policy.
     pub correlate: CorrelateConfig,
     /// Connection discipline of both listeners and the throttle of failed
@@ -177,6 +181,7 @@ impl Default for ServerConfig {
             heartbeat_secs: 15,
             events_retention_days: 30,
             change_log_retention_days: 7,
+            advertised_addresses: Vec::new(),
             correlate: CorrelateConfig::default(),
             limits: LimitsConfig::default(),
         }
@@ -320,6 +325,22 @@ impl ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// The correlation policy with the server's own addresses (specific
+    /// listen addresses and `advertised_addresses`) added to `never_block`.
+    pub fn policy(&self) -> CorrelateConfig {
+        let mut policy = self.correlate.clone();
+        let listen = [self.grpc_listen.ip(), self.http_listen.ip()].into_iter().filter(|ip| !ip.is_unspecified());
+        for ip in listen.chain(self.advertised_addresses.iter().copied()) {
+            let net = ipnet::IpNet::from(fleetban_proto::canonical_ip(ip));
+            if !policy.never_block.contains(&net) {
+                policy.never_block.push(net);
+            }
+        }
+        policy
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,6 +356,21 @@ mod tests {
         let defaults =
             ServerConfig { database_url: cfg.database_url.clone(), tls: cfg.tls.clone(), ..ServerConfig::default() };
         assert_eq!(cfg, defaults, "deploy/server.example.toml must document the defaults");
+    }
+
+    #[test]
+    fn the_servers_own_addresses_are_never_blocked() {
+        let cfg = ServerConfig::parse(
+            "grpc_listen = \"198.51.100.10:50051\"\nhttp_listen = \"0.0.0.0:8080\"\n\
+             advertised_addresses = [\"203.0.113.5\", \"::ffff:192.0.2.9\"]\n",
+        )
+        .unwrap();
+        let policy = cfg.policy();
+        for own in ["198.51.100.10/32", "203.0.113.5/32", "192.0.2.9/32"] {
+            assert!(policy.never_block.contains(&own.parse().unwrap()), "{own}");
+        }
+        assert!(!policy.never_block.iter().any(|n| n.to_string() == "0.0.0.0/32"));
+        assert_eq!(policy.never_block.len(), CorrelateConfig::default().never_block.len() + 3);
     }
 
     #[test]

@@ -224,7 +224,7 @@ async fn main() -> anyhow::Result<()> {
             db::migrate(&pool).await?;
             let options = serve::Options {
                 tls,
-                correlate: cfg.correlate.clone(),
+                correlate: cfg.policy(),
                 heartbeat: Duration::from_secs(cfg.heartbeat_secs),
                 retention: fleetban_server::retention::Retention {
                     events: Duration::from_secs(u64::from(cfg.events_retention_days) * 86_400),

@@ -350,3 +350,63 @@ async fn precision_benchmark_at_ci_size() {
         assert!(a.decision.is_some(), "{:?} attacker {} not blocked\n{}", a.class, a.range, run.score);
     }
 }
+
+/// `fleetban-server replay --logs` end to end: a generated fleet's log
+/// directories, parsed by `fleetban-agent parse --json`, replayed with a
+/// candidate that puts the slot rule in shadow mode, compared with the
+/// shipped policy; the JSON says what each did and where they differ.
+#[test]
+fn replay_command_compares_a_candidate_with_the_live_policy() {
+    let url = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by the ctor");
+    let bins = fleetban_tests::fleet::binaries().expect("agent and server binaries are built");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fleet");
+    let generated = std::process::Command::new(env!("CARGO_BIN_EXE_fleetban-traffic"))
+        .args(["generate", "--small", "--seed", "1", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(generated.status.success(), "{}", String::from_utf8_lossy(&generated.stderr));
+    let labels = Labels::read(&out.join("labels.json")).unwrap();
+    let candidate = dir.path().join("candidate.toml");
+    std::fs::write(&candidate, "[correlate]\nshadow_rules = [\"slot_exhaustion\"]\n").unwrap();
+    let hosts: Vec<std::path::PathBuf> = labels.hosts.iter().map(|h| out.join(h)).collect();
+    for h in &hosts {
+        assert!(h.join("exim_mainlog").is_file(), "{} has no log", h.display());
+    }
+    let replay = std::process::Command::new(bins.join("fleetban-server"))
+        .args(["replay", "--json", "--smtp-accept-max", &labels.smtp_accept_max.to_string(), "--policy"])
+        .arg(&candidate)
+        .arg("--agent-bin")
+        .arg(bins.join("fleetban-agent"))
+        .args(["--scratch-database-url", &url, "--logs"])
+        .args(&hosts)
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&replay.stdout).unwrap();
+    let events = json["candidate"]["events"].as_u64().unwrap();
+    assert!(events > 1_000, "{events} events replayed");
+    assert_eq!(json["live"]["events"].as_u64(), Some(events));
+    let decisions = |who: &str| json[who]["decisions"].as_array().cloned().unwrap_or_default();
+    // The candidate's slot decisions are shadow ones; the live policy's block.
+    let slots = |who: &str, shadow: bool| {
+        decisions(who).iter().filter(|d| d["detail"] == "slot_exhaustion" && d["shadow"] == shadow).count()
+    };
+    assert!(slots("live", false) >= 1, "the live policy blocks the flood:\n{json:#}");
+    assert_eq!(slots("candidate", false), 0);
+    assert!(slots("candidate", true) >= 1);
+    let only_live = json["difference"]["only_live"].as_array().unwrap();
+    assert!(!only_live.is_empty(), "{json:#}");
+    // No legitimate sender is blocked by either.
+    for who in ["candidate", "live"] {
+        let blocked: Vec<(ipnet::IpNet, i64)> = decisions(who)
+            .iter()
+            .filter(|d| d["shadow"] == false)
+            .map(|d| (d["cidr"].as_str().unwrap().parse().unwrap(), d["time_ms"].as_i64().unwrap()))
+            .collect();
+        let score = fleetban_tests::traffic::score(&labels, &blocked);
+        assert!(score.legit_blocked.is_empty(), "{who}: {score}");
+    }
+}
