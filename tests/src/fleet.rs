@@ -5,9 +5,14 @@
 //! | namespace | addresses | runs |
 //! |---|---|---|
 //! | `srv` | 192.0.2.1 | `fleetban-server serve` (gRPC with TLS on 192.0.2.1:50051, HTTP on 127.0.0.1:8080) |
-//! | `mx1`..`mx3` | 192.0.2.11–13, 2001:db8:1::11–13 | `fleetban-smtp-sim` on port 25 writing the Exim log, `fleetban-agent run` with the nftables backend |
+//! | `mx1`..`mx3` | 192.0.2.11–13, 2001:db8:1::11–13 | `fleetban-smtp-sim` (or a real Exim, [`Mta::Exim`]) on port 25 writing the Exim log, `fleetban-agent run` with the nftables backend |
 //! | `att` | 198.51.100.10–99 (a few), 2001:db8:bad::1–4 | nothing: the test opens connections from it |
 //! | `cli` | 203.0.113.50 | nothing: the legitimate client |
+//!
+//! [`FleetOptions::hosts`] sets how many mail hosts there are (three by
+//! default) and [`FleetOptions::mta`] what listens on their port 25: the
+//! simulator, or a real Exim daemon started by [`crate::exim`] that logs to
+//! the same `exim_mainlog` the agent tails.
 //!
 //! Postgres runs on the test's side (the namespace the test started in) and
 //! the server in `srv` reaches it over its Unix socket; agents run inside
@@ -27,6 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use fleetban_server::pgembed::EmbeddedPostgres;
 
+use crate::exim::{EximDaemon, EximOptions};
 use crate::netns::{Netns, Segment, unique_tag};
 
 /// The server's address on the segment.
@@ -59,22 +65,40 @@ pub fn att_v6(n: u16) -> IpAddr {
     IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xbad, 0, 0, 0, 0, n))
 }
 
+/// What listens on each mail host's port 25.
+#[derive(Debug, Clone, Default)]
+pub enum Mta {
+    /// `fleetban-smtp-sim` (no mail server needed).
+    #[default]
+    Simulator,
+    /// A real Exim daemon ([`crate::exim`]); its `smtp_accept_max` is
+    /// [`FleetOptions::smtp_accept_max`].
+    Exim(EximOptions),
+}
+
 /// Per-test knobs.
 #[derive(Debug, Clone)]
 pub struct FleetOptions {
+    /// How many mail hosts (`mx1`..): at most 9.
+    pub hosts: usize,
+    /// What listens on their port 25.
+    pub mta: Mta,
     /// Extra TOML appended to every agent's `[detect]` table.
     pub detect: String,
     /// Agent `[allowlist] cidrs`.
     pub agent_allowlist: Vec<String>,
     /// Lines for the server's `[correlate]` table.
     pub correlate: String,
-    /// `smtp_accept_max` of the simulated Exim.
+    /// `smtp_accept_max` of the simulated or real Exim (and the agents'
+    /// `[detect] smtp_accept_max`).
     pub smtp_accept_max: usize,
 }
 
 impl Default for FleetOptions {
     fn default() -> Self {
         FleetOptions {
+            hosts: 3,
+            mta: Mta::Simulator,
             detect: String::new(),
             agent_allowlist: Vec::new(),
             correlate: String::new(),
@@ -140,8 +164,10 @@ pub struct Host {
     pub index: usize,
     /// Its work directory (agent state, config, Exim log).
     pub dir: PathBuf,
-    /// The simulated Exim.
+    /// The simulated Exim (not running with [`Mta::Exim`]).
     pub smtp: Proc,
+    /// The real Exim daemon ([`Mta::Exim`]).
+    pub exim: Option<EximDaemon>,
     /// The agent.
     pub agent: Proc,
 }
@@ -158,7 +184,7 @@ impl Host {
 pub struct Fleet {
     /// Work directory.
     pub dir: PathBuf,
-    /// The three hosts.
+    /// The mail hosts.
     pub hosts: Vec<Host>,
     /// The server process.
     pub server: Proc,
@@ -188,9 +214,14 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
 /// The directory holding the agent, server and simulator binaries of the
 /// running test's profile; fails when one is missing (`cargo test
 /// --workspace` builds them; so does `cargo build -p fleetban-agent -p
-/// fleetban-server -p fleetban-tests --bins`).
+/// fleetban-server -p fleetban-tests --bins`). `FLEETBAN_BIN_DIR` names
+/// another directory, for a target directory shared by several checkouts,
+/// where the binaries next to the test may come from another one.
 pub fn binaries() -> anyhow::Result<PathBuf> {
-    let bins = bin_dir()?;
+    let bins = match std::env::var_os("FLEETBAN_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => bin_dir()?,
+    };
     for name in ["fleetban-agent", "fleetban-server", "fleetban", "fleetban-smtp-sim"] {
         if !bins.join(name).is_file() {
             bail!(
@@ -211,8 +242,11 @@ impl Fleet {
         fs::create_dir_all(&dir)?;
         let mut segment = Segment::create(&tag)?;
         let srv = segment.add_machine("srv", &[IpAddr::V4(SERVER)])?;
+        if !(1..=9).contains(&options.hosts) {
+            bail!("FleetOptions::hosts is {}; 1 to 9 are supported", options.hosts);
+        }
         let mut host_idx = Vec::new();
-        for i in 0..3 {
+        for i in 0..options.hosts {
             host_idx.push(segment.add_machine(&format!("mx{}", i + 1), &[IpAddr::V4(mx_v4(i)), IpAddr::V6(mx_v6(i))])?);
         }
         let mut att_addrs: Vec<IpAddr> = ATTACKER_V4_LAST.iter().map(|&l| att_v4(l)).collect();
@@ -279,7 +313,7 @@ impl Fleet {
                 "--config",
                 path_str(&server_toml)?,
                 "--uses",
-                "3",
+                &fleet.options.hosts.to_string(),
                 "--ttl",
                 "1h",
             ]))?
@@ -303,21 +337,43 @@ impl Fleet {
                     .arg("--config")
                     .arg(hdir.join("agent.toml")),
             )?;
-            let smtp = Proc::new(
-                ns.command(path_str(&fleet.bins.join("fleetban-smtp-sim"))?)
-                    .arg("--log")
-                    .arg(hdir.join("exim_mainlog"))
-                    .args(["--listen", "[::]:25", "--max-connections", &fleet.options.smtp_accept_max.to_string()])
-                    .stdout(Stdio::null())
-                    .stderr(log_file(&hdir.join("smtp-sim.out"))?)
-                    .spawn()?,
-            );
-            fleet.hosts.push(Host { short, index, dir: hdir, smtp, agent: Proc { child: None } });
+            let (smtp, exim) = match &fleet.options.mta {
+                Mta::Simulator => {
+                    let smtp = Proc::new(
+                        ns.command(path_str(&fleet.bins.join("fleetban-smtp-sim"))?)
+                            .arg("--log")
+                            .arg(hdir.join("exim_mainlog"))
+                            .args([
+                                "--listen",
+                                "[::]:25",
+                                "--max-connections",
+                                &fleet.options.smtp_accept_max.to_string(),
+                            ])
+                            .stdout(Stdio::null())
+                            .stderr(log_file(&hdir.join("smtp-sim.out"))?)
+                            .spawn()?,
+                    );
+                    (smtp, None)
+                }
+                Mta::Exim(exim) => {
+                    let options = EximOptions {
+                        hostname: format!("{short}.example.net"),
+                        smtp_accept_max: u32::try_from(fleet.options.smtp_accept_max)?,
+                        ..exim.clone()
+                    };
+                    // Logs to `<hdir>/exim_mainlog`, the file the agent tails.
+                    let daemon =
+                        EximDaemon::start(ns, &hdir, 25, &options).with_context(|| format!("{short}: exim"))?;
+                    (Proc { child: None }, Some(daemon))
+                }
+            };
+            fleet.hosts.push(Host { short, index, dir: hdir, smtp, exim, agent: Proc { child: None } });
             fleet.start_agent(i)?;
         }
         // Ready: every agent connected and every listener answering.
-        fleet.wait_agents_connected(3, Duration::from_secs(20))?;
-        for i in 0..3 {
+        let hosts = fleet.options.hosts;
+        fleet.wait_agents_connected(i64::try_from(hosts)?, Duration::from_secs(20))?;
+        for i in 0..hosts {
             let addr = SocketAddr::new(IpAddr::V4(mx_v4(i)), 25);
             let ok =
                 fleet.in_client(move || wait_until(Duration::from_secs(10), || smtp_banner(addr, None).is_ok()))?;
@@ -464,6 +520,19 @@ impl Fleet {
             .fetch_optional(&self.pool),
         )?;
         Ok(row)
+    }
+
+    /// Every block that ever covered `addr`, live, expired or revoked:
+    /// (id, cidr, source, reason).
+    pub fn blocks_ever(&self, addr: IpAddr) -> anyhow::Result<Vec<(i64, String, String, String)>> {
+        let rows = self.rt.block_on(
+            sqlx::query_as::<_, (i64, String, String, String)>(
+                "select id, cidr::text, source, reason from blocks where cidr >>= $1::inet order by id",
+            )
+            .bind(addr.to_string())
+            .fetch_all(&self.pool),
+        )?;
+        Ok(rows)
     }
 
     /// The CIDRs of every live block.
@@ -641,6 +710,9 @@ impl Drop for Fleet {
         for host in &mut self.hosts {
             host.agent.kill9();
             host.smtp.kill9();
+            if let Some(exim) = host.exim.as_mut() {
+                exim.kill();
+            }
         }
         self.server.kill9();
         if std::env::var_os("FLEETBAN_E2E_KEEP").is_none() {

@@ -11,16 +11,19 @@
 //!   tests build.
 //! - `smtp_sim`: an SMTP responder writing Exim-format log lines (the
 //!   `fleetban-smtp-sim` binary).
+//! - `exim`: a real Exim daemon (self-contained configuration, started in
+//!   a namespace) and an SMTP client for driving it.
 //! - `traffic`: the precision benchmark: a generator of a labelled
 //!   multi-host day of realistic Exim traffic (the `fleetban-traffic`
 //!   binary) and the scorer of a detector's decisions against its labels.
 //! - `precision`: the benchmark end to end: a generated fleet replayed
 //!   through the real detection and correlation, scored.
-//! - `fleet`: the whole fleet (Postgres, server, three hosts with agents, an
+//! - `fleet`: the whole fleet (Postgres, server, mail hosts with agents, an
 //!   attacker and a client) in namespaces.
 
 pub mod demo;
 pub mod demo_script;
+pub mod exim;
 pub mod fleet;
 pub mod netns;
 pub mod precision;

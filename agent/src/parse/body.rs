@@ -125,6 +125,7 @@ pub(crate) fn classify(b: &[u8], msgid: bool) -> Option<Fields<'_>> {
         b'F' if b.starts_with(b"F=") => f_line(b),
         b'n' => no_lines(b),
         b'u' if b.starts_with(b"unqualified ") => unqualified(b),
+        b'u' if b.starts_with(b"unexpected disconnection while reading SMTP ") => unexpected_disconnection(b),
         b'T' if b.starts_with(b"TLS error on connection from ") => tls_error(b),
         b'<' if msgid && b.starts_with(b"<= ") => accepted(b),
         b'R' if b.starts_with(b"Rejected relay attempt: '") => cpanel_relay(b),
@@ -135,7 +136,9 @@ pub(crate) fn classify(b: &[u8], msgid: bool) -> Option<Fields<'_>> {
 }
 
 fn smtp(b: &[u8]) -> Option<Fields<'_>> {
-    if b.starts_with(b"SMTP connection ") {
+    if let Some(rest) = b.strip_prefix(b"SMTP connection lost after final dot H=") {
+        lost_after_dot(b, b.len() - rest.len() - 2)
+    } else if b.starts_with(b"SMTP connection ") {
         smtp_connection(b)
     } else if b.starts_with(b"SMTP call from ") {
         smtp_call(b)
@@ -181,6 +184,12 @@ fn smtp_connection(b: &[u8]) -> Option<Fields<'_>> {
     if rest == b"closed by QUIT" || rest.starts_with(b"closed by QUIT ") {
         return Some(Fields::new(EventKind::Closed, &host, &tail));
     }
+    // The client went away without QUIT after a TLS failure (`closed by
+    // EOF`), or Exim was told to stop (`closed after SIGTERM`; 4.97+ also
+    // `closed SIGTERM` / `closed SIGINT` during DATA): the session ended.
+    if matches!(rest, b"closed by EOF" | b"closed after SIGTERM" | b"closed SIGTERM" | b"closed SIGINT") {
+        return Some(Fields::new(EventKind::Lost, &host, &tail).detail(Some(rest)));
+    }
     if rest == b"lost" || rest.starts_with(b"lost ") {
         let mut f = Fields::new(EventKind::Lost, &host, &tail);
         let mut detail = rest.get(5..).unwrap_or_default();
@@ -193,6 +202,40 @@ fn smtp_connection(b: &[u8]) -> Option<Fields<'_>> {
         return Some(f.detail(Some(detail)));
     }
     None
+}
+
+/// `unexpected disconnection while reading SMTP command from HOST [I=..]
+/// [(error: ...)] [D=..]`: the client dropped the connection in the middle
+/// of a transaction (after `MAIL`); Exim 4.96 writes it instead of `lost`
+/// then, older releases with the reason after the host, and old ones also
+/// `... while reading SMTP data (header) from HOST`. The detail is the
+/// phrase before `from` (the reason Exim may add stays in the raw line).
+fn unexpected_disconnection(b: &[u8]) -> Option<Fields<'_>> {
+    let lead = b"unexpected disconnection while reading SMTP ".len();
+    let what = &b[lead..];
+    let phrase_end = if what.starts_with(b"command from ") {
+        lead + 7
+    } else if what.starts_with(b"data (header) from ") {
+        lead + 13
+    } else {
+        return None;
+    };
+    let (host, tail, rest) = host_and_rest(b, phrase_end + 6)?;
+    let mut f = Fields::new(EventKind::Lost, &host, &tail).detail(Some(&b[..phrase_end]));
+    if f.duration_ms.is_none()
+        && let Some(i) = memmem::rfind(rest, b"D=").filter(|i| *i == 0 || rest[i - 1] == b' ')
+    {
+        f.duration_ms = parse_duration(&rest[i + 2..]);
+    }
+    Some(f)
+}
+
+/// `[msgid] SMTP connection lost after final dot H=HOST [I=..] P=..`: the
+/// client sent the message and dropped the connection before Exim could
+/// answer; Exim discards the message.
+fn lost_after_dot(b: &[u8], h: usize) -> Option<Fields<'_>> {
+    let (host, tail, _) = host_and_rest(b, h)?;
+    Some(Fields::new(EventKind::Lost, &host, &tail).detail(Some(b"after final dot")))
 }
 
 /// `Connection from HOST refused: ...`.

@@ -167,8 +167,23 @@ fn arb_owned() -> impl Strategy<Value = Owned> {
                 EventKind::Lost => {
                     o.helo = helo;
                     o.duration_ms = duration;
-                    o.detail = (pick % 3 != 0)
-                        .then(|| choose(&["(error: Connection reset by peer)", "while reading message data"]));
+                    o.detail = (pick % 3 != 0).then(|| {
+                        choose(&[
+                            "(error: Connection reset by peer)",
+                            "while reading message data",
+                            "while reading message data (header)",
+                            "unexpected disconnection while reading SMTP command",
+                            "unexpected disconnection while reading SMTP data (header)",
+                            "after final dot",
+                            "closed by EOF",
+                            "closed after SIGTERM",
+                            "closed SIGTERM",
+                            "closed SIGINT",
+                        ])
+                    });
+                    if o.detail.as_deref() == Some("after final dot") {
+                        o.duration_ms = None;
+                    }
                 }
                 EventKind::CommandTimeout => {
                     o.helo = helo;

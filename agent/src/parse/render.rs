@@ -176,7 +176,11 @@ fn dur(ev: &Event<'_>) -> String {
 /// - no_host_name: detail = host name (optional, selects the
 ///   `no IP address found` form; then port and local too);
 /// - lost, no_mail, command_timeout: duration; no_mail: detail = `C=` list;
-///   command_timeout: detail `data timeout` selects the data form;
+///   command_timeout: detail `data timeout` selects the data form; lost:
+///   detail `unexpected disconnection while reading SMTP command` (or `data
+///   (header)`), `after final dot` (no duration) and `closed by EOF` /
+///   `closed after SIGTERM` / `closed SIGTERM` / `closed SIGINT` select
+///   those forms;
 /// - every other kind: helo, detail (required for relay, rcpt, sync, the
 ///   `too_many_*` (last command), protocol/syntax errors, ACL, TLS kinds).
 pub fn body(ev: &Event<'_>, style: &Style) -> String {
@@ -234,6 +238,13 @@ pub fn body(ev: &Event<'_>, style: &Style) -> String {
         EventKind::Closed => format!("SMTP connection from {h}{} closed by QUIT", dur(ev)),
         // Never produced by the parser.
         EventKind::Unspecified => String::new(),
+        EventKind::Lost if d.starts_with("unexpected disconnection while reading SMTP ") => {
+            format!("{d} from {h}{}", dur(ev))
+        }
+        EventKind::Lost if d == "after final dot" => {
+            format!("SMTP connection lost after final dot H={h} P=esmtp")
+        }
+        EventKind::Lost if d.starts_with("closed ") => format!("SMTP connection from {h}{} {d}", dur(ev)),
         EventKind::Lost => {
             let why = ev.detail.map(|w| format!(" {w}")).unwrap_or_default();
             format!("SMTP connection from {h} lost{why}{}", dur(ev))

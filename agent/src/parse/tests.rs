@@ -217,3 +217,196 @@ fn to_proto_copies_every_field() {
     assert_eq!(p.raw.as_bytes(), e.raw);
     assert!(e.to_proto(false).raw.is_empty());
 }
+
+/// Every line a real Exim 4.96 daemon wrote when a session ended (captured
+/// by `tests/src/exim.rs`'s harness; see `tests/tests/exim_forms.rs`), with
+/// the kind and the `ip:port` that match it to its `SMTP connection from
+/// [ip]:port (TCP/IP connection count = N)` open.
+#[test]
+fn session_ends_of_exim_4_96_carry_kind_and_ip_port() {
+    let cases: &[(&str, EventKind, &str, u16)] = &[
+        // Client QUIT.
+        (
+            "2026-11-28 08:56:54.166 [13349] SMTP connection from (legit.example.org) [198.51.100.7]:51865 I=[192.0.2.10]:25 closed by QUIT",
+            EventKind::Closed,
+            "198.51.100.7",
+            51865,
+        ),
+        // Client closes after EHLO (FIN), and with a reset.
+        (
+            "2026-11-28 08:56:54.977 [13393] SMTP connection from (x.example.org) [198.51.100.7]:35805 I=[192.0.2.10]:25 lost D=0.000s",
+            EventKind::Lost,
+            "198.51.100.7",
+            35805,
+        ),
+        (
+            "2026-11-28 08:56:57.746 [13569] SMTP connection from (x.example.org) [198.51.100.7]:55333 I=[192.0.2.10]:25 lost (error: Connection reset by peer) D=0.000s",
+            EventKind::Lost,
+            "198.51.100.7",
+            55333,
+        ),
+        // Client closes after MAIL / RCPT (a transaction was open).
+        (
+            "2026-11-28 08:56:55.595 [13437] unexpected disconnection while reading SMTP command from (x.example.org) [198.51.100.7]:39287 I=[192.0.2.10]:25 D=0.000s",
+            EventKind::Lost,
+            "198.51.100.7",
+            39287,
+        ),
+        // Client closes in the middle of DATA.
+        (
+            "2026-11-28 08:56:57.120 [13525] SMTP connection from (x.example.org) [198.51.100.7]:47787 I=[192.0.2.10]:25 lost while reading message data",
+            EventKind::Lost,
+            "198.51.100.7",
+            47787,
+        ),
+        // Client sends the final dot and closes at once.
+        (
+            "2026-11-28 08:58:16.666 [16756] 1xXEG8-0004MG-23 SMTP connection lost after final dot H=(legit.example.org) [198.51.100.7]:40189 I=[192.0.2.10]:25 P=esmtp",
+            EventKind::Lost,
+            "198.51.100.7",
+            40189,
+        ),
+        // smtp_receive_timeout on a held connection: before EHLO, after
+        // EHLO, and in DATA (no `I=` there).
+        (
+            "2026-11-28 08:57:15.705 [14143] SMTP command timeout on connection from [198.51.100.7]:39485 I=[192.0.2.10]:25",
+            EventKind::CommandTimeout,
+            "198.51.100.7",
+            39485,
+        ),
+        (
+            "2026-11-28 08:57:15.734 [14145] SMTP command timeout on connection from (x.example.org) [198.51.100.7]:35491 I=[192.0.2.10]:25",
+            EventKind::CommandTimeout,
+            "198.51.100.7",
+            35491,
+        ),
+        (
+            "2026-11-28 08:57:15.665 [14142] SMTP data timeout (message abandoned) on connection from (x.example.org) [198.51.100.7]:47937 F=<a@example.org>",
+            EventKind::CommandTimeout,
+            "198.51.100.7",
+            47937,
+        ),
+        // Dropped by Exim for bad behaviour.
+        (
+            "2026-11-28 08:57:00.850 [13747] SMTP call from (x.example.org) [198.51.100.7]:39083 I=[192.0.2.10]:25 dropped: too many nonmail commands (last was \"NOOP\")",
+            EventKind::TooManyNonmail,
+            "198.51.100.7",
+            39083,
+        ),
+        (
+            "2026-11-28 08:57:01.444 [13791] SMTP call from (x.example.org) [198.51.100.7]:46115 I=[192.0.2.10]:25 dropped: too many syntax or protocol errors (last command was \"MAIL FROM:<<<bad\",  C=EHLO,MAIL,MAIL,MAIL,MAIL)",
+            EventKind::TooManySyntax,
+            "198.51.100.7",
+            46115,
+        ),
+        (
+            "2026-11-28 08:57:02.040 [13851] SMTP call from [198.51.100.7]:41405 I=[192.0.2.10]:25 dropped: too many unrecognized commands (last was \"GARBAGE\")",
+            EventKind::TooManyUnrecognized,
+            "198.51.100.7",
+            41405,
+        ),
+        // Dropped by an ACL (connect, then HELO).
+        (
+            "2026-11-28 08:58:17.691 [16830] SMTP connection from [198.51.100.8]:48153 I=[192.0.2.10]:25 closed by DROP in ACL",
+            EventKind::ClosedByDrop,
+            "198.51.100.8",
+            48153,
+        ),
+        (
+            "2026-11-28 08:58:18.526 [16928] SMTP connection from (dropme.example.org) [198.51.100.7]:49827 I=[192.0.2.10]:25 closed by DROP in ACL",
+            EventKind::ClosedByDrop,
+            "198.51.100.7",
+            49827,
+        ),
+        // The summary Exim adds after most ends.
+        (
+            "2026-11-28 08:56:54.367 [13349] no MAIL in SMTP connection from (legit.example.org) [198.51.100.7]:51865 I=[192.0.2.10]:25 D=0.200s C=EHLO,QUIT",
+            EventKind::NoMail,
+            "198.51.100.7",
+            51865,
+        ),
+        // Exim told to stop while the connection was held.
+        (
+            "2026-11-28 08:58:37.314 [18086] SMTP connection from [198.51.100.7]:45937 I=[192.0.2.10]:25 closed after SIGTERM",
+            EventKind::Lost,
+            "198.51.100.7",
+            45937,
+        ),
+        // IPv6.
+        (
+            "2026-11-28 08:58:19.620 [17059] SMTP connection from (v6.example.org) [2001:db8::7]:46857 I=[2001:db8::10]:25 closed by QUIT",
+            EventKind::Closed,
+            "2001:db8::7",
+            46857,
+        ),
+    ];
+    for &(line, kind, addr, port) in cases {
+        let e = parse(line);
+        assert_eq!((e.kind, e.ip, e.port), (kind, ip(addr), Some(port)), "{line}");
+        assert!(e.kind.ends_session(), "{line}");
+    }
+    // Refusals are not opens and end nothing; the open carries the same ip:port.
+    let e = parse(
+        "2026-11-28 08:57:20.734 [13227] Connection from [198.51.100.7]:50112 I=[192.0.2.10]:25 refused: too many connections",
+    );
+    assert_eq!((e.kind, e.port), (EventKind::RefusedTooMany, Some(50112)));
+    assert!(!e.kind.ends_session());
+    let e = parse(
+        "2026-11-28 08:56:54.165 [13227] SMTP connection from [198.51.100.7]:51865 I=[192.0.2.10]:25 (TCP/IP connection count = 1)",
+    );
+    assert_eq!((e.kind, e.ip, e.port, e.count), (EventKind::Connect, ip("198.51.100.7"), Some(51865), Some(1)));
+}
+
+#[test]
+fn session_end_forms_of_other_releases() {
+    // Exim 4.97+ puts D= before `closed`.
+    let e = parse(
+        "2026-01-01 10:00:00 SMTP connection from (helo.example) [192.0.2.5]:4100 I=[192.0.2.10]:25 D=1.250s closed by QUIT",
+    );
+    assert_eq!((e.kind, e.port, e.duration_ms), (EventKind::Closed, Some(4100), Some(1250)));
+    let e = parse("2026-01-01 10:00:00 SMTP command timeout on connection from [192.0.2.5]:4101 D=5m");
+    assert_eq!((e.kind, e.port, e.duration_ms), (EventKind::CommandTimeout, Some(4101), Some(300_000)));
+    let e = parse("2026-01-01 10:00:00 SMTP connection from [192.0.2.5]:4102 I=[192.0.2.10]:25 D=3s closed SIGTERM");
+    assert_eq!((e.kind, e.detail, e.duration_ms), (EventKind::Lost, Some("closed SIGTERM"), Some(3000)));
+    // After a TLS failure (a public 4.7x sample, addresses replaced).
+    let e = parse(
+        "2010-04-30 16:05:22 [2808] SMTP connection from (mycomp) [192.0.2.66]:1185 I=[192.0.2.10]:587 closed by EOF",
+    );
+    assert_eq!((e.kind, e.port, e.detail), (EventKind::Lost, Some(1185), Some("closed by EOF")));
+    // Older releases: the reason after the host, no port, a verified name.
+    let e = parse(
+        "2010-03-21 16:28:51 unexpected disconnection while reading SMTP command from (ZTZUWWCRQY) [192.0.2.77] (error: Connection reset by peer)",
+    );
+    assert_eq!(
+        (e.kind, e.ip, e.port, e.helo, e.detail),
+        (
+            EventKind::Lost,
+            ip("192.0.2.77"),
+            None,
+            Some("ZTZUWWCRQY"),
+            Some("unexpected disconnection while reading SMTP command")
+        )
+    );
+    let e = parse(
+        "2020-09-30 15:39:01 unexpected disconnection while reading SMTP command from localhost ([192.168.103.193]) [2001:db8::1]",
+    );
+    assert_eq!((e.ip, e.helo, e.host_name), (ip("2001:db8::1"), Some("[192.168.103.193]"), Some("localhost")));
+    let e = parse(
+        "2012-08-09 08:07:30 SMTP connection from www.example.net [192.0.2.17] lost while reading message data (header)",
+    );
+    assert_eq!(
+        (e.kind, e.ip, e.detail),
+        (EventKind::Lost, ip("192.0.2.17"), Some("while reading message data (header)"))
+    );
+    let e = parse("2003-01-01 00:00:00 unexpected disconnection while reading SMTP data (header) from [192.0.2.18]");
+    assert_eq!((e.kind, e.ip), (EventKind::Lost, ip("192.0.2.18")));
+    // Neither a quoted bracket nor an unknown phrase is taken.
+    assert!(
+        parse_line(b"2026-01-01 10:00:00 unexpected disconnection while reading SMTP banner from [192.0.2.5]")
+            .is_none()
+    );
+    assert!(parse_line(b"2026-01-01 10:00:00 SMTP connection from [192.0.2.5]:1 closed by magic").is_none());
+    assert!(
+        parse_line(b"2026-01-01 10:00:00 SMTP connection lost after final dot H=\"[192.0.2.5]\" P=esmtp").is_none()
+    );
+}
