@@ -131,7 +131,13 @@ impl DetectingParser {
 
 impl LineParser for DetectingParser {
     fn parse_line(&mut self, line: &[u8]) -> Option<ProtoEvent> {
-        let event = self.parser.feed(line)?;
+        let ambiguous = self.parser.stats().ambiguous;
+        let Some(event) = self.parser.feed(line) else {
+            if self.parser.stats().ambiguous > ambiguous {
+                self.kinds.ambiguous.fetch_add(1, Ordering::Relaxed);
+            }
+            return None;
+        };
         self.kinds.add(event.kind);
         if let Some(detector) = &self.detector {
             let now = now_ms();
