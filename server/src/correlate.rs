@@ -12,7 +12,9 @@
 //! - **single host**: at least `single_host_threshold` abuse events from one
 //!   address on the reporting agent within `window_secs` (counted in `events`);
 //! - **local block**: an agent's own block is a fleet block at once when
-//!   `trust_local_blocks`;
+//!   `trust_local_blocks`, for a host only (an IPv4 /32, an IPv6 /128 or the
+//!   /`ipv6_block_prefix` itself; wider ranges are refused and counted) and
+//!   for the policy's TTL (a longer TTL the agent asks for is capped);
 //! - **prefix**: `prefix_min_addresses` blocked addresses in one /24, or /64s
 //!   in one /48, within `prefix_window_secs` make a block of the prefix, which
 //!   retires the blocks inside it;
@@ -23,7 +25,9 @@
 //!   not count as offences, nor towards a prefix;
 //! - never: allowlisted, `never_block` or fleet-own ranges, nor over-broad ones
 //!   (enforced by [`crate::blocks`] for every creator). An IPv6 /64 refused
-//!   because it holds such an address falls back to the attacker's /128.
+//!   because it holds such an address falls back to the attacker's /128,
+//!   only when an attacker's address was reported (never the /64's network
+//!   address for a reported /64).
 //!
 //! Every decision records its [`Evidence`] as the block's JSON evidence.
 //! Decisions about one range are serialised by a transaction-level advisory
@@ -189,6 +193,10 @@ pub const REASON_PREFIX: &str = "prefix";
 
 /// Sample raw lines kept in a decision's evidence.
 const MAX_SAMPLES: usize = 5;
+/// Counter of agents' `LocalBlock`s refused by the trust model, by `why`.
+pub const LOCAL_BLOCKS_REFUSED: &str = "fleetban_local_blocks_refused_total";
+/// Counter of agents' `LocalBlock`s whose TTL was capped at the policy's.
+pub const LOCAL_BLOCKS_TTL_CAPPED: &str = "fleetban_local_blocks_ttl_capped_total";
 /// Addresses listed in a decision's evidence.
 const MAX_ADDRESSES: usize = 64;
 /// Longest agent-supplied evidence text kept, bytes.
@@ -431,7 +439,7 @@ impl Correlator {
                 continue;
             };
             let addr = targets.get(&target).copied().unwrap_or(target.addr());
-            if let Some(block) = self.decide(target, addr, rule, None).await? {
+            if let Some(block) = self.decide(target, Some(addr), rule, None).await? {
                 let prefix = self.escalate(block.cidr).await?;
                 created.push(block);
                 created.extend(prefix);
@@ -457,19 +465,37 @@ impl Correlator {
             tracing::debug!(%agent_id, %cidr, "Local block not made a fleet block: trust_local_blocks is off.");
             return Ok(None);
         }
-        let mut target = canonical_net(cidr);
-        if let IpNet::V6(_) = target
-            && target.prefix_len() > self.config.ipv6_block_prefix
-        {
-            target = self.target(target.addr());
+        let reported = canonical_net(cidr);
+        // An agent vouches for one attacker: an IPv4 host, or an IPv6 host or
+        // exactly the prefix the fleet blocks IPv6 attackers as. Ranges are
+        // the server's to decide (prefix escalation), never an agent's.
+        let host = match reported {
+            IpNet::V4(v4) => v4.prefix_len() == 32,
+            IpNet::V6(v6) => v6.prefix_len() == 128 || v6.prefix_len() == self.config.ipv6_block_prefix,
+        };
+        if !host {
+            metrics::counter!(LOCAL_BLOCKS_REFUSED, "why" => "range").increment(1);
+            tracing::warn!(
+                %agent_id, cidr = %reported, ipv6_block_prefix = self.config.ipv6_block_prefix,
+                "Local block refused: an agent may report a host, not a range."
+            );
+            return Ok(None);
         }
+        // A reported IPv6 host is judged as its prefix, and may fall back to
+        // itself when policy refuses the prefix; a reported prefix has no
+        // address of its own to fall back to.
+        let (target, fallback) = match reported {
+            IpNet::V6(v6) if v6.prefix_len() == 128 => (self.target(v6.addr().into()), Some(v6.addr().into())),
+            IpNet::V6(_) => (reported, None),
+            IpNet::V4(v4) => (reported, Some(v4.addr().into())),
+        };
         let local = LocalEvidence {
             agent_id,
             reason: truncated(reason, MAX_LOCAL_REASON_BYTES),
             evidence: truncated(evidence, MAX_LOCAL_EVIDENCE_BYTES),
         };
-        let min_ttl = Duration::from_secs(u64::from(ttl_secs));
-        let block = self.decide(target, target.addr(), Rule::Local, Some((local, min_ttl))).await?;
+        let requested_ttl = Duration::from_secs(u64::from(ttl_secs));
+        let block = self.decide(target, fallback, Rule::Local, Some((local, requested_ttl))).await?;
         if let Some(block) = &block {
             self.escalate(block.cidr).await?;
         }
@@ -477,12 +503,14 @@ impl Correlator {
     }
 
     /// Blocks `target` for `rule` unless it is covered already or policy
-    /// refuses it; `addr` is the attacker's address inside it (the /128
-    /// fallback of a refused IPv6 /64).
+    /// refuses it; `fallback` is the reported attacker's address inside it
+    /// (the /128 fallback of a refused IPv6 /64), `None` when nobody reported
+    /// a single address. `local` carries an agent's evidence and the TTL it
+    /// asked for, which never lengthens the policy's TTL.
     async fn decide(
         &self,
         target: IpNet,
-        addr: IpAddr,
+        fallback: Option<IpAddr>,
         rule: Rule,
         local: Option<(LocalEvidence, Duration)>,
     ) -> Result<Option<Block>, CorrelateError> {
@@ -497,17 +525,22 @@ impl Correlator {
         match blocks::check_policy(&mut tx, &self.config, range, force).await {
             Ok(()) => {}
             Err(BlockError::Refused(refusal)) => {
-                let fallback = IpNet::from(addr);
-                let retry = matches!(
-                    refusal,
-                    Refusal::FleetOwn { .. } | Refusal::Allowlisted { .. } | Refusal::NeverBlock { .. }
-                ) && fallback != range
-                    && matches!(fallback, IpNet::V6(_))
-                    && blocks::check_policy(&mut tx, &self.config, fallback, force).await.is_ok();
-                if !retry {
+                let fallback = fallback.map(IpNet::from).filter(|f| *f != range && matches!(f, IpNet::V6(_)));
+                let retry = match fallback {
+                    Some(fallback)
+                        if matches!(
+                            refusal,
+                            Refusal::FleetOwn { .. } | Refusal::Allowlisted { .. } | Refusal::NeverBlock { .. }
+                        ) =>
+                    {
+                        blocks::check_policy(&mut tx, &self.config, fallback, force).await.is_ok()
+                    }
+                    _ => false,
+                };
+                let Some(fallback) = fallback.filter(|_| retry) else {
                     tracing::info!(cidr = %range, rule = rule.reason(), %refusal, "Not blocking: policy refuses it.");
                     return Ok(None);
-                }
+                };
                 tracing::info!(cidr = %range, fallback = %fallback, %refusal, "Blocking the address alone: policy refuses its range.");
                 range = fallback;
             }
@@ -515,11 +548,17 @@ impl Correlator {
         }
         let mut evidence = self.evidence(&mut tx, range, rule).await?;
         evidence.offence = u32::try_from(earlier + 1).unwrap_or(u32::MAX);
-        let mut ttl = self.ttl(earlier);
+        let ttl = self.ttl(earlier);
         let source = match local {
-            Some((local, min_ttl)) => {
+            Some((local, requested_ttl)) => {
                 evidence.agents.insert(local.agent_id);
-                ttl = ttl.max(min_ttl);
+                if requested_ttl > ttl {
+                    metrics::counter!(LOCAL_BLOCKS_TTL_CAPPED).increment(1);
+                    tracing::info!(
+                        agent_id = %local.agent_id, cidr = %range, requested_ttl_secs = requested_ttl.as_secs(),
+                        ttl_secs = ttl.as_secs(), "Local block's TTL capped at the policy's."
+                    );
+                }
                 evidence.local = Some(local);
                 BlockSource::Agent
             }
@@ -965,9 +1004,10 @@ mod tests {
         assert_eq!(block.evidence["agents"], serde_json::json!([a.to_string()]));
         // Already covered: nothing new.
         assert!(c.on_local_block(a, net("203.0.113.40/32"), "conn_rate", "", 600).await.unwrap().is_none());
-        // The agent's TTL when longer; an IPv6 /128 becomes its /64.
-        let v6 = c.on_local_block(a, net("2001:db8:4:4::7/128"), "conn_rate", "", 7_200).await.unwrap().unwrap();
-        assert_eq!((v6.cidr, ttl_secs(&v6)), (net("2001:db8:4:4::/64"), 7_200));
+        // A longer TTL the agent asks for is capped at the policy's; an IPv6
+        // /128 becomes its /64.
+        let v6 = c.on_local_block(a, net("2001:db8:4:4::7/128"), "conn_rate", "", u32::MAX).await.unwrap().unwrap();
+        assert_eq!((v6.cidr, ttl_secs(&v6)), (net("2001:db8:4:4::/64"), 3_600));
         // Mapped IPv4 is IPv4.
         let mapped = c.on_local_block(a, net("::ffff:203.0.113.41/128"), "conn_rate", "", 60).await.unwrap().unwrap();
         assert_eq!(mapped.cidr, net("203.0.113.41/32"));
@@ -975,6 +1015,10 @@ mod tests {
         assert!(c.on_local_block(a, net("198.51.100.25/32"), "conn_rate", "", 60).await.unwrap().is_none());
         assert!(c.on_local_block(a, net("192.168.1.1/32"), "conn_rate", "", 60).await.unwrap().is_none());
         assert!(c.on_local_block(a, net("198.0.0.0/8"), "conn_rate", "", 60).await.unwrap().is_none());
+        // Nor any range wider than a host, however narrow.
+        for range in ["198.51.0.0/16", "203.0.113.0/24", "203.0.113.40/31", "2001:db8:5::/48", "2001:db8:5:5::/96"] {
+            assert!(c.on_local_block(a, net(range), "conn_rate", "", 60).await.unwrap().is_none(), "{range}");
+        }
         assert_eq!(live(&pool).await.len(), 3);
         // Not trusted: nothing.
         let distrust =
