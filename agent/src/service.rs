@@ -72,11 +72,52 @@ pub fn own_addresses(config: &AgentConfig) -> Vec<IpAddr> {
     addresses
 }
 
-/// Ranges never blocked: the allowlist and the own addresses.
+/// Ranges never blocked: the allowlist, the own addresses and the fleet
+/// server's addresses (see [`server_addresses`]).
 pub fn exclusions(config: &AgentConfig, own: &[IpAddr]) -> Vec<IpNet> {
     let mut out: Vec<IpNet> = config.allowlist.cidrs.iter().map(|entry| entry.0).collect();
     out.extend(own.iter().map(|ip| IpNet::from(*ip)));
+    out.extend(server_addresses(&config.server).into_iter().map(IpNet::from));
     out
+}
+
+/// The addresses the uplink connects to: the host of the `server` URL, or
+/// what it resolves to now. Neither detection nor the firewall ever blocks
+/// them: a block of the server would cut the uplink, and with it the
+/// unblock. A name that does not resolve yields nothing (and a warning).
+pub fn server_addresses(server: &str) -> Vec<IpAddr> {
+    let Some(authority) = server.split_once("://").map_or(Some(server), |(_, rest)| Some(rest)) else {
+        return Vec::new();
+    };
+    let authority = authority.split(['/', '?']).next().unwrap_or_default();
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let Some((host, after)) = rest.split_once(']') else { return Vec::new() };
+        (host, after.strip_prefix(':').and_then(|p| p.parse().ok()))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse().ok()),
+            None => (authority, None),
+        }
+    };
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return vec![ip.to_canonical()];
+    }
+    if host.is_empty() {
+        return Vec::new();
+    }
+    match std::net::ToSocketAddrs::to_socket_addrs(&(host, port.unwrap_or(443))) {
+        Ok(addrs) => {
+            let mut out: Vec<IpAddr> = addrs.map(|a| a.ip().to_canonical()).collect();
+            out.sort();
+            out.dedup();
+            out
+        }
+        Err(error) => {
+            warn!(%error, server = %server, "Cannot resolve the server's address: it is not excluded from blocks.");
+            Vec::new()
+        }
+    }
 }
 
 /// What to do with the fleet's allowlist when the server pushes it: the
@@ -488,5 +529,40 @@ fn write_status(path: &Path, status: &RuntimeStatus) {
     let Ok(json) = serde_json::to_vec_pretty(status) else { return };
     if let Err(error) = crate::firewall::reconcile::write_atomic(path, &json) {
         warn!(%error, path = %path.display(), "Cannot write the runtime status.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_server_address_is_taken_from_the_url() {
+        assert_eq!(server_addresses("https://192.0.2.5:50051"), vec![ip("192.0.2.5")]);
+        assert_eq!(server_addresses("http://[2001:db8::5]:50051/"), vec![ip("2001:db8::5")]);
+        assert_eq!(server_addresses("https://[::ffff:192.0.2.6]"), vec![ip("192.0.2.6")]);
+        assert!(server_addresses("https://localhost:50051").contains(&ip("127.0.0.1")));
+        assert!(server_addresses("https://name.invalid:50051").is_empty());
+        assert!(server_addresses("").is_empty());
+    }
+
+    #[test]
+    fn the_server_is_excluded_from_detection_and_the_firewall_plan() {
+        let config = AgentConfig::from_toml("server = \"https://192.0.2.5:50051\"\n", Path::new("agent.toml")).unwrap();
+        let exclude = exclusions(&config, &[ip("198.51.100.1")]);
+        assert!(exclude.contains(&"192.0.2.5/32".parse().unwrap()), "{exclude:?}");
+        // The reconciler's plan never holds an excluded address, even when
+        // the fleet blocklist names it.
+        let entry =
+            |net: &str| crate::firewall::Entry { net: net.parse().unwrap(), expires_at_ms: None, reason: "t".into() };
+        let fleet = [entry("192.0.2.5/32"), entry("192.0.2.0/24"), entry("203.0.113.9/32")];
+        let plan = crate::firewall::plan::desired(&fleet, &exclude, 0);
+        assert!(plan.keys().all(|net| !net.contains(&ip("192.0.2.5"))), "{plan:?}");
+        assert!(plan.contains_key(&"203.0.113.9/32".parse::<IpNet>().unwrap()));
+        assert!(plan.contains_key(&"192.0.2.4/32".parse::<IpNet>().unwrap()), "the rest of the /24 stays blocked");
     }
 }
