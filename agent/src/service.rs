@@ -120,26 +120,98 @@ pub fn server_addresses(server: &str) -> Vec<IpAddr> {
     }
 }
 
+/// The ranges neither detection nor the firewall ever blocks, from their
+/// three sources: the agent's own (`[allowlist]`, own addresses and the
+/// server URL's addresses, see [`exclusions`]), the addresses the uplink is
+/// connected to, and the fleet's allowlist. Whenever one changes, the union
+/// goes to detection and the firewall thread (whose next plan drops any
+/// entry inside it).
+pub struct Exclusions {
+    state: Mutex<ExclusionSources>,
+    firewall: FirewallHandle,
+    detector: Option<Arc<Mutex<Detector>>>,
+}
+
+#[derive(Default)]
+struct ExclusionSources {
+    local: Vec<IpNet>,
+    server: Vec<IpNet>,
+    fleet: Vec<IpNet>,
+}
+
+impl std::fmt::Debug for Exclusions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exclusions").finish_non_exhaustive()
+    }
+}
+
+impl Exclusions {
+    /// Exclusions starting from `local`, applied to `firewall` and
+    /// `detector`.
+    pub fn new(local: Vec<IpNet>, firewall: FirewallHandle, detector: Option<Arc<Mutex<Detector>>>) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(ExclusionSources { local, ..ExclusionSources::default() }),
+            firewall,
+            detector,
+        })
+    }
+
+    /// The union of every source now.
+    pub fn current(&self) -> Vec<IpNet> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut all = state.local.clone();
+        all.extend(state.server.iter().copied());
+        all.extend(state.fleet.iter().copied());
+        all
+    }
+
+    fn apply(&self) {
+        let exclude = self.current();
+        if let Some(detector) = &self.detector {
+            detector.lock().unwrap_or_else(PoisonError::into_inner).set_exclusions(exclude.clone());
+        }
+        if !self.firewall.try_send(Request::Exclusions(exclude)) {
+            warn!("The exclusions were not applied: the firewall queue is full; they are sent again on reconnect.");
+        }
+    }
+
+    /// What to do with the fleet's allowlist when the server pushes it.
+    pub fn allowlist_handler(self: &Arc<Self>) -> uplink::OnAllowlist {
+        let this = self.clone();
+        Box::new(move |fleet| {
+            this.state.lock().unwrap_or_else(PoisonError::into_inner).fleet = fleet.to_vec();
+            this.apply();
+        })
+    }
+
+    /// What to do with the address of each connection the uplink opens: a
+    /// new one is never blocked from then on.
+    pub fn server_address_handler(self: &Arc<Self>) -> uplink::OnServerAddress {
+        let this = self.clone();
+        Arc::new(move |address| {
+            let net = IpNet::from(address);
+            {
+                let mut state = this.state.lock().unwrap_or_else(PoisonError::into_inner);
+                if state.server.contains(&net) || state.local.contains(&net) {
+                    return;
+                }
+                state.server.push(net);
+            }
+            info!(%address, "The uplink's server address is excluded from blocks.");
+            this.apply();
+        })
+    }
+}
+
 /// What to do with the fleet's allowlist when the server pushes it: the
 /// never-blocked ranges become `local` (the agent's own `[allowlist]` and
-/// addresses) plus the fleet's ranges, for the firewall (whose next plan
-/// drops any entry inside them) and for detection (which stops deciding
-/// blocks inside them).
+/// addresses) plus the fleet's ranges (see [`Exclusions`]).
 pub fn allowlist_handler(
     local: Vec<IpNet>,
     firewall: FirewallHandle,
     detector: Option<Arc<Mutex<Detector>>>,
 ) -> uplink::OnAllowlist {
-    Box::new(move |fleet| {
-        let mut exclude = local.clone();
-        exclude.extend(fleet.iter().copied());
-        if let Some(detector) = &detector {
-            detector.lock().unwrap_or_else(PoisonError::into_inner).set_exclusions(exclude.clone());
-        }
-        if !firewall.try_send(Request::Exclusions(exclude)) {
-            warn!("The fleet allowlist was not applied: the firewall queue is full; it is sent again on reconnect.");
-        }
-    })
+    Exclusions::new(local, firewall, detector).allowlist_handler()
 }
 
 /// The Exim parser as a pipeline step, with detection on every event:
@@ -425,6 +497,8 @@ impl Services {
         match (Credentials::load(&self.config.state_dir), self.reports.take()) {
             (Ok(credentials), Some(reports)) => {
                 let policy_detector = self.detector.clone();
+                let excluded =
+                    Exclusions::new(exclusions(&self.config, &self.own), self.firewall.clone(), self.detector.clone());
                 let ctx = UplinkContext {
                     server: ServerOptions {
                         server: self.config.server.clone(),
@@ -443,11 +517,8 @@ impl Services {
                             detector.lock().unwrap_or_else(PoisonError::into_inner).set_policy(policy);
                         }
                     }),
-                    on_allowlist: allowlist_handler(
-                        exclusions(&self.config, &self.own),
-                        self.firewall.clone(),
-                        self.detector.clone(),
-                    ),
+                    on_allowlist: excluded.allowlist_handler(),
+                    on_server_address: excluded.server_address_handler(),
                     window: UPLINK_WINDOW,
                     stats: self.uplink_stats.clone(),
                 };
