@@ -1,7 +1,8 @@
 //! The agent's Prometheus endpoint (`[metrics] listen`, off by default).
 //!
 //! A minimal HTTP/1.1 responder: `GET /metrics` returns the text exposition
-//! format, anything else 404. Metrics: lines read, events by kind, local
+//! format, anything else 404. Metrics: lines read, events by kind, lines
+//! skipped as ambiguous, local
 //! blocks by rule, detection evictions, spool size and pending batches,
 //! uplink state and reconnects, firewall entries, reconciles and drift
 //! repairs.
@@ -21,15 +22,19 @@ use crate::parse::EventKind;
 use crate::pipeline::{PipelineStats, SharedSpool};
 use crate::uplink::UplinkStats;
 
-/// Events parsed, per kind (indexed like [`EventKind::ALL`]).
+/// Events parsed, per kind (indexed like [`EventKind::ALL`]), and lines
+/// skipped as ambiguous.
 #[derive(Debug)]
 pub struct KindCounters {
     counts: Vec<AtomicU64>,
+    /// Lines skipped because their client text holds a second host-like
+    /// address (`ParseStats::ambiguous`).
+    pub ambiguous: AtomicU64,
 }
 
 impl Default for KindCounters {
     fn default() -> Self {
-        Self { counts: EventKind::ALL.iter().map(|_| AtomicU64::new(0)).collect() }
+        Self { counts: EventKind::ALL.iter().map(|_| AtomicU64::new(0)).collect(), ambiguous: AtomicU64::new(0) }
     }
 }
 
@@ -93,6 +98,13 @@ pub fn render(sources: &Sources) -> String {
         let samples: Vec<(String, u64)> =
             EventKind::ALL.iter().map(|kind| (format!("{{kind=\"{}\"}}", kind.as_str()), k.get(*kind))).collect();
         metric(&mut out, "fleetban_agent_events_total", "counter", "Events parsed, by kind.", &samples);
+        metric(
+            &mut out,
+            "fleetban_agent_ambiguous_lines_total",
+            "counter",
+            "Lines skipped because client text names a second host, so the client is uncertain.",
+            &one(load(&k.ambiguous)),
+        );
     }
     if let Some(d) = &sources.detect {
         let samples: Vec<(String, u64)> = Rule::ALL
@@ -302,6 +314,7 @@ mod tests {
         let kinds = Arc::new(KindCounters::default());
         kinds.add(EventKind::AuthFailed);
         kinds.add(EventKind::AuthFailed);
+        kinds.ambiguous.store(4, Ordering::Relaxed);
         let firewall = Arc::new(FirewallStats::default());
         firewall.entries.store(7, Ordering::Relaxed);
         firewall.drift_repaired.store(3, Ordering::Relaxed);
@@ -329,6 +342,7 @@ mod tests {
         let text = get("/metrics").await;
         assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
         assert!(text.contains("fleetban_agent_events_total{kind=\"auth_failed\"} 2"), "{text}");
+        assert!(text.contains("fleetban_agent_ambiguous_lines_total 4"), "{text}");
         assert!(text.contains("fleetban_agent_firewall_entries 7"));
         assert!(text.contains("fleetban_agent_firewall_reconcile_repairs_total 3"));
         assert!(text.contains("fleetban_agent_local_blocks_total{rule=\"conn_rate\"} 0"));

@@ -72,33 +72,146 @@ pub fn own_addresses(config: &AgentConfig) -> Vec<IpAddr> {
     addresses
 }
 
-/// Ranges never blocked: the allowlist and the own addresses.
+/// Ranges never blocked: the allowlist, the own addresses and the fleet
+/// server's addresses (see [`server_addresses`]).
 pub fn exclusions(config: &AgentConfig, own: &[IpAddr]) -> Vec<IpNet> {
     let mut out: Vec<IpNet> = config.allowlist.cidrs.iter().map(|entry| entry.0).collect();
     out.extend(own.iter().map(|ip| IpNet::from(*ip)));
+    out.extend(server_addresses(&config.server).into_iter().map(IpNet::from));
     out
+}
+
+/// The addresses the uplink connects to: the host of the `server` URL, or
+/// what it resolves to now. Neither detection nor the firewall ever blocks
+/// them: a block of the server would cut the uplink, and with it the
+/// unblock. A name that does not resolve yields nothing (and a warning).
+pub fn server_addresses(server: &str) -> Vec<IpAddr> {
+    let Some(authority) = server.split_once("://").map_or(Some(server), |(_, rest)| Some(rest)) else {
+        return Vec::new();
+    };
+    let authority = authority.split(['/', '?']).next().unwrap_or_default();
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let Some((host, after)) = rest.split_once(']') else { return Vec::new() };
+        (host, after.strip_prefix(':').and_then(|p| p.parse().ok()))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse().ok()),
+            None => (authority, None),
+        }
+    };
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return vec![ip.to_canonical()];
+    }
+    if host.is_empty() {
+        return Vec::new();
+    }
+    match std::net::ToSocketAddrs::to_socket_addrs(&(host, port.unwrap_or(443))) {
+        Ok(addrs) => {
+            let mut out: Vec<IpAddr> = addrs.map(|a| a.ip().to_canonical()).collect();
+            out.sort();
+            out.dedup();
+            out
+        }
+        Err(error) => {
+            warn!(%error, server = %server, "Cannot resolve the server's address: it is not excluded from blocks.");
+            Vec::new()
+        }
+    }
+}
+
+/// The ranges neither detection nor the firewall ever blocks, from their
+/// three sources: the agent's own (`[allowlist]`, own addresses and the
+/// server URL's addresses, see [`exclusions`]), the addresses the uplink is
+/// connected to, and the fleet's allowlist. Whenever one changes, the union
+/// goes to detection and the firewall thread (whose next plan drops any
+/// entry inside it).
+pub struct Exclusions {
+    state: Mutex<ExclusionSources>,
+    firewall: FirewallHandle,
+    detector: Option<Arc<Mutex<Detector>>>,
+}
+
+#[derive(Default)]
+struct ExclusionSources {
+    local: Vec<IpNet>,
+    server: Vec<IpNet>,
+    fleet: Vec<IpNet>,
+}
+
+impl std::fmt::Debug for Exclusions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exclusions").finish_non_exhaustive()
+    }
+}
+
+impl Exclusions {
+    /// Exclusions starting from `local`, applied to `firewall` and
+    /// `detector`.
+    pub fn new(local: Vec<IpNet>, firewall: FirewallHandle, detector: Option<Arc<Mutex<Detector>>>) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(ExclusionSources { local, ..ExclusionSources::default() }),
+            firewall,
+            detector,
+        })
+    }
+
+    /// The union of every source now.
+    pub fn current(&self) -> Vec<IpNet> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut all = state.local.clone();
+        all.extend(state.server.iter().copied());
+        all.extend(state.fleet.iter().copied());
+        all
+    }
+
+    fn apply(&self) {
+        let exclude = self.current();
+        if let Some(detector) = &self.detector {
+            detector.lock().unwrap_or_else(PoisonError::into_inner).set_exclusions(exclude.clone());
+        }
+        if !self.firewall.try_send(Request::Exclusions(exclude)) {
+            warn!("The exclusions were not applied: the firewall queue is full; they are sent again on reconnect.");
+        }
+    }
+
+    /// What to do with the fleet's allowlist when the server pushes it.
+    pub fn allowlist_handler(self: &Arc<Self>) -> uplink::OnAllowlist {
+        let this = self.clone();
+        Box::new(move |fleet| {
+            this.state.lock().unwrap_or_else(PoisonError::into_inner).fleet = fleet.to_vec();
+            this.apply();
+        })
+    }
+
+    /// What to do with the address of each connection the uplink opens: a
+    /// new one is never blocked from then on.
+    pub fn server_address_handler(self: &Arc<Self>) -> uplink::OnServerAddress {
+        let this = self.clone();
+        Arc::new(move |address| {
+            let net = IpNet::from(address);
+            {
+                let mut state = this.state.lock().unwrap_or_else(PoisonError::into_inner);
+                if state.server.contains(&net) || state.local.contains(&net) {
+                    return;
+                }
+                state.server.push(net);
+            }
+            info!(%address, "The uplink's server address is excluded from blocks.");
+            this.apply();
+        })
+    }
 }
 
 /// What to do with the fleet's allowlist when the server pushes it: the
 /// never-blocked ranges become `local` (the agent's own `[allowlist]` and
-/// addresses) plus the fleet's ranges, for the firewall (whose next plan
-/// drops any entry inside them) and for detection (which stops deciding
-/// blocks inside them).
+/// addresses) plus the fleet's ranges (see [`Exclusions`]).
 pub fn allowlist_handler(
     local: Vec<IpNet>,
     firewall: FirewallHandle,
     detector: Option<Arc<Mutex<Detector>>>,
 ) -> uplink::OnAllowlist {
-    Box::new(move |fleet| {
-        let mut exclude = local.clone();
-        exclude.extend(fleet.iter().copied());
-        if let Some(detector) = &detector {
-            detector.lock().unwrap_or_else(PoisonError::into_inner).set_exclusions(exclude.clone());
-        }
-        if !firewall.try_send(Request::Exclusions(exclude)) {
-            warn!("The fleet allowlist was not applied: the firewall queue is full; it is sent again on reconnect.");
-        }
-    })
+    Exclusions::new(local, firewall, detector).allowlist_handler()
 }
 
 /// The Exim parser as a pipeline step, with detection on every event:
@@ -131,7 +244,13 @@ impl DetectingParser {
 
 impl LineParser for DetectingParser {
     fn parse_line(&mut self, line: &[u8]) -> Option<ProtoEvent> {
-        let event = self.parser.feed(line)?;
+        let ambiguous = self.parser.stats().ambiguous;
+        let Some(event) = self.parser.feed(line) else {
+            if self.parser.stats().ambiguous > ambiguous {
+                self.kinds.ambiguous.fetch_add(1, Ordering::Relaxed);
+            }
+            return None;
+        };
         self.kinds.add(event.kind);
         if let Some(detector) = &self.detector {
             let now = now_ms();
@@ -386,6 +505,8 @@ impl Services {
         match (Credentials::load(&self.config.state_dir), self.reports.take()) {
             (Ok(credentials), Some(reports)) => {
                 let policy_detector = self.detector.clone();
+                let excluded =
+                    Exclusions::new(exclusions(&self.config, &self.own), self.firewall.clone(), self.detector.clone());
                 let ctx = UplinkContext {
                     server: ServerOptions {
                         server: self.config.server.clone(),
@@ -404,11 +525,8 @@ impl Services {
                             detector.lock().unwrap_or_else(PoisonError::into_inner).set_policy(policy);
                         }
                     }),
-                    on_allowlist: allowlist_handler(
-                        exclusions(&self.config, &self.own),
-                        self.firewall.clone(),
-                        self.detector.clone(),
-                    ),
+                    on_allowlist: excluded.allowlist_handler(),
+                    on_server_address: excluded.server_address_handler(),
                     window: UPLINK_WINDOW,
                     stats: self.uplink_stats.clone(),
                 };
@@ -490,5 +608,40 @@ fn write_status(path: &Path, status: &RuntimeStatus) {
     let Ok(json) = serde_json::to_vec_pretty(status) else { return };
     if let Err(error) = crate::firewall::reconcile::write_atomic(path, &json) {
         warn!(%error, path = %path.display(), "Cannot write the runtime status.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_server_address_is_taken_from_the_url() {
+        assert_eq!(server_addresses("https://192.0.2.5:50051"), vec![ip("192.0.2.5")]);
+        assert_eq!(server_addresses("http://[2001:db8::5]:50051/"), vec![ip("2001:db8::5")]);
+        assert_eq!(server_addresses("https://[::ffff:192.0.2.6]"), vec![ip("192.0.2.6")]);
+        assert!(server_addresses("https://localhost:50051").contains(&ip("127.0.0.1")));
+        assert!(server_addresses("https://name.invalid:50051").is_empty());
+        assert!(server_addresses("").is_empty());
+    }
+
+    #[test]
+    fn the_server_is_excluded_from_detection_and_the_firewall_plan() {
+        let config = AgentConfig::from_toml("server = \"https://192.0.2.5:50051\"\n", Path::new("agent.toml")).unwrap();
+        let exclude = exclusions(&config, &[ip("198.51.100.1")]);
+        assert!(exclude.contains(&"192.0.2.5/32".parse().unwrap()), "{exclude:?}");
+        // The reconciler's plan never holds an excluded address, even when
+        // the fleet blocklist names it.
+        let entry =
+            |net: &str| crate::firewall::Entry { net: net.parse().unwrap(), expires_at_ms: None, reason: "t".into() };
+        let fleet = [entry("192.0.2.5/32"), entry("192.0.2.0/24"), entry("203.0.113.9/32")];
+        let plan = crate::firewall::plan::desired(&fleet, &exclude, 0);
+        assert!(plan.keys().all(|net| !net.contains(&ip("192.0.2.5"))), "{plan:?}");
+        assert!(plan.contains_key(&"203.0.113.9/32".parse::<IpNet>().unwrap()));
+        assert!(plan.contains_key(&"192.0.2.4/32".parse::<IpNet>().unwrap()), "the rest of the /24 stays blocked");
     }
 }

@@ -305,6 +305,10 @@ pub struct UplinkStats {
 /// The callback that receives the fleet's allowlist ranges.
 pub type OnAllowlist = Box<dyn Fn(&[IpNet]) + Send + Sync>;
 
+/// The callback that receives the address of every connection the uplink
+/// opens to the server (so that it is never blocked).
+pub type OnServerAddress = Arc<dyn Fn(IpAddr) + Send + Sync>;
+
 /// What the uplink works with.
 pub struct UplinkContext {
     /// Server address and TLS.
@@ -328,6 +332,9 @@ pub struct UplinkContext {
     /// Called with the ranges of every `Allowlist` the server pushes (the
     /// fleet's allowlist, replacing the previous one).
     pub on_allowlist: OnAllowlist,
+    /// Called with the peer address of every connection to the server,
+    /// before anything is sent on it.
+    pub on_server_address: OnServerAddress,
     /// Unacked batches in flight, at most.
     pub window: usize,
     /// Counters.
@@ -338,6 +345,39 @@ impl std::fmt::Debug for UplinkContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UplinkContext").field("server", &self.server.server).field("window", &self.window).finish()
     }
+}
+
+/// A TCP connector that reports the peer address of every connection it
+/// opens (tonic adds TLS on top for `https://`): the address of the live
+/// connection, whatever the server's name resolved to.
+fn connector(
+    on_peer: OnServerAddress,
+) -> impl tower::Service<
+    tonic::codegen::http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+    Error = std::io::Error,
+    Future = impl Future<Output = std::io::Result<hyper_util::rt::TokioIo<tokio::net::TcpStream>>> + Send,
+> + Send
++ 'static {
+    tower::service_fn(move |uri: tonic::codegen::http::Uri| {
+        let on_peer = on_peer.clone();
+        async move {
+            let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
+            let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+            let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host} has no address"));
+            for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
+                match tokio::net::TcpStream::connect(addr).await {
+                    Ok(stream) => {
+                        stream.set_nodelay(true)?;
+                        on_peer(stream.peer_addr()?.ip().to_canonical());
+                        return Ok(hyper_util::rt::TokioIo::new(stream));
+                    }
+                    Err(error) => last = error,
+                }
+            }
+            Err(last)
+        }
+    })
 }
 
 /// The delay before reconnect attempt `attempt` (0-based): exponential from
@@ -413,7 +453,8 @@ async fn session(
     mut stop: watch::Receiver<bool>,
     welcomed: &mut bool,
 ) -> Result<(), UplinkError> {
-    let channel: Channel = ctx.server.endpoint()?.connect().await?;
+    let channel: Channel =
+        ctx.server.endpoint()?.connect_with_connector(connector(ctx.on_server_address.clone())).await?;
     let (tx, rx) = mpsc::channel::<AgentFrame>(ctx.window + 16);
     let (next_seq, acked_seq) = {
         let spool = ctx.spool.lock().unwrap_or_else(PoisonError::into_inner);

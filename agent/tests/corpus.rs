@@ -274,3 +274,68 @@ fn fail2ban_injection_case() {
     assert_eq!(e.ip, "192.0.2.6".parse::<IpAddr>().unwrap());
     assert!(samples().iter().any(|(_, l)| l == INJECTION), "the sample is in the corpus");
 }
+
+/// The framing vectors: client text (a HELO with spaces, a reverse-DNS
+/// name, a sender, a quoted command) that carries a second, well-formed
+/// host. `8.8.8.8` is the framed address, `198.51.100.x` the real client.
+const FRAMING: &[&str] = &[
+    "2026-11-27 01:58:00 [9001] dovecot_login authenticator failed for (x) [8.8.8.8]:25 (y) [198.51.100.88]:1234 I=[192.0.2.10]:25: 535 Incorrect authentication data (set_id=a@b.test)",
+    "2026-11-27 01:58:00 [9001] dovecot_login authenticator failed for (x) [8.8.8.8]:25: 535 Incorrect authentication data (y) [198.51.100.88]:1234: 535 Incorrect authentication data",
+    "2026-11-27 01:58:00 [9001] SMTP protocol error in \"AUTH LOGIN\" H=(x) [8.8.8.8]:25 (y) [198.51.100.88]:1234 I=[192.0.2.10]:25 AUTH command used when not advertised",
+    "2026-11-27 01:58:00 [9001] SMTP syntax error in \"GET / HTTP/1.1\" H=(x) [8.8.8.8]:25 (y) [198.51.100.88]:1234 I=[192.0.2.10]:25 unrecognized command",
+    "2026-11-27 01:58:00 [9001] SMTP protocol synchronization error (next input sent too soon: pipelining was not advertised): rejected \"RSET\" H=(x) [8.8.8.8]:25 (y) [198.51.100.88]:1234 I=[192.0.2.10]:25 next input=\"QUIT\\r\\n\"",
+    "2026-11-27 01:58:00 [9001] TLS error on connection from (x) [8.8.8.8]:25 (y) [198.51.100.88]:1234 I=[192.0.2.10]:25 (SSL_accept): error:0A000126:SSL routines::unexpected eof while reading",
+    "2026-11-27 01:58:00 [9001] no IP address found for host evil (during SMTP connection from [8.8.8.8]:25) x (during SMTP connection from [198.51.100.88]:1234 I=[192.0.2.10]:25)",
+    "2026-11-27 01:58:00 [9001] H=evil [8.8.8.8]:25 x.example [198.51.100.88]:1234 I=[192.0.2.10]:25 F=<a@b.test> rejected RCPT <c@d.test>: relay not permitted",
+    "2026-11-27 01:58:00 [9001] rejected from <x> H=(z) [8.8.8.8]:25 y> H=(h) [198.51.100.83]:1234: sender verify failed",
+    "2026-11-27 01:58:00 [9001] H=(h) [198.51.100.83]:1234 I=[192.0.2.10]:25 sender verify fail for <x> H=(z) [8.8.8.8]:25 y>: Unrouteable address",
+    // fail2ban's injection with a fake host that is followed by a space.
+    "2017-11-28 14:14:32 SMTP protocol error in \"aUtH lOgIn\" H=(test) [8.8.8.8] \" H=(roxzgj) [192.0.2.6] AUTH command used when not advertised",
+];
+
+#[test]
+fn framing_lines_in_the_real_log_are_counted_and_change_nothing_else() {
+    let text = read("real-exim-4.96-full-selectors.log");
+    let tally = |lines: &mut dyn Iterator<Item = &str>| {
+        let mut parser = Parser::new(Timezone::Utc);
+        let mut events: BTreeMap<(EventKind, IpAddr), u32> = BTreeMap::new();
+        for line in lines {
+            if let Some(e) = parser.feed(line.as_bytes()) {
+                *events.entry((e.kind, e.ip)).or_default() += 1;
+            }
+        }
+        (events, parser.stats())
+    };
+    let (clean, clean_stats) = tally(&mut text.lines());
+    assert_eq!(clean_stats.ambiguous, 0, "no line of the real log is ambiguous");
+    // Twelve copies of every vector, spread through the log.
+    let mut mixed: Vec<&str> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        mixed.push(line);
+        if i % 10 == 0 && i / 10 < 12 {
+            mixed.extend(FRAMING);
+        }
+    }
+    let injected = 12 * FRAMING.len() as u64;
+    let (framed, stats) = tally(&mut mixed.iter().copied());
+    assert_eq!(framed, clean, "the legitimate lines yield the same events, the framing lines none");
+    assert_eq!(stats.ambiguous, injected);
+    assert_eq!(stats.events, clean_stats.events);
+    assert_eq!(stats.ignored, clean_stats.ignored + injected);
+    let fake: IpAddr = "8.8.8.8".parse().unwrap();
+    assert!(framed.keys().all(|(_, ip)| *ip != fake));
+}
+
+#[test]
+fn public_samples_have_no_ambiguous_line() {
+    let mut parser = Parser::new(Timezone::Utc);
+    let mut ambiguous = Vec::new();
+    for (_, line) in samples() {
+        let before = parser.stats().ambiguous;
+        let _ = parser.feed(line.as_bytes());
+        if parser.stats().ambiguous > before {
+            ambiguous.push(line);
+        }
+    }
+    assert!(ambiguous.is_empty(), "ambiguous samples: {ambiguous:#?}");
+}

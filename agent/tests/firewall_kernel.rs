@@ -6,6 +6,7 @@
 
 mod support;
 
+use std::io::{Read as _, Write as _};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -102,11 +103,27 @@ fn blocks_and_repairs(kind: FirewallBackend, tag: &str, flush_by_hand: &[&str]) 
     assert!(stats.drift_repaired.load(Ordering::Relaxed) > repaired_before);
     assert_reachability(&ns, &["192.0.2.1", "192.0.2.10"], &["198.51.100.10"], 25);
 
-    // Scope "all": every port.
+    // Scope "all": every port, but never a connection the host already has
+    // (its uplink to the fleet server, here at 192.0.2.10).
+    // The agent sets its firewall up before it connects (conntrack follows
+    // the connection from its first packet on).
     let mut all = reconciler(&ns, kind, FirewallScope::All);
+    all.reconcile(now_ms()).unwrap();
+    let (mut host, mut server) = ns.outbound("192.0.2.10", 7_000);
     all.apply_snapshot(&BlocklistSnapshot { version: 2, entries: vec![block(4, "192.0.2.0/24", hour)] }, now_ms())
         .unwrap();
     assert_reachability(&ns, &["192.0.2.10"], &["198.51.100.10"], 80);
+    server.write_all(b"unblock").unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut reply = [0u8; 7];
+    host.read_exact(&mut reply).expect("the established connection still receives");
+    assert_eq!(&reply, b"unblock");
+    // Setting up again keeps the accept above the drop.
+    let mut again = reconciler(&ns, kind, FirewallScope::All);
+    again.reconcile(now_ms()).unwrap();
+    server.write_all(b"again!!").unwrap();
+    host.read_exact(&mut reply).expect("still receives after a second setup");
+    assert_eq!(&reply, b"again!!");
 }
 
 fn loads_100k_in_one_commit(kind: FirewallBackend, tag: &str) {

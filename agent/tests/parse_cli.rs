@@ -16,7 +16,8 @@ fn parse_reads_stdin_and_prints_json_and_a_summary_line() {
         .unwrap();
     let input = b"2026-07-15 14:00:00 SMTP connection from [192.0.2.1]:4000 (TCP/IP connection count = 7)\n\
                   not a log line\n\
-                  2026-07-15 14:00:01 +0000 H=(x) [192.0.2.2]:1 F=<a@b> rejected RCPT <c@d>: relay not permitted\n";
+                  2026-07-15 14:00:01 +0000 H=(x) [192.0.2.2]:1 F=<a@b> rejected RCPT <c@d>: relay not permitted\n\
+                  2026-07-15 14:00:02 dovecot_login authenticator failed for (x) [8.8.8.8]:25 (y) [198.51.100.88]:1234: 535 Incorrect authentication data\n";
     child.stdin.take().unwrap().write_all(input).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
@@ -27,7 +28,7 @@ fn parse_reads_stdin_and_prints_json_and_a_summary_line() {
     assert_eq!(rows[0]["count"], 7);
     assert_eq!(rows[1]["ts"], "2026-07-15T14:00:01.000Z", "explicit offset wins");
     assert_eq!(rows[1]["kind"], "relay_denied");
-    assert_eq!(String::from_utf8(out.stderr).unwrap().trim(), "lines=3 events=2 ignored=1");
+    assert_eq!(String::from_utf8(out.stderr).unwrap().trim(), "lines=4 events=2 ignored=2 ambiguous=1");
 }
 
 #[test]

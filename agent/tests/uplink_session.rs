@@ -223,6 +223,8 @@ async fn batches_blocklists_and_restart() {
     )
     .unwrap();
     let stats = Arc::new(UplinkStats::default());
+    let peers: Arc<Mutex<Vec<std::net::IpAddr>>> = Arc::default();
+    let excluded = fleetban_agent::service::Exclusions::new(vec![], worker.handle(), None);
     let ctx = UplinkContext {
         server: ServerOptions { server: format!("http://{addr}"), ca_file: None, insecure: false },
         credentials: Credentials {
@@ -236,7 +238,15 @@ async fn batches_blocklists_and_restart() {
         firewall: worker.handle(),
         local_blocks: report_rx,
         on_policy: Box::new(|_| {}),
-        on_allowlist: fleetban_agent::service::allowlist_handler(vec![], worker.handle(), None),
+        on_allowlist: excluded.allowlist_handler(),
+        on_server_address: {
+            let peers = peers.clone();
+            let exclude = excluded.server_address_handler();
+            Arc::new(move |ip| {
+                peers.lock().unwrap().push(ip);
+                exclude(ip);
+            })
+        },
         window: 3,
         stats: stats.clone(),
     };
@@ -256,13 +266,16 @@ async fn batches_blocklists_and_restart() {
         assert_eq!((hello.hostname.as_str(), hello.blocklist_version, hello.next_seq), ("mx.test", 0, 6));
         assert_eq!(hello.addresses.len(), 1);
     }
+    // The live connection's peer is reported, to be excluded from blocks.
+    assert_eq!(peers.lock().unwrap().first(), Some(&addr.ip()), "the server's address is reported");
 
     // 2. A snapshot is applied and reported.
     push(
         &store,
         Out::Snapshot(BlocklistSnapshot {
             version: 3,
-            entries: vec![block(1, "192.0.2.1/32"), block(2, "192.0.2.2/32")],
+            // The server's own address (the uplink's peer) is never applied.
+            entries: vec![block(1, "192.0.2.1/32"), block(2, "192.0.2.2/32"), block(9, &format!("{}/32", addr.ip()))],
         }),
     )
     .await;
@@ -336,6 +349,7 @@ async fn batches_blocklists_and_restart() {
     stop_tx.send(()).unwrap();
     tokio::time::timeout(WAIT, uplink).await.expect("uplink stops").unwrap();
     drop(report_tx);
+    drop(excluded);
     worker.join();
     server.crash().await;
 }

@@ -18,10 +18,12 @@
 //!   list; [`changes_since`] coalesces the changes of each block into its net
 //!   effect.
 //! - Policy is enforced here, in the creating transaction, whoever creates:
-//!   allowlisted ranges (unexpired `allowlist` rows), ranges holding a fleet
-//!   address (`agent_addresses`) and `never_block` ranges are refused; ranges
-//!   broader than `min_prefix_v4`/`min_prefix_v6` need `force`. Ranges are
-//!   checked and stored in canonical form ([`fleetban_proto::canonical_net`]):
+//!   allowlisted ranges (unexpired `allowlist` rows) and `never_block` ranges
+//!   are refused; ranges broader than `min_prefix_v4`/`min_prefix_v6` need
+//!   `force`. Ranges holding a fleet address (`agent_addresses`, which agents
+//!   report themselves) are refused to automatic and agent blocks only: an
+//!   agent's word never vetoes an operator's manual block. Ranges are checked
+//!   and stored in canonical form ([`fleetban_proto::canonical_net`]):
 //!   `::ffff:127.0.0.1` is refused as the loopback address it maps, and
 //!   `::ffff:0.0.0.0/96` as all of IPv4.
 //! - Expired blocks stay live until the sweeper ([`expire_due`]) turns them
@@ -236,12 +238,26 @@ fn min_prefix_len(policy: &CorrelateConfig, cidr: IpNet) -> u8 {
     }
 }
 
-/// Checks `cidr` (canonical, host bits cleared) against the policy.
+/// Checks `cidr` (canonical, host bits cleared) against the policy for an
+/// automatic block.
 pub(crate) async fn check_policy(
     conn: &mut PgConnection,
     policy: &CorrelateConfig,
     cidr: IpNet,
     force: bool,
+) -> Result<(), BlockError> {
+    check_policy_for(conn, policy, cidr, force, BlockSource::Auto).await
+}
+
+/// Checks `cidr` (host bits already cleared) against the policy for a block
+/// decided by `source`. The fleet's own addresses come from the agents'
+/// `Hello`, so they veto automatic and agent blocks but not manual ones.
+pub(crate) async fn check_policy_for(
+    conn: &mut PgConnection,
+    policy: &CorrelateConfig,
+    cidr: IpNet,
+    force: bool,
+    source: BlockSource,
 ) -> Result<(), BlockError> {
     let min = min_prefix_len(policy, cidr);
     if cidr.prefix_len() < min && !force {
@@ -261,6 +277,9 @@ pub(crate) async fn check_policy(
     .await?;
     if let Some(entry) = allowed {
         return Err(Refusal::Allowlisted { cidr, entry }.into());
+    }
+    if source == BlockSource::Manual {
+        return Ok(());
     }
     let own: Option<(Uuid, IpNet)> =
         sqlx::query_as("select agent_id, address from agent_addresses where address between fleetban_first($1::cidr) and fleetban_last($1::cidr) limit 1")
@@ -320,7 +339,7 @@ pub(crate) async fn create_in(
     new: NewBlock,
 ) -> Result<Block, BlockError> {
     let cidr = canonical_net(new.cidr);
-    check_policy(conn, policy, cidr, new.force).await?;
+    check_policy_for(conn, policy, cidr, new.force, new.source).await?;
     let now: OffsetDateTime = sqlx::query_scalar("select now()").fetch_one(&mut *conn).await?;
     let expires_at = new.ttl.map(|ttl| expiry(now, ttl));
     // A conflicting live row is locked by the upsert even when its WHERE
@@ -696,13 +715,15 @@ mod tests {
             refused(create(&pool, &policy, new_block("198.51.100.0/24", None)).await),
             Refusal::Allowlisted { .. }
         ));
-        // The fleet's own addresses, also through an IPv6 /64.
+        // The fleet's own addresses veto automatic and agent blocks, also
+        // through an IPv6 /64.
+        let decided = |cidr: &str, source| NewBlock { source, created_by: None, ..new_block(cidr, None) };
         assert_eq!(
-            refused(create(&pool, &policy, new_block("203.0.113.5/32", None)).await),
+            refused(create(&pool, &policy, decided("203.0.113.5/32", BlockSource::Auto)).await),
             Refusal::FleetOwn { cidr: net("203.0.113.5/32"), address: "203.0.113.5".parse().unwrap(), agent_id: agent }
         );
         assert!(matches!(
-            refused(create(&pool, &policy, new_block("2001:db8:1:2::/64", None)).await),
+            refused(create(&pool, &policy, decided("2001:db8:1:2::/64", BlockSource::Agent)).await),
             Refusal::FleetOwn { .. }
         ));
         // never_block, whether inside or around the range.
@@ -725,6 +746,10 @@ mod tests {
         create(&pool, &policy, new_block("203.0.113.6/32", None)).await.unwrap();
         create(&pool, &policy, new_block("2001:db8:1:3::/64", None)).await.unwrap();
         assert_eq!(current_version(&pool).await.unwrap(), 4);
+        // What agents report as their own never vetoes an operator.
+        create(&pool, &policy, new_block("203.0.113.5/32", None)).await.unwrap();
+        create(&pool, &policy, new_block("2001:db8:1:2::/64", None)).await.unwrap();
+        assert_eq!(current_version(&pool).await.unwrap(), 6);
     }
 
     /// Every creator (API, correlation of batches and of agents' local
@@ -758,9 +783,12 @@ mod tests {
             refused(create(&pool, &policy, spanning).await),
             Refusal::NeverBlock { cidr: net("::fffe:0:0/95"), range: net("::ffff:0:0/96") }
         );
-        // The agent reported its address mapped; it is stored as IPv4.
+        // The agent reported its address mapped; it is stored as IPv4 (and
+        // vetoes automatic blocks of it).
+        let mut auto = new_block("203.0.113.5/32", None);
+        auto.source = BlockSource::Auto;
         assert_eq!(
-            refused(create(&pool, &policy, new_block("203.0.113.5/32", None)).await),
+            refused(create(&pool, &policy, auto).await),
             Refusal::FleetOwn { cidr: net("203.0.113.5/32"), address: "203.0.113.5".parse().unwrap(), agent_id: agent }
         );
         // Carrier-grade NAT, reserved and broadcast addresses.

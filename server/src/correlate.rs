@@ -22,9 +22,12 @@
 //!   `protected_domains` is never blocked automatically, only by an
 //!   operator;
 //! - **local block**: an agent's own block is a fleet block at once when
-//!   `trust_local_blocks`, unless the address is protected, or in good
-//!   standing and the agent's rule is a scenario (its one host's evidence is
-//!   then not enough; a slot flood or connection flood still is);
+//!   `trust_local_blocks`, for a host only (an IPv4 /32, an IPv6 /128 or the
+//!   /`ipv6_block_prefix` itself; wider ranges are refused and counted) and
+//!   for the policy's TTL (a longer TTL the agent asks for is capped),
+//!   unless the address is protected, or in good standing and the agent's
+//!   rule is a scenario (its one host's evidence is then not enough; a slot
+//!   flood or connection flood still is);
 //! - **prefix**: `prefix_min_addresses` blocked addresses in one /24, or /64s
 //!   in one /48, within `prefix_window_secs` make a block of the prefix,
 //!   which retires the blocks inside it. Only clearly abusive blocks count:
@@ -310,6 +313,10 @@ pub const REASON_LOCAL: &str = "local_block";
 /// Block reason: prefix escalation.
 pub const REASON_PREFIX: &str = "prefix";
 
+/// Counter of agents' `LocalBlock`s refused by the trust model, by `why`.
+pub const LOCAL_BLOCKS_REFUSED: &str = "fleetban_local_blocks_refused_total";
+/// Counter of agents' `LocalBlock`s whose TTL was capped at the policy's.
+pub const LOCAL_BLOCKS_TTL_CAPPED: &str = "fleetban_local_blocks_ttl_capped_total";
 /// Metric: decisions of rules in shadow mode, by rule.
 pub const SHADOW_DECISIONS: &str = "fleetban_shadow_decisions_total";
 /// Metric: automatic decisions not made, by why (`protected`,
@@ -799,7 +806,7 @@ impl Correlator {
             }
             let rule = if finding.verdict.scope == policy::Scope::Fleet { Rule::Fleet } else { Rule::SingleHost };
             let addr = targets.get(&target).copied().unwrap_or(target.addr());
-            if let Some(block) = self.decide(target, addr, rule, finding.evidence, None).await? {
+            if let Some(block) = self.decide(target, Some(addr), rule, finding.evidence, None).await? {
                 let prefix = self.escalate(block.cidr).await?;
                 created.push(block);
                 created.extend(prefix);
@@ -865,9 +872,10 @@ impl Correlator {
     }
 
     /// An agent's `LocalBlock`: makes it a fleet block (unless
-    /// `trust_local_blocks` is off, the range is already covered, protected,
-    /// in good standing for a scenario rule, or policy refuses it). The TTL
-    /// is the offence TTL, at least the agent's own. A prefix escalation it
+    /// `trust_local_blocks` is off, it names a range rather than a host, the
+    /// range is already covered, protected, in good standing for a scenario
+    /// rule, or policy refuses it). The TTL is the policy's offence TTL; a
+    /// longer one the agent asks for is capped. A prefix escalation it
     /// causes is created too (visible in the change log), but only the block
     /// of `cidr` is returned.
     pub async fn on_local_block(
@@ -882,12 +890,30 @@ impl Correlator {
             tracing::debug!(%agent_id, %cidr, "Local block not made a fleet block: trust_local_blocks is off.");
             return Ok(None);
         }
-        let mut target = canonical_net(cidr);
-        if let IpNet::V6(_) = target
-            && target.prefix_len() > self.config.ipv6_block_prefix
-        {
-            target = self.target(target.addr());
+        let reported = canonical_net(cidr);
+        // An agent vouches for one attacker: an IPv4 host, or an IPv6 host or
+        // exactly the prefix the fleet blocks IPv6 attackers as. Ranges are
+        // the server's to decide (prefix escalation), never an agent's.
+        let host = match reported {
+            IpNet::V4(v4) => v4.prefix_len() == 32,
+            IpNet::V6(v6) => v6.prefix_len() == 128 || v6.prefix_len() == self.config.ipv6_block_prefix,
+        };
+        if !host {
+            metrics::counter!(LOCAL_BLOCKS_REFUSED, "why" => "range").increment(1);
+            tracing::warn!(
+                %agent_id, cidr = %reported, ipv6_block_prefix = self.config.ipv6_block_prefix,
+                "Local block refused: an agent may report a host, not a range."
+            );
+            return Ok(None);
         }
+        // A reported IPv6 host is judged as its prefix, and may fall back to
+        // itself when policy refuses the prefix; a reported prefix has no
+        // address of its own to fall back to.
+        let (target, fallback) = match reported {
+            IpNet::V6(v6) if v6.prefix_len() == 128 => (self.target(v6.addr().into()), Some(v6.addr().into())),
+            IpNet::V6(_) => (reported, None),
+            IpNet::V4(v4) => (reported, Some(v4.addr().into())),
+        };
         if self.config.is_shadow(REASON_LOCAL) || self.config.is_shadow(reason) {
             self.on_shadow_local_block(agent_id, target, reason, evidence).await?;
             return Ok(None);
@@ -922,8 +948,8 @@ impl Correlator {
             let mut conn = self.pool.acquire().await?;
             self.samples(&mut conn, target, OffsetDateTime::now_utc(), &mut ev).await?;
         }
-        let min_ttl = Duration::from_secs(u64::from(ttl_secs));
-        let block = self.decide(target, target.addr(), Rule::Local, ev, Some((local, min_ttl))).await?;
+        let requested_ttl = Duration::from_secs(u64::from(ttl_secs));
+        let block = self.decide(target, fallback, Rule::Local, ev, Some((local, requested_ttl))).await?;
         if let Some(block) = &block {
             self.escalate(block.cidr).await?;
         }
@@ -931,12 +957,15 @@ impl Correlator {
     }
 
     /// Blocks `target` for `rule` with `evidence` unless it is covered
-    /// already or policy refuses it; `addr` is the attacker's address inside
-    /// it (the /128 fallback of a refused IPv6 /64).
+    /// already or policy refuses it; `fallback` is the reported attacker's
+    /// address inside it (the /128 fallback of a refused IPv6 /64), `None`
+    /// when nobody reported a single address. `local` carries an agent's
+    /// evidence and the TTL it asked for, which never lengthens the policy's
+    /// TTL.
     async fn decide(
         &self,
         target: IpNet,
-        addr: IpAddr,
+        fallback: Option<IpAddr>,
         rule: Rule,
         mut evidence: Evidence,
         local: Option<(LocalEvidence, Duration)>,
@@ -952,28 +981,39 @@ impl Correlator {
         match blocks::check_policy(&mut tx, &self.config, range, force).await {
             Ok(()) => {}
             Err(BlockError::Refused(refusal)) => {
-                let fallback = IpNet::from(addr);
-                let retry = matches!(
-                    refusal,
-                    Refusal::FleetOwn { .. } | Refusal::Allowlisted { .. } | Refusal::NeverBlock { .. }
-                ) && fallback != range
-                    && matches!(fallback, IpNet::V6(_))
-                    && blocks::check_policy(&mut tx, &self.config, fallback, force).await.is_ok();
-                if !retry {
+                let fallback = fallback.map(IpNet::from).filter(|f| *f != range && matches!(f, IpNet::V6(_)));
+                let retry = match fallback {
+                    Some(fallback)
+                        if matches!(
+                            refusal,
+                            Refusal::FleetOwn { .. } | Refusal::Allowlisted { .. } | Refusal::NeverBlock { .. }
+                        ) =>
+                    {
+                        blocks::check_policy(&mut tx, &self.config, fallback, force).await.is_ok()
+                    }
+                    _ => false,
+                };
+                let Some(fallback) = fallback.filter(|_| retry) else {
                     tracing::info!(cidr = %range, rule = rule.reason(), %refusal, "Not blocking: policy refuses it.");
                     return Ok(None);
-                }
+                };
                 tracing::info!(cidr = %range, fallback = %fallback, %refusal, "Blocking the address alone: policy refuses its range.");
                 range = fallback;
             }
             Err(BlockError::Database(error)) => return Err(error.into()),
         }
         evidence.offence = u32::try_from(earlier + 1).unwrap_or(u32::MAX);
-        let mut ttl = self.ttl(earlier);
+        let ttl = self.ttl(earlier);
         let source = match local {
-            Some((local, min_ttl)) => {
+            Some((local, requested_ttl)) => {
                 evidence.agents.insert(local.agent_id);
-                ttl = ttl.max(min_ttl);
+                if requested_ttl > ttl {
+                    metrics::counter!(LOCAL_BLOCKS_TTL_CAPPED).increment(1);
+                    tracing::info!(
+                        agent_id = %local.agent_id, cidr = %range, requested_ttl_secs = requested_ttl.as_secs(),
+                        ttl_secs = ttl.as_secs(), "Local block's TTL capped at the policy's."
+                    );
+                }
                 evidence.local = Some(local);
                 BlockSource::Agent
             }

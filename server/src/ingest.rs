@@ -206,8 +206,11 @@ pub struct Ingest {
     /// latest accepted mail written, verified name written). A busy sender's
     /// row is rewritten at most once a minute (standing is judged in days),
     /// so batches of every agent do not queue on the same rows.
-    standing_written: Arc<Mutex<HashMap<IpAddr, (i64, Option<String>)>>>,
+    standing_written: Arc<Mutex<StandingWritten>>,
 }
+
+/// Address → (minute of the latest standing written, verified name written).
+type StandingWritten = HashMap<IpAddr, (i64, Option<String>)>;
 
 /// Most addresses [`Ingest`] remembers having written standing for; past it
 /// the memory is cleared (the next writes go through again).

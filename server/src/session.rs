@@ -6,9 +6,15 @@
 //! the inbound stream and feeds the outbound stream through a bounded channel
 //! (a failed send means the agent is gone). It:
 //!
-//! - expects `Hello` first, records the agent's version, addresses and
-//!   blocklist version, answers `Welcome`, then brings the agent's blocklist up
-//!   to date (the delta since its version, or a snapshot);
+//! - expects `Hello` first, records the agent's version, addresses (at most
+//!   [`MAX_OWN_ADDRESSES`] unicast hosts; the rest is dropped, warned about
+//!   and counted) and blocklist version, answers `Welcome`, then brings the
+//!   agent's blocklist up to date (the delta since its version, or a
+//!   snapshot);
+//! - refuses (`Nack`, not stored) a batch whose seq is more than
+//!   [`MAX_SEQ_JUMP`] beyond the agent's highest stored seq, so that a forged
+//!   seq cannot make `Welcome.last_acked_seq` acknowledge the real agent's
+//!   spool;
 //! - stores each `EventBatch` through [`crate::ingest`] and acks it after the
 //!   commit (`Ack.rejected_events` counts invalid events; a batch invalid as a
 //!   whole gets a `Nack`, and the session goes on), then hands the batch's
@@ -54,6 +60,37 @@ use crate::ingest::{BatchError, Ingest};
 use crate::push::{Hub, Push, Subscription};
 use crate::text::Escaped;
 
+/// The addresses an agent may declare its own: unicast host addresses
+/// (not unspecified, multicast or IPv4 broadcast), without repeats, at most
+/// [`MAX_OWN_ADDRESSES`]. They veto automatic blocks of the ranges holding
+/// them, so the rest is dropped with a warning and counted.
+fn own_addresses(stats: &Stats, agent_id: Option<Uuid>, hostname: &str, addresses: Vec<IpAddr>) -> Vec<IpAddr> {
+    let offered = addresses.len();
+    let mut kept: Vec<IpAddr> = Vec::with_capacity(offered.min(MAX_OWN_ADDRESSES));
+    let mut not_host = 0usize;
+    for address in addresses {
+        let address = address.to_canonical();
+        let host = !address.is_unspecified()
+            && !address.is_multicast()
+            && !matches!(address, IpAddr::V4(v4) if v4.is_broadcast());
+        if !host {
+            not_host += 1;
+        } else if !kept.contains(&address) && kept.len() < MAX_OWN_ADDRESSES {
+            kept.push(address);
+        }
+    }
+    let dropped = offered - kept.len();
+    if dropped > 0 {
+        Stats::add(&stats.addresses_dropped, dropped as u64);
+        metrics::counter!(TRUST_REFUSED, "limit" => "own_addresses").increment(dropped as u64);
+        warn!(
+            agent_id = ?agent_id, hostname = %Escaped(hostname), offered, kept = kept.len(), not_host, max = MAX_OWN_ADDRESSES,
+            "Agent's own addresses trimmed: only unicast hosts, at most the limit, are kept."
+        );
+    }
+    kept
+}
+
 pub use fleetban_proto::{AGENT_ID_HEADER, AGENT_SECRET_HEADER};
 /// Frames queued towards one agent.
 const OUTBOUND_QUEUE: usize = 64;
@@ -63,6 +100,15 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// this long, or after [`DRAIN_LIMIT`].
 const DRAIN_PAUSE: Duration = Duration::from_millis(200);
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+/// Most addresses an agent may declare its own (`Hello.addresses`,
+/// `EnrollRequest.addresses`); the rest are dropped.
+pub const MAX_OWN_ADDRESSES: usize = 16;
+/// Largest step a batch seq may take beyond the agent's highest stored seq;
+/// a batch further ahead is refused, so that a forged seq cannot make the
+/// server acknowledge the real agent's whole spool.
+pub const MAX_SEQ_JUMP: u64 = 1_000_000;
+/// Counter of agent input dropped or refused by the trust model, by `limit`.
+pub const TRUST_REFUSED: &str = "fleetban_agent_trust_refused_total";
 /// Longest `LocalBlock` reason and evidence kept, bytes.
 const MAX_REASON_BYTES: usize = 256;
 const MAX_EVIDENCE_BYTES: usize = 8 * 1024;
@@ -91,6 +137,11 @@ pub struct Stats {
     pub frames_invalid: AtomicU64,
     /// Events agents reported dropped from their spools.
     pub spool_lost_events: AtomicU64,
+    /// Own addresses dropped from `Hello`/`EnrollRequest` (over the limit, or
+    /// not a host's unicast address).
+    pub addresses_dropped: AtomicU64,
+    /// Batches refused because their seq jumped too far ahead.
+    pub seq_jumps_refused: AtomicU64,
 }
 
 impl Stats {
@@ -178,6 +229,7 @@ impl AgentService for Service {
         for a in &req.addresses {
             addresses.push(IpAddr::try_from(a).map_err(|e| Status::invalid_argument(format!("addresses: {e}")))?);
         }
+        let addresses = own_addresses(&self.shared.stats, None, &req.hostname, addresses);
         match auth::enroll(&self.shared.pool, &req.token, &req.hostname, &req.version, &addresses).await {
             Ok(enrolled) => {
                 info!(
@@ -224,6 +276,7 @@ impl AgentService for Service {
             session_id: Uuid::new_v4(),
             tx,
             version: 0,
+            last_seq: 0,
             last_touch: Instant::now(),
         };
         tokio::spawn(session.run(inbound));
@@ -249,6 +302,8 @@ struct Session {
     tx: mpsc::Sender<Result<ServerFrame, Status>>,
     /// The blocklist version the agent holds (as far as we have sent).
     version: u64,
+    /// The agent's highest stored batch seq (from `Hello` on).
+    last_seq: u64,
     last_touch: Instant,
 }
 
@@ -391,10 +446,12 @@ impl Session {
             Stats::add(&self.shared.stats.frames_invalid, 1);
             return Err(End::Status(Status::invalid_argument(format!("Hello: {error}"))));
         }
+        let addresses = own_addresses(&self.shared.stats, Some(agent_id), &hello.hostname, addresses);
         let last_acked = self
             .record_hello(&hello, &addresses)
             .await
             .map_err(|error| End::Status(unavailable(error, "Cannot record an agent's Hello.")))?;
+        self.last_seq = last_acked;
         // Register before reading the version, so that no change committed
         // from here on can be missed.
         let sub = self.shared.hub.subscribe(agent_id);
@@ -536,8 +593,19 @@ impl Session {
     async fn batch(&mut self, batch: fleetban_proto::v1::EventBatch) -> Result<(), End> {
         let seq = batch.seq;
         let stats = self.shared.stats.clone();
+        if seq > self.last_seq.saturating_add(MAX_SEQ_JUMP) {
+            Stats::add(&stats.seq_jumps_refused, 1);
+            metrics::counter!(TRUST_REFUSED, "limit" => "seq_jump").increment(1);
+            warn!(
+                agent_id = %self.agent_id, seq, last_seq = self.last_seq, max_jump = MAX_SEQ_JUMP,
+                "Batch refused: its seq jumps too far beyond the agent's last stored batch."
+            );
+            let reason = format!("seq {seq} is more than {MAX_SEQ_JUMP} beyond the last stored seq {}", self.last_seq);
+            return self.send(Out::Nack(Nack { seq, reason })).await;
+        }
         match self.shared.ingest.store(self.agent_id, batch).await {
             Ok(outcome) => {
+                self.last_seq = self.last_seq.max(seq);
                 if outcome.duplicate {
                     Stats::add(&stats.batches_duplicate, 1);
                     debug!(agent_id = %self.agent_id, seq, "Duplicate batch acked again.");

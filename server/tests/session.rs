@@ -326,7 +326,9 @@ async fn unauthenticated_wrong_secret_and_revoked_agents_are_refused(pool: PgPoo
     agent.hello(id, 0).await;
     agent.next().await; // snapshot
     sqlx::query("update agents set revoked_at = now()").execute(&pool).await.unwrap();
-    agent.send(Frame::Heartbeat(Heartbeat::default())).await;
+    // The revocation may already have closed the session (its notification
+    // ends it at once); then the heartbeat finds the stream gone.
+    let _ = agent.tx.send(AgentFrame { frame: Some(Frame::Heartbeat(Heartbeat::default())) }).await;
     let status = agent.try_next().await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
     refused(Agent::connect(server.channel().await, &id.to_string(), &secret).await);
@@ -714,5 +716,131 @@ async fn silent_session_is_detected_and_cleaned_up(pool: PgPool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(Stats::get(&server.stats.sessions_open), 0);
+    server.stop().await;
+}
+
+fn local_block(cidr: &str, ttl_secs: u32) -> Frame {
+    let cidr: ipnet::IpNet = cidr.parse().unwrap();
+    Frame::LocalBlock(LocalBlock {
+        cidr: Some(cidr.into()),
+        reason: "conn_rate".into(),
+        evidence: "forged".into(),
+        time_ms: now_ms(),
+        ttl_secs,
+        shadow: false,
+    })
+}
+
+async fn block_count(pool: &PgPool, cidr: &str) -> i64 {
+    sqlx::query_scalar("select count(*) from blocks where cidr = $1::cidr").bind(cidr).fetch_one(pool).await.unwrap()
+}
+
+/// An agent whose credentials were stolen is trusted only within limits: it
+/// cannot block ranges, set TTLs, exempt arbitrary addresses from blocks, or
+/// make the server acknowledge the real agent's spool.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn a_hostile_agent_is_held_to_the_trust_limits(pool: PgPool) {
+    let server = TestServer::start(pool.clone()).await;
+    let (id, secret) = enroll(&pool, server.channel().await).await;
+
+    // The real agent stores batches 1..=3.
+    let mut real = Agent::connect(server.channel().await, &id.to_string(), &secret).await.unwrap();
+    assert_eq!(real.hello(id, 0).await, 0);
+    for seq in 1..=3 {
+        real.send(batch(seq, vec![event(EventKind::Connect, "192.0.2.7")])).await;
+        assert_eq!(real.until_ack().await, seq);
+    }
+    drop(real);
+
+    // The hostile agent declares 1,024 addresses of its choosing.
+    let mut hostile = Agent::connect(server.channel().await, &id.to_string(), &secret).await.unwrap();
+    let mut addresses: Vec<IpAddress> = Vec::new();
+    for net in ["198.51.100", "203.0.113", "192.0.2"] {
+        addresses.extend((0..=255).map(|i| ip(&format!("{net}.{i}"))));
+    }
+    addresses.extend((0..256).map(|i| ip(&format!("2001:db8::{:x}", i + 1))));
+    assert_eq!(addresses.len(), 1024);
+    hostile
+        .send(Frame::Hello(Hello {
+            agent_id: id.to_string(),
+            version: "0.1.0-test".into(),
+            hostname: "mx.test".into(),
+            addresses,
+            blocklist_version: 0,
+            next_seq: 1,
+        }))
+        .await;
+    assert!(matches!(hostile.next().await, Out::Welcome(w) if w.last_acked_seq == 3));
+    let own = count(&pool, &format!("select count(*) from agent_addresses where agent_id = '{id}'")).await;
+    assert_eq!(own, fleetban_server::session::MAX_OWN_ADDRESSES as i64, "the addresses are trimmed");
+    assert_eq!(Stats::get(&server.stats.addresses_dropped), 1024 - 16);
+    assert_eq!(
+        count(&pool, "select count(*) from agent_addresses where address = '2001:db8::1'").await,
+        0,
+        "addresses beyond the limit are dropped"
+    );
+
+    // Ranges, a forged TTL, a fleet-own address, and a /48 and a /64 that
+    // policy refuses anyway (an allowlisted host inside).
+    for cidr in ["2001:db8:bad::25/128", "2001:db8:1::25/128"] {
+        sqlx::query("insert into allowlist (cidr, note) values ($1::cidr, 'partner')")
+            .bind(cidr)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    for frame in [
+        local_block("198.51.0.0/16", 3600),
+        local_block("203.0.113.0/24", 3600),
+        local_block("2001:db8:bad::/48", 3600),
+        local_block("192.0.2.77/32", u32::MAX),
+        local_block("198.51.100.6/32", 3600),
+        local_block("2001:db8:1::/64", 3600),
+    ] {
+        hostile.send(frame).await;
+    }
+    // A seq far beyond the last stored one: refused, not stored, not acked.
+    hostile.send(batch(i64::MAX as u64, vec![event(EventKind::AuthFailed, "192.0.2.8")])).await;
+    let nack = loop {
+        match hostile.next().await {
+            Out::Nack(n) => break n,
+            Out::Ack(a) => panic!("the seq jump was acked: {a:?}"),
+            _ => {}
+        }
+    };
+    assert_eq!(nack.seq, i64::MAX as u64);
+    assert_eq!(Stats::get(&server.stats.seq_jumps_refused), 1);
+    // Frames are handled in order: the ack of a resent batch means every
+    // frame before it is done.
+    hostile.send(batch(3, vec![event(EventKind::Connect, "192.0.2.7")])).await;
+    assert_eq!(hostile.until_ack().await, 3);
+
+    assert_eq!(block_count(&pool, "198.51.0.0/16").await, 0, "a /16 local block is refused");
+    assert_eq!(block_count(&pool, "203.0.113.0/24").await, 0, "a /24 local block is refused");
+    assert_eq!(block_count(&pool, "2001:db8:bad::/48").await, 0, "a /48 local block is refused");
+    assert_eq!(block_count(&pool, "2001:db8:bad::/128").await, 0, "no /128 is invented for a refused /48");
+    assert_eq!(block_count(&pool, "198.51.100.6/32").await, 0, "a fleet-own address vetoes an agent block");
+    assert_eq!(block_count(&pool, "2001:db8:1::/64").await, 0);
+    assert_eq!(block_count(&pool, "2001:db8:1::/128").await, 0, "no /128 is invented for a refused /64");
+    let ttl: f64 = sqlx::query_scalar(
+        "select extract(epoch from expires_at - created_at)::float8 from blocks where cidr = '192.0.2.77/32'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let policy_ttl = CorrelateConfig::default().ttl_secs[0] as f64;
+    assert!((ttl - policy_ttl).abs() < 2.0, "TTL {ttl} s is the policy's {policy_ttl} s, not 2^32-1 s");
+    assert_eq!(count(&pool, &format!("select count(*) from agent_batches where agent_id = '{id}'")).await, 3);
+
+    // A manual block of an address the hostile agent declared its own.
+    let (manual, _) = add_block(&pool, "198.51.100.5/32").await;
+    assert!(manual > 0);
+    assert_eq!(block_count(&pool, "198.51.100.5/32").await, 1, "own addresses never veto a manual block");
+    drop(hostile);
+
+    // The real agent comes back: its spool is not acknowledged beyond what
+    // was stored.
+    let mut real = Agent::connect(server.channel().await, &id.to_string(), &secret).await.unwrap();
+    assert_eq!(real.hello(id, 0).await, 3);
     server.stop().await;
 }

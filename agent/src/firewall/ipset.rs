@@ -6,7 +6,10 @@
 //! ipset's maximum ([`MAX_TIMEOUT_SECS`]); a permanent entry has timeout 0.
 //! The rules (`-I INPUT 1`, marked with the comment `fleetban`) are checked
 //! with `-C` and inserted only when missing, and the rule of the other scope
-//! is removed, so `setup` is idempotent and never touches the entries.
+//! is removed, so `setup` is idempotent and never touches the entries. In
+//! scope `"all"` a conntrack rule (`ESTABLISHED,RELATED -j ACCEPT`, same
+//! comment) sits above the drop, so that a block never cuts a connection the
+//! host already has, above all its uplink to the fleet server.
 
 use std::fmt::Write as _;
 
@@ -49,6 +52,25 @@ impl Ipset {
                 .map(String::from),
         );
         args
+    }
+
+    /// The rule that lets established and related traffic pass before the
+    /// drop in scope `"all"`.
+    fn established_rule() -> Vec<String> {
+        [
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "ESTABLISHED,RELATED",
+            "-m",
+            "comment",
+            "--comment",
+            "fleetban",
+            "-j",
+            "ACCEPT",
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     fn iptables_for(set: &str) -> &'static str {
@@ -143,8 +165,28 @@ impl Backend for Ipset {
                 self.change_rule(tool, &["-D", "INPUT"], &stale)?;
             }
             let rule = Self::rule(self.scope, set);
-            if !self.has_rule(tool, &rule) {
+            let established = Self::established_rule();
+            let inserted = !self.has_rule(tool, &rule);
+            if inserted {
                 self.change_rule(tool, &["-I", "INPUT", "1"], &rule)?;
+            }
+            match self.scope {
+                FirewallScope::All => {
+                    // The accept must stay above the drop: a drop inserted
+                    // just now went to the top, so the accept moves up too.
+                    let present = self.has_rule(tool, &established);
+                    if present && inserted {
+                        self.change_rule(tool, &["-D", "INPUT"], &established)?;
+                    }
+                    if !present || inserted {
+                        self.change_rule(tool, &["-I", "INPUT", "1"], &established)?;
+                    }
+                }
+                FirewallScope::Smtp => {
+                    while self.has_rule(tool, &established) {
+                        self.change_rule(tool, &["-D", "INPUT"], &established)?;
+                    }
+                }
             }
         }
         Ok(())
@@ -182,8 +224,9 @@ impl Backend for Ipset {
     fn flush(&mut self) -> Result<(), FirewallError> {
         for set in [SET_V4, SET_V6] {
             let tool = Self::iptables_for(set);
-            for scope in [FirewallScope::Smtp, FirewallScope::All] {
-                let rule = Self::rule(scope, set);
+            for rule in
+                [Self::rule(FirewallScope::Smtp, set), Self::rule(FirewallScope::All, set), Self::established_rule()]
+            {
                 while self.has_rule(tool, &rule) {
                     self.change_rule(tool, &["-D", "INPUT"], &rule)?;
                 }

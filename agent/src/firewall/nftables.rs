@@ -19,6 +19,12 @@
 //! }
 //! ```
 //!
+//! In scope `"all"` the chain starts with `ct state established,related
+//! accept` and the drops carry no port match: a block never cuts a
+//! connection the host already has, above all its uplink to the fleet
+//! server, whose replies would otherwise be dropped along with the unblock
+//! that could end it.
+//!
 //! The chain sits at priority -10, before the usual filter chains, so it
 //! works beside CSF, firewalld or plain iptables. Every element carries its
 //! remaining timeout, so the kernel expires it exactly even if the agent is
@@ -103,6 +109,9 @@ impl Nftables {
         script.push_str("\tset v6 { type ipv6_addr; flags interval, timeout; }\n");
         script.push_str("\tchain input { type filter hook input priority -10; policy accept; }\n}\n");
         let _ = writeln!(script, "flush chain inet {TABLE} input");
+        if scope == FirewallScope::All {
+            let _ = writeln!(script, "add rule inet {TABLE} input ct state established,related accept");
+        }
         for v4 in [true, false] {
             let field = if v4 { "ip saddr" } else { "ip6 saddr" };
             for (name, is_v4, _, mask) in HASH_SETS {
@@ -322,8 +331,13 @@ mod tests {
             "{smtp}"
         );
         assert!(smtp.contains("input tcp dport { 25, 465, 587 } ip6 saddr @v6 counter drop"));
+        assert!(!smtp.contains("ct state"), "{smtp}");
         let all = Nftables::setup_script(FirewallScope::All);
         assert!(all.contains("input ip6 saddr & ffff:ffff:ffff:ffff:: @v6_64 counter drop"), "{all}");
+        // Established and related traffic (the uplink) passes before any drop.
+        let accept = all.find("add rule inet fleetban input ct state established,related accept").expect("accept rule");
+        let first_drop = all.find("counter drop").expect("drop rules");
+        assert!(accept < first_drop, "{all}");
     }
 
     #[test]

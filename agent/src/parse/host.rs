@@ -123,7 +123,7 @@ pub(crate) fn parse_bracketed(b: &[u8], pos: usize) -> Option<(IpAddr, Option<u1
 }
 
 /// Whether the byte after a host may legitimately follow it.
-fn host_terminator(b: &[u8], end: usize) -> bool {
+pub(crate) fn host_terminator(b: &[u8], end: usize) -> bool {
     matches!(b.get(end), None | Some(b' ' | b':' | b')' | b','))
 }
 

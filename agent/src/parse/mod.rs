@@ -10,7 +10,9 @@
 //! - The address of an event is the remote client's bracketed address, read
 //!   from its fixed position in Exim's format (after `H=`, `from` or `for`);
 //!   never the `I=` local interface, never a bracket inside a HELO name or a
-//!   quoted command (see `body` for the injection rules).
+//!   quoted command. A line whose client text holds a second host-like
+//!   address is skipped and counted ([`ParseStats::ambiguous`]) rather than
+//!   attributed to a guess (see `body` for the rules).
 //! - Anything that is not a well-formed line of a known kind (garbage,
 //!   invalid UTF-8 where an address should be, impossible dates or
 //!   addresses, lines over [`MAX_LINE_BYTES`]) yields `None`; nothing here
@@ -122,13 +124,13 @@ fn syslog_year(month: u32, day: u32) -> i64 {
 }
 
 /// Parses the parts of a line: its stamp and fields.
-fn parse_parts(line: &[u8]) -> Option<(prefix::Stamp, body::Fields<'_>)> {
+fn parse_parts(line: &[u8]) -> Result<(prefix::Stamp, body::Fields<'_>), body::Skip> {
     if line.len() > MAX_LINE_BYTES {
-        return None;
+        return Err(body::Skip::Unknown);
     }
-    let pre = prefix::parse_prefix(line, syslog_year)?;
+    let pre = prefix::parse_prefix(line, syslog_year).ok_or(body::Skip::Unknown)?;
     let fields = body::classify(&line[pre.body..], pre.msgid)?;
-    Some((pre.stamp, fields))
+    Ok((pre.stamp, fields))
 }
 
 fn text(b: Option<&[u8]>) -> Option<&str> {
@@ -158,7 +160,7 @@ fn build<'a>(time_ms: i64, f: body::Fields<'a>, raw: &'a [u8]) -> Event<'a> {
 /// continuation lines.
 pub fn parse_line(line: &[u8]) -> Option<Event<'_>> {
     let line = trim_eol(line);
-    let (stamp, fields) = parse_parts(line)?;
+    let (stamp, fields) = parse_parts(line).ok()?;
     let time_ms = (stamp.civil_secs - i64::from(stamp.offset_secs.unwrap_or(0))) * 1000 + i64::from(stamp.millis);
     Some(build(time_ms, fields, line))
 }
@@ -176,6 +178,10 @@ pub struct ParseStats {
     pub continuations: u64,
     /// Lines longer than [`MAX_LINE_BYTES`], part of `ignored`.
     pub oversized: u64,
+    /// Lines of a known kind skipped because the client's text (a HELO, a
+    /// sender, a quoted command, ...) holds a second host-like address, so
+    /// that the client cannot be told for certain; part of `ignored`.
+    pub ambiguous: u64,
 }
 
 /// The stateful line parser: applies the configured time zone to zone-less
@@ -207,17 +213,23 @@ impl Parser {
         let parsed = match line.first() {
             Some(b' ' | b'\t') => {
                 self.stats.continuations += 1;
-                None
+                Err(body::Skip::Unknown)
             }
             _ if line.len() > MAX_LINE_BYTES => {
                 self.stats.oversized += 1;
-                None
+                Err(body::Skip::Unknown)
             }
             _ => parse_parts(line),
         };
-        let Some((stamp, fields)) = parsed else {
-            self.stats.ignored += 1;
-            return None;
+        let (stamp, fields) = match parsed {
+            Ok(parts) => parts,
+            Err(skip) => {
+                self.stats.ignored += 1;
+                if skip == body::Skip::Ambiguous {
+                    self.stats.ambiguous += 1;
+                }
+                return None;
+            }
         };
         let offset = match stamp.offset_secs {
             Some(o) => o,

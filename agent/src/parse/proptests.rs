@@ -250,9 +250,41 @@ fn bracketed(line: &[u8], ip: IpAddr) -> bool {
     false
 }
 
-/// Only two formats name the client outside brackets.
+/// Whether every host-like `[addr]` of `line` (after a space or `H=`,
+/// followed by the end, a space, `:`, `)` or `,`) holds `ip`; written apart
+/// from the parser's own scan.
+fn host_like_all(line: &[u8], ip: IpAddr) -> bool {
+    let mut i = 0;
+    while let Some(open) = memchr::memchr(b'[', &line[i..]) {
+        let p = i + open;
+        i = p + 1;
+        let after_space = p > 0 && line[p - 1] == b' ';
+        let after_h = p >= 2 && &line[p - 2..p] == b"H=" && (p == 2 || line[p - 3] == b' ');
+        let Some(close) = memchr::memchr(b']', &line[p..]).map(|c| p + c) else { break };
+        let Some(found) = host::parse_ip(&line[p + 1..close]) else { continue };
+        let mut end = close + 1;
+        if line.get(end) == Some(&b':') && line.get(end + 1).is_some_and(u8::is_ascii_digit) {
+            let digits = line[end + 1..].iter().take_while(|b| b.is_ascii_digit()).count();
+            let port: u32 =
+                std::str::from_utf8(&line[end + 1..end + 1 + digits]).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+            if digits > 5 || port == 0 || port > 65_535 {
+                continue;
+            }
+            end += 1 + digits;
+        }
+        let terminated = matches!(line.get(end), None | Some(b' ' | b':' | b')' | b','));
+        if (after_space || after_h) && terminated && found != ip {
+            return false;
+        }
+    }
+    true
+}
+
+/// Only two formats name the client outside brackets; the others name the
+/// one host-like address of the line.
 fn address_is_in_line(ev: &Event<'_>, line: &[u8]) -> bool {
-    matches!(ev.kind, EventKind::NoHostName | EventKind::RelayDenied) || bracketed(line, ev.ip)
+    matches!(ev.kind, EventKind::NoHostName | EventKind::RelayDenied)
+        || (bracketed(line, ev.ip) && host_like_all(line, ev.ip))
 }
 
 proptest! {
@@ -321,6 +353,101 @@ proptest! {
         }
         if let Some(ev) = parse_line(&line) {
             prop_assert!(address_is_in_line(&ev, &line), "{} from {}", ev.ip, String::from_utf8_lossy(&line));
+        }
+    }
+}
+
+/// Client text (a HELO, a reverse-DNS name, a sender, a command, a
+/// `set_id`) built from fragments of Exim's own structure, brackets and
+/// spaces.
+fn arb_client_text() -> impl Strategy<Value = String> {
+    let fragment = prop_oneof![
+        Just("[8.8.8.8]".to_owned()),
+        Just("[8.8.8.8]:25".to_owned()),
+        Just("[2001:db8::8]:25".to_owned()),
+        Just(" ".to_owned()),
+        Just("(".to_owned()),
+        Just(")".to_owned()),
+        Just("\"".to_owned()),
+        Just("<".to_owned()),
+        Just(">".to_owned()),
+        Just("H=".to_owned()),
+        Just(": 535 ".to_owned()),
+        Just(": ".to_owned()),
+        Just(" I=[192.0.2.10]:25".to_owned()),
+        Just(" (SSL_accept): ".to_owned()),
+        Just(" refused: too many connections".to_owned()),
+        Just(" AUTH command used when not advertised".to_owned()),
+        Just(" rejected RCPT <a@b.test>: relay not permitted".to_owned()),
+        Just(" next input=\"".to_owned()),
+        Just(" (during SMTP connection from ".to_owned()),
+        Just(" dropped: too many nonmail commands".to_owned()),
+        "[ -~]{0,6}",
+    ];
+    prop::collection::vec(fragment, 0..8).prop_map(|parts| parts.concat())
+}
+
+/// Lines of every format that names a host, with client text `t` (and `u`
+/// where a second piece of client text follows the host), for the client
+/// `[ip]:port`.
+fn framed_lines(ip: IpAddr, port: u16, t: &str, u: &str) -> Vec<String> {
+    let h = format!("[{ip}]:{port}");
+    let p = "2026-11-28 10:00:00";
+    vec![
+        format!("{p} dovecot_login authenticator failed for ({t}) {h}: 535 Incorrect authentication data (set_id={u})"),
+        format!(
+            "{p} dovecot_login authenticator failed for H={t} ({u}) {h} I=[192.0.2.10]:25: 535 Incorrect authentication data"
+        ),
+        format!("{p} SMTP protocol error in \"{t}\" H=({u}) {h} AUTH command used when not advertised"),
+        format!("{p} SMTP syntax error in \"{t}\" H=({u}) {h} unrecognized command"),
+        format!(
+            "{p} SMTP protocol synchronization error (next input sent too soon: pipelining was not advertised): rejected \"{t}\" H=({u}) {h} next input=\"{u}\""
+        ),
+        format!("{p} SMTP call from ({t}) {h} dropped: too many nonmail commands (last was \"{u}\")"),
+        format!("{p} TLS error on connection from ({t}) {h} (SSL_accept): {u}"),
+        format!("{p} no IP address found for host {t} (during SMTP connection from {h} I=[192.0.2.10]:25)"),
+        format!("{p} rejected from <{t}> H=({u}) {h}: sender verify failed"),
+        format!("{p} H=({t}) {h} sender verify fail for <{u}>: Unrouteable address"),
+        format!("{p} H={t} ({u}) {h} F=<{u}> rejected RCPT <a@b.test>: relay not permitted"),
+        format!("{p} 1x5dJQ-00000002ksM-1pMm F=<{t}> H=({u}) {h} P=esmtp rejected by local_scan(): spam"),
+        format!("{p} SMTP connection from {t} {h} (TCP/IP connection count = 1)"),
+        format!("{p} Connection from {t} {h} refused: too many connections"),
+        format!("{p} no MAIL in SMTP connection from ({t}) {h} D=1s C={u}"),
+        format!("{p} 1x5dJQ-00000002ksM-1pMm <= a@b.test H=({t}) {h} P=esmtp S=1 T=\"{u}\""),
+        format!("{p} unqualified sender rejected: <{t}> H=({u}) {h}"),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+    /// Client text with arbitrary brackets and spaces never changes the
+    /// attributed address: an event names the real client or there is none.
+    #[test]
+    fn client_text_never_moves_the_address(
+        ip in arb_ip(),
+        port in arb_port(),
+        t in arb_client_text(),
+        u in arb_client_text(),
+    ) {
+        for line in framed_lines(ip, port, &t, &u) {
+            if let Some(ev) = parse_line(line.as_bytes()) {
+                prop_assert_eq!(ev.ip, ip, "{}", line);
+            }
+        }
+    }
+
+    /// Without brackets in the client text, every line is attributed.
+    #[test]
+    fn plain_client_text_is_attributed(
+        ip in arb_ip(),
+        port in arb_port(),
+        t in "[a-z][a-z0-9.-]{0,12}",
+        u in "[a-z][a-z0-9.@-]{0,12}",
+    ) {
+        for line in framed_lines(ip, port, &t, &u) {
+            let ev = parse_line(line.as_bytes());
+            prop_assert_eq!(ev.map(|e| e.ip), Some(ip), "{}", line);
         }
     }
 }

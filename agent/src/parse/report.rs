@@ -240,9 +240,10 @@ fn write_summary(s: &Summary, out: &mut impl Write) -> io::Result<()> {
     Ok(())
 }
 
-/// The one-line summary printed on stderr: `lines=N events=M ignored=K`.
+/// The one-line summary printed on stderr: `lines=N events=M ignored=K
+/// ambiguous=A` (ambiguous lines are part of the ignored ones).
 pub fn stats_line(stats: &ParseStats) -> String {
-    format!("lines={} events={} ignored={}", stats.lines, stats.events, stats.ignored)
+    format!("lines={} events={} ignored={} ambiguous={}", stats.lines, stats.events, stats.ignored, stats.ambiguous)
 }
 
 #[cfg(test)]
@@ -285,7 +286,7 @@ mod tests {
         let mut out = Vec::new();
         let opts = ParseOptions { json: true, tz: Timezone::Utc };
         let stats = run(&[path], &opts, &mut out).unwrap();
-        assert_eq!(stats_line(&stats), "lines=4 events=2 ignored=2");
+        assert_eq!(stats_line(&stats), "lines=4 events=2 ignored=2 ambiguous=0");
         let rows: Vec<serde_json::Value> =
             String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(rows.len(), 2);

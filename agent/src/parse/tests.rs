@@ -83,16 +83,99 @@ fn fail2ban_injection_yields_the_real_client() {
 }
 
 #[test]
-fn injection_with_a_well_formed_fake_host() {
-    // The fake host is followed by a space, so it is a valid candidate too:
-    // a protocol error trusts the last one (Exim's text follows it) ...
-    let e = parse(
-        "2017-11-28 14:14:32 SMTP protocol error in \"AUTH\" H=(x) [8.8.8.8] y\" H=(roxzgj) [192.0.2.6] AUTH command used when not advertised",
-    );
-    assert_eq!(e.ip, ip("192.0.2.6"));
-    // ... where client text may follow the host too, disagreement means skip.
-    assert!(parse_line(b"2017-11-28 14:14:32 SMTP syntax error in \"MAIL\" H=[8.8.8.8] x\" H=[192.0.2.6] 501 <\" H=[8.8.4.4] x>: bad").is_none());
-    assert!(parse_line(b"2017-11-28 14:14:32 SMTP protocol synchronization error (next input sent too soon: pipelining was not advertised): rejected \"rset\" H=[192.0.2.6] next input=\"x\" H=[8.8.8.8] q\"").is_none());
+fn injection_with_a_well_formed_fake_host_is_skipped_and_counted() {
+    // A fake host followed by a space is host-like: the command could have
+    // put either address there, so the line names nobody.
+    let lines: [&[u8]; 3] = [
+        b"2017-11-28 14:14:32 SMTP protocol error in \"AUTH\" H=(x) [8.8.8.8] y\" H=(roxzgj) [192.0.2.6] AUTH command used when not advertised",
+        b"2017-11-28 14:14:32 SMTP syntax error in \"MAIL\" H=[8.8.8.8] x\" H=[192.0.2.6] 501 <\" H=[8.8.4.4] x>: bad",
+        b"2017-11-28 14:14:32 SMTP protocol synchronization error (next input sent too soon: pipelining was not advertised): rejected \"rset\" H=[192.0.2.6] next input=\"x\" H=[8.8.8.8] q\"",
+    ];
+    let mut p = Parser::new(Timezone::Utc);
+    for line in lines {
+        assert!(parse_line(line).is_none(), "{}", String::from_utf8_lossy(line));
+        assert!(p.feed(line).is_none());
+    }
+    assert_eq!((p.stats().ignored, p.stats().ambiguous), (3, 3));
+}
+
+/// The framing vectors: client text (a HELO with spaces, a reverse-DNS name,
+/// a sender, a quoted command, a `set_id`) that holds a second, well-formed
+/// host. `198.51.100.x` is the real client, `8.8.8.8` the framed address.
+pub(super) const FRAMING: &[&str] = &[
+    // Auth failure, HELO `x) [8.8.8.8]:25 (y`.
+    "2026-11-28 10:00:00 dovecot_login authenticator failed for (x) [8.8.8.8]:25 (y) [198.51.100.88]:1234: 535 Incorrect authentication data (set_id=a@b.test)",
+    // ... with Exim's own structure after the fake too.
+    "2026-11-28 10:00:00 dovecot_login authenticator failed for (x) [8.8.8.8]:25: 535 Incorrect authentication data (y) [198.51.100.88]:1234: 535 Incorrect authentication data (set_id=a@b.test)",
+    // ... in the 4.99 `H=` form and with the interface token.
+    "2026-11-28 10:00:00 dovecot_login authenticator failed for H=(x) [8.8.8.8]:25 I=[192.0.2.10]:25: 535 y) [198.51.100.88]:1234 I=[192.0.2.10]:25: 535 Incorrect authentication data",
+    // ... a reverse-DNS name with spaces.
+    "2026-11-28 10:00:00 dovecot_login authenticator failed for evil [8.8.8.8]:25 x.example (y) [198.51.100.88]:1234: 535 Incorrect authentication data",
+    // ... the fake in the set_id, after the real host.
+    "2026-11-28 10:00:00 dovecot_login authenticator failed for (y) [198.51.100.88]:1234: 535 Incorrect authentication data (set_id=u [8.8.8.8]:25: 535 v)",
+    // Protocol, syntax and synchronization errors.
+    "2026-11-28 10:00:00 SMTP protocol error in \"AUTH LOGIN\" H=(x) [8.8.8.8]:25 (y) [198.51.100.88]:1234 AUTH command used when not advertised",
+    "2026-11-28 10:00:00 SMTP protocol error in \"AUTH LOGIN\" H=(x) [8.8.8.8]:25 AUTH command used when not advertised (y) [198.51.100.88]:1234 AUTH command used when not advertised",
+    "2026-11-28 10:00:00 SMTP syntax error in \"GET / HTTP/1.1\" H=(x) [8.8.8.8]:25 unrecognized command (y) [198.51.100.88]:1234 unrecognized command",
+    "2026-11-28 10:00:00 SMTP protocol synchronization error (next input sent too soon: pipelining was not advertised): rejected \"RSET\" H=(x) [8.8.8.8]:25 next input=\"z\" (y) [198.51.100.88]:1234 next input=\"QUIT\\r\\n\"",
+    "2026-11-28 10:00:00 SMTP call from (x) [8.8.8.8]:25 dropped: too many nonmail commands (y) [198.51.100.88]:1234 dropped: too many nonmail commands (last was \"NOOP\")",
+    // TLS error.
+    "2026-11-28 10:00:00 TLS error on connection from (x) [8.8.8.8]:25 (SSL_accept): z (y) [198.51.100.88]:1234 (SSL_accept): error:0A000126:SSL routines::unexpected eof while reading",
+    "2026-11-28 10:00:00 TLS error on connection from (x) [8.8.8.8]:25 (y) [198.51.100.88]:1234 (SSL_accept): error:0A000126:SSL routines::unexpected eof while reading",
+    // Reverse DNS: a PTR name that carries a whole `(during ...)` clause.
+    "2026-11-28 10:00:00 no IP address found for host evil (during SMTP connection from [8.8.8.8]:25) x (during SMTP connection from [198.51.100.88]:1234 I=[192.0.2.10]:25)",
+    "2026-11-28 10:00:00 H=evil [8.8.8.8]:25 x.example [198.51.100.88]:1234 F=<a@b.test> rejected RCPT <c@d.test>: relay not permitted",
+    // Sender verify with `<x> H=(z) [ip]` in the sender.
+    "2026-11-28 10:00:00 rejected from <x> H=(z) [8.8.8.8]:25 y> H=(h) [198.51.100.83]:1234: sender verify failed",
+    "2026-11-28 10:00:00 rejected from <x> H=(z) [8.8.8.8]:25: sender verify failed y> H=(h) [198.51.100.83]:1234: sender verify failed",
+    "2026-11-28 10:00:00 H=(h) [198.51.100.83]:1234 sender verify fail for <x> H=(z) [8.8.8.8]:25 y>: Unrouteable address",
+    "2026-11-28 10:00:00 H=(x) [8.8.8.8]:25 rejected RCPT <a@b.test>: relay not permitted (y) [198.51.100.88]:1234 F=<\"a b\"@c.test> rejected RCPT <d@e.test>: relay not permitted",
+    "2026-11-28 10:00:00 1x5dJQ-00000002ksM-1pMm F=<x [8.8.8.8]:25 rejected by local_scan(): y> H=(h) [198.51.100.83]:1234 P=esmtp rejected by local_scan(): spam",
+    // Connection lines: a HELO is not known yet, but a reverse-DNS name is.
+    "2026-11-28 10:00:00 SMTP connection from evil [8.8.8.8]:25 (TCP/IP connection count = 1) x [198.51.100.88]:1234 (TCP/IP connection count = 1)",
+    "2026-11-28 10:00:00 Connection from evil [8.8.8.8]:25 refused: too many connections x [198.51.100.88]:1234 refused: too many connections",
+    // The fail2ban injection with a well-formed fake host.
+    "2017-11-28 14:14:32 SMTP protocol error in \"aUtH lOgIn\" H=(test) [8.8.8.8] \" H=(roxzgj) [198.51.100.6] AUTH command used when not advertised",
+];
+
+#[test]
+fn framing_vectors_never_name_the_framed_address() {
+    let mut p = Parser::new(Timezone::Utc);
+    let framed = ip("8.8.8.8");
+    for line in FRAMING {
+        if let Some(e) = parse_line(line.as_bytes()) {
+            assert_ne!(e.ip, framed, "{line}");
+            panic!("ambiguous line attributed to {}: {line}", e.ip);
+        }
+        assert!(p.feed(line.as_bytes()).is_none());
+    }
+    let s = p.stats();
+    assert_eq!(s.ambiguous, FRAMING.len() as u64, "every framing line is counted as ambiguous");
+    assert_eq!(s.ignored, FRAMING.len() as u64);
+}
+
+#[test]
+fn framing_vectors_parse_without_the_fake() {
+    // The same lines with the fake host taken out of the client text parse
+    // to the real client: the anchors do not lose legitimate lines.
+    let clean = [
+        "2026-11-28 10:00:00 dovecot_login authenticator failed for (y) [198.51.100.88]:1234: 535 Incorrect authentication data (set_id=a@b.test)",
+        "2026-11-28 10:00:00 dovecot_login authenticator failed for H=(x) [198.51.100.88]:1234 I=[192.0.2.10]:25: 535 Incorrect authentication data",
+        "2026-11-28 10:00:00 dovecot_login authenticator failed for x.example (y) [198.51.100.88]:1234: 535 Incorrect authentication data",
+        "2026-11-28 10:00:00 SMTP protocol error in \"AUTH LOGIN\" H=(y) [198.51.100.88]:1234 AUTH command used when not advertised",
+        "2026-11-28 10:00:00 SMTP syntax error in \"GET / HTTP/1.1\" H=(y) [198.51.100.88]:1234 unrecognized command",
+        "2026-11-28 10:00:00 SMTP protocol synchronization error (next input sent too soon: pipelining was not advertised): rejected \"RSET\" H=(y) [198.51.100.88]:1234 next input=\"QUIT\\r\\n\"",
+        "2026-11-28 10:00:00 TLS error on connection from (y) [198.51.100.88]:1234 (SSL_accept): error:0A000126:SSL routines::unexpected eof while reading",
+        "2026-11-28 10:00:00 no IP address found for host x (during SMTP connection from [198.51.100.88]:1234 I=[192.0.2.10]:25)",
+        "2026-11-28 10:00:00 rejected from <x@y.test> H=(h) [198.51.100.88]:1234: sender verify failed",
+        "2026-11-28 10:00:00 H=(h) [198.51.100.88]:1234 sender verify fail for <x@y.test>: Unrouteable address",
+        "2026-11-28 10:00:00 1x5dJQ-00000002ksM-1pMm F=<x@y.test> H=(h) [198.51.100.88]:1234 P=esmtp rejected by local_scan(): spam",
+        "2026-11-28 10:00:00 H=(a b) [198.51.100.88]:1234 F=<a@b.test> rejected RCPT <c@d.test>: relay not permitted",
+    ];
+    for line in clean {
+        let e = parse(line);
+        assert_eq!(e.ip, ip("198.51.100.88"), "{line}");
+    }
 }
 
 #[test]

@@ -149,6 +149,29 @@ impl Netns {
         .unwrap()
     }
 
+    /// An established TCP connection from the server namespace (the host,
+    /// e.g. its uplink) to `remote:port` in the client namespace; returns
+    /// (the host's end, the remote end).
+    pub fn outbound(&self, remote: &str, port: u16) -> (std::net::TcpStream, std::net::TcpStream) {
+        let addr = SocketAddr::new(remote.parse().unwrap(), port);
+        let client = self.client.clone();
+        let listener = std::thread::spawn(move || {
+            enter(&client);
+            std::net::TcpListener::bind(addr).expect("bind in the client namespace")
+        })
+        .join()
+        .unwrap();
+        let server = self.server.clone();
+        let host = std::thread::spawn(move || {
+            enter(&server);
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect out")
+        })
+        .join()
+        .unwrap();
+        let (remote_end, _) = listener.accept().expect("accept");
+        (host, remote_end)
+    }
+
     /// Runs a command in the server namespace.
     pub fn exec_server(&self, args: &[&str]) -> String {
         let mut full = vec!["ip", "netns", "exec", &self.server];

@@ -386,8 +386,9 @@ async fn local_blocks_become_fleet_blocks_unless_standing_or_protection_say_no(p
     assert_eq!(block.evidence["local"]["evidence"], "held 80 of 100 slots");
     assert_eq!(block.evidence["agents"], serde_json::json!([a.to_string()]));
     assert!(c.on_local_block(a, net("203.0.113.40/32"), "conn_rate", "", 600).await.unwrap().is_none());
+    // An IPv6 host becomes its /64; a longer TTL than the policy's is capped.
     let v6 = c.on_local_block(a, net("2001:db8:4:4::7/128"), "conn_rate", "", 7_200).await.unwrap().unwrap();
-    assert_eq!((v6.cidr, ttl_secs(&v6)), (net("2001:db8:4:4::/64"), 7_200));
+    assert_eq!((v6.cidr, ttl_secs(&v6)), (net("2001:db8:4:4::/64"), 3_600));
     let mapped = c.on_local_block(a, net("::ffff:203.0.113.41/128"), "conn_rate", "", 60).await.unwrap().unwrap();
     assert_eq!(mapped.cidr, net("203.0.113.41/32"));
     // Never: the fleet's own address, a never_block range, an over-broad range.
