@@ -528,6 +528,40 @@ mod tests {
         assert_eq!(judge(&rules, &d).unwrap().scenario, Scenario::Dictionary);
     }
 
+    /// The legitimate traffic that looks most like each remaining rule's
+    /// attack: a client without SMTP AUTH configured retrying on its own
+    /// server (relay), a big sender refused per host while it retries
+    /// (conn_limit), a provider rate-limited by cPanel's connect ACL (acl).
+    #[test]
+    fn relay_conn_limit_and_acl_spare_their_lookalikes() {
+        let rules = Rules::default();
+        // Nine "SMTP AUTH is required" an hour on its one server.
+        let client = tally(Scenario::Relay, Count { host_max: 9, host_users: 0, fleet: 9, hosts: 1, fleet_users: 0 });
+        assert_eq!(judge(&rules, &client), None);
+        // The same client in good standing (its other users send fine), 40 an hour.
+        let mut busy =
+            tally(Scenario::Relay, Count { host_max: 40, host_users: 0, fleet: 40, hosts: 1, fleet_users: 0 });
+        busy.good_standing = true;
+        assert_eq!(judge(&rules, &busy), None);
+        // A relay probe walking the fleet: 8 attempts over 4 hosts.
+        let probe = tally(Scenario::Relay, Count { host_max: 2, host_users: 0, fleet: 8, hosts: 4, fleet_users: 0 });
+        assert_eq!(judge(&rules, &probe).unwrap().scope, Scope::Fleet);
+        // A big sender refused per host 500 times while it retries: it
+        // delivers, so never.
+        let mut big =
+            tally(Scenario::ConnLimit, Count { host_max: 500, host_users: 0, fleet: 900, hosts: 5, fleet_users: 0 });
+        big.good_standing = true;
+        assert_eq!(judge(&rules, &big), None);
+        // A provider rate-limited by the connect ACL on every host: never in
+        // good standing.
+        let mut limited =
+            tally(Scenario::Acl, Count { host_max: 300, host_users: 0, fleet: 900, hosts: 5, fleet_users: 0 });
+        limited.good_standing = true;
+        assert_eq!(judge(&rules, &limited), None);
+        limited.good_standing = false;
+        assert_eq!(judge(&rules, &limited).unwrap().scenario, Scenario::Acl);
+    }
+
     #[test]
     fn protected_senders_are_never_judged() {
         let mut t =
