@@ -522,6 +522,16 @@ impl Fleet {
         Ok(row)
     }
 
+    /// Events stored for `addr` (any agent, any kind).
+    pub fn stored_events(&self, addr: IpAddr) -> anyhow::Result<i64> {
+        let n = self.rt.block_on(
+            sqlx::query_scalar::<_, i64>("select count(*) from events where remote = $1::inet")
+                .bind(addr.to_string())
+                .fetch_one(&self.pool),
+        )?;
+        Ok(n)
+    }
+
     /// Every block that ever covered `addr`, live, expired or revoked:
     /// (id, cidr, source, reason).
     pub fn blocks_ever(&self, addr: IpAddr) -> anyhow::Result<Vec<(i64, String, String, String)>> {

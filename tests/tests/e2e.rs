@@ -293,7 +293,12 @@ fn unblock_and_allowlist() {
         })
         .expect("attacker thread")
         .expect("the AUTH attempts ran");
-    std::thread::sleep(Duration::from_secs(3));
+    // First the positive signal: every host's agent has stored the attack
+    // (its 24 failed logins), so correlation has
+    // judged it; then the absence.
+    let stored = fleet::wait_until(Duration::from_secs(10), || fleet.stored_events(allowed).unwrap_or(0) >= 24);
+    assert!(stored, "the allowlisted address's attack was not stored: {:?}", fleet.stored_events(allowed));
+    std::thread::sleep(Duration::from_millis(500));
     assert!(fleet.live_block(allowed).expect("query").is_none(), "a block covers the allowlisted address");
     for i in 0..3 {
         assert!(
