@@ -418,11 +418,25 @@ impl Evidence {
         serde_json::to_value(self).unwrap_or_else(|_| serde_json::json!({ "rule": self.rule }))
     }
 
+    /// Adds per-(agent, kind) counts with their first and last minute.
+    fn count(&mut self, per_agent: &[AgentCount]) {
+        for (agent, kind, n, first, last) in per_agent {
+            self.agents.insert(*agent);
+            *self.kinds.entry(kind.clone()).or_default() += n;
+            self.events += n;
+            self.see(*first, *last);
+        }
+    }
+
     fn see(&mut self, first: OffsetDateTime, last: OffsetDateTime) {
         self.first_seen = Some(self.first_seen.map_or(first, |t| t.min(first)));
         self.last_seen = Some(self.last_seen.map_or(last, |t| t.max(last)));
     }
 }
+
+/// Abuse events of one (agent, kind) within the kind's window: the agent,
+/// the kind's stored name, the count, and the first and last minute.
+pub type AgentCount = (Uuid, String, i64, OffsetDateTime, OffsetDateTime);
 
 /// What the store knows about one range at one time: the evaluation of
 /// [`Correlator::assess`].
@@ -432,7 +446,7 @@ pub struct Assessment {
     pub tally: Tally,
     /// Abuse events by (agent, kind) within each kind's window, with the
     /// first and last minute seen.
-    pub per_agent: Vec<(Uuid, String, i64, OffsetDateTime, OffsetDateTime)>,
+    pub per_agent: Vec<AgentCount>,
     /// The verified reverse-DNS names seen for the range.
     pub host_names: Vec<String>,
 }
@@ -630,6 +644,15 @@ impl Correlator {
         Duration::from_secs(self.config.ttl_secs.get(i).copied().unwrap_or(3_600))
     }
 
+    /// Every abuse kind's stored name with its rule's window, seconds (the
+    /// two arrays the counting queries join on).
+    fn kind_windows(&self) -> (Vec<&'static str>, Vec<f64>) {
+        EventKind::ALL
+            .into_iter()
+            .filter_map(|k| k.scenario().map(|s| (k.as_str(), f64::from(self.rules.get(s).window_secs))))
+            .unzip()
+    }
+
     /// What the store knows about `range` at `now`: per-scenario counts
     /// within each rule's window, failing users, good standing and the
     /// verified names (protection).
@@ -639,11 +662,8 @@ impl Correlator {
         range: IpNet,
         now: OffsetDateTime,
     ) -> Result<Assessment, sqlx::Error> {
-        let (kinds, windows): (Vec<&str>, Vec<f64>) = EventKind::ALL
-            .into_iter()
-            .filter_map(|k| k.scenario().map(|s| (k.as_str(), f64::from(self.rules.get(s).window_secs))))
-            .unzip();
-        let per_agent: Vec<(Uuid, String, i64, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(
+        let (kinds, windows) = self.kind_windows();
+        let per_agent: Vec<AgentCount> = sqlx::query_as(
             "select em.agent_id, em.kind, sum(em.events)::int8, min(em.minute), max(em.minute) \
              from evidence_minutes em join unnest($2::text[], $3::float8[]) as w(kind, secs) on em.kind = w.kind \
              where em.address between fleetban_first($1::cidr) and fleetban_last($1::cidr) \
@@ -718,12 +738,7 @@ impl Correlator {
             escalates: !verdict.good_standing,
             ..Evidence::default()
         };
-        for (agent, kind, n, first, last) in &a.per_agent {
-            evidence.agents.insert(*agent);
-            *evidence.kinds.entry(kind.clone()).or_default() += n;
-            evidence.events += n;
-            evidence.see(*first, *last);
-        }
+        evidence.count(&a.per_agent);
         self.samples(conn, range, now, &mut evidence).await?;
         Ok(Some(Finding { target: range, verdict, evidence }))
     }
@@ -938,12 +953,7 @@ impl Correlator {
             escalates: !assessment.tally.good_standing,
             ..Evidence::default()
         };
-        for (agent, kind, n, first, last) in &assessment.per_agent {
-            ev.agents.insert(*agent);
-            *ev.kinds.entry(kind.clone()).or_default() += n;
-            ev.events += n;
-            ev.see(*first, *last);
-        }
+        ev.count(&assessment.per_agent);
         {
             let mut conn = self.pool.acquire().await?;
             self.samples(&mut conn, target, OffsetDateTime::now_utc(), &mut ev).await?;
@@ -1068,10 +1078,7 @@ impl Correlator {
         unit: u8,
         now: OffsetDateTime,
     ) -> Result<Option<Finding>, sqlx::Error> {
-        let (kinds, windows): (Vec<&str>, Vec<f64>) = EventKind::ALL
-            .into_iter()
-            .filter_map(|k| k.scenario().map(|s| (k.as_str(), f64::from(self.rules.get(s).window_secs))))
-            .unzip();
+        let (kinds, windows) = self.kind_windows();
         let rows: Vec<(IpAddr, Uuid, String, i64, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(
             "select em.address, em.agent_id, em.kind, sum(em.events)::int8, min(em.minute), max(em.minute) \
              from evidence_minutes em join unnest($2::text[], $3::float8[]) as w(kind, secs) on em.kind = w.kind \
@@ -1140,8 +1147,7 @@ impl Correlator {
             e.1 = e.1.min(*first);
             e.2 = e.2.max(*last);
         }
-        let per_agent: Vec<(Uuid, String, i64, OffsetDateTime, OffsetDateTime)> =
-            per_agent.into_iter().map(|((a, k), (n, f, l))| (a, k, n, f, l)).collect();
+        let per_agent: Vec<AgentCount> = per_agent.into_iter().map(|((a, k), (n, f, l))| (a, k, n, f, l)).collect();
         let mut users: Vec<(Option<Uuid>, i64)> = Vec::new();
         if per_agent.iter().any(|(_, k, ..)| k == EventKind::AuthFailed.as_str()) {
             let rows: Vec<(IpAddr, Uuid, String)> = sqlx::query_as(
@@ -1178,12 +1184,7 @@ impl Correlator {
             addresses: units.iter().map(ToString::to_string).collect(),
             ..Evidence::default()
         };
-        for (agent, kind, n, first, last) in &per_agent {
-            evidence.agents.insert(*agent);
-            *evidence.kinds.entry(kind.clone()).or_default() += n;
-            evidence.events += n;
-            evidence.see(*first, *last);
-        }
+        evidence.count(&per_agent);
         self.samples(conn, prefix, now, &mut evidence).await?;
         evidence.addresses = units.iter().map(ToString::to_string).collect();
         Ok(Some(Finding { target: prefix, verdict, evidence }))
