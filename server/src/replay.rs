@@ -728,11 +728,6 @@ pub async fn run_scratch(
     result
 }
 
-/// `text` with control characters escaped, for a terminal.
-fn printable(text: &str) -> String {
-    text.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
-}
-
 /// A human-readable report of a candidate's outcome and its difference
 /// from the live policy.
 pub fn render(candidate: &Outcome, live: &Outcome, diff: &Difference) -> String {
@@ -769,7 +764,7 @@ pub fn render(candidate: &Outcome, live: &Outcome, diff: &Difference) -> String 
             d.detail,
             d.host.as_deref().unwrap_or("-"),
             if d.shadow { "[shadow] " } else { "" },
-            printable(&d.evidence)
+            crate::text::Escaped(&d.evidence)
         );
     }
     let _ = writeln!(
