@@ -298,6 +298,32 @@ pub struct FirewallConfig {
     /// in seconds, 5 to 86400. Default: 60.
     #[serde(default = "default_reconcile_secs")]
     pub reconcile_secs: u64,
+    /// TCP ports the `smtp` scope covers besides 25, 465 and 587 (e.g. an
+    /// alternate SMTP port such as 26 or 2525). Default: none.
+    #[serde(default)]
+    pub extra_ports: Vec<u16>,
+    /// When a range is blocked, end the TCP connections it already holds to
+    /// the covered ports, so the MTA frees their slots at once instead of
+    /// after its receive timeout (kernel socket destroy, as `ss -K`).
+    /// Default: `true`.
+    #[serde(default = "default_end_connections")]
+    pub end_connections: bool,
+}
+
+fn default_end_connections() -> bool {
+    true
+}
+
+impl FirewallConfig {
+    /// The TCP ports of the `smtp` scope: 25, 465, 587 and `extra_ports`,
+    /// sorted, without repeats.
+    pub fn smtp_ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> =
+            crate::firewall::SMTP_PORTS.iter().chain(&self.extra_ports).copied().filter(|&port| port != 0).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
 }
 
 impl Default for FirewallConfig {
@@ -306,6 +332,8 @@ impl Default for FirewallConfig {
             backend: FirewallBackend::default(),
             scope: FirewallScope::default(),
             reconcile_secs: default_reconcile_secs(),
+            extra_ports: Vec::new(),
+            end_connections: default_end_connections(),
         }
     }
 }
@@ -496,6 +524,9 @@ impl AgentConfig {
         }
         if !(5..=86_400).contains(&self.firewall.reconcile_secs) {
             return Err(("firewall.reconcile_secs".into(), "must be between 5 and 86400 seconds".into()));
+        }
+        if self.firewall.extra_ports.contains(&0) {
+            return Err(("firewall.extra_ports".into(), "port 0 is not a port; list TCP ports 1 to 65535".into()));
         }
         for (index, address) in self.addresses.iter().enumerate() {
             if address.is_unspecified() {
@@ -754,6 +785,7 @@ cidrs = ["192.0.2.0/24", "2001:db8::1"]
             ("timezone = \"../etc/passwd\"\n", "timezone"),
             ("state_dir = \"relative\"\n", "state_dir"),
             ("[firewall]\nreconcile_secs = 1\n", "firewall.reconcile_secs"),
+            ("[firewall]\nextra_ports = [26, 0]\n", "firewall.extra_ports"),
             ("[detect]\nslot_share = 1.5\n", "detect.slot_share"),
             ("[detect]\nslot_alarm_ratio = 0.0\n", "detect.slot_alarm_ratio"),
             ("[detect]\nconn_rate = 0\n", "detect.conn_rate"),

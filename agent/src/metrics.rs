@@ -245,6 +245,34 @@ pub fn render(sources: &Sources) -> String {
             "Failed firewall commits.",
             &one(load(&f.errors)),
         );
+        metric(
+            &mut out,
+            "fleetban_agent_connections_killed_total",
+            "counter",
+            "Established connections of newly blocked ranges ended, so the MTA freed their slots.",
+            &one(load(&f.connections_killed)),
+        );
+        metric(
+            &mut out,
+            "fleetban_agent_connections_would_kill_total",
+            "counter",
+            "Connections the dry-run backend would have ended.",
+            &one(load(&f.connections_would_kill)),
+        );
+        metric(
+            &mut out,
+            "fleetban_agent_connection_kill_errors_total",
+            "counter",
+            "Connections that could not be ended, and failed listings of the host's connections.",
+            &one(load(&f.kill_errors)),
+        );
+        metric(
+            &mut out,
+            "fleetban_agent_connection_kill_supported",
+            "gauge",
+            "1 when the kernel ends the connections of blocked ranges (socket destroy), else 0.",
+            &one(u64::from(f.kill_support.load(Ordering::Relaxed) == 1)),
+        );
     }
     out
 }

@@ -30,8 +30,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, FirewallBackend};
 use crate::detect::{DetectStats, Detector};
+use crate::firewall::kill::{KillOptions, Killer};
 use crate::firewall::reconcile::{FirewallStats, Reconciler};
 use crate::firewall::worker::{FirewallHandle, Request, Worker, WorkerOptions};
 use crate::firewall::{Entry, Exec, backend_for, now_ms};
@@ -346,6 +347,15 @@ pub struct RuntimeFirewall {
     pub errors: u64,
     /// Local blocks applied.
     pub local_blocks: u64,
+    /// Established connections of blocked ranges ended.
+    #[serde(default)]
+    pub connections_killed: u64,
+    /// Connections a dry run would have ended.
+    #[serde(default)]
+    pub connections_would_kill: u64,
+    /// How connections of blocked ranges are ended (or why they cannot be).
+    #[serde(default)]
+    pub connection_kill: String,
 }
 
 fn rfc3339(ms: i64) -> Option<String> {
@@ -375,6 +385,10 @@ impl RuntimeStatus {
                 drift_repaired: firewall.drift_repaired.load(Ordering::Relaxed),
                 errors: firewall.errors.load(Ordering::Relaxed),
                 local_blocks: firewall.local_blocks.load(Ordering::Relaxed),
+                connections_killed: firewall.connections_killed.load(Ordering::Relaxed),
+                connections_would_kill: firewall.connections_would_kill.load(Ordering::Relaxed),
+                connection_kill: crate::firewall::kill::describe(firewall.kill_support.load(Ordering::Relaxed))
+                    .to_owned(),
             },
         }
     }
@@ -427,8 +441,17 @@ impl Services {
         let firewall_stats = Arc::new(FirewallStats::default());
         let backend = backend_for(config, Exec { netns: options.netns.clone() });
         let backend_name = backend.name();
-        let reconciler =
+        let mut reconciler =
             Reconciler::new(backend, exclude.clone(), Some(config.state_dir.clone()), firewall_stats.clone());
+        if config.firewall.end_connections {
+            let options = KillOptions {
+                scope: config.firewall.scope,
+                ports: config.firewall.smtp_ports(),
+                dry_run: config.firewall.backend == FirewallBackend::DryRun,
+                netns: options.netns.clone(),
+            };
+            reconciler = reconciler.with_killer(Killer::new(options, firewall_stats.clone()));
+        }
         let (report_tx, report_rx) = mpsc::channel::<LocalBlock>(1024);
         let (started_tx, started_rx) = oneshot::channel();
         let worker = Worker::start(

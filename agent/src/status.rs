@@ -72,6 +72,14 @@ pub struct FirewallStatus {
     /// Entries repaired because the firewall had drifted, since the agent
     /// started; `null` when not known.
     pub drift_repaired: Option<u64>,
+    /// Established connections of blocked ranges ended since the agent
+    /// started (so the MTA freed their slots); `null` when not known.
+    pub connections_killed: Option<u64>,
+    /// Connections a dry run would have ended; `null` when not known.
+    pub connections_would_kill: Option<u64>,
+    /// How connections of blocked ranges are ended, or why they cannot be;
+    /// `null` when not known.
+    pub connection_kill: Option<String>,
 }
 
 /// Whether process `pid` exists.
@@ -122,6 +130,9 @@ pub fn collect(config: &AgentConfig) -> Result<Status, SpoolError> {
             blocklist_version: runtime.as_ref().map(|r| r.firewall.blocklist_version),
             last_reconcile: runtime.as_ref().and_then(|r| r.firewall.last_reconcile.clone()),
             drift_repaired: runtime.as_ref().map(|r| r.firewall.drift_repaired),
+            connections_killed: runtime.as_ref().map(|r| r.firewall.connections_killed),
+            connections_would_kill: runtime.as_ref().map(|r| r.firewall.connections_would_kill),
+            connection_kill: runtime.as_ref().map(|r| r.firewall.connection_kill.clone()),
         },
     })
 }
@@ -160,7 +171,8 @@ mod tests {
                 "spool": {"pending_batches": 1, "pending_events": 2, "bytes": status["spool"]["bytes"], "dropped_events": 0},
                 "uplink": {"connected": null, "last_ack_seq": null, "enrolled": false, "reconnects": null, "updated_at": null},
                 "firewall": {"backend": "nftables", "scope": "smtp", "entries": null, "blocklist_version": null,
-                             "last_reconcile": null, "drift_repaired": null},
+                             "last_reconcile": null, "drift_repaired": null, "connections_killed": null,
+                             "connections_would_kill": null, "connection_kill": null},
             })
         );
         assert!(status["spool"]["bytes"].as_u64().unwrap() > 8);
@@ -186,6 +198,8 @@ mod tests {
                 blocklist_version: 9,
                 last_reconcile: Some("2026-11-27T02:59:00Z".into()),
                 drift_repaired: 3,
+                connections_killed: 57,
+                connection_kill: crate::firewall::kill::describe(1).into(),
                 ..RuntimeFirewall::default()
             },
         };
@@ -198,6 +212,8 @@ mod tests {
         assert_eq!(status["firewall"]["blocklist_version"], 9);
         assert_eq!(status["firewall"]["last_reconcile"], "2026-11-27T02:59:00Z");
         assert_eq!(status["firewall"]["drift_repaired"], 3);
+        assert_eq!(status["firewall"]["connections_killed"], 57);
+        assert_eq!(status["firewall"]["connection_kill"], "socket-destroy");
         // The agent that wrote it is gone: not connected.
         runtime.pid = u32::MAX - 1;
         std::fs::write(dir.path().join(STATUS_FILE), serde_json::to_vec(&runtime).unwrap()).unwrap();

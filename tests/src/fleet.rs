@@ -85,6 +85,8 @@ pub struct FleetOptions {
     pub mta: Mta,
     /// Extra TOML appended to every agent's `[detect]` table.
     pub detect: String,
+    /// Extra TOML appended to every agent's `[firewall]` table.
+    pub firewall: String,
     /// Agent `[allowlist] cidrs`.
     pub agent_allowlist: Vec<String>,
     /// Lines for the server's `[correlate]` table.
@@ -100,6 +102,7 @@ impl Default for FleetOptions {
             hosts: 3,
             mta: Mta::Simulator,
             detect: String::new(),
+            firewall: String::new(),
             agent_allowlist: Vec::new(),
             correlate: String::new(),
             smtp_accept_max: 20,
@@ -390,12 +393,13 @@ impl Fleet {
             "server = \"https://{SERVER}:{GRPC_PORT}\"\nca_file = \"{}\"\nstate_dir = \"{}\"\ntimezone = \"UTC\"\n\
              [[source]]\nkind = \"exim\"\npath = \"{}\"\nstart_at = \"beginning\"\n\
              [spool]\nfsync_ms = 20\n\
-             [firewall]\nbackend = \"nftables\"\nscope = \"smtp\"\nreconcile_secs = 5\n\
+             [firewall]\nbackend = \"nftables\"\nscope = \"smtp\"\nreconcile_secs = 5\n{}\n\
              [allowlist]\ncidrs = [{allow}]\n\
              [detect]\nsmtp_accept_max = {}\n{}\n",
             self.dir.join("pki/ca.pem").display(),
             hdir.join("state").display(),
             hdir.join("exim_mainlog").display(),
+            self.options.firewall,
             self.options.smtp_accept_max,
             self.options.detect,
         );

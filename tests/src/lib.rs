@@ -18,6 +18,8 @@
 //!   binary) and the scorer of a detector's decisions against its labels.
 //! - `precision`: the benchmark end to end: a generated fleet replayed
 //!   through the real detection and correlation, scored.
+//! - `slots`: freeing the Exim slots a blocked attacker holds (the
+//!   `exim_slots` test and the `fleetban-slots` benchmark).
 //! - `fleet`: the whole fleet (Postgres, server, mail hosts with agents, an
 //!   attacker and a client) in namespaces.
 
@@ -27,5 +29,6 @@ pub mod exim;
 pub mod fleet;
 pub mod netns;
 pub mod precision;
+pub mod slots;
 pub mod smtp_sim;
 pub mod traffic;

@@ -29,6 +29,7 @@ pub const MAX_ELEMENTS: u32 = 1 << 20;
 #[derive(Debug)]
 pub struct Ipset {
     scope: FirewallScope,
+    ports: Vec<u16>,
     exec: Exec,
     adds: Vec<Entry>,
     removes: Vec<Entry>,
@@ -37,13 +38,19 @@ pub struct Ipset {
 impl Ipset {
     /// A backend with `scope`, running `ipset`/`iptables` through `exec`.
     pub fn new(scope: FirewallScope, exec: Exec) -> Self {
-        Self { scope, exec, adds: Vec::new(), removes: Vec::new() }
+        Self { scope, ports: SMTP_PORTS.to_vec(), exec, adds: Vec::new(), removes: Vec::new() }
     }
 
-    fn rule(scope: FirewallScope, set: &str) -> Vec<String> {
+    /// The TCP ports of the `smtp` scope (default: 25, 465, 587).
+    pub fn with_ports(mut self, ports: Vec<u16>) -> Self {
+        self.ports = ports;
+        self
+    }
+
+    fn rule(scope: FirewallScope, ports: &[u16], set: &str) -> Vec<String> {
         let mut args: Vec<String> = Vec::new();
         if scope == FirewallScope::Smtp {
-            let ports: Vec<String> = SMTP_PORTS.iter().map(u16::to_string).collect();
+            let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
             args.extend(["-p", "tcp", "-m", "multiport", "--dports"].map(String::from));
             args.push(ports.join(","));
         }
@@ -160,11 +167,14 @@ impl Backend for Ipset {
         };
         for set in [SET_V4, SET_V6] {
             let tool = Self::iptables_for(set);
-            let stale = Self::rule(other, set);
-            while self.has_rule(tool, &stale) {
-                self.change_rule(tool, &["-D", "INPUT"], &stale)?;
+            let rule = Self::rule(self.scope, &self.ports, set);
+            // The other scope's rule, and the default ports' rule when other
+            // ports are configured, are left from an earlier configuration.
+            for stale in [Self::rule(other, &self.ports, set), Self::rule(FirewallScope::Smtp, &SMTP_PORTS, set)] {
+                while stale != rule && self.has_rule(tool, &stale) {
+                    self.change_rule(tool, &["-D", "INPUT"], &stale)?;
+                }
             }
-            let rule = Self::rule(self.scope, set);
             let established = Self::established_rule();
             let inserted = !self.has_rule(tool, &rule);
             if inserted {
@@ -224,9 +234,12 @@ impl Backend for Ipset {
     fn flush(&mut self) -> Result<(), FirewallError> {
         for set in [SET_V4, SET_V6] {
             let tool = Self::iptables_for(set);
-            for rule in
-                [Self::rule(FirewallScope::Smtp, set), Self::rule(FirewallScope::All, set), Self::established_rule()]
-            {
+            for rule in [
+                Self::rule(FirewallScope::Smtp, &self.ports, set),
+                Self::rule(FirewallScope::Smtp, &SMTP_PORTS, set),
+                Self::rule(FirewallScope::All, &self.ports, set),
+                Self::established_rule(),
+            ] {
                 while self.has_rule(tool, &rule) {
                     self.change_rule(tool, &["-D", "INPUT"], &rule)?;
                 }

@@ -23,6 +23,7 @@
 pub mod csf;
 pub mod dryrun;
 pub mod ipset;
+pub mod kill;
 pub mod nftables;
 pub mod plan;
 pub mod reconcile;
@@ -175,10 +176,16 @@ impl Exec {
 
 /// Builds the configured backend.
 pub fn backend_for(config: &AgentConfig, exec: Exec) -> Box<dyn Backend> {
-    backend_of(config.firewall.backend, config.firewall.scope, config.state_dir.clone(), exec)
+    let ports = config.firewall.smtp_ports();
+    match config.firewall.backend {
+        FirewallBackend::Nftables => Box::new(nftables::Nftables::new(config.firewall.scope, exec).with_ports(ports)),
+        FirewallBackend::Ipset => Box::new(ipset::Ipset::new(config.firewall.scope, exec).with_ports(ports)),
+        kind => backend_of(kind, config.firewall.scope, config.state_dir.clone(), exec),
+    }
 }
 
-/// Builds a backend by kind.
+/// Builds a backend by kind, covering the default SMTP ports in the `smtp`
+/// scope.
 pub fn backend_of(kind: FirewallBackend, scope: FirewallScope, state_dir: PathBuf, exec: Exec) -> Box<dyn Backend> {
     match kind {
         FirewallBackend::Nftables => Box::new(nftables::Nftables::new(scope, exec)),

@@ -79,6 +79,7 @@ pub fn set_for(net: &IpNet) -> &'static str {
 #[derive(Debug)]
 pub struct Nftables {
     scope: FirewallScope,
+    ports: Vec<u16>,
     exec: Exec,
     adds: Vec<Entry>,
     removes: Vec<Entry>,
@@ -87,15 +88,21 @@ pub struct Nftables {
 impl Nftables {
     /// A backend with `scope`, running `nft` through `exec`.
     pub fn new(scope: FirewallScope, exec: Exec) -> Self {
-        Self { scope, exec, adds: Vec::new(), removes: Vec::new() }
+        Self { scope, ports: SMTP_PORTS.to_vec(), exec, adds: Vec::new(), removes: Vec::new() }
+    }
+
+    /// The TCP ports of the `smtp` scope (default: 25, 465, 587).
+    pub fn with_ports(mut self, ports: Vec<u16>) -> Self {
+        self.ports = ports;
+        self
     }
 
     /// The ruleset `setup` loads: creates the table and sets if missing
     /// (existing elements are kept) and replaces the chain's rules.
-    pub fn setup_script(scope: FirewallScope) -> String {
+    pub fn setup_script(scope: FirewallScope, ports: &[u16]) -> String {
         let matcher = match scope {
             FirewallScope::Smtp => {
-                let ports: Vec<String> = SMTP_PORTS.iter().map(u16::to_string).collect();
+                let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
                 format!("tcp dport {{ {} }} ", ports.join(", "))
             }
             FirewallScope::All => String::new(),
@@ -249,7 +256,7 @@ impl Backend for Nftables {
     }
 
     fn setup(&mut self) -> Result<(), FirewallError> {
-        self.exec.run("nft", &["-f", "-"], Some(Self::setup_script(self.scope).as_bytes())).map(|_| ())
+        self.exec.run("nft", &["-f", "-"], Some(Self::setup_script(self.scope, &self.ports).as_bytes())).map(|_| ())
     }
 
     fn read(&mut self, now_ms: i64) -> Result<Vec<Entry>, FirewallError> {
@@ -325,14 +332,16 @@ mod tests {
 
     #[test]
     fn setup_script_scopes() {
-        let smtp = Nftables::setup_script(FirewallScope::Smtp);
+        let smtp = Nftables::setup_script(FirewallScope::Smtp, &SMTP_PORTS);
         assert!(
             smtp.contains("input tcp dport { 25, 465, 587 } ip saddr & 255.255.255.0 @v4_24 counter drop"),
             "{smtp}"
         );
         assert!(smtp.contains("input tcp dport { 25, 465, 587 } ip6 saddr @v6 counter drop"));
         assert!(!smtp.contains("ct state"), "{smtp}");
-        let all = Nftables::setup_script(FirewallScope::All);
+        let all = Nftables::setup_script(FirewallScope::All, &SMTP_PORTS);
+        let extra = Nftables::setup_script(FirewallScope::Smtp, &[25, 26, 465, 587]);
+        assert!(extra.contains("input tcp dport { 25, 26, 465, 587 } ip saddr @v4 counter drop"), "{extra}");
         assert!(all.contains("input ip6 saddr & ffff:ffff:ffff:ffff:: @v6_64 counter drop"), "{all}");
         // Established and related traffic (the uplink) passes before any drop.
         let accept = all.find("add rule inet fleetban input ct state established,related accept").expect("accept rule");

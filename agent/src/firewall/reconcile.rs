@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use fleetban_proto::v1::{BlockEntry, BlocklistDelta, BlocklistSnapshot, Cidr};
@@ -34,6 +34,7 @@ use ipnet::IpNet;
 use prost::Message as _;
 use tracing::{debug, info, warn};
 
+use super::kill::Killer;
 use super::plan::{self, Diff};
 use super::{Backend, Entry, FirewallError};
 
@@ -60,6 +61,17 @@ pub struct FirewallStats {
     pub errors: AtomicU64,
     /// Local blocks applied.
     pub local_blocks: AtomicU64,
+    /// Established connections of newly blocked ranges ended
+    /// ([`super::kill`]).
+    pub connections_killed: AtomicU64,
+    /// Connections a dry run would have ended.
+    pub connections_would_kill: AtomicU64,
+    /// Connections that could not be ended, and failed listings.
+    pub kill_errors: AtomicU64,
+    /// What ending connections can do here: 0 = not set up, then
+    /// [`super::kill::KillSupport`]'s codes (1 socket-destroy, 2 dry run,
+    /// 3 unsupported).
+    pub kill_support: AtomicU8,
 }
 
 /// What happened to a delta.
@@ -129,6 +141,8 @@ pub struct Reconciler {
     dirty: bool,
     last_persist: Instant,
     stats: Arc<FirewallStats>,
+    /// Ends the connections of newly added ranges; `None` = never.
+    killer: Option<Killer>,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -181,10 +195,18 @@ impl Reconciler {
             dirty: false,
             last_persist: Instant::now(),
             stats,
+            killer: None,
         };
         reconciler.load_state();
         reconciler.rebuild_index();
         reconciler
+    }
+
+    /// Ends the established connections of every range a commit adds from
+    /// now on (see [`super::kill`]).
+    pub fn with_killer(mut self, killer: Killer) -> Self {
+        self.killer = Some(killer);
+        self
     }
 
     /// The backend's name.
@@ -253,12 +275,18 @@ impl Reconciler {
         for entry in diff.remove {
             self.backend.stage_remove(entry);
         }
+        let added: Vec<IpNet> = diff.add.iter().map(|entry| entry.net).collect();
         for entry in diff.add {
             self.backend.stage_add(entry);
         }
         self.backend.commit(now_ms).inspect_err(|_| {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
         })?;
+        // New packets of the added ranges are dropped from here on; the
+        // connections they already hold are ended now.
+        if let Some(killer) = &mut self.killer {
+            killer.kill(&added);
+        }
         Ok(())
     }
 
