@@ -665,6 +665,48 @@ mod tests {
         assert!(matches!(served.read(&mut buf), Err(e) if e.kind() == io::ErrorKind::WouldBlock));
     }
 
+    /// The reconciler ends the connections of what a commit adds (a local
+    /// block here; snapshots and deltas go through the same commit), and
+    /// nothing of ranges it did not add or of an allowlisted address.
+    #[test]
+    fn a_commit_that_adds_a_range_ends_its_connections_and_only_its() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: socket destroy needs root");
+            return;
+        }
+        use super::super::dryrun::DryRun;
+        use super::super::reconcile::Reconciler;
+        use super::super::{Entry, now_ms};
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(FirewallStats::default());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let options = KillOptions { scope: FirewallScope::Smtp, ports: vec![port], dry_run: false, netns: None };
+        // 127.0.0.9 is allowlisted: the plan carves it out of the /24.
+        let allow = vec![net("127.0.9.9/32")];
+        let mut reconciler =
+            Reconciler::new(Box::new(DryRun::new(dir.path().join("dry.json"))), allow, None, stats.clone())
+                .with_killer(Killer::new(options, stats.clone()));
+        reconciler.reconcile(now_ms()).unwrap();
+        let mut served = Vec::new();
+        for from in ["127.0.9.5", "127.0.9.9", "127.0.8.5"] {
+            let client = socket2_connect_to(from, port);
+            let (stream, _) = listener.accept().unwrap();
+            served.push((from, client, stream));
+        }
+        let entry = Entry { net: net("127.0.9.0/24"), expires_at_ms: None, reason: "test".into() };
+        reconciler.add_local(entry, now_ms()).unwrap();
+        assert_eq!(stats.connections_killed.load(Ordering::Relaxed), 1);
+        let mut buf = [0u8; 4];
+        for (from, _client, stream) in &mut served {
+            stream.set_nonblocking(true).unwrap();
+            let read = stream.read(&mut buf);
+            let alive = matches!(&read, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+            assert_eq!(alive, *from != "127.0.9.5", "{from}: {read:?}");
+        }
+    }
+
     /// A loopback connection from a chosen 127/8 source address.
     fn socket2_connect_to(from: &str, port: u16) -> TcpStream {
         let from: Ipv4Addr = from.parse().unwrap();
