@@ -707,6 +707,35 @@ mod tests {
         }
     }
 
+    /// In scope `all` only inbound connections (to a port something
+    /// listens on) are ended: a connection this host opened to a blocked
+    /// address, like the uplink to the fleet server, is left alone.
+    #[test]
+    fn scope_all_never_ends_a_connection_this_host_opened() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: socket destroy needs root");
+            return;
+        }
+        let stats = Arc::new(FirewallStats::default());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let options = KillOptions { scope: FirewallScope::All, ports: Vec::new(), dry_run: false, netns: None };
+        let mut killer = Killer::new(options, stats.clone());
+        // An outbound connection from 127.0.0.7 to a "server" at 127.0.0.1.
+        let mut outbound = socket2_connect_to("127.0.0.7", port);
+        let (mut served, _) = listener.accept().unwrap();
+        assert_eq!(killer.kill(&[net("127.0.0.1/32")]), 0, "the outbound side must not be ended");
+        outbound.write_all(b"ok").unwrap();
+        served.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 2];
+        served.read_exact(&mut buf).unwrap();
+        // The inbound side of the same connection is ended when its peer is
+        // blocked.
+        assert_eq!(killer.kill(&[net("127.0.0.7/32")]), 1);
+        assert!(matches!(served.read(&mut buf), Err(_) | Ok(0)));
+    }
+
     /// A loopback connection from a chosen 127/8 source address.
     fn socket2_connect_to(from: &str, port: u16) -> TcpStream {
         let from: Ipv4Addr = from.parse().unwrap();
