@@ -30,6 +30,9 @@
 //! - Size is bounded by `max_bytes`: when it is exceeded the oldest segment is
 //!   dropped and its unacknowledged batches and events are counted as lost,
 //!   logged, and kept in the persistent loss counters until reported.
+//! - A seq is never used twice: the state file reserves seqs ahead of the
+//!   batches that take them (`seq_reserved`), and a reopened spool starts
+//!   after the reservation, whatever was lost from the segments.
 //! - One process owns a spool at a time (an exclusive lock on `lock`);
 //!   [`inspect`] reads it without the lock and without changing it.
 
@@ -110,7 +113,18 @@ struct State {
     unreported_events: u64,
     /// Dropped batches not yet reported to the server.
     unreported_batches: u64,
+    /// Every seq up to this one may have been handed out: written before a
+    /// batch beyond it is, so a reopened spool never reuses a seq even when
+    /// the records that carried it were lost after they were sent (bit rot
+    /// cut off on open, a lost segment file). Absent in older state files.
+    #[serde(default)]
+    seq_reserved: u64,
 }
+
+/// Seqs reserved at a time ([`State::seq_reserved`]): the state file is
+/// rewritten once per this many batches, and a reopened spool skips at most
+/// this many seqs (the server accepts gaps up to a million).
+const SEQ_RESERVE: u64 = 4096;
 
 /// One batch record's place in a segment.
 #[derive(Debug, Clone, Copy)]
@@ -227,7 +241,7 @@ impl Spool {
                 "Spool record damaged; cut it and everything after it in the segment."
             );
         }
-        let next_seq = scan.max_seq.max(state.acked_seq) + 1;
+        let next_seq = scan.max_seq.max(state.acked_seq).max(state.seq_reserved) + 1;
         let mut spool = Spool {
             dir: dir.to_owned(),
             options,
@@ -293,6 +307,10 @@ impl Spool {
             return Ok(self.next_seq - 1);
         }
         let seq = self.next_seq;
+        if seq > self.state.seq_reserved {
+            self.state.seq_reserved = seq + SEQ_RESERVE - 1;
+            write_state(&self.dir, &self.state)?;
+        }
         let (segment_id, offset, len) = self.write_record(seq, events, position)?;
         self.next_seq += 1;
         if let Some(segment) = self.segments.back_mut() {
@@ -778,7 +796,8 @@ mod tests {
         let (spool, recovery) = Spool::open(dir.path(), small()).unwrap();
         assert!(recovery.damage.is_empty());
         assert_eq!(recovery.records, 101);
-        assert_eq!(spool.next_seq(), 101);
+        // After the reservation of the first 4096 seqs, never inside it.
+        assert_eq!(spool.next_seq(), SEQ_RESERVE + 1);
         assert_eq!(spool.positions()["/var/log/exim_mainlog"].offset, 5000);
         let batches = spool.read_batches(40, 1000).unwrap();
         assert_eq!(batches.len(), 60);
@@ -798,6 +817,37 @@ mod tests {
         assert!(matches!(Spool::open(dir.path(), small()), Err(SpoolError::Locked(_))));
     }
 
+    /// A batch that was sent and then lost from the segments (the whole
+    /// segment file gone, e.g. a damaged disk) never has its seq reused:
+    /// the server would take the new events for a duplicate and drop them.
+    #[test]
+    fn a_seq_is_never_reused_after_its_records_are_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let position = SourcePosition { path: "/var/log/exim_mainlog".into(), offset: 1, ..Default::default() };
+        let mut handed_out = Vec::new();
+        for round in 0..3 {
+            let (mut spool, _) = Spool::open(dir.path(), small()).unwrap();
+            for n in 0..5 {
+                handed_out.push(spool.append(&[event(round * 10 + n)], &position).unwrap());
+            }
+            spool.sync().unwrap();
+            drop(spool);
+            // Every segment is lost; only the state file survives.
+            for entry in std::fs::read_dir(dir.path()).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "seg") {
+                    std::fs::remove_file(path).unwrap();
+                }
+            }
+        }
+        let mut sorted = handed_out.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), handed_out.len(), "a seq was handed out twice: {handed_out:?}");
+        // And the gaps stay far below what the server accepts.
+        assert!(handed_out.iter().all(|&seq| seq < 4 * SEQ_RESERVE), "{handed_out:?}");
+    }
+
     #[test]
     fn ack_deletes_segments_and_keeps_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
@@ -810,7 +860,7 @@ mod tests {
         assert_eq!(spool.status().pending_batches, 0);
         drop(spool);
         let (spool, _) = Spool::open(dir.path(), small()).unwrap();
-        assert_eq!(spool.next_seq(), 101, "seq never goes back after ack");
+        assert_eq!(spool.next_seq(), SEQ_RESERVE + 1, "seq never goes back after ack");
         assert_eq!(spool.acked_seq(), 100);
         assert_eq!(spool.positions()["/var/log/exim_mainlog"].offset, 1000);
     }
@@ -875,7 +925,9 @@ mod tests {
         let (spool, recovery) = Spool::open(dir.path(), SpoolOptions::with_max_bytes(1 << 20)).unwrap();
         assert_eq!(recovery.damage.len(), 1);
         assert_eq!(recovery.damage[0].reason, "truncated record");
-        assert_eq!(spool.next_seq(), 10, "records 1..=9 survive, 10 is cut");
+        // Record 10 may have been sent before it was damaged: its seq is
+        // not handed out again.
+        assert_eq!(spool.next_seq(), SEQ_RESERVE + 1, "records 1..=9 survive, 10 is cut");
         assert_eq!(spool.positions()["/var/log/exim_mainlog"].offset, 90);
         assert_eq!(spool.read_batches(0, 100).unwrap().len(), 9);
         let cut = std::fs::metadata(&path).unwrap().len();
@@ -897,7 +949,7 @@ mod tests {
         let (mut spool, recovery) = Spool::open(dir.path(), SpoolOptions::with_max_bytes(1 << 20)).unwrap();
         assert_eq!(recovery.damage.len(), 1);
         assert_eq!(recovery.damage[0].reason, "CRC mismatch");
-        assert_eq!(spool.next_seq(), 10);
+        assert_eq!(spool.next_seq(), SEQ_RESERVE + 1);
         let batches = spool.read_batches(0, 100).unwrap();
         assert_eq!(batches.iter().map(|batch| batch.seq).collect::<Vec<_>>(), (1..=9).collect::<Vec<_>>());
         // Appending after the cut continues cleanly.
@@ -929,7 +981,7 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let (spool, recovery) = Spool::open(dir.path(), SpoolOptions::with_max_bytes(1 << 20)).unwrap();
         assert_eq!(recovery.damage[0].reason, "record length out of range");
-        assert_eq!(spool.next_seq(), 3);
+        assert_eq!(spool.next_seq(), SEQ_RESERVE + 1);
     }
 
     #[test]
