@@ -35,6 +35,7 @@ pub mod check;
 pub mod config;
 pub mod detect;
 pub mod firewall;
+pub mod fsutil;
 pub mod metrics;
 pub mod notify;
 pub mod parse;

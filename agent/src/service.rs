@@ -629,7 +629,7 @@ impl Services {
 
 fn write_status(path: &Path, status: &RuntimeStatus) {
     let Ok(json) = serde_json::to_vec_pretty(status) else { return };
-    if let Err(error) = crate::firewall::reconcile::write_atomic(path, &json) {
+    if let Err(error) = crate::fsutil::write_atomic(path, &json, 0o644) {
         warn!(%error, path = %path.display(), "Cannot write the runtime status.");
     }
 }

@@ -736,15 +736,10 @@ fn read_state(dir: &Path, repair: bool) -> Result<State, SpoolError> {
 }
 
 fn write_state(dir: &Path, state: &State) -> Result<(), SpoolError> {
-    let tmp = dir.join(STATE_TMP);
     let main = dir.join(STATE_FILE);
     // Serialising a struct of integers cannot fail.
     let text = serde_json::to_vec(state).unwrap_or_default();
-    let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
-    file.write_all(&text).map_err(io_err(&tmp))?;
-    file.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, &main).map_err(io_err(&main))?;
-    sync_dir(dir)
+    crate::fsutil::write_atomic(&main, &text, 0o600).map_err(io_err(&main))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {

@@ -31,9 +31,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::io::Write as _;
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
@@ -138,12 +136,7 @@ impl Credentials {
     pub fn store(&self, state_dir: &Path) -> std::io::Result<PathBuf> {
         std::fs::create_dir_all(state_dir)?;
         let path = Self::path(state_dir);
-        let tmp = path.with_extension("json.tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        file.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
+        crate::fsutil::write_atomic(&path, &serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?, 0o600)?;
         Ok(path)
     }
 }

@@ -6,7 +6,6 @@
 //! firewall.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::PathBuf;
 
 use ipnet::IpNet;
@@ -87,11 +86,7 @@ impl DryRun {
             program: self.path.display().to_string(),
             message: error.to_string(),
         })?;
-        let tmp = self.path.with_extension("json.tmp");
-        let mut file = std::fs::File::create(&tmp).map_err(self.io())?;
-        file.write_all(&json).map_err(self.io())?;
-        file.sync_all().map_err(self.io())?;
-        std::fs::rename(&tmp, &self.path).map_err(self.io())
+        crate::fsutil::write_atomic(&self.path, &json, 0o644).map_err(self.io())
     }
 }
 

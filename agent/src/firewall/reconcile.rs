@@ -23,7 +23,6 @@
 //! server has not answered yet.
 
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
@@ -546,7 +545,7 @@ impl Reconciler {
         if encoded.is_err() {
             return;
         }
-        match write_atomic(&path, &bytes) {
+        match crate::fsutil::write_atomic(&path, &bytes, 0o600) {
             Ok(()) => self.dirty = false,
             Err(error) => warn!(%error, path = %path.display(), "Cannot persist the blocklist."),
         }
@@ -617,15 +616,6 @@ fn block_entry(block_id: i64, entry: &Entry) -> BlockEntry {
         expires_at_ms: entry.expires_at_ms.unwrap_or(0),
         reason: entry.reason.clone(),
     }
-}
-
-/// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
-pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
