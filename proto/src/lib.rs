@@ -15,6 +15,7 @@ mod convert;
 pub mod detect;
 pub mod kind;
 pub mod policy;
+pub mod text;
 
 /// The encoded `FileDescriptorSet` of every fleetban proto, for reflection and
 /// for tests that must cover every message.

@@ -57,6 +57,7 @@ use std::time::Duration;
 use fleetban_proto::canonical_net;
 use fleetban_proto::detect::Rule as LocalRule;
 use fleetban_proto::policy::{self, Count, DEFAULT_PROTECTED_DOMAINS, RuleTable, Rules, Scenario, Tally, Verdict};
+use fleetban_proto::text::{LOCAL_BLOCK_MAX_EVIDENCE_BYTES, LOCAL_BLOCK_MAX_REASON_BYTES, truncate};
 use fleetban_proto::v1::{EventKind, Policy, RulePolicy};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -327,22 +328,9 @@ pub const SPARED: &str = "fleetban_correlate_spared_total";
 const MAX_SAMPLES: usize = 5;
 /// Addresses listed in a decision's evidence.
 const MAX_ADDRESSES: usize = 64;
-/// Longest agent-supplied evidence text kept, bytes.
-const MAX_LOCAL_EVIDENCE_BYTES: usize = 4096;
-/// Longest agent-supplied rule name kept, bytes.
-const MAX_LOCAL_REASON_BYTES: usize = 128;
 /// A shadow decision about a range is recorded at most once per this long
 /// per rule.
 const SHADOW_REPEAT: Duration = Duration::from_secs(3_600);
-
-/// `text` cut to at most `max` bytes on a character boundary.
-fn truncated(text: &str, max: usize) -> String {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_owned()
-}
 
 /// Errors of correlation. Policy refusals are not errors: the address is
 /// simply not blocked.
@@ -877,12 +865,12 @@ impl Correlator {
             agents: BTreeSet::from([agent_id]),
             local: Some(LocalEvidence {
                 agent_id,
-                reason: truncated(reason, MAX_LOCAL_REASON_BYTES),
-                evidence: truncated(evidence, MAX_LOCAL_EVIDENCE_BYTES),
+                reason: truncate(reason, LOCAL_BLOCK_MAX_REASON_BYTES).to_owned(),
+                evidence: truncate(evidence, LOCAL_BLOCK_MAX_EVIDENCE_BYTES).to_owned(),
             }),
             ..Evidence::default()
         };
-        let rule = truncated(reason, MAX_LOCAL_REASON_BYTES);
+        let rule = truncate(reason, LOCAL_BLOCK_MAX_REASON_BYTES).to_owned();
         Ok(self.record_shadow(target, &rule, BlockSource::Agent, Some(agent_id), &ev).await?)
     }
 
@@ -944,8 +932,8 @@ impl Correlator {
         }
         let local = LocalEvidence {
             agent_id,
-            reason: truncated(reason, MAX_LOCAL_REASON_BYTES),
-            evidence: truncated(evidence, MAX_LOCAL_EVIDENCE_BYTES),
+            reason: truncate(reason, LOCAL_BLOCK_MAX_REASON_BYTES).to_owned(),
+            evidence: truncate(evidence, LOCAL_BLOCK_MAX_EVIDENCE_BYTES).to_owned(),
         };
         let mut ev = Evidence {
             rule: REASON_LOCAL.to_owned(),

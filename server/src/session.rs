@@ -36,6 +36,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use fleetban_proto::text::{LOCAL_BLOCK_MAX_EVIDENCE_BYTES, LOCAL_BLOCK_MAX_REASON_BYTES, truncate};
 use fleetban_proto::v1::agent_frame::Frame;
 use fleetban_proto::v1::agent_service_server::AgentService;
 use fleetban_proto::v1::server_frame::Frame as Out;
@@ -109,9 +110,6 @@ pub const MAX_OWN_ADDRESSES: usize = 16;
 pub const MAX_SEQ_JUMP: u64 = 1_000_000;
 /// Counter of agent input dropped or refused by the trust model, by `limit`.
 pub const TRUST_REFUSED: &str = "fleetban_agent_trust_refused_total";
-/// Longest `LocalBlock` reason and evidence kept, bytes.
-const MAX_REASON_BYTES: usize = 256;
-const MAX_EVIDENCE_BYTES: usize = 8 * 1024;
 
 /// Counters of every session of a server, for metrics and tests.
 #[derive(Debug, Default)]
@@ -634,8 +632,8 @@ impl Session {
             Some(Err(error)) => return self.refuse_frame(format!("LocalBlock.cidr: {error}")).await,
             None => return self.refuse_frame("LocalBlock without cidr".into()).await,
         };
-        let reason = truncate(&block.reason, MAX_REASON_BYTES);
-        let evidence = truncate(&block.evidence, MAX_EVIDENCE_BYTES);
+        let reason = truncate(&block.reason, LOCAL_BLOCK_MAX_REASON_BYTES);
+        let evidence = truncate(&block.evidence, LOCAL_BLOCK_MAX_EVIDENCE_BYTES);
         if block.shadow {
             info!(agent_id = %self.agent_id, %cidr, reason, "Agent reported a shadow decision.");
             if let Err(error) =
@@ -708,18 +706,6 @@ async fn wait_stop(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// The longest prefix of `s` of at most `max` bytes on a char boundary.
-fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 /// Marks agents whose sessions died with their server (no heartbeat for
 /// three intervals) as disconnected, every `heartbeat` until `shutdown`.
 pub async fn run_stale_sweeper(pool: PgPool, heartbeat: Duration, shutdown: impl std::future::Future<Output = ()>) {
@@ -743,17 +729,5 @@ pub async fn run_stale_sweeper(pool: PgPool, heartbeat: Duration, shutdown: impl
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn truncation_respects_char_boundaries() {
-        assert_eq!(truncate("abc", 5), "abc");
-        assert_eq!(truncate("aé", 2), "a");
-        assert_eq!(truncate("aéb", 3), "aé");
     }
 }

@@ -157,14 +157,8 @@ impl Exec {
         if output.status.success() {
             Ok(output.stdout)
         } else {
-            let mut stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
-            if stderr.len() > 2000 {
-                let mut end = 2000;
-                while !stderr.is_char_boundary(end) {
-                    end -= 1;
-                }
-                stderr.truncate(end);
-            }
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let stderr = fleetban_proto::text::truncate(stderr.trim(), 2000).to_owned();
             Err(FirewallError::Failed {
                 command: format!("{program} {}", args.join(" ")),
                 status: output.status.to_string(),

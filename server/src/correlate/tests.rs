@@ -68,14 +68,6 @@ fn agent_policy_carries_only_what_the_operator_set() {
     assert!(p.protected_domains_set && p.protected_domains == ["example.net"]);
 }
 
-#[test]
-fn truncation_keeps_whole_characters() {
-    assert_eq!(truncated("abc", 10), "abc");
-    assert_eq!(truncated("abcdef", 3), "abc");
-    assert_eq!(truncated("aé", 2), "a", "é is two bytes");
-    assert_eq!(truncated("", 0), "");
-}
-
 // ---- Correlator (database tests) ----
 
 fn ip(s: &str) -> IpAddr {
