@@ -340,7 +340,7 @@ impl Session {
     /// Reads one frame, counting a frame that cannot be decoded.
     fn inbound_error(&self, status: Status) -> End {
         // The client cancelling or resetting its stream is a normal way to go.
-        if matches!(status.code(), Code::Cancelled) || status.message().contains("h2 protocol error") {
+        if matches!(status.code(), Code::Cancelled) || is_transport_error(&status) {
             return End::Closed;
         }
         Stats::add(&self.shared.stats.frames_rejected, 1);
@@ -729,5 +729,33 @@ pub async fn run_stale_sweeper(pool: PgPool, heartbeat: Duration, shutdown: impl
                 }
             }
         }
+    }
+}
+
+/// Whether an inbound stream error is the HTTP/2 transport's (a reset, a
+/// GOAWAY, the connection lost): tonic keeps the `h2::Error` as the
+/// status's source.
+fn is_transport_error(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error.downcast_ref::<h2::Error>().is_some() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_errors_are_told_by_their_type_not_their_text() {
+        let reset = Status::from_error(Box::new(h2::Error::from(h2::Reason::INTERNAL_ERROR)));
+        assert!(is_transport_error(&reset), "{reset:?}");
+        let lookalike = Status::invalid_argument("h2 protocol error: not really");
+        assert!(!is_transport_error(&lookalike));
+        assert!(!is_transport_error(&Status::internal("decode error")));
     }
 }
