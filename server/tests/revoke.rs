@@ -69,6 +69,7 @@ async fn revoked_agent_is_cut_off_and_cannot_reconnect(pool: PgPool) {
             hostname: "mx-revoke.example.net".into(),
             version: "0.1.0".into(),
             addresses: vec![ip("192.0.2.30")],
+            ..Default::default()
         })
         .await
         .unwrap()

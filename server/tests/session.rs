@@ -212,6 +212,7 @@ async fn enroll(pool: &PgPool, channel: Channel) -> (Uuid, String) {
             hostname: "mx.test".into(),
             version: "0.1.0".into(),
             addresses: vec![ip("198.51.100.200")],
+            ..Default::default()
         })
         .await
         .unwrap()
