@@ -72,8 +72,10 @@ pub enum TokensCommand {
     },
     /// Revoke an API token: it authenticates nothing from now on.
     Revoke {
-        /// Token id, or its name.
-        token: String,
+        /// Token id, or its name. (Not called `token`: that is the global
+        /// `--token` the CLI authenticates with.)
+        #[arg(value_name = "ID|NAME")]
+        which: String,
         /// Do not ask for confirmation (needed when not on a terminal).
         #[arg(long)]
         yes: bool,
@@ -294,7 +296,7 @@ pub(super) async fn tokens(client: &Client, json: bool, command: &TokensCommand)
                 cell(&created["token"])
             ))
         }
-        TokensCommand::Revoke { token, yes } => {
+        TokensCommand::Revoke { which: token, yes } => {
             let (id, name) = match token.parse::<i64>() {
                 Ok(id) => (id, None),
                 Err(_) => {
@@ -411,6 +413,18 @@ mod tests {
         let row = enroll_token_row(&e);
         assert_eq!(row[2], "0/2");
         assert_eq!(row[6], "used up");
+    }
+
+    #[test]
+    fn arguments_do_not_shadow_the_global_token() {
+        use clap::Parser;
+        let cli =
+            super::super::Cli::try_parse_from(["fleetban", "--token", "fbt_x", "tokens", "revoke", "ci"]).unwrap();
+        assert_eq!(cli.token.as_deref(), Some("fbt_x"));
+        let super::super::Command::Tokens { command: TokensCommand::Revoke { which, yes } } = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert_eq!((which.as_str(), yes), ("ci", false));
     }
 
     #[test]
