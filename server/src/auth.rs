@@ -343,16 +343,6 @@ pub fn check_name(name: &str) -> Result<(), String> {
 pub async fn enroll_agent(pool: &PgPool, request: &Enrollment<'_>) -> Result<Enrolled, AuthError> {
     let Enrollment { token, hostname, version, addresses, .. } = *request;
     check_host_fields(hostname, version, addresses.len())?;
-    let name = request.name.filter(|n| !n.is_empty()).unwrap_or(hostname);
-    check_name(name).map_err(AuthError::BadRequest)?;
-    let host_id = request.host_id.filter(|h| !h.is_empty());
-    if let Some(h) = host_id
-        && (h.len() > MAX_HOST_ID_BYTES || !h.bytes().all(|b| b.is_ascii_graphic()))
-    {
-        return Err(AuthError::BadRequest(format!(
-            "host_id must be at most {MAX_HOST_ID_BYTES} printable ASCII bytes"
-        )));
-    }
     let mut tx = pool.begin().await?;
     sqlx::query("select pg_advisory_xact_lock($1)").bind(ENROLL_LOCK).execute(&mut *tx).await?;
     let row: Option<(i64, i32, OffsetDateTime, bool, Option<OffsetDateTime>)> = sqlx::query_as(
@@ -369,6 +359,24 @@ pub async fn enroll_agent(pool: &PgPool, request: &Enrollment<'_>) -> Result<Enr
         Some((_, uses, _, false, None)) if uses <= 0 => return Err(AuthError::TokenUsedUp),
         Some((id, ..)) => id,
     };
+    // Checked after the token, so that a caller without one learns nothing
+    // more. A name defaulted from the hostname is bounded as the hostname
+    // always was (older agents keep enrolling as before).
+    let name = match request.name.filter(|n| !n.is_empty()) {
+        Some(name) => {
+            check_name(name).map_err(AuthError::BadRequest)?;
+            name
+        }
+        None => hostname,
+    };
+    let host_id = request.host_id.filter(|h| !h.is_empty());
+    if let Some(h) = host_id
+        && (h.len() > MAX_HOST_ID_BYTES || !h.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err(AuthError::BadRequest(format!(
+            "host_id must be at most {MAX_HOST_ID_BYTES} printable ASCII bytes"
+        )));
+    }
 
     // Live agents holding the name (older versions allowed duplicates).
     let holders: Vec<(Uuid, Option<String>, String, Option<OffsetDateTime>)> = sqlx::query_as(
