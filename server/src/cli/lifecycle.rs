@@ -301,15 +301,27 @@ pub(super) async fn tokens(client: &Client, json: bool, command: &TokensCommand)
                 Ok(id) => (id, None),
                 Err(_) => {
                     let list = client.get("/api/v1/tokens", &[]).await?;
-                    let found = items(&list)
+                    let ids: Vec<i64> = items(&list)
                         .iter()
-                        .find(|t| t["name"].as_str() == Some(token.as_str()))
-                        .and_then(|t| t["id"].as_i64())
-                        .ok_or_else(|| CliError::Api {
-                            status: 404,
-                            message: format!("not found: no active token named {:?}", escape(token)),
-                        })?;
-                    (found, Some(token.clone()))
+                        .filter(|t| t["name"].as_str() == Some(token.as_str()))
+                        .filter_map(|t| t["id"].as_i64())
+                        .collect();
+                    match ids.as_slice() {
+                        [] => {
+                            return Err(CliError::Api {
+                                status: 404,
+                                message: format!("not found: no active token named {:?}", escape(token)),
+                            });
+                        }
+                        [id] => (*id, Some(token.clone())),
+                        several => {
+                            return Err(CliError::BadArgument(format!(
+                                "several active tokens are named {:?}: ids {}; give the id",
+                                escape(token),
+                                several.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+                            )));
+                        }
+                    }
                 }
             };
             let label = match &name {
