@@ -65,6 +65,11 @@ struct EnrollArgs {
     /// Allow plaintext http:// to a server that is not on loopback.
     #[arg(long)]
     insecure: bool,
+    /// The agent's name in the fleet (default: the host name). Enrolling
+    /// again with the same name replaces this host's credentials; a name
+    /// another host holds is refused.
+    #[arg(long, env = "FLEETBAN_AGENT_NAME", value_name = "NAME")]
+    name: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -285,14 +290,35 @@ fn enroll_cmd(args: EnrollArgs) -> anyhow::Result<()> {
         ca_file: config.as_ref().and_then(|c| c.ca_file.clone()),
         insecure: args.insecure,
     };
+    let host_id =
+        uplink::host_id(&state_dir).with_context(|| format!("cannot keep the host id in {}", state_dir.display()))?;
+    let hostname = uplink::hostname();
+    let enrollment = uplink::Enrollment {
+        token: &args.token,
+        name: args.name.as_deref(),
+        host_id: Some(&host_id),
+        hostname: &hostname,
+        addresses: &addresses,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let credentials = runtime
-        .block_on(uplink::enroll(&options, &args.token, &uplink::hostname(), &addresses))
+    let enrolled = runtime
+        .block_on(uplink::enroll_as(&options, &enrollment))
         .with_context(|| format!("enrollment with {server} failed"))?;
+    let credentials = enrolled.credentials;
     let path = credentials
         .store(&state_dir)
         .with_context(|| format!("cannot store the credentials in {}", state_dir.display()))?;
-    eprintln!("Enrolled; credentials stored in {}.", path.display());
+    let name = args.name.as_deref().unwrap_or(&hostname);
+    if enrolled.reenrolled {
+        eprintln!(
+            "Enrolled again as {name:?}: agent {} keeps its id and history, its old secret no longer works; \
+             credentials stored in {}. Restart a running agent to use them.",
+            credentials.agent_id,
+            path.display()
+        );
+    } else {
+        eprintln!("Enrolled as {name:?}; credentials stored in {}.", path.display());
+    }
     println!("{}", credentials.agent_id);
     Ok(())
 }

@@ -191,27 +191,128 @@ impl ServerOptions {
     }
 }
 
-/// Trades an enrollment token for credentials.
+/// Trades an enrollment token for credentials, named after `hostname` and
+/// without a host id (so the server cannot tell a re-enrollment of this host
+/// from another host: see [`enroll_as`]).
 pub async fn enroll(
     server: &ServerOptions,
     token: &str,
     hostname: &str,
     addresses: &[IpAddr],
 ) -> Result<Credentials, UplinkError> {
+    let enrollment = Enrollment { token, name: None, host_id: None, hostname, addresses };
+    Ok(enroll_as(server, &enrollment).await?.credentials)
+}
+
+/// What `fleetban-agent enroll` presents.
+#[derive(Debug, Clone, Copy)]
+pub struct Enrollment<'a> {
+    /// The enrollment token.
+    pub token: &'a str,
+    /// The agent's name in the fleet; `None` = the hostname.
+    pub name: Option<&'a str>,
+    /// The host id ([`host_id`]); `None` = none.
+    pub host_id: Option<&'a str>,
+    /// The host's name.
+    pub hostname: &'a str,
+    /// The host's own addresses.
+    pub addresses: &'a [IpAddr],
+}
+
+/// The outcome of [`enroll_as`].
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    /// The credentials to store.
+    pub credentials: Credentials,
+    /// The server replaced the credentials of this host's existing agent
+    /// (same agent id; the old secret no longer works).
+    pub reenrolled: bool,
+}
+
+/// Trades an enrollment token for credentials. With the same name and host
+/// id as an existing agent, the server replaces that agent's credentials
+/// instead of creating another agent.
+pub async fn enroll_as(server: &ServerOptions, enrollment: &Enrollment<'_>) -> Result<Enrolled, UplinkError> {
     let channel = server.endpoint()?.connect().await?;
     let response = AgentServiceClient::new(channel)
         .enroll(EnrollRequest {
-            token: token.to_owned(),
-            hostname: hostname.to_owned(),
+            token: enrollment.token.to_owned(),
+            hostname: enrollment.hostname.to_owned(),
             version: crate::VERSION.to_owned(),
-            addresses: addresses.iter().map(|ip| IpAddress::from(*ip)).collect(),
+            addresses: enrollment.addresses.iter().map(|ip| IpAddress::from(*ip)).collect(),
+            name: enrollment.name.unwrap_or_default().to_owned(),
+            host_id: enrollment.host_id.unwrap_or_default().to_owned(),
         })
         .await?
         .into_inner();
     if response.agent_id.is_empty() || response.agent_secret.is_empty() {
         return Err(UplinkError::Protocol("Enroll returned no credentials".into()));
     }
-    Ok(Credentials { agent_id: response.agent_id, agent_secret: response.agent_secret })
+    Ok(Enrolled {
+        credentials: Credentials { agent_id: response.agent_id, agent_secret: response.agent_secret },
+        reenrolled: response.reenrolled,
+    })
+}
+
+/// File of the host id inside the state directory.
+pub const HOST_ID_FILE: &str = "host-id";
+
+/// The host id the agent enrolls with, kept in `state_dir/host-id`.
+///
+/// When the file is missing (or unreadable as an id) it is derived, and
+/// stored: the SHA-256 of a fixed label, `/etc/machine-id` and the absolute
+/// path of `state_dir`, so it is the same after the state directory was
+/// wiped, different for two agents with their own state directories on one
+/// machine, and does not reveal the machine id. Without a machine id it is
+/// random. A host cloned from another keeps the original's id until the
+/// clone has its own machine id and no copied `host-id` file.
+pub fn host_id(state_dir: &Path) -> std::io::Result<String> {
+    let path = state_dir.join(HOST_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) if valid_host_id(text.trim()) => return Ok(text.trim().to_owned()),
+        Ok(_) => warn!(path = %path.display(), "The host id file is not a host id; deriving it again."),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    let machine_id = std::fs::read_to_string("/etc/machine-id").ok().map(|m| m.trim().to_owned());
+    let id = derive_host_id(machine_id.as_deref().filter(|m| !m.is_empty()), state_dir);
+    std::fs::create_dir_all(state_dir)?;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&tmp)?;
+    file.write_all(format!("{id}\n").as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(id)
+}
+
+fn valid_host_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// 32 hex digits from the machine id and the state directory, or random.
+fn derive_host_id(machine_id: Option<&str>, state_dir: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(b"fleetban host id v1\n");
+    match machine_id {
+        Some(machine_id) => {
+            hash.update(machine_id.as_bytes());
+            hash.update(b"\n");
+            let dir = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+            hash.update(dir.as_os_str().as_encoded_bytes());
+        }
+        None => {
+            let mut random = [0u8; 32];
+            let read =
+                std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random));
+            if read.is_err() {
+                random.iter_mut().for_each(|b| *b = fastrand::u8(..));
+            }
+            hash.update(random);
+        }
+    }
+    hex::encode(&hash.finalize()[..16])
 }
 
 /// The host's name.
@@ -662,6 +763,24 @@ mod tests {
         assert_eq!(Credentials::load(dir.path()).unwrap(), credentials);
         assert!(!format!("{credentials:?}").contains("s3cret"));
         assert!(Credentials::load(&dir.path().join("missing")).unwrap_err().to_string().contains("enroll"));
+    }
+
+    #[test]
+    fn host_id_is_kept_derived_per_state_dir_and_hides_the_machine_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = host_id(dir.path()).unwrap();
+        assert!(valid_host_id(&a) && a.len() == 32, "{a}");
+        assert_eq!(host_id(dir.path()).unwrap(), a, "kept in the state directory");
+        std::fs::write(dir.path().join(HOST_ID_FILE), "operator-set-id\n").unwrap();
+        assert_eq!(host_id(dir.path()).unwrap(), "operator-set-id");
+
+        let machine = "0123456789abcdef0123456789abcdef";
+        let one = derive_host_id(Some(machine), Path::new("/var/lib/fleetban"));
+        assert_eq!(one, derive_host_id(Some(machine), Path::new("/var/lib/fleetban")), "stable");
+        assert_ne!(one, derive_host_id(Some(machine), Path::new("/var/lib/fleetban-2")), "per state dir");
+        assert_ne!(one, derive_host_id(Some("fedcba9876543210fedcba9876543210"), Path::new("/var/lib/fleetban")));
+        assert!(!one.contains(&machine[..8]));
+        assert_ne!(derive_host_id(None, Path::new("/x")), derive_host_id(None, Path::new("/x")), "random");
     }
 
     #[test]

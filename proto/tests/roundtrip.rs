@@ -153,11 +153,14 @@ fn every_message_round_trips() {
         hostname: "mx1.example.net".into(),
         version: "0.1.0".into(),
         addresses: vec![ip("192.0.2.11")],
+        name: "mx1".into(),
+        host_id: "9f2c4e1a7b3d5f60a1b2c3d4e5f60718".into(),
     }));
     seen.insert(round_trip(EnrollResponse {
         agent_id: "0d6b5f0e-8f1e-4c1a-9b7e-3f1d2c4b5a69".into(),
         agent_secret: "s3cr3t".into(),
         policy: Some(policy()),
+        reenrolled: true,
     }));
     for name in [
         round_trip(hello),

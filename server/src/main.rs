@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fleetban_server::config::{Overrides, ServerConfig};
-use fleetban_server::{api, asn, auth, db, notify, serve, tls};
+use fleetban_server::{api, asn, auth, cli, db, notify, serve, tls};
 use tracing::{info, warn};
 
 /// The audit log's actor for changes made by `fleetban-server` commands.
@@ -145,11 +145,26 @@ enum TokenCommand {
         #[arg(long, default_value_t = 1)]
         uses: u32,
         /// How long it stays valid (`90s`, `15m`, `24h`, `7d`).
-        #[arg(long, default_value = "24h", value_parser = auth::parse_duration)]
+        #[arg(long, visible_alias = "expires", default_value = "24h", value_parser = auth::parse_duration)]
         ttl: Duration,
         /// A note for the operator (who or what the token is for).
         #[arg(long, default_value = "")]
         note: String,
+    },
+    /// List enrollment tokens (never the tokens themselves).
+    List {
+        #[command(flatten)]
+        source: Source,
+        /// Also expired, used-up and revoked ones.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revoke an enrollment token: no agent can enroll with it any more.
+    Revoke {
+        #[command(flatten)]
+        source: Source,
+        /// The token's id (from `list`).
+        id: i64,
     },
 }
 
@@ -165,6 +180,24 @@ enum ApiTokenCommand {
         /// Name shown in the audit log (default `<role>-<id>`).
         #[arg(long)]
         name: Option<String>,
+        /// Expire after this long (`90s`, `15m`, `24h`, `30d`); default never.
+        #[arg(long, value_parser = auth::parse_duration)]
+        expires: Option<Duration>,
+    },
+    /// List API tokens (never the tokens themselves).
+    List {
+        #[command(flatten)]
+        source: Source,
+        /// Also expired and revoked ones.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Revoke an API token: it authenticates nothing from now on.
+    Revoke {
+        #[command(flatten)]
+        source: Source,
+        /// The token's id (from `list`).
+        id: i64,
     },
 }
 
@@ -240,20 +273,66 @@ async fn main() -> anyhow::Result<()> {
             let cfg = resolve(&source, Overrides::default())?;
             let pool = db::connect(&database_url(&cfg)?, 2).await?;
             db::migrate(&pool).await?;
-            let token = auth::create_enrollment_token(&pool, uses, ttl, &note).await?;
-            info!(uses, ttl_secs = ttl.as_secs(), "Enrollment token created.");
-            println!("{token}");
+            let token = auth::new_enrollment_token(&pool, uses, ttl, &note).await?;
+            let detail = serde_json::json!({
+                "uses": uses, "prefix": token.prefix, "expires_at": auth::rfc3339(token.expires_at), "note": note,
+            });
+            api::auth::audit(&pool, ADMIN_ACTOR, "enroll_token.create", &token.id.to_string(), detail).await?;
+            info!(id = token.id, uses, ttl_secs = ttl.as_secs(), "Enrollment token created.");
+            println!("{}", token.token);
         }
-        Command::Token { command: ApiTokenCommand::Create { source, role, name } } => {
+        Command::EnrollToken { command: TokenCommand::List { source, all } } => {
+            let cfg = resolve(&source, Overrides::default())?;
+            let pool = db::connect(&database_url(&cfg)?, 2).await?;
+            db::migrate(&pool).await?;
+            let tokens = auth::list_enrollment_tokens(&pool, all).await?;
+            let rows: Vec<Vec<String>> = tokens
+                .iter()
+                .map(|t| serde_json::to_value(t).map(|v| cli::enroll_token_row(&v)))
+                .collect::<Result<_, _>>()?;
+            print!("{}", cli::table(cli::ENROLL_TOKEN_HEADERS, &rows));
+        }
+        Command::EnrollToken { command: TokenCommand::Revoke { source, id } } => {
+            let cfg = resolve(&source, Overrides::default())?;
+            let pool = db::connect(&database_url(&cfg)?, 2).await?;
+            db::migrate(&pool).await?;
+            auth::revoke_enrollment_token(&pool, id).await?;
+            api::auth::audit(&pool, ADMIN_ACTOR, "enroll_token.revoke", &id.to_string(), serde_json::json!({})).await?;
+            println!("Revoked enrollment token {id}.");
+        }
+        Command::Token { command: ApiTokenCommand::Create { source, role, name, expires } } => {
             let cfg = resolve(&source, Overrides::default())?;
             let pool = db::connect(&database_url(&cfg)?, 2).await?;
             db::migrate(&pool).await?;
             let role = api::auth::Role::parse(&role).context("role must be admin or read")?;
-            let token = api::auth::create_token(&pool, role, name.as_deref()).await?;
-            let detail = serde_json::json!({ "id": token.id, "role": role.as_str() });
+            let token = api::auth::create_token_expiring(&pool, role, name.as_deref(), expires).await?;
+            let detail = serde_json::json!({
+                "id": token.id, "role": role.as_str(), "prefix": token.prefix,
+                "expires_at": token.expires_at.map(auth::rfc3339),
+            });
             api::auth::audit(&pool, ADMIN_ACTOR, "token.create", &token.name, detail).await?;
-            eprintln!("Created {} token {:?} (id {}); it is shown only once:", token.role, token.name, token.id);
+            let until = token.expires_at.map(|t| format!(", expires {}", auth::rfc3339(t))).unwrap_or_default();
+            eprintln!("Created {} token {:?} (id {}{until}); it is shown only once:", token.role, token.name, token.id);
             println!("{}", token.token);
+        }
+        Command::Token { command: ApiTokenCommand::List { source, all } } => {
+            let cfg = resolve(&source, Overrides::default())?;
+            let pool = db::connect(&database_url(&cfg)?, 2).await?;
+            db::migrate(&pool).await?;
+            let tokens = api::auth::list_tokens(&pool, all).await?;
+            let rows: Vec<Vec<String>> = tokens
+                .iter()
+                .map(|t| serde_json::to_value(t).map(|v| cli::api_token_row(&v)))
+                .collect::<Result<_, _>>()?;
+            print!("{}", cli::table(cli::API_TOKEN_HEADERS, &rows));
+        }
+        Command::Token { command: ApiTokenCommand::Revoke { source, id } } => {
+            let cfg = resolve(&source, Overrides::default())?;
+            let pool = db::connect(&database_url(&cfg)?, 2).await?;
+            db::migrate(&pool).await?;
+            let name = api::auth::revoke_token(&pool, id).await?;
+            api::auth::audit(&pool, ADMIN_ACTOR, "token.revoke", &name, serde_json::json!({ "id": id })).await?;
+            println!("Revoked API token {id} ({name:?}).");
         }
         Command::Asn { command: AsnCommand::Import { source, file } } => {
             let cfg = resolve(&source, Overrides::default())?;

@@ -228,20 +228,41 @@ impl AgentService for Service {
             addresses.push(IpAddr::try_from(a).map_err(|e| Status::invalid_argument(format!("addresses: {e}")))?);
         }
         let addresses = own_addresses(&self.shared.stats, None, &req.hostname, addresses);
-        match auth::enroll(&self.shared.pool, &req.token, &req.hostname, &req.version, &addresses).await {
+        let enrollment = auth::Enrollment {
+            token: &req.token,
+            name: Some(req.name.as_str()),
+            host_id: Some(req.host_id.as_str()),
+            hostname: &req.hostname,
+            version: &req.version,
+            addresses: &addresses,
+        };
+        match auth::enroll_agent(&self.shared.pool, &enrollment).await {
             Ok(enrolled) => {
                 info!(
-                    agent_id = %enrolled.agent_id, hostname = %Escaped(&req.hostname), version = %Escaped(&req.version),
+                    agent_id = %enrolled.agent_id, name = %Escaped(&enrolled.name), hostname = %Escaped(&req.hostname),
+                    version = %Escaped(&req.version), reenrolled = enrolled.reenrolled,
                     "Agent enrolled."
                 );
                 Ok(Response::new(EnrollResponse {
                     agent_id: enrolled.agent_id.to_string(),
                     agent_secret: enrolled.secret,
                     policy: None,
+                    reenrolled: enrolled.reenrolled,
                 }))
             }
             Err(AuthError::Database(error)) => Err(unavailable(error, "Enrollment failed.")),
             Err(AuthError::BadRequest(msg)) => Err(Status::invalid_argument(msg)),
+            Err(
+                error @ (AuthError::NameTaken { .. } | AuthError::HostEnrolled { .. } | AuthError::AgentRevoked { .. }),
+            ) => {
+                warn!(hostname = %Escaped(&req.hostname), error = %Escaped(&error.to_string()), "Enrollment refused.");
+                let status = if matches!(error, AuthError::AgentRevoked { .. }) {
+                    Status::permission_denied(error.to_string())
+                } else {
+                    Status::already_exists(error.to_string())
+                };
+                Err(status)
+            }
             Err(error) => {
                 Stats::add(&self.shared.stats.auth_refused, 1);
                 warn!(hostname = %Escaped(&req.hostname), %error, "Enrollment refused.");
@@ -266,12 +287,14 @@ impl AgentService for Service {
                 return Err(Status::unauthenticated(error.to_string()));
             }
         }
+        let secret_hash = auth::hash_credential(secret);
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let session = Session {
             shared: self.shared.clone(),
             agent_id,
             session_id: Uuid::new_v4(),
+            secret_hash,
             tx,
             version: 0,
             last_seq: 0,
@@ -297,6 +320,9 @@ struct Session {
     shared: Arc<Shared>,
     agent_id: Uuid,
     session_id: Uuid,
+    /// The hash of the secret this session authenticated with; a
+    /// re-enrollment replaces the stored one and ends the session.
+    secret_hash: Vec<u8>,
     tx: mpsc::Sender<Result<ServerFrame, Status>>,
     /// The blocklist version the agent holds (as far as we have sent).
     version: u64,
@@ -547,7 +573,7 @@ impl Session {
         }
         match push {
             Push::Allowlist(list) => self.send(Out::Allowlist((*list).clone())).await,
-            Push::Revoked => Err(End::Status(Status::unauthenticated("agent revoked"))),
+            Push::Revoked => self.check_credentials().await,
             Push::Resync => self.send_snapshot().await,
             Push::Delta(delta) if delta.to_version <= self.version => Ok(()),
             Push::Delta(delta) if delta.from_version == self.version => {
@@ -665,22 +691,41 @@ impl Session {
         self.send(Out::Nack(Nack { seq: 0, reason })).await
     }
 
-    /// Records a heartbeat or `Applied` report; a revoked agent is cut off.
+    /// After the agent's id was announced on the revocation channel (revoked,
+    /// removed or re-enrolled): ends the session unless the agent is still
+    /// valid with the secret this session authenticated with.
+    async fn check_credentials(&self) -> Result<(), End> {
+        let valid: Option<bool> =
+            sqlx::query_scalar("select revoked_at is null and secret_hash = $2 from agents where id = $1")
+                .bind(self.agent_id)
+                .bind(&self.secret_hash)
+                .fetch_optional(&self.shared.pool)
+                .await
+                .map_err(|error| End::Status(unavailable(error, "Cannot check an agent's credentials.")))?;
+        match valid {
+            Some(true) => Ok(()),
+            _ => Err(End::Status(Status::unauthenticated("agent revoked, removed or re-enrolled"))),
+        }
+    }
+
+    /// Records a heartbeat or `Applied` report; a revoked agent, or one whose
+    /// credentials were replaced by a re-enrollment, is cut off.
     async fn report(&mut self, blocklist_version: u64, firewall_entries: u64) -> Result<(), End> {
         let revoked: Option<bool> = sqlx::query_scalar(
             "update agents set last_seen = now(), connected = true, blocklist_version = $2, firewall_entries = $3 \
-             where id = $1 returning revoked_at is not null",
+             where id = $1 returning revoked_at is not null or secret_hash <> $4",
         )
         .bind(self.agent_id)
         .bind(i64::try_from(blocklist_version).unwrap_or(i64::MAX))
         .bind(i64::try_from(firewall_entries).unwrap_or(i64::MAX))
+        .bind(&self.secret_hash)
         .fetch_optional(&self.shared.pool)
         .await
         .map_err(|error| End::Status(unavailable(error, "Cannot record a heartbeat.")))?;
         self.last_touch = Instant::now();
         match revoked {
             Some(false) => Ok(()),
-            _ => Err(End::Status(Status::unauthenticated("agent revoked"))),
+            _ => Err(End::Status(Status::unauthenticated("agent revoked, removed or re-enrolled"))),
         }
     }
 

@@ -91,3 +91,45 @@ async fn asn_import_loads_the_iptoasn_file(pool: PgPool) {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/ip2asn.tsv"));
 }
+
+/// `fleetban-server token create --expires`, `token list|revoke` and
+/// `enroll-token list|revoke`: what an operator with database access uses
+/// when no API token works any more.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn token_and_enroll_token_list_and_revoke(pool: PgPool) {
+    let out = server_command(&pool, &["token", "create", "--role", "admin", "--name", "ops", "--expires", "30d"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expires 20"), "{}", String::from_utf8_lossy(&out.stderr));
+    let expires: bool = sqlx::query_scalar(
+        "select expires_at between now() + interval '29 days' and now() + interval '31 days' from api_tokens",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(expires);
+    let out = server_command(&pool, &["token", "list"]).await;
+    let list = String::from_utf8(out.stdout).unwrap();
+    assert!(list.contains("ops") && list.contains(&token[..12]) && !list.contains(&token), "{list}");
+    let id: i64 = sqlx::query_scalar("select id from api_tokens").fetch_one(&pool).await.unwrap();
+    let out = server_command(&pool, &["token", "revoke", &id.to_string()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(status(&pool, "GET", "/api/v1/agents", &token).await, StatusCode::UNAUTHORIZED);
+    let again = server_command(&pool, &["token", "revoke", &id.to_string()]).await;
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already revoked"));
+
+    let out =
+        server_command(&pool, &["enroll-token", "create", "--uses", "2", "--expires", "1h", "--note", "rack 4"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let enroll = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let list = String::from_utf8(server_command(&pool, &["enroll-token", "list"]).await.stdout).unwrap();
+    assert!(list.contains("rack 4") && list.contains("2/2") && !list.contains(&enroll), "{list}");
+    let id: i64 = sqlx::query_scalar("select id from enrollment_tokens").fetch_one(&pool).await.unwrap();
+    assert!(server_command(&pool, &["enroll-token", "revoke", &id.to_string()]).await.status.success());
+    assert!(fleetban_server::auth::enroll(&pool, &enroll, "mx1", "0.1.0", &[]).await.is_err());
+    let list = String::from_utf8(server_command(&pool, &["enroll-token", "list", "--all"]).await.stdout).unwrap();
+    assert!(list.contains("revoked"), "{list}");
+    let actions: Vec<String> =
+        sqlx::query_scalar("select action from audit_log order by id").fetch_all(&pool).await.unwrap();
+    assert_eq!(actions, ["token.create", "token.revoke", "enroll_token.create", "enroll_token.revoke"]);
+}

@@ -93,6 +93,9 @@ fn write_body(method: &Method, path: &str) -> Option<Value> {
     match (method.as_str(), path) {
         ("POST", "/api/v1/blocks") => Some(json!({"cidr": "203.0.113.7", "reason": "test"})),
         ("POST", "/api/v1/allowlist") => Some(json!({"cidr": "198.51.100.0/24", "note": "partner"})),
+        ("PATCH", "/api/v1/agents/{id}") => Some(json!({"name": "renamed"})),
+        ("POST", "/api/v1/tokens") => Some(json!({"role": "read"})),
+        ("POST", "/api/v1/enroll-tokens") => Some(json!({})),
         _ => None,
     }
 }
@@ -104,12 +107,16 @@ async fn auth_matrix_over_every_route(pool: PgPool) {
     let public: BTreeSet<&str> =
         ["/", "/dashboard/app.js", "/dashboard/app.css", "/healthz", "/readyz", "/metrics", "/api/v1/openapi.json"]
             .into();
+    // Credentials are the admin's to see.
+    let admin_reads: BTreeSet<&str> = ["/api/v1/tokens", "/api/v1/enroll-tokens"].into();
     let routes = api::routes();
     let writes: Vec<_> = routes.iter().filter(|(m, _, _)| *m != Method::GET).collect();
-    assert_eq!(writes.len(), 6, "every write must be in this matrix");
+    assert_eq!(writes.len(), 12, "every write must be in this matrix");
     for (method, path, _) in &routes {
         let uri = match *path {
             "/api/v1/allowlist" if *method == Method::DELETE => "/api/v1/allowlist?cidr=198.51.100.0/24".to_owned(),
+            // Not the matrix's own admin token.
+            "/api/v1/tokens/{id}" => "/api/v1/tokens/999".to_owned(),
             p => concrete(p),
         };
         let body = write_body(method, path);
@@ -131,7 +138,7 @@ async fn auth_matrix_over_every_route(pool: PgPool) {
         assert_eq!(app.clone().oneshot(request).await.unwrap().status(), StatusCode::UNAUTHORIZED, "{method} {path}");
 
         let read = call(&app, method.clone(), &uri, Some(&t.read), body.clone()).await;
-        if *method == Method::GET {
+        if *method == Method::GET && !admin_reads.contains(path) {
             assert!(
                 read.status != StatusCode::UNAUTHORIZED && read.status != StatusCode::FORBIDDEN,
                 "read token may {method} {path}: {} {}",
@@ -155,10 +162,12 @@ async fn auth_matrix_over_every_route(pool: PgPool) {
     sqlx::query("update api_tokens set revoked_at = now() where name = 'ops-read'").execute(&pool).await.unwrap();
     call(&app, Method::GET, "/api/v1/agents", Some(&t.read), None).await.expect(StatusCode::UNAUTHORIZED);
     // Tokens record their last use.
-    let used: i64 = sqlx::query_scalar("select count(*) from api_tokens where last_used_at is not null")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let used: i64 = sqlx::query_scalar(
+        "select count(*) from api_tokens where last_used_at is not null and name in ('ops-admin', 'ops-read')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     assert_eq!(used, 2);
 }
 
@@ -211,15 +220,45 @@ async fn every_write_is_audited(pool: PgPool) {
         .await
         .expect(StatusCode::FORBIDDEN);
 
+    // Credential and agent lifecycle.
+    let mx2 = common::agent(&pool, "mx2", "mx2.example.net", false, &[]).await;
+    call(&app, Method::PATCH, &format!("/api/v1/agents/{mx2}"), Some(&t.admin), Some(json!({"name": "mx3"})))
+        .await
+        .expect(StatusCode::OK);
+    call(&app, Method::POST, &format!("/api/v1/agents/{mx2}/revoke"), Some(&t.admin), None)
+        .await
+        .expect(StatusCode::NO_CONTENT);
+    let token = call(&app, Method::POST, "/api/v1/tokens", Some(&t.admin), Some(json!({"role": "read", "name": "ci"})))
+        .await
+        .expect(StatusCode::CREATED)
+        .json();
+    call(&app, Method::DELETE, &format!("/api/v1/tokens/{}", token["id"]), Some(&t.admin), None)
+        .await
+        .expect(StatusCode::NO_CONTENT);
+    let enroll = call(&app, Method::POST, "/api/v1/enroll-tokens", Some(&t.admin), Some(json!({"uses": 3})))
+        .await
+        .expect(StatusCode::CREATED)
+        .json();
+    call(&app, Method::DELETE, &format!("/api/v1/enroll-tokens/{}", enroll["id"]), Some(&t.admin), None)
+        .await
+        .expect(StatusCode::NO_CONTENT);
+
     let actions = audit_actions(&pool).await;
+    let enroll_id = enroll["id"].to_string();
     let expected = vec![
-        ("ops-admin".to_owned(), "agent.revoke".to_owned(), agent.to_string()),
+        ("ops-admin".to_owned(), "agent.remove".to_owned(), agent.to_string()),
         ("ops-admin".to_owned(), "block.create".to_owned(), "203.0.113.7/32".to_owned()),
         ("ops-admin".to_owned(), "block.delete".to_owned(), "203.0.113.7/32".to_owned()),
         ("ops-admin".to_owned(), "allowlist.create".to_owned(), "198.51.100.0/24".to_owned()),
         ("ops-admin".to_owned(), "allowlist.delete".to_owned(), "198.51.100.0/24".to_owned()),
         ("ops-admin".to_owned(), "allowlist.create".to_owned(), "198.51.100.9/32".to_owned()),
         ("ops-admin".to_owned(), "allowlist.delete".to_owned(), "198.51.100.9/32".to_owned()),
+        ("ops-admin".to_owned(), "agent.rename".to_owned(), mx2.to_string()),
+        ("ops-admin".to_owned(), "agent.revoke".to_owned(), mx2.to_string()),
+        ("ops-admin".to_owned(), "token.create".to_owned(), "ci".to_owned()),
+        ("ops-admin".to_owned(), "token.revoke".to_owned(), "ci".to_owned()),
+        ("ops-admin".to_owned(), "enroll_token.create".to_owned(), enroll_id.clone()),
+        ("ops-admin".to_owned(), "enroll_token.revoke".to_owned(), enroll_id),
     ];
     assert_eq!(actions, expected);
 }
@@ -249,7 +288,7 @@ async fn agents_list_get_and_revoke(pool: PgPool) {
     let bad = get(&app, "/api/v1/agents/not-a-uuid", &t.read).await.expect(StatusCode::BAD_REQUEST);
     assert_eq!(bad.code(), "bad_request");
 
-    call(&app, Method::DELETE, &format!("/api/v1/agents/{mx1}"), Some(&t.admin), None)
+    call(&app, Method::POST, &format!("/api/v1/agents/{mx1}/revoke"), Some(&t.admin), None)
         .await
         .expect(StatusCode::NO_CONTENT);
     let (revoked, connected): (bool, bool) =
@@ -261,14 +300,267 @@ async fn agents_list_get_and_revoke(pool: PgPool) {
     assert!(revoked && !connected);
     let shown = get(&app, &format!("/api/v1/agents/{mx1}"), &t.read).await.expect(StatusCode::OK).json();
     assert!(shown["revoked_at"].is_string());
+    assert!(shown["removed_at"].is_null());
     assert_eq!(shown["connected"], false);
-    let again = call(&app, Method::DELETE, &format!("/api/v1/agents/{mx1}"), Some(&t.admin), None)
+    let again = call(&app, Method::POST, &format!("/api/v1/agents/{mx1}/revoke"), Some(&t.admin), None)
         .await
         .expect(StatusCode::CONFLICT);
     assert_eq!(again.code(), "conflict");
+    call(&app, Method::POST, &format!("/api/v1/agents/{}/revoke", uuid::Uuid::new_v4()), Some(&t.admin), None)
+        .await
+        .expect(StatusCode::NOT_FOUND);
     call(&app, Method::DELETE, &format!("/api/v1/agents/{}", uuid::Uuid::new_v4()), Some(&t.admin), None)
         .await
         .expect(StatusCode::NOT_FOUND);
+}
+
+/// Rename, revoke and remove: names stay unique among the fleet's agents, a
+/// removed agent leaves the list (its history stays) and frees its name.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn agents_rename_and_remove(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    let mx1 = common::agent(&pool, "mx1", "mx1.example.net", true, &[]).await;
+    let mx2 = common::agent(&pool, "mx2", "mx2.example.net", true, &[]).await;
+    let now = OffsetDateTime::now_utc();
+    common::event(&pool, mx1, 1, now - Duration::seconds(5), "auth_failed", "203.0.113.7", "line").await;
+
+    // Rename: to a free name; a taken one (any case) is 409 naming the holder.
+    let path = format!("/api/v1/agents/{mx1}");
+    let renamed = call(&app, Method::PATCH, &path, Some(&t.admin), Some(json!({"name": "mx1-old"})))
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert_eq!(renamed["name"], "mx1-old");
+    assert_eq!(renamed["id"], mx1.to_string());
+    let taken = call(&app, Method::PATCH, &path, Some(&t.admin), Some(json!({"name": "MX2"})))
+        .await
+        .expect(StatusCode::CONFLICT);
+    assert!(taken.text().contains(&mx2.to_string()), "{}", taken.text());
+    call(&app, Method::PATCH, &path, Some(&t.admin), Some(json!({"name": ""}))).await.expect(StatusCode::BAD_REQUEST);
+    call(&app, Method::PATCH, &path, Some(&t.admin), Some(json!({"name": "x", "extra": 1})))
+        .await
+        .expect(StatusCode::BAD_REQUEST);
+    call(&app, Method::PATCH, &path, Some(&t.read), Some(json!({"name": "x"}))).await.expect(StatusCode::FORBIDDEN);
+
+    // Remove: revokes, leaves the list, keeps the row and the events.
+    call(&app, Method::DELETE, &path, Some(&t.admin), None).await.expect(StatusCode::NO_CONTENT);
+    let list = get(&app, "/api/v1/agents", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(list.as_array().unwrap().iter().map(|a| a["name"].clone()).collect::<Vec<_>>(), [json!("mx2")]);
+    let all = get(&app, "/api/v1/agents?removed=true", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(all.as_array().unwrap().len(), 2);
+    assert!(all[1]["removed_at"].is_string() && all[1]["revoked_at"].is_string(), "{all}");
+    let events = get(&app, "/api/v1/events?ip=203.0.113.7", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(events[0]["agent"], "mx1-old", "history stays attached: {events}");
+    let again = call(&app, Method::DELETE, &path, Some(&t.admin), None).await.expect(StatusCode::CONFLICT);
+    assert!(again.text().contains("already removed"), "{}", again.text());
+    call(&app, Method::PATCH, &path, Some(&t.admin), Some(json!({"name": "mx9"}))).await.expect(StatusCode::CONFLICT);
+    // Its name is free again.
+    call(&app, Method::PATCH, &format!("/api/v1/agents/{mx2}"), Some(&t.admin), Some(json!({"name": "mx1-old"})))
+        .await
+        .expect(StatusCode::OK);
+    // A revoked agent can still be removed (the usual way out for a dead host).
+    call(&app, Method::POST, &format!("/api/v1/agents/{mx2}/revoke"), Some(&t.admin), None)
+        .await
+        .expect(StatusCode::NO_CONTENT);
+    call(&app, Method::DELETE, &format!("/api/v1/agents/{mx2}"), Some(&t.admin), None)
+        .await
+        .expect(StatusCode::NO_CONTENT);
+    let detail: Value =
+        sqlx::query_scalar("select detail from audit_log where action = 'agent.remove' order by id desc")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(detail, json!({"name": "mx1-old", "was_revoked": true}));
+}
+
+/// API tokens over the API: created once with their text, listed without it,
+/// refused once revoked or expired with a message that says so.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn api_tokens_list_revoke_and_expire(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    let created = call(
+        &app,
+        Method::POST,
+        "/api/v1/tokens",
+        Some(&t.admin),
+        Some(json!({"role": "read", "name": "grafana", "ttl_secs": 3600})),
+    )
+    .await
+    .expect(StatusCode::CREATED)
+    .json();
+    let token = created["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("fbt_") && created["prefix"] == token[..12], "{created}");
+    assert!(created["expires_at"].is_string());
+    get(&app, "/api/v1/agents", &token).await.expect(StatusCode::OK);
+
+    let listed = get(&app, "/api/v1/tokens", &t.admin).await.expect(StatusCode::OK);
+    assert!(!listed.text().contains(&token), "a listing shows a token");
+    assert!(!listed.text().contains(&t.read) && !listed.text().contains(&t.admin));
+    let listed = listed.json();
+    let grafana = listed.as_array().unwrap().iter().find(|x| x["name"] == "grafana").unwrap().clone();
+    assert_eq!(grafana["prefix"], created["prefix"]);
+    assert_eq!(grafana["role"], "read");
+    assert_eq!(grafana["active"], true);
+    assert!(grafana["last_used_at"].is_string() && grafana["expires_at"].is_string(), "{grafana}");
+    assert!(grafana.get("token").is_none() && grafana.get("token_hash").is_none(), "{grafana}");
+
+    // Expired: refused, saying so and how to get another.
+    sqlx::query("update api_tokens set expires_at = now() - interval '1 minute' where name = 'grafana'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let refused = get(&app, "/api/v1/agents", &token).await.expect(StatusCode::UNAUTHORIZED);
+    let message = refused.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("expired at") && message.contains("tokens create"), "{message}");
+    let active = get(&app, "/api/v1/tokens", &t.admin).await.expect(StatusCode::OK).json();
+    assert!(active.as_array().unwrap().iter().all(|x| x["name"] != "grafana"), "expired ones are hidden: {active}");
+    let all = get(&app, "/api/v1/tokens?all=true", &t.admin).await.expect(StatusCode::OK).json();
+    assert_eq!(all.as_array().unwrap().len(), 3);
+
+    // Revoked: refused, saying so; revoking twice is 409, an unknown id 404.
+    let ops_read: i64 =
+        sqlx::query_scalar("select id from api_tokens where name = 'ops-read'").fetch_one(&pool).await.unwrap();
+    call(&app, Method::DELETE, &format!("/api/v1/tokens/{ops_read}"), Some(&t.admin), None)
+        .await
+        .expect(StatusCode::NO_CONTENT);
+    let refused = get(&app, "/api/v1/agents", &t.read).await.expect(StatusCode::UNAUTHORIZED);
+    assert!(refused.text().contains("was revoked at"), "{}", refused.text());
+    call(&app, Method::DELETE, &format!("/api/v1/tokens/{ops_read}"), Some(&t.admin), None)
+        .await
+        .expect(StatusCode::CONFLICT);
+    call(&app, Method::DELETE, "/api/v1/tokens/99999", Some(&t.admin), None).await.expect(StatusCode::NOT_FOUND);
+    let unknown = get(&app, "/api/v1/agents", "fbt_0000").await.expect(StatusCode::UNAUTHORIZED);
+    assert!(unknown.text().contains("unknown token"), "{}", unknown.text());
+
+    // Bad bodies.
+    for body in [json!({"role": "root"}), json!({"role": "read", "ttl_secs": 0}), json!({"role": "read", "x": 1})] {
+        call(&app, Method::POST, "/api/v1/tokens", Some(&t.admin), Some(body)).await.expect(StatusCode::BAD_REQUEST);
+    }
+}
+
+/// Enrollment tokens over the API: created, listed without their text,
+/// revoked; expired, used-up and revoked tokens are refused at enrollment
+/// with their own messages.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn enroll_tokens_list_revoke_and_expire(pool: PgPool) {
+    use fleetban_server::auth::{self, AuthError};
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    let create = |body: Value| call(&app, Method::POST, "/api/v1/enroll-tokens", Some(&t.admin), Some(body));
+    let one =
+        create(json!({"uses": 1, "ttl_secs": 600, "note": "mx1 rollout"})).await.expect(StatusCode::CREATED).json();
+    let two = create(json!({"uses": 2})).await.expect(StatusCode::CREATED).json();
+    let three = create(json!({})).await.expect(StatusCode::CREATED).json();
+    let token = |v: &Value| v["token"].as_str().unwrap().to_owned();
+    assert!(token(&one).starts_with("fbe_") && one["prefix"] == token(&one)[..12]);
+    // Default lifetime: 24 h.
+    let expires =
+        OffsetDateTime::parse(three["expires_at"].as_str().unwrap(), &time::format_description::well_known::Rfc3339)
+            .unwrap();
+    assert!((expires - OffsetDateTime::now_utc() - Duration::hours(24)).abs() < Duration::minutes(1));
+
+    auth::enroll(&pool, &token(&one), "mx1.example.net", "0.1.0", &[]).await.unwrap();
+    let listed = get(&app, "/api/v1/enroll-tokens?all=true", &t.admin).await.expect(StatusCode::OK);
+    for v in [&one, &two, &three] {
+        assert!(!listed.text().contains(&token(v)), "a listing shows a token");
+    }
+    let listed = listed.json();
+    let first = listed.as_array().unwrap().iter().find(|x| x["id"] == one["id"]).unwrap();
+    assert_eq!((first["uses_left"].clone(), first["uses_granted"].clone()), (json!(0), json!(1)));
+    assert_eq!(first["note"], "mx1 rollout");
+    assert_eq!(first["active"], false);
+    assert!(first["last_used_at"].is_string());
+    let active = get(&app, "/api/v1/enroll-tokens", &t.admin).await.expect(StatusCode::OK).json();
+    assert_eq!(active.as_array().unwrap().len(), 2, "the used-up one is hidden: {active}");
+    get(&app, "/api/v1/enroll-tokens", &t.read).await.expect(StatusCode::FORBIDDEN);
+
+    let used_up = auth::enroll(&pool, &token(&one), "mx2", "0.1.0", &[]).await.unwrap_err();
+    assert!(matches!(used_up, AuthError::TokenUsedUp), "{used_up:?}");
+    call(&app, Method::DELETE, &format!("/api/v1/enroll-tokens/{}", two["id"]), Some(&t.admin), None)
+        .await
+        .expect(StatusCode::NO_CONTENT);
+    call(&app, Method::DELETE, &format!("/api/v1/enroll-tokens/{}", two["id"]), Some(&t.admin), None)
+        .await
+        .expect(StatusCode::CONFLICT);
+    let revoked = auth::enroll(&pool, &token(&two), "mx2", "0.1.0", &[]).await.unwrap_err();
+    assert!(matches!(revoked, AuthError::TokenRevoked), "{revoked:?}");
+    sqlx::query("update enrollment_tokens set expires_at = now() - interval '1 second' where id = $1")
+        .bind(three["id"].as_i64().unwrap())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let expired = auth::enroll(&pool, &token(&three), "mx2", "0.1.0", &[]).await.unwrap_err();
+    assert!(expired.to_string().contains("expired at") && expired.to_string().contains("enroll-token create"));
+    for body in [json!({"uses": 0}), json!({"ttl_secs": 0}), json!({"uses": 1, "bogus": true})] {
+        create(body).await.expect(StatusCode::BAD_REQUEST);
+    }
+}
+
+/// The audit log: newest first, filtered by time and action, readable with a
+/// read token; agent enrollments appear under their enrollment token.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn audit_log_newest_first(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    let token =
+        fleetban_server::auth::new_enrollment_token(&pool, 1, std::time::Duration::from_secs(60), "").await.unwrap();
+    let enrolled = fleetban_server::auth::enroll(&pool, &token.token, "mx1", "0.1.0", &[]).await.unwrap();
+    create_block(&app, &t.admin, json!({"cidr": "203.0.113.7", "reason": "manual"})).await.expect(StatusCode::CREATED);
+    call(
+        &app,
+        Method::PATCH,
+        &format!("/api/v1/agents/{}", enrolled.agent_id),
+        Some(&t.admin),
+        Some(json!({"name": "mx9"})),
+    )
+    .await
+    .expect(StatusCode::OK);
+    sqlx::query(
+        "insert into audit_log (at, actor, action, target) values (now() - interval '3 days', 'old', 'x.y', 't')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let log = get(&app, "/api/v1/audit", &t.read).await.expect(StatusCode::OK).json();
+    let rows: Vec<(String, String, String)> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["actor"].as_str().unwrap().into(),
+                e["action"].as_str().unwrap().into(),
+                e["target"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let agent = enrolled.agent_id.to_string();
+    assert_eq!(
+        rows,
+        [
+            ("ops-admin".to_owned(), "agent.rename".to_owned(), agent.clone()),
+            ("ops-admin".to_owned(), "block.create".to_owned(), "203.0.113.7/32".to_owned()),
+            (format!("enroll-token:{}", token.id), "agent.enroll".to_owned(), agent),
+        ]
+    );
+    assert_eq!(log[0]["detail"], json!({"from": "mx1", "to": "mx9"}));
+    assert!(log[0]["at"].is_string());
+    let week = get(&app, "/api/v1/audit?since=7d", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(week.as_array().unwrap().len(), 4);
+    let agents = get(&app, "/api/v1/audit?action=agent.", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(agents.as_array().unwrap().len(), 2);
+    let exact = get(&app, "/api/v1/audit?action=block.create", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(exact.as_array().unwrap().len(), 1);
+    let page = get(&app, "/api/v1/audit?limit=2", &t.read).await.expect(StatusCode::OK);
+    let cursor = page.headers.get("x-next-cursor").unwrap().to_str().unwrap().to_owned();
+    let rest =
+        get(&app, &format!("/api/v1/audit?limit=2&cursor={cursor}"), &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(rest[0]["action"], "agent.enroll");
+    get(&app, "/api/v1/audit?since=yesterday", &t.read).await.expect(StatusCode::BAD_REQUEST);
+    call(&app, Method::GET, "/api/v1/audit", None, None).await.expect(StatusCode::UNAUTHORIZED);
 }
 
 async fn create_block(app: &Router, token: &str, body: Value) -> Reply {

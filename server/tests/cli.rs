@@ -191,3 +191,119 @@ async fn cli_tables_escape_client_text_and_json_stays_exact(pool: PgPool) {
     assert_eq!(json[0]["raw"], raw);
     server.stop().await;
 }
+
+/// `fleetban tokens`, `enroll-token`, `agents rename|revoke|remove` and
+/// `audit` against a real server: listings never show a token, revoking and
+/// removing need `--yes` without a terminal, and every change is audited.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn cli_manages_tokens_agents_and_shows_the_audit_log(pool: PgPool) {
+    let server = common::Server::start(&pool).await;
+    let url = server.url.clone();
+    let t = common::tokens(&pool).await;
+    let mx1 = common::agent(&pool, "mx1", "mx1.example.net", true, &[]).await;
+    let mx2 = common::agent(&pool, "mx2", "mx2.example.net", false, &[]).await;
+
+    // tokens create / list / revoke.
+    let out = ok(&fleetban(
+        &url,
+        Some(&t.admin),
+        &["tokens", "create", "--role", "read", "--name", "ci", "--expires", "30d"],
+    )
+    .await);
+    let created = out.lines().last().unwrap().to_owned();
+    assert!(created.starts_with("fbt_") && out.contains("\"ci\"") && out.contains("shown only once"), "{out}");
+    let list = ok(&fleetban(&url, Some(&t.admin), &["tokens", "list"]).await);
+    assert!(list.starts_with("ID") && list.contains("PREFIX") && list.contains("EXPIRES"), "{list}");
+    for secret in [&created, &t.admin, &t.read] {
+        assert!(!list.contains(secret.as_str()), "a listing shows a token: {list}");
+    }
+    let ci = list.lines().find(|l| l.contains(" ci ")).unwrap_or_else(|| panic!("{list}"));
+    assert!(ci.contains(&created[..12]) && ci.contains("active") && !ci.contains("never"), "{ci}");
+    assert_eq!(list.lines().count(), 4, "{list}");
+    let listed: Value =
+        serde_json::from_str(&ok(&fleetban(&url, Some(&t.admin), &["--json", "tokens", "list"]).await)).unwrap();
+    let ci_id = listed.as_array().unwrap().iter().find(|x| x["name"] == "ci").unwrap()["id"].as_i64().unwrap();
+    ok(&fleetban(&url, Some(&created), &["agents"]).await);
+    // Without a terminal, revoking needs --yes; nothing happens without it.
+    fails(&fleetban(&url, Some(&t.admin), &["tokens", "revoke", "ci"]).await, "pass --yes");
+    ok(&fleetban(&url, Some(&created), &["agents"]).await);
+    let out = ok(&fleetban(&url, Some(&t.admin), &["tokens", "revoke", "ci", "--yes"]).await);
+    assert_eq!(out, format!("Revoked API token {ci_id} (\"ci\").\n"));
+    fails(&fleetban(&url, Some(&created), &["agents"]).await, "was revoked at");
+    fails(&fleetban(&url, Some(&t.admin), &["tokens", "revoke", &ci_id.to_string(), "--yes"]).await, "409");
+    let all = ok(&fleetban(&url, Some(&t.admin), &["tokens", "list", "--all"]).await);
+    assert!(all.lines().any(|l| l.contains(" ci ") && l.contains("revoked")), "{all}");
+    assert!(!ok(&fleetban(&url, Some(&t.admin), &["tokens", "list"]).await).contains(" ci "));
+    fails(&fleetban(&url, Some(&t.read), &["tokens", "list"]).await, "403 forbidden");
+    fails(
+        &fleetban(&url, Some(&t.admin), &["tokens", "create", "--role", "read", "--expires", "soon"]).await,
+        "bad --expires",
+    );
+    // An expired token says so and how to get another.
+    let out = ok(&fleetban(&url, Some(&t.admin), &["tokens", "create", "--role", "read", "--name", "old"]).await);
+    let old = out.lines().last().unwrap().to_owned();
+    sqlx::query("update api_tokens set expires_at = now() - interval '1 s' where name = 'old'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    fails(&fleetban(&url, Some(&old), &["agents"]).await, "expired at");
+
+    // enroll-token create / list / revoke.
+    let out = ok(&fleetban(
+        &url,
+        Some(&t.admin),
+        &["enroll-token", "create", "--uses", "3", "--expires", "2h", "--note", "batch 1"],
+    )
+    .await);
+    let enroll = out.lines().last().unwrap().to_owned();
+    assert!(enroll.starts_with("fbe_"), "{out}");
+    let list = ok(&fleetban(&url, Some(&t.admin), &["enroll-token", "list"]).await);
+    assert!(!list.contains(&enroll) && list.contains(&enroll[..12]), "{list}");
+    assert!(list.contains("3/3") && list.contains("batch 1") && list.contains("active"), "{list}");
+    let id: i64 = sqlx::query_scalar("select id from enrollment_tokens").fetch_one(&pool).await.unwrap();
+    fails(&fleetban(&url, Some(&t.admin), &["enroll-token", "revoke", &id.to_string()]).await, "pass --yes");
+    ok(&fleetban(&url, Some(&t.admin), &["enroll-token", "revoke", &id.to_string(), "--yes"]).await);
+    let refused = fleetban_server::auth::enroll(&pool, &enroll, "mx9", "0.1.0", &[]).await.unwrap_err();
+    assert!(refused.to_string().contains("revoked"), "{refused}");
+
+    // agents rename / revoke / remove, by name or id.
+    let out = ok(&fleetban(&url, Some(&t.admin), &["agents", "rename", "mx1", "mx1-old"]).await);
+    assert_eq!(out, format!("Renamed agent {mx1} from \"mx1\" to \"mx1-old\".\n"));
+    fails(&fleetban(&url, Some(&t.admin), &["agents", "rename", "mx1-old", "MX2"]).await, "409 conflict");
+    fails(&fleetban(&url, Some(&t.admin), &["agents", "rename", "nosuch", "x"]).await, "no agent named");
+    let agents = ok(&fleetban(&url, Some(&t.read), &["agents"]).await);
+    assert!(agents.contains("mx1-old") && agents.contains(&mx1.to_string()), "{agents}");
+    fails(&fleetban(&url, Some(&t.admin), &["agents", "revoke", "mx2"]).await, "pass --yes");
+    let out = ok(&fleetban(&url, Some(&t.admin), &["agents", "revoke", "mx2", "--yes"]).await);
+    assert_eq!(out, format!("Revoked agent \"mx2\" ({mx2}).\n"));
+    assert!(
+        ok(&fleetban(&url, Some(&t.read), &["agents"]).await)
+            .lines()
+            .any(|l| l.contains("mx2") && l.contains("revoked"))
+    );
+    fails(&fleetban(&url, Some(&t.admin), &["agents", "remove", &mx2.to_string()]).await, "pass --yes");
+    let out = ok(&fleetban(&url, Some(&t.admin), &["--json", "agents", "remove", &mx2.to_string(), "--yes"]).await);
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), serde_json::json!({ "removed": mx2 }));
+    let agents = ok(&fleetban(&url, Some(&t.read), &["agents"]).await);
+    assert!(!agents.contains("mx2") && agents.lines().count() == 2, "{agents}");
+
+    // audit: newest first, who / what / target.
+    let audit = ok(&fleetban(&url, Some(&t.read), &["audit"]).await);
+    let lines: Vec<&str> = audit.lines().collect();
+    assert!(lines[0].starts_with("TIME") && lines[0].contains("ACTOR") && lines[0].contains("TARGET"), "{audit}");
+    assert!(lines[1].contains("agent.remove") && lines[1].contains(&mx2.to_string()), "{audit}");
+    for action in
+        ["agent.revoke", "agent.rename", "enroll_token.revoke", "enroll_token.create", "token.revoke", "token.create"]
+    {
+        assert!(audit.contains(action), "{action} in {audit}");
+    }
+    let renamed = lines.iter().find(|l| l.contains("agent.rename")).unwrap();
+    assert!(renamed.contains("ops-admin") && renamed.contains("mx1-old"), "{renamed}");
+    let json: Value =
+        serde_json::from_str(&ok(&fleetban(&url, Some(&t.read), &["audit", "--json", "--action", "agent."]).await))
+            .unwrap();
+    let actions: Vec<&str> = json.as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["agent.remove", "agent.revoke", "agent.rename"]);
+    fails(&fleetban(&url, Some(&t.read), &["audit", "--since", "whenever"]).await, "400 bad request");
+    server.stop().await;
+}

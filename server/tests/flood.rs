@@ -136,6 +136,7 @@ async fn enroll(pool: &PgPool, channel: Channel, hostname: &str) -> (Uuid, Strin
             hostname: hostname.into(),
             version: "0.1.0".into(),
             addresses: vec![ip("198.51.100.200")],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -449,6 +450,7 @@ async fn failed_enrollments_are_throttled_and_logged_escaped(pool: PgPool) {
             hostname: forged.into(),
             version: "0.1.0".into(),
             addresses: vec![],
+            ..Default::default()
         };
         codes.push(client.enroll(request).await.unwrap_err().code());
     }
@@ -459,7 +461,7 @@ async fn failed_enrollments_are_throttled_and_logged_escaped(pool: PgPool) {
     // A valid enrollment from the throttled source is refused too, until the
     // bucket refills; one from elsewhere is not (covered by the unit tests).
     let token = auth::create_enrollment_token(&pool, 1, Duration::from_secs(60), "t").await.unwrap();
-    let request = EnrollRequest { token, hostname: "ok.test".into(), version: "0.1.0".into(), addresses: vec![] };
+    let request = EnrollRequest { token, hostname: "ok.test".into(), version: "0.1.0".into(), ..Default::default() };
     assert_eq!(client.enroll(request).await.unwrap_err().code(), Code::ResourceExhausted);
 
     let metrics = metrics(server.http).await;

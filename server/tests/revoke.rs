@@ -1,6 +1,10 @@
-//! `DELETE /api/v1/agents/{id}` end to end: an enrolled agent with a live
-//! session is revoked through the HTTP API of the same server; the session
-//! is closed at once and the agent cannot reconnect.
+//! Agent credentials ending while a session is live, end to end over gRPC
+//! and HTTP on one server: `POST /api/v1/agents/{id}/revoke` closes the
+//! session at once and the agent cannot reconnect; enrolling the same host
+//! again (same name and host id) closes the session of the old secret, keeps
+//! the agent id, and refuses the old secret; another host asking for the
+//! name is refused naming the holder; an agent that sends no name or host id
+//! (older versions) still enrolls and connects.
 
 mod common;
 
@@ -69,6 +73,7 @@ async fn revoked_agent_is_cut_off_and_cannot_reconnect(pool: PgPool) {
             hostname: "mx-revoke.example.net".into(),
             version: "0.1.0".into(),
             addresses: vec![ip("192.0.2.30")],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -92,7 +97,7 @@ async fn revoked_agent_is_cut_off_and_cannot_reconnect(pool: PgPool) {
     let agent: serde_json::Value =
         api.get(format!("{base}/api/v1/agents/{id}")).bearer_auth(&t.read).send().await.unwrap().json().await.unwrap();
     assert_eq!(agent["connected"], true, "{agent}");
-    let revoked = api.delete(format!("{base}/api/v1/agents/{id}")).bearer_auth(&t.admin).send().await.unwrap();
+    let revoked = api.post(format!("{base}/api/v1/agents/{id}/revoke")).bearer_auth(&t.admin).send().await.unwrap();
     assert_eq!(revoked.status(), reqwest::StatusCode::NO_CONTENT);
 
     // The live session ends at once, without waiting for the agent's next
@@ -113,6 +118,138 @@ async fn revoked_agent_is_cut_off_and_cannot_reconnect(pool: PgPool) {
     assert_eq!(agent["connected"], false, "{agent}");
     assert!(agent["revoked_at"].is_string(), "{agent}");
 
+    let _ = stop.send(());
+    tokio::time::timeout(WAIT, server).await.unwrap().unwrap().unwrap();
+}
+
+fn hello(id: Uuid, hostname: &str) -> AgentFrame {
+    let hello = Hello {
+        agent_id: id.to_string(),
+        version: "0.2.0".into(),
+        hostname: hostname.into(),
+        addresses: vec![],
+        blocklist_version: 0,
+        next_seq: 1,
+    };
+    AgentFrame { frame: Some(Frame::Hello(hello)) }
+}
+
+async fn until_status(stream: &mut Streaming<ServerFrame>) -> Status {
+    loop {
+        match next(stream).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("stream ended without a status"),
+            Err(status) => break status,
+        }
+    }
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn re_enrolling_a_host_replaces_its_credentials_and_closes_the_old_session(pool: PgPool) {
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = grpc.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve::run(pool.clone(), Options::default(), Listeners { grpc, http }, async move {
+        let _ = stopped.await;
+    }));
+    let channel = Endpoint::from_shared(format!("http://{grpc_addr}")).unwrap().connect().await.unwrap();
+    let token = auth::create_enrollment_token(&pool, 10, Duration::from_secs(60), "test").await.unwrap();
+    let request = |name: &str, host_id: &str| EnrollRequest {
+        token: token.clone(),
+        hostname: "mx1.example.net".into(),
+        version: "0.2.0".into(),
+        addresses: vec![ip("192.0.2.31")],
+        name: name.into(),
+        host_id: host_id.into(),
+    };
+    let mut client = AgentServiceClient::new(channel.clone());
+
+    let first = client.enroll(request("mx1", "host-a")).await.unwrap().into_inner();
+    assert!(!first.reenrolled);
+    let id: Uuid = first.agent_id.parse().unwrap();
+    let (tx, mut stream) = connect(channel.clone(), id, &first.agent_secret).await.unwrap();
+    tx.send(hello(id, "mx1.example.net")).await.unwrap();
+    assert!(matches!(next(&mut stream).await.unwrap(), Some(Out::Welcome(_))));
+    // Some evidence of this agent, which must stay attached.
+    sqlx::query(
+        "insert into offender_hosts (address, agent_id, kind, first_seen, last_seen, events, sample_raw) \
+         values ('203.0.113.7', $1, 'auth_failed', now(), now(), 3, 'x')",
+    )
+    .bind(id)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    // The same host enrolls again: same id, new secret, the old session ends.
+    let again = client.enroll(request("mx1", "host-a")).await.unwrap().into_inner();
+    assert!(again.reenrolled);
+    assert_eq!(again.agent_id, first.agent_id);
+    assert_ne!(again.agent_secret, first.agent_secret);
+    let status = until_status(&mut stream).await;
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let old = connect(channel.clone(), id, &first.agent_secret).await;
+    assert_eq!(old.err().map(|s| s.code()), Some(Code::Unauthenticated), "the old secret no longer works");
+    let (tx, mut stream) = connect(channel.clone(), id, &again.agent_secret).await.unwrap();
+    tx.send(hello(id, "mx1.example.net")).await.unwrap();
+    assert!(matches!(next(&mut stream).await.unwrap(), Some(Out::Welcome(_))));
+    let (agents, evidence): (i64, i64) = sqlx::query_as(
+        "select (select count(*) from agents), (select count(*) from offender_hosts where agent_id = $1)",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((agents, evidence), (1, 1), "one agent, its evidence still attached");
+
+    // Another host wanting the name: refused, naming the agent that holds it.
+    let taken = client.enroll(request("mx1", "host-b")).await.unwrap_err();
+    assert_eq!(taken.code(), Code::AlreadyExists, "{taken:?}");
+    assert!(taken.message().contains(&id.to_string()) && taken.message().contains("mx1"), "{taken:?}");
+    // An agent that sends neither name nor host id enrolls and connects.
+    let legacy = client
+        .enroll(EnrollRequest {
+            token: token.clone(),
+            hostname: "mx-old.example.net".into(),
+            version: "0.1.0".into(),
+            addresses: vec![],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let legacy_id: Uuid = legacy.agent_id.parse().unwrap();
+    let (ltx, mut lstream) = connect(channel.clone(), legacy_id, &legacy.agent_secret).await.unwrap();
+    ltx.send(hello(legacy_id, "mx-old.example.net")).await.unwrap();
+    assert!(matches!(next(&mut lstream).await.unwrap(), Some(Out::Welcome(_))));
+    let name: String =
+        sqlx::query_scalar("select name from agents where id = $1").bind(legacy_id).fetch_one(&pool).await.unwrap();
+    assert_eq!(name, "mx-old.example.net");
+    // ... but cannot take a name that is held, not even its own hostname's.
+    let dup = client
+        .enroll(EnrollRequest { token, hostname: "mx-old.example.net".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists, "{dup:?}");
+
+    // A notice for an agent whose credentials are current does not end its
+    // session: announce mx1, then revoke the legacy agent; once the legacy
+    // session has ended, the notice before it was handled too.
+    sqlx::query("select pg_notify('fleetban_revoked', $1)").bind(id.to_string()).execute(&pool).await.unwrap();
+    sqlx::query("update agents set revoked_at = now() where id = $1").bind(legacy_id).execute(&pool).await.unwrap();
+    assert_eq!(until_status(&mut lstream).await.code(), Code::Unauthenticated);
+    // Frames already sent (policy, allowlist, snapshot) may still be queued.
+    for _ in 0..20 {
+        match tokio::time::timeout(Duration::from_millis(500), stream.message()).await {
+            Err(_) => break,
+            Ok(Ok(Some(_))) => continue,
+            Ok(other) => panic!("the session of the current secret must stay open: {other:?}"),
+        }
+    }
+    let connected: bool =
+        sqlx::query_scalar("select connected from agents where id = $1").bind(id).fetch_one(&pool).await.unwrap();
+    assert!(connected);
+    drop((tx, ltx));
     let _ = stop.send(());
     tokio::time::timeout(WAIT, server).await.unwrap().unwrap().unwrap();
 }

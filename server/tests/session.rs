@@ -203,15 +203,19 @@ fn batch(seq: u64, events: Vec<Event>) -> Frame {
     Frame::Batch(EventBatch { seq, events, position: None })
 }
 
-/// Enrolls an agent through the `Enroll` RPC.
+/// Enrolls an agent through the `Enroll` RPC, as a host of its own (a name
+/// and host id of its own: names are unique in the fleet).
 async fn enroll(pool: &PgPool, channel: Channel) -> (Uuid, String) {
     let token = auth::create_enrollment_token(pool, 1, Duration::from_secs(60), "test").await.unwrap();
+    let host = Uuid::new_v4().simple().to_string();
     let response = AgentServiceClient::new(channel)
         .enroll(EnrollRequest {
             token,
             hostname: "mx.test".into(),
             version: "0.1.0".into(),
             addresses: vec![ip("198.51.100.200")],
+            name: format!("mx-{host}"),
+            host_id: host,
         })
         .await
         .unwrap()

@@ -337,6 +337,8 @@ impl Fleet {
             run_ok(
                 ns.command(path_str(&fleet.bins.join("fleetban-agent"))?)
                     .args(["enroll", "--server", &format!("https://{SERVER}:{GRPC_PORT}"), "--token", &token])
+                    // The namespaces share the test machine's host name.
+                    .args(["--name", &short])
                     .arg("--config")
                     .arg(hdir.join("agent.toml")),
             )?;

@@ -219,3 +219,43 @@ async fn uplink_against_the_real_server(pool: PgPool) {
     worker.join();
     server.stop().await;
 }
+
+/// `fleetban-agent enroll`'s identity against the real server: the host id
+/// kept in the state directory makes a second enrollment of the same host
+/// replace its credentials (same agent id), while another host (its own
+/// state directory) asking for the same name is refused, naming the agent.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn enrolling_again_replaces_and_another_host_is_refused(pool: PgPool) {
+    let (server, addr) = start_server(pool.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let server_options = ServerOptions { server: format!("http://{addr}"), ca_file: None, insecure: false };
+    let token = auth::create_enrollment_token(&pool, 5, Duration::from_secs(60), "test").await.unwrap();
+    let (host_a, host_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let enroll = |state_dir: std::path::PathBuf| {
+        let (server_options, token) = (server_options.clone(), token.clone());
+        async move {
+            let host_id = uplink::host_id(&state_dir).unwrap();
+            let enrollment = uplink::Enrollment {
+                token: &token,
+                name: Some("mx1"),
+                host_id: Some(&host_id),
+                hostname: "mx1.example.net",
+                addresses: &[],
+            };
+            uplink::enroll_as(&server_options, &enrollment).await
+        }
+    };
+    let first = enroll(host_a.path().to_owned()).await.unwrap();
+    assert!(!first.reenrolled);
+    assert!(host_a.path().join(uplink::HOST_ID_FILE).is_file());
+    let again = enroll(host_a.path().to_owned()).await.unwrap();
+    assert!(again.reenrolled);
+    assert_eq!(again.credentials.agent_id, first.credentials.agent_id);
+    assert_ne!(again.credentials.agent_secret, first.credentials.agent_secret);
+    let other = enroll(host_b.path().to_owned()).await.unwrap_err();
+    let uplink::UplinkError::Status(status) = &other else { panic!("{other:?}") };
+    assert_eq!(status.code(), tonic::Code::AlreadyExists, "{status:?}");
+    assert!(status.message().contains(&first.credentials.agent_id), "{status:?}");
+    let agents: i64 = sqlx::query_scalar("select count(*) from agents").fetch_one(&pool).await.unwrap();
+    assert_eq!(agents, 1);
+    server.stop().await;
+}

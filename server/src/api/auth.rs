@@ -5,7 +5,13 @@
 //! once by `fleetban-server token create`. Roles: `admin` may read and write,
 //! `read` may only read.
 //!
-//! Invariants: a request without a valid, unrevoked token never reaches a
+//! A token may expire (`expires_at`; `fleetban tokens create --expires 30d`,
+//! `fleetban-server token create --expires 30d`); an expired or revoked
+//! token is refused with a 401 that says so and how to get a new one.
+//! Listings ([`list_tokens`]) show a token's id and first characters
+//! (`prefix`), never the token.
+//!
+//! Invariants: a request without a valid, unrevoked, unexpired token never reaches a
 //! handler that needs [`Caller`] (401); a `read` token never reaches one that
 //! needs [`Admin`] (403); every successful write calls [`audit`] with the
 //! token's name as the actor.
@@ -69,6 +75,66 @@ pub enum TokenError {
     /// The name is empty or too long.
     #[error("token name must be 1 to 128 characters")]
     BadName,
+    /// The lifetime is zero or too long.
+    #[error("token lifetime must be 1 s to {max} s (ten years)", max = crate::auth::MAX_TTL_SECS)]
+    BadTtl,
+}
+
+/// An API token as listed; the token itself is never shown.
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct TokenInfo {
+    /// Id (`fleetban tokens revoke ID`).
+    pub id: i64,
+    /// Name; the audit log's actor.
+    pub name: String,
+    /// `admin` or `read`.
+    pub role: String,
+    /// The token's first characters (`fbt_` and 8 hex digits); `null` for
+    /// tokens created before prefixes were kept.
+    pub prefix: Option<String>,
+    /// When it was created.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: time::OffsetDateTime,
+    /// When it last authenticated a request.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_used_at: Option<time::OffsetDateTime>,
+    /// When it expires; `null` = never.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<time::OffsetDateTime>,
+    /// When it was revoked.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<time::OffsetDateTime>,
+    /// Whether it authenticates requests now.
+    pub active: bool,
+}
+
+/// Every API token, newest first (`all = false`: only usable ones).
+pub async fn list_tokens(pool: &PgPool, all: bool) -> Result<Vec<TokenInfo>, sqlx::Error> {
+    sqlx::query_as(
+        "select * from (select id, name, role, prefix, created_at, last_used_at, expires_at, revoked_at, \
+           revoked_at is null and (expires_at is null or expires_at > now()) as active from api_tokens) t \
+         where $1 or active order by id desc",
+    )
+    .bind(all)
+    .fetch_all(pool)
+    .await
+}
+
+/// Revokes API token `id`: it authenticates nothing from now on.
+pub async fn revoke_token(pool: &PgPool, id: i64) -> Result<String, crate::auth::RevokeError> {
+    use crate::auth::RevokeError;
+    let row: Option<(String, Option<time::OffsetDateTime>)> = sqlx::query_as(
+        "update api_tokens t set revoked_at = coalesce(t.revoked_at, now()) \
+         from api_tokens old where t.id = $1 and old.id = t.id returning t.name, old.revoked_at",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    match row {
+        None => Err(RevokeError::NotFound(id)),
+        Some((_, Some(at))) => Err(RevokeError::AlreadyRevoked { id, at }),
+        Some((name, None)) => Ok(name),
+    }
 }
 
 /// A newly created token; `token` is shown once and never stored.
@@ -82,6 +148,10 @@ pub struct NewToken {
     pub role: Role,
     /// The bearer token.
     pub token: String,
+    /// Its listed prefix.
+    pub prefix: String,
+    /// When it expires; `None` = never.
+    pub expires_at: Option<time::OffsetDateTime>,
 }
 
 /// The sha-256 of a token, as stored.
@@ -89,22 +159,46 @@ pub fn hash_token(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
 }
 
-/// Creates a token with `role`; `name` defaults to `<role>-<id>`.
+/// Creates a token with `role` that never expires; `name` defaults to
+/// `<role>-<id>`.
 pub async fn create_token(pool: &PgPool, role: Role, name: Option<&str>) -> Result<NewToken, TokenError> {
+    create_token_expiring(pool, role, name, None).await
+}
+
+/// Creates a token with `role` that expires after `ttl` (`None` = never);
+/// `name` defaults to `<role>-<id>`.
+pub async fn create_token_expiring(
+    pool: &PgPool,
+    role: Role,
+    name: Option<&str>,
+    ttl: Option<std::time::Duration>,
+) -> Result<NewToken, TokenError> {
     if let Some(name) = name
-        && (name.is_empty() || name.chars().count() > 128)
+        && (name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control))
     {
         return Err(TokenError::BadName);
     }
+    let expires_at = match ttl {
+        None => None,
+        Some(ttl) if ttl.is_zero() || ttl.as_secs() > crate::auth::MAX_TTL_SECS => return Err(TokenError::BadTtl),
+        Some(ttl) => {
+            let ttl = time::Duration::try_from(ttl).map_err(|_| TokenError::BadTtl)?;
+            Some(time::OffsetDateTime::now_utc().checked_add(ttl).ok_or(TokenError::BadTtl)?)
+        }
+    };
     let mut secret = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut secret);
     let token = format!("{TOKEN_PREFIX}{}", hex::encode(secret));
+    let prefix = crate::auth::token_prefix(&token);
     let (id, name): (i64, String) = sqlx::query_as(
-        "insert into api_tokens (name, role, token_hash) values (coalesce($1, ''), $2, $3) returning id, name",
+        "insert into api_tokens (name, role, token_hash, expires_at, prefix) \
+         values (coalesce($1, ''), $2, $3, $4, $5) returning id, name",
     )
     .bind(name)
     .bind(role.as_str())
     .bind(hash_token(&token))
+    .bind(expires_at)
+    .bind(&prefix)
     .fetch_one(pool)
     .await?;
     let name = if name.is_empty() {
@@ -114,7 +208,7 @@ pub async fn create_token(pool: &PgPool, role: Role, name: Option<&str>) -> Resu
     } else {
         name
     };
-    Ok(NewToken { id, name, role, token })
+    Ok(NewToken { id, name, role, token, prefix, expires_at })
 }
 
 /// The authenticated caller of a request: any valid token.
@@ -147,19 +241,48 @@ impl FromRequestParts<AppState> for Caller {
             .map(str::trim)
             .filter(|token| !token.is_empty())
             .ok_or_else(|| ApiError::Unauthorized("malformed Authorization header; expected Bearer".to_owned()))?;
+        let hash = hash_token(token);
         let row: Option<(i64, String, String)> = sqlx::query_as(
             "update api_tokens set last_used_at = now() \
-             where token_hash = $1 and revoked_at is null returning id, name, role",
+             where token_hash = $1 and revoked_at is null and (expires_at is null or expires_at > now()) \
+             returning id, name, role",
         )
-        .bind(hash_token(token))
+        .bind(&hash)
         .fetch_optional(&state.pool)
         .await?;
-        let (token_id, name, role) =
-            row.ok_or_else(|| ApiError::Unauthorized("unknown or revoked token".to_owned()))?;
+        let Some((token_id, name, role)) = row else {
+            return Err(refusal(&state.pool, &hash).await?);
+        };
         let role =
             Role::parse(&role).ok_or_else(|| ApiError::Internal(format!("api token {token_id} has role {role}")))?;
         Ok(Caller { token_id, name, role })
     }
+}
+
+/// How to get a new API token, for error messages.
+const NEW_TOKEN: &str = "create a new one with `fleetban tokens create` (or `fleetban-server token create`)";
+
+/// Why the token with `hash` does not authenticate: unknown, revoked or
+/// expired.
+async fn refusal(pool: &PgPool, hash: &[u8]) -> Result<ApiError, ApiError> {
+    let row: Option<(String, Option<time::OffsetDateTime>, Option<time::OffsetDateTime>)> =
+        sqlx::query_as("select name, revoked_at, expires_at from api_tokens where token_hash = $1")
+            .bind(hash)
+            .fetch_optional(pool)
+            .await?;
+    let message = match row {
+        None => "unknown token".to_owned(),
+        Some((name, Some(at), _)) => {
+            format!("token {name:?} was revoked at {}; {NEW_TOKEN}", crate::auth::rfc3339(at))
+        }
+        Some((name, None, Some(at))) => {
+            format!("token {name:?} expired at {}; {NEW_TOKEN}", crate::auth::rfc3339(at))
+        }
+        // Expired or revoked between the two statements, or usable again:
+        // refuse this request either way.
+        Some((name, None, None)) => format!("token {name:?} is not usable; {NEW_TOKEN}"),
+    };
+    Ok(ApiError::Unauthorized(message))
 }
 
 impl FromRequestParts<AppState> for Admin {

@@ -146,9 +146,12 @@ async fn resolve_agent(state: &AppState, agent: &str) -> Result<Uuid, ApiError> 
     if let Ok(id) = agent.parse::<Uuid>() {
         return Ok(id);
     }
-    sqlx::query_scalar("select id from agents where name = $1 or hostname = $1 order by enrolled_at limit 1")
-        .bind(agent)
-        .fetch_optional(&state.pool)
-        .await?
-        .ok_or_else(|| ApiError::bad_request(format!("agent: no agent named {agent:?}")))
+    sqlx::query_scalar(
+        "select id from agents where name = $1 or hostname = $1 \
+         order by removed_at is not null, enrolled_at limit 1",
+    )
+    .bind(agent)
+    .fetch_optional(&state.pool)
+    .await?
+    .ok_or_else(|| ApiError::bad_request(format!("agent: no agent named {agent:?}")))
 }

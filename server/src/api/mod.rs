@@ -19,6 +19,7 @@
 //! - [`params`]: shared parameter parsing.
 //! - [`agents`], [`blocks`], [`allowlist`], [`attackers`], [`events`],
 //!   [`stats`], [`reports`]: the resources.
+//! - [`tokens`]: API and enrollment tokens; [`audit`]: the audit log.
 //! - [`openapi`]: the OpenAPI document.
 //! - [`dashboard`]: the embedded single-page dashboard.
 //! - [`metrics`]: Prometheus metrics and their names.
@@ -26,6 +27,7 @@
 pub mod agents;
 pub mod allowlist;
 pub mod attackers;
+pub mod audit;
 pub mod auth;
 pub mod blocks;
 pub mod dashboard;
@@ -37,6 +39,7 @@ pub mod params;
 pub mod reports;
 pub mod shadow;
 pub mod stats;
+pub mod tokens;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,7 +48,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
-use axum::routing::{MethodRouter, delete, get, post};
+use axum::routing::{MethodRouter, delete, get, patch, post};
 use sqlx::PgPool;
 use tower_http::timeout::TimeoutLayer;
 
@@ -97,7 +100,16 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::GET, "/api/v1/openapi.json", get(openapi::document)),
         (Method::GET, "/api/v1/agents", get(agents::list)),
         (Method::GET, "/api/v1/agents/{id}", get(agents::get)),
-        (Method::DELETE, "/api/v1/agents/{id}", delete(agents::revoke)),
+        (Method::PATCH, "/api/v1/agents/{id}", patch(agents::rename)),
+        (Method::DELETE, "/api/v1/agents/{id}", delete(agents::remove)),
+        (Method::POST, "/api/v1/agents/{id}/revoke", post(agents::revoke)),
+        (Method::GET, "/api/v1/tokens", get(tokens::list)),
+        (Method::POST, "/api/v1/tokens", post(tokens::create)),
+        (Method::DELETE, "/api/v1/tokens/{id}", delete(tokens::revoke)),
+        (Method::GET, "/api/v1/enroll-tokens", get(tokens::list_enroll)),
+        (Method::POST, "/api/v1/enroll-tokens", post(tokens::create_enroll)),
+        (Method::DELETE, "/api/v1/enroll-tokens/{id}", delete(tokens::revoke_enroll)),
+        (Method::GET, "/api/v1/audit", get(audit::list)),
         (Method::GET, "/api/v1/blocks", get(blocks::list)),
         (Method::POST, "/api/v1/blocks", post(blocks::create)),
         (Method::GET, "/api/v1/blocks/{id}", get(blocks::get)),

@@ -11,7 +11,7 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{agents, allowlist, attackers, blocks, dashboard, events, metrics, reports, shadow, stats};
+use super::{agents, allowlist, attackers, audit, blocks, dashboard, events, metrics, reports, shadow, stats, tokens};
 
 /// The document.
 #[derive(OpenApi)]
@@ -27,7 +27,9 @@ use super::{agents, allowlist, attackers, blocks, dashboard, events, metrics, re
     paths(
         super::healthz, super::readyz, metrics::render, document,
         dashboard::index, dashboard::script, dashboard::style,
-        agents::list, agents::get, agents::revoke,
+        agents::list, agents::get, agents::rename, agents::revoke, agents::remove,
+        tokens::list, tokens::create, tokens::revoke, tokens::list_enroll, tokens::create_enroll, tokens::revoke_enroll,
+        audit::list,
         blocks::list, blocks::create, blocks::get, blocks::delete, shadow::list,
         allowlist::list, allowlist::create, allowlist::delete_by_cidr, allowlist::delete,
         attackers::list, attackers::get,
@@ -44,6 +46,8 @@ use super::{agents, allowlist, attackers, blocks, dashboard, events, metrics, re
         (name = "events", description = "Stored log events"),
         (name = "stats", description = "Fleet statistics"),
         (name = "reports", description = "Abuse reports"),
+        (name = "tokens", description = "API and enrollment tokens (admin only)"),
+        (name = "audit", description = "Who changed what, when"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
         (name = "dashboard", description = "The embedded dashboard"),
     )

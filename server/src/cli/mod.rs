@@ -22,6 +22,9 @@ use ipnet::IpNet;
 
 use crate::text::escape;
 use reqwest::{Method, StatusCode};
+
+mod lifecycle;
+pub use lifecycle::{API_TOKEN_HEADERS, ENROLL_TOKEN_HEADERS, api_token_row, enroll_token_row};
 use serde_json::{Value, json};
 
 /// Timeout of one API call.
@@ -48,8 +51,36 @@ pub struct Cli {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// List agents.
-    Agents,
+    /// List agents; or rename, revoke or remove one.
+    Agents {
+        /// Without a command: list the fleet's agents.
+        #[command(subcommand)]
+        command: Option<lifecycle::AgentsCommand>,
+    },
+    /// API tokens: list, create, revoke.
+    Tokens {
+        /// What to do.
+        #[command(subcommand)]
+        command: lifecycle::TokensCommand,
+    },
+    /// Enrollment tokens for agents: list, create, revoke.
+    EnrollToken {
+        /// What to do.
+        #[command(subcommand)]
+        command: lifecycle::EnrollTokenCommand,
+    },
+    /// The audit log (who did what, when, to what), newest first.
+    Audit {
+        /// Since (`1h`, `24h`, `7d` or RFC 3339).
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Only this action (`agent.remove`), or a prefix ending in a dot (`agent.`).
+        #[arg(long)]
+        action: Option<String>,
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
     /// List live blocks (`--all`: also expired and removed ones).
     Blocks {
         /// Include expired and removed blocks.
@@ -401,7 +432,13 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
     let client = Client::new(cli)?;
     let json = cli.json;
     match &cli.command {
-        Command::Agents => {
+        Command::Agents { command: Some(command) } => lifecycle::agents(&client, json, command).await,
+        Command::Tokens { command } => lifecycle::tokens(&client, json, command).await,
+        Command::EnrollToken { command } => lifecycle::enroll_tokens(&client, json, command).await,
+        Command::Audit { since, action, limit } => {
+            lifecycle::audit(&client, json, since, action.as_deref(), *limit).await
+        }
+        Command::Agents { command: None } => {
             let agents = client.get("/api/v1/agents", &[]).await?;
             if json {
                 return Ok(pretty(&agents));

@@ -168,6 +168,7 @@ async fn enroll(pool: &PgPool, addr: SocketAddr, n: usize) -> anyhow::Result<Vec
                 hostname: format!("bench-{i}.example"),
                 version: "bench".into(),
                 addresses: vec![],
+                ..Default::default()
             })
             .await?
             .into_inner();
