@@ -277,12 +277,7 @@ pub fn host_id(state_dir: &Path) -> std::io::Result<String> {
     let machine_id = std::fs::read_to_string("/etc/machine-id").ok().map(|m| m.trim().to_owned());
     let id = derive_host_id(machine_id.as_deref().filter(|m| !m.is_empty()), state_dir);
     std::fs::create_dir_all(state_dir)?;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&tmp)?;
-    file.write_all(format!("{id}\n").as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
+    crate::fsutil::write_atomic(&path, format!("{id}\n").as_bytes(), 0o644)?;
     Ok(id)
 }
 
