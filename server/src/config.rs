@@ -308,6 +308,10 @@ impl ServerConfig {
         if self.change_log_retention_days == 0 || self.change_log_retention_days > 3650 {
             return Err(ConfigError::Invalid { key: "change_log_retention_days", problem: "must be 1 to 3650".into() });
         }
+        if let Some(url) = &self.database_url {
+            crate::db::parse_url(url)
+                .map_err(|error| ConfigError::Invalid { key: "database_url", problem: error.to_string() })?;
+        }
         if self.db_max_connections < 2 {
             return Err(ConfigError::Invalid { key: "db_max_connections", problem: "must be at least 2".into() });
         }

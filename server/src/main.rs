@@ -203,9 +203,16 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // Logs go to stderr: stdout carries what commands print (tokens, paths).
+    // Colours only on a terminal (journald stores the codes verbatim).
+    // Postgres notices are not for operators (sessions also ask for warnings
+    // only, see `db::connect`); sqlx's warnings (slow statements) stay.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_ansi(fleetban_proto::stderr_log_colours())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx::postgres::notice=warn".into()),
+        )
         .init();
     match Cli::parse().command {
         Command::Replay(args) => replay(args).await?,

@@ -191,3 +191,33 @@ async fn cli_tables_escape_client_text_and_json_stays_exact(pool: PgPool) {
     assert_eq!(json[0]["raw"], raw);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_database_outage_is_reported_as_such_not_as_a_bare_500() {
+    // The API over a pool whose database cannot be reached (nothing listens
+    // on port 1 of loopback).
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(std::time::Duration::from_millis(500))
+        .connect_lazy("postgres://fleetban@127.0.0.1:1/fleetban")
+        .unwrap();
+    let app = fleetban_server::api::router(fleetban_server::api::AppState::new(
+        pool,
+        fleetban_server::correlate::CorrelateConfig::default(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let response = reqwest::Client::new()
+        .get(format!("{url}/api/v1/agents"))
+        .bearer_auth("fbt_0000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "database_unavailable", "{body}");
+    let output = fleetban(&url, Some("fbt_0000"), &["agents"]).await;
+    fails(&output, "503 service unavailable: the database is unavailable");
+    server.abort();
+}
