@@ -29,14 +29,14 @@
 //! roots); `http://` is accepted only for loopback servers or with
 //! `insecure` (tests, lab setups).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use fleetban_proto::v1::agent_frame::Frame;
@@ -300,6 +300,114 @@ pub struct UplinkStats {
     pub blocklists_applied: AtomicU64,
     /// When the current (or last) session opened, unix ms.
     pub connected_since_ms: AtomicI64,
+    /// Events the server rejected per reason (`Ack.rejections`), and the
+    /// rate limit of their log.
+    pub rejections: Mutex<Rejections>,
+}
+
+/// Events the server rejected: counts per reason and the log's rate limit.
+#[derive(Debug, Default)]
+pub struct Rejections {
+    /// Events per reason label.
+    pub counts: BTreeMap<String, u64>,
+    /// When each reason was last logged.
+    pub log: RejectionLog,
+}
+
+impl UplinkStats {
+    /// The rejected events per reason, for metrics.
+    pub fn rejected(&self) -> BTreeMap<String, u64> {
+        self.rejections.lock().unwrap_or_else(PoisonError::into_inner).counts.clone()
+    }
+}
+
+/// Most distinct rejection reasons counted; further ones count as `other`.
+const MAX_REJECTION_REASONS: usize = 16;
+/// A rejection reason is logged at once, then at most once per this
+/// interval with the events and batches since.
+pub const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(300);
+
+/// A server-sent reason as a metric label: a short `[a-z0-9_]` code, else
+/// `other`. An older server sends no reasons: `unspecified`.
+pub fn rejection_label(reason: &str) -> &str {
+    let valid = !reason.is_empty()
+        && reason.len() <= 32
+        && reason.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if valid { reason } else { "other" }
+}
+
+/// Rate limit of the rejection log: per reason, the first rejection is
+/// logged, then the totals at most once per [`REJECTION_LOG_INTERVAL`].
+#[derive(Debug, Default)]
+pub struct RejectionLog {
+    reasons: BTreeMap<String, PendingRejections>,
+}
+
+#[derive(Debug)]
+struct PendingRejections {
+    logged_at: Option<tokio::time::Instant>,
+    events: u64,
+    batches: u64,
+}
+
+impl RejectionLog {
+    /// Records `events` rejected for `reason` in one batch at `now`; returns
+    /// the events and batches to log now (since the last line of the
+    /// reason), or `None` while the reason was logged recently.
+    pub fn record(&mut self, reason: &str, events: u64, now: tokio::time::Instant) -> Option<(u64, u64)> {
+        let pending = self
+            .reasons
+            .entry(reason.to_owned())
+            .or_insert(PendingRejections { logged_at: None, events: 0, batches: 0 });
+        pending.events += events;
+        pending.batches += 1;
+        let due = pending.logged_at.is_none_or(|at| now.duration_since(at) >= REJECTION_LOG_INTERVAL);
+        if !due {
+            return None;
+        }
+        pending.logged_at = Some(now);
+        let out = (pending.events, pending.batches);
+        (pending.events, pending.batches) = (0, 0);
+        Some(out)
+    }
+}
+
+/// Counts and logs (rate-limited) the events an `Ack` reports rejected.
+pub fn note_rejections(ack: &fleetban_proto::v1::Ack, stats: &UplinkStats) {
+    let unspecified;
+    let rejections: &[fleetban_proto::v1::Rejection] = if ack.rejections.is_empty() {
+        if ack.rejected_events == 0 {
+            return;
+        }
+        unspecified = [fleetban_proto::v1::Rejection {
+            reason: "unspecified".into(),
+            events: ack.rejected_events,
+            detail: "the server does not say why (it predates rejection reasons); see its log".into(),
+        }];
+        &unspecified
+    } else {
+        &ack.rejections
+    };
+    let now = tokio::time::Instant::now();
+    let mut state = stats.rejections.lock().unwrap_or_else(PoisonError::into_inner);
+    for rejection in rejections {
+        let mut label = rejection_label(&rejection.reason).to_owned();
+        if !state.counts.contains_key(&label) && state.counts.len() >= MAX_REJECTION_REASONS {
+            label = "other".into();
+        }
+        *state.counts.entry(label.clone()).or_default() += u64::from(rejection.events);
+        if let Some((events, batches)) = state.log.record(&label, u64::from(rejection.events), now) {
+            // The detail is the server's text: one line, bounded.
+            let detail: String =
+                rejection.detail.chars().take(512).map(|c| if c.is_control() { ' ' } else { c }).collect();
+            warn!(
+                reason = %label, events, batches, seq = ack.seq, %detail,
+                "The server rejected events (not stored); counted in fleetban_agent_rejected_events_total{{reason}}, \
+                 logged again at most every {} s.",
+                REJECTION_LOG_INTERVAL.as_secs()
+            );
+        }
+    }
 }
 
 /// The callback that receives the fleet's allowlist ranges.
@@ -592,9 +700,7 @@ async fn handle_frame(
     match frame.frame {
         Some(In::Ack(ack)) => {
             let seq = ack.seq;
-            if ack.rejected_events > 0 {
-                warn!(seq, rejected_events = ack.rejected_events, "Server rejected some events of a batch.");
-            }
+            note_rejections(&ack, &stats);
             spool_call(&ctx.spool, move |spool| spool.ack(seq)).await?;
             in_flight.retain(|s| *s > seq);
             stats.last_ack_seq.fetch_max(seq, Ordering::Relaxed);
@@ -657,6 +763,39 @@ mod tests {
         }
         assert!(backoff(30) <= Duration::from_secs(30));
         assert!(backoff(30) >= Duration::from_secs(15));
+    }
+
+    #[test]
+    fn rejections_are_counted_per_reason_and_logged_once_per_interval() {
+        use fleetban_proto::v1::{Ack, Rejection};
+        let stats = UplinkStats::default();
+        let too_old = |events| Ack {
+            seq: 1,
+            rejected_events: events + 1,
+            rejections: vec![
+                Rejection { reason: "too_old".into(), events, detail: "max_event_age_days".into() },
+                Rejection { reason: "Bad Label!".into(), events: 1, detail: String::new() },
+            ],
+        };
+        for _ in 0..116 {
+            note_rejections(&too_old(50), &stats);
+        }
+        // An older server: a count without reasons.
+        note_rejections(&Ack { seq: 2, rejected_events: 3, rejections: Vec::new() }, &stats);
+        let counts = stats.rejected();
+        assert_eq!(counts.get("too_old"), Some(&5800));
+        assert_eq!(counts.get("other"), Some(&116));
+        assert_eq!(counts.get("unspecified"), Some(&3));
+
+        let mut log = RejectionLog::default();
+        let start = tokio::time::Instant::now();
+        assert_eq!(log.record("too_old", 50, start), Some((50, 1)), "the first is logged at once");
+        for i in 1..116 {
+            assert_eq!(log.record("too_old", 50, start + Duration::from_secs(i)), None);
+        }
+        assert_eq!(log.record("in_future", 2, start), Some((2, 1)), "each reason has its own line");
+        let later = start + REJECTION_LOG_INTERVAL;
+        assert_eq!(log.record("too_old", 50, later), Some((116 * 50, 116)), "then the totals since");
     }
 
     #[test]

@@ -94,7 +94,7 @@ impl AgentService for Fake {
                             store.received.push(batch.seq);
                             if store.ack {
                                 store.stored.insert(batch.seq);
-                                Some(Out::Ack(Ack { seq: batch.seq, rejected_events: 0 }))
+                                Some(Out::Ack(Ack { seq: batch.seq, ..Ack::default() }))
                             } else {
                                 None
                             }

@@ -238,6 +238,7 @@ async fn main() -> anyhow::Result<()> {
                     change_log: Duration::from_secs(u64::from(cfg.change_log_retention_days) * 86_400),
                 },
                 limits: cfg.limits.clone(),
+                max_event_age: Duration::from_secs(u64::from(cfg.max_event_age_days) * 86_400),
                 ..Default::default()
             };
             check_descriptors(&cfg);
