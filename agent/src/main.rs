@@ -288,7 +288,12 @@ fn enroll_cmd(args: EnrollArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let credentials = runtime
         .block_on(uplink::enroll(&options, &args.token, &uplink::hostname(), &addresses))
-        .with_context(|| format!("enrollment with {server} failed"))?;
+        .map_err(|error| {
+            // One line: the error carries its causes; no source chain to
+            // print a second time.
+            let hint = error.hint(&options, true).map(|hint| format!("; {hint}")).unwrap_or_default();
+            anyhow::anyhow!("enrollment with {server} failed: {error}{hint}")
+        })?;
     let path = credentials
         .store(&state_dir)
         .with_context(|| format!("cannot store the credentials in {}", state_dir.display()))?;
