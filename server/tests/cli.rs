@@ -116,6 +116,8 @@ async fn cli_reads_and_writes_through_the_api(pool: PgPool) {
     );
     let events = ok(&fleetban(&url, Some(&t.read), &["events", "--ip", "203.0.113.7"]).await);
     assert_eq!(events.lines().count(), 6, "{events}");
+    // Piped output: absolute times with their zone.
+    assert!(events.lines().skip(1).all(|line| line.split("  ").next().unwrap().ends_with(" UTC")), "{events}");
     let events: Value = serde_json::from_str(&ok(&fleetban(
         &url,
         Some(&t.read),
@@ -124,6 +126,14 @@ async fn cli_reads_and_writes_through_the_api(pool: PgPool) {
     .await))
     .unwrap();
     assert_eq!(events.as_array().unwrap().len(), 2);
+    for event in events.as_array().unwrap() {
+        let time = event["time"].as_str().unwrap();
+        assert!(time.ends_with('Z') || time.contains('+'), "JSON times carry their zone: {time}");
+    }
+    // A kind that does not exist fails (clap's usage error) listing the kinds.
+    let bogus = fleetban(&url, Some(&t.read), &["events", "--kind", "bogus"]).await;
+    let stderr = String::from_utf8_lossy(&bogus.stderr);
+    assert!(!bogus.status.success() && stderr.contains("'bogus'") && stderr.contains("auth_failed"), "{stderr}");
     let report = ok(&fleetban(&url, Some(&t.read), &["report", "203.0.113.7"]).await);
     assert!(report.starts_with("Abuse report: SMTP abuse from 203.0.113.7"), "{report}");
     assert!(report.contains("against 2 of our mail servers"), "{report}");
