@@ -64,6 +64,19 @@ enum Command {
         #[arg(long)]
         insecure: bool,
     },
+    /// Check a configuration as `serve` would, without serving: every key,
+    /// the database URL's form, plaintext rules and the TLS files; with
+    /// `--connect` also the database. Exits non-zero naming the problem.
+    CheckConfig {
+        #[command(flatten)]
+        source: Source,
+        /// Allow plaintext gRPC on a non-loopback listener (as `serve --insecure`).
+        #[arg(long)]
+        insecure: bool,
+        /// Also connect to the database.
+        #[arg(long)]
+        connect: bool,
+    },
     /// Enrollment tokens for new agents.
     EnrollToken {
         #[command(subcommand)]
@@ -243,6 +256,17 @@ async fn main() -> anyhow::Result<()> {
             };
             check_descriptors(&cfg);
             run(pool, options, cfg.grpc_listen, cfg.http_listen, shutdown_signal()).await?;
+        }
+        Command::CheckConfig { source, insecure, connect } => {
+            let overrides = Overrides { insecure, ..Overrides::default() };
+            let cfg = resolve(&source, overrides)?;
+            let url = database_url(&cfg)?;
+            tls::server_config(cfg.tls.as_ref(), cfg.grpc_listen, cfg.insecure)?;
+            if connect {
+                db::connect(&url, 2).await?;
+            }
+            let what = source.config.as_ref().map_or_else(|| "defaults".to_owned(), |p| p.display().to_string());
+            println!("{what}: OK{}", if connect { " (database reachable)" } else { "" });
         }
         Command::EnrollToken { command: TokenCommand::Create { source, uses, ttl, note } } => {
             let cfg = resolve(&source, Overrides::default())?;
