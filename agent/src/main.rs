@@ -286,9 +286,8 @@ fn enroll_cmd(args: EnrollArgs) -> anyhow::Result<()> {
         insecure: args.insecure,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let credentials = runtime
-        .block_on(uplink::enroll(&options, &args.token, &uplink::hostname(), &addresses))
-        .map_err(|error| {
+    let credentials =
+        runtime.block_on(uplink::enroll(&options, &args.token, &uplink::hostname(), &addresses)).map_err(|error| {
             // One line: the error carries its causes; no source chain to
             // print a second time.
             let hint = error.hint(&options, true).map(|hint| format!("; {hint}")).unwrap_or_default();

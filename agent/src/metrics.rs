@@ -331,7 +331,11 @@ mod tests {
         let ack = fleetban_proto::v1::Ack {
             seq: 1,
             rejected_events: 5,
-            rejections: vec![fleetban_proto::v1::Rejection { reason: "too_old".into(), events: 5, detail: String::new() }],
+            rejections: vec![fleetban_proto::v1::Rejection {
+                reason: "too_old".into(),
+                events: 5,
+                detail: String::new(),
+            }],
         };
         crate::uplink::note_rejections(&ack, &uplink);
         firewall.drift_repaired.store(3, Ordering::Relaxed);

@@ -144,7 +144,8 @@ impl From<tonic::transport::Error> for UplinkError {
                 io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static))
             });
             for candidate in [Some(current), inner].into_iter().flatten() {
-                if let Some(rustls::Error::InvalidCertificate(certificate)) = candidate.downcast_ref::<rustls::Error>() {
+                if let Some(rustls::Error::InvalidCertificate(certificate)) = candidate.downcast_ref::<rustls::Error>()
+                {
                     use rustls::CertificateError as C;
                     tls = Some(match certificate {
                         C::UnknownIssuer => TlsProblem::UnknownIssuer,
@@ -465,10 +466,11 @@ impl RejectionLog {
     /// the events and batches to log now (since the last line of the
     /// reason), or `None` while the reason was logged recently.
     pub fn record(&mut self, reason: &str, events: u64, now: tokio::time::Instant) -> Option<(u64, u64)> {
-        let pending = self
-            .reasons
-            .entry(reason.to_owned())
-            .or_insert(PendingRejections { logged_at: None, events: 0, batches: 0 });
+        let pending = self.reasons.entry(reason.to_owned()).or_insert(PendingRejections {
+            logged_at: None,
+            events: 0,
+            batches: 0,
+        });
         pending.events += events;
         pending.batches += 1;
         let due = pending.logged_at.is_none_or(|at| now.duration_since(at) >= REJECTION_LOG_INTERVAL);
@@ -633,7 +635,7 @@ impl ReconnectLog {
     /// since the previous line.
     pub fn due(&mut self, error: &str, attempt: u32) -> Option<u64> {
         let repeated = self.last.as_deref() == Some(error);
-        if repeated && !(attempt.is_power_of_two() || attempt % 20 == 0) {
+        if repeated && !(attempt.is_power_of_two() || attempt.is_multiple_of(20)) {
             self.suppressed += 1;
             return None;
         }

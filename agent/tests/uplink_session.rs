@@ -364,7 +364,8 @@ async fn tls_and_enrollment_errors_say_what_to_do() {
     let port = listener.local_addr().unwrap().port();
     let (_kill, kill_rx) = watch::channel(false);
     let fake = Fake { store: Arc::default(), kill: kill_rx };
-    let tls = tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(&cert_pem, key_pem));
+    let tls =
+        tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(&cert_pem, key_pem));
     let server = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .tls_config(tls)

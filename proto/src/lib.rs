@@ -35,6 +35,11 @@ pub fn stderr_log_colours() -> bool {
     log_colours(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref())
 }
 
+/// Request metadata key of the agent id on `Connect`.
+pub const AGENT_ID_HEADER: &str = "x-fleetban-agent-id";
+/// Request metadata key of the agent secret on `Connect`.
+pub const AGENT_SECRET_HEADER: &str = "x-fleetban-agent-secret";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,8 +52,3 @@ mod tests {
         assert!(!log_colours(false, None));
     }
 }
-
-/// Request metadata key of the agent id on `Connect`.
-pub const AGENT_ID_HEADER: &str = "x-fleetban-agent-id";
-/// Request metadata key of the agent secret on `Connect`.
-pub const AGENT_SECRET_HEADER: &str = "x-fleetban-agent-secret";

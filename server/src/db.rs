@@ -182,7 +182,8 @@ fn one_line(error: &dyn std::error::Error) -> String {
 /// LLVM that way (pg_stat_statements: 41 s of JIT in 41 s of execution).
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, Error> {
     let options = parse_url(url)?.options([("jit", "off"), ("client_min_messages", "warning")]);
-    let failed = |error: &sqlx::Error| Error::Connect { target: target(&options), cause: one_line(error), hint: hint(error) };
+    let failed =
+        |error: &sqlx::Error| Error::Connect { target: target(&options), cause: one_line(error), hint: hint(error) };
     match tokio::time::timeout(CONNECT_TIMEOUT, options.connect()).await {
         Ok(Ok(connection)) => {
             let _ = connection.close().await;
@@ -215,7 +216,10 @@ mod tests {
 
     #[test]
     fn urls_are_shown_without_their_password() {
-        assert_eq!(redact_url("postgres://fleetban:s3cret@db:5432/fleetban"), "postgres://fleetban:***@db:5432/fleetban");
+        assert_eq!(
+            redact_url("postgres://fleetban:s3cret@db:5432/fleetban"),
+            "postgres://fleetban:***@db:5432/fleetban"
+        );
         assert_eq!(redact_url("fleetban:s3cret@db/fleetban"), "fleetban:***@db/fleetban");
         assert_eq!(redact_url("postgres://db/x?user=a&password=s3cret"), "postgres://db/x?user=a&password=***");
         assert_eq!(redact_url("postgres://fleetban@db/x"), "postgres://fleetban@db/x");

@@ -342,9 +342,9 @@ pub fn redact_mailboxes(line: &str) -> String {
     // A value after one of these keys ends at whitespace, `)` or `>`.
     let keys = ["set_id=", "A=", "U="];
     while !rest.is_empty() {
-        let key = keys.iter().find(|k| {
-            rest.starts_with(**k) && out.chars().last().is_none_or(|c| c.is_whitespace() || c == '(')
-        });
+        let key = keys
+            .iter()
+            .find(|k| rest.starts_with(**k) && out.chars().last().is_none_or(|c| c.is_whitespace() || c == '('));
         if let Some(key) = key {
             out.push_str(key);
             rest = &rest[key.len()..];
@@ -398,7 +398,8 @@ fn redact_delivery_targets(line: &str) -> String {
 
 /// Replaces every `local@domain` by `[mailbox]`.
 fn redact_addresses(line: &str) -> String {
-    let boundary = |c: char| c.is_whitespace() || matches!(c, '<' | '>' | '(' | ')' | '"' | '\'' | '=' | ',' | ';' | '[' | ']');
+    let boundary =
+        |c: char| c.is_whitespace() || matches!(c, '<' | '>' | '(' | ')' | '"' | '\'' | '=' | ',' | ';' | '[' | ']');
     let mut out = String::with_capacity(line.len());
     let mut word_start = 0;
     let flush = |out: &mut String, word: &str| {
@@ -683,7 +684,9 @@ mod tests {
             let out = redact_mailboxes(line);
             for secret in ["info", "customer.example", "jsmith", "bounce", "alice", "bob", "victim", "carol", "m1@"] {
                 let leaked = out.split(|c: char| !c.is_alphanumeric() && c != '.' && c != '@').any(|w| {
-                    w == secret || w.starts_with(secret) && secret.ends_with('@') || w.contains(secret) && secret.contains('.')
+                    w == secret
+                        || w.starts_with(secret) && secret.ends_with('@')
+                        || w.contains(secret) && secret.contains('.')
                 });
                 assert!(!leaked, "{secret} left in {out}");
             }
@@ -707,7 +710,10 @@ mod tests {
         data.blocks[0].revoked_at = None;
         data.blocks[0].expires_at = Some(datetime!(2026-11-27 02:30:00 UTC));
         let text = render(&data, false);
-        assert!(text.contains("State: no longer blocked") && text.contains("expired 2026-11-27 02:30:00 UTC"), "{text}");
+        assert!(
+            text.contains("State: no longer blocked") && text.contains("expired 2026-11-27 02:30:00 UTC"),
+            "{text}"
+        );
         // Never.
         data.blocks.clear();
         let text = render(&data, false);

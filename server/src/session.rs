@@ -40,8 +40,8 @@ use fleetban_proto::v1::agent_frame::Frame;
 use fleetban_proto::v1::agent_service_server::AgentService;
 use fleetban_proto::v1::server_frame::Frame as Out;
 use fleetban_proto::v1::{
-    Ack, AgentFrame, Applied, EnrollRequest, EnrollResponse, Heartbeat, Hello, LocalBlock, Nack, Rejection, ServerFrame,
-    Welcome,
+    Ack, AgentFrame, Applied, EnrollRequest, EnrollResponse, Heartbeat, Hello, LocalBlock, Nack, Rejection,
+    ServerFrame, Welcome,
 };
 use ipnet::IpNet;
 use sqlx::PgPool;

@@ -103,7 +103,10 @@ async fn database_errors_name_the_target_and_the_expected_url_form() {
     let out = run("fleetban:s3cret@db.example/fleetban").await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("must start with postgres://") && stderr.contains(fleetban_server::db::URL_FORM), "{stderr}");
+    assert!(
+        stderr.contains("must start with postgres://") && stderr.contains(fleetban_server::db::URL_FORM),
+        "{stderr}"
+    );
     assert!(!stderr.contains("s3cret"), "{stderr}");
     // Nothing listens on port 1 of loopback.
     let out = run("postgres://fleetban:s3cret@127.0.0.1:1/fleetban").await.unwrap();

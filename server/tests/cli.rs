@@ -218,12 +218,8 @@ async fn a_database_outage_is_reported_as_such_not_as_a_bare_500() {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let response = reqwest::Client::new()
-        .get(format!("{url}/api/v1/agents"))
-        .bearer_auth("fbt_0000")
-        .send()
-        .await
-        .unwrap();
+    let response =
+        reqwest::Client::new().get(format!("{url}/api/v1/agents")).bearer_auth("fbt_0000").send().await.unwrap();
     assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "database_unavailable", "{body}");
