@@ -134,9 +134,18 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status_code();
-        if status.is_server_error() {
+        match &self {
+            ApiError::Database(error) if crate::db::is_unavailable(error) => {
+                tracing::error!(
+                    error = %crate::text::Escaped(&self.to_string()), hint = crate::db::hint(error),
+                    "API request failed: the database is unavailable."
+                );
+            }
             // Database messages can quote the client's values.
-            tracing::error!(error = %crate::text::Escaped(&self.to_string()), "API request failed.");
+            _ if status.is_server_error() => {
+                tracing::error!(error = %crate::text::Escaped(&self.to_string()), "API request failed.");
+            }
+            _ => {}
         }
         let body = ErrorBody { error: ErrorDetail { code: self.code(), message: self.public_message() } };
         (status, Json(body)).into_response()
