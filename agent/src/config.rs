@@ -643,15 +643,25 @@ fn validate_server(server: &str) -> Result<(), String> {
     }
 }
 
+/// The same resolution `run` does ([`crate::parse::Timezone::from_config`]),
+/// so a zone `run` would refuse fails the load (and `check-config`) too.
+/// `"local"` is resolved as well: an agent on a host whose system zone
+/// cannot be determined must be told so before it starts.
 fn validate_timezone(zone: &str) -> Result<(), String> {
-    if zone == "local" || zone == "UTC" {
-        return Ok(());
-    }
     let valid = !zone.is_empty()
         && !zone.starts_with('/')
         && !zone.split('/').any(|part| part.is_empty() || part == "." || part == "..")
         && zone.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-' | '+'));
-    if valid { Ok(()) } else { Err(format!("`{zone}` is not \"local\", \"UTC\" or an IANA zone name")) }
+    if !valid {
+        return Err(format!("`{zone}` is not \"local\", \"UTC\" or an IANA zone name"));
+    }
+    crate::parse::Timezone::from_config(zone).map(drop).map_err(|error| match error {
+        crate::parse::TimezoneError::Unknown { .. } => format!(
+            "`{zone}` is not in the time-zone database; use \"local\", \"UTC\" or an IANA name such as \"Europe/Berlin\" \
+             (see `timedatectl list-timezones`)"
+        ),
+        system => format!("{system}; set an IANA name such as \"Europe/Berlin\" or \"UTC\""),
+    })
 }
 
 #[cfg(test)]
@@ -783,6 +793,7 @@ cidrs = ["192.0.2.0/24", "2001:db8::1"]
             ("[[source]]\npath = \"/a\"\nkind = \"postfix\"\n", "kind"),
             ("[[source]]\npath = \"/a\"\n[[source]]\npath = \"/a\"\n", "source[1].path"),
             ("timezone = \"../etc/passwd\"\n", "timezone"),
+            ("timezone = \"Europe/Berln\"\n", "timezone"),
             ("state_dir = \"relative\"\n", "state_dir"),
             ("[firewall]\nreconcile_secs = 1\n", "firewall.reconcile_secs"),
             ("[firewall]\nextra_ports = [26, 0]\n", "firewall.extra_ports"),

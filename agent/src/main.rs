@@ -1,7 +1,7 @@
 //! `fleetban-agent`: parses arguments and hands over to the library.
 
 use std::fs::File;
-use std::io::{self, BufWriter, IsTerminal, Write};
+use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -167,7 +167,7 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
-        .with_ansi(io::stderr().is_terminal())
+        .with_ansi(fleetban_proto::stderr_log_colours())
         .init();
 }
 
@@ -301,9 +301,12 @@ fn enroll_cmd(args: EnrollArgs) -> anyhow::Result<()> {
         addresses: &addresses,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let enrolled = runtime
-        .block_on(uplink::enroll_as(&options, &enrollment))
-        .with_context(|| format!("enrollment with {server} failed"))?;
+    let enrolled = runtime.block_on(uplink::enroll_as(&options, &enrollment)).map_err(|error| {
+        // One line: the error carries its causes; no source chain to print a
+        // second time.
+        let hint = error.hint(&options, true).map(|hint| format!("; {hint}")).unwrap_or_default();
+        anyhow::anyhow!("enrollment with {server} failed: {error}{hint}")
+    })?;
     let credentials = enrolled.credentials;
     let path = credentials
         .store(&state_dir)

@@ -4,7 +4,8 @@
 //! format, anything else 404. Metrics: lines read, events by kind, lines
 //! skipped as ambiguous, local
 //! blocks by rule, detection evictions, spool size and pending batches,
-//! uplink state and reconnects, firewall entries, reconciles and drift
+//! uplink state and reconnects, events the server rejected by reason,
+//! firewall entries, reconciles and drift
 //! repairs.
 
 use std::fmt::Write as _;
@@ -201,6 +202,15 @@ pub fn render(sources: &Sources) -> String {
             "Batches sent.",
             &one(load(&u.batches_sent)),
         );
+        let rejected: Vec<(String, u64)> =
+            u.rejected().into_iter().map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), n)).collect();
+        metric(
+            &mut out,
+            "fleetban_agent_rejected_events_total",
+            "counter",
+            "Events the server rejected (not stored), by reason: too_old, in_future, invalid_remote, ...",
+            &rejected,
+        );
         metric(
             &mut out,
             "fleetban_agent_uplink_last_ack_seq",
@@ -345,12 +355,23 @@ mod tests {
         kinds.ambiguous.store(4, Ordering::Relaxed);
         let firewall = Arc::new(FirewallStats::default());
         firewall.entries.store(7, Ordering::Relaxed);
+        let uplink = Arc::new(UplinkStats::default());
+        let ack = fleetban_proto::v1::Ack {
+            seq: 1,
+            rejected_events: 5,
+            rejections: vec![fleetban_proto::v1::Rejection {
+                reason: "too_old".into(),
+                events: 5,
+                detail: String::new(),
+            }],
+        };
+        crate::uplink::note_rejections(&ack, &uplink);
         firewall.drift_repaired.store(3, Ordering::Relaxed);
         let sources = Sources {
             kinds: Some(kinds),
             firewall: Some(firewall),
             detect: Some(Arc::default()),
-            uplink: Some(Arc::default()),
+            uplink: Some(uplink),
             pipeline: Some(Arc::default()),
             spool: None,
         };
@@ -375,6 +396,7 @@ mod tests {
         assert!(text.contains("fleetban_agent_firewall_reconcile_repairs_total 3"));
         assert!(text.contains("fleetban_agent_local_blocks_total{rule=\"conn_rate\"} 0"));
         assert!(text.contains("fleetban_agent_uplink_reconnects_total 0"));
+        assert!(text.contains("fleetban_agent_rejected_events_total{reason=\"too_old\"} 5"), "{text}");
         assert!(text.contains("fleetban_agent_lines_total 0"));
         assert!(get("/other").await.starts_with("HTTP/1.1 404"));
         stop.send(()).unwrap();

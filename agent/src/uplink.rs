@@ -29,12 +29,12 @@
 //! roots); `http://` is accepted only for loopback servers or with
 //! `insecure` (tests, lab setups).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use fleetban_proto::v1::agent_frame::Frame;
@@ -83,12 +83,20 @@ pub enum UplinkError {
         /// What is wrong.
         message: String,
     },
-    /// The connection failed.
-    #[error("cannot connect: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    /// The connection failed (TCP, TLS or HTTP/2); `cause` is the whole
+    /// chain of the transport error on one line.
+    #[error("cannot connect: {cause}")]
+    Connect {
+        /// What failed, with its causes.
+        cause: String,
+        /// A TCP connection was refused.
+        refused: bool,
+        /// The server's certificate was refused, and why.
+        tls: Option<TlsProblem>,
+    },
     /// The server answered with an error.
-    #[error("server said {}: {}", .0.code(), .0.message())]
-    Status(#[from] tonic::Status),
+    #[error("server said {:?}: {}", .0.code(), .0.message())]
+    Status(tonic::Status),
     /// The server broke the protocol.
     #[error("protocol: {0}")]
     Protocol(String),
@@ -101,6 +109,109 @@ pub enum UplinkError {
     /// The firewall holds another version than a delta starts at.
     #[error("blocklist version gap; resynchronising")]
     Resync,
+}
+
+/// Why the server's certificate was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsProblem {
+    /// Not signed by a CA this agent trusts (`ca_file`, or the WebPKI roots).
+    UnknownIssuer,
+    /// Not issued for the host name in `server`.
+    WrongName,
+    /// Expired or not yet valid.
+    Expired,
+    /// Another certificate problem.
+    Other,
+}
+
+impl From<tonic::Status> for UplinkError {
+    fn from(status: tonic::Status) -> Self {
+        UplinkError::Status(status)
+    }
+}
+
+impl From<tonic::transport::Error> for UplinkError {
+    fn from(error: tonic::transport::Error) -> Self {
+        let mut cause = error.to_string();
+        let (mut refused, mut tls) = (false, None);
+        let mut next: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&error);
+        while let Some(current) = next {
+            // An io::Error's source() skips the error it wraps.
+            let inner = current.downcast_ref::<std::io::Error>().and_then(|io| {
+                refused |= io.kind() == std::io::ErrorKind::ConnectionRefused;
+                io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static))
+            });
+            for candidate in [Some(current), inner].into_iter().flatten() {
+                if let Some(rustls::Error::InvalidCertificate(certificate)) = candidate.downcast_ref::<rustls::Error>()
+                {
+                    use rustls::CertificateError as C;
+                    tls = Some(match certificate {
+                        C::UnknownIssuer => TlsProblem::UnknownIssuer,
+                        C::NotValidForName | C::NotValidForNameContext { .. } => TlsProblem::WrongName,
+                        C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. } => {
+                            TlsProblem::Expired
+                        }
+                        _ => TlsProblem::Other,
+                    });
+                }
+            }
+            let message = current.to_string();
+            if !cause.contains(&message) {
+                cause.push_str(": ");
+                cause.push_str(&message);
+            }
+            next = current.source();
+        }
+        UplinkError::Connect { cause: cause.replace('\n', " "), refused, tls }
+    }
+}
+
+impl UplinkError {
+    /// The server refused the agent's credentials (or the enrollment token).
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(self, UplinkError::Status(status)
+            if matches!(status.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied))
+    }
+
+    /// What the operator should do about this error, naming the config key
+    /// or the command; `enrolling` for `fleetban-agent enroll`.
+    pub fn hint(&self, server: &ServerOptions, enrolling: bool) -> Option<String> {
+        let url = &server.server;
+        match self {
+            UplinkError::Connect { tls: Some(TlsProblem::UnknownIssuer), .. } => Some(match &server.ca_file {
+                None => format!(
+                    "the certificate of {url} is not signed by a CA this host trusts: set `ca_file` in agent.toml \
+                     to the fleet's CA certificate (the ca.pem of `fleetban-server pki init`)"
+                ),
+                Some(path) => format!(
+                    "`ca_file` {} did not sign the certificate of {url}: point `ca_file` at the CA that did",
+                    path.display()
+                ),
+            }),
+            UplinkError::Connect { tls: Some(TlsProblem::WrongName), .. } => Some(format!(
+                "the certificate of {url} is not issued for that host name: use the name it was issued for \
+                 (`fleetban-server pki init --server-name`) in `server`"
+            )),
+            UplinkError::Connect { tls: Some(TlsProblem::Expired), .. } => Some(format!(
+                "the certificate of {url} is expired or not yet valid: check the clocks of both hosts, renew it"
+            )),
+            UplinkError::Connect { refused: true, .. } => Some(format!(
+                "nothing accepts connections at {url}: is fleetban-server running there, and is `server` right?"
+            )),
+            UplinkError::Status(_) if self.is_auth_failure() && enrolling => Some(
+                "create a new enrollment token on the server with `fleetban-server enroll-token create` \
+                 and enroll with it"
+                    .into(),
+            ),
+            UplinkError::Status(_) if self.is_auth_failure() => Some(format!(
+                "{url} does not accept this agent's credentials (revoked, or enrolled with another server or \
+                 database): re-enroll with `fleetban-agent enroll --server {url} --token TOKEN --config \
+                 /etc/fleetban/agent.toml` (a token from `fleetban-server enroll-token create`), then restart \
+                 fleetban-agent"
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// The agent's identity, stored in `state_dir/credentials.json` (mode 0600).
@@ -389,6 +500,115 @@ pub struct UplinkStats {
     pub blocklists_applied: AtomicU64,
     /// When the current (or last) session opened, unix ms.
     pub connected_since_ms: AtomicI64,
+    /// Events the server rejected per reason (`Ack.rejections`), and the
+    /// rate limit of their log.
+    pub rejections: Mutex<Rejections>,
+}
+
+/// Events the server rejected: counts per reason and the log's rate limit.
+#[derive(Debug, Default)]
+pub struct Rejections {
+    /// Events per reason label.
+    pub counts: BTreeMap<String, u64>,
+    /// When each reason was last logged.
+    pub log: RejectionLog,
+}
+
+impl UplinkStats {
+    /// The rejected events per reason, for metrics.
+    pub fn rejected(&self) -> BTreeMap<String, u64> {
+        self.rejections.lock().unwrap_or_else(PoisonError::into_inner).counts.clone()
+    }
+}
+
+/// Most distinct rejection reasons counted; further ones count as `other`.
+const MAX_REJECTION_REASONS: usize = 16;
+/// A rejection reason is logged at once, then at most once per this
+/// interval with the events and batches since.
+pub const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(300);
+
+/// A server-sent reason as a metric label: a short `[a-z0-9_]` code, else
+/// `other`. An older server sends no reasons: `unspecified`.
+pub fn rejection_label(reason: &str) -> &str {
+    let valid = !reason.is_empty()
+        && reason.len() <= 32
+        && reason.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if valid { reason } else { "other" }
+}
+
+/// Rate limit of the rejection log: per reason, the first rejection is
+/// logged, then the totals at most once per [`REJECTION_LOG_INTERVAL`].
+#[derive(Debug, Default)]
+pub struct RejectionLog {
+    reasons: BTreeMap<String, PendingRejections>,
+}
+
+#[derive(Debug)]
+struct PendingRejections {
+    logged_at: Option<tokio::time::Instant>,
+    events: u64,
+    batches: u64,
+}
+
+impl RejectionLog {
+    /// Records `events` rejected for `reason` in one batch at `now`; returns
+    /// the events and batches to log now (since the last line of the
+    /// reason), or `None` while the reason was logged recently.
+    pub fn record(&mut self, reason: &str, events: u64, now: tokio::time::Instant) -> Option<(u64, u64)> {
+        let pending = self.reasons.entry(reason.to_owned()).or_insert(PendingRejections {
+            logged_at: None,
+            events: 0,
+            batches: 0,
+        });
+        pending.events += events;
+        pending.batches += 1;
+        let due = pending.logged_at.is_none_or(|at| now.duration_since(at) >= REJECTION_LOG_INTERVAL);
+        if !due {
+            return None;
+        }
+        pending.logged_at = Some(now);
+        let out = (pending.events, pending.batches);
+        (pending.events, pending.batches) = (0, 0);
+        Some(out)
+    }
+}
+
+/// Counts and logs (rate-limited) the events an `Ack` reports rejected.
+pub fn note_rejections(ack: &fleetban_proto::v1::Ack, stats: &UplinkStats) {
+    let unspecified;
+    let rejections: &[fleetban_proto::v1::Rejection] = if ack.rejections.is_empty() {
+        if ack.rejected_events == 0 {
+            return;
+        }
+        unspecified = [fleetban_proto::v1::Rejection {
+            reason: "unspecified".into(),
+            events: ack.rejected_events,
+            detail: "the server does not say why (it predates rejection reasons); see its log".into(),
+        }];
+        &unspecified
+    } else {
+        &ack.rejections
+    };
+    let now = tokio::time::Instant::now();
+    let mut state = stats.rejections.lock().unwrap_or_else(PoisonError::into_inner);
+    for rejection in rejections {
+        let mut label = rejection_label(&rejection.reason).to_owned();
+        if !state.counts.contains_key(&label) && state.counts.len() >= MAX_REJECTION_REASONS {
+            label = "other".into();
+        }
+        *state.counts.entry(label.clone()).or_default() += u64::from(rejection.events);
+        if let Some((events, batches)) = state.log.record(&label, u64::from(rejection.events), now) {
+            // The detail is the server's text: one line, bounded.
+            let detail: String =
+                rejection.detail.chars().take(512).map(|c| if c.is_control() { ' ' } else { c }).collect();
+            warn!(
+                reason = %label, events, batches, seq = ack.seq, %detail,
+                "The server rejected events (not stored); counted in fleetban_agent_rejected_events_total{{reason}}, \
+                 logged again at most every {} s.",
+                REJECTION_LOG_INTERVAL.as_secs()
+            );
+        }
+    }
 }
 
 /// The callback that receives the fleet's allowlist ranges.
@@ -476,12 +696,55 @@ pub fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(base_ms / 2 + fastrand::u64(0..=base_ms / 2))
 }
 
+/// The delay before reconnect attempt `attempt` (0-based) after the server
+/// refused the agent's credentials: they will not start working by
+/// themselves, so from 1 min doubling to [`AUTH_BACKOFF_CAP`], jittered down
+/// by up to a quarter.
+pub fn auth_backoff(attempt: u32) -> Duration {
+    let base_ms = 60_000u64.saturating_mul(1u64 << attempt.min(16)).min(AUTH_BACKOFF_CAP.as_millis() as u64);
+    Duration::from_millis(base_ms - fastrand::u64(0..=base_ms / 4))
+}
+
+/// Longest wait between two tries with refused credentials.
+pub const AUTH_BACKOFF_CAP: Duration = Duration::from_secs(3600);
+
+/// Which failed sessions are logged: a new error at once; the same error
+/// again only at each backoff step (attempts 1, 2, 4, 8, ...), and at least
+/// every 20th attempt once the backoff is at its cap, with the count of
+/// the retries in between.
+#[derive(Debug, Default)]
+pub struct ReconnectLog {
+    last: Option<String>,
+    suppressed: u64,
+}
+
+impl ReconnectLog {
+    /// Whether to log `error` on reconnect attempt `attempt` (0-based,
+    /// counted since the last good session); returns the retries not logged
+    /// since the previous line.
+    pub fn due(&mut self, error: &str, attempt: u32) -> Option<u64> {
+        let repeated = self.last.as_deref() == Some(error);
+        if repeated && !(attempt.is_power_of_two() || attempt.is_multiple_of(20)) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(error.to_owned());
+        Some(std::mem::take(&mut self.suppressed))
+    }
+
+    /// A session got its `Welcome`: the next error is new.
+    pub fn reset(&mut self) {
+        *self = ReconnectLog::default();
+    }
+}
+
 /// Runs sessions until `shutdown` resolves.
 pub async fn run(mut ctx: UplinkContext, shutdown: impl Future<Output = ()>) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let stats = ctx.stats.clone();
     tokio::pin!(shutdown);
     let mut attempt = 0u32;
+    let mut log = ReconnectLog::default();
     loop {
         let mut welcomed = false;
         let result = {
@@ -501,14 +764,35 @@ pub async fn run(mut ctx: UplinkContext, shutdown: impl Future<Output = ()>) {
         ctx.stats.connected.store(false, Ordering::Relaxed);
         if welcomed {
             attempt = 0;
+            log.reset();
         }
         let delay = match &result {
             Err(UplinkError::Resync) => Duration::ZERO,
+            Err(error) if error.is_auth_failure() => auth_backoff(attempt),
             _ => backoff(attempt),
         };
         match result {
             Ok(()) => info!("Uplink session closed by the server; reconnecting."),
-            Err(error) => warn!(%error, delay_ms = delay.as_millis() as u64, "Uplink session ended; reconnecting."),
+            Err(error) => {
+                let text = error.to_string();
+                if let Some(retries) = log.due(&text, attempt) {
+                    let retry_in_secs = delay.as_secs();
+                    let hint = error.hint(&ctx.server, false).unwrap_or_default();
+                    if error.is_auth_failure() {
+                        tracing::error!(
+                            error = %text, %hint, retry_in_secs, retries_not_logged = retries,
+                            "The server refused this agent's credentials; retrying with a long backoff."
+                        );
+                    } else {
+                        warn!(
+                            error = %text, %hint, retry_in_secs, retries_not_logged = retries,
+                            "Uplink session ended; reconnecting."
+                        );
+                    }
+                } else {
+                    debug!(error = %text, attempt, "Uplink session ended again; reconnecting.");
+                }
+            }
         }
         attempt = attempt.saturating_add(1);
         ctx.stats.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -681,9 +965,7 @@ async fn handle_frame(
     match frame.frame {
         Some(In::Ack(ack)) => {
             let seq = ack.seq;
-            if ack.rejected_events > 0 {
-                warn!(seq, rejected_events = ack.rejected_events, "Server rejected some events of a batch.");
-            }
+            note_rejections(&ack, &stats);
             spool_call(&ctx.spool, move |spool| spool.ack(seq)).await?;
             in_flight.retain(|s| *s > seq);
             stats.last_ack_seq.fetch_max(seq, Ordering::Relaxed);
@@ -746,6 +1028,63 @@ mod tests {
         }
         assert!(backoff(30) <= Duration::from_secs(30));
         assert!(backoff(30) >= Duration::from_secs(15));
+    }
+
+    #[test]
+    fn rejections_are_counted_per_reason_and_logged_once_per_interval() {
+        use fleetban_proto::v1::{Ack, Rejection};
+        let stats = UplinkStats::default();
+        let too_old = |events| Ack {
+            seq: 1,
+            rejected_events: events + 1,
+            rejections: vec![
+                Rejection { reason: "too_old".into(), events, detail: "max_event_age_days".into() },
+                Rejection { reason: "Bad Label!".into(), events: 1, detail: String::new() },
+            ],
+        };
+        for _ in 0..116 {
+            note_rejections(&too_old(50), &stats);
+        }
+        // An older server: a count without reasons.
+        note_rejections(&Ack { seq: 2, rejected_events: 3, rejections: Vec::new() }, &stats);
+        let counts = stats.rejected();
+        assert_eq!(counts.get("too_old"), Some(&5800));
+        assert_eq!(counts.get("other"), Some(&116));
+        assert_eq!(counts.get("unspecified"), Some(&3));
+
+        let mut log = RejectionLog::default();
+        let start = tokio::time::Instant::now();
+        assert_eq!(log.record("too_old", 50, start), Some((50, 1)), "the first is logged at once");
+        for i in 1..116 {
+            assert_eq!(log.record("too_old", 50, start + Duration::from_secs(i)), None);
+        }
+        assert_eq!(log.record("in_future", 2, start), Some((2, 1)), "each reason has its own line");
+        let later = start + REJECTION_LOG_INTERVAL;
+        assert_eq!(log.record("too_old", 50, later), Some((116 * 50, 116)), "then the totals since");
+    }
+
+    #[test]
+    fn refused_credentials_back_off_long_and_repeats_are_logged_per_step() {
+        assert!(auth_backoff(0) >= Duration::from_secs(45) && auth_backoff(0) <= Duration::from_secs(60));
+        assert!(auth_backoff(20) <= AUTH_BACKOFF_CAP && auth_backoff(20) >= AUTH_BACKOFF_CAP * 3 / 4);
+        let refused = UplinkError::from(tonic::Status::unauthenticated("unknown agent or wrong secret"));
+        assert!(refused.is_auth_failure());
+        assert!(!UplinkError::Protocol("x".into()).is_auth_failure());
+        let server = ServerOptions { server: "https://fleet.example.net:50051".into(), ca_file: None, insecure: false };
+        let hint = refused.hint(&server, false).unwrap();
+        assert!(hint.contains("fleetban-agent enroll --server https://fleet.example.net:50051"), "{hint}");
+        assert!(refused.hint(&server, true).unwrap().contains("enroll-token create"));
+
+        let mut log = ReconnectLog::default();
+        let text = refused.to_string();
+        let logged: Vec<u32> = (0..100).filter(|attempt| log.due(&text, *attempt).is_some()).collect();
+        assert_eq!(logged, [0, 1, 2, 4, 8, 16, 20, 32, 40, 60, 64, 80]);
+        // Attempts 81 to 99 repeated the error silently.
+        assert_eq!(log.due("another error", 100), Some(19), "a new error is logged at once, with the count");
+        assert_eq!(log.due(&text, 82), Some(0));
+        assert_eq!(log.due(&text, 83), None);
+        assert_eq!(log.due(&text, 84), None);
+        assert_eq!(log.due(&text, 100), Some(2), "with the retries in between");
     }
 
     #[test]

@@ -72,6 +72,28 @@ fn bad_config_fails_naming_the_key() {
 }
 
 #[test]
+fn check_config_refuses_a_time_zone_that_run_would_refuse() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("log");
+    let config = write_config(dir.path(), &log, "end", "");
+    let text = std::fs::read_to_string(&config).expect("read config");
+    for (zone, valid) in [("Europe/Berln", false), ("Europe/Berlin", true)] {
+        std::fs::write(&config, text.replace("timezone = \"UTC\"", &format!("timezone = \"{zone}\""))).expect("write");
+        let path = config.to_str().expect("utf-8");
+        let checked = agent(&["check-config", "--no-host", "--config", path]);
+        let stderr = String::from_utf8_lossy(&checked.stderr);
+        assert_eq!(checked.status.success(), valid, "check-config {zone}: {stderr}");
+        if !valid {
+            assert!(stderr.contains("timezone") && stderr.contains("Europe/Berln"), "{stderr}");
+            // `run` refuses it the same way, before starting anything.
+            let run = agent(&["run", "--config", path]);
+            assert!(!run.status.success());
+            assert!(String::from_utf8_lossy(&run.stderr).contains("timezone"));
+        }
+    }
+}
+
+#[test]
 fn run_spools_new_lines_without_a_server_and_status_reports_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("exim_mainlog");

@@ -15,7 +15,7 @@ use fleetban_agent::firewall::dryrun::{DryRun, FILE_NAME, Record};
 use fleetban_agent::firewall::reconcile::{FirewallStats, Reconciler};
 use fleetban_agent::firewall::worker::{Worker, WorkerOptions};
 use fleetban_agent::spool::{Spool, SpoolOptions};
-use fleetban_agent::uplink::{self, Credentials, ServerOptions, UplinkContext, UplinkStats};
+use fleetban_agent::uplink::{self, Credentials, ServerOptions, TlsProblem, UplinkContext, UplinkError, UplinkStats};
 use fleetban_proto::v1::agent_frame::Frame;
 use fleetban_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use fleetban_proto::v1::server_frame::Frame as Out;
@@ -54,7 +54,8 @@ struct Fake {
 #[tonic::async_trait]
 impl AgentService for Fake {
     async fn enroll(&self, _request: Request<EnrollRequest>) -> Result<Response<EnrollResponse>, Status> {
-        Err(Status::unimplemented("not in this test"))
+        // As the real server answers a bad token.
+        Err(Status::unauthenticated("enrollment token is invalid, used up or expired"))
     }
 
     type ConnectStream = Pin<Box<dyn Stream<Item = Result<ServerFrame, Status>> + Send>>;
@@ -94,7 +95,7 @@ impl AgentService for Fake {
                             store.received.push(batch.seq);
                             if store.ack {
                                 store.stored.insert(batch.seq);
-                                Some(Out::Ack(Ack { seq: batch.seq, rejected_events: 0 }))
+                                Some(Out::Ack(Ack { seq: batch.seq, ..Ack::default() }))
                             } else {
                                 None
                             }
@@ -352,4 +353,59 @@ async fn batches_blocklists_and_restart() {
     drop(excluded);
     worker.join();
     server.crash().await;
+}
+
+#[tokio::test]
+async fn tls_and_enrollment_errors_say_what_to_do() {
+    // A server whose certificate no CA of the agent's signed.
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert_pem, key_pem) = (certified.cert.pem(), certified.signing_key.serialize_pem());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (_kill, kill_rx) = watch::channel(false);
+    let fake = Fake { store: Arc::default(), kill: kill_rx };
+    let tls =
+        tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(&cert_pem, key_pem));
+    let server = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(AgentServiceServer::new(fake))
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await;
+    });
+    let url = format!("https://localhost:{port}");
+    let mut options = ServerOptions { server: url.clone(), ca_file: None, insecure: false };
+    let error = uplink::enroll(&options, "fbe_x", "mx.test", &[]).await.unwrap_err();
+    assert!(matches!(error, UplinkError::Connect { tls: Some(TlsProblem::UnknownIssuer), .. }), "{error}");
+    let hint = error.hint(&options, true).unwrap();
+    assert!(hint.contains("`ca_file`") && hint.contains(&url), "{hint}");
+
+    // With the CA that signed it the connection works, and the refused token
+    // is named as such.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &cert_pem).unwrap();
+    options.ca_file = Some(ca.clone());
+    let error = uplink::enroll(&options, "fbe_x", "mx.test", &[]).await.unwrap_err();
+    assert!(error.is_auth_failure(), "{error}");
+
+    // `fleetban-agent enroll` prints the server's reason once, with the fix.
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!("server = \"{url}\"\nca_file = \"{}\"\nstate_dir = \"{}\"\n", ca.display(), dir.path().display()),
+    )
+    .unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetban-agent"))
+        .args(["enroll", "--token", "fbe_x", "--config", config.to_str().unwrap()])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert_eq!(stderr.matches("enrollment token is invalid").count(), 1, "printed once: {stderr}");
+    assert!(stderr.contains("fleetban-server enroll-token create"), "{stderr}");
+    server.abort();
 }

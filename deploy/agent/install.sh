@@ -377,9 +377,11 @@ function v6(addr, len,    parts, head, tail, nh, nt, g, i, n, out, best, bestlen
 }
 
 # csf_entries FILE [DEPTH]: the addresses and CIDRs of a CSF allow/ignore
-# file, one token per line: the first word of each line, or the s= part of an
-# advanced filter (tcp|in|d=25|s=192.0.2.7); Include lines are followed two
-# levels deep, inside ROOT.
+# file, one token per line (the first word of each line); Include lines are
+# followed two levels deep, inside ROOT. Advanced filters
+# (tcp|in|d=22|s=192.0.2.7) allow a protocol, port or direction only, while
+# the agent's allowlist exempts an address from every block: they are not
+# taken, and are listed in $TMP/csf-skipped instead.
 csf_entries() {
     if [ ! -r "$ROOT$1" ]; then
         return 0
@@ -392,7 +394,7 @@ csf_entries() {
                     csf_entries "${rest%% *}" $((${2:-0} + 1))
                 fi
                 ;;
-            *"|"*) printf '%s\n' "$first" | tr '|' '\n' | sed -n 's/^s=//p' ;;
+            *"|"*) printf '%s (%s)\n' "$first" "$1" >>"$TMP/csf-skipped" ;;
             *) printf '%s\n' "$first" ;;
         esac
     done
@@ -411,11 +413,18 @@ host_addresses() {
 }
 
 host_addresses | normalize | sort -u >"$TMP/own"
+: >"$TMP/csf-skipped"
 {
     csf_entries /etc/csf/csf.allow
     csf_entries /etc/csf/csf.ignore
 } | normalize | sort -u >"$TMP/csf"
 say "allowlist: $(wc -l <"$TMP/own" | tr -d ' ') own address(es), $(wc -l <"$TMP/csf" | tr -d ' ') CSF entr(ies)"
+if [ -s "$TMP/csf-skipped" ]; then
+    say "allowlist: skipped $(wc -l <"$TMP/csf-skipped" | tr -d ' ') port-restricted (advanced) CSF entr(ies); the allowlist exempts whole addresses from every block:"
+    while read -r skipped; do
+        say "  skipped: $skipped"
+    done <"$TMP/csf-skipped"
+fi
 
 # ---------------------------------------------------------------- binary
 
@@ -480,6 +489,11 @@ else
         echo "[allowlist]"
         echo "# This host's own addresses, then the entries of /etc/csf/csf.allow and"
         echo "# /etc/csf/csf.ignore at install time."
+        if [ -s "$TMP/csf-skipped" ]; then
+            echo "# Not taken (port-restricted CSF filters; the allowlist exempts whole"
+            echo "# addresses from every block):"
+            sed 's/^/#   /' "$TMP/csf-skipped"
+        fi
         echo "cidrs = ["
         sed 's/.*/  "&",/' "$TMP/own"
         sed 's/.*/  "&",/' "$TMP/csf"

@@ -133,12 +133,16 @@ fn every_message_round_trips() {
         seen.insert(round_trip(AgentFrame { frame: Some(frame) }));
     }
     let welcome = Welcome { server_version: "0.1.0".into(), last_acked_seq: 6, heartbeat_secs: 15 };
-    let ack = Ack { seq: 7, rejected_events: 1 };
+    let ack = Ack {
+        seq: 7,
+        rejected_events: 1,
+        rejections: vec![Rejection { reason: "too_old".into(), events: 1, detail: "max_event_age_days".into() }],
+    };
     let nack = Nack { seq: 8, reason: "batch of 20000 events exceeds 10000".into() };
     let allowlist = Allowlist { ranges: vec![cidr("198.51.100.0/25"), cidr("2001:db8:a::/48")] };
     let server_frames = [
         server_frame::Frame::Welcome(welcome.clone()),
-        server_frame::Frame::Ack(ack),
+        server_frame::Frame::Ack(ack.clone()),
         server_frame::Frame::Snapshot(snapshot.clone()),
         server_frame::Frame::Delta(delta.clone()),
         server_frame::Frame::Policy(policy()),
@@ -182,6 +186,7 @@ fn every_message_round_trips() {
         round_trip(cidr("192.0.2.0/24")),
         round_trip(ip("::1")),
         round_trip(SourcePosition { path: "/x".into(), fingerprint: 1, offset: 2 }),
+        round_trip(Rejection { reason: "in_future".into(), events: 2, detail: "check the clock".into() }),
     ] {
         seen.insert(name);
     }
@@ -203,9 +208,36 @@ fn unknown_enum_values_and_fields_are_tolerated() {
     assert_eq!(back.kind(), EventKind::Unspecified);
 
     // A field from the future (number 50) is skipped by an older reader.
-    let mut bytes = Ack { seq: 3, rejected_events: 0 }.encode_to_vec();
+    let mut bytes = Ack { seq: 3, ..Ack::default() }.encode_to_vec();
     bytes.extend_from_slice(&[0x90, 0x03, 0x01]); // field 50, varint 1
     assert_eq!(Ack::decode(bytes.as_slice()).unwrap().seq, 3);
+}
+
+/// `Ack` as agents before `Ack.rejections` know it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct AckBeforeRejections {
+    #[prost(uint64, tag = "1")]
+    seq: u64,
+    #[prost(uint32, tag = "2")]
+    rejected_events: u32,
+}
+
+#[test]
+fn rejection_reasons_are_compatible_both_ways() {
+    let ack = Ack {
+        seq: 9,
+        rejected_events: 5,
+        rejections: vec![
+            Rejection { reason: "too_old".into(), events: 4, detail: "older than 30 days".into() },
+            Rejection { reason: "invalid_remote".into(), events: 1, detail: String::new() },
+        ],
+    };
+    // An older agent reads a newer server's Ack: seq and count intact.
+    let old = AckBeforeRejections::decode(ack.encode_to_vec().as_slice()).unwrap();
+    assert_eq!((old.seq, old.rejected_events), (9, 5));
+    // A newer agent reads an older server's Ack: no reasons, the count stays.
+    let new = Ack::decode(AckBeforeRejections { seq: 9, rejected_events: 5 }.encode_to_vec().as_slice()).unwrap();
+    assert_eq!((new.seq, new.rejected_events, new.rejections.len()), (9, 5, 0));
 }
 
 #[test]

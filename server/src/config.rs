@@ -35,6 +35,11 @@ pub struct ServerConfig {
     /// How long events, per-address evidence and batch records are kept,
     /// days (whole day partitions are dropped). Default 30.
     pub events_retention_days: u32,
+    /// Oldest event ingest stores, days: an agent's events (a backfill of
+    /// old logs, a spool that waited long for the server) further behind the
+    /// server's clock are rejected, and the agent is told why
+    /// (`too_old`). At most `events_retention_days`. Default 30.
+    pub max_event_age_days: u32,
     /// How long the blocklist change log is kept, days; an agent further
     /// behind gets a snapshot. Default 7.
     pub change_log_retention_days: u32,
@@ -180,6 +185,7 @@ impl Default for ServerConfig {
             insecure: false,
             heartbeat_secs: 15,
             events_retention_days: 30,
+            max_event_age_days: 30,
             change_log_retention_days: 7,
             advertised_addresses: Vec::new(),
             correlate: CorrelateConfig::default(),
@@ -305,8 +311,21 @@ impl ServerConfig {
         if self.events_retention_days == 0 || self.events_retention_days > 3650 {
             return Err(ConfigError::Invalid { key: "events_retention_days", problem: "must be 1 to 3650".into() });
         }
+        if self.max_event_age_days == 0 || self.max_event_age_days > self.events_retention_days {
+            return Err(ConfigError::Invalid {
+                key: "max_event_age_days",
+                problem: format!(
+                    "must be 1 to events_retention_days ({}): older events would be dropped by retention",
+                    self.events_retention_days
+                ),
+            });
+        }
         if self.change_log_retention_days == 0 || self.change_log_retention_days > 3650 {
             return Err(ConfigError::Invalid { key: "change_log_retention_days", problem: "must be 1 to 3650".into() });
+        }
+        if let Some(url) = &self.database_url {
+            crate::db::parse_url(url)
+                .map_err(|error| ConfigError::Invalid { key: "database_url", problem: error.to_string() })?;
         }
         if self.db_max_connections < 2 {
             return Err(ConfigError::Invalid { key: "db_max_connections", problem: "must be at least 2".into() });
@@ -381,6 +400,12 @@ mod tests {
         assert!(err.contains("grpc_listen"), "{err}");
         let err = ServerConfig::parse("[correlate]\nipv6_block_prefix = 56\n").unwrap_err().to_string();
         assert!(err.contains("correlate.ipv6_block_prefix"), "{err}");
+        let err = ServerConfig::parse("max_event_age_days = 40\n").unwrap_err().to_string();
+        assert!(err.contains("max_event_age_days"), "{err}");
+        let cfg = ServerConfig::parse("max_event_age_days = 40\nevents_retention_days = 90\n").unwrap();
+        assert_eq!(cfg.max_event_age_days, 40);
+        let err = ServerConfig::parse("database_url = \"db.example/fleetban\"\n").unwrap_err().to_string();
+        assert!(err.contains("database_url") && err.contains("postgres://"), "{err}");
         let err = ServerConfig::parse("heartbeat_secs = 0\n").unwrap_err().to_string();
         assert!(err.contains("heartbeat_secs"), "{err}");
         let err = ServerConfig::parse("[limits]\nhttp_idle_timeout_secs = 5\n").unwrap_err().to_string();

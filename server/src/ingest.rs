@@ -11,9 +11,10 @@
 //! - A batch whose `(agent_id, seq)` is already recorded is reported as a
 //!   duplicate and nothing is written again: at-least-once on the wire,
 //!   exactly-once in the store.
-//! - Invalid events (bad address, time too far in the future or too old,
-//!   unknown kind, over-long or NUL-bearing strings) are counted in
-//!   `agent_batches.rejected` and reported back, never stored. A batch that is
+//! - Invalid events (bad address, time too far in the future or older than
+//!   `max_event_age_days`, unknown kind, over-long or NUL-bearing strings) are
+//!   counted in `agent_batches.rejected` and reported back per reason
+//!   (`Ack.rejections`, [`EventError::reason`]), never stored. A batch that is
 //!   invalid as a whole (seq 0, too many events, bad source position) is
 //!   refused with [`BatchError::Invalid`] and nothing is written.
 //! - Day partitions of `events` are created before the batch transaction
@@ -41,9 +42,10 @@ pub const MAX_BATCH_EVENTS: usize = 10_000;
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// How far in the future an event may lie (clock skew allowance).
 pub const MAX_FUTURE: Duration = Duration::from_secs(600);
-/// How old an event may be: older ones would land in partitions retention
+/// How old an event may be unless the server config says otherwise
+/// (`max_event_age_days`): older ones would land in partitions retention
 /// already dropped (or create partitions for long-gone days).
-pub const MAX_AGE: Duration = Duration::from_secs(30 * 86_400);
+pub const DEFAULT_MAX_EVENT_AGE: Duration = Duration::from_secs(30 * 86_400);
 /// Longest raw log line kept, bytes.
 pub const MAX_RAW_BYTES: usize = 16 * 1024;
 /// Longest `detail`, bytes.
@@ -67,15 +69,68 @@ pub enum EventError {
     /// The kind is unspecified or unknown to this server.
     #[error("unknown event kind {0}")]
     Kind(i32),
-    /// The time is more than [`MAX_FUTURE`] ahead or [`MAX_AGE`] behind.
-    #[error("event time out of range")]
-    Time,
+    /// The time is more than the maximum age (`max_event_age_days`) behind
+    /// the server's clock.
+    #[error("event older than {max_age_days} days")]
+    TooOld {
+        /// The limit, days.
+        max_age_days: u64,
+    },
+    /// The time is more than [`MAX_FUTURE`] ahead of the server's clock.
+    #[error("event time more than {} s in the future", MAX_FUTURE.as_secs())]
+    InFuture,
     /// A port or counter does not fit its column.
     #[error("{0} out of range")]
     Number(&'static str),
     /// A string is too long or holds a NUL byte.
     #[error("{0} too long or not storable")]
     Text(&'static str),
+}
+
+impl EventError {
+    /// The stable reason code sent in `Ack.rejections` (the agent's metric
+    /// label).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            EventError::Remote => "invalid_remote",
+            EventError::Local => "invalid_local",
+            EventError::Kind(_) => "unknown_kind",
+            EventError::TooOld { .. } => "too_old",
+            EventError::InFuture => "in_future",
+            EventError::Number(_) => "number_out_of_range",
+            EventError::Text(_) => "text_too_long",
+        }
+    }
+
+    /// What the agent's operator can do about it.
+    pub fn detail(&self) -> String {
+        match self {
+            EventError::TooOld { max_age_days } => format!(
+                "events older than {max_age_days} days are not stored (server key max_event_age_days); \
+                 backfill only newer logs, or raise max_event_age_days on the server (at most events_retention_days)"
+            ),
+            EventError::InFuture => format!(
+                "event times more than {} s ahead of the server's clock: check the agent host's clock and its \
+                 `timezone` key",
+                MAX_FUTURE.as_secs()
+            ),
+            EventError::Kind(kind) => {
+                format!("the server does not know event kind {kind}: upgrade the server before the agents")
+            }
+            other => format!("{other}: the agent sent a malformed event; please report it with the agent's version"),
+        }
+    }
+}
+
+/// Events of one batch rejected for one reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// [`EventError::reason`].
+    pub reason: &'static str,
+    /// How many events.
+    pub events: u32,
+    /// [`EventError::detail`] of the first of them.
+    pub detail: String,
 }
 
 /// Why a batch as a whole was not stored.
@@ -126,8 +181,9 @@ fn port(value: u32, what: &'static str) -> Result<Option<i32>, EventError> {
     }
 }
 
-/// Validates one event against `now`.
-fn validate(index: usize, event: Event, now: OffsetDateTime) -> Result<Row, EventError> {
+/// Validates one event against `now`; events older than `max_age` are
+/// rejected.
+fn validate(index: usize, event: Event, now: OffsetDateTime, max_age: Duration) -> Result<Row, EventError> {
     let kind = EventKind::try_from(event.kind).map_err(|_| EventError::Kind(event.kind))?;
     if kind == EventKind::Unspecified {
         return Err(EventError::Kind(event.kind));
@@ -137,10 +193,14 @@ fn validate(index: usize, event: Event, now: OffsetDateTime) -> Result<Row, Even
         None => None,
         Some(a) => Some(IpAddr::try_from(a).map_err(|_| EventError::Local)?),
     };
+    let too_old = EventError::TooOld { max_age_days: max_age.as_secs() / 86_400 };
     let time = OffsetDateTime::from_unix_timestamp_nanos(i128::from(event.time_ms) * 1_000_000)
-        .map_err(|_| EventError::Time)?;
-    if time > now + MAX_FUTURE || time < now - MAX_AGE {
-        return Err(EventError::Time);
+        .map_err(|_| if event.time_ms < 0 { too_old.clone() } else { EventError::InFuture })?;
+    if time > now + MAX_FUTURE {
+        return Err(EventError::InFuture);
+    }
+    if time < now - max_age {
+        return Err(too_old);
     }
     let connection_count = match event.connection_count {
         0 => None,
@@ -178,6 +238,9 @@ pub struct Outcome {
     pub stored: u32,
     /// Events rejected as invalid.
     pub rejected: u32,
+    /// The rejected events per reason, in reason order; they add up to
+    /// `rejected`.
+    pub rejections: Vec<Rejection>,
     /// The batch had already been stored; nothing was written.
     pub duplicate: bool,
     /// Distinct remote addresses of stored abuse events, for correlation.
@@ -197,6 +260,8 @@ struct Evidence {
 #[derive(Debug, Clone)]
 pub struct Ingest {
     pool: PgPool,
+    /// Events older than this are rejected (`max_event_age_days`).
+    max_event_age: Duration,
     known_days: Arc<Mutex<HashSet<Date>>>,
     /// Serialises partition creation within this process.
     creating: Arc<tokio::sync::Mutex<()>>,
@@ -227,11 +292,18 @@ impl Ingest {
         let writers = (pool.options().get_max_connections() / 4).max(2) as usize;
         Ingest {
             pool,
+            max_event_age: DEFAULT_MAX_EVENT_AGE,
             known_days: Arc::default(),
             creating: Arc::default(),
             writers: Arc::new(tokio::sync::Semaphore::new(writers)),
             standing_written: Arc::default(),
         }
+    }
+
+    /// Rejects events older than `age` instead of [`DEFAULT_MAX_EVENT_AGE`].
+    pub fn with_max_event_age(mut self, age: Duration) -> Self {
+        self.max_event_age = age;
+        self
     }
 
     /// Leaves out of `evidence` the standing rows this process wrote within
@@ -294,18 +366,26 @@ impl Ingest {
 
         let total = batch.events.len();
         let mut rows = Vec::with_capacity(total);
-        let mut first_error = None;
+        let mut by_reason: BTreeMap<&'static str, Rejection> = BTreeMap::new();
         for (index, event) in batch.events.into_iter().enumerate() {
-            match validate(index, event, now) {
+            match validate(index, event, now, self.max_event_age) {
                 Ok(row) => rows.push(row),
                 Err(error) => {
-                    first_error.get_or_insert(error);
+                    let reason = error.reason();
+                    by_reason
+                        .entry(reason)
+                        .or_insert_with(|| Rejection { reason, events: 0, detail: error.detail() })
+                        .events += 1;
                 }
             }
         }
         let rejected = (total - rows.len()) as u32;
-        if let Some(error) = first_error {
-            tracing::debug!(%agent_id, seq, rejected, %error, "Rejected invalid events of a batch.");
+        let rejections: Vec<Rejection> = by_reason.into_values().collect();
+        for rejection in &rejections {
+            tracing::debug!(
+                %agent_id, seq, reason = rejection.reason, events = rejection.events,
+                "Rejected invalid events of a batch."
+            );
         }
 
         self.ensure_partitions(&rows).await?;
@@ -335,6 +415,7 @@ impl Ingest {
                         seq: batch.seq,
                         stored: rows.len() as u32,
                         rejected,
+                        rejections,
                         duplicate: false,
                         abuse_addresses,
                     });
@@ -344,6 +425,7 @@ impl Ingest {
                         seq: batch.seq,
                         stored: 0,
                         rejected,
+                        rejections,
                         duplicate: true,
                         abuse_addresses: Vec::new(),
                     });
@@ -744,25 +826,26 @@ mod tests {
     fn invalid_events_are_named() {
         let now = OffsetDateTime::now_utc();
         let ok = event(EventKind::AuthFailed, "192.0.2.1");
-        assert!(validate(0, ok.clone(), now).is_ok());
+        assert!(validate(0, ok.clone(), now, DEFAULT_MAX_EVENT_AGE).is_ok());
         let cases: Vec<(Event, EventError)> = vec![
             (Event { remote: Some(IpAddress { octets: vec![1, 2, 3] }), ..ok.clone() }, EventError::Remote),
             (Event { remote: None, ..ok.clone() }, EventError::Remote),
             (Event { local: Some(IpAddress { octets: vec![1; 5] }), ..ok.clone() }, EventError::Local),
             (Event { kind: 0, ..ok.clone() }, EventError::Kind(0)),
             (Event { kind: 9999, ..ok.clone() }, EventError::Kind(9999)),
-            (Event { time_ms: ok.time_ms + 11 * 60 * 1000, ..ok.clone() }, EventError::Time),
-            (Event { time_ms: i64::MAX, ..ok.clone() }, EventError::Time),
+            (Event { time_ms: ok.time_ms + 11 * 60 * 1000, ..ok.clone() }, EventError::InFuture),
+            (Event { time_ms: i64::MAX, ..ok.clone() }, EventError::InFuture),
+            (Event { time_ms: ok.time_ms - 31 * 86_400_000, ..ok.clone() }, EventError::TooOld { max_age_days: 30 }),
             (Event { remote_port: 70000, ..ok.clone() }, EventError::Number("remote_port")),
             (Event { connection_count: u32::MAX, ..ok.clone() }, EventError::Number("connection_count")),
             (Event { helo: "x".repeat(MAX_NAME_BYTES + 1), ..ok.clone() }, EventError::Text("helo")),
             (Event { raw: "a\0b".into(), ..ok.clone() }, EventError::Text("raw")),
         ];
         for (e, expected) in cases {
-            assert_eq!(validate(0, e, now).unwrap_err(), expected);
+            assert_eq!(validate(0, e, now, DEFAULT_MAX_EVENT_AGE).unwrap_err(), expected);
         }
         let near_future = Event { time_ms: ok.time_ms + 9 * 60 * 1000, ..ok };
-        assert!(validate(0, near_future, now).is_ok());
+        assert!(validate(0, near_future, now, DEFAULT_MAX_EVENT_AGE).is_ok());
     }
 
     async fn agent(pool: &PgPool) -> Uuid {
@@ -773,6 +856,31 @@ mod tests {
             .await
             .unwrap();
         id
+    }
+
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn the_event_age_limit_is_configurable_and_rejections_carry_their_reason(pool: PgPool) {
+        let a = agent(&pool).await;
+        let day_ms = 86_400_000;
+        let backfilled = |days: i64| {
+            let e = event(EventKind::AuthFailed, "192.0.2.7");
+            Event { time_ms: e.time_ms - days * day_ms, ..e }
+        };
+        let mut events = vec![backfilled(40), backfilled(45), backfilled(1)];
+        events.push(Event { remote: None, ..backfilled(1) });
+        let batch = |seq| EventBatch { seq, events: events.clone(), position: None };
+
+        let default = Ingest::new(pool.clone()).store(a, batch(1)).await.unwrap();
+        assert_eq!((default.stored, default.rejected), (1, 3));
+        let reasons: Vec<(&str, u32)> = default.rejections.iter().map(|r| (r.reason, r.events)).collect();
+        assert_eq!(reasons, [("invalid_remote", 1), ("too_old", 2)]);
+        let too_old = &default.rejections[1];
+        assert!(too_old.detail.contains("max_event_age_days") && too_old.detail.contains("30 days"), "{too_old:?}");
+
+        let longer = Ingest::new(pool.clone()).with_max_event_age(Duration::from_secs(60 * 86_400));
+        let outcome = longer.store(a, batch(2)).await.unwrap();
+        assert_eq!((outcome.stored, outcome.rejected), (3, 1), "{outcome:?}");
+        assert_eq!(outcome.rejections.iter().map(|r| r.reason).collect::<Vec<_>>(), ["invalid_remote"]);
     }
 
     #[sqlx::test(migrator = "crate::db::MIGRATOR")]

@@ -64,6 +64,19 @@ enum Command {
         #[arg(long)]
         insecure: bool,
     },
+    /// Check a configuration as `serve` would, without serving: every key,
+    /// the database URL's form, plaintext rules and the TLS files; with
+    /// `--connect` also the database. Exits non-zero naming the problem.
+    CheckConfig {
+        #[command(flatten)]
+        source: Source,
+        /// Allow plaintext gRPC on a non-loopback listener (as `serve --insecure`).
+        #[arg(long)]
+        insecure: bool,
+        /// Also connect to the database.
+        #[arg(long)]
+        connect: bool,
+    },
     /// Enrollment tokens for new agents.
     EnrollToken {
         #[command(subcommand)]
@@ -236,9 +249,16 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // Logs go to stderr: stdout carries what commands print (tokens, paths).
+    // Colours only on a terminal (journald stores the codes verbatim).
+    // Postgres notices are not for operators (sessions also ask for warnings
+    // only, see `db::connect`); sqlx's warnings (slow statements) stay.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_ansi(fleetban_proto::stderr_log_colours())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx::postgres::notice=warn".into()),
+        )
         .init();
     match Cli::parse().command {
         Command::Replay(args) => replay(args).await?,
@@ -264,10 +284,22 @@ async fn main() -> anyhow::Result<()> {
                     change_log: Duration::from_secs(u64::from(cfg.change_log_retention_days) * 86_400),
                 },
                 limits: cfg.limits.clone(),
+                max_event_age: Duration::from_secs(u64::from(cfg.max_event_age_days) * 86_400),
                 ..Default::default()
             };
             check_descriptors(&cfg);
             run(pool, options, cfg.grpc_listen, cfg.http_listen, shutdown_signal()).await?;
+        }
+        Command::CheckConfig { source, insecure, connect } => {
+            let overrides = Overrides { insecure, ..Overrides::default() };
+            let cfg = resolve(&source, overrides)?;
+            let url = database_url(&cfg)?;
+            tls::server_config(cfg.tls.as_ref(), cfg.grpc_listen, cfg.insecure)?;
+            if connect {
+                db::connect(&url, 2).await?;
+            }
+            let what = source.config.as_ref().map_or_else(|| "defaults".to_owned(), |p| p.display().to_string());
+            println!("{what}: OK{}", if connect { " (database reachable)" } else { "" });
         }
         Command::EnrollToken { command: TokenCommand::Create { source, uses, ttl, note } } => {
             let cfg = resolve(&source, Overrides::default())?;

@@ -6,7 +6,14 @@
 //! the AS from `asn_ranges`); [`render`] turns it into text. All times are
 //! UTC. With `redact`, the fleet's own host names, agent names and addresses
 //! are replaced by `server-N` / `[our address]` everywhere, including inside
-//! the quoted log lines.
+//! the quoted log lines, and every mailbox and user name in them
+//! ([`redact_mailboxes`]).
+//!
+//! The text agrees with itself: the summary's total is the sum of the kinds
+//! and of the addresses' events; the evidence is lines of those abuse kinds
+//! only, and says how many of the counted events still have their line; the
+//! block state (blocked now / no longer blocked / never blocked) is the one
+//! at the time of the report; every count takes its singular or plural.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -16,6 +23,8 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 use time::macros::format_description;
 use uuid::Uuid;
+
+use fleetban_proto::v1::EventKind;
 
 use crate::asn::{self, AsnInfo};
 use crate::eventlog;
@@ -132,19 +141,23 @@ pub async fn gather(pool: &PgPool, target: IpNet) -> Result<Option<ReportData>, 
     .bind(target)
     .fetch_all(pool)
     .await?;
+    // Evidence is the abuse kinds' lines only, the events the summary counts
+    // (context lines such as lost connections are not abuse).
+    let abuse_kinds: Vec<&str> = EventKind::ALL.into_iter().filter(|k| k.is_abuse()).map(EventKind::as_str).collect();
     let mut lines: Vec<EvidenceLine> = Vec::new();
     for slice in eventlog::slices(eventlog::latest_possible(), None) {
         lines.extend(
             sqlx::query_as::<_, EvidenceLine>(
                 "select time, agent_id, kind, raw from events \
                  where remote between fleetban_first($1::cidr) and fleetban_last($1::cidr) \
-                   and time >= $2 and time < $3 and raw is not null and kind <> 'connect' \
+                   and time >= $2 and time < $3 and raw is not null and kind = any($5) \
                  order by time desc, id desc limit $4",
             )
             .bind(target)
             .bind(slice.from.unwrap_or(OffsetDateTime::UNIX_EPOCH))
             .bind(slice.to_exclusive())
             .bind(MAX_LINES - lines.len() as i64)
+            .bind(&abuse_kinds)
             .fetch_all(pool)
             .await?,
         );
@@ -153,8 +166,9 @@ pub async fn gather(pool: &PgPool, target: IpNet) -> Result<Option<ReportData>, 
         }
     }
     let mut total_lines: i64 =
-        sqlx::query_scalar("select count(*) from events where remote between fleetban_first($1::cidr) and fleetban_last($1::cidr) and raw is not null and kind <> 'connect'")
+        sqlx::query_scalar("select count(*) from events where remote between fleetban_first($1::cidr) and fleetban_last($1::cidr) and raw is not null and kind = any($2)")
             .bind(target)
+            .bind(&abuse_kinds)
             .fetch_one(pool)
             .await?;
     if lines.is_empty() {
@@ -271,34 +285,175 @@ impl Redactor {
     }
 }
 
+/// `n` and the noun, singular or plural (`1 address`, `2 addresses`).
+fn count(n: i64, singular: &str, plural: &str) -> String {
+    format!("{n} {}", if n == 1 { singular } else { plural })
+}
+
+/// Whether the target's range is blocked now, was, or never was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockState {
+    /// A block covering the target is in force.
+    Blocked,
+    /// Blocks existed; every one has expired or was lifted.
+    NoLongerBlocked,
+    /// No block ever covered the target.
+    NeverBlocked,
+}
+
+impl BlockState {
+    /// The state of `data` at its `generated_at`.
+    pub fn of(data: &ReportData) -> BlockState {
+        let now = data.generated_at;
+        if data.blocks.iter().any(|b| b.is_live(now)) {
+            BlockState::Blocked
+        } else if data.blocks.is_empty() {
+            BlockState::NeverBlocked
+        } else {
+            BlockState::NoLongerBlocked
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            BlockState::Blocked => "blocked",
+            BlockState::NoLongerBlocked => "no longer blocked",
+            BlockState::NeverBlocked => "never blocked",
+        }
+    }
+}
+
+impl BlockSummary {
+    /// In force at `now`: not lifted and not expired.
+    pub fn is_live(&self, now: OffsetDateTime) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|e| e > now)
+    }
+}
+
+/// Removes mailbox and user names from a quoted log line: every
+/// `local@domain` (senders `F=<..>`, recipients `<..>`, `set_id=a@b`), the
+/// login of `set_id=` and of `A=authenticator:user`, and Exim's `U=` local
+/// user. A report goes to a third party; the mailboxes of our customers do
+/// not.
+pub fn redact_mailboxes(line: &str) -> String {
+    const USER: &str = "[user]";
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    // A value after one of these keys ends at whitespace, `)` or `>`.
+    let keys = ["set_id=", "A=", "U="];
+    while !rest.is_empty() {
+        let key = keys
+            .iter()
+            .find(|k| rest.starts_with(**k) && out.chars().last().is_none_or(|c| c.is_whitespace() || c == '('));
+        if let Some(key) = key {
+            out.push_str(key);
+            rest = &rest[key.len()..];
+            let end = rest.find(|c: char| c.is_whitespace() || c == ')' || c == '>').unwrap_or(rest.len());
+            let value = &rest[..end];
+            match (*key, value.split_once(':')) {
+                // `A=dovecot_login:user`: the authenticator's name stays.
+                ("A=", Some((authenticator, _))) => {
+                    out.push_str(authenticator);
+                    out.push(':');
+                    out.push_str(USER);
+                }
+                ("A=", None) => out.push_str(value),
+                _ if value.is_empty() => {}
+                _ => out.push_str(USER),
+            }
+            rest = &rest[end..];
+            continue;
+        }
+        let Some(c) = rest.chars().next() else { break };
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    redact_delivery_targets(&redact_addresses(&out))
+}
+
+/// A delivery line's `=> local_part <address>`: the word after the arrow is
+/// a mailbox even without an `@`.
+fn redact_delivery_targets(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut words = line.split(' ').peekable();
+    let mut first = true;
+    while let Some(word) = words.next() {
+        if !first {
+            out.push(' ');
+        }
+        first = false;
+        out.push_str(word);
+        if matches!(word, "=>" | "->" | "**" | "==")
+            && let Some(next) = words.peek()
+            && !next.starts_with('<')
+            && !next.starts_with('[')
+            && !next.is_empty()
+        {
+            words.next();
+            out.push_str(" [mailbox]");
+        }
+    }
+    out
+}
+
+/// Replaces every `local@domain` by `[mailbox]`.
+fn redact_addresses(line: &str) -> String {
+    let boundary =
+        |c: char| c.is_whitespace() || matches!(c, '<' | '>' | '(' | ')' | '"' | '\'' | '=' | ',' | ';' | '[' | ']');
+    let mut out = String::with_capacity(line.len());
+    let mut word_start = 0;
+    let flush = |out: &mut String, word: &str| {
+        if word.contains('@') && word != "@" {
+            out.push_str("[mailbox]");
+        } else {
+            out.push_str(word);
+        }
+    };
+    for (i, c) in line.char_indices() {
+        if boundary(c) {
+            flush(&mut out, &line[word_start..i]);
+            out.push(c);
+            word_start = i + c.len_utf8();
+        }
+    }
+    flush(&mut out, &line[word_start..]);
+    out
+}
+
 /// Renders the report text.
 pub fn render(data: &ReportData, redact: bool) -> String {
     let redactor = Redactor::new(data, redact);
-    let mut out = String::new();
-    let target = if data.target.prefix_len() == data.target.max_prefix_len() {
-        data.target.addr().to_string()
-    } else {
-        data.target.to_string()
+    let scrub = |text: &str| {
+        let text = redactor.text(text);
+        if redact { redact_mailboxes(&text) } else { text }
     };
+    let mut out = String::new();
+    let single = data.target.prefix_len() == data.target.max_prefix_len();
+    let target = if single { data.target.addr().to_string() } else { data.target.to_string() };
+    let state = BlockState::of(data);
     let _ = writeln!(out, "Abuse report: SMTP abuse from {target}");
     let _ = writeln!(out, "Generated: {}", utc(data.generated_at));
     if let Some(asn) = &data.asn {
         let country = if asn.country.is_empty() { String::new() } else { format!(", {}", asn.country) };
         let _ = writeln!(out, "Network: AS{} {}{country}", asn.asn, asn.name);
     }
+    let _ = writeln!(out, "State: {} (at the time of this report)", state.as_str());
     let _ = writeln!(out);
     let _ = writeln!(out, "Summary");
     let total: i64 = data.kinds.values().sum();
     match (data.first_seen, data.last_seen) {
-        (Some(first), Some(last)) => {
+        (Some(first), Some(last)) if total > 0 => {
+            let who = if single {
+                target.clone()
+            } else {
+                format!("{} in {target}", count(data.addresses.len() as i64, "address", "addresses"))
+            };
             let _ = writeln!(
                 out,
-                "  Between {} and {}, {} address{} in {target} made {total} abusive SMTP connection attempts \
-                 against {} of our mail servers.",
+                "  Between {} and {}, {who} caused {} against {} of our mail servers.",
                 utc(first),
                 utc(last),
-                data.addresses.len(),
-                if data.addresses.len() == 1 { "" } else { "es" },
+                count(total, "abusive SMTP event", "abusive SMTP events"),
                 data.servers,
             );
         }
@@ -306,23 +461,29 @@ pub fn render(data: &ReportData, redact: bool) -> String {
             let _ = writeln!(out, "  No abuse evidence is on record for {target}.");
         }
     }
-    let _ = writeln!(out, "  Connections from {target} recorded in our logs: {}.", data.connections);
+    if data.connections > 0 {
+        let _ = writeln!(
+            out,
+            "  Our logs also hold {} from {target} (abusive or not).",
+            count(data.connections, "SMTP connection", "SMTP connections")
+        );
+    }
     if !data.kinds.is_empty() {
         let _ = writeln!(out, "  By kind:");
-        for (kind, count) in &data.kinds {
-            let _ = writeln!(out, "    {kind:<24} {count:>8}  {}", describe(kind));
+        for (kind, events) in &data.kinds {
+            let _ = writeln!(out, "    {kind:<24} {events:>8}  {}", describe(kind));
         }
     }
-    if data.addresses.len() > 1 || data.target.prefix_len() < data.target.max_prefix_len() {
+    if !single {
         let _ = writeln!(out);
         let _ = writeln!(out, "Addresses");
         for a in &data.addresses {
             let _ = writeln!(
                 out,
-                "  {:<40} {:>3} servers {:>8} events  {} .. {}",
+                "  {:<40} {:>13} {:>15}  {} .. {}",
                 a.address.addr().to_string(),
-                a.servers,
-                a.events,
+                count(a.servers, "server", "servers"),
+                count(a.events, "event", "events"),
                 utc(a.first_seen),
                 utc(a.last_seen)
             );
@@ -331,43 +492,71 @@ pub fn render(data: &ReportData, redact: bool) -> String {
     let _ = writeln!(out);
     let _ = writeln!(out, "Action taken");
     let now = data.generated_at;
-    let live: Vec<&BlockSummary> =
-        data.blocks.iter().filter(|b| b.revoked_at.is_none() && b.expires_at.is_none_or(|e| e > now)).collect();
-    if live.is_empty() {
-        let _ = writeln!(out, "  No block is in force now.");
+    if data.blocks.is_empty() {
+        let _ = writeln!(out, "  Never blocked: we have not blocked {target}.");
     }
-    for b in &data.blocks {
-        let until = match (b.revoked_at, b.expires_at) {
-            (Some(ended), _) => format!("ended {}", utc(ended)),
-            (None, Some(expires)) if expires <= now => format!("expired {}", utc(expires)),
-            (None, Some(expires)) => format!("in force until {}", utc(expires)),
-            (None, None) => "in force until further notice".to_owned(),
+    for b in data.blocks.iter().filter(|b| b.is_live(now)) {
+        let until = match b.expires_at {
+            Some(expires) => format!("until {}", utc(expires)),
+            None => "until further notice".to_owned(),
         };
         let _ = writeln!(
             out,
-            "  {} blocked on all our mail servers since {}, {until} (reason: {}).",
+            "  Blocked now: {} on all our mail servers since {}, {until} (reason: {}).",
             b.cidr,
             utc(b.created_at),
-            redactor.text(&b.reason)
+            scrub(&b.reason)
+        );
+    }
+    for b in data.blocks.iter().filter(|b| !b.is_live(now)) {
+        let ended = match (b.revoked_at, b.expires_at) {
+            (Some(ended), _) => format!("lifted {}", utc(ended)),
+            (None, Some(expires)) => format!("expired {}", utc(expires)),
+            // Not live without either cannot happen; said plainly anyway.
+            (None, None) => "ended".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "  No longer blocked: {} was blocked from {}, {ended} (reason: {}).",
+            b.cidr,
+            utc(b.created_at),
+            scrub(&b.reason)
         );
     }
     let _ = writeln!(out);
+    let shown = data.lines.len() as i64;
     let _ = writeln!(
         out,
-        "Evidence: log lines from our mail servers (Exim), newest first, times UTC ({} of {})",
-        data.lines.len(),
-        data.total_lines
+        "Evidence: {} from our mail servers (Exim), newest first, times UTC",
+        count(shown, "log line", "log lines")
     );
+    if data.total_lines == total {
+        let _ = writeln!(out, "  ({shown} of the {} above.)", count(total, "abusive event", "abusive events"));
+    } else {
+        let _ = writeln!(
+            out,
+            "  ({shown} of the {} whose log lines we still hold; the summary counts {}, older lines are no \
+             longer retained.)",
+            count(data.total_lines, "event", "events"),
+            count(total, "abusive event", "abusive events"),
+        );
+    }
     for line in &data.lines {
         let _ = writeln!(out, "  {}  {}  {}", utc(line.time), redactor.label(&line.agent_id), line.kind);
-        let _ = writeln!(out, "    {}", redactor.text(line.raw.trim_end()));
+        let _ = writeln!(out, "    {}", scrub(line.raw.trim_end()));
     }
     let _ = writeln!(out);
-    let _ = writeln!(
-        out,
-        "Please investigate the host(s) above: they are likely compromised or misused. The block is lifted \
-         automatically when it expires; repeated abuse extends it."
-    );
+    let closing = match state {
+        BlockState::Blocked => {
+            "Please investigate the host(s) above: they are likely compromised or misused. The block is lifted \
+             automatically when it expires; repeated abuse extends it."
+        }
+        BlockState::NoLongerBlocked | BlockState::NeverBlocked => {
+            "Please investigate the host(s) above: they are likely compromised or misused. Further abuse will \
+             be blocked on all our mail servers."
+        }
+    };
+    let _ = writeln!(out, "{closing}");
     out
 }
 
@@ -421,14 +610,46 @@ mod tests {
         let text = render(&sample(), false);
         assert!(text.contains("Abuse report: SMTP abuse from 203.0.113.7\n"), "{text}");
         assert!(text.contains("Network: AS64500 EXAMPLE-NET, NL"), "{text}");
+        assert!(text.contains("State: blocked"), "{text}");
         assert!(text.contains("Between 2026-11-27 01:00:00 UTC and 2026-11-27 01:05:00 UTC"), "{text}");
-        assert!(text.contains("made 30 abusive SMTP connection attempts against 2 of our mail servers"), "{text}");
-        assert!(text.contains("recorded in our logs: 40."), "{text}");
+        assert!(text.contains("203.0.113.7 caused 30 abusive SMTP events against 2 of our mail servers"), "{text}");
+        assert!(!text.contains("1 address in"), "a single address is not counted: {text}");
+        assert!(text.contains("Our logs also hold 40 SMTP connections from 203.0.113.7"), "{text}");
         assert!(text.contains("auth_failed") && text.contains("password guessing"), "{text}");
-        assert!(text.contains("203.0.113.7/32 blocked on all our mail servers since 2026-11-27 01:05:01 UTC, in force until 2026-11-27 07:05:01 UTC"), "{text}");
-        assert!(text.contains("(1 of 30)"), "{text}");
+        assert!(text.contains("Blocked now: 203.0.113.7/32 on all our mail servers since 2026-11-27 01:05:01 UTC, until 2026-11-27 07:05:01 UTC"), "{text}");
+        assert!(text.contains("(1 of the 30 abusive events above.)"), "{text}");
         assert!(text.contains("mx2.example.net  auth_failed"), "{text}");
         assert!(text.contains("535 Incorrect authentication data"), "{text}");
+        assert!(text.contains("set_id=a@b"), "not redacted: {text}");
+    }
+
+    #[test]
+    fn counts_agree_and_take_their_number() {
+        let mut data = sample();
+        data.kinds = [("auth_failed".to_owned(), 1)].into_iter().collect();
+        data.addresses[0].events = 1;
+        data.addresses[0].servers = 1;
+        data.servers = 1;
+        data.connections = 0;
+        data.total_lines = 1;
+        let text = render(&data, false);
+        assert!(text.contains("caused 1 abusive SMTP event against 1 of our mail servers."), "{text}");
+        assert!(!text.contains("connections from"), "no contradicting zero: {text}");
+        assert!(text.contains("Evidence: 1 log line from"), "{text}");
+        assert!(text.contains("(1 of the 1 abusive event above.)"), "{text}");
+        // Events counted whose lines are past retention are said to be.
+        data.total_lines = 0;
+        data.lines.clear();
+        data.kinds.insert("refused_too_many".into(), 3);
+        let text = render(&data, false);
+        assert!(text.contains("caused 4 abusive SMTP events"), "{text}");
+        assert!(text.contains("Evidence: 0 log lines"), "{text}");
+        assert!(text.contains("the summary counts 4 abusive events, older lines are no longer retained"), "{text}");
+        // A range lists its addresses with their counts.
+        data.target = "203.0.113.0/24".parse().unwrap();
+        let text = render(&data, false);
+        assert!(text.contains("1 address in 203.0.113.0/24 caused 4"), "{text}");
+        assert!(text.contains("1 server") && text.contains("1 event "), "{text}");
     }
 
     #[test]
@@ -440,8 +661,63 @@ mod tests {
         assert!(text.contains("server-2  auth_failed"), "{text}");
         assert!(text.contains("for (server-2) [203.0.113.7]"), "{text}");
         assert!(text.contains("I=[[our address]]:587"), "{text}");
+        assert!(text.contains("(set_id=[user])"), "{text}");
         // The attacker's address is never redacted.
         assert!(text.contains("203.0.113.7"), "{text}");
+    }
+
+    #[test]
+    fn redaction_removes_every_mailbox_and_user_name() {
+        let lines = [
+            "2026-11-27 01:00:00 dovecot_login authenticator failed for (x) [203.0.113.7]:5 I=[192.0.2.10]:587: \
+             535 Incorrect authentication data (set_id=info@customer.example)",
+            "2026-11-27 01:00:00 dovecot_plain authenticator failed for (x) [203.0.113.7]:5: 535 Incorrect \
+             authentication data (set_id=jsmith)",
+            "2026-11-27 01:00:00 1abcde-000001-AB <= bounce+x@esp.example H=(x) [203.0.113.7]:5 P=esmtpsa \
+             A=dovecot_login:alice@customer.example S=1234 id=m1@esp.example",
+            "2026-11-27 01:00:00 H=(x) [203.0.113.7]:5 A=dovecot_plain:bob F=<bob@customer.example> rejected \
+             RCPT <victim@elsewhere.example>: relay not permitted",
+            "2026-11-27 01:00:00 1abcde-000001-AB => carol <carol@customer.example> R=virtual_user T=virtual \
+             H=[203.0.113.7] U=carolunix",
+        ];
+        for line in lines {
+            let out = redact_mailboxes(line);
+            for secret in ["info", "customer.example", "jsmith", "bounce", "alice", "bob", "victim", "carol", "m1@"] {
+                let leaked = out.split(|c: char| !c.is_alphanumeric() && c != '.' && c != '@').any(|w| {
+                    w == secret
+                        || w.starts_with(secret) && secret.ends_with('@')
+                        || w.contains(secret) && secret.contains('.')
+                });
+                assert!(!leaked, "{secret} left in {out}");
+            }
+            assert!(out.contains("[203.0.113.7]"), "the attacker stays: {out}");
+        }
+        assert!(redact_mailboxes(lines[2]).contains("A=dovecot_login:[user]"), "{}", redact_mailboxes(lines[2]));
+        assert!(redact_mailboxes(lines[3]).contains("F=<[mailbox]> rejected RCPT <[mailbox]>"));
+        assert!(redact_mailboxes(lines[4]).contains("U=[user]"));
+    }
+
+    #[test]
+    fn the_block_state_is_current() {
+        let mut data = sample();
+        // Lifted before the report: not "blocked".
+        data.blocks[0].revoked_at = Some(datetime!(2026-11-27 02:00:00 UTC));
+        let text = render(&data, false);
+        assert!(text.contains("State: no longer blocked"), "{text}");
+        assert!(text.contains("No longer blocked: 203.0.113.7/32 was blocked from 2026-11-27 01:05:01 UTC, lifted 2026-11-27 02:00:00 UTC"), "{text}");
+        assert!(!text.contains("Blocked now") && !text.contains("The block is lifted"), "{text}");
+        // Expired.
+        data.blocks[0].revoked_at = None;
+        data.blocks[0].expires_at = Some(datetime!(2026-11-27 02:30:00 UTC));
+        let text = render(&data, false);
+        assert!(
+            text.contains("State: no longer blocked") && text.contains("expired 2026-11-27 02:30:00 UTC"),
+            "{text}"
+        );
+        // Never.
+        data.blocks.clear();
+        let text = render(&data, false);
+        assert!(text.contains("State: never blocked") && text.contains("Never blocked: we have not blocked"), "{text}");
     }
 
     #[test]
@@ -450,7 +726,7 @@ mod tests {
         data.blocks.clear();
         data.asn = None;
         let text = render(&data, false);
-        assert!(text.contains("No block is in force now."), "{text}");
+        assert!(text.contains("Never blocked"), "{text}");
         assert!(!text.contains("Network:"), "{text}");
     }
 }

@@ -83,6 +83,8 @@ pub struct Options {
     pub hub: Hub,
     /// Connection discipline and the throttle of failed authentication.
     pub limits: LimitsConfig,
+    /// Events older than this are rejected by ingest (`max_event_age_days`).
+    pub max_event_age: Duration,
 }
 
 impl Default for Options {
@@ -101,6 +103,7 @@ impl Default for Options {
             stats: Arc::default(),
             hub: Hub::new(),
             limits: LimitsConfig::default(),
+            max_event_age: crate::ingest::DEFAULT_MAX_EVENT_AGE,
         }
     }
 }
@@ -146,6 +149,7 @@ pub async fn run(
         options.heartbeat,
         stop_rx.clone(),
         options.stats.clone(),
+        options.max_event_age,
     );
     let grpc_limits = GateLimits::grpc(&options.limits);
     let auth_timeout = grpc_limits.first_deadline;

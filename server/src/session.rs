@@ -41,7 +41,8 @@ use fleetban_proto::v1::agent_frame::Frame;
 use fleetban_proto::v1::agent_service_server::AgentService;
 use fleetban_proto::v1::server_frame::Frame as Out;
 use fleetban_proto::v1::{
-    Ack, AgentFrame, Applied, EnrollRequest, EnrollResponse, Heartbeat, Hello, LocalBlock, Nack, ServerFrame, Welcome,
+    Ack, AgentFrame, Applied, EnrollRequest, EnrollResponse, Heartbeat, Hello, LocalBlock, Nack, Rejection,
+    ServerFrame, Welcome,
 };
 use ipnet::IpNet;
 use sqlx::PgPool;
@@ -175,7 +176,7 @@ pub struct Service {
 impl Service {
     /// A service on `pool`; sessions end when `stop` becomes true. Abuse
     /// addresses of stored batches go to `backlog`; local blocks go to
-    /// `correlator` at once.
+    /// `correlator` at once. Events older than `max_event_age` are rejected.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         pool: PgPool,
@@ -185,8 +186,9 @@ impl Service {
         heartbeat: Duration,
         stop: watch::Receiver<bool>,
         stats: Arc<Stats>,
+        max_event_age: Duration,
     ) -> Self {
-        let ingest = Ingest::new(pool.clone());
+        let ingest = Ingest::new(pool.clone()).with_max_event_age(max_event_age);
         Service { shared: Arc::new(Shared { pool, ingest, hub, correlator, backlog, heartbeat, stop, stats }) }
     }
 
@@ -638,7 +640,12 @@ impl Session {
                     Stats::add(&stats.events_stored, u64::from(outcome.stored));
                     Stats::add(&stats.events_rejected, u64::from(outcome.rejected));
                 }
-                self.send(Out::Ack(Ack { seq, rejected_events: outcome.rejected })).await?;
+                let rejections = outcome
+                    .rejections
+                    .iter()
+                    .map(|r| Rejection { reason: r.reason.to_owned(), events: r.events, detail: r.detail.clone() })
+                    .collect();
+                self.send(Out::Ack(Ack { seq, rejected_events: outcome.rejected, rejections })).await?;
                 self.shared.backlog.add(self.agent_id, &outcome.abuse_addresses);
                 self.touch().await;
                 Ok(())

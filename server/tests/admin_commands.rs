@@ -72,6 +72,51 @@ async fn token_create_prints_a_working_token(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn admin_commands_log_plain_text_without_postgres_notices(pool: PgPool) {
+    // The default log level (RUST_LOG unset), stderr a pipe as under journald.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetban-server"))
+        .args(["token", "create", "--role", "read"])
+        .env("DATABASE_URL", database_url(&pool))
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // The schema exists, so applying migrations makes Postgres say
+    // `relation "_sqlx_migrations" already exists, skipping`.
+    assert!(!stderr.contains("already exists") && !stderr.contains("notice"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "ANSI codes in non-terminal output: {stderr:?}");
+    assert!(stderr.contains("Created read token"), "{stderr}");
+}
+
+#[tokio::test]
+async fn database_errors_name_the_target_and_the_expected_url_form() {
+    let run = |url: &'static str| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetban-server"))
+            .args(["token", "create", "--role", "read"])
+            .env("DATABASE_URL", url)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+    };
+    let out = run("fleetban:s3cret@db.example/fleetban").await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("must start with postgres://") && stderr.contains(fleetban_server::db::URL_FORM),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+    // Nothing listens on port 1 of loopback.
+    let out = run("postgres://fleetban:s3cret@127.0.0.1:1/fleetban").await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("127.0.0.1:1/fleetban") && stderr.contains("is Postgres running"), "{stderr}");
+    assert!(!stderr.contains("s3cret") && !stderr.contains("pool timed out"), "{stderr}");
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
 async fn asn_import_loads_the_iptoasn_file(pool: PgPool) {
     let mut file = tempfile::NamedTempFile::new().unwrap();
     writeln!(file, "203.0.113.0\t203.0.113.255\t64500\tNL\tEXAMPLE-NET").unwrap();

@@ -1004,10 +1004,13 @@ async fn abuse_report_contents(pool: PgPool) {
     assert!(reply.headers["content-type"].to_str().unwrap().starts_with("text/plain"));
     let text = reply.text();
     assert!(text.contains("Abuse report: SMTP abuse from 203.0.113.7"), "{text}");
-    assert!(text.contains("made 8 abusive SMTP connection attempts against 2 of our mail servers"), "{text}");
-    assert!(text.contains("Connections from 203.0.113.7 recorded in our logs: 6."), "{text}");
+    assert!(text.contains("203.0.113.7 caused 8 abusive SMTP events against 2 of our mail servers"), "{text}");
+    assert!(text.contains("Our logs also hold 6 SMTP connections from 203.0.113.7"), "{text}");
+    assert!(text.contains("State: blocked"), "{text}");
+    // The evidence is the abuse lines the summary counts, not connections.
+    assert!(text.contains("Evidence: 6 log lines") && !text.contains("connection line"), "{text}");
     assert!(text.contains(" UTC and "), "{text}");
-    assert!(text.contains("203.0.113.7/32 blocked on all our mail servers since"), "{text}");
+    assert!(text.contains("Blocked now: 203.0.113.7/32 on all our mail servers since"), "{text}");
     assert!(text.contains("(reason: fleet abuse)"), "{text}");
     assert!(text.contains("535 Incorrect authentication data"), "{text}");
     assert!(text.contains("mx1.example.net"), "{text}");
@@ -1024,6 +1027,8 @@ async fn abuse_report_contents(pool: PgPool) {
     assert!(redacted.contains("2 addresses in 203.0.113.0/24"), "{redacted}");
     assert!(!redacted.contains("example.net") && !redacted.contains("mx1") && !redacted.contains("mx2"), "{redacted}");
     assert!(!redacted.contains("192.0.2.10"), "{redacted}");
+    assert!(!redacted.contains("info@") && !redacted.contains("example.com"), "{redacted}");
+    assert!(redacted.contains("(set_id=[user])"), "{redacted}");
     assert!(redacted.contains("server-1"), "{redacted}");
 
     get(&app, "/api/v1/reports/abuse?target=198.51.100.1", &t.read).await.expect(StatusCode::NOT_FOUND);

@@ -116,6 +116,8 @@ async fn cli_reads_and_writes_through_the_api(pool: PgPool) {
     );
     let events = ok(&fleetban(&url, Some(&t.read), &["events", "--ip", "203.0.113.7"]).await);
     assert_eq!(events.lines().count(), 6, "{events}");
+    // Piped output: absolute times with their zone.
+    assert!(events.lines().skip(1).all(|line| line.split("  ").next().unwrap().ends_with(" UTC")), "{events}");
     let events: Value = serde_json::from_str(&ok(&fleetban(
         &url,
         Some(&t.read),
@@ -124,6 +126,14 @@ async fn cli_reads_and_writes_through_the_api(pool: PgPool) {
     .await))
     .unwrap();
     assert_eq!(events.as_array().unwrap().len(), 2);
+    for event in events.as_array().unwrap() {
+        let time = event["time"].as_str().unwrap();
+        assert!(time.ends_with('Z') || time.contains('+'), "JSON times carry their zone: {time}");
+    }
+    // A kind that does not exist fails (clap's usage error) listing the kinds.
+    let bogus = fleetban(&url, Some(&t.read), &["events", "--kind", "bogus"]).await;
+    let stderr = String::from_utf8_lossy(&bogus.stderr);
+    assert!(!bogus.status.success() && stderr.contains("'bogus'") && stderr.contains("auth_failed"), "{stderr}");
     let report = ok(&fleetban(&url, Some(&t.read), &["report", "203.0.113.7"]).await);
     assert!(report.starts_with("Abuse report: SMTP abuse from 203.0.113.7"), "{report}");
     assert!(report.contains("against 2 of our mail servers"), "{report}");
@@ -306,4 +316,30 @@ async fn cli_manages_tokens_agents_and_shows_the_audit_log(pool: PgPool) {
     assert_eq!(actions, ["agent.remove", "agent.revoke", "agent.rename"]);
     fails(&fleetban(&url, Some(&t.read), &["audit", "--since", "whenever"]).await, "400 bad request");
     server.stop().await;
+}
+
+#[tokio::test]
+async fn a_database_outage_is_reported_as_such_not_as_a_bare_500() {
+    // The API over a pool whose database cannot be reached (nothing listens
+    // on port 1 of loopback).
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(std::time::Duration::from_millis(500))
+        .connect_lazy("postgres://fleetban@127.0.0.1:1/fleetban")
+        .unwrap();
+    let app = fleetban_server::api::router(fleetban_server::api::AppState::new(
+        pool,
+        fleetban_server::correlate::CorrelateConfig::default(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let response =
+        reqwest::Client::new().get(format!("{url}/api/v1/agents")).bearer_auth("fbt_0000").send().await.unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "database_unavailable", "{body}");
+    let output = fleetban(&url, Some("fbt_0000"), &["agents"]).await;
+    fails(&output, "503 service unavailable: the database is unavailable");
+    server.abort();
 }

@@ -60,3 +60,38 @@ fn pki_init_writes_the_files_and_serve_refuses_plaintext_on_the_network() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("refusing plaintext gRPC") && stderr.contains("--insecure"), "{stderr}");
 }
+
+#[test]
+fn check_config_refuses_what_serve_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |text: &str| {
+        let path = dir.path().join("server.toml");
+        std::fs::write(&path, text).unwrap();
+        Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env_remove("DATABASE_URL")
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    };
+    let good = "database_url = \"postgres://fleetban@127.0.0.1/fleetban\"\ngrpc_listen = \"127.0.0.1:50051\"\n";
+    let out = check(good);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+    for (text, named) in [
+        ("database_url = \"fleetban@db.example/fleetban\"\n", "postgres://"),
+        (&format!("{good}max_event_age_days = 90\n"), "max_event_age_days"),
+        (&format!("{good}[limits]\nhttp_idle_timeout_secs = 5\n"), "limits.http_idle_timeout_secs"),
+        // Plaintext gRPC on the network, as `serve` refuses it.
+        ("database_url = \"postgres://fleetban@127.0.0.1/fleetban\"\ngrpc_listen = \"0.0.0.0:50051\"\n", "plaintext"),
+        // TLS files that cannot be read.
+        (&format!("{good}[tls]\ncert_file = \"/nonexistent/s.pem\"\nkey_file = \"/nonexistent/s.key\"\n"), "s.pem"),
+        ("grpc_listen = \"127.0.0.1:50051\"\n", "database_url"),
+    ] {
+        let out = check(text);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text}: accepted");
+        assert!(stderr.to_lowercase().contains(&named.to_lowercase()), "{text}: {stderr}");
+    }
+}

@@ -259,7 +259,12 @@ async fn enrolled_agent_batches_are_acked_and_stored_exactly_once(pool: PgPool) 
     let mut events = vec![event(EventKind::AuthFailed, "192.0.2.7"), event(EventKind::Connect, "192.0.2.8")];
     events.push(Event { time_ms: now_ms() + 3_600_000, ..event(EventKind::Connect, "192.0.2.9") });
     agent.send(batch(1, events.clone())).await;
-    assert!(matches!(agent.next().await, Out::Ack(a) if a.seq == 1 && a.rejected_events == 1));
+    // The agent is told why: one event an hour ahead of the server's clock.
+    let Out::Ack(ack) = agent.next().await else { panic!("expected an Ack") };
+    assert_eq!((ack.seq, ack.rejected_events), (1, 1));
+    let reasons: Vec<(&str, u32)> = ack.rejections.iter().map(|r| (r.reason.as_str(), r.events)).collect();
+    assert_eq!(reasons, [("in_future", 1)], "{ack:?}");
+    assert!(ack.rejections[0].detail.contains("clock"), "{ack:?}");
     // The ack was "lost": the agent resends the same batch.
     agent.send(batch(1, events)).await;
     assert!(matches!(agent.next().await, Out::Ack(a) if a.seq == 1));

@@ -108,6 +108,7 @@ fn cpanel_root(root: &Path) {
          192.0.2.10 # cPanel: monitoring\n\
          198.51.100.7/24 # host bits set: the /24 is meant\n\
          tcp|in|d=25|s=203.0.113.9 # advanced filter\n\
+         tcp|in|d=22|s=198.51.100.9 # ssh only\n\
          2001:DB8:0:0:1::1\n\
          2001:db8:abcd:12::/48\n\
          Include /etc/csf/cpanel.allow\n\
@@ -177,7 +178,6 @@ fn installer_into_a_fake_root_is_idempotent_upgrades_and_uninstalls_cleanly() {
     for expected in [
         "192.0.2.10/32",
         "198.51.100.0/24",
-        "203.0.113.9/32",
         "2001:db8::1:0:0:1/128",
         "2001:db8:abcd::/48",
         "198.51.100.200/32",
@@ -193,6 +193,15 @@ fn installer_into_a_fake_root_is_idempotent_upgrades_and_uninstalls_cleanly() {
     }
     let text = std::fs::read_to_string(&config_path).unwrap();
     assert!(!text.contains("not-an-address") && !text.contains("300.1.2.3"), "invalid CSF entries kept:\n{text}");
+    // Port-restricted (advanced) CSF filters allow one port, not the address:
+    // never allowlisted, and named as skipped.
+    for restricted in ["203.0.113.9", "198.51.100.9"] {
+        let net: IpNet = format!("{restricted}/32").parse().unwrap();
+        assert!(!allow.contains(&net), "port-restricted {restricted} allowlisted: {allow:?}");
+    }
+    assert!(stdout.contains("skipped: tcp|in|d=22|s=198.51.100.9 (/etc/csf/csf.allow)"), "{stdout}");
+    assert!(stdout.contains("skipped 2 port-restricted"), "{stdout}");
+    assert!(text.contains("#   tcp|in|d=25|s=203.0.113.9 (/etc/csf/csf.allow)"), "{text}");
 
     // A re-run changes nothing, not even with --reconfigure (the config is
     // generated deterministically).

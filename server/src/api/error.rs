@@ -3,7 +3,11 @@
 //! Every failure a client sees is `{"error": {"code": "...", "message": "..."}}`
 //! with the status of [`ApiError::status_code`]. Database and other internal
 //! details are logged with `tracing` and never sent: the client gets
-//! `internal` and a generic message.
+//! `internal` and a generic message. A database that cannot be reached (the
+//! pool timed out, the connection was refused or lost, Postgres is shutting
+//! down) is not the client's fault nor a bug: it is a 503
+//! `database_unavailable` whose message says so, so the CLI can tell the
+//! operator what is wrong.
 //!
 //! The extractor wrappers [`ApiJson`], [`ApiQuery`] and [`ApiPath`] turn
 //! axum's own rejections (malformed JSON, a bad query string, a body over the
@@ -45,7 +49,8 @@ pub enum ApiError {
     /// allowlisted or fleet-own target (422).
     #[error("{0}")]
     Refused(String),
-    /// The database failed; details are logged, never sent (500).
+    /// The database failed; details are logged, never sent (500, or 503
+    /// when the database cannot be reached: [`crate::db::is_unavailable`]).
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     /// Another internal failure; details are logged, never sent (500).
@@ -65,7 +70,7 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// Stable machine-readable code: `unauthorized`, `forbidden`,
     /// `bad_request`, `payload_too_large`, `not_found`, `conflict`, `refused`,
-    /// `internal`.
+    /// `internal`, `database_unavailable`.
     pub code: &'static str,
     /// Human-readable explanation.
     pub message: String,
@@ -82,6 +87,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Database(error) if crate::db::is_unavailable(error) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Database(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -96,6 +102,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
             ApiError::Refused(_) => "refused",
+            ApiError::Database(error) if crate::db::is_unavailable(error) => "database_unavailable",
             ApiError::Database(_) | ApiError::Internal(_) => "internal",
         }
     }
@@ -103,6 +110,11 @@ impl ApiError {
     /// The message sent in the body; internal details are withheld.
     fn public_message(&self) -> String {
         match self {
+            ApiError::Database(error) if crate::db::is_unavailable(error) => {
+                "the database is unavailable (cannot connect to Postgres); the server's log names the cause, \
+                 and requests succeed again once it is back"
+                    .to_owned()
+            }
             ApiError::Database(_) | ApiError::Internal(_) => "internal server error".to_owned(),
             other => other.to_string(),
         }
@@ -122,9 +134,18 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status_code();
-        if status.is_server_error() {
+        match &self {
+            ApiError::Database(error) if crate::db::is_unavailable(error) => {
+                tracing::error!(
+                    error = %crate::text::Escaped(&self.to_string()), hint = crate::db::hint(error),
+                    "API request failed: the database is unavailable."
+                );
+            }
             // Database messages can quote the client's values.
-            tracing::error!(error = %crate::text::Escaped(&self.to_string()), "API request failed.");
+            _ if status.is_server_error() => {
+                tracing::error!(error = %crate::text::Escaped(&self.to_string()), "API request failed.");
+            }
+            _ => {}
         }
         let body = ErrorBody { error: ErrorDetail { code: self.code(), message: self.public_message() } };
         (status, Json(body)).into_response()
@@ -202,6 +223,16 @@ mod tests {
         assert_eq!(error.status_code(), StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(error.code(), "internal");
         assert!(!error.public_message().contains("secret"));
+    }
+
+    #[test]
+    fn an_unreachable_database_is_a_503_that_says_so() {
+        for error in [sqlx::Error::PoolTimedOut, sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into())] {
+            let error = ApiError::Database(error);
+            assert_eq!(error.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(error.code(), "database_unavailable");
+            assert!(error.public_message().contains("database is unavailable"), "{}", error.public_message());
+        }
     }
 
     #[test]

@@ -25,6 +25,8 @@ use reqwest::{Method, StatusCode};
 
 mod lifecycle;
 pub use lifecycle::{API_TOKEN_HEADERS, ENROLL_TOKEN_HEADERS, api_token_row, enroll_token_row};
+mod kinds;
+pub mod timefmt;
 use serde_json::{Value, json};
 
 /// Timeout of one API call.
@@ -165,7 +167,7 @@ pub enum Command {
         #[arg(long)]
         agent: Option<String>,
         /// Event kind.
-        #[arg(long)]
+        #[arg(long, value_parser = kinds::parser())]
         kind: Option<String>,
         /// Since (`1h` or RFC 3339).
         #[arg(long)]
@@ -371,12 +373,10 @@ fn cell(value: &Value) -> String {
     }
 }
 
-/// An RFC 3339 time as `YYYY-MM-DD HH:MM:SS`.
+/// An RFC 3339 time as a table cell: relative on a terminal, else UTC with
+/// the zone ([`timefmt`]).
 fn when(value: &Value) -> String {
-    match value.as_str() {
-        Some(t) if t.len() >= 19 => t[..19].replace('T', " "),
-        _ => cell(value),
-    }
+    timefmt::cell(value, time::OffsetDateTime::now_utc(), timefmt::Style::for_stdout())
 }
 
 fn items(value: &Value) -> &[Value] {
