@@ -413,10 +413,11 @@ mod tests {
             "last_used_at": null, "expires_at": "2026-11-29T10:00:00Z", "revoked_at": null, "active": false
         });
         let row = api_token_row(&t);
-        assert_eq!(
-            row,
-            ["3", "ci", "read", "fbt_0123abcd", "2026-11-28 10:00:00", "-", "2026-11-29 10:00:00", "expired"]
-        );
+        // Times are shown as every table shows them (relative on a
+        // terminal, UTC with the zone when piped).
+        let created = when(&json!("2026-11-28T10:00:00Z"));
+        let expires = when(&json!("2026-11-29T10:00:00Z"));
+        assert_eq!(row, ["3", "ci", "read", "fbt_0123abcd", &created, "-", &expires, "expired"]);
         let e = json!({
             "id": 1, "prefix": "fbe_00112233", "note": "rollout", "uses_left": 0, "uses_granted": 2,
             "created_at": "2026-11-28T10:00:00Z", "last_used_at": "2026-11-28T11:00:00Z",
