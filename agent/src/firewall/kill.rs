@@ -718,27 +718,36 @@ mod tests {
             return;
         }
         let stats = Arc::new(FirewallStats::default());
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        // Addresses no other test uses: blocking 127.0.0.1 would end every
+        // loopback connection of the machine to a listening port.
+        let listener = TcpListener::bind("127.0.0.11:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let options = KillOptions { scope: FirewallScope::All, ports: Vec::new(), dry_run: false, netns: None };
         let mut killer = Killer::new(options, stats.clone());
-        // An outbound connection from 127.0.0.7 to a "server" at 127.0.0.1.
-        let mut outbound = socket2_connect_to("127.0.0.7", port);
+        // An outbound connection from 127.0.0.12 to a "server" at 127.0.0.11.
+        let mut outbound = connect_from_to("127.0.0.12", "127.0.0.11", port);
         let (mut served, _) = listener.accept().unwrap();
-        assert_eq!(killer.kill(&[net("127.0.0.1/32")]), 0, "the outbound side must not be ended");
+        assert_eq!(killer.kill(&[net("127.0.0.11/32")]), 0, "the outbound side must not be ended");
         outbound.write_all(b"ok").unwrap();
         served.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let mut buf = [0u8; 2];
         served.read_exact(&mut buf).unwrap();
         // The inbound side of the same connection is ended when its peer is
         // blocked.
-        assert_eq!(killer.kill(&[net("127.0.0.7/32")]), 1);
+        assert_eq!(killer.kill(&[net("127.0.0.12/32")]), 1);
         assert!(matches!(served.read(&mut buf), Err(_) | Ok(0)));
     }
 
-    /// A loopback connection from a chosen 127/8 source address.
+    /// A loopback connection from a chosen 127/8 source address to
+    /// 127.0.0.1.
     fn socket2_connect_to(from: &str, port: u16) -> TcpStream {
+        connect_from_to(from, "127.0.0.1", port)
+    }
+
+    /// A loopback connection from `from` to `to`:`port`.
+    fn connect_from_to(from: &str, to: &str, port: u16) -> TcpStream {
         let from: Ipv4Addr = from.parse().unwrap();
+        let to_addr: Ipv4Addr = to.parse().unwrap();
         // SAFETY: plain socket/bind/connect on a fresh descriptor owned by
         // the returned stream.
         unsafe {
@@ -751,7 +760,7 @@ mod tests {
             let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
             assert_eq!(libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len), 0);
             let mut to = local;
-            to.sin_addr.s_addr = u32::from(Ipv4Addr::LOCALHOST).to_be();
+            to.sin_addr.s_addr = u32::from(to_addr).to_be();
             to.sin_port = port.to_be();
             assert_eq!(libc::connect(fd, (&to as *const libc::sockaddr_in).cast(), len), 0);
             stream
