@@ -110,6 +110,13 @@ impl Detector {
     pub fn thresholds(&self) -> &Thresholds {
         self.inner.thresholds()
     }
+
+    /// Forgets the evidence about `range` seen before an operator revoked
+    /// its block at `revoked_at_ms` (see
+    /// [`fleetban_proto::detect::Detector::forget`]).
+    pub fn forget(&mut self, range: IpNet, revoked_at_ms: i64) -> usize {
+        self.inner.forget(range, revoked_at_ms)
+    }
 }
 
 #[cfg(test)]

@@ -119,6 +119,9 @@ pub struct Reconciler {
     /// How many input entries (fleet and local) have each prefix length.
     input_lengths: Box<[[u32; 129]; 2]>,
     local: HashMap<IpNet, Entry>,
+    /// When each local block was made, unix ms (0 = not known: made by an
+    /// agent that did not record it, older than any revocation).
+    local_made: HashMap<IpNet, i64>,
     exclude: Vec<IpNet>,
     version: u64,
     /// What the backend holds according to the last commit or read-back.
@@ -173,6 +176,7 @@ impl Reconciler {
             lengths: Box::new([[0; 129]; 2]),
             input_lengths: Box::new([[0; 129]; 2]),
             local: HashMap::new(),
+            local_made: HashMap::new(),
             exclude,
             version: 0,
             believed: HashMap::new(),
@@ -344,11 +348,50 @@ impl Reconciler {
     pub fn add_local(&mut self, entry: Entry, now_ms: i64) -> Result<usize, ReconcileError> {
         let change = Change::Add(entry.clone());
         let net = entry.net;
+        self.local_made.insert(net, now_ms);
         if self.local.insert(net, entry).is_none() {
             self.input_lengths[usize::from(net.addr().is_ipv6())][usize::from(net.prefix_len())] += 1;
         }
         self.stats.local_blocks.fetch_add(1, Ordering::Relaxed);
         self.apply_changes(std::slice::from_ref(&change), now_ms)
+    }
+
+    /// Operators revoked blocks: `(range, revoked at, unix ms)`. Drops every
+    /// local block that overlaps a revoked range and was made no later than
+    /// its revocation (a later one rests on evidence seen after it), and
+    /// applies the result. Returns the local blocks dropped.
+    pub fn revoke_local(&mut self, revoked: &[(IpNet, i64)], now_ms: i64) -> Result<Vec<Entry>, ReconcileError> {
+        let made = &self.local_made;
+        let gone: Vec<IpNet> = self
+            .local
+            .keys()
+            .filter(|net| {
+                let at = made.get(*net).copied().unwrap_or(0);
+                revoked
+                    .iter()
+                    .any(|(range, revoked_at)| (range.contains(*net) || net.contains(range)) && at <= *revoked_at)
+            })
+            .copied()
+            .collect();
+        if gone.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut dropped = Vec::with_capacity(gone.len());
+        for net in gone {
+            self.local_made.remove(&net);
+            if let Some(entry) = self.local.remove(&net) {
+                dropped.push(entry);
+            }
+        }
+        self.rebuild_index();
+        self.apply(now_ms)?;
+        Ok(dropped)
+    }
+
+    /// The local blocks held, with when each was made (unix ms, 0 = not
+    /// known).
+    pub fn local_blocks(&self) -> impl Iterator<Item = (&Entry, i64)> {
+        self.local.values().map(|entry| (entry, self.local_made.get(&entry.net).copied().unwrap_or(0)))
     }
 
     fn index(&mut self, net: IpNet) {
@@ -492,6 +535,8 @@ impl Reconciler {
     pub fn expire(&mut self, now_ms: i64) {
         let live = |entry: &Entry| entry.expires_at_ms.is_none_or(|at| at > now_ms);
         self.local.retain(|_, entry| live(entry));
+        let local = &self.local;
+        self.local_made.retain(|net, _| local.contains_key(net));
         self.fleet.retain(|_, entry| live(entry));
         self.rebuild_index();
         self.prune_believed(now_ms);
@@ -511,7 +556,15 @@ impl Reconciler {
             version: self.version,
             entries: self.fleet.iter().map(|(id, entry)| block_entry(*id, entry)).collect(),
         };
-        let local = BlocklistSnapshot { version: 0, entries: self.local.values().map(|e| block_entry(0, e)).collect() };
+        // In the local part, `block_id` carries when the block was made.
+        let local = BlocklistSnapshot {
+            version: 0,
+            entries: self
+                .local
+                .values()
+                .map(|e| block_entry(self.local_made.get(&e.net).copied().unwrap_or(0), e))
+                .collect(),
+        };
         let mut bytes = Vec::with_capacity(fleet.encoded_len() + local.encoded_len() + 16);
         let encoded =
             fleet.encode_length_delimited(&mut bytes).and_then(|()| local.encode_length_delimited(&mut bytes));
@@ -548,6 +601,9 @@ impl Reconciler {
         }
         for block in &local.entries {
             if let Ok(entry) = entry_of(block) {
+                if block.block_id > 0 {
+                    self.local_made.insert(entry.net, block.block_id);
+                }
                 self.local.insert(entry.net, entry);
             }
         }
@@ -572,6 +628,7 @@ impl Reconciler {
         self.backend.flush()?;
         self.fleet.clear();
         self.local.clear();
+        self.local_made.clear();
         self.believed.clear();
         self.rebuild_index();
         self.recount();
@@ -823,6 +880,61 @@ mod tests {
                 assert!(plan::same_expiry(held.1, want.1), "{held:?} vs {want:?}");
             }
         }
+    }
+
+    /// An operator's revocation drops the local block the agent made before
+    /// it (also one that was only absorbed by a fleet block, and one loaded
+    /// from the state file), keeps one made after it on new evidence, and
+    /// leaves other ranges alone.
+    #[test]
+    fn revocation_drops_local_blocks_made_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = Memory::default();
+        let mut r = Reconciler::new(Box::new(memory.clone()), vec![], Some(dir.path().to_owned()), Arc::default());
+        r.apply_snapshot(
+            &BlocklistSnapshot { version: 1, entries: vec![block(13, "198.51.100.5/32", NOW + 900_000)] },
+            NOW,
+        )
+        .unwrap();
+        let local =
+            |net: &str| Entry { net: net.parse().unwrap(), expires_at_ms: Some(NOW + 600_000), reason: "auth".into() };
+        r.add_local(local("198.51.100.5/32"), NOW).unwrap();
+        r.add_local(local("198.51.100.6/32"), NOW).unwrap();
+        r.add_local(local("2001:db8:bad::/64"), NOW).unwrap();
+        r.persist(true);
+        // A restart in between: the time each block was made is kept.
+        drop(r);
+        let mut r = Reconciler::new(Box::new(memory.clone()), vec![], Some(dir.path().to_owned()), Arc::default());
+        r.reconcile(NOW + 1_000).unwrap();
+        // The server removes the fleet block: the local one still holds it.
+        let delta = BlocklistDelta { from_version: 1, to_version: 2, added: vec![], removed: vec![13] };
+        r.apply_delta(&delta, NOW + 2_000).unwrap();
+        assert!(memory.held.lock().unwrap().contains_key(&"198.51.100.5/32".parse().unwrap()));
+        // The revocation (at NOW + 1500) drops it, and the /64 whose /128 was
+        // revoked.
+        let dropped = r
+            .revoke_local(
+                &[
+                    ("198.51.100.5/32".parse().unwrap(), NOW + 1_500),
+                    ("2001:db8:bad::7/128".parse().unwrap(), NOW + 1_500),
+                ],
+                NOW + 2_000,
+            )
+            .unwrap();
+        let mut dropped: Vec<String> = dropped.iter().map(|e| e.net.to_string()).collect();
+        dropped.sort();
+        assert_eq!(dropped, ["198.51.100.5/32", "2001:db8:bad::/64"]);
+        let held: Vec<String> = memory.held.lock().unwrap().keys().map(|n| n.to_string()).collect();
+        assert_eq!(held, ["198.51.100.6/32"]);
+        // New evidence after the revocation blocks again, and the same
+        // revocation heard again (a reconnect) leaves that block alone.
+        r.add_local(local("198.51.100.5/32"), NOW + 3_000).unwrap();
+        assert!(r.revoke_local(&[("198.51.100.5/32".parse().unwrap(), NOW + 1_500)], NOW + 4_000).unwrap().is_empty());
+        assert_eq!(memory.held.lock().unwrap().len(), 2);
+        // A full reconcile does not bring the dropped blocks back.
+        r.reconcile(NOW + 5_000).unwrap();
+        assert_eq!(memory.held.lock().unwrap().len(), 2);
+        assert!(!memory.held.lock().unwrap().contains_key(&"2001:db8:bad::/64".parse().unwrap()));
     }
 
     #[test]
