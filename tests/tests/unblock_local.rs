@@ -1,0 +1,108 @@
+//! An operator's unblock wins on every host, including the one whose own
+//! detection made the block: the fleet in network namespaces (server, three
+//! hosts with real agents and nftables, an attacker; `tests/src/fleet.rs`),
+//! a brute force that mx1 blocks on its own, then `fleetban unblock ADDRESS`.
+//!
+//! Needs root (namespaces, nftables); without root it fails and says so.
+//! `cargo test -p fleetban-tests --test unblock_local -- --nocapture`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use fleetban_tests::fleet::{self, Fleet, FleetOptions, att_v4, auth_failures, mx_v4};
+use fleetban_tests::netns::is_root;
+
+fn smtp(i: usize) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(mx_v4(i)), 25)
+}
+
+fn start() -> Fleet {
+    assert!(
+        is_root(),
+        "the end-to-end tests need root (network namespaces and nftables); run them as root, e.g. \
+         `sudo -E cargo test -p fleetban-tests --test unblock_local`"
+    );
+    let bins = fleet::binaries().unwrap_or_else(|error| panic!("{error:#}"));
+    Fleet::start(bins, FleetOptions::default()).unwrap_or_else(|error| panic!("starting the fleet: {error:#}"))
+}
+
+/// `n` failed logins of one user from `from` on mx1, in one session.
+fn fail_logins(fleet: &Fleet, from: IpAddr, n: usize) {
+    let users: Vec<String> = (0..n).map(|_| "admin@example.test".to_owned()).collect();
+    fleet
+        .in_attacker(move || auth_failures(smtp(0), from, &users))
+        .expect("attacker thread")
+        .expect("the AUTH attempts ran");
+}
+
+fn held_by(fleet: &Fleet, i: usize, addr: &str) -> bool {
+    fleet.nft_entries(i).unwrap_or_default().contains(addr)
+}
+
+#[test]
+fn unblock_removes_a_locally_detected_block_everywhere_and_old_evidence_does_not_return_it() {
+    let fleet = start();
+    let attacker = att_v4(47);
+    let text = attacker.to_string();
+
+    // mx1 blocks the brute force on its own evidence (10 failures of one
+    // user is its per-host threshold), and the fleet follows.
+    fail_logins(&fleet, attacker, 10);
+    let everywhere = fleet::wait_until(Duration::from_secs(10), || (0..3).all(|i| held_by(&fleet, i, &text)));
+    assert!(everywhere, "the brute force was not blocked everywhere\nmx1:\n{}", fleet.agent_log_tail(0));
+    assert!(
+        fleet.agent_log_tail(0).contains("Blocked locally."),
+        "mx1 did not block on its own evidence:\n{}",
+        fleet.agent_log_tail(0)
+    );
+    let (id, cidr, source) = fleet.live_block(attacker).expect("query").expect("a live fleet block");
+    assert_eq!(cidr, format!("{attacker}/32"));
+
+    // The operator unblocks the address.
+    let token = fleet.admin_token().expect("admin API token");
+    let unblocked_at = Instant::now();
+    let unblocked_ms = fleetban_agent::firewall::now_ms();
+    let (ok, out, err) = fleet.cli(&token, &["unblock", &text]).expect("fleetban unblock");
+    assert!(ok && out.contains(&format!("block {id}")), "fleetban unblock {text}: {out}{err}");
+    let gone = fleet::wait_until(Duration::from_secs(5), || (0..3).all(|i| !held_by(&fleet, i, &text)));
+    let took = unblocked_at.elapsed();
+    assert!(
+        gone,
+        "the address is still in a host's kernel set after the unblock\nmx1 nft:\n{}\nmx1 log:\n{}",
+        fleet.nft_entries(0).unwrap_or_default(),
+        fleet.agent_log_tail(0)
+    );
+    println!(
+        "e2e unblock of a local block ({source} block {id}): fleetban unblock -> gone from all 3 kernel sets \
+         {} ms",
+        took.as_millis()
+    );
+    assert!(took <= Duration::from_secs(1), "the unblock took {took:?}");
+    assert!(
+        fleet.agent_log_tail(0).contains("Local block dropped: an operator revoked it."),
+        "mx1 did not drop its own block:\n{}",
+        fleet.agent_log_tail(0)
+    );
+
+    // One more failure: with the evidence from before the unblock it would
+    // be over mx1's threshold and the fleet's per-host bar; alone it is not.
+    fail_logins(&fleet, attacker, 1);
+    let stored = fleet::wait_until(Duration::from_secs(10), || fleet.stored_events(attacker).unwrap_or(0) >= 11);
+    assert!(stored, "the failure after the unblock was not stored: {:?}", fleet.stored_events(attacker));
+    // A full reconcile on mx1 after the failure was stored: the firewall is
+    // compared with its desired set again, not just with the last commit.
+    let stored_ms = fleetban_agent::firewall::now_ms();
+    let reconciled = fleet::wait_until(Duration::from_secs(15), || {
+        fleet.agent_last_reconcile_ms(0).is_some_and(|at| at > stored_ms && at > unblocked_ms)
+    });
+    assert!(reconciled, "mx1 reported no full reconcile after the unblock");
+    assert!(fleet.live_block(attacker).expect("query").is_none(), "old evidence blocked the address again");
+    for i in 0..3 {
+        assert!(!held_by(&fleet, i, &text), "mx{} holds the address again", i + 1);
+    }
+
+    // New evidence after the unblock still counts: a new burst blocks again.
+    fail_logins(&fleet, attacker, 10);
+    let again = fleet::wait_until(Duration::from_secs(10), || held_by(&fleet, 0, &text));
+    assert!(again, "a new burst after the unblock was not blocked\nmx1:\n{}", fleet.agent_log_tail(0));
+}
