@@ -475,8 +475,11 @@ async fn blocks_paginate_without_gaps_or_repeats(pool: PgPool) {
     assert_eq!(seen.len(), 7);
 }
 
+/// An allowlist entry suppresses the live blocks it overlaps without
+/// removing them (no change reaches the agents but the allowlist itself),
+/// and removing the entry leaves them live, so they are enforced again.
 #[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
-async fn allowlist_removes_covered_blocks(pool: PgPool) {
+async fn allowlist_suppresses_covered_blocks_until_it_is_removed(pool: PgPool) {
     let app = app(&pool);
     let t = common::tokens(&pool).await;
     let mut ids = Vec::new();
@@ -499,16 +502,15 @@ async fn allowlist_removes_covered_blocks(pool: PgPool) {
     assert_eq!(reply["entry"]["note"], "partner relay");
     assert_eq!(reply["entry"]["created_by"], "ops-admin");
     assert!(reply["entry"]["expires_at"].is_string());
-    assert_eq!(reply["removed_blocks"], json!([ids[0], ids[1], ids[2]]));
-    let active = get(&app, "/api/v1/blocks", &t.read).await.expect(StatusCode::OK).json();
-    let active: Vec<i64> = active.as_array().unwrap().iter().map(|b| b["id"].as_i64().unwrap()).collect();
-    assert_eq!(active, [ids[3]], "only the block outside the allowlisted range stays");
-    let removes: i64 = sqlx::query_scalar("select count(*) from block_changes where op = 'remove' and version > $1")
-        .bind(before)
-        .fetch_one(&pool)
+    assert_eq!(reply["suppressed_blocks"], json!([ids[0], ids[1], ids[2]]));
+    assert_eq!(reply["removed_blocks"], json!([]));
+    let changes: i64 = sqlx::query_scalar("select count(*) from block_changes").fetch_one(&pool).await.unwrap();
+    assert_eq!(changes, before, "suppressing writes no block change");
+    assert_eq!(fleetban_server::push::live_allowlist(&pool).await.unwrap(), ["198.51.100.0/24".parse().unwrap()]);
+    // Policy refuses new blocks inside it meanwhile.
+    create_block(&app, &t.admin, json!({"cidr": "198.51.100.200", "reason": "r"}))
         .await
-        .unwrap();
-    assert_eq!(removes, 3, "each removal reaches the agents as a change");
+        .expect(StatusCode::UNPROCESSABLE_ENTITY);
 
     let list = get(&app, "/api/v1/allowlist", &t.read).await.expect(StatusCode::OK).json();
     assert_eq!(list.as_array().unwrap().len(), 1);
@@ -531,6 +533,38 @@ async fn allowlist_removes_covered_blocks(pool: PgPool) {
     let list = get(&app, "/api/v1/allowlist", &t.read).await.expect(StatusCode::OK).json();
     assert_eq!(list, json!([]));
     call(&app, Method::DELETE, "/api/v1/allowlist/77", Some(&t.admin), None).await.expect(StatusCode::NOT_FOUND);
+    // Unallowed: every block it suppressed is live and pushed as before,
+    // and the agents receive an allowlist without the range.
+    let active = get(&app, "/api/v1/blocks", &t.read).await.expect(StatusCode::OK).json();
+    let mut active: Vec<i64> = active.as_array().unwrap().iter().map(|b| b["id"].as_i64().unwrap()).collect();
+    active.sort_unstable();
+    assert_eq!(active, ids, "the suppressed blocks are enforced again");
+    let snapshot = fleetban_server::blocks::snapshot(&pool).await.unwrap();
+    assert_eq!(snapshot.entries.len(), 4);
+    assert!(fleetban_server::push::live_allowlist(&pool).await.unwrap().is_empty());
+}
+
+/// `allow` has the breadth guard `block` has: broader than /16 (IPv4) or
+/// /32 (IPv6) needs `force`.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn broad_allowlist_entries_need_force(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    for cidr in ["0.0.0.0/0", "198.0.0.0/15", "2001:db8::/31", "::/0"] {
+        let refused = call(&app, Method::POST, "/api/v1/allowlist", Some(&t.admin), Some(json!({"cidr": cidr})))
+            .await
+            .expect(StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(refused.json()["error"]["message"].as_str().unwrap().contains("needs force"), "{cidr}");
+    }
+    assert!(fleetban_server::push::live_allowlist(&pool).await.unwrap().is_empty(), "a refusal writes nothing");
+    for cidr in ["198.51.0.0/16", "2001:db8::/32"] {
+        call(&app, Method::POST, "/api/v1/allowlist", Some(&t.admin), Some(json!({"cidr": cidr})))
+            .await
+            .expect(StatusCode::CREATED);
+    }
+    call(&app, Method::POST, "/api/v1/allowlist", Some(&t.admin), Some(json!({"cidr": "0.0.0.0/0", "force": true})))
+        .await
+        .expect(StatusCode::CREATED);
 }
 
 /// Two agents; 203.0.113.7 hits both, 203.0.113.8 one; events for timelines.
@@ -839,7 +873,7 @@ async fn mapped_addresses_are_checked_as_ipv4(pool: PgPool) {
             .expect(StatusCode::CREATED)
             .json();
     assert_eq!(allowed["entry"]["cidr"], "203.0.113.0/24");
-    assert_eq!(allowed["removed_blocks"], json!([block["id"]]));
+    assert_eq!(allowed["suppressed_blocks"], json!([block["id"]]));
     call(&app, Method::DELETE, "/api/v1/allowlist?cidr=::ffff:203.0.113.0/120", Some(&t.admin), None)
         .await
         .expect(StatusCode::NO_CONTENT);

@@ -937,6 +937,33 @@ mod tests {
         assert!(!memory.held.lock().unwrap().contains_key(&"2001:db8:bad::/64".parse().unwrap()));
     }
 
+    /// An allowlist entry cuts its range out of the blocks it overlaps;
+    /// once it is gone (unallowed or expired) the blocks are whole again.
+    #[test]
+    fn removing_an_allowlist_entry_restores_what_it_suppressed() {
+        let memory = Memory::default();
+        let mut r = Reconciler::new(Box::new(memory.clone()), vec![], None, Arc::default());
+        r.apply_snapshot(
+            &BlocklistSnapshot {
+                version: 1,
+                entries: vec![block(1, "198.51.100.0/24", NOW + 900_000), block(2, "203.0.113.9/32", 0)],
+            },
+            NOW,
+        )
+        .unwrap();
+        let held = |m: &Memory| {
+            let mut v: Vec<String> = m.held.lock().unwrap().keys().map(|n| n.to_string()).collect();
+            v.sort();
+            v
+        };
+        r.set_exclusions(vec!["198.51.100.55/32".parse().unwrap(), "203.0.113.0/24".parse().unwrap()], NOW).unwrap();
+        let cut = held(&memory);
+        assert_eq!(cut.len(), 8, "the /24 without .55: {cut:?}");
+        assert!(!cut.iter().any(|n| n.starts_with("203.0.113.")), "{cut:?}");
+        r.set_exclusions(vec![], NOW + 1_000).unwrap();
+        assert_eq!(held(&memory), ["198.51.100.0/24", "203.0.113.9/32"]);
+    }
+
     #[test]
     fn persisted_blocklist_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
