@@ -21,7 +21,8 @@ async fn fleetban(url: &str, token: Option<&str>, args: &[&str]) -> Output {
     if let Some(token) = token {
         command.arg("--token").arg(token);
     }
-    command.args(args).output().await.unwrap()
+    // Not a terminal: nothing asks for confirmation (as for scripts).
+    command.args(args).stdin(std::process::Stdio::null()).output().await.unwrap()
 }
 
 fn ok(output: &Output) -> String {
@@ -95,10 +96,10 @@ async fn cli_reads_and_writes_through_the_api(pool: PgPool) {
     fails(&fleetban(&url, Some(&t.admin), &["unblock", "203.0.113.7"]).await, "no live block of 203.0.113.7/32");
     fails(&fleetban(&url, Some(&t.admin), &["unblock", &range_id.to_string()]).await, "409");
 
-    // allow / allowlist / unallow; allow removes covered blocks.
+    // allow / allowlist / unallow; allow suppresses covered blocks.
     ok(&fleetban(&url, Some(&t.admin), &["block", "203.0.113.9", "--reason", "r"]).await);
     let out = ok(&fleetban(&url, Some(&t.admin), &["allow", "203.0.113.0/24", "--note", "partner"]).await);
-    assert!(out.contains("Allowlisted 203.0.113.0/24") && out.contains("Removed 1 covered block"), "{out}");
+    assert!(out.contains("Allowlisted 203.0.113.0/24") && out.contains("Suppressed 1 overlapping block"), "{out}");
     let list = ok(&fleetban(&url, Some(&t.read), &["allowlist"]).await);
     assert!(list.contains("203.0.113.0/24") && list.contains("partner") && list.contains("ops-admin"), "{list}");
     fails(&fleetban(&url, Some(&t.admin), &["block", "203.0.113.20", "--reason", "r"]).await, "422");
@@ -152,6 +153,61 @@ async fn cli_reads_and_writes_through_the_api(pool: PgPool) {
         .unwrap();
     assert!(ok(&output).contains("active blocks"));
 
+    server.stop().await;
+}
+
+/// `unblock` of an address covered only by a wider block names that block
+/// instead of a bare 404, and `--carve` exempts the address for the
+/// covering block's remaining time (or `--ttl`); `allow` of a range broader
+/// than /16 needs `--force`.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn cli_unblock_names_covering_blocks_and_carves(pool: PgPool) {
+    let server = common::Server::start(&pool).await;
+    let url = server.url.clone();
+    let t = common::tokens(&pool).await;
+    let out =
+        ok(&fleetban(&url, Some(&t.admin), &["block", "198.51.100.0/24", "--ttl", "2h", "--reason", "campaign"]).await);
+    let id: i64 = out.split("(block ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    fails(
+        &fleetban(&url, Some(&t.admin), &["unblock", "198.51.100.55"]).await,
+        &format!("covered by block {id} (198.51.100.0/24, reason \"campaign\")"),
+    );
+    fails(&fleetban(&url, Some(&t.admin), &["unblock", "198.51.100.55", "--ttl", "1h"]).await, "--carve only");
+    let out = ok(&fleetban(&url, Some(&t.admin), &["unblock", "198.51.100.55", "--carve"]).await);
+    assert!(out.starts_with(&format!("Exempted 198.51.100.55/32 from block {id}")), "{out}");
+    let (cidr, note, left): (String, String, f64) =
+        sqlx::query_as("select cidr::text, note, extract(epoch from expires_at - now())::float8 from allowlist")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((cidr.as_str(), note.as_str()), ("198.51.100.55/32", format!("carved out of block {id}").as_str()));
+    assert!((7_000.0..=7_200.0).contains(&left), "the exemption lasts as long as the block: {left}");
+    // The covering block is untouched; a second carve with its own TTL.
+    let live: i64 =
+        sqlx::query_scalar("select count(*) from blocks where revoked_at is null").fetch_one(&pool).await.unwrap();
+    assert_eq!(live, 1);
+    let out =
+        ok(&fleetban(&url, Some(&t.admin), &["unblock", "198.51.100.56", "--carve", "--ttl", "10m", "--yes"]).await);
+    assert!(out.contains("198.51.100.56/32"), "{out}");
+    let left: f64 = sqlx::query_scalar(
+        "select extract(epoch from expires_at - now())::float8 from allowlist where cidr = '198.51.100.56/32'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!((500.0..=600.0).contains(&left), "{left}");
+    // The exact block and the covering one: the exact one goes, the other is named.
+    ok(&fleetban(&url, Some(&t.admin), &["block", "198.51.100.77", "--reason", "single"]).await);
+    let out = ok(&fleetban(&url, Some(&t.admin), &["unblock", "198.51.100.77"]).await);
+    assert!(out.contains("Removed block") && out.contains(&format!("still covered by block {id}")), "{out}");
+
+    // allow: the breadth guard, in the CLI's words from the API.
+    fails(&fleetban(&url, Some(&t.admin), &["allow", "0.0.0.0/0"]).await, "needs force");
+    fails(&fleetban(&url, Some(&t.admin), &["allow", "2001:db8::/31"]).await, "needs force");
+    let out = ok(&fleetban(&url, Some(&t.admin), &["allow", "0.0.0.0/0", "--force", "--yes"]).await);
+    assert!(out.contains("Allowlisted 0.0.0.0/0") && out.contains("Suppressed 1"), "{out}");
+    let out = ok(&fleetban(&url, Some(&t.admin), &["unallow", "0.0.0.0/0", "--yes"]).await);
+    assert!(out.contains("enforced again"), "{out}");
     server.stop().await;
 }
 

@@ -13,6 +13,8 @@
 //! `--json` prints the API's JSON as it is (JSON escapes control characters
 //! itself).
 
+mod ranges;
+
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::time::Duration;
@@ -88,12 +90,24 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Remove a block by id, or every live block of a range.
+    /// Remove a block by id, or every live block of a range; an address
+    /// only covered by a wider block names it (`--carve` exempts the address).
     Unblock {
         /// Block id or CIDR.
         target: String,
+        /// When a wider block covers the target, add an allowlist entry for
+        /// the target instead (for the covering blocks' remaining time).
+        #[arg(long)]
+        carve: bool,
+        /// Lifetime of the `--carve` exemption (`90s`, `30m`, `6h`, `7d`).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Do not ask for confirmation on a terminal.
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
-    /// Allowlist a range (live blocks inside it are removed).
+    /// Allowlist a range (live blocks overlapping it are not enforced inside
+    /// it until it is removed).
     Allow {
         /// Address or CIDR.
         cidr: String,
@@ -103,6 +117,12 @@ pub enum Command {
         /// Lifetime (`6h`, `30d`); default permanent.
         #[arg(long)]
         ttl: Option<String>,
+        /// Allow a range broader than the minimum block prefix (/16, /32).
+        #[arg(long)]
+        force: bool,
+        /// Do not ask for confirmation on a terminal.
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
     /// List the allowlist.
     Allowlist,
@@ -110,6 +130,9 @@ pub enum Command {
     Unallow {
         /// The CIDR as listed.
         cidr: String,
+        /// Do not ask for confirmation on a terminal.
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
     /// Attacking addresses ranked by hosts hit and events.
     Attackers {
@@ -488,45 +511,11 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
             };
             Ok(format!("Blocked {} (block {}, {expires}).\n", cell(&block["cidr"]), cell(&block["id"])))
         }
-        Command::Unblock { target } => {
-            let ids: Vec<(i64, String)> = if let Ok(id) = target.parse::<i64>() {
-                vec![(id, format!("block {id}"))]
-            } else {
-                let cidr = cidr_arg(target)?;
-                let blocks =
-                    client.get("/api/v1/blocks", &[("cidr", cidr.to_string()), ("active", "true".into())]).await?;
-                let ids: Vec<(i64, String)> = items(&blocks)
-                    .iter()
-                    .filter_map(|b| b["id"].as_i64().map(|id| (id, format!("block {id} ({})", cell(&b["cidr"])))))
-                    .collect();
-                if ids.is_empty() {
-                    return Err(CliError::Api { status: 404, message: format!("not found: no live block of {cidr}") });
-                }
-                ids
-            };
-            let mut out = String::new();
-            for (id, label) in &ids {
-                client.json(Method::DELETE, &format!("/api/v1/blocks/{id}"), &[], None).await?;
-                let _ = writeln!(out, "Removed {label}.");
-            }
-            Ok(if json { pretty(&json!({ "removed": ids.iter().map(|(id, _)| id).collect::<Vec<_>>() })) } else { out })
+        Command::Unblock { target, carve, ttl, yes } => {
+            ranges::unblock(&client, target, *carve, ttl.as_deref(), *yes, json).await
         }
-        Command::Allow { cidr, note, ttl } => {
-            let mut body = json!({ "cidr": cidr, "note": note });
-            if let Some(secs) = ttl_secs(ttl.as_deref())? {
-                body["ttl_secs"] = json!(secs);
-            }
-            let allowed = client.json(Method::POST, "/api/v1/allowlist", &[], Some(body)).await?;
-            if json {
-                return Ok(pretty(&allowed));
-            }
-            let removed = items(&allowed["removed_blocks"]);
-            let mut out = format!("Allowlisted {}.\n", escape(&cell(&allowed["entry"]["cidr"])));
-            if !removed.is_empty() {
-                let _ =
-                    writeln!(out, "Removed {} covered block(s): {}.", removed.len(), cell(&allowed["removed_blocks"]));
-            }
-            Ok(out)
+        Command::Allow { cidr, note, ttl, force, yes } => {
+            ranges::allow(&client, cidr, note, ttl.as_deref(), *force, *yes, json).await
         }
         Command::Allowlist => {
             let list = client.get("/api/v1/allowlist", &[]).await?;
@@ -548,15 +537,7 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
                 .collect();
             Ok(table(&["ID", "CIDR", "ADDED", "EXPIRES", "BY", "NOTE"], &rows))
         }
-        Command::Unallow { cidr } => {
-            let cidr = cidr_arg(cidr)?;
-            client.json(Method::DELETE, "/api/v1/allowlist", &[("cidr", cidr.to_string())], None).await?;
-            Ok(if json {
-                pretty(&json!({ "removed": cidr.to_string() }))
-            } else {
-                format!("Removed {cidr} from the allowlist.\n")
-            })
-        }
+        Command::Unallow { cidr, yes } => ranges::unallow(&client, cidr, *yes, json).await,
         Command::Attackers { since, limit } => {
             let list =
                 client.get("/api/v1/attackers", &[("since", since.clone()), ("limit", limit.to_string())]).await?;
