@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use fleetban_proto::v1::{BlockEntry, BlocklistDelta, BlocklistSnapshot, Cidr};
+use fleetban_proto::v1::{Allowlist, BlockEntry, BlocklistDelta, BlocklistSnapshot, Cidr};
 use ipnet::IpNet;
 use prost::Message as _;
 use tracing::{debug, info, warn};
@@ -123,6 +123,10 @@ pub struct Reconciler {
     /// agent that did not record it, older than any revocation).
     local_made: HashMap<IpNet, i64>,
     exclude: Vec<IpNet>,
+    /// The never-blocked ranges as last persisted (for inspection by
+    /// `fleetban-agent firewall list` and `why`, which do not run the
+    /// wiring that sets [`Reconciler::set_exclusions`]).
+    persisted_exclude: Vec<IpNet>,
     version: u64,
     /// What the backend holds according to the last commit or read-back.
     believed: HashMap<IpNet, Entry>,
@@ -178,6 +182,7 @@ impl Reconciler {
             local: HashMap::new(),
             local_made: HashMap::new(),
             exclude,
+            persisted_exclude: Vec::new(),
             version: 0,
             believed: HashMap::new(),
             reconciled: false,
@@ -388,6 +393,23 @@ impl Reconciler {
         Ok(dropped)
     }
 
+    /// The fleet blocklist held: block id and entry.
+    pub fn fleet_blocks(&self) -> impl Iterator<Item = (i64, &Entry)> {
+        self.fleet.iter().map(|(id, entry)| (*id, entry))
+    }
+
+    /// The never-blocked ranges: those set since start, else the ones
+    /// persisted by the running agent.
+    pub fn exclusions(&self) -> &[IpNet] {
+        if self.exclude.is_empty() { &self.persisted_exclude } else { &self.exclude }
+    }
+
+    /// What the backend holds now, read back without changing anything
+    /// (no setup: a missing table is an error, not created).
+    pub fn read_actual(&mut self) -> Result<Vec<Entry>, FirewallError> {
+        self.backend.read(super::now_ms())
+    }
+
     /// The local blocks held, with when each was made (unix ms, 0 = not
     /// known).
     pub fn local_blocks(&self) -> impl Iterator<Item = (&Entry, i64)> {
@@ -565,9 +587,14 @@ impl Reconciler {
                 .map(|e| block_entry(self.local_made.get(&e.net).copied().unwrap_or(0), e))
                 .collect(),
         };
-        let mut bytes = Vec::with_capacity(fleet.encoded_len() + local.encoded_len() + 16);
-        let encoded =
-            fleet.encode_length_delimited(&mut bytes).and_then(|()| local.encode_length_delimited(&mut bytes));
+        // Third part (absent in files of older agents): the never-blocked
+        // ranges in force, for inspection only.
+        let exclude = Allowlist { ranges: self.exclude.iter().map(|net| Cidr::from(*net)).collect() };
+        let mut bytes = Vec::with_capacity(fleet.encoded_len() + local.encoded_len() + exclude.encoded_len() + 24);
+        let encoded = fleet
+            .encode_length_delimited(&mut bytes)
+            .and_then(|()| local.encode_length_delimited(&mut bytes))
+            .and_then(|()| exclude.encode_length_delimited(&mut bytes));
         if encoded.is_err() {
             return;
         }
@@ -594,6 +621,12 @@ impl Reconciler {
             warn!(path = %path.display(), "The persisted blocklist is damaged; starting empty.");
             return;
         };
+        if !buf.is_empty()
+            && let Ok(exclude) = Allowlist::decode_length_delimited(&mut buf)
+        {
+            self.persisted_exclude =
+                exclude.ranges.iter().filter_map(|c| IpNet::try_from(c).ok()).map(|n| n.trunc()).collect();
+        }
         for block in &fleet.entries {
             if let Ok(entry) = entry_of(block) {
                 self.fleet.insert(block.block_id, entry);
