@@ -93,6 +93,7 @@ fn write_body(method: &Method, path: &str) -> Option<Value> {
     match (method.as_str(), path) {
         ("POST", "/api/v1/blocks") => Some(json!({"cidr": "203.0.113.7", "reason": "test"})),
         ("POST", "/api/v1/allowlist") => Some(json!({"cidr": "198.51.100.0/24", "note": "partner"})),
+        ("POST", "/api/v1/import") => Some(json!({"format": "plain", "text": "203.0.113.60\n"})),
         _ => None,
     }
 }
@@ -106,7 +107,7 @@ async fn auth_matrix_over_every_route(pool: PgPool) {
             .into();
     let routes = api::routes();
     let writes: Vec<_> = routes.iter().filter(|(m, _, _)| *m != Method::GET).collect();
-    assert_eq!(writes.len(), 6, "every write must be in this matrix");
+    assert_eq!(writes.len(), 7, "every write must be in this matrix");
     for (method, path, _) in &routes {
         let uri = match *path {
             "/api/v1/allowlist" if *method == Method::DELETE => "/api/v1/allowlist?cidr=198.51.100.0/24".to_owned(),
@@ -954,4 +955,116 @@ async fn shadow_decisions_are_listed_and_filtered(pool: PgPool) {
     // Nothing was blocked.
     let blocks = get(&app, "/api/v1/blocks", &t.read).await.expect(StatusCode::OK).json();
     assert!(blocks.as_array().unwrap().is_empty());
+}
+
+/// A bulk import is judged row by row and applied in one transaction; a dry
+/// run reports the same and writes nothing; what is exported imports back.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn import_in_one_transaction_with_a_summary_and_export_round_trip(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    create_block(&app, &t.admin, json!({"cidr": "203.0.113.5", "reason": "already"})).await.expect(StatusCode::CREATED);
+    call(&app, Method::POST, "/api/v1/allowlist", Some(&t.admin), Some(json!({"cidr": "192.0.2.0/28"})))
+        .await
+        .expect(StatusCode::CREATED);
+    let deny = "# csf.deny\n\
+                203.0.113.5 # lfd: already blocked - Fri Nov 27 00:00:00 2026\n\
+                203.0.113.6 # lfd: 5 failed logins - Fri Nov 27 00:00:00 2026\n\
+                198.0.0.0/8 # too broad\n\
+                tcp|in|d=25|s=198.51.100.9\n\
+                192.0.2.3 # inside the allowlist\n\
+                garbage\n\
+                203.0.113.6\n\
+                127.0.0.1\n";
+    let body = |dry_run: bool| json!({"format": "csf-deny", "text": deny, "dry_run": dry_run, "ttl_secs": 3600});
+    let version = fleetban_server::blocks::current_version(&pool).await.unwrap();
+    let dry = call(&app, Method::POST, "/api/v1/import", Some(&t.admin), Some(body(true)))
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(fleetban_server::blocks::current_version(&pool).await.unwrap(), version, "a dry run writes nothing");
+    let real = call(&app, Method::POST, "/api/v1/import", Some(&t.admin), Some(body(false)))
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    for summary in [&dry, &real] {
+        let lines = |key: &str| {
+            summary[key].as_array().unwrap().iter().map(|r| r["line"].as_i64().unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(lines("added"), [3], "{summary}");
+        assert_eq!(lines("already_present"), [2, 8], "the second line of a range in one file is present: {summary}");
+        assert_eq!(lines("skipped"), [4, 5, 6, 7, 9], "{summary}");
+        let reasons: Vec<&str> =
+            summary["skipped"].as_array().unwrap().iter().map(|s| s["reason"].as_str().unwrap()).collect();
+        assert!(reasons[0].contains("broader than /16") && reasons[0].contains("force"), "{reasons:?}");
+        assert!(reasons[1].contains("advanced CSF filter"), "{reasons:?}");
+        assert!(reasons[2].contains("allowlisted"), "{reasons:?}");
+        assert!(reasons[3].contains("not an IP address"), "{reasons:?}");
+        assert!(reasons[4].contains("never_block"), "{reasons:?}");
+    }
+    let (reason, ttl): (String, f64) = sqlx::query_as(
+        "select reason, extract(epoch from expires_at - created_at)::float8 from blocks where cidr = '203.0.113.6/32'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((reason.as_str(), ttl), ("lfd: 5 failed logins", 3600.0));
+    assert_eq!(fleetban_server::blocks::current_version(&pool).await.unwrap(), version + 1, "one new block, pushed");
+    // --force takes the broad range too.
+    let forced = call(
+        &app,
+        Method::POST,
+        "/api/v1/import",
+        Some(&t.admin),
+        Some(json!({"format": "plain", "text": "198.0.0.0/8 # wide\n", "force": true})),
+    )
+    .await
+    .expect(StatusCode::OK)
+    .json();
+    assert_eq!(forced["added"].as_array().unwrap().len(), 1, "{forced}");
+    // The allowlist side: csf.allow, advanced entries skipped.
+    let allow = call(
+        &app,
+        Method::POST,
+        "/api/v1/import",
+        Some(&t.admin),
+        Some(json!({"format": "csf-allow", "text": "198.51.100.20 # office\ntcp|in|d=22|s=198.51.100.21\n"})),
+    )
+    .await
+    .expect(StatusCode::OK)
+    .json();
+    assert_eq!((allow["added"][0]["list"].as_str(), allow["skipped"][0]["line"].as_i64()), (Some("allow"), Some(2)));
+    call(&app, Method::POST, "/api/v1/import", Some(&t.admin), Some(json!({"format": "xml", "text": ""})))
+        .await
+        .expect(StatusCode::BAD_REQUEST);
+
+    // Export everything as CSV and import it into a fresh database's view:
+    // here, into the same one, where every row is already present.
+    let csv = get(&app, "/api/v1/export?format=csv", &t.read).await.expect(StatusCode::OK).text();
+    assert!(
+        csv.starts_with("cidr,list,reason,ttl_secs\n") && csv.contains("203.0.113.6/32,block,lfd: 5 failed logins,")
+    );
+    assert!(csv.contains("198.51.100.20/32,allow,office,"), "{csv}");
+    let again = call(
+        &app,
+        Method::POST,
+        "/api/v1/import",
+        Some(&t.admin),
+        Some(json!({"format": "csv", "text": csv, "force": true})),
+    )
+    .await
+    .expect(StatusCode::OK)
+    .json();
+    assert!(
+        again["added"].as_array().unwrap().is_empty() && again["skipped"].as_array().unwrap().is_empty(),
+        "{again}"
+    );
+    assert_eq!(again["already_present"].as_array().unwrap().len(), 5, "{again}");
+    let deny_out = get(&app, "/api/v1/export?format=csf-deny", &t.read).await.expect(StatusCode::OK).text();
+    assert!(
+        deny_out.contains("203.0.113.6 # lfd: 5 failed logins\n") && !deny_out.contains("198.51.100.20"),
+        "{deny_out}"
+    );
+    get(&app, "/api/v1/export?format=xml", &t.read).await.expect(StatusCode::BAD_REQUEST);
 }

@@ -11,7 +11,7 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{agents, allowlist, attackers, blocks, dashboard, events, metrics, reports, shadow, stats};
+use super::{agents, allowlist, attackers, blocks, dashboard, events, metrics, reports, shadow, stats, transfer};
 
 /// The document.
 #[derive(OpenApi)]
@@ -30,6 +30,7 @@ use super::{agents, allowlist, attackers, blocks, dashboard, events, metrics, re
         agents::list, agents::get, agents::revoke,
         blocks::list, blocks::create, blocks::get, blocks::delete, shadow::list,
         allowlist::list, allowlist::create, allowlist::delete_by_cidr, allowlist::delete,
+        transfer::import, transfer::export,
         attackers::list, attackers::get,
         events::list,
         stats::get,

@@ -14,6 +14,7 @@
 //! itself).
 
 mod ranges;
+mod transfer;
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -133,6 +134,42 @@ pub enum Command {
         /// Do not ask for confirmation on a terminal.
         #[arg(long, short = 'y')]
         yes: bool,
+    },
+    /// Import blocks and allowlist entries in bulk, in one transaction.
+    Import {
+        /// The file.
+        file: std::path::PathBuf,
+        /// `plain`, `csv`, `json`, `csf-deny` (into the blocklist) or
+        /// `csf-allow` (into the allowlist).
+        #[arg(long, default_value = "plain")]
+        format: String,
+        /// Where rows without a list go (`block` or `allow`; default block).
+        #[arg(long)]
+        list: Option<String>,
+        /// Report what the import would do; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Import ranges broader than /16 (IPv4) or /32 (IPv6) too.
+        #[arg(long)]
+        force: bool,
+        /// Reason of rows that carry none.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Lifetime of rows that carry none (`6h`, `30d`); default permanent.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Do not ask for confirmation on a terminal.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Export the live blocklist and allowlist (re-importable).
+    Export {
+        /// `plain`, `csv`, `json`, `csf-deny` or `csf-allow`.
+        #[arg(long, default_value = "csv")]
+        format: String,
+        /// Only `block` or `allow` entries.
+        #[arg(long)]
+        list: Option<String>,
     },
     /// Attacking addresses ranked by hosts hit and events.
     Attackers {
@@ -538,6 +575,22 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
             Ok(table(&["ID", "CIDR", "ADDED", "EXPIRES", "BY", "NOTE"], &rows))
         }
         Command::Unallow { cidr, yes } => ranges::unallow(&client, cidr, *yes, json).await,
+        Command::Import { file, format, list, dry_run, force, reason, ttl, yes } => {
+            transfer::import(
+                &client,
+                file,
+                format,
+                list.as_deref(),
+                *dry_run,
+                *force,
+                reason.as_deref(),
+                ttl.as_deref(),
+                *yes,
+                json,
+            )
+            .await
+        }
+        Command::Export { format, list } => transfer::export(&client, format, list.as_deref()).await,
         Command::Attackers { since, limit } => {
             let list =
                 client.get("/api/v1/attackers", &[("since", since.clone()), ("limit", limit.to_string())]).await?;
