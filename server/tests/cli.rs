@@ -247,3 +247,40 @@ async fn cli_tables_escape_client_text_and_json_stays_exact(pool: PgPool) {
     assert_eq!(json[0]["raw"], raw);
     server.stop().await;
 }
+
+/// `import` (dry run, then for real) and `export` through the binary.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn cli_imports_and_exports(pool: PgPool) {
+    let server = common::Server::start(&pool).await;
+    let url = server.url.clone();
+    let t = common::tokens(&pool).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("csf.deny");
+    std::fs::write(
+        &file,
+        "203.0.113.7 # lfd: 5 failed logins - Fri Nov 27 00:00:00 2026\ntcp|in|d=22|s=203.0.113.8\n198.0.0.0/8\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let out = ok(&fleetban(&url, Some(&t.admin), &["import", "--format", "csf-deny", "--dry-run", path]).await);
+    assert!(out.starts_with("Dry run, nothing written: ") && out.contains("1 added, 0 already present, 2 skipped"));
+    assert!(out.contains("line 2: advanced CSF filter") && out.contains("line 3: ") && out.contains("force"), "{out}");
+    let live: i64 = sqlx::query_scalar("select count(*) from blocks").fetch_one(&pool).await.unwrap();
+    assert_eq!(live, 0, "a dry run writes nothing");
+    let out = ok(&fleetban(&url, Some(&t.admin), &["import", "--format", "csf-deny", "--force", path]).await);
+    assert!(out.contains("2 added, 0 already present, 1 skipped"), "{out}");
+    let json: Value = serde_json::from_str(&ok(&fleetban(
+        &url,
+        Some(&t.admin),
+        &["--json", "import", "--format", "csf-deny", "--force", "--yes", path],
+    )
+    .await))
+    .unwrap();
+    assert_eq!(json["already_present"].as_array().unwrap().len(), 2);
+    let exported = ok(&fleetban(&url, Some(&t.read), &["export", "--format", "csf-deny"]).await);
+    assert_eq!(exported, "198.0.0.0/8 # imported\n203.0.113.7 # lfd: 5 failed logins\n");
+    fails(&fleetban(&url, Some(&t.admin), &["import", "--format", "xml", path]).await, "bad --format");
+    fails(&fleetban(&url, Some(&t.admin), &["import", "/nonexistent/file"]).await, "cannot read /nonexistent/file");
+    fails(&fleetban(&url, Some(&t.read), &["import", path]).await, "403");
+    server.stop().await;
+}
