@@ -284,3 +284,54 @@ async fn cli_imports_and_exports(pool: PgPool) {
     fails(&fleetban(&url, Some(&t.read), &["import", path]).await, "403");
     server.stop().await;
 }
+
+/// Runs `fleetban ARGS` on a terminal (`script` gives it a pseudo-terminal)
+/// and answers `answer` to whatever it asks.
+async fn on_terminal(url: &str, token: &str, args: &[&str], answer: &str) -> (bool, String) {
+    use tokio::io::AsyncWriteExt as _;
+    let mut line = format!("{} --url {url} --token {token}", env!("CARGO_BIN_EXE_fleetban"));
+    for arg in args {
+        line.push(' ');
+        line.push_str(arg);
+    }
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env_remove("FLEETBAN_URL")
+        .env_remove("FLEETBAN_TOKEN")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("script(1) from util-linux");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(answer.as_bytes()).await.unwrap();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("the CLI answered in time")
+        .unwrap();
+    drop(stdin);
+    (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// On a terminal, range actions ask first: `n` changes nothing, `y` and
+/// `--yes` proceed; a single address is not asked about.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn cli_asks_before_range_actions_on_a_terminal(pool: PgPool) {
+    let server = common::Server::start(&pool).await;
+    let url = server.url.clone();
+    let t = common::tokens(&pool).await;
+    let allowed =
+        || async { sqlx::query_scalar::<_, i64>("select count(*) from allowlist").fetch_one(&pool).await.unwrap() };
+    let (ok_, out) = on_terminal(&url, &t.admin, &["allow", "198.51.100.0/24"], "n\n").await;
+    assert!(!ok_ && out.contains("lifts every block inside it") && out.contains("Proceed? [y/N]"), "{out}");
+    assert!(out.contains("aborted"), "{out}");
+    assert_eq!(allowed().await, 0, "answering no changes nothing");
+    let (ok_, out) = on_terminal(&url, &t.admin, &["allow", "198.51.100.0/24"], "y\n").await;
+    assert!(ok_ && out.contains("Allowlisted 198.51.100.0/24"), "{out}");
+    assert_eq!(allowed().await, 1);
+    let (ok_, out) = on_terminal(&url, &t.admin, &["unallow", "198.51.100.0/24", "--yes"], "").await;
+    assert!(ok_ && !out.contains("Proceed?"), "{out}");
+    let (ok_, out) = on_terminal(&url, &t.admin, &["allow", "198.51.100.7"], "").await;
+    assert!(ok_ && !out.contains("Proceed?"), "one address is not asked about: {out}");
+    server.stop().await;
+}
