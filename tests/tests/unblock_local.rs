@@ -9,7 +9,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use fleetban_tests::fleet::{self, Fleet, FleetOptions, att_v4, auth_failures, mx_v4};
+use fleetban_tests::fleet::{self, Fleet, FleetOptions, att_v4, auth_failures, mx_v4, smtp_banner};
 use fleetban_tests::netns::is_root;
 
 fn smtp(i: usize) -> SocketAddr {
@@ -105,4 +105,60 @@ fn unblock_removes_a_locally_detected_block_everywhere_and_old_evidence_does_not
     fail_logins(&fleet, attacker, 10);
     let again = fleet::wait_until(Duration::from_secs(10), || held_by(&fleet, 0, &text));
     assert!(again, "a new burst after the unblock was not blocked\nmx1:\n{}", fleet.agent_log_tail(0));
+}
+
+/// Whether `from` gets a banner from every host (true) or from none (false),
+/// probing every 20 ms for at most `within`; `None` if neither settled.
+fn settles(fleet: &Fleet, from: IpAddr, open: bool, within: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    fleet
+        .in_attacker(move || {
+            while started.elapsed() < within {
+                let reached = (0..3).filter(|&i| smtp_banner(smtp(i), Some(from)).is_ok()).count();
+                if (open && reached == 3) || (!open && reached == 0) {
+                    return Some(started.elapsed());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            None
+        })
+        .expect("attacker thread")
+}
+
+/// `unblock ADDRESS --carve` under a /24 opens the address on every host
+/// within the budget while the rest of the /24 stays blocked; `unallow`
+/// puts the /24 back in force for it.
+#[test]
+fn carve_exempts_an_address_from_a_covering_block_and_unallow_restores_it() {
+    let fleet = start();
+    let token = fleet.admin_token().expect("admin API token");
+    let (inside, neighbour) = (att_v4(48), att_v4(46));
+    let (ok, out, err) =
+        fleet.cli(&token, &["block", "198.51.100.0/24", "--ttl", "1h", "--reason", "campaign"]).expect("fleetban");
+    assert!(ok, "{out}{err}");
+    assert!(settles(&fleet, inside, false, Duration::from_secs(5)).is_some(), "the /24 is not enforced everywhere");
+
+    // Without --carve the answer names the covering block.
+    let (ok, out, err) = fleet.cli(&token, &["unblock", &inside.to_string()]).expect("fleetban");
+    assert!(!ok && err.contains("covered by block") && err.contains("198.51.100.0/24"), "{out}{err}");
+
+    let (ok, out, err) = fleet.cli(&token, &["unblock", &inside.to_string(), "--carve", "--yes"]).expect("fleetban");
+    assert!(ok && out.contains("Exempted 198.51.100.48/32"), "{out}{err}");
+    let opened = settles(&fleet, inside, true, Duration::from_secs(5));
+    let Some(opened) = opened else {
+        panic!("the carved address is still refused somewhere\nmx1 nft:\n{}", fleet.nft_entries(0).unwrap_or_default());
+    };
+    println!("e2e carve: fleetban unblock --carve -> the address reaches all 3 hosts {} ms", opened.as_millis());
+    assert!(opened <= Duration::from_secs(1), "the carve took {opened:?}");
+    assert_eq!(
+        settles(&fleet, neighbour, false, Duration::from_millis(200)).map(|_| ()),
+        Some(()),
+        "the rest of the /24 stays blocked"
+    );
+
+    // Unallow: the /24 covers it again.
+    let (ok, out, err) = fleet.cli(&token, &["unallow", &format!("{inside}/32"), "--yes"]).expect("fleetban");
+    assert!(ok, "{out}{err}");
+    let closed = settles(&fleet, inside, false, Duration::from_secs(5));
+    assert!(closed.is_some_and(|t| t <= Duration::from_secs(1)), "unallow did not restore the /24: {closed:?}");
 }
