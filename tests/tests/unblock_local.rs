@@ -7,10 +7,14 @@
 //! `cargo test -p fleetban-tests --test unblock_local -- --nocapture`.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use fleetban_tests::fleet::{self, Fleet, FleetOptions, att_v4, auth_failures, mx_v4, smtp_banner};
 use fleetban_tests::netns::is_root;
+
+/// One fleet at a time: the figures are latencies on a small machine.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 fn smtp(i: usize) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(mx_v4(i)), 25)
@@ -41,6 +45,7 @@ fn held_by(fleet: &Fleet, i: usize, addr: &str) -> bool {
 
 #[test]
 fn unblock_removes_a_locally_detected_block_everywhere_and_old_evidence_does_not_return_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let fleet = start();
     let attacker = att_v4(47);
     let text = attacker.to_string();
@@ -130,6 +135,7 @@ fn settles(fleet: &Fleet, from: IpAddr, open: bool, within: Duration) -> Option<
 /// puts the /24 back in force for it.
 #[test]
 fn carve_exempts_an_address_from_a_covering_block_and_unallow_restores_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let fleet = start();
     let token = fleet.admin_token().expect("admin API token");
     let (inside, neighbour) = (att_v4(48), att_v4(46));
