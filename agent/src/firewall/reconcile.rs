@@ -997,6 +997,29 @@ mod tests {
         assert_eq!(held(&memory), ["198.51.100.0/24", "203.0.113.9/32"]);
     }
 
+    /// A state file written by an older agent (fleet and local parts only,
+    /// no time made): it loads, and its local blocks count as made before
+    /// any revocation.
+    #[test]
+    fn an_older_state_file_loads_and_its_local_blocks_yield_to_a_revocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = BlocklistSnapshot { version: 4, entries: vec![block(7, "192.0.2.0/24", NOW + 600_000)] };
+        let local = BlocklistSnapshot { version: 0, entries: vec![block(0, "198.51.100.5/32", NOW + 600_000)] };
+        let mut bytes = Vec::new();
+        fleet.encode_length_delimited(&mut bytes).unwrap();
+        local.encode_length_delimited(&mut bytes).unwrap();
+        std::fs::write(dir.path().join(STATE_FILE), bytes).unwrap();
+        let memory = Memory::default();
+        let mut r = Reconciler::new(Box::new(memory.clone()), vec![], Some(dir.path().to_owned()), Arc::default());
+        assert_eq!((r.version(), r.local_blocks().count()), (4, 1));
+        assert!(r.exclusions().is_empty());
+        r.reconcile(NOW).unwrap();
+        assert_eq!(memory.held.lock().unwrap().len(), 2);
+        let dropped = r.revoke_local(&[("198.51.100.5/32".parse().unwrap(), NOW - 3_600_000)], NOW).unwrap();
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(memory.held.lock().unwrap().len(), 1);
+    }
+
     #[test]
     fn persisted_blocklist_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();

@@ -105,7 +105,16 @@ pub(crate) async fn unblock(
             .cloned()
             .collect();
     if exact.is_empty() && covering.is_empty() {
-        return Err(CliError::Api { status: 404, message: format!("not found: no live block of {cidr}") });
+        // An agent may still hold a block of its own that the server did
+        // not make a fleet block (trust_local_blocks off, or spared): only
+        // an allowlist entry reaches that.
+        return Err(CliError::Api {
+            status: 404,
+            message: format!(
+                "not found: no live block of {cidr} (if a host blocked it on its own without a fleet block, \
+                 `fleetban allow {cidr} --ttl 1h` lifts it on every host)"
+            ),
+        });
     }
     if exact.is_empty() && !carve {
         let names: Vec<String> = covering.iter().map(describe).collect();
