@@ -508,6 +508,14 @@ async fn allowlist_suppresses_covered_blocks_until_it_is_removed(pool: PgPool) {
     let changes: i64 = sqlx::query_scalar("select count(*) from block_changes").fetch_one(&pool).await.unwrap();
     assert_eq!(changes, before, "suppressing writes no block change");
     assert_eq!(fleetban_server::push::live_allowlist(&pool).await.unwrap(), ["198.51.100.0/24".parse().unwrap()]);
+    // The block list says which blocks agents no longer enforce.
+    let listed = get(&app, "/api/v1/blocks", &t.read).await.expect(StatusCode::OK).json();
+    let suppressed = |listed: &Value, id: i64| {
+        listed.as_array().unwrap().iter().find(|b| b["id"] == id).unwrap()["suppressed"].clone()
+    };
+    assert_eq!(suppressed(&listed, ids[0]), "whole");
+    assert_eq!(suppressed(&listed, ids[2]), "whole");
+    assert_eq!(suppressed(&listed, ids[3]), Value::Null);
     // Policy refuses new blocks inside it meanwhile.
     create_block(&app, &t.admin, json!({"cidr": "198.51.100.200", "reason": "r"}))
         .await
@@ -540,6 +548,8 @@ async fn allowlist_suppresses_covered_blocks_until_it_is_removed(pool: PgPool) {
     let mut active: Vec<i64> = active.as_array().unwrap().iter().map(|b| b["id"].as_i64().unwrap()).collect();
     active.sort_unstable();
     assert_eq!(active, ids, "the suppressed blocks are enforced again");
+    let listed = get(&app, "/api/v1/blocks", &t.read).await.expect(StatusCode::OK).json();
+    assert!(listed.as_array().unwrap().iter().all(|b| b["suppressed"].is_null()), "{listed}");
     let snapshot = fleetban_server::blocks::snapshot(&pool).await.unwrap();
     assert_eq!(snapshot.entries.len(), 4);
     assert!(fleetban_server::push::live_allowlist(&pool).await.unwrap().is_empty());

@@ -206,6 +206,8 @@ async fn cli_unblock_names_covering_blocks_and_carves(pool: PgPool) {
     fails(&fleetban(&url, Some(&t.admin), &["allow", "2001:db8::/31"]).await, "needs force");
     let out = ok(&fleetban(&url, Some(&t.admin), &["allow", "0.0.0.0/0", "--force", "--yes"]).await);
     assert!(out.contains("Allowlisted 0.0.0.0/0") && out.contains("Suppressed 1"), "{out}");
+    let blocks = ok(&fleetban(&url, Some(&t.read), &["blocks"]).await);
+    assert!(blocks.contains("allowlisted"), "{blocks}");
     let out = ok(&fleetban(&url, Some(&t.admin), &["unallow", "0.0.0.0/0", "--yes"]).await);
     assert!(out.contains("enforced again"), "{out}");
     server.stop().await;

@@ -444,7 +444,12 @@ fn blocks_table(blocks: &Value) -> String {
                 cell(&b["id"]),
                 cell(&b["cidr"]),
                 cell(&b["source"]),
-                if b["active"] == true { "yes".into() } else { "no".into() },
+                match (b["active"] == true, b["suppressed"].as_str()) {
+                    (false, _) => "no".into(),
+                    (true, Some("whole")) => "allowlisted".into(),
+                    (true, Some(_)) => "partly".into(),
+                    (true, None) => "yes".into(),
+                },
                 when(&b["created_at"]),
                 if b["expires_at"].is_null() { "never".into() } else { when(&b["expires_at"]) },
                 cell(&b["evidence"]["agents"]),
