@@ -335,5 +335,20 @@ async fn cli_asks_before_range_actions_on_a_terminal(pool: PgPool) {
     assert!(ok_ && !out.contains("Proceed?"), "{out}");
     let (ok_, out) = on_terminal(&url, &t.admin, &["allow", "198.51.100.7"], "").await;
     assert!(ok_ && !out.contains("Proceed?"), "one address is not asked about: {out}");
+    // An import shows its dry run first, then asks.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("deny.txt");
+    std::fs::write(&file, "203.0.113.7\n203.0.113.8\n").unwrap();
+    let blocks =
+        || async { sqlx::query_scalar::<_, i64>("select count(*) from blocks").fetch_one(&pool).await.unwrap() };
+    let (ok_, out) = on_terminal(&url, &t.admin, &["import", file.to_str().unwrap()], "n\n").await;
+    assert!(
+        !ok_ && out.contains("Dry run, nothing written") && out.contains("2 added") && out.contains("Proceed?"),
+        "{out}"
+    );
+    assert_eq!(blocks().await, 0, "answering no imports nothing");
+    let (ok_, out) = on_terminal(&url, &t.admin, &["import", file.to_str().unwrap()], "y\n").await;
+    assert!(ok_ && out.contains("2 added"), "{out}");
+    assert_eq!(blocks().await, 2);
     server.stop().await;
 }
