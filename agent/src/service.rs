@@ -529,10 +529,8 @@ impl Services {
                     on_allowlist: excluded.allowlist_handler(),
                     on_revoked: Box::new(move |revoked| {
                         if let Some(detector) = &revoked_detector {
-                            let mut detector = detector.lock().unwrap_or_else(PoisonError::into_inner);
-                            for (range, at) in revoked {
-                                detector.forget(*range, *at);
-                            }
+                            let now = crate::firewall::now_ms();
+                            detector.lock().unwrap_or_else(PoisonError::into_inner).forget_revoked(revoked, now);
                         }
                     }),
                     on_server_address: excluded.server_address_handler(),

@@ -709,6 +709,23 @@ impl Detector {
         touched
     }
 
+    /// [`Detector::forget`] for each revocation `(range, revoked at)` that
+    /// can still matter at `now_ms`: evidence older than the longest window
+    /// no longer counts anyway, and a decision older than the local block
+    /// TTL no longer holds back a new one, so older revocations (a snapshot
+    /// carries a week of them) are skipped without walking the tracked
+    /// ranges. Returns how many revocations were applied.
+    pub fn forget_revoked(&mut self, revoked: &[(IpNet, i64)], now_ms: i64) -> usize {
+        let ttl_ms = i64::from(self.thresholds.local_block_ttl_secs) * 1000;
+        let horizon = now_ms - self.thresholds.longest_window_ms().max(ttl_ms);
+        let mut applied = 0;
+        for (range, at) in revoked.iter().filter(|(_, at)| *at >= horizon) {
+            self.forget(*range, *at);
+            applied += 1;
+        }
+        applied
+    }
+
     /// Ranges tracked now.
     pub fn tracked(&self) -> usize {
         self.tracks.len()

@@ -454,3 +454,21 @@ fn forget_drops_open_sessions_opened_before_it() {
     }
     assert!(!nets(&decided).contains(&"198.51.100.7/32".to_owned()), "{decided:?}");
 }
+
+/// Revocations too old to matter are skipped; recent ones are applied.
+#[test]
+fn forget_revoked_skips_revocations_older_than_any_window() {
+    let mut d = detector();
+    let need = d.thresholds().rules.get(Scenario::Auth).per_host as i64;
+    let mut t = T0;
+    for _ in 0..need - 1 {
+        t += 100;
+        auth_fail(&mut d, "198.51.100.5", "info", t);
+    }
+    let range: IpNet = "198.51.100.5/32".parse().unwrap();
+    let week_ago = t - 7 * 86_400_000;
+    assert_eq!(d.forget_revoked(&[(range, week_ago)], t), 0);
+    assert_eq!(d.forget_revoked(&[(range, week_ago), (range, t)], t), 1);
+    t += 100;
+    assert!(auth_fail(&mut d, "198.51.100.5", "info", t).is_empty(), "the recent revocation was applied");
+}
