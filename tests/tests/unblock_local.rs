@@ -113,9 +113,9 @@ fn unblock_removes_a_locally_detected_block_everywhere_and_old_evidence_does_not
 }
 
 /// Whether `from` gets a banner from every host (true) or from none (false),
-/// probing every 20 ms for at most `within`; `None` if neither settled.
-fn settles(fleet: &Fleet, from: IpAddr, open: bool, within: Duration) -> Option<Duration> {
-    let started = Instant::now();
+/// probing every 20 ms for at most `within`; the time from `started` until
+/// it did, `None` if neither settled.
+fn settles_since(fleet: &Fleet, from: IpAddr, open: bool, started: Instant, within: Duration) -> Option<Duration> {
     fleet
         .in_attacker(move || {
             while started.elapsed() < within {
@@ -128,6 +128,10 @@ fn settles(fleet: &Fleet, from: IpAddr, open: bool, within: Duration) -> Option<
             None
         })
         .expect("attacker thread")
+}
+
+fn settles(fleet: &Fleet, from: IpAddr, open: bool, within: Duration) -> Option<Duration> {
+    settles_since(fleet, from, open, Instant::now(), within)
 }
 
 /// `unblock ADDRESS --carve` under a /24 opens the address on every host
@@ -148,9 +152,10 @@ fn carve_exempts_an_address_from_a_covering_block_and_unallow_restores_it() {
     let (ok, out, err) = fleet.cli(&token, &["unblock", &inside.to_string()]).expect("fleetban");
     assert!(!ok && err.contains("covered by block") && err.contains("198.51.100.0/24"), "{out}{err}");
 
+    let carved_at = Instant::now();
     let (ok, out, err) = fleet.cli(&token, &["unblock", &inside.to_string(), "--carve", "--yes"]).expect("fleetban");
     assert!(ok && out.contains("Exempted 198.51.100.48/32"), "{out}{err}");
-    let opened = settles(&fleet, inside, true, Duration::from_secs(5));
+    let opened = settles_since(&fleet, inside, true, carved_at, Duration::from_secs(5));
     let Some(opened) = opened else {
         panic!("the carved address is still refused somewhere\nmx1 nft:\n{}", fleet.nft_entries(0).unwrap_or_default());
     };
@@ -163,8 +168,10 @@ fn carve_exempts_an_address_from_a_covering_block_and_unallow_restores_it() {
     );
 
     // Unallow: the /24 covers it again.
+    let unallowed_at = Instant::now();
     let (ok, out, err) = fleet.cli(&token, &["unallow", &format!("{inside}/32"), "--yes"]).expect("fleetban");
     assert!(ok, "{out}{err}");
-    let closed = settles(&fleet, inside, false, Duration::from_secs(5));
+    let closed = settles_since(&fleet, inside, false, unallowed_at, Duration::from_secs(5));
+    println!("e2e unallow: fleetban unallow -> the /24 refuses the address on all 3 hosts again {closed:?}");
     assert!(closed.is_some_and(|t| t <= Duration::from_secs(1)), "unallow did not restore the /24: {closed:?}");
 }
