@@ -110,6 +110,19 @@ impl Detector {
     pub fn thresholds(&self) -> &Thresholds {
         self.inner.thresholds()
     }
+
+    /// Forgets the evidence about `range` seen before an operator revoked
+    /// its block at `revoked_at_ms` (see
+    /// [`fleetban_proto::detect::Detector::forget`]).
+    pub fn forget(&mut self, range: IpNet, revoked_at_ms: i64) -> usize {
+        self.inner.forget(range, revoked_at_ms)
+    }
+
+    /// Forgets for every revocation that can still matter at `now_ms` (see
+    /// [`fleetban_proto::detect::Detector::forget_revoked`]).
+    pub fn forget_revoked(&mut self, revoked: &[(IpNet, i64)], now_ms: i64) -> usize {
+        self.inner.forget_revoked(revoked, now_ms)
+    }
 }
 
 #[cfg(test)]

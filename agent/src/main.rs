@@ -46,6 +46,9 @@ enum Command {
     /// Manage the local firewall.
     #[command(subcommand)]
     Firewall(FirewallCommand),
+    /// Whether this host's firewall blocks an address, and because of which
+    /// block (or that none does, and whether it is allowlisted).
+    Why(WhyArgs),
     /// Measure file -> parse -> spool throughput and peak RSS.
     BenchIngest(BenchArgs),
 }
@@ -72,8 +75,29 @@ struct EnrollArgs {
     name: Option<String>,
 }
 
+#[derive(Debug, Args)]
+struct WhyArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// The address.
+    ip: std::net::IpAddr,
+}
+
 #[derive(Debug, Subcommand)]
 enum FirewallCommand {
+    /// What this host's firewall holds (read from the kernel, CSF or the
+    /// dry-run file) and from which block: fleet (id, reason) or local,
+    /// with expiries.
+    List {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove every entry, set, table and rule fleetban created (the agent
     /// normally leaves its entries in place to expire by themselves).
     Flush {
@@ -326,11 +350,43 @@ fn enroll_cmd(args: EnrollArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads the backend and joins it with the state file; `ip` = `why`.
+fn inspect_cmd(config: &std::path::Path, json: bool, ip: Option<std::net::IpAddr>) -> anyhow::Result<()> {
+    use fleetban_agent::firewall::inspect::{self, Known};
+    use fleetban_agent::firewall::reconcile::Reconciler;
+    use fleetban_agent::firewall::{Exec, backend_for, now_ms};
+    let config = AgentConfig::load(config)?;
+    let backend = backend_for(&config, Exec::default());
+    let name = backend.name();
+    let mut reconciler = Reconciler::new(backend, Vec::new(), Some(config.state_dir.clone()), Default::default());
+    let actual = reconciler.read_actual().with_context(|| format!("cannot read the {name} firewall"))?;
+    let mut exclude: Vec<ipnet::IpNet> = reconciler.exclusions().to_vec();
+    exclude.extend(config.allowlist.cidrs.iter().map(|entry| entry.0));
+    let known = Known {
+        fleet: reconciler.fleet_blocks().collect(),
+        local: reconciler.local_blocks().collect(),
+        exclude: &exclude,
+    };
+    let now = now_ms();
+    let held = inspect::list(actual, &known, now);
+    let text = match ip {
+        None if json => serde_json::to_string_pretty(&held)? + "\n",
+        None => inspect::list_table(&held),
+        Some(ip) => {
+            let why = inspect::why(ip, &held, &known, now);
+            if json { serde_json::to_string_pretty(&why)? + "\n" } else { inspect::why_text(&why) }
+        }
+    };
+    io::stdout().write_all(text.as_bytes())?;
+    Ok(())
+}
+
 fn firewall_cmd(command: FirewallCommand) -> anyhow::Result<()> {
     use fleetban_agent::firewall::reconcile::Reconciler;
     init_tracing();
     use fleetban_agent::firewall::{Exec, backend_for};
     match command {
+        FirewallCommand::List { config, json } => inspect_cmd(&config.config, json, None),
         FirewallCommand::Flush { config } => {
             let config = AgentConfig::load(&config)?;
             let backend = backend_for(&config, Exec::default());
@@ -355,6 +411,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::BenchIngest(args) => bench_cmd(args),
         Command::Enroll(args) => enroll_cmd(args),
         Command::Firewall(command) => firewall_cmd(command),
+        Command::Why(args) => inspect_cmd(&args.config.config, args.json, Some(args.ip)),
     };
     done.map(|()| ExitCode::SUCCESS)
 }

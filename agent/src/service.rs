@@ -528,6 +528,7 @@ impl Services {
         match (Credentials::load(&self.config.state_dir), self.reports.take()) {
             (Ok(credentials), Some(reports)) => {
                 let policy_detector = self.detector.clone();
+                let revoked_detector = self.detector.clone();
                 let excluded =
                     Exclusions::new(exclusions(&self.config, &self.own), self.firewall.clone(), self.detector.clone());
                 let ctx = UplinkContext {
@@ -549,6 +550,12 @@ impl Services {
                         }
                     }),
                     on_allowlist: excluded.allowlist_handler(),
+                    on_revoked: Box::new(move |revoked| {
+                        if let Some(detector) = &revoked_detector {
+                            let now = crate::firewall::now_ms();
+                            detector.lock().unwrap_or_else(PoisonError::into_inner).forget_revoked(revoked, now);
+                        }
+                    }),
                     on_server_address: excluded.server_address_handler(),
                     window: UPLINK_WINDOW,
                     stats: self.uplink_stats.clone(),

@@ -41,7 +41,7 @@ use fleetban_proto::v1::agent_frame::Frame;
 use fleetban_proto::v1::agent_service_client::AgentServiceClient;
 use fleetban_proto::v1::server_frame::Frame as In;
 use fleetban_proto::v1::{
-    AgentFrame, EnrollRequest, EventBatch, Heartbeat, Hello, IpAddress, LocalBlock, Policy, SpoolLoss,
+    AgentFrame, EnrollRequest, EventBatch, Heartbeat, Hello, IpAddress, LocalBlock, Policy, Revocations, SpoolLoss,
 };
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -50,7 +50,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tracing::{debug, info, warn};
 
-use crate::firewall::worker::{DeltaReply, FirewallHandle};
+use crate::firewall::worker::{DeltaReply, FirewallHandle, Request};
 use crate::pipeline::SharedSpool;
 use crate::spool::{Loss, SpoolError};
 
@@ -614,6 +614,10 @@ pub fn note_rejections(ack: &fleetban_proto::v1::Ack, stats: &UplinkStats) {
 /// The callback that receives the fleet's allowlist ranges.
 pub type OnAllowlist = Box<dyn Fn(&[IpNet]) + Send + Sync>;
 
+/// The callback told of blocks an operator revoked: `(range, revoked at,
+/// unix ms by the agent's clock)` (detection forgets the evidence before it).
+pub type OnRevoked = Box<dyn Fn(&[(IpNet, i64)]) + Send + Sync>;
+
 /// The callback that receives the address of every connection the uplink
 /// opens to the server (so that it is never blocked).
 pub type OnServerAddress = Arc<dyn Fn(IpAddr) + Send + Sync>;
@@ -641,6 +645,9 @@ pub struct UplinkContext {
     /// Called with the ranges of every `Allowlist` the server pushes (the
     /// fleet's allowlist, replacing the previous one).
     pub on_allowlist: OnAllowlist,
+    /// Called with the blocks an operator revoked, before the firewall drops
+    /// the local blocks they cover.
+    pub on_revoked: OnRevoked,
     /// Called with the peer address of every connection to the server,
     /// before anything is sent on it.
     pub on_server_address: OnServerAddress,
@@ -1006,10 +1013,37 @@ async fn handle_frame(
             info!(ranges = ranges.len(), "Server pushed the fleet allowlist.");
             (ctx.on_allowlist)(&ranges);
         }
+        Some(In::Revocations(list)) => {
+            let now = crate::firewall::now_ms();
+            let revoked = revocations(&list, now);
+            if revoked.len() < list.revocations.len() {
+                warn!(invalid = list.revocations.len() - revoked.len(), "Ignoring invalid revoked ranges.");
+            }
+            if !revoked.is_empty() {
+                info!(revoked = revoked.len(), "Server announced blocks an operator revoked.");
+                (ctx.on_revoked)(&revoked);
+                if !ctx.firewall.send(Request::Revoke(revoked)).await {
+                    return Err(UplinkError::Firewall("the firewall thread is gone".into()));
+                }
+            }
+        }
         Some(In::Welcome(_)) => warn!("Ignoring a second Welcome."),
         None => warn!("Ignoring an empty server frame."),
     }
     Ok(())
+}
+
+/// The ranges of `list` with when each was revoked by the agent's clock
+/// (`now_ms` minus the age the server gave); invalid ranges are left out.
+pub fn revocations(list: &Revocations, now_ms: i64) -> Vec<(IpNet, i64)> {
+    list.revocations
+        .iter()
+        .filter_map(|r| {
+            let net = IpNet::try_from(r.cidr.as_ref()?).ok()?.trunc();
+            let age = i64::try_from(r.age_ms).unwrap_or(i64::MAX);
+            Some((net, now_ms.saturating_sub(age)))
+        })
+        .collect()
 }
 
 #[cfg(test)]

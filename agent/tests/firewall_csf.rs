@@ -2,6 +2,8 @@
 //! CSF's temporary and permanent deny lists in files: exact commands,
 //! idempotence, and foreign entries never touched.
 
+mod common_inspect;
+
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -141,4 +143,13 @@ fn missing_csf_is_a_clear_error() {
     let mut fw = Reconciler::new(Box::new(Csf::new(options)), vec![], None, Arc::default());
     let error = fw.reconcile(now_ms()).unwrap_err().to_string();
     assert!(error.contains("/nonexistent/csf"), "{error}");
+}
+
+/// `firewall list` / `why` read CSF's lists (only fleetban's entries).
+#[test]
+fn inspection_reads_csf() {
+    let fake = Fake::new();
+    let options = fake.options();
+    common_inspect::inspection_joins_the_kernel_with_the_state(&|| Box::new(Csf::new(options.clone())));
+    assert_foreign_untouched(&fake);
 }

@@ -4,6 +4,7 @@
 //! drift is repaired by reconcile, 100k entries load in one commit.
 //! Needs root; without it every test prints a loud SKIPPED and passes.
 
+mod common_inspect;
 mod support;
 
 use std::io::{Read as _, Write as _};
@@ -204,4 +205,30 @@ fn ipset_loads_100k_entries_in_one_commit() {
     if support::root_or_skip("ipset_loads_100k_entries_in_one_commit") {
         loads_100k_in_one_commit(FirewallBackend::Ipset, "i2");
     }
+}
+
+/// `firewall list` / `why` read the nftables sets back from the kernel.
+#[test]
+fn nftables_inspection() {
+    if !support::root_or_skip("nftables_inspection") {
+        return;
+    }
+    let ns = Netns::new("ni");
+    let exec = Exec { netns: Some(ns.server.clone()) };
+    common_inspect::inspection_joins_the_kernel_with_the_state(&|| {
+        backend_of(FirewallBackend::Nftables, FirewallScope::Smtp, std::env::temp_dir(), exec.clone())
+    });
+}
+
+/// `firewall list` / `why` read the ipsets back from the kernel.
+#[test]
+fn ipset_inspection() {
+    if !support::root_or_skip("ipset_inspection") {
+        return;
+    }
+    let ns = Netns::new("ii");
+    let exec = Exec { netns: Some(ns.server.clone()) };
+    common_inspect::inspection_joins_the_kernel_with_the_state(&|| {
+        backend_of(FirewallBackend::Ipset, FirewallScope::Smtp, std::env::temp_dir(), exec.clone())
+    });
 }

@@ -240,6 +240,7 @@ async fn batches_blocklists_and_restart() {
         local_blocks: report_rx,
         on_policy: Box::new(|_| {}),
         on_allowlist: excluded.allowlist_handler(),
+        on_revoked: Box::new(|_| {}),
         on_server_address: {
             let peers = peers.clone();
             let exclude = excluded.server_address_handler();

@@ -667,6 +667,65 @@ impl Detector {
         self.stats.tracked.store(self.tracks.len() as u64, Ordering::Relaxed);
     }
 
+    /// An operator revoked the block of `range`, at `revoked_at_ms`: the
+    /// evidence seen before then about addresses overlapping it (connects,
+    /// abuse events, failing users, open sessions) is forgotten and its
+    /// decisions made before then no longer hold back a new one, so only
+    /// evidence after the revocation can block it again. Good standing and
+    /// the protected mark stay. Returns how many ranges had state dropped.
+    pub fn forget(&mut self, range: IpNet, revoked_at_ms: i64) -> usize {
+        let overlaps = |net: &IpNet| range.contains(net) || net.contains(&range);
+        let mut touched = 0;
+        for (_, track) in self.tracks.iter_mut().filter(|(net, _)| overlaps(net)) {
+            let before =
+                track.connects.len() + track.abuse.iter().map(VecDeque::len).sum::<usize>() + track.users.len();
+            track.connects.retain(|t| *t >= revoked_at_ms);
+            for events in &mut track.abuse {
+                events.retain(|(t, _)| *t >= revoked_at_ms);
+            }
+            track.users.retain(|(_, seen)| *seen >= revoked_at_ms);
+            let after = track.connects.len() + track.abuse.iter().map(VecDeque::len).sum::<usize>() + track.users.len();
+            if after < before {
+                touched += 1;
+            }
+        }
+        let ttl_ms = i64::from(self.thresholds.local_block_ttl_secs) * 1000;
+        let blocked_before = self.blocked.len();
+        self.blocked.retain(|net, until| !(overlaps(net) && *until - ttl_ms <= revoked_at_ms));
+        touched += blocked_before - self.blocked.len();
+        let stale: Vec<SessionKey> = self
+            .open
+            .iter()
+            .filter(|(key, (opened, _))| *opened < revoked_at_ms && overlaps(&self.block_net(key.ip)))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in stale {
+            if let Some((_, n)) = self.open.remove(&key) {
+                self.open_total = self.open_total.saturating_sub(u64::from(n));
+                touched += 1;
+            }
+        }
+        self.stats.open_sessions.store(self.open_total, Ordering::Relaxed);
+        touched
+    }
+
+    /// [`Detector::forget`] for each revocation `(range, revoked at)` that
+    /// can still matter at `now_ms`: evidence older than the longest window
+    /// no longer counts anyway, and a decision older than the local block
+    /// TTL no longer holds back a new one, so older revocations (a snapshot
+    /// carries a week of them) are skipped without walking the tracked
+    /// ranges. Returns how many revocations were applied.
+    pub fn forget_revoked(&mut self, revoked: &[(IpNet, i64)], now_ms: i64) -> usize {
+        let ttl_ms = i64::from(self.thresholds.local_block_ttl_secs) * 1000;
+        let horizon = now_ms - self.thresholds.longest_window_ms().max(ttl_ms);
+        let mut applied = 0;
+        for (range, at) in revoked.iter().filter(|(_, at)| *at >= horizon) {
+            self.forget(*range, *at);
+            applied += 1;
+        }
+        applied
+    }
+
     /// Ranges tracked now.
     pub fn tracked(&self) -> usize {
         self.tracks.len()

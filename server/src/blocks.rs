@@ -36,7 +36,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use fleetban_proto::canonical_net;
-use fleetban_proto::v1::{BlockEntry, BlocklistDelta, BlocklistSnapshot, Cidr};
+use fleetban_proto::v1::{BlockEntry, BlocklistDelta, BlocklistSnapshot, Cidr, Revocation, Revocations};
 use ipnet::IpNet;
 use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
@@ -49,6 +49,14 @@ pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// The reason recorded on the `remove` changes of expired blocks.
 pub const EXPIRED_REASON: &str = "expired";
+
+/// How far back a snapshot announces operators' revocations: an agent's
+/// local block lives at most this long in practice (escalating TTLs stay
+/// below it), so an agent that was away longer has nothing left to drop.
+pub const REVOCATION_HORIZON: Duration = Duration::from_secs(7 * 86_400);
+
+/// Revocations announced with one snapshot, newest first, at most.
+const REVOCATIONS_MAX: i64 = 10_000;
 
 /// Expired blocks removed per statement by [`expire_due`].
 const EXPIRE_BATCH: i64 = 1_000;
@@ -534,6 +542,60 @@ pub async fn snapshot(pool: &PgPool) -> Result<BlocklistSnapshot, BlockError> {
     })
 }
 
+fn revocations_of(rows: Vec<(i64, IpNet, i64)>) -> Revocations {
+    Revocations {
+        revocations: rows
+            .into_iter()
+            .map(|(block_id, cidr, age_ms)| Revocation {
+                block_id,
+                cidr: Some(Cidr::from(cidr)),
+                age_ms: u64::try_from(age_ms).unwrap_or(0),
+            })
+            .collect(),
+    }
+}
+
+/// The blocks an operator revoked (not expired, not superseded) by the
+/// changes after `from_version` up to `to_version`, in version order, with
+/// their age now. Agents drop their own local blocks of these ranges made
+/// before the revocation.
+pub async fn revocations_between(pool: &PgPool, from_version: u64, to_version: u64) -> Result<Revocations, BlockError> {
+    let from = i64::try_from(from_version).unwrap_or(i64::MAX);
+    let to = i64::try_from(to_version).unwrap_or(i64::MAX);
+    if to <= from {
+        return Ok(Revocations::default());
+    }
+    let rows: Vec<(i64, IpNet, i64)> = sqlx::query_as(
+        "select c.block_id, c.cidr, \
+                greatest(0, (extract(epoch from clock_timestamp() - b.revoked_at) * 1000))::bigint \
+         from block_changes c join blocks b on b.id = c.block_id \
+         where c.version > $1 and c.version <= $2 and c.op = 'remove' and b.revoked_cause = 'revoked' \
+         order by c.version",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_all(pool)
+    .await?;
+    Ok(revocations_of(rows))
+}
+
+/// The blocks operators revoked within [`REVOCATION_HORIZON`], newest first
+/// (at most 10,000), sent with every snapshot: an agent that gets a snapshot
+/// may have missed the deltas that carried them.
+pub async fn recent_revocations(pool: &PgPool) -> Result<Revocations, BlockError> {
+    let rows: Vec<(i64, IpNet, i64)> = sqlx::query_as(
+        "select id, cidr, greatest(0, (extract(epoch from clock_timestamp() - revoked_at) * 1000))::bigint \
+         from blocks where revoked_cause = 'revoked' \
+         and revoked_at > now() - make_interval(secs => $1::double precision) \
+         order by revoked_at desc limit $2",
+    )
+    .bind(REVOCATION_HORIZON.as_secs_f64())
+    .bind(REVOCATIONS_MAX)
+    .fetch_all(pool)
+    .await?;
+    Ok(revocations_of(rows))
+}
+
 #[derive(sqlx::FromRow)]
 struct ChangeRow {
     op: String,
@@ -857,6 +919,45 @@ mod tests {
         // A revoked CIDR can be blocked again, as a new block.
         let again = create(&pool, &policy, new_block("192.0.3.1/32", None)).await.unwrap();
         assert_ne!(again.id, outside.id);
+    }
+
+    /// Only an operator's revocation is announced (not expiry, not a prefix
+    /// superseding), by the versions of its change and with snapshots, also
+    /// when the block was created inside the range an agent catches up on.
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn operator_revocations_are_announced(pool: PgPool) {
+        let policy = CorrelateConfig::default();
+        let single = create(&pool, &policy, new_block("192.0.2.1/32", Some(3_600))).await.unwrap(); // v1
+        let expiring = create(&pool, &policy, new_block("192.0.2.2/32", Some(3_600))).await.unwrap(); // v2
+        create(&pool, &policy, new_block("198.51.100.0/24", Some(3_600))).await.unwrap(); // v3
+        create(&pool, &policy, new_block("198.51.100.0/23", Some(3_600))).await.unwrap(); // v4
+        revoke_covered_by(&pool, net("198.51.100.0/23"), "superseded").await.unwrap(); // v5
+        sqlx::query("update blocks set expires_at = now() - interval '1 second' where id = $1")
+            .bind(expiring.id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        expire_due(&pool).await.unwrap(); // v6
+        revoke(&pool, single.id, "false positive").await.unwrap().unwrap(); // v7
+        let late = create(&pool, &policy, new_block("203.0.113.9/32", None)).await.unwrap(); // v8
+        revoke(&pool, late.id, "false positive").await.unwrap().unwrap(); // v9
+        let ids = |r: &Revocations| r.revocations.iter().map(|r| r.block_id).collect::<Vec<_>>();
+        assert_eq!(ids(&revocations_between(&pool, 1, 9).await.unwrap()), vec![single.id, late.id]);
+        assert_eq!(ids(&revocations_between(&pool, 7, 9).await.unwrap()), vec![late.id], "created after 7");
+        assert!(revocations_between(&pool, 1, 6).await.unwrap().revocations.is_empty());
+        assert!(revocations_between(&pool, 9, 9).await.unwrap().revocations.is_empty());
+        let recent = recent_revocations(&pool).await.unwrap();
+        assert_eq!(ids(&recent), vec![late.id, single.id], "newest first");
+        let first = &recent.revocations[1];
+        assert_eq!(IpNet::try_from(first.cidr.as_ref().unwrap()).unwrap(), net("192.0.2.1/32"));
+        assert!(first.age_ms < 60_000, "{}", first.age_ms);
+        // Beyond the horizon a revocation is no longer announced.
+        sqlx::query("update blocks set revoked_at = now() - interval '8 days' where id = $1")
+            .bind(single.id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert_eq!(ids(&recent_revocations(&pool).await.unwrap()), vec![late.id]);
     }
 
     #[sqlx::test(migrator = "crate::db::MIGRATOR")]

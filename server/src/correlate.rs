@@ -36,6 +36,9 @@
 //! - the n-th block of a range within `offence_window_secs` lasts
 //!   `ttl_secs[n-1]` (the last value repeats); blocks an operator revoked do
 //!   not count as offences, nor towards a prefix;
+//! - **an operator's unblock wins**: evidence about a range from before the
+//!   newest operator revocation of a block overlapping it (from its minute
+//!   on) is not counted again, so only new evidence blocks it again;
 //! - **shadow mode**: a rule named in `shadow_rules` (or a scenario table
 //!   with `enforce = false`) records what it would have blocked in
 //!   `shadow_decisions` and blocks nothing;
@@ -516,6 +519,18 @@ fn secs(s: u64) -> f64 {
     s as f64
 }
 
+/// The time from which evidence about the range `$1` counts at the time `$4`:
+/// after the newest operator revocation of a block overlapping it (an
+/// operator's unblock wins, old evidence does not block again), else always.
+/// Evidence is kept per minute, so the minute of the revocation itself is
+/// left out too.
+macro_rules! revoked_since {
+    () => {
+        "coalesce((select date_trunc('minute', max(revoked_at)) from blocks \
+           where revoked_cause = 'revoked' and cidr && $1::cidr and revoked_at <= $4), '-infinity')"
+    };
+}
+
 /// Takes the transaction-level lock that serialises decisions about `range`.
 async fn lock_range(conn: &mut PgConnection, range: IpNet) -> Result<(), sqlx::Error> {
     sqlx::query("select pg_advisory_xact_lock(hashtextextended('fleetban_correlate ' || $1::cidr::text, 0))")
@@ -651,13 +666,15 @@ impl Correlator {
         now: OffsetDateTime,
     ) -> Result<Assessment, sqlx::Error> {
         let (kinds, windows) = self.kind_windows();
-        let per_agent: Vec<AgentCount> = sqlx::query_as(
+        let per_agent: Vec<AgentCount> = sqlx::query_as(concat!(
             "select em.agent_id, em.kind, sum(em.events)::int8, min(em.minute), max(em.minute) \
              from evidence_minutes em join unnest($2::text[], $3::float8[]) as w(kind, secs) on em.kind = w.kind \
              where em.address between fleetban_first($1::cidr) and fleetban_last($1::cidr) \
              and em.minute > $4 - make_interval(secs => w.secs) and em.minute <= $4 \
-             group by em.agent_id, em.kind",
-        )
+             and em.minute > ",
+            revoked_since!(),
+            " group by em.agent_id, em.kind"
+        ))
         .bind(range)
         .bind(&kinds)
         .bind(&windows)
@@ -671,6 +688,8 @@ impl Correlator {
                 "select agent_id, count(distinct auth_user) from auth_users \
                  where address between fleetban_first($1::cidr) and fleetban_last($1::cidr) \
                  and last_seen > $2 - make_interval(secs => $3) and last_seen <= $2 \
+                 and last_seen > coalesce((select max(revoked_at) from blocks where revoked_cause = 'revoked' \
+                     and cidr && $1::cidr and revoked_at <= $2), '-infinity') \
                  group by grouping sets ((agent_id), ())",
             )
             .bind(range)
@@ -1053,8 +1072,9 @@ impl Correlator {
 
     /// Judges the prefix `prefix` (a /24, or a /48 counting /64s: `unit`)
     /// as one attacker at `now`: a campaign of many addresses that each stay
-    /// below every threshold. The evidence of its units (addresses or /64s)
-    /// is summed, leaving out units in good standing, protected ones and
+    /// below every threshold. After an operator revoked a block of the
+    /// prefix (or around it), only evidence after that counts. The evidence
+    /// of its units (addresses or /64s) is summed, leaving out units in good standing, protected ones and
     /// ones with too little evidence of their own (under a quarter of a
     /// rule's `per_host`); at least `prefix_min_addresses` units must
     /// remain, and the sum must meet a scenario's thresholds as one
@@ -1072,6 +1092,8 @@ impl Correlator {
              from evidence_minutes em join unnest($2::text[], $3::float8[]) as w(kind, secs) on em.kind = w.kind \
              where em.address between fleetban_first($1::cidr) and fleetban_last($1::cidr) \
              and em.minute > $4 - make_interval(secs => w.secs) and em.minute <= $4 \
+             and em.minute > coalesce((select date_trunc('minute', max(revoked_at)) from blocks \
+                 where revoked_cause = 'revoked' and cidr >>= $1::cidr and revoked_at <= $4), '-infinity') \
              group by em.address, em.agent_id, em.kind limit 20000",
         )
         .bind(prefix)

@@ -29,6 +29,7 @@
 //! - [`guard`]: throttle of failed agent authentication; marks
 //!   authenticated gRPC connections.
 //! - [`text`]: escaping of client-supplied text for logs and terminals.
+//! - [`transfer`]: bulk import/export formats of the blocklist and allowlist.
 //! - [`notify`]: systemd readiness (`READY=1` once listening, `STOPPING=1`).
 
 pub mod api;
@@ -55,6 +56,7 @@ pub mod serve;
 pub mod session;
 pub mod text;
 pub mod tls;
+pub mod transfer;
 
 /// The server's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

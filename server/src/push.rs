@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fleetban_proto::v1::{Allowlist, BlocklistDelta};
+use fleetban_proto::v1::{Allowlist, BlocklistDelta, Revocations};
 use ipnet::IpNet;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -57,6 +57,9 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
 pub enum Push {
     /// Changes every agent on this server should apply.
     Delta(Arc<BlocklistDelta>),
+    /// Blocks an operator revoked, sent ahead of the delta that removes
+    /// them (agents drop their own local blocks of these ranges).
+    Revocations(Arc<Revocations>),
     /// The change log cannot serve a delta; send a snapshot.
     Resync,
     /// The fleet's live allowlist changed; send it.
@@ -334,6 +337,17 @@ async fn catch_up(pool: &PgPool, hub: &Hub, version: &mut u64) {
         Ok(Some(delta)) => {
             if delta.to_version > *version {
                 let from = *version;
+                if from > 0 {
+                    match blocks::revocations_between(pool, from, delta.to_version).await {
+                        Ok(revoked) if !revoked.revocations.is_empty() => {
+                            hub.fan_out(Push::Revocations(Arc::new(revoked)));
+                        }
+                        Ok(_) => {}
+                        // The agents still get the delta; a snapshot or a
+                        // reconnect carries the revocations later.
+                        Err(error) => warn!(%error, "Cannot read revoked blocks."),
+                    }
+                }
                 *version = delta.to_version;
                 hub.inner.version.store(*version, Ordering::Relaxed);
                 hub.inner.deltas.fetch_add(1, Ordering::Relaxed);

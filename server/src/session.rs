@@ -532,6 +532,15 @@ impl Session {
     }
 
     async fn send_snapshot(&mut self) -> Result<(), End> {
+        // The agent may have missed the deltas that carried recent
+        // revocations; they go first, so its own local blocks of those
+        // ranges are dropped together with the snapshot.
+        let revoked = blocks::recent_revocations(&self.shared.pool)
+            .await
+            .map_err(|error| End::Status(unavailable(error, "Cannot read revoked blocks.")))?;
+        if !revoked.revocations.is_empty() {
+            self.send(Out::Revocations(revoked)).await?;
+        }
         let snapshot = blocks::snapshot(&self.shared.pool)
             .await
             .map_err(|error| End::Status(unavailable(error, "Cannot read the blocklist snapshot.")))?;
@@ -549,6 +558,12 @@ impl Session {
         match delta {
             Some(delta) if delta.from_version == self.version => {
                 if delta.to_version > self.version {
+                    let revoked = blocks::revocations_between(&self.shared.pool, self.version, delta.to_version)
+                        .await
+                        .map_err(|error| End::Status(unavailable(error, "Cannot read revoked blocks.")))?;
+                    if !revoked.revocations.is_empty() {
+                        self.send(Out::Revocations(revoked)).await?;
+                    }
                     self.version = delta.to_version;
                     self.send(Out::Delta(delta)).await?;
                 }
@@ -577,6 +592,8 @@ impl Session {
             Push::Allowlist(list) => self.send(Out::Allowlist((*list).clone())).await,
             Push::Revoked => self.check_credentials().await,
             Push::Resync => self.send_snapshot().await,
+            // Applying a revocation twice changes nothing on the agent.
+            Push::Revocations(revoked) => self.send(Out::Revocations((*revoked).clone())).await,
             Push::Delta(delta) if delta.to_version <= self.version => Ok(()),
             Push::Delta(delta) if delta.from_version == self.version => {
                 self.version = delta.to_version;

@@ -96,6 +96,7 @@ fn write_body(method: &Method, path: &str) -> Option<Value> {
         ("PATCH", "/api/v1/agents/{id}") => Some(json!({"name": "renamed"})),
         ("POST", "/api/v1/tokens") => Some(json!({"role": "read"})),
         ("POST", "/api/v1/enroll-tokens") => Some(json!({})),
+        ("POST", "/api/v1/import") => Some(json!({"format": "plain", "text": "203.0.113.60\n"})),
         _ => None,
     }
 }
@@ -111,7 +112,7 @@ async fn auth_matrix_over_every_route(pool: PgPool) {
     let admin_reads: BTreeSet<&str> = ["/api/v1/tokens", "/api/v1/enroll-tokens"].into();
     let routes = api::routes();
     let writes: Vec<_> = routes.iter().filter(|(m, _, _)| *m != Method::GET).collect();
-    assert_eq!(writes.len(), 12, "every write must be in this matrix");
+    assert_eq!(writes.len(), 13, "every write must be in this matrix");
     for (method, path, _) in &routes {
         let uri = match *path {
             "/api/v1/allowlist" if *method == Method::DELETE => "/api/v1/allowlist?cidr=198.51.100.0/24".to_owned(),
@@ -767,8 +768,11 @@ async fn blocks_paginate_without_gaps_or_repeats(pool: PgPool) {
     assert_eq!(seen.len(), 7);
 }
 
+/// An allowlist entry suppresses the live blocks it overlaps without
+/// removing them (no change reaches the agents but the allowlist itself),
+/// and removing the entry leaves them live, so they are enforced again.
 #[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
-async fn allowlist_removes_covered_blocks(pool: PgPool) {
+async fn allowlist_suppresses_covered_blocks_until_it_is_removed(pool: PgPool) {
     let app = app(&pool);
     let t = common::tokens(&pool).await;
     let mut ids = Vec::new();
@@ -791,16 +795,23 @@ async fn allowlist_removes_covered_blocks(pool: PgPool) {
     assert_eq!(reply["entry"]["note"], "partner relay");
     assert_eq!(reply["entry"]["created_by"], "ops-admin");
     assert!(reply["entry"]["expires_at"].is_string());
-    assert_eq!(reply["removed_blocks"], json!([ids[0], ids[1], ids[2]]));
-    let active = get(&app, "/api/v1/blocks", &t.read).await.expect(StatusCode::OK).json();
-    let active: Vec<i64> = active.as_array().unwrap().iter().map(|b| b["id"].as_i64().unwrap()).collect();
-    assert_eq!(active, [ids[3]], "only the block outside the allowlisted range stays");
-    let removes: i64 = sqlx::query_scalar("select count(*) from block_changes where op = 'remove' and version > $1")
-        .bind(before)
-        .fetch_one(&pool)
+    assert_eq!(reply["suppressed_blocks"], json!([ids[0], ids[1], ids[2]]));
+    assert_eq!(reply["removed_blocks"], json!([]));
+    let changes: i64 = sqlx::query_scalar("select count(*) from block_changes").fetch_one(&pool).await.unwrap();
+    assert_eq!(changes, before, "suppressing writes no block change");
+    assert_eq!(fleetban_server::push::live_allowlist(&pool).await.unwrap(), ["198.51.100.0/24".parse().unwrap()]);
+    // The block list says which blocks agents no longer enforce.
+    let listed = get(&app, "/api/v1/blocks", &t.read).await.expect(StatusCode::OK).json();
+    let suppressed = |listed: &Value, id: i64| {
+        listed.as_array().unwrap().iter().find(|b| b["id"] == id).unwrap()["suppressed"].clone()
+    };
+    assert_eq!(suppressed(&listed, ids[0]), "whole");
+    assert_eq!(suppressed(&listed, ids[2]), "whole");
+    assert_eq!(suppressed(&listed, ids[3]), Value::Null);
+    // Policy refuses new blocks inside it meanwhile.
+    create_block(&app, &t.admin, json!({"cidr": "198.51.100.200", "reason": "r"}))
         .await
-        .unwrap();
-    assert_eq!(removes, 3, "each removal reaches the agents as a change");
+        .expect(StatusCode::UNPROCESSABLE_ENTITY);
 
     let list = get(&app, "/api/v1/allowlist", &t.read).await.expect(StatusCode::OK).json();
     assert_eq!(list.as_array().unwrap().len(), 1);
@@ -823,6 +834,40 @@ async fn allowlist_removes_covered_blocks(pool: PgPool) {
     let list = get(&app, "/api/v1/allowlist", &t.read).await.expect(StatusCode::OK).json();
     assert_eq!(list, json!([]));
     call(&app, Method::DELETE, "/api/v1/allowlist/77", Some(&t.admin), None).await.expect(StatusCode::NOT_FOUND);
+    // Unallowed: every block it suppressed is live and pushed as before,
+    // and the agents receive an allowlist without the range.
+    let active = get(&app, "/api/v1/blocks", &t.read).await.expect(StatusCode::OK).json();
+    let mut active: Vec<i64> = active.as_array().unwrap().iter().map(|b| b["id"].as_i64().unwrap()).collect();
+    active.sort_unstable();
+    assert_eq!(active, ids, "the suppressed blocks are enforced again");
+    let listed = get(&app, "/api/v1/blocks", &t.read).await.expect(StatusCode::OK).json();
+    assert!(listed.as_array().unwrap().iter().all(|b| b["suppressed"].is_null()), "{listed}");
+    let snapshot = fleetban_server::blocks::snapshot(&pool).await.unwrap();
+    assert_eq!(snapshot.entries.len(), 4);
+    assert!(fleetban_server::push::live_allowlist(&pool).await.unwrap().is_empty());
+}
+
+/// `allow` has the breadth guard `block` has: broader than /16 (IPv4) or
+/// /32 (IPv6) needs `force`.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn broad_allowlist_entries_need_force(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    for cidr in ["0.0.0.0/0", "198.0.0.0/15", "2001:db8::/31", "::/0"] {
+        let refused = call(&app, Method::POST, "/api/v1/allowlist", Some(&t.admin), Some(json!({"cidr": cidr})))
+            .await
+            .expect(StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(refused.json()["error"]["message"].as_str().unwrap().contains("needs force"), "{cidr}");
+    }
+    assert!(fleetban_server::push::live_allowlist(&pool).await.unwrap().is_empty(), "a refusal writes nothing");
+    for cidr in ["198.51.0.0/16", "2001:db8::/32"] {
+        call(&app, Method::POST, "/api/v1/allowlist", Some(&t.admin), Some(json!({"cidr": cidr})))
+            .await
+            .expect(StatusCode::CREATED);
+    }
+    call(&app, Method::POST, "/api/v1/allowlist", Some(&t.admin), Some(json!({"cidr": "0.0.0.0/0", "force": true})))
+        .await
+        .expect(StatusCode::CREATED);
 }
 
 /// Two agents; 203.0.113.7 hits both, 203.0.113.8 one; events for timelines.
@@ -1136,7 +1181,7 @@ async fn mapped_addresses_are_checked_as_ipv4(pool: PgPool) {
             .expect(StatusCode::CREATED)
             .json();
     assert_eq!(allowed["entry"]["cidr"], "203.0.113.0/24");
-    assert_eq!(allowed["removed_blocks"], json!([block["id"]]));
+    assert_eq!(allowed["suppressed_blocks"], json!([block["id"]]));
     call(&app, Method::DELETE, "/api/v1/allowlist?cidr=::ffff:203.0.113.0/120", Some(&t.admin), None)
         .await
         .expect(StatusCode::NO_CONTENT);
@@ -1217,4 +1262,116 @@ async fn shadow_decisions_are_listed_and_filtered(pool: PgPool) {
     // Nothing was blocked.
     let blocks = get(&app, "/api/v1/blocks", &t.read).await.expect(StatusCode::OK).json();
     assert!(blocks.as_array().unwrap().is_empty());
+}
+
+/// A bulk import is judged row by row and applied in one transaction; a dry
+/// run reports the same and writes nothing; what is exported imports back.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn import_in_one_transaction_with_a_summary_and_export_round_trip(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    create_block(&app, &t.admin, json!({"cidr": "203.0.113.5", "reason": "already"})).await.expect(StatusCode::CREATED);
+    call(&app, Method::POST, "/api/v1/allowlist", Some(&t.admin), Some(json!({"cidr": "192.0.2.0/28"})))
+        .await
+        .expect(StatusCode::CREATED);
+    let deny = "# csf.deny\n\
+                203.0.113.5 # lfd: already blocked - Fri Nov 27 00:00:00 2026\n\
+                203.0.113.6 # lfd: 5 failed logins - Fri Nov 27 00:00:00 2026\n\
+                198.0.0.0/8 # too broad\n\
+                tcp|in|d=25|s=198.51.100.9\n\
+                192.0.2.3 # inside the allowlist\n\
+                garbage\n\
+                203.0.113.6\n\
+                127.0.0.1\n";
+    let body = |dry_run: bool| json!({"format": "csf-deny", "text": deny, "dry_run": dry_run, "ttl_secs": 3600});
+    let version = fleetban_server::blocks::current_version(&pool).await.unwrap();
+    let dry = call(&app, Method::POST, "/api/v1/import", Some(&t.admin), Some(body(true)))
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(fleetban_server::blocks::current_version(&pool).await.unwrap(), version, "a dry run writes nothing");
+    let real = call(&app, Method::POST, "/api/v1/import", Some(&t.admin), Some(body(false)))
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    for summary in [&dry, &real] {
+        let lines = |key: &str| {
+            summary[key].as_array().unwrap().iter().map(|r| r["line"].as_i64().unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(lines("added"), [3], "{summary}");
+        assert_eq!(lines("already_present"), [2, 8], "the second line of a range in one file is present: {summary}");
+        assert_eq!(lines("skipped"), [4, 5, 6, 7, 9], "{summary}");
+        let reasons: Vec<&str> =
+            summary["skipped"].as_array().unwrap().iter().map(|s| s["reason"].as_str().unwrap()).collect();
+        assert!(reasons[0].contains("broader than /16") && reasons[0].contains("force"), "{reasons:?}");
+        assert!(reasons[1].contains("advanced CSF filter"), "{reasons:?}");
+        assert!(reasons[2].contains("allowlisted"), "{reasons:?}");
+        assert!(reasons[3].contains("not an IP address"), "{reasons:?}");
+        assert!(reasons[4].contains("never_block"), "{reasons:?}");
+    }
+    let (reason, ttl): (String, f64) = sqlx::query_as(
+        "select reason, extract(epoch from expires_at - created_at)::float8 from blocks where cidr = '203.0.113.6/32'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((reason.as_str(), ttl), ("lfd: 5 failed logins", 3600.0));
+    assert_eq!(fleetban_server::blocks::current_version(&pool).await.unwrap(), version + 1, "one new block, pushed");
+    // --force takes the broad range too.
+    let forced = call(
+        &app,
+        Method::POST,
+        "/api/v1/import",
+        Some(&t.admin),
+        Some(json!({"format": "plain", "text": "198.0.0.0/8 # wide\n", "force": true})),
+    )
+    .await
+    .expect(StatusCode::OK)
+    .json();
+    assert_eq!(forced["added"].as_array().unwrap().len(), 1, "{forced}");
+    // The allowlist side: csf.allow, advanced entries skipped.
+    let allow = call(
+        &app,
+        Method::POST,
+        "/api/v1/import",
+        Some(&t.admin),
+        Some(json!({"format": "csf-allow", "text": "198.51.100.20 # office\ntcp|in|d=22|s=198.51.100.21\n"})),
+    )
+    .await
+    .expect(StatusCode::OK)
+    .json();
+    assert_eq!((allow["added"][0]["list"].as_str(), allow["skipped"][0]["line"].as_i64()), (Some("allow"), Some(2)));
+    call(&app, Method::POST, "/api/v1/import", Some(&t.admin), Some(json!({"format": "xml", "text": ""})))
+        .await
+        .expect(StatusCode::BAD_REQUEST);
+
+    // Export everything as CSV and import it into a fresh database's view:
+    // here, into the same one, where every row is already present.
+    let csv = get(&app, "/api/v1/export?format=csv", &t.read).await.expect(StatusCode::OK).text();
+    assert!(
+        csv.starts_with("cidr,list,reason,ttl_secs\n") && csv.contains("203.0.113.6/32,block,lfd: 5 failed logins,")
+    );
+    assert!(csv.contains("198.51.100.20/32,allow,office,"), "{csv}");
+    let again = call(
+        &app,
+        Method::POST,
+        "/api/v1/import",
+        Some(&t.admin),
+        Some(json!({"format": "csv", "text": csv, "force": true})),
+    )
+    .await
+    .expect(StatusCode::OK)
+    .json();
+    assert!(
+        again["added"].as_array().unwrap().is_empty() && again["skipped"].as_array().unwrap().is_empty(),
+        "{again}"
+    );
+    assert_eq!(again["already_present"].as_array().unwrap().len(), 5, "{again}");
+    let deny_out = get(&app, "/api/v1/export?format=csf-deny", &t.read).await.expect(StatusCode::OK).text();
+    assert!(
+        deny_out.contains("203.0.113.6 # lfd: 5 failed logins\n") && !deny_out.contains("198.51.100.20"),
+        "{deny_out}"
+    );
+    get(&app, "/api/v1/export?format=xml", &t.read).await.expect(StatusCode::BAD_REQUEST);
 }

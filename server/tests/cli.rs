@@ -21,7 +21,8 @@ async fn fleetban(url: &str, token: Option<&str>, args: &[&str]) -> Output {
     if let Some(token) = token {
         command.arg("--token").arg(token);
     }
-    command.args(args).output().await.unwrap()
+    // Not a terminal: nothing asks for confirmation (as for scripts).
+    command.args(args).stdin(std::process::Stdio::null()).output().await.unwrap()
 }
 
 fn ok(output: &Output) -> String {
@@ -95,10 +96,10 @@ async fn cli_reads_and_writes_through_the_api(pool: PgPool) {
     fails(&fleetban(&url, Some(&t.admin), &["unblock", "203.0.113.7"]).await, "no live block of 203.0.113.7/32");
     fails(&fleetban(&url, Some(&t.admin), &["unblock", &range_id.to_string()]).await, "409");
 
-    // allow / allowlist / unallow; allow removes covered blocks.
+    // allow / allowlist / unallow; allow suppresses covered blocks.
     ok(&fleetban(&url, Some(&t.admin), &["block", "203.0.113.9", "--reason", "r"]).await);
     let out = ok(&fleetban(&url, Some(&t.admin), &["allow", "203.0.113.0/24", "--note", "partner"]).await);
-    assert!(out.contains("Allowlisted 203.0.113.0/24") && out.contains("Removed 1 covered block"), "{out}");
+    assert!(out.contains("Allowlisted 203.0.113.0/24") && out.contains("Suppressed 1 overlapping block"), "{out}");
     let list = ok(&fleetban(&url, Some(&t.read), &["allowlist"]).await);
     assert!(list.contains("203.0.113.0/24") && list.contains("partner") && list.contains("ops-admin"), "{list}");
     fails(&fleetban(&url, Some(&t.admin), &["block", "203.0.113.20", "--reason", "r"]).await, "422");
@@ -162,6 +163,63 @@ async fn cli_reads_and_writes_through_the_api(pool: PgPool) {
         .unwrap();
     assert!(ok(&output).contains("active blocks"));
 
+    server.stop().await;
+}
+
+/// `unblock` of an address covered only by a wider block names that block
+/// instead of a bare 404, and `--carve` exempts the address for the
+/// covering block's remaining time (or `--ttl`); `allow` of a range broader
+/// than /16 needs `--force`.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn cli_unblock_names_covering_blocks_and_carves(pool: PgPool) {
+    let server = common::Server::start(&pool).await;
+    let url = server.url.clone();
+    let t = common::tokens(&pool).await;
+    let out =
+        ok(&fleetban(&url, Some(&t.admin), &["block", "198.51.100.0/24", "--ttl", "2h", "--reason", "campaign"]).await);
+    let id: i64 = out.split("(block ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    fails(
+        &fleetban(&url, Some(&t.admin), &["unblock", "198.51.100.55"]).await,
+        &format!("covered by block {id} (198.51.100.0/24, reason \"campaign\")"),
+    );
+    fails(&fleetban(&url, Some(&t.admin), &["unblock", "198.51.100.55", "--ttl", "1h"]).await, "--carve only");
+    let out = ok(&fleetban(&url, Some(&t.admin), &["unblock", "198.51.100.55", "--carve"]).await);
+    assert!(out.starts_with(&format!("Exempted 198.51.100.55/32 from block {id}")), "{out}");
+    let (cidr, note, left): (String, String, f64) =
+        sqlx::query_as("select cidr::text, note, extract(epoch from expires_at - now())::float8 from allowlist")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((cidr.as_str(), note.as_str()), ("198.51.100.55/32", format!("carved out of block {id}").as_str()));
+    assert!((7_000.0..=7_200.0).contains(&left), "the exemption lasts as long as the block: {left}");
+    // The covering block is untouched; a second carve with its own TTL.
+    let live: i64 =
+        sqlx::query_scalar("select count(*) from blocks where revoked_at is null").fetch_one(&pool).await.unwrap();
+    assert_eq!(live, 1);
+    let out =
+        ok(&fleetban(&url, Some(&t.admin), &["unblock", "198.51.100.56", "--carve", "--ttl", "10m", "--yes"]).await);
+    assert!(out.contains("198.51.100.56/32"), "{out}");
+    let left: f64 = sqlx::query_scalar(
+        "select extract(epoch from expires_at - now())::float8 from allowlist where cidr = '198.51.100.56/32'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!((500.0..=600.0).contains(&left), "{left}");
+    // The exact block and the covering one: the exact one goes, the other is named.
+    ok(&fleetban(&url, Some(&t.admin), &["block", "198.51.100.77", "--reason", "single"]).await);
+    let out = ok(&fleetban(&url, Some(&t.admin), &["unblock", "198.51.100.77"]).await);
+    assert!(out.contains("Removed block") && out.contains(&format!("still covered by block {id}")), "{out}");
+
+    // allow: the breadth guard, in the CLI's words from the API.
+    fails(&fleetban(&url, Some(&t.admin), &["allow", "0.0.0.0/0"]).await, "needs force");
+    fails(&fleetban(&url, Some(&t.admin), &["allow", "2001:db8::/31"]).await, "needs force");
+    let out = ok(&fleetban(&url, Some(&t.admin), &["allow", "0.0.0.0/0", "--force", "--yes"]).await);
+    assert!(out.contains("Allowlisted 0.0.0.0/0") && out.contains("Suppressed 1"), "{out}");
+    let blocks = ok(&fleetban(&url, Some(&t.read), &["blocks"]).await);
+    assert!(blocks.contains("allowlisted"), "{blocks}");
+    let out = ok(&fleetban(&url, Some(&t.admin), &["unallow", "0.0.0.0/0", "--yes"]).await);
+    assert!(out.contains("enforced again"), "{out}");
     server.stop().await;
 }
 
@@ -342,4 +400,107 @@ async fn a_database_outage_is_reported_as_such_not_as_a_bare_500() {
     let output = fleetban(&url, Some("fbt_0000"), &["agents"]).await;
     fails(&output, "503 service unavailable: the database is unavailable");
     server.abort();
+}
+
+/// `import` (dry run, then for real) and `export` through the binary.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn cli_imports_and_exports(pool: PgPool) {
+    let server = common::Server::start(&pool).await;
+    let url = server.url.clone();
+    let t = common::tokens(&pool).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("csf.deny");
+    std::fs::write(
+        &file,
+        "203.0.113.7 # lfd: 5 failed logins - Fri Nov 27 00:00:00 2026\ntcp|in|d=22|s=203.0.113.8\n198.0.0.0/8\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let out = ok(&fleetban(&url, Some(&t.admin), &["import", "--format", "csf-deny", "--dry-run", path]).await);
+    assert!(out.starts_with("Dry run, nothing written: ") && out.contains("1 added, 0 already present, 2 skipped"));
+    assert!(out.contains("line 2: advanced CSF filter") && out.contains("line 3: ") && out.contains("force"), "{out}");
+    let live: i64 = sqlx::query_scalar("select count(*) from blocks").fetch_one(&pool).await.unwrap();
+    assert_eq!(live, 0, "a dry run writes nothing");
+    let out = ok(&fleetban(&url, Some(&t.admin), &["import", "--format", "csf-deny", "--force", path]).await);
+    assert!(out.contains("2 added, 0 already present, 1 skipped"), "{out}");
+    let json: Value = serde_json::from_str(&ok(&fleetban(
+        &url,
+        Some(&t.admin),
+        &["--json", "import", "--format", "csf-deny", "--force", "--yes", path],
+    )
+    .await))
+    .unwrap();
+    assert_eq!(json["already_present"].as_array().unwrap().len(), 2);
+    let exported = ok(&fleetban(&url, Some(&t.read), &["export", "--format", "csf-deny"]).await);
+    assert_eq!(exported, "198.0.0.0/8 # imported\n203.0.113.7 # lfd: 5 failed logins\n");
+    fails(&fleetban(&url, Some(&t.admin), &["import", "--format", "xml", path]).await, "bad --format");
+    fails(&fleetban(&url, Some(&t.admin), &["import", "/nonexistent/file"]).await, "cannot read /nonexistent/file");
+    fails(&fleetban(&url, Some(&t.read), &["import", path]).await, "403");
+    server.stop().await;
+}
+
+/// Runs `fleetban ARGS` on a terminal (`script` gives it a pseudo-terminal)
+/// and answers `answer` to whatever it asks.
+async fn on_terminal(url: &str, token: &str, args: &[&str], answer: &str) -> (bool, String) {
+    use tokio::io::AsyncWriteExt as _;
+    let mut line = format!("{} --url {url} --token {token}", env!("CARGO_BIN_EXE_fleetban"));
+    for arg in args {
+        line.push(' ');
+        line.push_str(arg);
+    }
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env_remove("FLEETBAN_URL")
+        .env_remove("FLEETBAN_TOKEN")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("script(1) from util-linux");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(answer.as_bytes()).await.unwrap();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("the CLI answered in time")
+        .unwrap();
+    drop(stdin);
+    (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// On a terminal, range actions ask first: `n` changes nothing, `y` and
+/// `--yes` proceed; a single address is not asked about.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn cli_asks_before_range_actions_on_a_terminal(pool: PgPool) {
+    let server = common::Server::start(&pool).await;
+    let url = server.url.clone();
+    let t = common::tokens(&pool).await;
+    let allowed =
+        || async { sqlx::query_scalar::<_, i64>("select count(*) from allowlist").fetch_one(&pool).await.unwrap() };
+    let (ok_, out) = on_terminal(&url, &t.admin, &["allow", "198.51.100.0/24"], "n\n").await;
+    assert!(!ok_ && out.contains("lifts every block inside it") && out.contains("Proceed? [y/N]"), "{out}");
+    assert!(out.contains("aborted"), "{out}");
+    assert_eq!(allowed().await, 0, "answering no changes nothing");
+    let (ok_, out) = on_terminal(&url, &t.admin, &["allow", "198.51.100.0/24"], "y\n").await;
+    assert!(ok_ && out.contains("Allowlisted 198.51.100.0/24"), "{out}");
+    assert_eq!(allowed().await, 1);
+    let (ok_, out) = on_terminal(&url, &t.admin, &["unallow", "198.51.100.0/24", "--yes"], "").await;
+    assert!(ok_ && !out.contains("Proceed?"), "{out}");
+    let (ok_, out) = on_terminal(&url, &t.admin, &["allow", "198.51.100.7"], "").await;
+    assert!(ok_ && !out.contains("Proceed?"), "one address is not asked about: {out}");
+    // An import shows its dry run first, then asks.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("deny.txt");
+    std::fs::write(&file, "203.0.113.7\n203.0.113.8\n").unwrap();
+    let blocks =
+        || async { sqlx::query_scalar::<_, i64>("select count(*) from blocks").fetch_one(&pool).await.unwrap() };
+    let (ok_, out) = on_terminal(&url, &t.admin, &["import", file.to_str().unwrap()], "n\n").await;
+    assert!(
+        !ok_ && out.contains("Dry run, nothing written") && out.contains("2 added") && out.contains("Proceed?"),
+        "{out}"
+    );
+    assert_eq!(blocks().await, 0, "answering no imports nothing");
+    let (ok_, out) = on_terminal(&url, &t.admin, &["import", file.to_str().unwrap()], "y\n").await;
+    assert!(ok_ && out.contains("2 added"), "{out}");
+    assert_eq!(blocks().await, 2);
+    server.stop().await;
 }

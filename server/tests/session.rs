@@ -457,6 +457,13 @@ async fn reconnecting_agent_gets_exactly_the_missing_delta_or_a_snapshot(pool: P
 
     let mut agent = Agent::connect(server.channel().await, &id.to_string(), &secret).await.unwrap();
     agent.hello(id, v1).await;
+    // The operator's removal of b1 is announced ahead of the delta, so the
+    // agent drops its own local block of that range too.
+    let revoked_ids = |frame: Out| match frame {
+        Out::Revocations(r) => r.revocations.iter().map(|r| r.block_id).collect::<Vec<_>>(),
+        other => panic!("expected revocations, got {other:?}"),
+    };
+    assert_eq!(revoked_ids(agent.next().await), vec![b1]);
     match agent.next().await {
         Out::Delta(d) => {
             assert_eq!((d.from_version, d.to_version), (v1, v4));
@@ -471,6 +478,7 @@ async fn reconnecting_agent_gets_exactly_the_missing_delta_or_a_snapshot(pool: P
 
     let mut agent = Agent::connect(server.channel().await, &id.to_string(), &secret).await.unwrap();
     agent.hello(id, 0).await;
+    assert_eq!(revoked_ids(agent.next().await), vec![b1], "a snapshot brings recent revocations along");
     match agent.next().await {
         Out::Snapshot(s) => {
             assert_eq!(s.version, v4);
@@ -487,6 +495,13 @@ async fn reconnecting_agent_gets_exactly_the_missing_delta_or_a_snapshot(pool: P
             assert_eq!((d.from_version, d.to_version), (v4, v5));
             assert_eq!(d.added.iter().map(|e| e.block_id).collect::<Vec<_>>(), vec![b5]);
         }
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    // A live revocation: announced, then the delta that removes the block.
+    let v6 = remove_block(&pool, b5).await;
+    assert_eq!(revoked_ids(agent.next().await), vec![b5]);
+    match agent.next().await {
+        Out::Delta(d) => assert_eq!((d.to_version, d.removed.clone()), (v6, vec![b5])),
         other => panic!("expected a delta, got {other:?}"),
     }
     server.stop().await;

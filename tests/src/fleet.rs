@@ -605,6 +605,34 @@ impl Fleet {
         Ok(())
     }
 
+    /// Runs the operator CLI `fleetban ARGS` (with an admin token, against the
+    /// server's REST API, inside the server's namespace, stdin not a
+    /// terminal); returns its exit success, stdout and stderr.
+    pub fn cli(&self, token: &str, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+        let out = self
+            .server_ns()
+            .command(path_str(&self.bins.join("fleetban"))?)
+            .args(["--url", "http://127.0.0.1:8080", "--token", token])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// When host `i`'s agent last finished a full firewall reconcile, unix ms
+    /// (from the status file the running agent rewrites every 5 s).
+    pub fn agent_last_reconcile_ms(&self, i: usize) -> Option<i64> {
+        let text = fs::read(self.hosts[i].dir.join("state/agent-status.json")).ok()?;
+        let status: serde_json::Value = serde_json::from_slice(&text).ok()?;
+        let at = status["firewall"]["last_reconcile"].as_str()?;
+        let at = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()?;
+        i64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
+    }
+
     /// Revokes block `id` directly in the store (for drills that must not
     /// depend on the HTTP API).
     pub fn revoke_block(&self, id: i64) -> anyhow::Result<()> {

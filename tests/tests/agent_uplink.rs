@@ -157,6 +157,7 @@ async fn uplink_against_the_real_server(pool: PgPool) {
         local_blocks: reports_rx,
         on_policy: Box::new(|_| {}),
         on_allowlist: Box::new(|_| {}),
+        on_revoked: Box::new(|_| {}),
         on_server_address: Arc::new(|_| {}),
         window: 2,
         stats: stats.clone(),

@@ -208,6 +208,7 @@ async fn the_real_agent_keeps_streaming_through_a_connection_flood(pool: PgPool)
         local_blocks: reports_rx,
         on_policy: Box::new(|_| {}),
         on_allowlist: Box::new(|_| {}),
+        on_revoked: Box::new(|_| {}),
         on_server_address: Arc::new(|_| {}),
         window: 2,
         stats: Arc::new(UplinkStats::default()),

@@ -22,6 +22,7 @@
 
 pub mod csf;
 pub mod dryrun;
+pub mod inspect;
 pub mod ipset;
 pub mod kill;
 pub mod nftables;

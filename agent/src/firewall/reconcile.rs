@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use fleetban_proto::v1::{BlockEntry, BlocklistDelta, BlocklistSnapshot, Cidr};
+use fleetban_proto::v1::{Allowlist, BlockEntry, BlocklistDelta, BlocklistSnapshot, Cidr};
 use ipnet::IpNet;
 use prost::Message as _;
 use tracing::{debug, info, warn};
@@ -130,7 +130,14 @@ pub struct Reconciler {
     /// How many input entries (fleet and local) have each prefix length.
     input_lengths: Box<[[u32; 129]; 2]>,
     local: HashMap<IpNet, Entry>,
+    /// When each local block was made, unix ms (0 = not known: made by an
+    /// agent that did not record it, older than any revocation).
+    local_made: HashMap<IpNet, i64>,
     exclude: Vec<IpNet>,
+    /// The never-blocked ranges as last persisted (for inspection by
+    /// `fleetban-agent firewall list` and `why`, which do not run the
+    /// wiring that sets [`Reconciler::set_exclusions`]).
+    persisted_exclude: Vec<IpNet>,
     version: u64,
     /// What the backend holds according to the last commit or read-back.
     believed: HashMap<IpNet, Entry>,
@@ -186,7 +193,9 @@ impl Reconciler {
             lengths: Box::new([[0; 129]; 2]),
             input_lengths: Box::new([[0; 129]; 2]),
             local: HashMap::new(),
+            local_made: HashMap::new(),
             exclude,
+            persisted_exclude: Vec::new(),
             version: 0,
             believed: HashMap::new(),
             reconciled: false,
@@ -371,11 +380,67 @@ impl Reconciler {
     pub fn add_local(&mut self, entry: Entry, now_ms: i64) -> Result<usize, ReconcileError> {
         let change = Change::Add(entry.clone());
         let net = entry.net;
+        self.local_made.insert(net, now_ms);
         if self.local.insert(net, entry).is_none() {
             self.input_lengths[usize::from(net.addr().is_ipv6())][usize::from(net.prefix_len())] += 1;
         }
         self.stats.local_blocks.fetch_add(1, Ordering::Relaxed);
         self.apply_changes(std::slice::from_ref(&change), now_ms)
+    }
+
+    /// Operators revoked blocks: `(range, revoked at, unix ms)`. Drops every
+    /// local block that overlaps a revoked range and was made no later than
+    /// its revocation (a later one rests on evidence seen after it), and
+    /// applies the result. Returns the local blocks dropped.
+    pub fn revoke_local(&mut self, revoked: &[(IpNet, i64)], now_ms: i64) -> Result<Vec<Entry>, ReconcileError> {
+        let made = &self.local_made;
+        let gone: Vec<IpNet> = self
+            .local
+            .keys()
+            .filter(|net| {
+                let at = made.get(*net).copied().unwrap_or(0);
+                revoked
+                    .iter()
+                    .any(|(range, revoked_at)| (range.contains(*net) || net.contains(range)) && at <= *revoked_at)
+            })
+            .copied()
+            .collect();
+        if gone.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut dropped = Vec::with_capacity(gone.len());
+        for net in gone {
+            self.local_made.remove(&net);
+            if let Some(entry) = self.local.remove(&net) {
+                dropped.push(entry);
+            }
+        }
+        self.rebuild_index();
+        self.apply(now_ms)?;
+        Ok(dropped)
+    }
+
+    /// The fleet blocklist held: block id and entry.
+    pub fn fleet_blocks(&self) -> impl Iterator<Item = (i64, &Entry)> {
+        self.fleet.iter().map(|(id, entry)| (*id, entry))
+    }
+
+    /// The never-blocked ranges: those set since start, else the ones
+    /// persisted by the running agent.
+    pub fn exclusions(&self) -> &[IpNet] {
+        if self.exclude.is_empty() { &self.persisted_exclude } else { &self.exclude }
+    }
+
+    /// What the backend holds now, read back without changing anything
+    /// (no setup: a missing table is an error, not created).
+    pub fn read_actual(&mut self) -> Result<Vec<Entry>, FirewallError> {
+        self.backend.read(super::now_ms())
+    }
+
+    /// The local blocks held, with when each was made (unix ms, 0 = not
+    /// known).
+    pub fn local_blocks(&self) -> impl Iterator<Item = (&Entry, i64)> {
+        self.local.values().map(|entry| (entry, self.local_made.get(&entry.net).copied().unwrap_or(0)))
     }
 
     fn index(&mut self, net: IpNet) {
@@ -519,6 +584,8 @@ impl Reconciler {
     pub fn expire(&mut self, now_ms: i64) {
         let live = |entry: &Entry| entry.expires_at_ms.is_none_or(|at| at > now_ms);
         self.local.retain(|_, entry| live(entry));
+        let local = &self.local;
+        self.local_made.retain(|net, _| local.contains_key(net));
         self.fleet.retain(|_, entry| live(entry));
         self.rebuild_index();
         self.prune_believed(now_ms);
@@ -538,10 +605,23 @@ impl Reconciler {
             version: self.version,
             entries: self.fleet.iter().map(|(id, entry)| block_entry(*id, entry)).collect(),
         };
-        let local = BlocklistSnapshot { version: 0, entries: self.local.values().map(|e| block_entry(0, e)).collect() };
-        let mut bytes = Vec::with_capacity(fleet.encoded_len() + local.encoded_len() + 16);
-        let encoded =
-            fleet.encode_length_delimited(&mut bytes).and_then(|()| local.encode_length_delimited(&mut bytes));
+        // In the local part, `block_id` carries when the block was made.
+        let local = BlocklistSnapshot {
+            version: 0,
+            entries: self
+                .local
+                .values()
+                .map(|e| block_entry(self.local_made.get(&e.net).copied().unwrap_or(0), e))
+                .collect(),
+        };
+        // Third part (absent in files of older agents): the never-blocked
+        // ranges in force, for inspection only.
+        let exclude = Allowlist { ranges: self.exclude.iter().map(|net| Cidr::from(*net)).collect() };
+        let mut bytes = Vec::with_capacity(fleet.encoded_len() + local.encoded_len() + exclude.encoded_len() + 24);
+        let encoded = fleet
+            .encode_length_delimited(&mut bytes)
+            .and_then(|()| local.encode_length_delimited(&mut bytes))
+            .and_then(|()| exclude.encode_length_delimited(&mut bytes));
         if encoded.is_err() {
             return;
         }
@@ -568,6 +648,12 @@ impl Reconciler {
             warn!(path = %path.display(), "The persisted blocklist is damaged; starting empty.");
             return;
         };
+        if !buf.is_empty()
+            && let Ok(exclude) = Allowlist::decode_length_delimited(&mut buf)
+        {
+            self.persisted_exclude =
+                exclude.ranges.iter().filter_map(|c| IpNet::try_from(c).ok()).map(|n| n.trunc()).collect();
+        }
         for block in &fleet.entries {
             if let Ok(entry) = entry_of(block) {
                 self.fleet.insert(block.block_id, entry);
@@ -575,6 +661,9 @@ impl Reconciler {
         }
         for block in &local.entries {
             if let Ok(entry) = entry_of(block) {
+                if block.block_id > 0 {
+                    self.local_made.insert(entry.net, block.block_id);
+                }
                 self.local.insert(entry.net, entry);
             }
         }
@@ -599,6 +688,7 @@ impl Reconciler {
         self.backend.flush()?;
         self.fleet.clear();
         self.local.clear();
+        self.local_made.clear();
         self.believed.clear();
         self.rebuild_index();
         self.recount();
@@ -841,6 +931,111 @@ mod tests {
                 assert!(plan::same_expiry(held.1, want.1), "{held:?} vs {want:?}");
             }
         }
+    }
+
+    /// An operator's revocation drops the local block the agent made before
+    /// it (also one that was only absorbed by a fleet block, and one loaded
+    /// from the state file), keeps one made after it on new evidence, and
+    /// leaves other ranges alone.
+    #[test]
+    fn revocation_drops_local_blocks_made_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = Memory::default();
+        let mut r = Reconciler::new(Box::new(memory.clone()), vec![], Some(dir.path().to_owned()), Arc::default());
+        r.apply_snapshot(
+            &BlocklistSnapshot { version: 1, entries: vec![block(13, "198.51.100.5/32", NOW + 900_000)] },
+            NOW,
+        )
+        .unwrap();
+        let local =
+            |net: &str| Entry { net: net.parse().unwrap(), expires_at_ms: Some(NOW + 600_000), reason: "auth".into() };
+        r.add_local(local("198.51.100.5/32"), NOW).unwrap();
+        r.add_local(local("198.51.100.6/32"), NOW).unwrap();
+        r.add_local(local("2001:db8:bad::/64"), NOW).unwrap();
+        r.persist(true);
+        // A restart in between: the time each block was made is kept.
+        drop(r);
+        let mut r = Reconciler::new(Box::new(memory.clone()), vec![], Some(dir.path().to_owned()), Arc::default());
+        r.reconcile(NOW + 1_000).unwrap();
+        // The server removes the fleet block: the local one still holds it.
+        let delta = BlocklistDelta { from_version: 1, to_version: 2, added: vec![], removed: vec![13] };
+        r.apply_delta(&delta, NOW + 2_000).unwrap();
+        assert!(memory.held.lock().unwrap().contains_key(&"198.51.100.5/32".parse().unwrap()));
+        // The revocation (at NOW + 1500) drops it, and the /64 whose /128 was
+        // revoked.
+        let dropped = r
+            .revoke_local(
+                &[
+                    ("198.51.100.5/32".parse().unwrap(), NOW + 1_500),
+                    ("2001:db8:bad::7/128".parse().unwrap(), NOW + 1_500),
+                ],
+                NOW + 2_000,
+            )
+            .unwrap();
+        let mut dropped: Vec<String> = dropped.iter().map(|e| e.net.to_string()).collect();
+        dropped.sort();
+        assert_eq!(dropped, ["198.51.100.5/32", "2001:db8:bad::/64"]);
+        let held: Vec<String> = memory.held.lock().unwrap().keys().map(|n| n.to_string()).collect();
+        assert_eq!(held, ["198.51.100.6/32"]);
+        // New evidence after the revocation blocks again, and the same
+        // revocation heard again (a reconnect) leaves that block alone.
+        r.add_local(local("198.51.100.5/32"), NOW + 3_000).unwrap();
+        assert!(r.revoke_local(&[("198.51.100.5/32".parse().unwrap(), NOW + 1_500)], NOW + 4_000).unwrap().is_empty());
+        assert_eq!(memory.held.lock().unwrap().len(), 2);
+        // A full reconcile does not bring the dropped blocks back.
+        r.reconcile(NOW + 5_000).unwrap();
+        assert_eq!(memory.held.lock().unwrap().len(), 2);
+        assert!(!memory.held.lock().unwrap().contains_key(&"2001:db8:bad::/64".parse().unwrap()));
+    }
+
+    /// An allowlist entry cuts its range out of the blocks it overlaps;
+    /// once it is gone (unallowed or expired) the blocks are whole again.
+    #[test]
+    fn removing_an_allowlist_entry_restores_what_it_suppressed() {
+        let memory = Memory::default();
+        let mut r = Reconciler::new(Box::new(memory.clone()), vec![], None, Arc::default());
+        r.apply_snapshot(
+            &BlocklistSnapshot {
+                version: 1,
+                entries: vec![block(1, "198.51.100.0/24", NOW + 900_000), block(2, "203.0.113.9/32", 0)],
+            },
+            NOW,
+        )
+        .unwrap();
+        let held = |m: &Memory| {
+            let mut v: Vec<String> = m.held.lock().unwrap().keys().map(|n| n.to_string()).collect();
+            v.sort();
+            v
+        };
+        r.set_exclusions(vec!["198.51.100.55/32".parse().unwrap(), "203.0.113.0/24".parse().unwrap()], NOW).unwrap();
+        let cut = held(&memory);
+        assert_eq!(cut.len(), 8, "the /24 without .55: {cut:?}");
+        assert!(!cut.iter().any(|n| n.starts_with("203.0.113.")), "{cut:?}");
+        r.set_exclusions(vec![], NOW + 1_000).unwrap();
+        assert_eq!(held(&memory), ["198.51.100.0/24", "203.0.113.9/32"]);
+    }
+
+    /// A state file written by an older agent (fleet and local parts only,
+    /// no time made): it loads, and its local blocks count as made before
+    /// any revocation.
+    #[test]
+    fn an_older_state_file_loads_and_its_local_blocks_yield_to_a_revocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = BlocklistSnapshot { version: 4, entries: vec![block(7, "192.0.2.0/24", NOW + 600_000)] };
+        let local = BlocklistSnapshot { version: 0, entries: vec![block(0, "198.51.100.5/32", NOW + 600_000)] };
+        let mut bytes = Vec::new();
+        fleet.encode_length_delimited(&mut bytes).unwrap();
+        local.encode_length_delimited(&mut bytes).unwrap();
+        std::fs::write(dir.path().join(STATE_FILE), bytes).unwrap();
+        let memory = Memory::default();
+        let mut r = Reconciler::new(Box::new(memory.clone()), vec![], Some(dir.path().to_owned()), Arc::default());
+        assert_eq!((r.version(), r.local_blocks().count()), (4, 1));
+        assert!(r.exclusions().is_empty());
+        r.reconcile(NOW).unwrap();
+        assert_eq!(memory.held.lock().unwrap().len(), 2);
+        let dropped = r.revoke_local(&[("198.51.100.5/32".parse().unwrap(), NOW - 3_600_000)], NOW).unwrap();
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(memory.held.lock().unwrap().len(), 1);
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub enum Request {
     Local(Entry, Option<LocalBlock>),
     /// A shadow-mode decision: block nothing, only report it to the server.
     Report(LocalBlock),
+    /// Operators revoked blocks `(range, revoked at, unix ms)`: drop the
+    /// local blocks made before (see [`Reconciler::revoke_local`]).
+    Revoke(Vec<(IpNet, i64)>),
     /// Replace the never-blocked ranges.
     Exclusions(Vec<IpNet>),
     /// Run a full reconcile now.
@@ -261,6 +264,14 @@ fn handle(reconciler: &mut Reconciler, request: Request, options: &WorkerOptions
                 warn!("Shadow decision not reported: the uplink queue is full.");
             }
         }
+        Request::Revoke(revoked) => match reconciler.revoke_local(&revoked, now_ms()) {
+            Ok(dropped) => {
+                for entry in dropped {
+                    info!(net = %entry.net, reason = %entry.reason, "Local block dropped: an operator revoked it.");
+                }
+            }
+            Err(error) => error!(%error, "Cannot drop revoked local blocks."),
+        },
         Request::Exclusions(exclude) => {
             if let Err(error) = reconciler.set_exclusions(exclude, now_ms()) {
                 error!(%error, "Cannot apply the new exclusions.");

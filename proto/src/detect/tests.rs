@@ -387,3 +387,88 @@ fn wire_events_become_observations() {
     assert!(Observation::from_proto(&v1::Event { kind: 0, ..event.clone() }).is_none());
     assert!(Observation::from_proto(&v1::Event { remote: None, ..event }).is_none());
 }
+
+/// After an operator's revocation, only evidence seen after it counts: the
+/// failures before it (even just short of the threshold) are forgotten, the
+/// earlier decision no longer holds back a new one, and the address's open
+/// sessions no longer make it a slot holder.
+#[test]
+fn forget_drops_the_evidence_before_a_revocation() {
+    let mut d = detector();
+    let need = d.thresholds().rules.get(Scenario::Auth).per_host as i64;
+    assert!(need >= 2);
+    let mut t = T0;
+    // One full burst: blocked.
+    let mut decided = Vec::new();
+    for _ in 0..need {
+        t += 100;
+        decided.extend(auth_fail(&mut d, "198.51.100.5", "info", t));
+    }
+    assert_eq!(nets(&decided), ["198.51.100.5/32"]);
+    // The attacker goes on, just short of a second burst.
+    for _ in 0..need - 1 {
+        t += 100;
+        assert!(auth_fail(&mut d, "198.51.100.5", "info", t).is_empty());
+    }
+    // Without a revocation one more failure would only be held back by the
+    // standing decision; the operator unblocks instead.
+    t += 100;
+    assert_eq!(d.forget("198.51.100.5/32".parse().unwrap(), t), 2, "the evidence and the decision");
+    t += 100;
+    assert!(auth_fail(&mut d, "198.51.100.5", "info", t).is_empty(), "old evidence must not re-block");
+    let mut again = Vec::new();
+    for _ in 1..need {
+        t += 100;
+        again.extend(auth_fail(&mut d, "198.51.100.5", "info", t));
+    }
+    assert_eq!(nets(&again), ["198.51.100.5/32"], "new evidence after the revocation blocks again");
+    // A neighbour's evidence is untouched by the revocation.
+    let mut other = detector();
+    for _ in 0..need - 1 {
+        t += 100;
+        other.observe(&Observation { user: Some("x"), ..obs(EventKind::AuthFailed, "198.51.100.6", 1, t) }, t);
+    }
+    assert_eq!(other.forget("198.51.100.5/32".parse().unwrap(), t + 1), 0);
+    t += 100;
+    assert_eq!(nets(&auth_fail(&mut other, "198.51.100.6", "x", t)), ["198.51.100.6/32"]);
+}
+
+/// Sessions opened before the revocation are not slot evidence afterwards.
+#[test]
+fn forget_drops_open_sessions_opened_before_it() {
+    let mut d = with(Thresholds { smtp_accept_max: 20, ..Thresholds::default() });
+    let mut t = T0;
+    for port in 0..6u16 {
+        t += 10;
+        connect(&mut d, "198.51.100.7", 40_000 + port, u32::from(port) + 1, t);
+    }
+    assert_eq!(d.open_sessions(), 6);
+    t += 10;
+    d.forget("198.51.100.0/24".parse().unwrap(), t);
+    assert_eq!(d.open_sessions(), 0);
+    // The host fills up with others: the forgiven address holds nothing.
+    let mut decided = Vec::new();
+    for i in 0..18u16 {
+        t += 10;
+        decided.extend(connect(&mut d, "203.0.113.9", 41_000 + i, 19, t));
+    }
+    assert!(!nets(&decided).contains(&"198.51.100.7/32".to_owned()), "{decided:?}");
+}
+
+/// Revocations too old to matter are skipped; recent ones are applied.
+#[test]
+fn forget_revoked_skips_revocations_older_than_any_window() {
+    let mut d = detector();
+    let need = d.thresholds().rules.get(Scenario::Auth).per_host as i64;
+    let mut t = T0;
+    for _ in 0..need - 1 {
+        t += 100;
+        auth_fail(&mut d, "198.51.100.5", "info", t);
+    }
+    let range: IpNet = "198.51.100.5/32".parse().unwrap();
+    let week_ago = t - 7 * 86_400_000;
+    assert_eq!(d.forget_revoked(&[(range, week_ago)], t), 0);
+    assert_eq!(d.forget_revoked(&[(range, week_ago), (range, t)], t), 1);
+    t += 100;
+    assert!(auth_fail(&mut d, "198.51.100.5", "info", t).is_empty(), "the recent revocation was applied");
+}

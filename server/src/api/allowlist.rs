@@ -1,19 +1,24 @@
 //! `/api/v1/allowlist`: ranges that are never blocked.
 //!
-//! Adding an entry also removes every live block it covers (through
-//! [`crate::blocks::revoke_covered_by`], so the removals reach every agent),
-//! and from then on policy refuses blocks that overlap it.
+//! An entry *suppresses* the live blocks it overlaps instead of removing
+//! them: every agent receives the allowlist and cuts it out of what its
+//! firewall holds (and its detection never blocks inside it), policy refuses
+//! new blocks that overlap it, and removing the entry (or its expiry) makes
+//! the blocks still live enforced again. An entry broader than the minimum
+//! block prefix (`min_prefix_v4`/`min_prefix_v6`, /16 and /32 by default)
+//! lifts a large part of the blocklist at once and needs `force`, like such a
+//! block does.
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
 use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{Admin, Caller, audit};
-use super::blocks::block_error;
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use super::{AppState, params};
 
@@ -63,22 +68,99 @@ pub struct CreateAllow {
     pub note: String,
     /// Lifetime, seconds; absent = permanent.
     pub ttl_secs: Option<u64>,
+    /// Allow a range broader than the minimum block prefix (`/16` IPv4,
+    /// `/32` IPv6 by default).
+    #[serde(default)]
+    pub force: bool,
 }
 
-/// The added entry and the blocks it removed.
+/// The added entry and the blocks it suppresses.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Allowed {
     /// The entry.
     pub entry: AllowEntry,
-    /// Ids of the live blocks inside (or equal to) the range that were removed.
+    /// Ids of the live blocks overlapping the range: agents no longer
+    /// enforce them inside it, and do again once the entry is gone.
+    pub suppressed_blocks: Vec<i64>,
+    /// Always empty: blocks are suppressed, no longer removed (kept for
+    /// older clients).
     pub removed_blocks: Vec<i64>,
 }
 
-/// Adds an entry; live blocks inside it are removed from every agent.
+/// Why an allowlist entry cannot be added.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AllowRefusal {
+    /// Broader than the minimum prefix, without `force`.
+    #[error("{cidr} is broader than /{min_prefix_len}; allowlisting it lifts every block inside it, so it needs force")]
+    TooBroad {
+        /// The range.
+        cidr: IpNet,
+        /// `min_prefix_v4` or `min_prefix_v6`.
+        min_prefix_len: u8,
+    },
+    /// A live entry of exactly this range exists.
+    #[error("{0} is already allowlisted")]
+    Duplicate(IpNet),
+}
+
+/// Checks the breadth of `cidr` (canonical) against the policy.
+pub(crate) fn check_breadth(
+    policy: &crate::correlate::CorrelateConfig,
+    cidr: IpNet,
+    force: bool,
+) -> Result<(), AllowRefusal> {
+    let min = match cidr {
+        IpNet::V4(_) => policy.min_prefix_v4,
+        IpNet::V6(_) => policy.min_prefix_v6,
+    };
+    if cidr.prefix_len() < min && !force {
+        return Err(AllowRefusal::TooBroad { cidr, min_prefix_len: min });
+    }
+    Ok(())
+}
+
+/// Inserts an entry unless a live one of exactly `cidr` exists (`None`).
+pub(crate) async fn insert(
+    conn: &mut PgConnection,
+    cidr: IpNet,
+    note: &str,
+    created_by: &str,
+    ttl_secs: Option<u64>,
+) -> Result<Option<AllowEntry>, sqlx::Error> {
+    // Clamped like block TTLs, so that any u64 is a valid interval.
+    let ttl_secs = ttl_secs.map(|secs| secs.min(crate::blocks::MAX_TTL.as_secs()));
+    sqlx::query_as::<_, AllowEntry>(&format!(
+        "insert into allowlist (cidr, note, created_by, expires_at) \
+         select $1, $2, $3, now() + make_interval(secs => $4) \
+         where not exists (select 1 from allowlist where cidr = $1 and {LIVE}) \
+         returning {COLUMNS}"
+    ))
+    .bind(cidr)
+    .bind(note)
+    .bind(created_by)
+    .bind(ttl_secs.map(|s| s as f64))
+    .fetch_optional(conn)
+    .await
+}
+
+/// Ids of the live blocks overlapping `cidr`.
+pub(crate) async fn overlapping_blocks(conn: &mut PgConnection, cidr: IpNet) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "select id from blocks where revoked_at is null and (expires_at is null or expires_at > now()) \
+         and cidr && $1::cidr order by id",
+    )
+    .bind(cidr)
+    .fetch_all(conn)
+    .await
+}
+
+/// Adds an entry; live blocks overlapping it are no longer enforced inside
+/// it on any agent (until the entry is removed or expires).
 #[utoipa::path(post, path = "/api/v1/allowlist", tag = "allowlist", security(("bearer" = [])), request_body = CreateAllow,
     responses((status = 201, body = Allowed), (status = 400, body = super::error::ErrorBody),
               (status = 403, body = super::error::ErrorBody),
-              (status = 409, description = "The range is already allowlisted", body = super::error::ErrorBody)))]
+              (status = 409, description = "The range is already allowlisted", body = super::error::ErrorBody),
+              (status = 422, description = "Broader than the minimum prefix without force", body = super::error::ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
     Admin(caller): Admin,
@@ -88,52 +170,26 @@ pub async fn create(
     if body.note.chars().count() > 1024 {
         return Err(ApiError::bad_request("note must be at most 1024 characters"));
     }
-    let ttl_secs = match body.ttl_secs {
-        Some(0) => return Err(ApiError::bad_request("ttl_secs must be positive")),
-        // Clamped like block TTLs, so that any u64 is a valid interval.
-        Some(secs) => Some(secs.min(crate::blocks::MAX_TTL.as_secs())),
-        None => None,
-    };
-    let entry = sqlx::query_as::<_, AllowEntry>(&format!(
-        "insert into allowlist (cidr, note, created_by, expires_at) \
-         select $1, $2, $3, now() + make_interval(secs => $4) \
-         where not exists (select 1 from allowlist where cidr = $1 and {LIVE}) \
-         returning {COLUMNS}"
-    ))
-    .bind(cidr)
-    .bind(body.note.trim())
-    .bind(&caller.name)
-    .bind(ttl_secs.map(|s| s as f64))
-    .fetch_optional(&state.pool)
-    .await?
-    .ok_or_else(|| ApiError::Conflict(format!("{cidr} is already allowlisted")))?;
-    // Blocks strictly inside the range, then a block of exactly the range.
-    let reason = format!("allowlisted by {}", caller.name);
-    let mut removed_blocks: Vec<i64> = crate::blocks::revoke_covered_by(&state.pool, cidr, &reason)
-        .await
-        .map_err(block_error)?
-        .iter()
-        .map(|b| b.id)
-        .collect();
-    let same: Option<i64> = sqlx::query_scalar("select id from blocks where cidr = $1 and revoked_at is null")
-        .bind(cidr)
-        .fetch_optional(&state.pool)
-        .await?;
-    if let Some(id) = same
-        && let Some(block) = crate::blocks::revoke(&state.pool, id, &reason).await.map_err(block_error)?
-    {
-        removed_blocks.push(block.id);
+    if body.ttl_secs == Some(0) {
+        return Err(ApiError::bad_request("ttl_secs must be positive"));
     }
-    removed_blocks.sort_unstable();
+    check_breadth(&state.policy, cidr, body.force).map_err(|refusal| ApiError::Refused(refusal.to_string()))?;
+    let mut conn = state.pool.acquire().await?;
+    let entry = insert(&mut conn, cidr, body.note.trim(), &caller.name, body.ttl_secs)
+        .await?
+        .ok_or_else(|| ApiError::Conflict(AllowRefusal::Duplicate(cidr).to_string()))?;
+    let suppressed_blocks = overlapping_blocks(&mut conn, cidr).await?;
+    drop(conn);
     audit(
         &state.pool,
         &caller.name,
         "allowlist.create",
         &cidr.to_string(),
-        serde_json::json!({ "id": entry.id, "note": entry.note, "ttl_secs": body.ttl_secs, "removed_blocks": removed_blocks }),
+        serde_json::json!({ "id": entry.id, "note": entry.note, "ttl_secs": body.ttl_secs, "force": body.force,
+            "suppressed_blocks": suppressed_blocks }),
     )
     .await?;
-    Ok((StatusCode::CREATED, Json(Allowed { entry, removed_blocks })))
+    Ok((StatusCode::CREATED, Json(Allowed { entry, suppressed_blocks, removed_blocks: Vec::new() })))
 }
 
 /// Which entries to remove.

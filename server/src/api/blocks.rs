@@ -81,6 +81,10 @@ pub struct Block {
     pub revoked_at: Option<OffsetDateTime>,
     /// Whether it is live now.
     pub active: bool,
+    /// Live allowlist entries that agents cut out of it: `whole` (it is not
+    /// enforced at all), `part`, or `null`. It is enforced again once they
+    /// are removed or expire.
+    pub suppressed: Option<String>,
     /// Evidence across hosts.
     pub evidence: Evidence,
     /// What the deciding rule recorded.
@@ -99,6 +103,7 @@ struct BlockRow {
     expires_at: Option<OffsetDateTime>,
     revoked_at: Option<OffsetDateTime>,
     active: bool,
+    suppressed: Option<String>,
     evidence: serde_json::Value,
     ev_agents: i64,
     ev_kinds: Vec<String>,
@@ -119,6 +124,7 @@ impl From<BlockRow> for Block {
             expires_at: r.expires_at,
             revoked_at: r.revoked_at,
             active: r.active,
+            suppressed: r.suppressed,
             evidence: Evidence {
                 agents: r.ev_agents,
                 kinds: r.ev_kinds,
@@ -134,7 +140,11 @@ impl From<BlockRow> for Block {
 fn select() -> String {
     format!(
         "select b.id, b.cidr, b.reason, b.source, b.created_by, b.created_at, b.expires_at, b.revoked_at, \
-           ({LIVE_BLOCK}) as active, b.evidence, \
+           ({LIVE_BLOCK}) as active, \
+           (select case when count(*) = 0 then null when bool_or(a.cidr >>= b.cidr) then 'whole' else 'part' end \
+              from allowlist a \
+              where a.cidr && b.cidr and (a.expires_at is null or a.expires_at > now())) as suppressed, \
+           b.evidence, \
            ev.agents as ev_agents, ev.kinds as ev_kinds, ev.events as ev_events, ev.first_seen as ev_first, \
            ev.last_seen as ev_last \
          from blocks b left join lateral ( \

@@ -40,6 +40,7 @@ pub mod reports;
 pub mod shadow;
 pub mod stats;
 pub mod tokens;
+pub mod transfer;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,6 +119,12 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::POST, "/api/v1/allowlist", post(allowlist::create)),
         (Method::DELETE, "/api/v1/allowlist", delete(allowlist::delete_by_cidr)),
         (Method::DELETE, "/api/v1/allowlist/{id}", delete(allowlist::delete)),
+        (
+            Method::POST,
+            "/api/v1/import",
+            post(transfer::import).layer(DefaultBodyLimit::max(transfer::MAX_IMPORT_BYTES)),
+        ),
+        (Method::GET, "/api/v1/export", get(transfer::export)),
         (Method::GET, "/api/v1/attackers", get(attackers::list)),
         (Method::GET, "/api/v1/attackers/{ip}", get(attackers::get)),
         (Method::GET, "/api/v1/events", get(events::list)),

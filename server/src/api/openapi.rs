@@ -11,7 +11,9 @@ use axum::response::IntoResponse;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{agents, allowlist, attackers, audit, blocks, dashboard, events, metrics, reports, shadow, stats, tokens};
+use super::{
+    agents, allowlist, attackers, audit, blocks, dashboard, events, metrics, reports, shadow, stats, tokens, transfer,
+};
 
 /// The document.
 #[derive(OpenApi)]
@@ -32,6 +34,7 @@ use super::{agents, allowlist, attackers, audit, blocks, dashboard, events, metr
         audit::list,
         blocks::list, blocks::create, blocks::get, blocks::delete, shadow::list,
         allowlist::list, allowlist::create, allowlist::delete_by_cidr, allowlist::delete,
+        transfer::import, transfer::export,
         attackers::list, attackers::get,
         events::list,
         stats::get,

@@ -13,6 +13,9 @@
 //! `--json` prints the API's JSON as it is (JSON escapes control characters
 //! itself).
 
+mod ranges;
+mod transfer;
+
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::time::Duration;
@@ -121,12 +124,24 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Remove a block by id, or every live block of a range.
+    /// Remove a block by id, or every live block of a range; an address
+    /// only covered by a wider block names it (`--carve` exempts the address).
     Unblock {
         /// Block id or CIDR.
         target: String,
+        /// When a wider block covers the target, add an allowlist entry for
+        /// the target instead (for the covering blocks' remaining time).
+        #[arg(long)]
+        carve: bool,
+        /// Lifetime of the `--carve` exemption (`90s`, `30m`, `6h`, `7d`).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Do not ask for confirmation on a terminal.
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
-    /// Allowlist a range (live blocks inside it are removed).
+    /// Allowlist a range (live blocks overlapping it are not enforced inside
+    /// it until it is removed).
     Allow {
         /// Address or CIDR.
         cidr: String,
@@ -136,6 +151,12 @@ pub enum Command {
         /// Lifetime (`6h`, `30d`); default permanent.
         #[arg(long)]
         ttl: Option<String>,
+        /// Allow a range broader than the minimum block prefix (/16, /32).
+        #[arg(long)]
+        force: bool,
+        /// Do not ask for confirmation on a terminal.
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
     /// List the allowlist.
     Allowlist,
@@ -143,6 +164,45 @@ pub enum Command {
     Unallow {
         /// The CIDR as listed.
         cidr: String,
+        /// Do not ask for confirmation on a terminal.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Import blocks and allowlist entries in bulk, in one transaction.
+    Import {
+        /// The file.
+        file: std::path::PathBuf,
+        /// `plain`, `csv`, `json`, `csf-deny` (into the blocklist) or
+        /// `csf-allow` (into the allowlist).
+        #[arg(long, default_value = "plain")]
+        format: String,
+        /// Where rows without a list go (`block` or `allow`; default block).
+        #[arg(long)]
+        list: Option<String>,
+        /// Report what the import would do; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Import ranges broader than /16 (IPv4) or /32 (IPv6) too.
+        #[arg(long)]
+        force: bool,
+        /// Reason of rows that carry none.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Lifetime of rows that carry none (`6h`, `30d`); default permanent.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Do not ask for confirmation on a terminal.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Export the live blocklist and allowlist (re-importable).
+    Export {
+        /// `plain`, `csv`, `json`, `csf-deny` or `csf-allow`.
+        #[arg(long, default_value = "csv")]
+        format: String,
+        /// Only `block` or `allow` entries.
+        #[arg(long)]
+        list: Option<String>,
     },
     /// Attacking addresses ranked by hosts hit and events.
     Attackers {
@@ -415,7 +475,12 @@ fn blocks_table(blocks: &Value) -> String {
                 cell(&b["id"]),
                 cell(&b["cidr"]),
                 cell(&b["source"]),
-                if b["active"] == true { "yes".into() } else { "no".into() },
+                match (b["active"] == true, b["suppressed"].as_str()) {
+                    (false, _) => "no".into(),
+                    (true, Some("whole")) => "allowlisted".into(),
+                    (true, Some(_)) => "partly".into(),
+                    (true, None) => "yes".into(),
+                },
                 when(&b["created_at"]),
                 if b["expires_at"].is_null() { "never".into() } else { when(&b["expires_at"]) },
                 cell(&b["evidence"]["agents"]),
@@ -525,45 +590,11 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
             };
             Ok(format!("Blocked {} (block {}, {expires}).\n", cell(&block["cidr"]), cell(&block["id"])))
         }
-        Command::Unblock { target } => {
-            let ids: Vec<(i64, String)> = if let Ok(id) = target.parse::<i64>() {
-                vec![(id, format!("block {id}"))]
-            } else {
-                let cidr = cidr_arg(target)?;
-                let blocks =
-                    client.get("/api/v1/blocks", &[("cidr", cidr.to_string()), ("active", "true".into())]).await?;
-                let ids: Vec<(i64, String)> = items(&blocks)
-                    .iter()
-                    .filter_map(|b| b["id"].as_i64().map(|id| (id, format!("block {id} ({})", cell(&b["cidr"])))))
-                    .collect();
-                if ids.is_empty() {
-                    return Err(CliError::Api { status: 404, message: format!("not found: no live block of {cidr}") });
-                }
-                ids
-            };
-            let mut out = String::new();
-            for (id, label) in &ids {
-                client.json(Method::DELETE, &format!("/api/v1/blocks/{id}"), &[], None).await?;
-                let _ = writeln!(out, "Removed {label}.");
-            }
-            Ok(if json { pretty(&json!({ "removed": ids.iter().map(|(id, _)| id).collect::<Vec<_>>() })) } else { out })
+        Command::Unblock { target, carve, ttl, yes } => {
+            ranges::unblock(&client, target, *carve, ttl.as_deref(), *yes, json).await
         }
-        Command::Allow { cidr, note, ttl } => {
-            let mut body = json!({ "cidr": cidr, "note": note });
-            if let Some(secs) = ttl_secs(ttl.as_deref())? {
-                body["ttl_secs"] = json!(secs);
-            }
-            let allowed = client.json(Method::POST, "/api/v1/allowlist", &[], Some(body)).await?;
-            if json {
-                return Ok(pretty(&allowed));
-            }
-            let removed = items(&allowed["removed_blocks"]);
-            let mut out = format!("Allowlisted {}.\n", escape(&cell(&allowed["entry"]["cidr"])));
-            if !removed.is_empty() {
-                let _ =
-                    writeln!(out, "Removed {} covered block(s): {}.", removed.len(), cell(&allowed["removed_blocks"]));
-            }
-            Ok(out)
+        Command::Allow { cidr, note, ttl, force, yes } => {
+            ranges::allow(&client, cidr, note, ttl.as_deref(), *force, *yes, json).await
         }
         Command::Allowlist => {
             let list = client.get("/api/v1/allowlist", &[]).await?;
@@ -585,15 +616,23 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
                 .collect();
             Ok(table(&["ID", "CIDR", "ADDED", "EXPIRES", "BY", "NOTE"], &rows))
         }
-        Command::Unallow { cidr } => {
-            let cidr = cidr_arg(cidr)?;
-            client.json(Method::DELETE, "/api/v1/allowlist", &[("cidr", cidr.to_string())], None).await?;
-            Ok(if json {
-                pretty(&json!({ "removed": cidr.to_string() }))
-            } else {
-                format!("Removed {cidr} from the allowlist.\n")
-            })
+        Command::Unallow { cidr, yes } => ranges::unallow(&client, cidr, *yes, json).await,
+        Command::Import { file, format, list, dry_run, force, reason, ttl, yes } => {
+            transfer::import(
+                &client,
+                file,
+                format,
+                list.as_deref(),
+                *dry_run,
+                *force,
+                reason.as_deref(),
+                ttl.as_deref(),
+                *yes,
+                json,
+            )
+            .await
         }
+        Command::Export { format, list } => transfer::export(&client, format, list.as_deref()).await,
         Command::Attackers { since, limit } => {
             let list =
                 client.get("/api/v1/attackers", &[("since", since.clone()), ("limit", limit.to_string())]).await?;

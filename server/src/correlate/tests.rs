@@ -486,11 +486,36 @@ async fn repeat_offenders_get_escalating_ttls(pool: PgPool) {
         assert_eq!(blocks::expire_due(&pool).await.unwrap(), 1);
     }
     assert_eq!(ttls, vec![(3_600, 1), (21_600, 2), (86_400, 3), (604_800, 4)]);
-    let fresh = "203.0.113.51";
-    let first = two_agent_attack(&c, a, b, fresh).await.remove(0);
+}
+
+/// An operator's unblock wins: the evidence from before it never blocks the
+/// address again (not even topped up by one more event), new evidence after
+/// it does, and the revoked block does not count as an offence.
+#[sqlx::test(migrator = "crate::db::MIGRATOR")]
+async fn evidence_before_an_operators_unblock_does_not_block_again(pool: PgPool) {
+    let c = correlator(&pool);
+    let (a, b) = (agent(&pool, "mx1", &[]).await, agent(&pool, "mx2", &[]).await);
+    let addr = "203.0.113.51";
+    abuse(&pool, a, addr, EventKind::AuthFailed, 8, 600).await;
+    abuse(&pool, b, addr, EventKind::AuthFailed, 8, 590).await;
+    let first = c.on_batch(b, &[ip(addr)]).await.unwrap().remove(0);
     blocks::revoke(&pool, first.id, "false positive").await.unwrap().unwrap();
-    let again = attack_again(&c, a, fresh).await.remove(0);
-    assert_eq!(ttl_secs(&again), 3_600);
+    // The unblock happened after that evidence and before what follows.
+    sqlx::query("update blocks set revoked_at = now() - interval '5 minutes' where id = $1")
+        .bind(first.id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(attack_again(&c, a, addr).await.is_empty(), "old evidence plus one event must not block again");
+    assert!(live(&pool).await.is_empty());
+    let again = two_agent_attack(&c, a, b, addr).await.remove(0);
+    assert_eq!(ttl_secs(&again), 3_600, "a revoked block is no offence");
+    // The same evidence without the unblock: one more event blocks.
+    let other = "203.0.113.52";
+    abuse(&pool, a, other, EventKind::AuthFailed, 8, 600).await;
+    abuse(&pool, b, other, EventKind::AuthFailed, 6, 590).await;
+    assert!(c.on_batch(b, &[ip(other)]).await.unwrap().is_empty());
+    assert_eq!(attack_again(&c, a, other).await.len(), 1);
 }
 
 #[sqlx::test(migrator = "crate::db::MIGRATOR")]

@@ -1,0 +1,255 @@
+//! `unblock`, `allow` and `unallow`: the operator's actions that lift
+//! blocks, and the confirmation every such action on a range asks for.
+//!
+//! - `unblock ID|ADDRESS|CIDR` removes the live blocks of exactly that
+//!   range. An address only covered by a wider block is not silently left
+//!   blocked: the error names the covering blocks (id, range, reason), and
+//!   `--carve` adds an allowlist entry for the address instead, for the
+//!   covering blocks' remaining time (the longest of them; permanent if one
+//!   is) unless `--ttl` says otherwise.
+//! - `allow` needs `--force` for a range broader than the minimum block
+//!   prefix (/16 IPv4, /32 IPv6); the API enforces the same.
+//! - Confirmation: when standard input is a terminal, an action on more than
+//!   one address (a range, several blocks, or a bulk import) asks
+//!   `Proceed? [y/N]` on standard error first; `--yes` skips the question.
+//!   Without a terminal (scripts, pipes) the action proceeds as asked: a
+//!   script has nobody to answer, and a CLI that blocked on a prompt would
+//!   hang it.
+
+use std::fmt::Write as _;
+use std::io::{BufRead as _, IsTerminal as _, Write as _};
+
+use ipnet::IpNet;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::{CliError, Client, cell, cidr_arg, items, pretty, ttl_secs, when};
+use crate::text::escape;
+
+/// Whether `net` holds more than one address.
+pub(crate) fn is_range(net: &IpNet) -> bool {
+    net.prefix_len() < net.max_prefix_len()
+}
+
+/// Asks `question` on standard error when standard input is a terminal and
+/// `yes` is not set; anything but `y`/`yes` aborts.
+pub(crate) fn confirm(question: &str, yes: bool) -> Result<(), CliError> {
+    let stdin = std::io::stdin();
+    if yes || !stdin.is_terminal() {
+        return Ok(());
+    }
+    let mut stderr = std::io::stderr();
+    let _ = write!(stderr, "{} Proceed? [y/N] ", escape(question));
+    let _ = stderr.flush();
+    let mut answer = String::new();
+    if stdin.lock().read_line(&mut answer).is_err() {
+        return Err(CliError::BadArgument("aborted: no answer".into()));
+    }
+    match answer.trim().to_ascii_lowercase().as_str() {
+        "y" | "yes" => Ok(()),
+        _ => Err(CliError::BadArgument("aborted: nothing was changed".into())),
+    }
+}
+
+/// What `unblock --carve` adds: an allowlist entry of the address for
+/// `ttl_secs` (`None`: permanent).
+fn carve_ttl(covering: &[Value], now: time::OffsetDateTime) -> Option<u64> {
+    let mut longest: u64 = 0;
+    for block in covering {
+        let expires = block["expires_at"]
+            .as_str()
+            .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok());
+        match expires {
+            None => return None,
+            Some(at) => {
+                let left = (at - now).whole_seconds().max(1);
+                longest = longest.max(u64::try_from(left).unwrap_or(1));
+            }
+        }
+    }
+    Some(longest.max(1))
+}
+
+fn describe(block: &Value) -> String {
+    format!("block {} ({}, reason {:?})", cell(&block["id"]), cell(&block["cidr"]), cell(&block["reason"]))
+}
+
+/// `fleetban unblock TARGET [--carve [--ttl T]] [--yes]`.
+pub(crate) async fn unblock(
+    client: &Client,
+    target: &str,
+    carve: bool,
+    ttl: Option<&str>,
+    yes: bool,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let ttl = ttl_secs(ttl)?;
+    if ttl.is_some() && !carve {
+        return Err(CliError::BadArgument("--ttl applies to --carve only".into()));
+    }
+    if let Ok(id) = target.parse::<i64>() {
+        if carve {
+            return Err(CliError::BadArgument("--carve takes an address or CIDR, not a block id".into()));
+        }
+        client.json(Method::DELETE, &format!("/api/v1/blocks/{id}"), &[], None).await?;
+        return Ok(if json_out { pretty(&json!({ "removed": [id] })) } else { format!("Removed block {id}.\n") });
+    }
+    let cidr = cidr_arg(target)?;
+    let exact = client.get("/api/v1/blocks", &[("cidr", cidr.to_string()), ("active", "true".into())]).await?;
+    let exact: Vec<Value> = items(&exact).to_vec();
+    // Live blocks strictly wider than the target that still cover it.
+    let covering: Vec<Value> =
+        items(&client.get("/api/v1/blocks", &[("contains", cidr.to_string()), ("active", "true".into())]).await?)
+            .iter()
+            .filter(|b| b["cidr"].as_str().and_then(|c| c.parse::<IpNet>().ok()).is_some_and(|c| c != cidr))
+            .cloned()
+            .collect();
+    if exact.is_empty() && covering.is_empty() {
+        // An agent may still hold a block of its own that the server did
+        // not make a fleet block (trust_local_blocks off, or spared): only
+        // an allowlist entry reaches that.
+        return Err(CliError::Api {
+            status: 404,
+            message: format!(
+                "not found: no live block of {cidr} (if a host blocked it on its own without a fleet block, \
+                 `fleetban allow {cidr} --ttl 1h` lifts it on every host)"
+            ),
+        });
+    }
+    if exact.is_empty() && !carve {
+        let names: Vec<String> = covering.iter().map(describe).collect();
+        return Err(CliError::Api {
+            status: 404,
+            message: escape(&format!(
+                "not found: no live block of {cidr}; it is covered by {}: unblock that, or use --carve to exempt \
+                 {cidr} from it",
+                names.join(", ")
+            ))
+            .into_owned(),
+        });
+    }
+    if is_range(&cidr) || exact.len() > 1 || carve {
+        let mut what = Vec::new();
+        if !exact.is_empty() {
+            what.push(format!("remove {}", exact.iter().map(describe).collect::<Vec<_>>().join(", ")));
+        }
+        if carve && !covering.is_empty() {
+            what.push(format!("exempt {cidr} from {}", covering.iter().map(describe).collect::<Vec<_>>().join(", ")));
+        }
+        confirm(&format!("This will {}.", what.join(" and ")), yes)?;
+    }
+    let mut out = String::new();
+    let mut removed = Vec::new();
+    for block in &exact {
+        let Some(id) = block["id"].as_i64() else { continue };
+        client.json(Method::DELETE, &format!("/api/v1/blocks/{id}"), &[], None).await?;
+        removed.push(id);
+        let _ = writeln!(out, "Removed block {id} ({}).", escape(&cell(&block["cidr"])));
+    }
+    let mut carved = Value::Null;
+    if carve && !covering.is_empty() {
+        let ttl = ttl.or_else(|| carve_ttl(&covering, time::OffsetDateTime::now_utc()));
+        let ids: Vec<String> = covering.iter().map(|b| cell(&b["id"])).collect();
+        let mut body = json!({ "cidr": cidr.to_string(), "note": format!("carved out of block {}", ids.join(", ")) });
+        if let Some(secs) = ttl {
+            body["ttl_secs"] = json!(secs);
+        }
+        carved = client.json(Method::POST, "/api/v1/allowlist", &[], Some(body)).await?;
+        let until = if carved["entry"]["expires_at"].is_null() {
+            "permanently".to_owned()
+        } else {
+            format!("until {} UTC", when(&carved["entry"]["expires_at"]))
+        };
+        let _ = writeln!(
+            out,
+            "Exempted {cidr} from {} {until} (allowlist entry {}).",
+            escape(&covering.iter().map(describe).collect::<Vec<_>>().join(", ")),
+            cell(&carved["entry"]["id"])
+        );
+    } else if !covering.is_empty() {
+        let _ = writeln!(
+            out,
+            "{cidr} is still covered by {}; use --carve to exempt it.",
+            escape(&covering.iter().map(describe).collect::<Vec<_>>().join(", "))
+        );
+    }
+    Ok(if json_out {
+        pretty(&json!({ "removed": removed, "covered_by": covering, "carved": carved["entry"] }))
+    } else {
+        out
+    })
+}
+
+/// `fleetban allow CIDR [--note N] [--ttl T] [--force] [--yes]`.
+pub(crate) async fn allow(
+    client: &Client,
+    cidr: &str,
+    note: &str,
+    ttl: Option<&str>,
+    force: bool,
+    yes: bool,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let net = cidr_arg(cidr)?;
+    let mut body = json!({ "cidr": cidr, "note": note, "force": force });
+    if let Some(secs) = ttl_secs(ttl)? {
+        body["ttl_secs"] = json!(secs);
+    }
+    if is_range(&net) {
+        confirm(&format!("Allowlisting {net} lifts every block inside it on every host."), yes)?;
+    }
+    let allowed = client.json(Method::POST, "/api/v1/allowlist", &[], Some(body)).await?;
+    if json_out {
+        return Ok(pretty(&allowed));
+    }
+    let suppressed = items(&allowed["suppressed_blocks"]);
+    let mut out = format!("Allowlisted {}.\n", escape(&cell(&allowed["entry"]["cidr"])));
+    if !suppressed.is_empty() {
+        let _ = writeln!(
+            out,
+            "Suppressed {} overlapping block(s) inside it until it is removed: {}.",
+            suppressed.len(),
+            cell(&allowed["suppressed_blocks"])
+        );
+    }
+    Ok(out)
+}
+
+/// `fleetban unallow CIDR [--yes]`.
+pub(crate) async fn unallow(client: &Client, cidr: &str, yes: bool, json_out: bool) -> Result<String, CliError> {
+    let cidr = cidr_arg(cidr)?;
+    if is_range(&cidr) {
+        confirm(&format!("Removing {cidr} from the allowlist enforces the blocks inside it again."), yes)?;
+    }
+    client.json(Method::DELETE, "/api/v1/allowlist", &[("cidr", cidr.to_string())], None).await?;
+    Ok(if json_out {
+        pretty(&json!({ "removed": cidr.to_string() }))
+    } else {
+        format!("Removed {cidr} from the allowlist; blocks it suppressed are enforced again.\n")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn carve_lasts_as_long_as_the_longest_cover() {
+        let now = time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let at = |secs: i64| {
+            (now + time::Duration::seconds(secs)).format(&time::format_description::well_known::Rfc3339).unwrap()
+        };
+        let covering = vec![json!({"expires_at": at(600)}), json!({"expires_at": at(3_600)})];
+        assert_eq!(carve_ttl(&covering, now), Some(3_600));
+        let with_permanent = vec![json!({"expires_at": at(600)}), json!({"expires_at": null})];
+        assert_eq!(carve_ttl(&with_permanent, now), None);
+        assert_eq!(carve_ttl(&[json!({"expires_at": at(-5)})], now), Some(1));
+    }
+
+    #[test]
+    fn ranges_are_told_from_hosts() {
+        assert!(!is_range(&"198.51.100.5/32".parse().unwrap()));
+        assert!(is_range(&"198.51.100.0/24".parse().unwrap()));
+        assert!(!is_range(&"2001:db8::1/128".parse().unwrap()));
+    }
+}

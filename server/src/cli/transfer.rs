@@ -1,0 +1,101 @@
+//! `import` and `export`: the blocklist and the allowlist in bulk through
+//! `POST /api/v1/import` and `GET /api/v1/export` (formats in
+//! [`crate::transfer`]).
+//!
+//! An import is applied by the server in one transaction. On a terminal,
+//! without `--yes` or `--dry-run`, the CLI first asks the server for a dry
+//! run, prints its summary and asks for confirmation before importing for
+//! real; without a terminal it imports at once (scripts).
+
+use std::fmt::Write as _;
+use std::io::IsTerminal as _;
+use std::path::Path;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::ranges::confirm;
+use super::{CliError, Client, cell, items, one_line, pretty, ttl_secs};
+use crate::text::escape;
+use crate::transfer::Format;
+
+fn format_arg(format: &str) -> Result<Format, CliError> {
+    Format::parse(format).ok_or_else(|| {
+        CliError::BadArgument(format!("bad --format {format:?}: expected plain, csv, json, csf-deny or csf-allow"))
+    })
+}
+
+fn list_arg(list: Option<&str>) -> Result<Option<&'static str>, CliError> {
+    match list {
+        None => Ok(None),
+        Some("block") => Ok(Some("block")),
+        Some("allow") => Ok(Some("allow")),
+        Some(other) => Err(CliError::BadArgument(format!("bad --list {other:?}: expected block or allow"))),
+    }
+}
+
+fn summary_text(summary: &Value, file: &str) -> String {
+    let dry = summary["dry_run"] == true;
+    let mut out = format!(
+        "{}{file}: {} added, {} already present, {} skipped.\n",
+        if dry { "Dry run, nothing written: " } else { "" },
+        items(&summary["added"]).len(),
+        items(&summary["already_present"]).len(),
+        items(&summary["skipped"]).len()
+    );
+    for skip in items(&summary["skipped"]) {
+        let _ = writeln!(out, "  line {}: {}", cell(&skip["line"]), escape(&cell(&skip["reason"])));
+    }
+    out
+}
+
+/// `fleetban import [--format F] [--list L] [--dry-run] [--force] [--reason R] [--ttl T] [--yes] FILE`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn import(
+    client: &Client,
+    file: &Path,
+    format: &str,
+    list: Option<&str>,
+    dry_run: bool,
+    force: bool,
+    reason: Option<&str>,
+    ttl: Option<&str>,
+    yes: bool,
+    json_out: bool,
+) -> Result<String, CliError> {
+    let format = format_arg(format)?;
+    let list = list_arg(list)?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| CliError::BadArgument(format!("cannot read {}: {}", file.display(), one_line(&e))))?;
+    let mut body = json!({ "format": format, "text": text, "dry_run": dry_run, "force": force });
+    if let Some(list) = list {
+        body["list"] = json!(list);
+    }
+    if let Some(reason) = reason {
+        body["reason"] = json!(reason);
+    }
+    if let Some(secs) = ttl_secs(ttl)? {
+        body["ttl_secs"] = json!(secs);
+    }
+    let name = file.display().to_string();
+    if !dry_run && !yes && std::io::stdin().is_terminal() {
+        let mut trial = body.clone();
+        trial["dry_run"] = json!(true);
+        let summary = client.json(Method::POST, "/api/v1/import", &[], Some(trial)).await?;
+        eprint!("{}", summary_text(&summary, &name));
+        confirm(&format!("Import {name} for real?"), false)?;
+    }
+    let summary = client.json(Method::POST, "/api/v1/import", &[], Some(body)).await?;
+    Ok(if json_out { pretty(&summary) } else { summary_text(&summary, &escape(&name)) })
+}
+
+/// `fleetban export [--format F] [--list L]`: the file, on standard output.
+pub(crate) async fn export(client: &Client, format: &str, list: Option<&str>) -> Result<String, CliError> {
+    format_arg(format)?;
+    let mut query = vec![("format", format.to_owned())];
+    if let Some(list) = list_arg(list)? {
+        query.push(("list", list.to_owned()));
+    }
+    let response = client.send(Method::GET, "/api/v1/export", &query, None).await?;
+    response.text().await.map_err(|e| CliError::Decode(one_line(&e)))
+}
