@@ -21,6 +21,8 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions as _, Connection as _, PgPool};
 
+use crate::text::one_line;
+
 /// Every migration of the schema, embedded at build time.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
@@ -155,21 +157,6 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
         }),
         _ => false,
     }
-}
-
-/// An error and its sources on one line.
-fn one_line(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let message = cause.to_string();
-        if !text.contains(&message) {
-            text.push_str(": ");
-            text.push_str(&message);
-        }
-        source = cause.source();
-    }
-    text.replace('\n', " ")
 }
 
 /// Opens a pool of at most `max_connections` to `url`, after one direct

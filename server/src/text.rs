@@ -32,6 +32,22 @@ fn write_escaped(out: &mut impl fmt::Write, c: char) -> fmt::Result {
     }
 }
 
+/// An error and its sources on one line: each cause appended after `: `
+/// unless the text already holds it, newlines turned into spaces.
+pub fn one_line(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let message = cause.to_string();
+        if !text.contains(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        source = cause.source();
+    }
+    text.replace('\n', " ")
+}
+
 /// `text` with control characters escaped; borrowed when nothing needed it.
 pub fn escape(text: &str) -> Cow<'_, str> {
     if !text.chars().any(needs_escape) {
@@ -62,6 +78,32 @@ impl fmt::Display for Escaped<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug)]
+    struct Chain(&'static str, Option<Box<Chain>>);
+
+    impl fmt::Display for Chain {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Chain {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|c| c as &(dyn std::error::Error + 'static))
+        }
+    }
+
+    #[test]
+    fn an_error_chain_is_one_line_without_repeats() {
+        let inner = Chain("Connection refused (os error 111)", None);
+        let middle = Chain("error connecting: Connection refused (os error 111)", Some(Box::new(inner)));
+        let outer = Chain("pool timed out\nwhile waiting", Some(Box::new(middle)));
+        assert_eq!(
+            one_line(&outer),
+            "pool timed out while waiting: error connecting: Connection refused (os error 111)"
+        );
+    }
 
     #[test]
     fn control_characters_are_escaped_and_text_kept() {

@@ -23,7 +23,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use ipnet::IpNet;
 
-use crate::text::escape;
+use crate::text::{escape, one_line};
 use reqwest::{Method, StatusCode};
 
 mod lifecycle;
@@ -347,21 +347,6 @@ impl Client {
     async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, CliError> {
         self.json(Method::GET, path, query, None).await
     }
-}
-
-/// An error and its sources on one line.
-fn one_line(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let message = cause.to_string();
-        if !text.contains(&message) {
-            text.push_str(": ");
-            text.push_str(&message);
-        }
-        source = cause.source();
-    }
-    text.replace('\n', " ")
 }
 
 /// Parses `90s`, `30m`, `6h`, `7d`, `2w` or bare seconds.
