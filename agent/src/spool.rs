@@ -77,7 +77,24 @@ pub enum SpoolError {
     /// A batch is too large to be one record.
     #[error("batch of {0} bytes exceeds the record limit")]
     TooLarge(usize),
+    /// The state file was written by a newer agent.
+    #[error(
+        "spool state {path} is format {found}, written by a newer fleetban-agent; this one reads up to format \
+         {supported}: upgrade the agent (the spool is left as it is)"
+    )]
+    Format {
+        /// The state file.
+        path: PathBuf,
+        /// Its format.
+        found: u32,
+        /// The newest this agent reads.
+        supported: u32,
+    },
 }
+
+/// Format of the spool's `state.json` this agent writes and the newest it
+/// reads (0 = written before formats were numbered; read as 1).
+const STATE_FORMAT: u32 = 1;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
     move |source| SpoolError::Io { path: path.to_owned(), error: source }
@@ -119,6 +136,9 @@ struct State {
     /// cut off on open, a lost segment file). Absent in older state files.
     #[serde(default)]
     seq_reserved: u64,
+    /// Format of the file ([`STATE_FORMAT`]); 0 in older files.
+    #[serde(default)]
+    format: u32,
 }
 
 /// Seqs reserved at a time ([`State::seq_reserved`]): the state file is
@@ -713,6 +733,7 @@ fn read_state(dir: &Path, repair: bool) -> Result<State, SpoolError> {
     let tmp = dir.join(STATE_TMP);
     if let Ok(text) = std::fs::read(&tmp) {
         if let Ok(state) = serde_json::from_slice::<State>(&text) {
+            check_format(&tmp, &state)?;
             if repair {
                 let main = dir.join(STATE_FILE);
                 std::fs::rename(&tmp, &main).map_err(io_err(&main))?;
@@ -726,19 +747,31 @@ fn read_state(dir: &Path, repair: bool) -> Result<State, SpoolError> {
     }
     let main = dir.join(STATE_FILE);
     match std::fs::read(&main) {
-        Ok(text) => Ok(serde_json::from_slice(&text).unwrap_or_else(|error| {
-            warn!(%error, path = %main.display(), "Spool state file is unreadable; starting from zero counters.");
-            State::default()
-        })),
+        Ok(text) => {
+            let state = serde_json::from_slice(&text).unwrap_or_else(|error| {
+                warn!(%error, path = %main.display(), "Spool state file is unreadable; starting from zero counters.");
+                State::default()
+            });
+            check_format(&main, &state)?;
+            Ok(state)
+        }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
         Err(source) => Err(SpoolError::Io { path: main, error: source }),
     }
 }
 
+fn check_format(path: &Path, state: &State) -> Result<(), SpoolError> {
+    if state.format > STATE_FORMAT {
+        return Err(SpoolError::Format { path: path.to_owned(), found: state.format, supported: STATE_FORMAT });
+    }
+    Ok(())
+}
+
 fn write_state(dir: &Path, state: &State) -> Result<(), SpoolError> {
     let main = dir.join(STATE_FILE);
+    let state = State { format: STATE_FORMAT, ..*state };
     // Serialising a struct of integers cannot fail.
-    let text = serde_json::to_vec(state).unwrap_or_default();
+    let text = serde_json::to_vec(&state).unwrap_or_default();
     crate::fsutil::write_atomic(&main, &text, 0o600).map_err(io_err(&main))
 }
 
@@ -841,6 +874,29 @@ mod tests {
         assert_eq!(sorted.len(), handed_out.len(), "a seq was handed out twice: {handed_out:?}");
         // And the gaps stay far below what the server accepts.
         assert!(handed_out.iter().all(|&seq| seq < 4 * SEQ_RESERVE), "{handed_out:?}");
+    }
+
+    #[test]
+    fn the_state_file_carries_its_format_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let position = SourcePosition { path: "/var/log/exim_mainlog".into(), offset: 1, ..Default::default() };
+        let (mut spool, _) = Spool::open(dir.path(), small()).unwrap();
+        spool.append(&[event(1)], &position).unwrap();
+        drop(spool);
+        let path = dir.path().join(STATE_FILE);
+        let mut state: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(state["format"], 1);
+        // An older file without a format opens.
+        state.as_object_mut().unwrap().remove("format");
+        std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+        drop(Spool::open(dir.path(), small()).unwrap());
+        // A newer one is refused, and left as it is.
+        state["format"] = 2.into();
+        let newer = serde_json::to_vec(&state).unwrap();
+        std::fs::write(&path, &newer).unwrap();
+        let error = Spool::open(dir.path(), small()).unwrap_err().to_string();
+        assert!(error.contains("format 2") && error.contains("upgrade the agent"), "{error}");
+        assert_eq!(std::fs::read(&path).unwrap(), newer);
     }
 
     #[test]

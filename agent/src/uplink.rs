@@ -229,6 +229,23 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// Format of `credentials.json` this agent writes and the newest it reads
+/// (a file without `format` is format 1).
+const CREDENTIALS_FORMAT: u32 = 1;
+
+/// `credentials.json` as stored: the credentials and their format.
+#[derive(Serialize, Deserialize)]
+struct StoredCredentials {
+    #[serde(default = "credentials_format_1")]
+    format: u32,
+    #[serde(flatten)]
+    credentials: Credentials,
+}
+
+fn credentials_format_1() -> u32 {
+    1
+}
+
 impl Credentials {
     /// Path of the credentials in `state_dir`.
     pub fn path(state_dir: &Path) -> PathBuf {
@@ -240,14 +257,28 @@ impl Credentials {
         let path = Self::path(state_dir);
         let text = std::fs::read(&path)
             .map_err(|error| UplinkError::Credentials { path: path.clone(), message: error.to_string() })?;
-        serde_json::from_slice(&text).map_err(|error| UplinkError::Credentials { path, message: error.to_string() })
+        let stored: StoredCredentials = serde_json::from_slice(&text)
+            .map_err(|error| UplinkError::Credentials { path: path.clone(), message: error.to_string() })?;
+        if stored.format > CREDENTIALS_FORMAT {
+            return Err(UplinkError::Credentials {
+                path,
+                message: format!(
+                    "written in format {} by a newer agent; this agent reads format {CREDENTIALS_FORMAT}: upgrade \
+                     the agent, or enroll again",
+                    stored.format
+                ),
+            });
+        }
+        Ok(stored.credentials)
     }
 
     /// Writes the credentials to `state_dir` atomically with mode 0600.
     pub fn store(&self, state_dir: &Path) -> std::io::Result<PathBuf> {
         std::fs::create_dir_all(state_dir)?;
         let path = Self::path(state_dir);
-        crate::fsutil::write_atomic(&path, &serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?, 0o600)?;
+        let stored = StoredCredentials { format: CREDENTIALS_FORMAT, credentials: self.clone() };
+        let bytes = serde_json::to_vec_pretty(&stored).map_err(std::io::Error::other)?;
+        crate::fsutil::write_atomic(&path, &bytes, 0o600)?;
         Ok(path)
     }
 }
@@ -1049,6 +1080,25 @@ pub fn revocations(list: &Revocations, now_ms: i64) -> Vec<(IpNet, i64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_carry_their_format_and_older_and_newer_files_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let credentials = Credentials { agent_id: "a1".into(), agent_secret: "s1".into() };
+        credentials.store(dir.path()).unwrap();
+        let stored: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(Credentials::path(dir.path())).unwrap()).unwrap();
+        assert_eq!(stored["format"], 1);
+        assert_eq!(Credentials::load(dir.path()).unwrap(), credentials);
+        // A file of an older agent (no format) loads.
+        std::fs::write(Credentials::path(dir.path()), br#"{"agent_id": "a2", "agent_secret": "s2"}"#).unwrap();
+        assert_eq!(Credentials::load(dir.path()).unwrap().agent_id, "a2");
+        // A newer format is refused with what to do, not misread.
+        std::fs::write(Credentials::path(dir.path()), br#"{"format": 2, "agent_id": "a3", "agent_secret": "s3"}"#)
+            .unwrap();
+        let error = Credentials::load(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("format 2") && error.contains("upgrade the agent"), "{error}");
+    }
 
     #[test]
     fn backoff_grows_to_the_cap_with_jitter() {

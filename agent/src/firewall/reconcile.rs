@@ -39,6 +39,13 @@ use super::{Backend, Entry, FirewallError};
 
 /// File name of the persisted blocklist inside the state directory.
 pub const STATE_FILE: &str = "blocklist.pb";
+/// First bytes of the persisted blocklist: `FBBLOCK` and the format number.
+/// Format 2 is the three length-delimited parts written by [`Reconciler::persist`];
+/// a file without the magic is format 1, the same parts as older agents
+/// wrote them (the third absent).
+const STATE_MAGIC: &[u8; 7] = b"FBBLOCK";
+/// The format this agent writes and the newest it reads.
+const STATE_FORMAT: u8 = b'2';
 /// Shortest interval between two writes of the persisted blocklist.
 const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -617,7 +624,9 @@ impl Reconciler {
         // Third part (absent in files of older agents): the never-blocked
         // ranges in force, for inspection only.
         let exclude = Allowlist { ranges: self.exclude.iter().map(|net| Cidr::from(*net)).collect() };
-        let mut bytes = Vec::with_capacity(fleet.encoded_len() + local.encoded_len() + exclude.encoded_len() + 24);
+        let mut bytes = Vec::with_capacity(fleet.encoded_len() + local.encoded_len() + exclude.encoded_len() + 32);
+        bytes.extend_from_slice(STATE_MAGIC);
+        bytes.push(STATE_FORMAT);
         let encoded = fleet
             .encode_length_delimited(&mut bytes)
             .and_then(|()| local.encode_length_delimited(&mut bytes))
@@ -641,7 +650,21 @@ impl Reconciler {
                 return;
             }
         };
-        let mut buf = bytes.as_slice();
+        let mut buf = match bytes.strip_prefix(STATE_MAGIC.as_slice()) {
+            Some([format, rest @ ..]) if *format <= STATE_FORMAT => rest,
+            Some(rest) => {
+                warn!(
+                    path = %path.display(),
+                    format = rest.first().map(|f| char::from(*f).to_string()).unwrap_or_default(),
+                    supported = %char::from(STATE_FORMAT),
+                    "The persisted blocklist was written by a newer agent; starting empty (the server's snapshot \
+                     restores the fleet blocks)."
+                );
+                return;
+            }
+            // Format 1: no magic.
+            None => bytes.as_slice(),
+        };
         let decoded = BlocklistSnapshot::decode_length_delimited(&mut buf)
             .and_then(|fleet| BlocklistSnapshot::decode_length_delimited(&mut buf).map(|local| (fleet, local)));
         let Ok((fleet, local)) = decoded else {
@@ -1036,6 +1059,29 @@ mod tests {
         let dropped = r.revoke_local(&[("198.51.100.5/32".parse().unwrap(), NOW - 3_600_000)], NOW).unwrap();
         assert_eq!(dropped.len(), 1);
         assert_eq!(memory.held.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_persisted_blocklist_carries_its_format_and_a_newer_one_is_not_misread() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Reconciler::new(Box::new(Memory::default()), vec![], Some(dir.path().to_owned()), Arc::default());
+        r.apply_snapshot(
+            &BlocklistSnapshot { version: 3, entries: vec![block(1, "192.0.2.0/24", NOW + 600_000)] },
+            NOW,
+        )
+        .unwrap();
+        r.persist(true);
+        let path = dir.path().join(STATE_FILE);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[..8], b"FBBLOCK2");
+        let again = Reconciler::new(Box::new(Memory::default()), vec![], Some(dir.path().to_owned()), Arc::default());
+        assert_eq!(again.version(), 3);
+        // A file of a future format is not parsed as this one.
+        let mut future = bytes.clone();
+        future[7] = b'3';
+        std::fs::write(&path, &future).unwrap();
+        let newer = Reconciler::new(Box::new(Memory::default()), vec![], Some(dir.path().to_owned()), Arc::default());
+        assert_eq!(newer.version(), 0);
     }
 
     #[test]
