@@ -9,6 +9,8 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use fleetban_proto::detect::{Rule, Thresholds};
+use fleetban_proto::policy::{Rules, Scenario};
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -282,6 +284,10 @@ impl Default for SpoolConfig {
     }
 }
 
+/// TCP ports a block covers in the `smtp` scope, before `[firewall]
+/// extra_ports`.
+pub const SMTP_PORTS: [u16; 3] = [25, 465, 587];
+
 /// `[firewall]`: how local and fleet blocks reach the kernel.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -319,7 +325,7 @@ impl FirewallConfig {
     /// sorted, without repeats.
     pub fn smtp_ports(&self) -> Vec<u16> {
         let mut ports: Vec<u16> =
-            crate::firewall::SMTP_PORTS.iter().chain(&self.extra_ports).copied().filter(|&port| port != 0).collect();
+            SMTP_PORTS.iter().chain(&self.extra_ports).copied().filter(|&port| port != 0).collect();
         ports.sort_unstable();
         ports.dedup();
         ports
@@ -472,6 +478,58 @@ fn default_max_tracked() -> usize {
     100_000
 }
 
+impl DetectConfig {
+    /// The thresholds `[detect]` describes: its auth and protocol keys set those
+    /// scenarios' per-host parts, `[detect.rules.*]` tables win over them.
+    pub fn thresholds(&self) -> Thresholds {
+        let c = self;
+        let mut rules = Rules::default();
+        let mut auth = *rules.get(Scenario::Auth);
+        auth.per_host = c.auth_failures;
+        auth.distinct_users = c.auth_distinct_users;
+        auth.window_secs = c.auth_window_secs;
+        rules.set(Scenario::Auth, auth);
+        let mut protocol = *rules.get(Scenario::Protocol);
+        protocol.per_host = c.abuse_events;
+        protocol.window_secs = c.abuse_window_secs;
+        rules.set(Scenario::Protocol, protocol);
+        for (name, table) in &c.rules {
+            if let Some(scenario) = Scenario::from_name(name) {
+                let mut rule = table.resolve(scenario);
+                // Keys the table leaves out keep the values set above.
+                let current = rules.get(scenario);
+                rule.per_host = table.per_host.unwrap_or(current.per_host);
+                rule.window_secs = table.window_secs.unwrap_or(current.window_secs);
+                rule.distinct_users = table.distinct_users.unwrap_or(current.distinct_users);
+                rules.set(scenario, rule);
+            }
+        }
+        for name in &c.shadow_rules {
+            if let Some(Rule::Scenario(scenario)) = Rule::from_name(name) {
+                let mut rule = *rules.get(scenario);
+                rule.shadow = true;
+                rules.set(scenario, rule);
+            }
+        }
+        let shadow = |rule: Rule| c.shadow_rules.iter().any(|n| n == rule.as_str());
+        Thresholds {
+            smtp_accept_max: c.smtp_accept_max,
+            slot_alarm_ratio: c.slot_alarm_ratio,
+            slot_share: c.slot_share,
+            session_timeout_ms: i64::from(c.session_timeout_secs) * 1000,
+            conn_rate: c.conn_rate,
+            conn_rate_window_ms: i64::from(c.conn_rate_window_secs) * 1000,
+            rules,
+            good_standing_ms: i64::from(c.good_standing_secs) * 1000,
+            protected_domains: c.protected_domains.clone().unwrap_or_else(|| Thresholds::default().protected_domains),
+            ipv6_block_prefix: c.ipv6_block_prefix,
+            local_block_ttl_secs: c.local_block_ttl_secs,
+            slot_shadow: shadow(Rule::SlotExhaustion),
+            conn_rate_shadow: shadow(Rule::ConnRate),
+        }
+    }
+}
+
 impl AgentConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -594,7 +652,7 @@ impl DetectConfig {
                 ));
             }
         }
-        if let Err(error) = crate::detect::thresholds(self).rules.validate() {
+        if let Err(error) = self.thresholds().rules.validate() {
             return Err((format!("rules.{}.{}", error.scenario, error.key), error.problem.into()));
         }
         for (key, value) in [
@@ -711,7 +769,7 @@ mod tests {
         assert_eq!(detect.good_standing_secs, 604_800);
         assert!(detect.protected_domains.is_none() && detect.shadow_rules.is_empty() && detect.rules.is_empty());
         // The shipped per-host thresholds are the shared model's.
-        let th = crate::detect::thresholds(&detect);
+        let th = detect.thresholds();
         assert_eq!(th.rules, fleetban_proto::policy::Rules::default());
         assert_eq!(detect.ipv6_block_prefix, 64);
         assert_eq!(detect.max_tracked, 100_000);

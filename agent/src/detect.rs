@@ -9,7 +9,6 @@
 
 use std::sync::Arc;
 
-use fleetban_proto::policy::{Rules, Scenario};
 use ipnet::IpNet;
 
 pub use fleetban_proto::detect::{
@@ -20,53 +19,9 @@ pub use fleetban_proto::detect::{
 use crate::config::DetectConfig;
 use crate::parse::Event;
 
-/// The thresholds `[detect]` describes: its auth and protocol keys set those
-/// scenarios' per-host parts, `[detect.rules.*]` tables win over them.
+/// The thresholds `[detect]` describes (see [`DetectConfig::thresholds`]).
 pub fn thresholds(c: &DetectConfig) -> Thresholds {
-    let mut rules = Rules::default();
-    let mut auth = *rules.get(Scenario::Auth);
-    auth.per_host = c.auth_failures;
-    auth.distinct_users = c.auth_distinct_users;
-    auth.window_secs = c.auth_window_secs;
-    rules.set(Scenario::Auth, auth);
-    let mut protocol = *rules.get(Scenario::Protocol);
-    protocol.per_host = c.abuse_events;
-    protocol.window_secs = c.abuse_window_secs;
-    rules.set(Scenario::Protocol, protocol);
-    for (name, table) in &c.rules {
-        if let Some(scenario) = Scenario::from_name(name) {
-            let mut rule = table.resolve(scenario);
-            // Keys the table leaves out keep the values set above.
-            let current = rules.get(scenario);
-            rule.per_host = table.per_host.unwrap_or(current.per_host);
-            rule.window_secs = table.window_secs.unwrap_or(current.window_secs);
-            rule.distinct_users = table.distinct_users.unwrap_or(current.distinct_users);
-            rules.set(scenario, rule);
-        }
-    }
-    for name in &c.shadow_rules {
-        if let Some(Rule::Scenario(scenario)) = Rule::from_name(name) {
-            let mut rule = *rules.get(scenario);
-            rule.shadow = true;
-            rules.set(scenario, rule);
-        }
-    }
-    let shadow = |rule: Rule| c.shadow_rules.iter().any(|n| n == rule.as_str());
-    Thresholds {
-        smtp_accept_max: c.smtp_accept_max,
-        slot_alarm_ratio: c.slot_alarm_ratio,
-        slot_share: c.slot_share,
-        session_timeout_ms: i64::from(c.session_timeout_secs) * 1000,
-        conn_rate: c.conn_rate,
-        conn_rate_window_ms: i64::from(c.conn_rate_window_secs) * 1000,
-        rules,
-        good_standing_ms: i64::from(c.good_standing_secs) * 1000,
-        protected_domains: c.protected_domains.clone().unwrap_or_else(|| Thresholds::default().protected_domains),
-        ipv6_block_prefix: c.ipv6_block_prefix,
-        local_block_ttl_secs: c.local_block_ttl_secs,
-        slot_shadow: shadow(Rule::SlotExhaustion),
-        conn_rate_shadow: shadow(Rule::ConnRate),
-    }
+    c.thresholds()
 }
 
 /// The shared detector, built from `[detect]`.
@@ -129,6 +84,7 @@ impl Detector {
 mod tests {
     use super::*;
     use crate::parse::parse_line;
+    use fleetban_proto::policy::Scenario;
 
     #[test]
     fn config_keys_reach_the_rules() {

@@ -42,8 +42,6 @@ use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::correlate::CorrelateConfig;
-
 /// The longest block TTL; longer TTLs are clamped to it (100 years).
 pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 86_400);
 
@@ -238,11 +236,25 @@ struct UpsertRow {
     inserted: bool,
 }
 
+/// What every new block is checked against: how broad it may be without
+/// `force`, and the ranges never blocked. The server's implementation is
+/// `correlate::CorrelateConfig` (its `[correlate]` keys `min_prefix_v4`,
+/// `min_prefix_v6` and `never_block`); the block store itself knows nothing
+/// of correlation.
+pub trait BlockPolicy: Send + Sync {
+    /// Shortest IPv4 prefix allowed without `force`.
+    fn min_prefix_v4(&self) -> u8;
+    /// Shortest IPv6 prefix allowed without `force`.
+    fn min_prefix_v6(&self) -> u8;
+    /// Ranges no block may overlap.
+    fn never_block(&self) -> &[IpNet];
+}
+
 /// The shortest prefix allowed without `force` for `cidr`'s family.
-fn min_prefix_len(policy: &CorrelateConfig, cidr: IpNet) -> u8 {
+fn min_prefix_len(policy: &dyn BlockPolicy, cidr: IpNet) -> u8 {
     match cidr {
-        IpNet::V4(_) => policy.min_prefix_v4,
-        IpNet::V6(_) => policy.min_prefix_v6,
+        IpNet::V4(_) => policy.min_prefix_v4(),
+        IpNet::V6(_) => policy.min_prefix_v6(),
     }
 }
 
@@ -250,7 +262,7 @@ fn min_prefix_len(policy: &CorrelateConfig, cidr: IpNet) -> u8 {
 /// automatic block.
 pub(crate) async fn check_policy(
     conn: &mut PgConnection,
-    policy: &CorrelateConfig,
+    policy: &dyn BlockPolicy,
     cidr: IpNet,
     force: bool,
 ) -> Result<(), BlockError> {
@@ -262,7 +274,7 @@ pub(crate) async fn check_policy(
 /// `Hello`, so they veto automatic and agent blocks but not manual ones.
 pub(crate) async fn check_policy_for(
     conn: &mut PgConnection,
-    policy: &CorrelateConfig,
+    policy: &dyn BlockPolicy,
     cidr: IpNet,
     force: bool,
     source: BlockSource,
@@ -273,7 +285,7 @@ pub(crate) async fn check_policy_for(
     }
     // `cidr` is canonical; the configured ranges are taken as written (the
     // default `::ffff:0:0/96` guards IPv6 ranges spanning the mapped space).
-    if let Some(range) = policy.never_block.iter().find(|r| r.contains(&cidr) || cidr.contains(*r)) {
+    if let Some(range) = policy.never_block().iter().find(|r| r.contains(&cidr) || cidr.contains(*r)) {
         return Err(Refusal::NeverBlock { cidr, range: *range }.into());
     }
     let allowed: Option<IpNet> = sqlx::query_scalar(
@@ -333,7 +345,7 @@ async fn append_change(
 /// If a live block of the same CIDR exists, its expiry is extended when the
 /// new one is later (permanent is latest), with an `add` change carrying the
 /// new expiry; otherwise it is returned unchanged and no change is written.
-pub async fn create(pool: &PgPool, policy: &CorrelateConfig, new: NewBlock) -> Result<Block, BlockError> {
+pub async fn create(pool: &PgPool, policy: &dyn BlockPolicy, new: NewBlock) -> Result<Block, BlockError> {
     let mut tx = pool.begin().await?;
     let block = create_in(&mut tx, policy, new).await?;
     tx.commit().await?;
@@ -343,7 +355,7 @@ pub async fn create(pool: &PgPool, policy: &CorrelateConfig, new: NewBlock) -> R
 /// [`create`] inside the caller's transaction.
 pub(crate) async fn create_in(
     conn: &mut PgConnection,
-    policy: &CorrelateConfig,
+    policy: &dyn BlockPolicy,
     new: NewBlock,
 ) -> Result<Block, BlockError> {
     let cidr = canonical_net(new.cidr);
@@ -668,6 +680,7 @@ pub async fn changes_since(
 
 #[cfg(test)]
 mod tests {
+    use crate::correlate::CorrelateConfig;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -1126,7 +1139,7 @@ mod tests {
                         } else {
                             format!("2001:db8:{t}:{i}::/64")
                         };
-                        create(&pool, &policy, new_block(&cidr, Some(3_600))).await.unwrap();
+                        create(&pool, policy.as_ref(), new_block(&cidr, Some(3_600))).await.unwrap();
                     }
                 })
             })

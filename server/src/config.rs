@@ -6,10 +6,15 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::correlate::CorrelateConfig;
+
+/// Longest an HTTP request may take before it is answered 408 (the API's
+/// timeout; `limits.http_idle_timeout_secs` must exceed it).
+pub const HTTP_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The whole server TOML.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -154,7 +159,7 @@ impl LimitsConfig {
                 "must not exceed grpc_max_connections_per_source",
             );
         }
-        if self.http_idle_timeout_secs <= crate::api::REQUEST_TIMEOUT.as_secs() {
+        if self.http_idle_timeout_secs <= HTTP_REQUEST_TIMEOUT.as_secs() {
             return invalid("limits.http_idle_timeout_secs", "must exceed the 30 s request timeout");
         }
         Ok(())

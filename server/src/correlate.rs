@@ -148,6 +148,20 @@ pub const DEFAULT_NEVER_BLOCK: &[&str] = &[
 /// Rule names `shadow_rules` accepts besides the scenarios.
 const OTHER_RULES: [&str; 4] = ["local_block", "prefix", "slot_exhaustion", "conn_rate"];
 
+impl blocks::BlockPolicy for CorrelateConfig {
+    fn min_prefix_v4(&self) -> u8 {
+        self.min_prefix_v4
+    }
+
+    fn min_prefix_v6(&self) -> u8 {
+        self.min_prefix_v6
+    }
+
+    fn never_block(&self) -> &[IpNet] {
+        &self.never_block
+    }
+}
+
 impl Default for CorrelateConfig {
     fn default() -> Self {
         CorrelateConfig {
@@ -995,7 +1009,7 @@ impl Correlator {
             return Ok(None);
         }
         let force = false;
-        match blocks::check_policy(&mut tx, &self.config, range, force).await {
+        match blocks::check_policy(&mut tx, self.config.as_ref(), range, force).await {
             Ok(()) => {}
             Err(BlockError::Refused(refusal)) => {
                 let fallback = fallback.map(IpNet::from).filter(|f| *f != range && matches!(f, IpNet::V6(_)));
@@ -1006,7 +1020,7 @@ impl Correlator {
                             Refusal::FleetOwn { .. } | Refusal::Allowlisted { .. } | Refusal::NeverBlock { .. }
                         ) =>
                     {
-                        blocks::check_policy(&mut tx, &self.config, fallback, force).await.is_ok()
+                        blocks::check_policy(&mut tx, self.config.as_ref(), fallback, force).await.is_ok()
                     }
                     _ => false,
                 };
@@ -1045,7 +1059,7 @@ impl Correlator {
             created_by: None,
             force,
         };
-        let block = match blocks::create_in(&mut tx, &self.config, new).await {
+        let block = match blocks::create_in(&mut tx, self.config.as_ref(), new).await {
             Ok(block) => block,
             Err(BlockError::Refused(refusal)) => {
                 tracing::info!(cidr = %range, %refusal, "Not blocking: policy refuses it.");
@@ -1304,7 +1318,7 @@ impl Correlator {
         mut ev: Evidence,
         earlier: i64,
     ) -> Result<Option<Block>, CorrelateError> {
-        match blocks::check_policy(&mut tx, &self.config, prefix, false).await {
+        match blocks::check_policy(&mut tx, self.config.as_ref(), prefix, false).await {
             Ok(()) => {}
             Err(BlockError::Refused(refusal)) => {
                 tracing::info!(%prefix, %refusal, "Not blocking the prefix: policy refuses it.");
@@ -1332,7 +1346,7 @@ impl Correlator {
             created_by: None,
             force: false,
         };
-        let block = match blocks::create_in(&mut tx, &self.config, new).await {
+        let block = match blocks::create_in(&mut tx, self.config.as_ref(), new).await {
             Ok(block) => block,
             Err(BlockError::Refused(refusal)) => {
                 tracing::info!(%prefix, %refusal, "Not escalating to the prefix: policy refuses it.");

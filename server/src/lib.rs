@@ -29,6 +29,8 @@
 //! - [`guard`]: throttle of failed agent authentication; marks
 //!   authenticated gRPC connections.
 //! - [`text`]: escaping of client-supplied text for logs and terminals.
+//! - [`telemetry`]: names of the metrics the domain records (described and
+//!   exported by `api::metrics`).
 //! - [`transfer`]: bulk import/export formats of the blocklist and allowlist.
 //! - [`notify`]: systemd readiness (`READY=1` once listening, `STOPPING=1`).
 
@@ -54,6 +56,7 @@ pub mod report;
 pub mod retention;
 pub mod serve;
 pub mod session;
+pub mod telemetry;
 pub mod text;
 pub mod tls;
 pub mod transfer;

@@ -382,7 +382,7 @@ async fn record_push_lag(pool: &PgPool, from: u64, to: u64) {
     .fetch_one(pool)
     .await;
     match lag {
-        Ok(Some(secs)) => metrics::histogram!(crate::api::metrics::PUSH_LAG).record(secs.max(0.0)),
+        Ok(Some(secs)) => metrics::histogram!(crate::telemetry::PUSH_LAG).record(secs.max(0.0)),
         Ok(None) => {}
         Err(error) => debug!(%error, "Cannot measure the push lag."),
     }

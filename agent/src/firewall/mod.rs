@@ -38,8 +38,7 @@ use ipnet::IpNet;
 
 use crate::config::{AgentConfig, FirewallBackend, FirewallScope};
 
-/// TCP ports a block covers in the `smtp` scope.
-pub const SMTP_PORTS: [u16; 3] = [25, 465, 587];
+pub use crate::config::SMTP_PORTS;
 
 /// Errors of a firewall backend.
 #[derive(Debug, thiserror::Error)]

@@ -261,7 +261,7 @@ pub async fn create(
         created_by: Some(caller.name.clone()),
         force: body.force,
     };
-    let block = store::create(&state.pool, &state.policy, new).await.map_err(block_error)?;
+    let block = store::create(&state.pool, state.policy.as_ref(), new).await.map_err(block_error)?;
     audit(
         &state.pool,
         &caller.name,

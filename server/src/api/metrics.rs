@@ -49,16 +49,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use super::AppState;
 use super::stats;
 
-/// Events stored by ingest.
-pub const INGEST_EVENTS: &str = "fleetban_ingest_events_total";
-/// Events rejected by ingest.
-pub const INGEST_INVALID_EVENTS: &str = "fleetban_ingest_invalid_events_total";
-/// Batches by result.
-pub const INGEST_BATCHES: &str = "fleetban_ingest_batches_total";
-/// Seconds from a block change's commit to its delivery to an agent.
-pub const PUSH_LAG: &str = "fleetban_push_lag_seconds";
-/// Agent sessions open on this replica.
-pub const AGENT_SESSIONS: &str = "fleetban_agent_sessions";
+pub use crate::telemetry::{AGENT_SESSIONS, INGEST_BATCHES, INGEST_EVENTS, INGEST_INVALID_EVENTS, PUSH_LAG};
 
 /// Buckets of every `_seconds` histogram: 1 ms to 30 s.
 const SECONDS_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];

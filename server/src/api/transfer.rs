@@ -132,7 +132,7 @@ pub async fn import(
                     // Breadth was judged above.
                     force: true,
                 };
-                match blocks::create_in(&mut tx, &state.policy, new).await {
+                match blocks::create_in(&mut tx, state.policy.as_ref(), new).await {
                     Ok(_) => summary.added.push(done),
                     Err(BlockError::Refused(refusal)) => {
                         skipped.push(Skipped { line: row.line, reason: refusal.to_string() });

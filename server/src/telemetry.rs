@@ -1,0 +1,17 @@
+//! Names of the metrics the server's domain modules record.
+//!
+//! Ingest, push and the sessions record through the `metrics` facade under
+//! these names; the HTTP layer (`api::metrics`) describes and exports them.
+//! Keeping the names here lets the domain record a metric without depending
+//! on the HTTP layer.
+
+/// Events stored by ingest.
+pub const INGEST_EVENTS: &str = "fleetban_ingest_events_total";
+/// Events rejected by ingest.
+pub const INGEST_INVALID_EVENTS: &str = "fleetban_ingest_invalid_events_total";
+/// Batches by result.
+pub const INGEST_BATCHES: &str = "fleetban_ingest_batches_total";
+/// Seconds from a block change's commit to its delivery to an agent.
+pub const PUSH_LAG: &str = "fleetban_push_lag_seconds";
+/// Agent sessions open on this replica.
+pub const AGENT_SESSIONS: &str = "fleetban_agent_sessions";
