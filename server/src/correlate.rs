@@ -148,6 +148,16 @@ pub const DEFAULT_NEVER_BLOCK: &[&str] = &[
 /// Rule names `shadow_rules` accepts besides the scenarios.
 const OTHER_RULES: [&str; 4] = ["local_block", "prefix", "slot_exhaustion", "conn_rate"];
 
+/// A block-store result with the policy's refusal apart: `Ok(Err(refusal))`
+/// is a decision not to block, a database failure is the error.
+fn refusable<T>(result: Result<T, BlockError>) -> Result<Result<T, Refusal>, CorrelateError> {
+    match result {
+        Ok(value) => Ok(Ok(value)),
+        Err(BlockError::Refused(refusal)) => Ok(Err(refusal)),
+        Err(BlockError::Database(error)) => Err(error.into()),
+    }
+}
+
 impl blocks::BlockPolicy for CorrelateConfig {
     fn min_prefix_v4(&self) -> u8 {
         self.min_prefix_v4
@@ -1009,9 +1019,9 @@ impl Correlator {
             return Ok(None);
         }
         let force = false;
-        match blocks::check_policy(&mut tx, self.config.as_ref(), range, force).await {
+        match refusable(blocks::check_policy(&mut tx, self.config.as_ref(), range, force).await)? {
             Ok(()) => {}
-            Err(BlockError::Refused(refusal)) => {
+            Err(refusal) => {
                 let fallback = fallback.map(IpNet::from).filter(|f| *f != range && matches!(f, IpNet::V6(_)));
                 let retry = match fallback {
                     Some(fallback)
@@ -1020,7 +1030,7 @@ impl Correlator {
                             Refusal::FleetOwn { .. } | Refusal::Allowlisted { .. } | Refusal::NeverBlock { .. }
                         ) =>
                     {
-                        blocks::check_policy(&mut tx, self.config.as_ref(), fallback, force).await.is_ok()
+                        refusable(blocks::check_policy(&mut tx, self.config.as_ref(), fallback, force).await)?.is_ok()
                     }
                     _ => false,
                 };
@@ -1031,7 +1041,6 @@ impl Correlator {
                 tracing::info!(cidr = %range, fallback = %fallback, %refusal, "Blocking the address alone: policy refuses its range.");
                 range = fallback;
             }
-            Err(BlockError::Database(error)) => return Err(error.into()),
         }
         evidence.offence = u32::try_from(earlier + 1).unwrap_or(u32::MAX);
         let ttl = self.ttl(earlier);
@@ -1059,13 +1068,12 @@ impl Correlator {
             created_by: None,
             force,
         };
-        let block = match blocks::create_in(&mut tx, self.config.as_ref(), new).await {
+        let block = match refusable(blocks::create_in(&mut tx, self.config.as_ref(), new).await)? {
             Ok(block) => block,
-            Err(BlockError::Refused(refusal)) => {
+            Err(refusal) => {
                 tracing::info!(cidr = %range, %refusal, "Not blocking: policy refuses it.");
                 return Ok(None);
             }
-            Err(BlockError::Database(error)) => return Err(error.into()),
         };
         sqlx::query("update offenders set last_blocked_at = now() where address between fleetban_first($1::cidr) and fleetban_last($1::cidr)")
             .bind(range)
@@ -1318,13 +1326,9 @@ impl Correlator {
         mut ev: Evidence,
         earlier: i64,
     ) -> Result<Option<Block>, CorrelateError> {
-        match blocks::check_policy(&mut tx, self.config.as_ref(), prefix, false).await {
-            Ok(()) => {}
-            Err(BlockError::Refused(refusal)) => {
-                tracing::info!(%prefix, %refusal, "Not blocking the prefix: policy refuses it.");
-                return Ok(None);
-            }
-            Err(BlockError::Database(error)) => return Err(error.into()),
+        if let Err(refusal) = refusable(blocks::check_policy(&mut tx, self.config.as_ref(), prefix, false).await)? {
+            tracing::info!(%prefix, %refusal, "Not blocking the prefix: policy refuses it.");
+            return Ok(None);
         }
         ev.offence = u32::try_from(earlier + 1).unwrap_or(u32::MAX);
         let ttl = self.ttl(earlier);
@@ -1332,11 +1336,7 @@ impl Correlator {
         // commit together, and row locks are taken in the same order as every
         // other blocklist writer (block rows, then the version counter).
         let retired = blocks::revoke_covered_by_in(&mut tx, prefix, &format!("superseded by prefix {prefix}")).await;
-        let retired = match retired {
-            Ok(retired) => retired,
-            Err(BlockError::Refused(_)) => Vec::new(),
-            Err(BlockError::Database(error)) => return Err(error.into()),
-        };
+        let retired = refusable(retired)?.unwrap_or_default();
         let new = NewBlock {
             cidr: prefix,
             reason: REASON_PREFIX.to_owned(),
@@ -1346,13 +1346,12 @@ impl Correlator {
             created_by: None,
             force: false,
         };
-        let block = match blocks::create_in(&mut tx, self.config.as_ref(), new).await {
+        let block = match refusable(blocks::create_in(&mut tx, self.config.as_ref(), new).await)? {
             Ok(block) => block,
-            Err(BlockError::Refused(refusal)) => {
+            Err(refusal) => {
                 tracing::info!(%prefix, %refusal, "Not escalating to the prefix: policy refuses it.");
                 return Ok(None);
             }
-            Err(BlockError::Database(error)) => return Err(error.into()),
         };
         tx.commit().await?;
         tracing::info!(
