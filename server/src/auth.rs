@@ -580,27 +580,10 @@ pub async fn authenticate(pool: &PgPool, agent_id: Uuid, secret: &str) -> Result
     Ok(())
 }
 
-/// Parses a duration such as `90s`, `15m`, `24h` or `7d` (a bare number is
-/// seconds).
+/// Parses a duration such as `90s`, `15m`, `24h`, `7d` or `2w` (a bare
+/// number is seconds); zero is refused.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => text.split_at(i),
-        None => (text, "s"),
-    };
-    let n: u64 = number.parse().map_err(|_| format!("invalid duration {text:?}: expected e.g. 24h"))?;
-    let secs = match unit {
-        "s" => Some(n),
-        "m" => n.checked_mul(60),
-        "h" => n.checked_mul(3_600),
-        "d" => n.checked_mul(86_400),
-        _ => None,
-    };
-    match secs {
-        Some(0) => Err(format!("invalid duration {text:?}: must be positive")),
-        Some(secs) => Ok(Duration::from_secs(secs)),
-        None => Err(format!("invalid duration {text:?}: use a number with s, m, h or d")),
-    }
+    crate::units::positive_duration(text)
 }
 
 #[cfg(test)]
@@ -623,7 +606,8 @@ mod tests {
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
         assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(604_800));
-        for bad in ["", "h", "0h", "5w", "-1h", "1.5h", "99999999999999999999d"] {
+        assert_eq!(parse_duration("2w").unwrap(), Duration::from_secs(1_209_600));
+        for bad in ["", "h", "0h", "5y", "-1h", "1.5h", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

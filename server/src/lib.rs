@@ -29,6 +29,7 @@
 //! - [`guard`]: throttle of failed agent authentication; marks
 //!   authenticated gRPC connections.
 //! - [`text`]: escaping of client-supplied text for logs and terminals.
+//! - [`units`]: durations as operators write them (`90s`, `6h`, `7d`).
 //! - [`telemetry`]: names of the metrics the domain records (described and
 //!   exported by `api::metrics`).
 //! - [`transfer`]: bulk import/export formats of the blocklist and allowlist.
@@ -60,6 +61,7 @@ pub mod telemetry;
 pub mod text;
 pub mod tls;
 pub mod transfer;
+pub mod units;
 
 /// The server's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -11,7 +11,6 @@
 //! cursor arithmetic both handle.
 
 use std::net::IpAddr;
-use std::time::Duration;
 
 use fleetban_proto::{canonical_ip, canonical_net};
 use ipnet::IpNet;
@@ -82,23 +81,7 @@ pub fn ip(name: &str, value: &str) -> Result<IpAddr, ApiError> {
         .map_err(|_| ApiError::bad_request(format!("{name}: {value:?} is not an IP address")))
 }
 
-/// Parses a duration: a number with a unit `s`, `m`, `h`, `d` or `w`
-/// (`90s`, `15m`, `6h`, `7d`); a bare number is seconds.
-pub fn duration(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
-    let (number, unit) = value.split_at(split);
-    let number: u64 = number.parse().ok()?;
-    let unit_secs = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3_600,
-        "d" => 86_400,
-        "w" => 604_800,
-        _ => return None,
-    };
-    number.checked_mul(unit_secs).map(Duration::from_secs)
-}
+pub use crate::units::duration;
 
 /// Parses a point in time: RFC 3339 (`2026-11-27T01:00:00Z`) or a duration
 /// before now (`1h` = one hour ago).
@@ -147,18 +130,6 @@ pub fn parse_id_cursor(value: &str) -> Result<i64, ApiError> {
 mod tests {
     use super::*;
     use proptest::prelude::{Strategy, any, prop_oneof};
-
-    #[test]
-    fn durations() {
-        assert_eq!(duration("90"), Some(Duration::from_secs(90)));
-        assert_eq!(duration("15m"), Some(Duration::from_secs(900)));
-        assert_eq!(duration("6h"), Some(Duration::from_secs(21_600)));
-        assert_eq!(duration("7d"), Some(Duration::from_secs(604_800)));
-        assert_eq!(duration("1w"), Some(Duration::from_secs(604_800)));
-        for bad in ["", "h", "1y", "-1h", "1.5h", "99999999999999999999d"] {
-            assert_eq!(duration(bad), None, "{bad}");
-        }
-    }
 
     #[test]
     fn cidrs_are_truncated_and_hosts_accepted() {

@@ -349,21 +349,9 @@ impl Client {
     }
 }
 
-/// Parses `90s`, `30m`, `6h`, `7d`, `2w` or bare seconds.
+/// Parses `90s`, `30m`, `6h`, `7d`, `2w` or bare seconds; zero is refused.
 pub fn parse_duration(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
-    let (number, unit) = value.split_at(split);
-    let number: u64 = number.parse().ok()?;
-    let unit_secs = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3_600,
-        "d" => 86_400,
-        "w" => 604_800,
-        _ => return None,
-    };
-    number.checked_mul(unit_secs).filter(|s| *s > 0).map(Duration::from_secs)
+    crate::units::positive_duration(value).ok()
 }
 
 fn ttl_secs(ttl: Option<&str>) -> Result<Option<u64>, CliError> {
