@@ -3,9 +3,9 @@
 //! The rules themselves (slot holders matched open-to-end, connection rate,
 //! the per-host scenario thresholds, good standing, protected senders,
 //! shadow mode) live in `fleetban_proto::detect`, so that the server's
-//! replay runs exactly the code every agent runs. This module turns
-//! `[detect]` into [`Thresholds`] and feeds parsed lines to the
-//! [`Detector`].
+//! replay runs exactly the code every agent runs. `[detect]` becomes
+//! [`Thresholds`] through [`DetectConfig::thresholds`]; this module feeds
+//! parsed lines to the [`Detector`].
 
 use std::sync::Arc;
 
@@ -19,11 +19,6 @@ pub use fleetban_proto::detect::{
 use crate::config::DetectConfig;
 use crate::parse::Event;
 
-/// The thresholds `[detect]` describes (see [`DetectConfig::thresholds`]).
-pub fn thresholds(c: &DetectConfig) -> Thresholds {
-    c.thresholds()
-}
-
 /// The shared detector, built from `[detect]`.
 #[derive(Debug)]
 pub struct Detector {
@@ -33,7 +28,7 @@ pub struct Detector {
 impl Detector {
     /// A detector with `config`'s thresholds, never blocking `exclude`.
     pub fn new(config: &DetectConfig, exclude: Vec<IpNet>, stats: Arc<DetectStats>) -> Self {
-        let inner = fleetban_proto::detect::Detector::new(thresholds(config), config.max_tracked, exclude, stats);
+        let inner = fleetban_proto::detect::Detector::new(config.thresholds(), config.max_tracked, exclude, stats);
         Self { inner }
     }
 
@@ -94,7 +89,7 @@ mod tests {
             fleetban_proto::policy::RuleTable { per_host: Some(3), enforce: Some(false), ..Default::default() },
         );
         c.shadow_rules = vec!["conn_rate".into(), "dictionary".into()];
-        let th = thresholds(&c);
+        let th = c.thresholds();
         assert_eq!(th.rules.get(Scenario::Auth).per_host, 4);
         assert_eq!(th.rules.get(Scenario::Protocol).per_host, 7);
         assert_eq!(th.rules.get(Scenario::Relay).per_host, 3);
