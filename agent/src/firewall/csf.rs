@@ -11,7 +11,7 @@
 
 use std::path::PathBuf;
 
-use super::{Backend, Entry, Exec, FirewallError, display_net, parse_net};
+use super::{Backend, Entry, Exec, FirewallError, Staged, display_net, parse_net};
 
 /// Comment prefix of every entry fleetban creates.
 pub const COMMENT_PREFIX: &str = "fleetban:";
@@ -36,14 +36,13 @@ impl Default for CsfOptions {
 pub struct Csf {
     options: CsfOptions,
     exec: Exec,
-    adds: Vec<Entry>,
-    removes: Vec<Entry>,
+    staged: Staged,
 }
 
 impl Csf {
     /// A backend using `options`.
     pub fn new(options: CsfOptions) -> Self {
-        Self { options, exec: Exec::default(), adds: Vec::new(), removes: Vec::new() }
+        Self { options, exec: Exec::default(), staged: Staged::default() }
     }
 
     fn csf(&self, args: &[&str]) -> Result<Vec<u8>, FirewallError> {
@@ -127,17 +126,12 @@ impl Backend for Csf {
         Ok(out)
     }
 
-    fn stage_add(&mut self, entry: Entry) {
-        self.adds.push(entry);
-    }
-
-    fn stage_remove(&mut self, entry: Entry) {
-        self.removes.push(entry);
+    fn staged(&mut self) -> &mut Staged {
+        &mut self.staged
     }
 
     fn commit(&mut self, now_ms: i64) -> Result<(), FirewallError> {
-        let removes = std::mem::take(&mut self.removes);
-        let adds = std::mem::take(&mut self.adds);
+        let (removes, adds) = self.staged.take();
         let mut first_error = None;
         for entry in &removes {
             let target = display_net(&entry.net);

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::{Backend, Entry, FirewallError, parse_net};
+use super::{Backend, Entry, FirewallError, Staged, parse_net};
 
 /// File name inside the state directory.
 pub const FILE_NAME: &str = "firewall-dryrun.json";
@@ -31,14 +31,13 @@ pub struct Record {
 #[derive(Debug)]
 pub struct DryRun {
     path: PathBuf,
-    adds: Vec<Entry>,
-    removes: Vec<Entry>,
+    staged: Staged,
 }
 
 impl DryRun {
     /// A backend writing to `path`.
     pub fn new(path: PathBuf) -> Self {
-        Self { path, adds: Vec::new(), removes: Vec::new() }
+        Self { path, staged: Staged::default() }
     }
 
     fn io(&self) -> impl FnOnce(std::io::Error) -> FirewallError + '_ {
@@ -106,17 +105,12 @@ impl Backend for DryRun {
         Ok(self.load()?.into_values().filter(|e| e.expires_at_ms.is_none_or(|at| at > now_ms)).collect())
     }
 
-    fn stage_add(&mut self, entry: Entry) {
-        self.adds.push(entry);
-    }
-
-    fn stage_remove(&mut self, entry: Entry) {
-        self.removes.push(entry);
+    fn staged(&mut self) -> &mut Staged {
+        &mut self.staged
     }
 
     fn commit(&mut self, now_ms: i64) -> Result<(), FirewallError> {
-        let removes = std::mem::take(&mut self.removes);
-        let adds = std::mem::take(&mut self.adds);
+        let (removes, adds) = self.staged.take();
         let mut entries = self.load()?;
         entries.retain(|_, e| e.expires_at_ms.is_none_or(|at| at > now_ms));
         for entry in removes {

@@ -13,7 +13,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Backend, Entry, Exec, FirewallError, SMTP_PORTS, display_net, parse_net};
+use super::{Backend, Entry, Exec, FirewallError, SMTP_PORTS, Staged, display_net, parse_net};
 use crate::config::FirewallScope;
 
 /// The IPv4 set.
@@ -31,14 +31,13 @@ pub struct Ipset {
     scope: FirewallScope,
     ports: Vec<u16>,
     exec: Exec,
-    adds: Vec<Entry>,
-    removes: Vec<Entry>,
+    staged: Staged,
 }
 
 impl Ipset {
     /// A backend with `scope`, running `ipset`/`iptables` through `exec`.
     pub fn new(scope: FirewallScope, exec: Exec) -> Self {
-        Self { scope, ports: SMTP_PORTS.to_vec(), exec, adds: Vec::new(), removes: Vec::new() }
+        Self { scope, ports: SMTP_PORTS.to_vec(), exec, staged: Staged::default() }
     }
 
     /// The TCP ports of the `smtp` scope (default: 25, 465, 587).
@@ -213,17 +212,12 @@ impl Backend for Ipset {
         Ok(out)
     }
 
-    fn stage_add(&mut self, entry: Entry) {
-        self.adds.push(entry);
-    }
-
-    fn stage_remove(&mut self, entry: Entry) {
-        self.removes.push(entry);
+    fn staged(&mut self) -> &mut Staged {
+        &mut self.staged
     }
 
     fn commit(&mut self, now_ms: i64) -> Result<(), FirewallError> {
-        let removes = std::mem::take(&mut self.removes);
-        let adds = std::mem::take(&mut self.adds);
+        let (removes, adds) = self.staged.take();
         if removes.is_empty() && adds.is_empty() {
             return Ok(());
         }

@@ -108,11 +108,17 @@ pub trait Backend: Send {
     fn setup(&mut self) -> Result<(), FirewallError>;
     /// Reads the entries the backend really holds (only its own).
     fn read(&mut self, now_ms: i64) -> Result<Vec<Entry>, FirewallError>;
+    /// The backend's staging area, which [`Backend::commit`] empties.
+    fn staged(&mut self) -> &mut Staged;
     /// Stages an addition (or a new expiry, after a staged removal of the
     /// same range).
-    fn stage_add(&mut self, entry: Entry);
+    fn stage_add(&mut self, entry: Entry) {
+        self.staged().adds.push(entry);
+    }
     /// Stages a removal of an entry the backend holds.
-    fn stage_remove(&mut self, entry: Entry);
+    fn stage_remove(&mut self, entry: Entry) {
+        self.staged().removes.push(entry);
+    }
     /// Applies everything staged, removals first, as one batch where the
     /// backend allows; the staging area is empty afterwards, whatever the
     /// outcome.
@@ -123,6 +129,21 @@ pub trait Backend: Send {
     }
     /// Removes every entry, set, table and rule the backend owns.
     fn flush(&mut self) -> Result<(), FirewallError>;
+}
+
+/// The changes a backend has staged for its next commit.
+#[derive(Debug, Clone, Default)]
+pub struct Staged {
+    adds: Vec<Entry>,
+    removes: Vec<Entry>,
+}
+
+impl Staged {
+    /// Takes everything staged as `(removals, additions)`, leaving the
+    /// staging area empty.
+    pub fn take(&mut self) -> (Vec<Entry>, Vec<Entry>) {
+        (std::mem::take(&mut self.removes), std::mem::take(&mut self.adds))
+    }
 }
 
 /// How backends run their commands: directly, or inside a network namespace

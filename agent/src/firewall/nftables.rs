@@ -48,7 +48,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde_json::Value;
 
-use super::{Backend, Entry, Exec, FirewallError, SMTP_PORTS, display_net};
+use super::{Backend, Entry, Exec, FirewallError, SMTP_PORTS, Staged, display_net};
 use crate::config::FirewallScope;
 
 /// Name of the table.
@@ -81,14 +81,13 @@ pub struct Nftables {
     scope: FirewallScope,
     ports: Vec<u16>,
     exec: Exec,
-    adds: Vec<Entry>,
-    removes: Vec<Entry>,
+    staged: Staged,
 }
 
 impl Nftables {
     /// A backend with `scope`, running `nft` through `exec`.
     pub fn new(scope: FirewallScope, exec: Exec) -> Self {
-        Self { scope, ports: SMTP_PORTS.to_vec(), exec, adds: Vec::new(), removes: Vec::new() }
+        Self { scope, ports: SMTP_PORTS.to_vec(), exec, staged: Staged::default() }
     }
 
     /// The TCP ports of the `smtp` scope (default: 25, 465, 587).
@@ -264,17 +263,12 @@ impl Backend for Nftables {
         Self::parse_listing(&json, now_ms).map_err(|message| FirewallError::Parse { program: "nft".into(), message })
     }
 
-    fn stage_add(&mut self, entry: Entry) {
-        self.adds.push(entry);
-    }
-
-    fn stage_remove(&mut self, entry: Entry) {
-        self.removes.push(entry);
+    fn staged(&mut self) -> &mut Staged {
+        &mut self.staged
     }
 
     fn commit(&mut self, now_ms: i64) -> Result<(), FirewallError> {
-        let removes = std::mem::take(&mut self.removes);
-        let adds = std::mem::take(&mut self.adds);
+        let (removes, adds) = self.staged.take();
         if removes.is_empty() && adds.is_empty() {
             return Ok(());
         }

@@ -734,6 +734,7 @@ fn block_entry(block_id: i64, entry: &Entry) -> BlockEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::firewall::Staged;
     use crate::firewall::dryrun::DryRun;
     use std::sync::Mutex;
 
@@ -742,7 +743,7 @@ mod tests {
     struct Memory {
         held: Arc<Mutex<HashMap<IpNet, Entry>>>,
         commits: Arc<Mutex<Vec<(usize, usize)>>>,
-        staged: (Vec<Entry>, Vec<Entry>),
+        staged: Staged,
     }
 
     impl Backend for Memory {
@@ -762,14 +763,11 @@ mod tests {
                 .cloned()
                 .collect())
         }
-        fn stage_add(&mut self, entry: Entry) {
-            self.staged.1.push(entry);
-        }
-        fn stage_remove(&mut self, entry: Entry) {
-            self.staged.0.push(entry);
+        fn staged(&mut self) -> &mut Staged {
+            &mut self.staged
         }
         fn commit(&mut self, _now_ms: i64) -> Result<(), FirewallError> {
-            let (removes, adds) = std::mem::take(&mut self.staged);
+            let (removes, adds) = self.staged.take();
             self.commits.lock().unwrap().push((removes.len(), adds.len()));
             let mut held = self.held.lock().unwrap();
             for e in removes {
