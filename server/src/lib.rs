@@ -7,7 +7,8 @@
 //!
 //! # Layout
 //!
-//! - [`pgembed`]: a throwaway Postgres cluster for the demo and tests.
+//! - `pgembed` (feature `testkit`): a throwaway Postgres cluster for the
+//!   demo, the benchmarks and the tests; not in the packaged server.
 //! - [`config`]: `server.toml`, overridden by flags.
 //! - [`db`]: the connection pool and the embedded migrations.
 //! - [`auth`]: enrollment tokens and agent credentials.
@@ -50,6 +51,7 @@ pub mod guard;
 pub mod ingest;
 pub mod notify;
 pub mod pgcopy;
+#[cfg(any(test, feature = "testkit"))]
 pub mod pgembed;
 pub mod push;
 pub mod replay;

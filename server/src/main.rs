@@ -125,9 +125,9 @@ struct ReplayArgs {
     /// Where the live store is, for --from-db.
     #[command(flatten)]
     source: Source,
-    /// A Postgres URL whose user may create databases: the replay works in a
-    /// throwaway database there. Default: an embedded cluster (needs
-    /// `initdb` and `postgres`).
+    /// A Postgres URL whose user may create databases: the replay works in
+    /// throwaway databases there, dropped after. Default: the server of the
+    /// live store (--config, --database-url or DATABASE_URL).
     #[arg(long, env = "FLEETBAN_SCRATCH_DATABASE_URL", hide_env_values = true)]
     scratch_database_url: Option<String>,
     /// The agent binary whose parser reads --logs. Default: `fleetban-agent`
@@ -513,16 +513,14 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     };
     let total: u64 = hosts.iter().map(|h| h.events.len() as u64).sum();
     info!(hosts = hosts.len(), events = total, "Replaying.");
-    // The embedded cluster lives as long as this function.
-    let (_embedded, admin_url) = match &args.scratch_database_url {
-        Some(url) => (None, url.clone()),
-        None => {
-            let pg = tokio::task::spawn_blocking(fleetban_server::pgembed::EmbeddedPostgres::start)
-                .await?
-                .context("no --scratch-database-url and no embedded Postgres")?;
-            let url = pg.url();
-            (Some(pg), url)
-        }
+    // The scratch databases are created on --scratch-database-url, else on
+    // the live store's server (its user needs CREATEDB), and dropped after.
+    let admin_url = match &args.scratch_database_url {
+        Some(url) => url.clone(),
+        None => resolve(&args.source, Overrides::default())?.database_url.context(
+            "replay needs a Postgres where it may create scratch databases: pass --scratch-database-url, \
+             or --config/--database-url/DATABASE_URL of a server whose user has CREATEDB",
+        )?,
     };
     let options = replay::Options { step: Duration::from_millis(args.step_ms), smtp_accept_max: args.smtp_accept_max };
     let bar = if std::io::stderr().is_terminal() {

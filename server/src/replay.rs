@@ -17,9 +17,9 @@
 //!   counts the replay's own decisions, and rules in shadow mode are
 //!   reported as such.
 //!
-//! The scratch database is a throwaway one (an embedded cluster, or a
-//! database created in `--scratch-database-url` and dropped after), never
-//! the live store. Context lines that cannot change a server decision
+//! The scratch database is a throwaway one, created on the Postgres server
+//! of `--scratch-database-url` (default: the live store's server) and
+//! dropped after, never the live store itself. Context lines that cannot change a server decision
 //! (connects, session ends, TLS errors, ...) go to detection but are not
 //! stored; of the lines that earn good standing or carry a verified name,
 //! one per address, host and step is stored.

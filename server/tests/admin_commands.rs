@@ -2,6 +2,8 @@
 //! operator runs them: the printed token works against the API with its
 //! role, and an imported ASN file is looked up.
 
+mod common;
+
 use std::io::Write;
 
 use axum::body::Body;
@@ -10,11 +12,6 @@ use fleetban_server::api::{self, AppState};
 use fleetban_server::correlate::CorrelateConfig;
 use sqlx::PgPool;
 use tower::ServiceExt;
-
-#[ctor::ctor]
-fn init() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
 
 /// The URL of the test's own database.
 fn database_url(pool: &PgPool) -> String {

@@ -19,11 +19,6 @@ use sqlx::PgPool;
 use time::{Duration, OffsetDateTime};
 use tower::ServiceExt;
 
-#[ctor::ctor]
-fn init() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
-
 fn app(pool: &PgPool) -> Router {
     api::router(AppState::new(pool.clone(), CorrelateConfig::default()))
 }

@@ -10,11 +10,6 @@ use serde_json::Value;
 use sqlx::PgPool;
 use time::{Duration, OffsetDateTime};
 
-#[ctor::ctor]
-fn init() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
-
 async fn fleetban(url: &str, token: Option<&str>, args: &[&str]) -> Output {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetban"));
     command.env_remove("FLEETBAN_URL").env_remove("FLEETBAN_TOKEN").arg("--url").arg(url);

@@ -15,11 +15,6 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-#[ctor::ctor]
-fn init() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
-
 const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 const WAIT: Duration = Duration::from_secs(20);
 

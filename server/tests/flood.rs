@@ -9,6 +9,8 @@
 //! Also: repeated failed enrollments from one address are throttled without
 //! touching the database, and the refused host name is logged escaped.
 
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,11 +31,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Streaming};
 use uuid::Uuid;
-
-#[ctor::ctor]
-fn init() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
 
 const WAIT: Duration = Duration::from_secs(10);
 /// Idle connections opened against each listener.

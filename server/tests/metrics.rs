@@ -16,11 +16,6 @@ use fleetban_server::correlate::CorrelateConfig;
 use sqlx::PgPool;
 use tower::ServiceExt;
 
-#[ctor::ctor]
-fn init() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
-
 #[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
 async fn metrics_expose_facade_and_fleet_values(pool: PgPool) {
     // The session counters a server shares with its API, and a running push

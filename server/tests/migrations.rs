@@ -1,12 +1,9 @@
 //! The schema: migrations apply to an empty database and apply again as a
 //! no-op; events land in day partitions; retention drops whole old days.
 
-use sqlx::PgPool;
+mod common;
 
-#[ctor::ctor]
-fn init() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
+use sqlx::PgPool;
 
 async fn tables(pool: &PgPool) -> Vec<String> {
     sqlx::query_scalar("select tablename::text from pg_tables where schemaname = 'public' order by 1")

@@ -24,11 +24,6 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status, Streaming};
 use uuid::Uuid;
 
-#[ctor::ctor]
-fn init() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
-
 const WAIT: Duration = Duration::from_secs(10);
 
 fn ip(s: &str) -> IpAddress {

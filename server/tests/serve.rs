@@ -1,16 +1,13 @@
 //! `serve::run` binds both listeners, answers health checks over real
 //! sockets, and returns when its shutdown future resolves.
 
+mod common;
+
 use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-#[ctor::ctor]
-fn init() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
 
 async fn get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut stream = TcpStream::connect(addr).await.unwrap();

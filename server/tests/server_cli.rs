@@ -1,14 +1,11 @@
 //! The `fleetban-server` binary's operator commands: `enroll-token create`,
 //! `pki init`, and `serve` refusing plaintext on a network listener.
 
+mod common;
+
 use std::process::Command;
 
 use sqlx::PgPool;
-
-#[ctor::ctor]
-fn init() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
 
 const BIN: &str = env!("CARGO_BIN_EXE_fleetban-server");
 

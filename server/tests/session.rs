@@ -2,6 +2,8 @@
 //! exactly-once ingest, refused frames, blocklist catch-up and push across
 //! two server processes, graceful shutdown, TLS.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,11 +27,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status, Streaming};
 use uuid::Uuid;
-
-#[ctor::ctor]
-fn init() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
 
 const WAIT: Duration = Duration::from_secs(10);
 

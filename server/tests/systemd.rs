@@ -4,6 +4,8 @@
 //! (Blocking socket calls inside the async test are deliberate: nothing else
 //! runs on its runtime while it waits.)
 
+mod common;
+
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixDatagram;
@@ -11,11 +13,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use sqlx::PgPool;
-
-#[ctor::ctor]
-fn init() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
 
 const BIN: &str = env!("CARGO_BIN_EXE_fleetban-server");
 

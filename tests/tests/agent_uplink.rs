@@ -4,6 +4,8 @@
 //! applied, a server restart after which only unacked batches are sent, and
 //! a snapshot that replaces a stale blocklist.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -20,11 +22,6 @@ use fleetban_server::correlate::CorrelateConfig;
 use fleetban_server::{auth, serve};
 use sqlx::PgPool;
 use tokio::sync::{oneshot, watch};
-
-#[ctor::ctor]
-fn init() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
 
 const WAIT: Duration = Duration::from_secs(30);
 

@@ -3,12 +3,9 @@
 //! prints. (The figures themselves are measured with the release binary and
 //! recorded in BENCHMARKS.md; this only keeps the bench from rotting.)
 
-use std::process::Command;
+mod common;
 
-#[ctor::ctor]
-fn test_database() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
+use std::process::Command;
 
 /// A fresh database on the test cluster.
 fn fresh_database() -> String {

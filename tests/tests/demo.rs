@@ -3,6 +3,8 @@
 //! flood source, the brute-force source and the campaign's /24, and no
 //! legitimate sender is blocked anywhere.
 
+mod common;
+
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,11 +13,6 @@ use fleetban_agent::firewall::dryrun;
 use fleetban_tests::demo::{self, DemoOptions};
 use fleetban_tests::demo_script as script;
 use ipnet::IpNet;
-
-#[ctor::ctor]
-fn test_database() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
 
 /// A fresh database on the test cluster.
 async fn fresh_database() -> String {

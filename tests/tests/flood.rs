@@ -7,6 +7,8 @@
 //! the health checks from 127.0.0.1. Bounded: 1,200 idle connections per
 //! listener, 20 slowloris clients, 30 batches, at most a minute.
 
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,11 +25,6 @@ use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{oneshot, watch};
-
-#[ctor::ctor]
-fn init() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
 
 const WAIT: Duration = Duration::from_secs(30);
 const FLOOD_CONNECTIONS: usize = 1_200;

@@ -6,6 +6,8 @@
 //! A misspelt or renamed metric fails here. In its own test binary, because
 //! the server's Prometheus recorder is process-wide.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -22,11 +24,6 @@ use fleetban_server::serve;
 use sqlx::PgPool;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-
-#[ctor::ctor]
-fn init() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
 
 const DASHBOARD: &str = include_str!("../../deploy/grafana/fleetban.json");
 

@@ -1,16 +1,13 @@
 //! The precision benchmark's generator, checked against the real parser and
 //! against Exim's slot rules over whole generated fleets.
 
+mod common;
+
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use fleetban_agent::parse::{EventKind, Parser, Timezone};
 use fleetban_tests::traffic::{Class, Config, Generator, HostLog, Label, Labels, score};
-
-#[ctor::ctor]
-fn test_database() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
 
 fn fleet(config: Config) -> (Vec<HostLog>, Labels) {
     let mut g = Generator::new(config).unwrap();

@@ -1,5 +1,5 @@
-//! Helpers shared by the API, CLI and dashboard tests: tokens, seeded agents,
-//! events and evidence.
+//! Helpers shared by the server's integration tests: the test database,
+//! tokens, seeded agents, events and evidence.
 
 #![allow(dead_code)]
 
@@ -11,6 +11,13 @@ use ipnet::IpNet;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
+
+/// Before any test thread starts: `DATABASE_URL` names a database, a
+/// throwaway cluster's when the environment gives none.
+#[ctor::ctor]
+fn test_database() {
+    fleetban_server::pgembed::ensure_test_database_url();
+}
 
 /// An admin and a read token.
 pub struct Tokens {
