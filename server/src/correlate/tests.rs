@@ -6,11 +6,13 @@ use super::*;
 
 use std::net::IpAddr;
 
+use fleetban_proto::policy::RuleTable;
 use fleetban_proto::v1::{Event, EventBatch};
 use sqlx::PgPool;
+use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::blocks::{self, Block, BlockSource};
+use crate::blocks::{self, Block, BlockSource, NewBlock};
 use crate::ingest::Ingest;
 
 #[test]
