@@ -25,9 +25,11 @@ pub mod dryrun;
 pub mod inspect;
 pub mod ipset;
 pub mod kill;
+pub mod lengths;
 pub mod nftables;
 pub mod plan;
 pub mod reconcile;
+pub mod state;
 pub mod worker;
 
 use std::io::Write as _;

@@ -17,10 +17,11 @@
 //!   reconcile runs at once.
 //!
 //! The fleet blocklist, its version and the local blocks are persisted in
-//! `state_dir/blocklist.pb` (written atomically, at most once a second and
-//! at shutdown), so a restart reconciles against the same desired set and
+//! `state_dir/blocklist.pb` ([`super::state`]; written atomically, at most
+//! once a second and at shutdown), so a restart reconciles against the same desired set and
 //! reports the version it really holds: no entry is removed just because the
-//! server has not answered yet.
+//! server has not answered yet. [`super::lengths`] is the index that lets an
+//! incremental change prove it touches only its own range.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -28,24 +29,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use fleetban_proto::v1::{Allowlist, BlockEntry, BlocklistDelta, BlocklistSnapshot, Cidr};
+use fleetban_proto::v1::{BlocklistDelta, BlocklistSnapshot};
 use ipnet::IpNet;
-use prost::Message as _;
 use tracing::{debug, info, warn};
 
 use super::kill::Killer;
+use super::lengths::PrefixLengths;
 use super::plan::{self, Diff};
+use super::state::{self, entry_of};
 use super::{Backend, Entry, FirewallError};
 
-/// File name of the persisted blocklist inside the state directory.
-pub const STATE_FILE: &str = "blocklist.pb";
-/// First bytes of the persisted blocklist: `FBBLOCK` and the format number.
-/// Format 2 is the three length-delimited parts written by [`Reconciler::persist`];
-/// a file without the magic is format 1, the same parts as older agents
-/// wrote them (the third absent).
-const STATE_MAGIC: &[u8; 7] = b"FBBLOCK";
-/// The format this agent writes and the newest it reads.
-const STATE_FORMAT: u8 = b'2';
 /// Shortest interval between two writes of the persisted blocklist.
 const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -133,9 +126,9 @@ pub struct Reconciler {
     /// How many fleet entries hold each range (for incremental removals).
     fleet_nets: HashMap<IpNet, u32>,
     /// How many `believed` entries have each prefix length, per family.
-    lengths: Box<[[u32; 129]; 2]>,
+    lengths: PrefixLengths,
     /// How many input entries (fleet and local) have each prefix length.
-    input_lengths: Box<[[u32; 129]; 2]>,
+    input_lengths: PrefixLengths,
     local: HashMap<IpNet, Entry>,
     /// When each local block was made, unix ms (0 = not known: made by an
     /// agent that did not record it, older than any revocation).
@@ -169,21 +162,6 @@ impl std::fmt::Debug for Reconciler {
     }
 }
 
-fn cidr_to_net(cidr: Option<&Cidr>, block_id: i64) -> Result<IpNet, ReconcileError> {
-    let cidr = cidr.ok_or(ReconcileError::InvalidEntry { block_id, message: "no cidr".into() })?;
-    let net =
-        IpNet::try_from(cidr).map_err(|error| ReconcileError::InvalidEntry { block_id, message: error.to_string() })?;
-    Ok(net.trunc())
-}
-
-fn entry_of(block: &BlockEntry) -> Result<Entry, ReconcileError> {
-    Ok(Entry {
-        net: cidr_to_net(block.cidr.as_ref(), block.block_id)?,
-        expires_at_ms: (block.expires_at_ms > 0).then_some(block.expires_at_ms),
-        reason: block.reason.clone(),
-    })
-}
-
 impl Reconciler {
     /// A reconciler over `backend`, never blocking `exclude`; when
     /// `state_dir` is given, the blocklist persisted there is loaded.
@@ -197,8 +175,8 @@ impl Reconciler {
             backend,
             fleet: HashMap::new(),
             fleet_nets: HashMap::new(),
-            lengths: Box::new([[0; 129]; 2]),
-            input_lengths: Box::new([[0; 129]; 2]),
+            lengths: PrefixLengths::default(),
+            input_lengths: PrefixLengths::default(),
             local: HashMap::new(),
             local_made: HashMap::new(),
             exclude,
@@ -206,7 +184,7 @@ impl Reconciler {
             version: 0,
             believed: HashMap::new(),
             reconciled: false,
-            state_file: state_dir.map(|dir| dir.join(STATE_FILE)),
+            state_file: state_dir.map(|dir| dir.join(state::STATE_FILE)),
             dirty: false,
             last_persist: Instant::now(),
             stats,
@@ -389,7 +367,7 @@ impl Reconciler {
         let net = entry.net;
         self.local_made.insert(net, now_ms);
         if self.local.insert(net, entry).is_none() {
-            self.input_lengths[usize::from(net.addr().is_ipv6())][usize::from(net.prefix_len())] += 1;
+            self.input_lengths.add(net);
         }
         self.stats.local_blocks.fetch_add(1, Ordering::Relaxed);
         self.apply_changes(std::slice::from_ref(&change), now_ms)
@@ -452,12 +430,11 @@ impl Reconciler {
 
     fn index(&mut self, net: IpNet) {
         *self.fleet_nets.entry(net).or_default() += 1;
-        self.input_lengths[usize::from(net.addr().is_ipv6())][usize::from(net.prefix_len())] += 1;
+        self.input_lengths.add(net);
     }
 
     fn unindex(&mut self, net: IpNet) {
-        let length = &mut self.input_lengths[usize::from(net.addr().is_ipv6())][usize::from(net.prefix_len())];
-        *length = length.saturating_sub(1);
+        self.input_lengths.remove(net);
         if let Some(count) = self.fleet_nets.get_mut(&net) {
             *count -= 1;
             if *count == 0 {
@@ -468,22 +445,14 @@ impl Reconciler {
 
     fn rebuild_index(&mut self) {
         self.fleet_nets.clear();
-        let mut lengths = Box::new([[0u32; 129]; 2]);
         for entry in self.fleet.values() {
             *self.fleet_nets.entry(entry.net).or_default() += 1;
         }
-        for entry in self.fleet.values().chain(self.local.values()) {
-            lengths[usize::from(entry.net.addr().is_ipv6())][usize::from(entry.net.prefix_len())] += 1;
-        }
-        self.input_lengths = lengths;
+        self.input_lengths = PrefixLengths::of(self.fleet.values().chain(self.local.values()).map(|e| &e.net));
     }
 
     fn recount(&mut self) {
-        let mut lengths = Box::new([[0u32; 129]; 2]);
-        for net in self.believed.keys() {
-            lengths[usize::from(net.addr().is_ipv6())][usize::from(net.prefix_len())] += 1;
-        }
-        self.lengths = lengths;
+        self.lengths = PrefixLengths::of(self.believed.keys());
     }
 
     /// Applies a few changes without recomputing the whole desired set when
@@ -501,13 +470,13 @@ impl Reconciler {
             Ok(()) => {
                 for net in removed {
                     if self.believed.remove(&net).is_some() {
-                        self.lengths[usize::from(net.addr().is_ipv6())][usize::from(net.prefix_len())] -= 1;
+                        self.lengths.remove(net);
                     }
                 }
                 for entry in added {
                     let net = entry.net;
                     if self.believed.insert(net, entry).is_none() {
-                        self.lengths[usize::from(net.addr().is_ipv6())][usize::from(net.prefix_len())] += 1;
+                        self.lengths.add(net);
                     }
                 }
                 self.stats.entries.store(self.believed.len() as u64, Ordering::Relaxed);
@@ -531,11 +500,11 @@ impl Reconciler {
             if !seen.insert(net) || self.exclude.iter().any(|x| x.contains(&net) || net.contains(x)) {
                 return None;
             }
-            let family = usize::from(net.addr().is_ipv6());
-            let present = &self.lengths[family];
+            let present = self.lengths.family(net);
+            let inputs = self.input_lengths.family(net);
             let len = usize::from(net.prefix_len());
             // An input inside this range may be held, absorbed or cut around.
-            if self.input_lengths[family][len + 1..].iter().any(|n| *n > 0) {
+            if inputs[len + 1..].iter().any(|n| *n > 0) {
                 return None;
             }
             let contained = (0..len)
@@ -546,7 +515,7 @@ impl Reconciler {
             // An input containing this range was cut around it or absorbs it.
             let input_container = (0..len)
                 .rev()
-                .filter(|l| self.input_lengths[family][*l] > 0)
+                .filter(|l| inputs[*l] > 0)
                 .filter_map(|l| IpNet::new(net.addr(), l as u8).ok().map(|n| n.trunc()))
                 .any(|outer| self.fleet_nets.contains_key(&outer) || self.local.contains_key(&outer));
             if contained || input_container {
@@ -608,32 +577,13 @@ impl Reconciler {
         }
         let Some(path) = self.state_file.clone() else { return };
         self.last_persist = Instant::now();
-        let fleet = BlocklistSnapshot {
-            version: self.version,
-            entries: self.fleet.iter().map(|(id, entry)| block_entry(*id, entry)).collect(),
-        };
-        // In the local part, `block_id` carries when the block was made.
-        let local = BlocklistSnapshot {
-            version: 0,
-            entries: self
-                .local
-                .values()
-                .map(|e| block_entry(self.local_made.get(&e.net).copied().unwrap_or(0), e))
-                .collect(),
-        };
-        // Third part (absent in files of older agents): the never-blocked
-        // ranges in force, for inspection only.
-        let exclude = Allowlist { ranges: self.exclude.iter().map(|net| Cidr::from(*net)).collect() };
-        let mut bytes = Vec::with_capacity(fleet.encoded_len() + local.encoded_len() + exclude.encoded_len() + 32);
-        bytes.extend_from_slice(STATE_MAGIC);
-        bytes.push(STATE_FORMAT);
-        let encoded = fleet
-            .encode_length_delimited(&mut bytes)
-            .and_then(|()| local.encode_length_delimited(&mut bytes))
-            .and_then(|()| exclude.encode_length_delimited(&mut bytes));
-        if encoded.is_err() {
-            return;
-        }
+        let local_made = |net: &IpNet| self.local_made.get(net).copied().unwrap_or(0);
+        let bytes = state::encode(
+            self.version,
+            self.fleet.iter().map(|(id, entry)| (*id, entry)),
+            self.local.values().map(|entry| (entry, local_made(&entry.net))),
+            &self.exclude,
+        );
         match crate::fsutil::write_atomic(&path, &bytes, 0o600) {
             Ok(()) => self.dirty = false,
             Err(error) => warn!(%error, path = %path.display(), "Cannot persist the blocklist."),
@@ -642,55 +592,18 @@ impl Reconciler {
 
     fn load_state(&mut self) {
         let Some(path) = &self.state_file else { return };
-        let bytes = match std::fs::read(path) {
-            Ok(bytes) => bytes,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return,
-            Err(error) => {
-                warn!(%error, path = %path.display(), "Cannot read the persisted blocklist; starting empty.");
-                return;
-            }
-        };
-        let mut buf = match bytes.strip_prefix(STATE_MAGIC.as_slice()) {
-            Some([format, rest @ ..]) if *format <= STATE_FORMAT => rest,
-            Some(rest) => {
-                warn!(
-                    path = %path.display(),
-                    format = rest.first().map(|f| char::from(*f).to_string()).unwrap_or_default(),
-                    supported = %char::from(STATE_FORMAT),
-                    "The persisted blocklist was written by a newer agent; starting empty (the server's snapshot \
-                     restores the fleet blocks)."
-                );
-                return;
-            }
-            // Format 1: no magic.
-            None => bytes.as_slice(),
-        };
-        let decoded = BlocklistSnapshot::decode_length_delimited(&mut buf)
-            .and_then(|fleet| BlocklistSnapshot::decode_length_delimited(&mut buf).map(|local| (fleet, local)));
-        let Ok((fleet, local)) = decoded else {
-            warn!(path = %path.display(), "The persisted blocklist is damaged; starting empty.");
-            return;
-        };
-        if !buf.is_empty()
-            && let Ok(exclude) = Allowlist::decode_length_delimited(&mut buf)
-        {
-            self.persisted_exclude =
-                exclude.ranges.iter().filter_map(|c| IpNet::try_from(c).ok()).map(|n| n.trunc()).collect();
+        let Some(state) = state::load(path) else { return };
+        self.persisted_exclude = state.exclude;
+        for (id, entry) in state.fleet {
+            self.fleet.insert(id, entry);
         }
-        for block in &fleet.entries {
-            if let Ok(entry) = entry_of(block) {
-                self.fleet.insert(block.block_id, entry);
+        for (entry, made) in state.local {
+            if made > 0 {
+                self.local_made.insert(entry.net, made);
             }
+            self.local.insert(entry.net, entry);
         }
-        for block in &local.entries {
-            if let Ok(entry) = entry_of(block) {
-                if block.block_id > 0 {
-                    self.local_made.insert(entry.net, block.block_id);
-                }
-                self.local.insert(entry.net, entry);
-            }
-        }
-        self.version = fleet.version;
+        self.version = state.version;
         self.stats.version.store(self.version, Ordering::Relaxed);
         info!(
             version = self.version,
@@ -722,20 +635,14 @@ impl Reconciler {
     }
 }
 
-fn block_entry(block_id: i64, entry: &Entry) -> BlockEntry {
-    BlockEntry {
-        block_id,
-        cidr: Some(entry.net.into()),
-        expires_at_ms: entry.expires_at_ms.unwrap_or(0),
-        reason: entry.reason.clone(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::firewall::Staged;
     use crate::firewall::dryrun::DryRun;
+    use crate::firewall::state::STATE_FILE;
+    use fleetban_proto::v1::BlockEntry;
+    use prost::Message as _;
     use std::sync::Mutex;
 
     /// A backend in memory that records its commits.
