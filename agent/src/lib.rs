@@ -18,6 +18,7 @@
 //! - [`detect`]: local abuse rules (slot exhaustion, connection rate, auth
 //!   failures, protocol abuse) with bounded memory.
 //! - [`uplink`]: the gRPC session to the server (enroll, Connect).
+//! - [`host`]: the host's name, own addresses and host id.
 //! - [`firewall`]: backends (nftables, ipset, CSF, dry-run) and the
 //!   reconciler that keeps them equal to the desired set.
 //! - [`pipeline`]: connects the steps with bounded channels.
@@ -36,6 +37,7 @@ pub mod config;
 pub mod detect;
 pub mod firewall;
 pub mod fsutil;
+pub mod host;
 pub mod metrics;
 pub mod notify;
 pub mod parse;

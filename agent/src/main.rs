@@ -303,20 +303,15 @@ fn enroll_cmd(args: EnrollArgs) -> anyhow::Result<()> {
         .or_else(|| config.as_ref().map(|c| c.server.clone()))
         .context("no server: pass --server URL or set `server` in the config file")?;
     let state_dir = config.as_ref().map_or_else(|| PathBuf::from("/var/lib/fleetban"), |c| c.state_dir.clone());
-    let mut addresses = uplink::interface_addresses();
-    if let Some(config) = &config {
-        addresses.extend(config.addresses.iter().copied());
-    }
-    addresses.sort();
-    addresses.dedup();
+    let addresses = fleetban_agent::host::own_addresses(config.as_ref());
     let options = ServerOptions {
         server: server.clone(),
         ca_file: config.as_ref().and_then(|c| c.ca_file.clone()),
         insecure: args.insecure,
     };
-    let host_id =
-        uplink::host_id(&state_dir).with_context(|| format!("cannot keep the host id in {}", state_dir.display()))?;
-    let hostname = uplink::hostname();
+    let host_id = fleetban_agent::host::host_id(&state_dir)
+        .with_context(|| format!("cannot keep the host id in {}", state_dir.display()))?;
+    let hostname = fleetban_agent::host::hostname();
     let enrollment = uplink::Enrollment {
         token: &args.token,
         name: args.name.as_deref(),

@@ -415,14 +415,26 @@ fn spool_loop(
         }
         if disconnected || last_sync.elapsed() >= fsync_interval {
             if unsynced || !positions.is_empty() {
-                let mut guard = spool.lock().unwrap_or_else(PoisonError::into_inner);
-                for (path, position) in positions.drain() {
-                    guard.append_position(position.clone())?;
-                    written.insert(path, position);
+                let ticket = {
+                    let mut guard = spool.lock().unwrap_or_else(PoisonError::into_inner);
+                    for (path, position) in positions.drain() {
+                        guard.append_position(position.clone())?;
+                        written.insert(path, position);
+                    }
+                    guard.prepare_sync()?
+                };
+                // The fsync runs without the lock: the uplink reads and acks
+                // the spool meanwhile.
+                if let Some(ticket) = &ticket {
+                    ticket.run()?;
                 }
-                guard.sync()?;
-                let seq = guard.durable_seq();
-                drop(guard);
+                let seq = {
+                    let mut guard = spool.lock().unwrap_or_else(PoisonError::into_inner);
+                    if let Some(ticket) = ticket {
+                        guard.complete_sync(ticket);
+                    }
+                    guard.durable_seq()
+                };
                 durable.send_replace(seq);
                 stats.syncs.fetch_add(1, Ordering::Relaxed);
                 unsynced = false;

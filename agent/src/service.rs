@@ -64,15 +64,6 @@ pub enum ServiceError {
     },
 }
 
-/// The host's own addresses: its interfaces plus the configured ones.
-pub fn own_addresses(config: &AgentConfig) -> Vec<IpAddr> {
-    let mut addresses = uplink::interface_addresses();
-    addresses.extend(config.addresses.iter().copied());
-    addresses.sort();
-    addresses.dedup();
-    addresses
-}
-
 /// Ranges never blocked: the allowlist, the own addresses and the fleet
 /// server's addresses (see [`server_addresses`]).
 pub fn exclusions(config: &AgentConfig, own: &[IpAddr]) -> Vec<IpNet> {
@@ -436,7 +427,7 @@ impl Services {
     /// status writer. The uplink and the metrics endpoint start with
     /// [`Services::attach`], once the pipeline runs.
     pub fn start(config: &AgentConfig, timezone: Timezone, options: ServiceOptions) -> Result<Services, ServiceError> {
-        let own = own_addresses(config);
+        let own = crate::host::own_addresses(Some(config));
         let exclude = exclusions(config, &own);
         let firewall_stats = Arc::new(FirewallStats::default());
         let backend = backend_for(config, Exec { netns: options.netns.clone() });
@@ -538,7 +529,7 @@ impl Services {
                         insecure: self.insecure,
                     },
                     credentials,
-                    hostname: uplink::hostname(),
+                    hostname: crate::host::hostname(),
                     addresses: self.own.clone(),
                     spool: spool.clone(),
                     durable,

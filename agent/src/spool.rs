@@ -100,6 +100,24 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
     move |source| SpoolError::Io { path: path.to_owned(), error: source }
 }
 
+/// An fsync prepared by [`Spool::prepare_sync`], run without the spool.
+#[derive(Debug)]
+pub struct SyncTicket {
+    /// A second handle of the active segment (the same open file).
+    file: File,
+    path: PathBuf,
+    /// The newest seq written when it was prepared.
+    seq: u64,
+    writes: u64,
+}
+
+impl SyncTicket {
+    /// Makes the segment's data durable (one fsync).
+    pub fn run(&self) -> Result<(), SpoolError> {
+        self.file.sync_data().map_err(io_err(&self.path))
+    }
+}
+
 /// Size limits of a spool.
 #[derive(Debug, Clone, Copy)]
 pub struct SpoolOptions {
@@ -227,6 +245,9 @@ pub struct Spool {
     next_seq: u64,
     durable_seq: u64,
     dirty: bool,
+    /// Records written since open (a [`SyncTicket`] knows whether any came
+    /// after it).
+    writes: u64,
     state: State,
     /// Newest checkpoint of each source, and the segment it is stored in.
     positions: HashMap<String, (SourcePosition, u64)>,
@@ -271,6 +292,7 @@ impl Spool {
             next_seq,
             durable_seq: next_seq - 1,
             dirty: false,
+            writes: 0,
             state,
             positions: scan.positions,
             buffer: Vec::with_capacity(64 * 1024),
@@ -362,6 +384,34 @@ impl Spool {
         Ok(())
     }
 
+    /// Prepares an fsync of everything appended so far that runs without
+    /// the spool (its lock): appends go on while the disk syncs, and
+    /// [`Spool::complete_sync`] then records what became durable. `None`:
+    /// nothing to sync.
+    pub fn prepare_sync(&mut self) -> Result<Option<SyncTicket>, SpoolError> {
+        if !self.dirty {
+            return Ok(None);
+        }
+        let (Some(file), Some(segment)) = (&self.active, self.segments.back()) else {
+            // Nothing written since the last roll (which synced).
+            self.dirty = false;
+            self.durable_seq = self.next_seq - 1;
+            return Ok(None);
+        };
+        let file = file.try_clone().map_err(io_err(&segment.path))?;
+        Ok(Some(SyncTicket { file, path: segment.path.clone(), seq: self.next_seq - 1, writes: self.writes }))
+    }
+
+    /// Records a [`SyncTicket`] that ran: its seq is durable, and the spool is
+    /// clean unless something was written after it was prepared. (A roll in
+    /// between synced the closing segment itself.)
+    pub fn complete_sync(&mut self, ticket: SyncTicket) {
+        self.durable_seq = self.durable_seq.max(ticket.seq);
+        if self.writes == ticket.writes {
+            self.dirty = false;
+        }
+    }
+
     /// Writes one record, encoded exactly as an `EventBatch` message (without
     /// copying the events into one).
     fn write_record(
@@ -401,6 +451,7 @@ impl Spool {
         }
         segment.bytes += self.buffer.len() as u64;
         self.dirty = true;
+        self.writes += 1;
         if segment.bytes >= self.options.segment_bytes {
             self.roll = true;
         }
@@ -836,6 +887,43 @@ mod tests {
             SpoolStatus { pending_batches: 100, pending_events: 200, bytes: spool.total_bytes(), dropped_events: 0 }
         );
         assert!(spool.segments.len() > 2, "small segments roll over");
+    }
+
+    /// An fsync prepared under the lock and run outside it makes exactly
+    /// what was written before it durable; what came after (a batch, a
+    /// position) keeps the spool dirty, and a roll in between is no harm.
+    #[test]
+    fn a_sync_outside_the_lock_covers_what_came_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _) = Spool::open(dir.path(), small()).unwrap();
+        assert!(spool.prepare_sync().unwrap().is_none(), "nothing to sync");
+        spool.append(&[event(1)], &position(10)).unwrap();
+        let first = spool.durable_seq() + 1;
+        let ticket = spool.prepare_sync().unwrap().expect("dirty");
+        spool.append(&[event(2)], &position(20)).unwrap();
+        ticket.run().unwrap();
+        spool.complete_sync(ticket);
+        assert_eq!(spool.durable_seq(), first, "only the batch before the ticket");
+        assert!(spool.is_dirty(), "the later batch is not durable yet");
+        let ticket = spool.prepare_sync().unwrap().expect("dirty");
+        spool.append_position(position(30)).unwrap();
+        ticket.run().unwrap();
+        spool.complete_sync(ticket);
+        assert_eq!(spool.durable_seq(), first + 1);
+        assert!(spool.is_dirty(), "a position written after the ticket still needs a sync");
+        let ticket = spool.prepare_sync().unwrap().expect("dirty");
+        // Enough to roll into new segments before the ticket completes.
+        for n in 3..200 {
+            spool.append(&[event(n)], &position(u64::from(n) * 10)).unwrap();
+        }
+        let rolled = spool.durable_seq();
+        assert!(rolled > first + 1, "a roll synced the closing segment");
+        ticket.run().unwrap();
+        spool.complete_sync(ticket);
+        assert_eq!(spool.durable_seq(), rolled, "a ticket never moves the durable seq back");
+        spool.sync().unwrap();
+        assert_eq!(spool.durable_seq(), spool.next_seq() - 1);
+        assert!(!spool.is_dirty());
     }
 
     #[test]

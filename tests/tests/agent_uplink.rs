@@ -231,7 +231,7 @@ async fn enrolling_again_replaces_and_another_host_is_refused(pool: PgPool) {
     let enroll = |state_dir: std::path::PathBuf| {
         let (server_options, token) = (server_options.clone(), token.clone());
         async move {
-            let host_id = uplink::host_id(&state_dir).unwrap();
+            let host_id = fleetban_agent::host::host_id(&state_dir).unwrap();
             let enrollment = uplink::Enrollment {
                 token: &token,
                 name: Some("mx1"),
@@ -244,7 +244,7 @@ async fn enrolling_again_replaces_and_another_host_is_refused(pool: PgPool) {
     };
     let first = enroll(host_a.path().to_owned()).await.unwrap();
     assert!(!first.reenrolled);
-    assert!(host_a.path().join(uplink::HOST_ID_FILE).is_file());
+    assert!(host_a.path().join(fleetban_agent::host::HOST_ID_FILE).is_file());
     let again = enroll(host_a.path().to_owned()).await.unwrap();
     assert!(again.reenrolled);
     assert_eq!(again.credentials.agent_id, first.credentials.agent_id);
