@@ -288,13 +288,11 @@ pub(crate) async fn check_policy_for(
     if let Some(range) = policy.never_block().iter().find(|r| r.contains(&cidr) || cidr.contains(*r)) {
         return Err(Refusal::NeverBlock { cidr, range: *range }.into());
     }
-    let allowed: Option<IpNet> = sqlx::query_scalar(
-        "select cidr from allowlist where cidr && $1::cidr and (expires_at is null or expires_at > now()) \
-         order by masklen(cidr) limit 1",
-    )
-    .bind(cidr)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let allowed: Option<IpNet> =
+        sqlx::query_scalar("select cidr from live_allowlist where cidr && $1::cidr order by masklen(cidr) limit 1")
+            .bind(cidr)
+            .fetch_optional(&mut *conn)
+            .await?;
     if let Some(entry) = allowed {
         return Err(Refusal::Allowlisted { cidr, entry }.into());
     }
@@ -541,12 +539,8 @@ pub async fn snapshot(pool: &PgPool) -> Result<BlocklistSnapshot, BlockError> {
     let mut tx = pool.begin().await?;
     sqlx::query("set transaction isolation level repeatable read, read only").execute(&mut *tx).await?;
     let version: i64 = sqlx::query_scalar("select last from block_version").fetch_one(&mut *tx).await?;
-    let rows: Vec<(i64, IpNet, Option<OffsetDateTime>, String)> = sqlx::query_as(
-        "select id, cidr, expires_at, reason from blocks \
-         where revoked_at is null and (expires_at is null or expires_at > now()) order by id",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
+    let rows: Vec<(i64, IpNet, Option<OffsetDateTime>, String)> =
+        sqlx::query_as("select id, cidr, expires_at, reason from live_blocks order by id").fetch_all(&mut *tx).await?;
     tx.commit().await?;
     Ok(BlocklistSnapshot {
         version: u64::try_from(version).unwrap_or(0),

@@ -296,9 +296,7 @@ async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
 
 /// The live allowlist entries, in address order.
 pub async fn live_allowlist(pool: &PgPool) -> Result<Vec<IpNet>, sqlx::Error> {
-    sqlx::query_scalar("select cidr from allowlist where expires_at is null or expires_at > now() order by cidr")
-        .fetch_all(pool)
-        .await
+    sqlx::query_scalar("select cidr from live_allowlist order by cidr").fetch_all(pool).await
 }
 
 /// The allowlist as the agents receive it.

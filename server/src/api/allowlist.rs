@@ -42,17 +42,15 @@ pub struct AllowEntry {
     pub expires_at: Option<OffsetDateTime>,
 }
 
-const LIVE: &str = "(expires_at is null or expires_at > now())";
 const COLUMNS: &str = "id, cidr, note, created_by, created_at, expires_at";
 
 /// Every live allowlist entry.
 #[utoipa::path(get, path = "/api/v1/allowlist", tag = "allowlist", security(("bearer" = [])),
     responses((status = 200, body = [AllowEntry]), (status = 401, body = super::error::ErrorBody)))]
 pub async fn list(State(state): State<AppState>, _caller: Caller) -> Result<Json<Vec<AllowEntry>>, ApiError> {
-    let entries =
-        sqlx::query_as::<_, AllowEntry>(&format!("select {COLUMNS} from allowlist where {LIVE} order by cidr"))
-            .fetch_all(&state.pool)
-            .await?;
+    let entries = sqlx::query_as::<_, AllowEntry>(&format!("select {COLUMNS} from live_allowlist order by cidr"))
+        .fetch_all(&state.pool)
+        .await?;
     Ok(Json(entries))
 }
 
@@ -132,7 +130,7 @@ pub(crate) async fn insert(
     sqlx::query_as::<_, AllowEntry>(&format!(
         "insert into allowlist (cidr, note, created_by, expires_at) \
          select $1, $2, $3, now() + make_interval(secs => $4) \
-         where not exists (select 1 from allowlist where cidr = $1 and {LIVE}) \
+         where not exists (select 1 from live_allowlist where cidr = $1) \
          returning {COLUMNS}"
     ))
     .bind(cidr)
@@ -145,13 +143,7 @@ pub(crate) async fn insert(
 
 /// Ids of the live blocks overlapping `cidr`.
 pub(crate) async fn overlapping_blocks(conn: &mut PgConnection, cidr: IpNet) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar(
-        "select id from blocks where revoked_at is null and (expires_at is null or expires_at > now()) \
-         and cidr && $1::cidr order by id",
-    )
-    .bind(cidr)
-    .fetch_all(conn)
-    .await
+    sqlx::query_scalar("select id from live_blocks where cidr && $1::cidr order by id").bind(cidr).fetch_all(conn).await
 }
 
 /// Adds an entry; live blocks overlapping it are no longer enforced inside
@@ -210,10 +202,12 @@ pub async fn delete_by_cidr(
     ApiQuery(query): ApiQuery<DeleteQuery>,
 ) -> Result<StatusCode, ApiError> {
     let cidr = params::cidr("cidr", &query.cidr)?;
-    let ids: Vec<i64> = sqlx::query_scalar(&format!("delete from allowlist where cidr = $1 and {LIVE} returning id"))
-        .bind(cidr)
-        .fetch_all(&state.pool)
-        .await?;
+    let ids: Vec<i64> = sqlx::query_scalar(&format!(
+        "delete from allowlist where id in (select id from live_allowlist where cidr = $1) returning id"
+    ))
+    .bind(cidr)
+    .fetch_all(&state.pool)
+    .await?;
     if ids.is_empty() {
         return Err(ApiError::not_found(format!("{cidr} is not allowlisted")));
     }

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::auth::Caller;
 use super::error::{ApiError, ApiPath, ApiQuery};
-use super::{AppState, LIVE_BLOCK, params};
+use super::{AppState, params};
 use crate::asn::{self, AsnInfo};
 use crate::eventlog;
 
@@ -91,7 +91,7 @@ fn select() -> String {
         "select o.address as ip, o.hosts, o.events, o.first_seen, o.last_seen, \
            coalesce((select array_agg(distinct h.kind) from offender_hosts h where h.address = o.address), '{{}}') \
              as kinds, \
-           exists (select 1 from blocks b where {LIVE_BLOCK} and b.cidr >>= o.address) as blocked, \
+           exists (select 1 from live_blocks b where b.cidr >>= o.address) as blocked, \
            x.asn, x.name as as_name, x.country \
          from offenders o left join lateral ({}) x on true",
         asn::lookup_sql("o.address")
@@ -242,7 +242,7 @@ pub async fn get(
         }
     }
     let blocks = sqlx::query_as::<_, BlockRef>(&format!(
-        "select b.id, b.cidr, b.reason, b.source, b.created_at, b.expires_at, ({LIVE_BLOCK}) as active \
+        "select b.id, b.cidr, b.reason, b.source, b.created_at, b.expires_at, exists(select 1 from live_blocks l where l.id = b.id) as active \
          from blocks b where b.cidr >>= $1 order by b.id desc limit 50"
     ))
     .bind(host)

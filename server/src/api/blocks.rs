@@ -19,7 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::{Admin, Caller, audit};
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery};
-use super::{AppState, LIVE_BLOCK, next_cursor_headers, params};
+use super::{AppState, next_cursor_headers, params};
 use crate::blocks::{self as store, BlockError, BlockSource, NewBlock};
 
 /// Filters of the block list.
@@ -140,10 +140,9 @@ impl From<BlockRow> for Block {
 fn select() -> String {
     format!(
         "select b.id, b.cidr, b.reason, b.source, b.created_by, b.created_at, b.expires_at, b.revoked_at, \
-           ({LIVE_BLOCK}) as active, \
+           exists(select 1 from live_blocks l where l.id = b.id) as active, \
            (select case when count(*) = 0 then null when bool_or(a.cidr >>= b.cidr) then 'whole' else 'part' end \
-              from allowlist a \
-              where a.cidr && b.cidr and (a.expires_at is null or a.expires_at > now())) as suppressed, \
+              from live_allowlist a where a.cidr && b.cidr) as suppressed, \
            b.evidence, \
            ev.agents as ev_agents, ev.kinds as ev_kinds, ev.events as ev_events, ev.first_seen as ev_first, \
            ev.last_seen as ev_last \
@@ -179,7 +178,7 @@ pub async fn list(
     let cidr = query.cidr.as_deref().map(|v| params::cidr("cidr", v)).transpose()?;
     let cursor = query.cursor.as_deref().map(params::parse_id_cursor).transpose()?;
     let mut rows = sqlx::query_as::<_, BlockRow>(&format!(
-        "{} where (not $1 or ({LIVE_BLOCK})) and ($2::inet is null or b.cidr >>= $2) \
+        "{} where (not $1 or b.id in (select id from live_blocks)) and ($2::inet is null or b.cidr >>= $2) \
            and ($3::cidr is null or b.cidr = $3) and ($4::bigint is null or b.id < $4) \
          order by b.id desc limit $5",
         select()

@@ -61,9 +61,6 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Longest a request may take before it is answered 408.
 pub const REQUEST_TIMEOUT: Duration = crate::config::HTTP_REQUEST_TIMEOUT;
 
-/// SQL condition: the block `b` is live now.
-pub(crate) const LIVE_BLOCK: &str = "b.revoked_at is null and (b.expires_at is null or b.expires_at > now())";
-
 /// Shared state of every HTTP handler.
 #[derive(Clone, Debug)]
 pub struct AppState {

@@ -10,9 +10,9 @@ use serde::Serialize;
 use sqlx::PgPool;
 use utoipa::ToSchema;
 
+use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
-use super::{AppState, LIVE_BLOCK};
 
 /// Fleet statistics.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -60,7 +60,7 @@ pub async fn compute(pool: &PgPool) -> Result<Stats, sqlx::Error> {
              as events_1m, \
            (select count(*) from events where time >= now() - interval '1 hour' and time <= now() + interval '1 minute') \
              as events_1h, \
-           (select count(*) from blocks b where {LIVE_BLOCK}) as active_blocks, \
+           (select count(*) from live_blocks) as active_blocks, \
            (select count(*) from agents where connected and revoked_at is null) as agents_connected, \
            (select count(*) from agents where revoked_at is null) as agents_total, \
            (select coalesce(max(version), 0) from block_changes) as blocklist_version, \
@@ -78,9 +78,7 @@ pub async fn compute(pool: &PgPool) -> Result<Stats, sqlx::Error> {
     .fetch_all(pool)
     .await?;
     let by_source: Vec<(String, i64)> =
-        sqlx::query_as(&format!("select source, count(*) from blocks b where {LIVE_BLOCK} group by source"))
-            .fetch_all(pool)
-            .await?;
+        sqlx::query_as(&format!("select source, count(*) from live_blocks group by source")).fetch_all(pool).await?;
     Ok(Stats {
         events_per_sec_1m: s.events_1m as f64 / 60.0,
         events_per_sec_1h: s.events_1h as f64 / 3600.0,

@@ -111,13 +111,10 @@ pub async fn import(
                 None => summary.already_present.push(done),
             },
             List::Block => {
-                let live: bool = sqlx::query_scalar(
-                    "select exists(select 1 from blocks where cidr = $1::cidr and revoked_at is null \
-                     and (expires_at is null or expires_at > now()))",
-                )
-                .bind(row.cidr)
-                .fetch_one(&mut *tx)
-                .await?;
+                let live: bool = sqlx::query_scalar("select exists(select 1 from live_blocks where cidr = $1::cidr)")
+                    .bind(row.cidr)
+                    .fetch_one(&mut *tx)
+                    .await?;
                 if live {
                     summary.already_present.push(done);
                     continue;
@@ -197,12 +194,10 @@ pub async fn export(
     };
     let mut entries = Vec::new();
     if blocks {
-        let rows: Vec<(ipnet::IpNet, String, Option<OffsetDateTime>)> = sqlx::query_as(
-            "select cidr, reason, expires_at from blocks where revoked_at is null \
-             and (expires_at is null or expires_at > now()) order by cidr",
-        )
-        .fetch_all(&state.pool)
-        .await?;
+        let rows: Vec<(ipnet::IpNet, String, Option<OffsetDateTime>)> =
+            sqlx::query_as("select cidr, reason, expires_at from live_blocks order by cidr")
+                .fetch_all(&state.pool)
+                .await?;
         entries.extend(rows.into_iter().map(|(cidr, reason, expires)| Exported {
             cidr,
             list: List::Block,
@@ -211,11 +206,10 @@ pub async fn export(
         }));
     }
     if allows {
-        let rows: Vec<(ipnet::IpNet, String, Option<OffsetDateTime>)> = sqlx::query_as(
-            "select cidr, note, expires_at from allowlist where expires_at is null or expires_at > now() order by cidr",
-        )
-        .fetch_all(&state.pool)
-        .await?;
+        let rows: Vec<(ipnet::IpNet, String, Option<OffsetDateTime>)> =
+            sqlx::query_as("select cidr, note, expires_at from live_allowlist order by cidr")
+                .fetch_all(&state.pool)
+                .await?;
         entries.extend(rows.into_iter().map(|(cidr, reason, expires)| Exported {
             cidr,
             list: List::Allow,

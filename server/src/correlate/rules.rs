@@ -191,8 +191,7 @@ impl Correlator {
         let list: Vec<IpNet> = targets.keys().copied().collect();
         let open: Vec<IpNet> = sqlx::query_scalar(
             "select t.target from unnest($1::cidr[]) as t(target) \
-             where not exists (select 1 from blocks b where b.revoked_at is null and b.cidr >>= t.target \
-                               and (b.expires_at is null or b.expires_at > now()))",
+             where not exists (select 1 from live_blocks b where b.cidr >>= t.target)",
         )
         .bind(&list)
         .fetch_all(&self.pool)

@@ -41,8 +41,7 @@ pub(super) async fn standing(
     offence_window_secs: u64,
 ) -> Result<(bool, i64), sqlx::Error> {
     sqlx::query_as(
-        "select exists(select 1 from blocks where revoked_at is null and cidr >>= $1::cidr \
-                   and (expires_at is null or expires_at > now())), \
+        "select exists(select 1 from live_blocks where cidr >>= $1::cidr), \
                 (select count(*) from blocks \
                    where (cidr >>= $1::cidr or ($2 and cidr << $1::cidr)) \
                    and created_at >= now() - make_interval(secs => $3) \
