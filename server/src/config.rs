@@ -57,6 +57,12 @@ pub struct ServerConfig {
     /// Connection discipline of both listeners and the throttle of failed
     /// agent authentication.
     pub limits: LimitsConfig,
+    /// Blocklist feeds (`[[feed]]`), fetched periodically into blocks with
+    /// `source = feed`; see [`crate::feeds::FeedConfig`]. Default: none.
+    pub feed: Vec<crate::feeds::FeedConfig>,
+    /// ASN and country policy (`[geo]`); see [`crate::geo::GeoConfig`].
+    /// Default: none.
+    pub geo: crate::geo::GeoConfig,
 }
 
 /// `[limits]`: what one client may hold of the server. See
@@ -195,6 +201,8 @@ impl Default for ServerConfig {
             advertised_addresses: Vec::new(),
             correlate: CorrelateConfig::default(),
             limits: LimitsConfig::default(),
+            feed: Vec::new(),
+            geo: crate::geo::GeoConfig::default(),
         }
     }
 }
@@ -337,6 +345,14 @@ impl ServerConfig {
         }
         self.correlate.validate()?;
         self.limits.validate()?;
+        let mut names = std::collections::BTreeSet::new();
+        for feed in &self.feed {
+            feed.validate().map_err(|problem| ConfigError::Invalid { key: "feed", problem })?;
+            if !names.insert(feed.name.as_str()) {
+                return Err(ConfigError::Invalid { key: "feed", problem: format!("two feeds named {:?}", feed.name) });
+            }
+        }
+        self.geo.validate().map_err(|error| ConfigError::Invalid { key: "geo", problem: error.to_string() })?;
         Ok(())
     }
 

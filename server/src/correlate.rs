@@ -536,6 +536,8 @@ pub struct Correlator {
     config: Arc<CorrelateConfig>,
     rules: Rules,
     protected: Arc<Vec<String>>,
+    /// ASN/country evidence multipliers ([`crate::geo`]).
+    geo: Arc<crate::geo::GeoPolicy>,
 }
 
 /// Seconds as the `double precision` that `make_interval(secs => ..)` takes.
@@ -638,7 +640,13 @@ impl Correlator {
     pub fn new(pool: PgPool, config: CorrelateConfig) -> Self {
         let rules = config.resolved_rules();
         let protected = Arc::new(config.protected_domains());
-        Correlator { pool, config: Arc::new(config), rules, protected }
+        Correlator { pool, config: Arc::new(config), rules, protected, geo: Arc::default() }
+    }
+
+    /// Judges with the evidence multipliers of `geo`.
+    pub fn with_geo(mut self, geo: Arc<crate::geo::GeoPolicy>) -> Self {
+        self.geo = geo;
+        self
     }
 
     /// The policy in force.
@@ -751,8 +759,9 @@ impl Correlator {
         now: OffsetDateTime,
     ) -> Result<Option<Finding>, sqlx::Error> {
         let a = self.assess(conn, range, now).await?;
-        let Some(verdict) = policy::judge(&self.rules, &a.tally) else {
-            if a.tally.protected && policy::judge(&self.rules, &Tally { protected: false, ..a.tally }).is_some() {
+        let rules = self.geo.adjust_rules(conn, range, &self.rules).await?;
+        let Some(verdict) = policy::judge(&rules, &a.tally) else {
+            if a.tally.protected && policy::judge(&rules, &Tally { protected: false, ..a.tally }).is_some() {
                 metrics::counter!(SPARED, "why" => "protected").increment(1);
             }
             return Ok(None);

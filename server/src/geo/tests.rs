@@ -1,0 +1,1 @@
+//! Tests of the ASN/country policy; see `super`.
