@@ -272,7 +272,7 @@ mod tests {
                     2026-11-02,\"198.51.100.0/24\",7\n2026-11-03\n2026-11-04,,1\n\"2026\",\"203.0.113.10\",\"x,y\"\n";
         let options = ParseOptions { format: FeedFormat::Csv, csv_column: 2, csv_header: true };
         let list = parse(body.as_bytes(), &options);
-        assert_eq!(nets(&list), ["198.51.100.0/24", "203.0.113.10/32", "203.0.113.9/32"]);
+        assert_eq!(nets(&list), ["198.51.100.0/24", "203.0.113.9/32", "203.0.113.10/32"]);
         assert_eq!(list.bad_lines, 2, "{:?}", list.samples);
         // Without the header option the header row is a bad line.
         let list = parse(body.as_bytes(), &ParseOptions { csv_header: false, ..options });
