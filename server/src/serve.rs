@@ -192,7 +192,8 @@ pub async fn run(
     let app = api::router(
         api::AppState::new(pool, options.correlate.clone())
             .with_stats(options.stats.clone())
-            .with_feeds(options.feeds.clone()),
+            .with_feeds(options.feeds.clone())
+            .with_geo(options.geo.clone()),
     );
     let http_gate = Gate::new(Listener::Http, GateLimits::http(&options.limits));
     let http_server = serve_http(

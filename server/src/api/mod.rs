@@ -78,12 +78,21 @@ pub struct AppState {
     pub stats: Option<Arc<crate::session::Stats>>,
     /// The configured blocklist feeds and ASN block rules.
     pub feeds: Arc<crate::feeds::Feeds>,
+    /// The country database and ASN/country policy (countries shown in the
+    /// attacker views and reports).
+    pub geo: Arc<crate::geo::GeoPolicy>,
 }
 
 impl AppState {
     /// State over `pool` with `policy`.
     pub fn new(pool: PgPool, policy: CorrelateConfig) -> Self {
-        AppState { pool, policy: Arc::new(policy), stats: None, feeds: Arc::default() }
+        AppState { pool, policy: Arc::new(policy), stats: None, feeds: Arc::default(), geo: Arc::default() }
+    }
+
+    /// Shows countries from `geo`'s country database.
+    pub fn with_geo(mut self, geo: Arc<crate::geo::GeoPolicy>) -> Self {
+        self.geo = geo;
+        self
     }
 
     /// Serves the status and refresh of `feeds`.

@@ -235,3 +235,53 @@ fn ranges_become_exact_cidrs() {
     assert_eq!(range_cidrs(ip("2001:db8::"), ip("2001:db8::ffff")), vec![net("2001:db8::/112")]);
     assert!(range_cidrs(ip("192.0.2.1"), ip("2001:db8::1")).is_empty());
 }
+
+#[sqlx::test(migrator = "crate::db::MIGRATOR")]
+async fn the_attacker_view_and_the_report_show_the_country(pool: PgPool) {
+    use tower::ServiceExt;
+    let dir = tempfile::tempdir().unwrap();
+    let geo = Arc::new(GeoPolicy::load(&geo_config(country_file(&dir))).unwrap());
+    let app = crate::api::router(crate::api::AppState::new(pool.clone(), CorrelateConfig::default()).with_geo(geo));
+    let token = crate::api::auth::create_token(&pool, crate::api::auth::Role::Read, Some("t")).await.unwrap().token;
+    let mx1 = agent(&pool).await;
+    for (address, raw) in [("203.0.113.9", "535 from NL"), ("192.0.2.9", "535 from nowhere known")] {
+        sqlx::query(
+            "insert into offender_hosts (address, agent_id, kind, first_seen, last_seen, events, sample_raw) \
+             values ($1, $2, 'auth_failed', now(), now(), 3, $3)",
+        )
+        .bind(IpNet::from(ip(address)))
+        .bind(mx1)
+        .bind(raw)
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "insert into offenders (address, first_seen, last_seen, events, hosts) values ($1, now(), now(), 3, 1)",
+        )
+        .bind(IpNet::from(ip(address)))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let get = |uri: String| {
+        let request = axum::http::Request::builder()
+            .uri(uri)
+            .header("authorization", format!("Bearer {token}"))
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let app = app.clone();
+        async move {
+            let response = app.oneshot(request).await.unwrap();
+            assert_eq!(response.status(), axum::http::StatusCode::OK);
+            axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap().to_vec()
+        }
+    };
+    let detail: serde_json::Value = serde_json::from_slice(&get("/api/v1/attackers/203.0.113.9".into()).await).unwrap();
+    assert_eq!(detail["country"], "NL");
+    assert_eq!(detail["summary"]["country"], "NL");
+    let list: serde_json::Value = serde_json::from_slice(&get("/api/v1/attackers".into()).await).unwrap();
+    let countries: Vec<&serde_json::Value> = list.as_array().unwrap().iter().map(|a| &a["country"]).collect();
+    assert!(countries.contains(&&serde_json::json!("NL")) && countries.contains(&&serde_json::Value::Null));
+    let report = String::from_utf8(get("/api/v1/reports/abuse?target=203.0.113.9".into()).await).unwrap();
+    assert!(report.contains("\nCountry: NL\n"), "{report}");
+}
