@@ -369,3 +369,63 @@ async fn api_lists_and_refreshes_feeds(pool: PgPool) {
         .unwrap();
     assert_eq!(audited, 2);
 }
+
+async fn fleetban_cli(url: &str, token: &str, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetban"))
+        .env_remove("FLEETBAN_URL")
+        .env_remove("FLEETBAN_TOKEN")
+        .args(["--url", url, "--token", token])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap()
+}
+
+/// The running server refreshes its feeds on its own (the first tick is at
+/// start), and `fleetban feeds` / `fleetban feed refresh NAME` show and
+/// drive them.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn the_server_refreshes_feeds_and_the_cli_shows_them(pool: PgPool) {
+    let t = common::tokens(&pool).await;
+    let served: Served = Arc::new(Mutex::new((200, b"203.0.113.0/24 ; SBL1\n198.51.100.0/24 ; SBL2\n".to_vec())));
+    let addr = list_server(served.clone()).await;
+    let feeds = Feeds::new(vec![feed("drop", &format!("http://{addr}/list"), FeedFormat::Drop)], vec![]).unwrap();
+    let options = fleetban_server::serve::Options { feeds: Arc::new(feeds), ..Default::default() };
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", http.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let listeners = fleetban_server::serve::Listeners { grpc, http };
+    let server = tokio::spawn(fleetban_server::serve::run(pool.clone(), options, listeners, async move {
+        let _ = stopped.await;
+    }));
+
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !blocked(&pool, "198.51.100.9").await {
+        assert!(tokio::time::Instant::now() < deadline, "the server did not refresh its feed");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let out = fleetban_cli(&url, &t.read, &["feeds"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8(out.stdout).unwrap();
+    let row = table.lines().find(|l| l.starts_with("drop ")).unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains(" ok ") && row.contains(&format!("http://{addr}/list")), "{row}");
+
+    *served.lock().unwrap() = (500, Vec::new());
+    let out = fleetban_cli(&url, &t.admin, &["feed", "refresh", "drop"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("drop: failed: HTTP status 500") && text.contains("previous list stays"), "{text}");
+    let out = fleetban_cli(&url, &t.read, &["--json", "feeds"]).await;
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json[0]["status"], "failed");
+    assert_eq!(json[0]["entries"], 2);
+    assert!(blocked(&pool, "198.51.100.9").await, "the previous list stays in force");
+    let out = fleetban_cli(&url, &t.admin, &["feed", "refresh", "nope"]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no feed named"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(15), server).await.unwrap().unwrap().unwrap();
+}
