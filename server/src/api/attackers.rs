@@ -183,7 +183,7 @@ pub struct BlockRef {
     pub cidr: IpNet,
     /// Reason.
     pub reason: String,
-    /// `auto`, `agent` or `manual`.
+    /// `auto`, `agent`, `manual`, `feed` (a blocklist feed) or `policy` (an ASN rule).
     pub source: String,
     /// Created.
     #[serde(with = "time::serde::rfc3339")]
