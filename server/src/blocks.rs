@@ -469,7 +469,7 @@ pub(crate) async fn revoke_covered_by_in(
 /// Retires the live blocks `ids` (a feed entry gone from its list): a
 /// `remove` change each, cause `expired` (not an operator's revocation).
 /// Returns how many were live.
-pub(crate) async fn retire_in(conn: &mut PgConnection, ids: &[i64], reason: &str) -> Result<u64, BlockError> {
+pub(crate) async fn retire_in(conn: &mut PgConnection, ids: &[i64], reason: &str) -> Result<u64, sqlx::Error> {
     if ids.is_empty() {
         return Ok(0);
     }

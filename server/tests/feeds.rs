@@ -135,6 +135,7 @@ async fn drop_feed_blocks_with_source_feed_carved_around_the_allowlist(pool: PgP
     let sbl = live.iter().find(|(c, ..)| *c == net("203.0.113.0/25")).unwrap();
     assert_eq!(sbl.2["label"], "SBL101");
     assert_eq!(sbl.2["entry"], "203.0.113.0/25");
+    assert_eq!(sbl.2["escalates"], false, "third-party data never escalates to a prefix");
 
     // The blocks are in the blocklist agents are pushed.
     let snapshot = blocks::snapshot(&pool).await.unwrap();

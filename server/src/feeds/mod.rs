@@ -5,7 +5,8 @@
 //!
 //! A refresh of one list runs on one replica at a time (a transaction-level
 //! advisory lock per list; a replica that finds it held skips it) and is one
-//! transaction:
+//! transaction, held open during the fetch (at most `timeout_secs`) so that
+//! the lock covers it:
 //!
 //! 1. fetch and parse ([`parse`]); malformed lines are skipped and counted;
 //! 2. refuse the new list and keep the previous one when the fetch failed,
@@ -237,16 +238,6 @@ pub enum FeedError {
     /// The database failed.
     #[error("feed database error: {0}")]
     Database(#[from] sqlx::Error),
-}
-
-impl From<BlockError> for FeedError {
-    fn from(error: BlockError) -> Self {
-        match error {
-            BlockError::Database(error) => FeedError::Database(error),
-            // Refusals are counted where they happen; none reaches here.
-            BlockError::Refused(refusal) => FeedError::Database(sqlx::Error::Protocol(refusal.to_string())),
-        }
-    }
 }
 
 /// What one refresh did.
@@ -746,10 +737,13 @@ async fn apply(
                 any = true;
                 continue;
             }
+            // Third-party data never counts towards correlation's prefix
+            // escalation (`escalates`), like a sender in good standing.
             let evidence = serde_json::json!({
                 "feed": spec.name,
                 "entry": entry.to_string(),
                 "label": label,
+                "escalates": false,
             });
             let new = NewBlock {
                 cidr: piece,
