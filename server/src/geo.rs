@@ -76,6 +76,15 @@ pub struct AsnBlockRule {
     /// counted in the rule's status.
     #[serde(default)]
     pub allow_broad: bool,
+    /// A re-read that lost more than this share of the AS's ranges is
+    /// refused (the previous ranges stay blocked), percent (0 to 100; 100
+    /// accepts any shrink, e.g. after a deliberate re-import). Default 50.
+    #[serde(default = "default_max_shrink_percent")]
+    pub max_shrink_percent: u32,
+}
+
+fn default_max_shrink_percent() -> u32 {
+    50
 }
 
 fn default_refresh_secs() -> u64 {
@@ -144,6 +153,9 @@ impl GeoConfig {
             {
                 return invalid("block_asn.ttl_secs", format!("AS{}: must be at least twice refresh_secs", rule.asn));
             }
+            if rule.max_shrink_percent > 100 {
+                return invalid("block_asn.max_shrink_percent", format!("AS{}: must be 0 to 100", rule.asn));
+            }
         }
         for rule in &self.evidence {
             match (&rule.asn, &rule.country) {
@@ -181,7 +193,7 @@ impl AsnBlockRule {
             allow_broad: self.allow_broad,
             max_entries: None,
             max_bad_lines_percent: 100,
-            max_shrink_percent: 50,
+            max_shrink_percent: self.max_shrink_percent,
         }
     }
 
