@@ -30,7 +30,8 @@
 //! entry added later inside a feed's block suppresses it on the agents at
 //! once (as for any block) and the next refresh re-carves the entry.
 //! The status of every list is in `feeds` (`GET /api/v1/feeds`,
-//! `fleetban feeds`).
+//! `fleetban feeds`). A feed taken out of the configuration is no longer
+//! refreshed: its blocks run out their TTL.
 
 pub mod parse;
 

@@ -42,6 +42,7 @@ fn geo_config(path: PathBuf) -> GeoConfig {
         evidence: vec![
             EvidenceRule { asn: None, country: Some("NL".into()), factor_percent: 200 },
             EvidenceRule { asn: None, country: Some("de".into()), factor_percent: 50 },
+            EvidenceRule { asn: Some(64501), country: None, factor_percent: 300 },
         ],
     }
 }
@@ -58,6 +59,9 @@ fn the_country_database_is_read() {
     let nl = Origin { asn: None, country: Some("NL".into()) };
     assert_eq!(geo.factor_percent(&nl), 200);
     assert_eq!(geo.factor_percent(&Origin::default()), 100);
+    let nl_as = Origin { asn: Some(64501), country: Some("NL".into()) };
+    assert_eq!(geo.factor_percent(&nl_as), 300, "an AS rule wins over a country rule");
+    assert_eq!(geo.factor_percent(&Origin { asn: Some(64502), country: Some("NL".into()) }), 200);
 
     // A file that is not a MaxMind DB, a missing file: clear errors.
     let junk = dir.path().join("junk.mmdb");
@@ -224,6 +228,16 @@ async fn an_asn_rule_blocks_the_as_carved_by_the_allowlist(pool: PgPool) {
         .unwrap();
     let outcome = feeds.refresh(&pool, &policy, "asn:64500", true).await.unwrap();
     assert!(matches!(outcome, Outcome::Ok { entries: 5, refused: 1, .. }), "{outcome:?}");
+    let broad: AsnBlockRule = toml::from_str("asn = 64500\nallow_broad = true").unwrap();
+    let feeds = Feeds::new(Vec::new(), vec![broad]).unwrap();
+    let outcome = feeds.refresh(&pool, &policy, "asn:64500", true).await.unwrap();
+    assert!(matches!(outcome, Outcome::Ok { entries: 5, refused: 0, .. }), "{outcome:?}");
+    let live: bool =
+        sqlx::query_scalar("select exists (select 1 from blocks where revoked_at is null and cidr = '198.0.0.0/15')")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(live, "allow_broad blocks the /15");
 }
 
 #[test]
