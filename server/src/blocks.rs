@@ -59,7 +59,8 @@ const REVOCATIONS_MAX: i64 = 10_000;
 /// Expired blocks removed per statement by [`expire_due`].
 const EXPIRE_BATCH: i64 = 1_000;
 
-/// Who decided a block. Stored as `auto`, `agent` or `manual`.
+/// Who decided a block. Stored as `auto`, `agent`, `manual`, `feed` or
+/// `policy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BlockSource {
     /// Fleet correlation.
@@ -68,6 +69,10 @@ pub enum BlockSource {
     Agent,
     /// An operator (API or CLI).
     Manual,
+    /// A blocklist feed ([`crate::feeds`]; its name is `evidence.feed`).
+    Feed,
+    /// An ASN policy rule ([`crate::geo`]; its name is `evidence.feed`).
+    Policy,
 }
 
 impl BlockSource {
@@ -77,6 +82,8 @@ impl BlockSource {
             BlockSource::Auto => "auto",
             BlockSource::Agent => "agent",
             BlockSource::Manual => "manual",
+            BlockSource::Feed => "feed",
+            BlockSource::Policy => "policy",
         }
     }
 
@@ -86,6 +93,8 @@ impl BlockSource {
             "auto" => Some(BlockSource::Auto),
             "agent" => Some(BlockSource::Agent),
             "manual" => Some(BlockSource::Manual),
+            "feed" => Some(BlockSource::Feed),
+            "policy" => Some(BlockSource::Policy),
             _ => None,
         }
     }
@@ -453,6 +462,27 @@ pub(crate) async fn revoke_covered_by_in(
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().map(Block::try_from).collect::<Result<_, _>>()?)
+}
+
+/// Retires the live blocks `ids` (a feed entry gone from its list): a
+/// `remove` change each, cause `expired` (not an operator's revocation).
+/// Returns how many were live.
+pub(crate) async fn retire_in(conn: &mut PgConnection, ids: &[i64], reason: &str) -> Result<u64, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let n: i64 = sqlx::query_scalar(
+        "with gone as (update blocks set revoked_at = now(), revoked_reason = $2, revoked_cause = 'expired' \
+           where id = any($1) and revoked_at is null returning id, cidr, expires_at), \
+         changes as (insert into block_changes (op, block_id, cidr, expires_at, reason) \
+           select 'remove', id, cidr, expires_at, $2 from gone order by id returning 1) \
+         select count(*) from changes",
+    )
+    .bind(ids)
+    .bind(reason)
+    .fetch_one(conn)
+    .await?;
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 /// Turns every live block whose expiry has passed into a `remove` change;

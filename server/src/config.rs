@@ -57,6 +57,12 @@ pub struct ServerConfig {
     /// Connection discipline of both listeners and the throttle of failed
     /// agent authentication.
     pub limits: LimitsConfig,
+    /// Blocklist feeds (`[[feed]]`), fetched periodically into blocks with
+    /// `source = feed`; see [`crate::feeds::FeedConfig`]. Default: none.
+    pub feed: Vec<crate::feeds::FeedConfig>,
+    /// ASN and country policy (`[geo]`); see [`crate::geo::GeoConfig`].
+    /// Default: none.
+    pub geo: crate::geo::GeoConfig,
 }
 
 /// `[limits]`: what one client may hold of the server. See
@@ -195,6 +201,8 @@ impl Default for ServerConfig {
             advertised_addresses: Vec::new(),
             correlate: CorrelateConfig::default(),
             limits: LimitsConfig::default(),
+            feed: Vec::new(),
+            geo: crate::geo::GeoConfig::default(),
         }
     }
 }
@@ -337,6 +345,14 @@ impl ServerConfig {
         }
         self.correlate.validate()?;
         self.limits.validate()?;
+        let mut names = std::collections::BTreeSet::new();
+        for feed in &self.feed {
+            feed.validate().map_err(|problem| ConfigError::Invalid { key: "feed", problem })?;
+            if !names.insert(feed.name.as_str()) {
+                return Err(ConfigError::Invalid { key: "feed", problem: format!("two feeds named {:?}", feed.name) });
+            }
+        }
+        self.geo.validate().map_err(|error| ConfigError::Invalid { key: "geo", problem: error.to_string() })?;
         Ok(())
     }
 
@@ -419,6 +435,36 @@ mod tests {
         assert!(err.contains("limits.grpc_max_unauthenticated"), "{err}");
         let err = ServerConfig::parse("[limits]\ngrpc_max_connection = 5\n").unwrap_err().to_string();
         assert!(err.contains("grpc_max_connection"), "{err}");
+    }
+
+    #[test]
+    fn feeds_and_geo_policy_are_checked_at_load() {
+        let cfg = ServerConfig::parse(
+            "[[feed]]\nname = \"drop\"\nurl = \"https://example.invalid/drop.txt\"\nformat = \"drop\"\n\
+             [[geo.block_asn]]\nasn = 64500\n[[geo.evidence]]\ncountry = \"NL\"\nfactor_percent = 200\n",
+        )
+        .unwrap();
+        assert_eq!((cfg.feed[0].refresh_secs, cfg.feed[0].ttl_secs, cfg.feed[0].max_shrink_percent), (3600, 10800, 50));
+        assert_eq!(cfg.geo.block_asn[0].asn, 64500);
+        let feed = |extra: &str| format!("[[feed]]\nname = \"x\"\nformat = \"plain\"\n{extra}");
+        let two = format!("{}{}", feed("path = \"/a\"\n"), feed("path = \"/b\"\n"));
+        for (text, want) in [
+            (feed("url = \"ftp://example.invalid/\"\n"), "http"),
+            (feed(""), "exactly one of url and path"),
+            (feed("path = \"/a\"\nrefresh_secs = 3600\nttl_secs = 3600\n"), "ttl_secs"),
+            (feed("path = \"/a\"\nrefresh = 60\n"), "refresh"),
+            (feed("path = \"/a\"\nmax_shrink_percent = 120\n"), "max_shrink_percent"),
+            (feed("path = \"/a\"\ncsv_column = 0\n"), "csv_column"),
+            ("[[feed]]\nname = \"x y\"\npath = \"/a\"\nformat = \"plain\"\n".to_owned(), "name"),
+            ("[[feed]]\nname = \"x\"\npath = \"/a\"\nformat = \"json\"\n".to_owned(), "json"),
+            (two, "two feeds named"),
+            ("[geo]\ncountry_mmdb = \"/x\"\n".to_owned(), "country_mmdb"),
+            ("[[geo.evidence]]\ncountry = \"NL\"\nfactor_percent = 5000\n".to_owned(), "geo.evidence.factor_percent"),
+            ("[[geo.block_asn]]\nasn = 0\n".to_owned(), "geo.block_asn.asn"),
+        ] {
+            let err = ServerConfig::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
     }
 
     #[test]

@@ -124,6 +124,8 @@ pub struct Correlator {
     config: Arc<CorrelateConfig>,
     rules: Rules,
     protected: Arc<Vec<String>>,
+    /// ASN/country evidence multipliers ([`crate::geo`]).
+    geo: Arc<crate::geo::GeoPolicy>,
 }
 
 impl Correlator {
@@ -131,7 +133,13 @@ impl Correlator {
     pub fn new(pool: PgPool, config: CorrelateConfig) -> Self {
         let rules = config.resolved_rules();
         let protected = Arc::new(config.protected_domains());
-        Correlator { pool, config: Arc::new(config), rules, protected }
+        Correlator { pool, config: Arc::new(config), rules, protected, geo: Arc::default() }
+    }
+
+    /// Judges with the evidence multipliers of `geo`.
+    pub fn with_geo(mut self, geo: Arc<crate::geo::GeoPolicy>) -> Self {
+        self.geo = geo;
+        self
     }
 
     /// The policy in force.

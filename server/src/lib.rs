@@ -24,6 +24,10 @@
 //!   correlation with a candidate policy (`fleetban-server replay`).
 //! - [`report`]: plain-text abuse reports.
 //! - [`asn`]: autonomous-system data (iptoasn import and lookup).
+//! - [`feeds`]: blocklist feeds (`[[feed]]`) and ASN block rules kept as
+//!   blocks, with their status.
+//! - [`geo`]: ASN and country policy: ASN block rules, evidence
+//!   multipliers, the country database.
 //! - [`cli`]: the `fleetban` operator CLI (a client of the REST API).
 //! - [`serve`]: runs the gRPC and HTTP listeners until shutdown.
 //! - [`conn`]: connection discipline of both listeners (caps, deadlines).
@@ -47,6 +51,8 @@ pub mod conn;
 pub mod correlate;
 pub mod db;
 pub mod eventlog;
+pub mod feeds;
+pub mod geo;
 pub mod guard;
 pub mod ingest;
 pub mod notify;

@@ -285,6 +285,11 @@ async fn main() -> anyhow::Result<()> {
                 },
                 limits: cfg.limits.clone(),
                 max_event_age: Duration::from_secs(u64::from(cfg.max_event_age_days) * 86_400),
+                feeds: std::sync::Arc::new(fleetban_server::feeds::Feeds::new(
+                    cfg.feed.clone(),
+                    cfg.geo.block_asn.clone(),
+                )?),
+                geo: std::sync::Arc::new(fleetban_server::geo::GeoPolicy::load(&cfg.geo)?),
                 ..Default::default()
             };
             check_descriptors(&cfg);
@@ -295,6 +300,7 @@ async fn main() -> anyhow::Result<()> {
             let cfg = resolve(&source, overrides)?;
             let url = database_url(&cfg)?;
             tls::server_config(cfg.tls.as_ref(), cfg.grpc_listen, cfg.insecure)?;
+            fleetban_server::geo::GeoPolicy::load(&cfg.geo)?;
             if connect {
                 db::connect(&url, 2).await?;
             }

@@ -41,6 +41,10 @@ pub struct ReportData {
     pub generated_at: OffsetDateTime,
     /// The AS of the target, when an ASN database is loaded.
     pub asn: Option<AsnInfo>,
+    /// The target's two-letter country when known apart from its AS (the
+    /// country database's, `[geo] country_mmdb_path`); shown when it is not
+    /// the AS's.
+    pub country: Option<String>,
     /// Abuse per address inside the target.
     pub addresses: Vec<AddressSummary>,
     /// Abuse events by kind.
@@ -195,6 +199,7 @@ pub async fn gather(pool: &PgPool, target: IpNet) -> Result<Option<ReportData>, 
         target,
         generated_at: OffsetDateTime::now_utc(),
         asn,
+        country: None,
         addresses,
         kinds: kinds.into_iter().collect(),
         servers,
@@ -437,6 +442,9 @@ pub fn render(data: &ReportData, redact: bool) -> String {
         let country = if asn.country.is_empty() { String::new() } else { format!(", {}", asn.country) };
         let _ = writeln!(out, "Network: AS{} {}{country}", asn.asn, asn.name);
     }
+    if let Some(country) = data.country.as_deref().filter(|c| data.asn.as_ref().is_none_or(|a| a.country != *c)) {
+        let _ = writeln!(out, "Country: {country}");
+    }
     let _ = writeln!(out, "State: {} (at the time of this report)", state.as_str());
     let _ = writeln!(out);
     let _ = writeln!(out, "Summary");
@@ -572,6 +580,7 @@ mod tests {
             target: "203.0.113.7/32".parse().unwrap(),
             generated_at: datetime!(2026-11-27 03:00:00 UTC),
             asn: Some(AsnInfo { asn: 64500, name: "EXAMPLE-NET".into(), country: "NL".into() }),
+            country: None,
             addresses: vec![AddressSummary {
                 address: "203.0.113.7/32".parse().unwrap(),
                 servers: 2,
@@ -728,5 +737,16 @@ mod tests {
         let text = render(&data, false);
         assert!(text.contains("Never blocked"), "{text}");
         assert!(!text.contains("Network:"), "{text}");
+    }
+
+    #[test]
+    fn the_country_databases_country_is_shown_when_it_adds_something() {
+        let mut data = sample();
+        data.country = Some("NL".into());
+        assert!(!render(&data, false).contains("Country:"), "the AS line already says NL");
+        data.country = Some("BE".into());
+        assert!(render(&data, false).contains("\nCountry: BE\n"));
+        data.asn = None;
+        assert!(render(&data, true).contains("\nCountry: BE\n"));
     }
 }

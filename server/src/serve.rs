@@ -1,6 +1,6 @@
 //! Runs the server: the gRPC listener for agents, the HTTP listener for
 //! operators, and the background tasks (block-change listener, block expiry
-//! sweeper, stale-session sweep), until `shutdown` resolves.
+//! sweeper, stale-session sweep, feed refresher), until `shutdown` resolves.
 //!
 //! Shutdown is graceful: both listeners stop accepting, every agent session
 //! finishes and acks the frames it already received, then closes its stream;
@@ -85,6 +85,10 @@ pub struct Options {
     pub limits: LimitsConfig,
     /// Events older than this are rejected by ingest (`max_event_age_days`).
     pub max_event_age: Duration,
+    /// Blocklist feeds and ASN block rules, refreshed in the background.
+    pub feeds: Arc<crate::feeds::Feeds>,
+    /// ASN/country evidence multipliers of the correlation.
+    pub geo: Arc<crate::geo::GeoPolicy>,
 }
 
 impl Default for Options {
@@ -104,6 +108,8 @@ impl Default for Options {
             hub: Hub::new(),
             limits: LimitsConfig::default(),
             max_event_age: crate::ingest::DEFAULT_MAX_EVENT_AGE,
+            feeds: Arc::default(),
+            geo: Arc::default(),
         }
     }
 }
@@ -133,7 +139,10 @@ pub async fn run(
     let expiry = tokio::spawn(blocks::run_expiry_sweeper(pool.clone(), options.expiry_interval, stopped(&stop_rx)));
     let retention =
         tokio::spawn(retention::run(pool.clone(), options.retention, options.retention_interval, stopped(&stop_rx)));
-    let correlator = Correlator::new(pool.clone(), options.correlate.clone());
+    let feed_policy: Arc<dyn blocks::BlockPolicy> = Arc::new(options.correlate.clone());
+    let feeds =
+        tokio::spawn(options.feeds.clone().run(pool.clone(), feed_policy, crate::feeds::TICK, stopped(&stop_rx)));
+    let correlator = Correlator::new(pool.clone(), options.correlate.clone()).with_geo(options.geo.clone());
     let backlog = Backlog::new();
     // The correlation worker outlives the sessions' drain, so that the last
     // batches are evaluated too.
@@ -180,7 +189,12 @@ pub async fn run(
         }
     };
 
-    let app = api::router(api::AppState::new(pool, options.correlate.clone()).with_stats(options.stats.clone()));
+    let app = api::router(
+        api::AppState::new(pool, options.correlate.clone())
+            .with_stats(options.stats.clone())
+            .with_feeds(options.feeds.clone())
+            .with_geo(options.geo.clone()),
+    );
     let http_gate = Gate::new(Listener::Http, GateLimits::http(&options.limits));
     let http_server = serve_http(
         GatedListener::new(listeners.http, http_gate),
@@ -198,6 +212,7 @@ pub async fn run(
     let _ = sweeper.await;
     let _ = expiry.await;
     let _ = retention.await;
+    let _ = feeds.await;
     grpc_result?;
     http_result?;
     Ok(())

@@ -15,3 +15,15 @@ pub const INGEST_BATCHES: &str = "fleetban_ingest_batches_total";
 pub const PUSH_LAG: &str = "fleetban_push_lag_seconds";
 /// Agent sessions open on this replica.
 pub const AGENT_SESSIONS: &str = "fleetban_agent_sessions";
+/// Refreshes of blocklist feeds and ASN rules, by `feed` and `outcome`
+/// (`ok`, `failed`, `held`).
+pub const FEED_REFRESHES: &str = "fleetban_feed_refreshes_total";
+/// Malformed lines skipped in fetched feed lists, by `feed`.
+pub const FEED_BAD_LINES: &str = "fleetban_feed_bad_lines_total";
+/// Entries of each feed's last accepted list, by `feed`.
+pub const FEED_ENTRIES: &str = "fleetban_feed_entries";
+/// Unix time of each feed's last accepted list, by `feed`.
+pub const FEED_LAST_SUCCESS: &str = "fleetban_feed_last_success_timestamp_seconds";
+/// Correlation decisions whose thresholds an ASN or country evidence
+/// multiplier changed, by `direction` (`stronger`, `weaker`).
+pub const POLICY_THRESHOLD_ADJUSTED: &str = "fleetban_policy_threshold_adjustments_total";

@@ -202,9 +202,9 @@ pub async fn delete_by_cidr(
     ApiQuery(query): ApiQuery<DeleteQuery>,
 ) -> Result<StatusCode, ApiError> {
     let cidr = params::cidr("cidr", &query.cidr)?;
-    let ids: Vec<i64> = sqlx::query_scalar(&format!(
-        "delete from allowlist where id in (select id from live_allowlist where cidr = $1) returning id"
-    ))
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "delete from allowlist where id in (select id from live_allowlist where cidr = $1) returning id",
+    )
     .bind(cidr)
     .fetch_all(&state.pool)
     .await?;

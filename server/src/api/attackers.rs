@@ -51,6 +51,14 @@ pub struct Attacker {
     pub blocked: bool,
     /// Its autonomous system, when an ASN database is loaded.
     pub asn: Option<AsnInfo>,
+    /// Its two-letter country, when known: from the country database
+    /// (`[geo] country_mmdb_path`), else its AS's.
+    pub country: Option<String>,
+}
+
+/// The country of `ip`: the country database's, else the AS's.
+fn country(geo: &crate::geo::GeoPolicy, ip: std::net::IpAddr, asn: Option<&AsnInfo>) -> Option<String> {
+    geo.mmdb_country(ip).or_else(|| asn.map(|a| a.country.clone()).filter(|c| !c.is_empty()))
 }
 
 #[derive(sqlx::FromRow)]
@@ -82,6 +90,7 @@ impl From<AttackerRow> for Attacker {
             last_seen: row.last_seen,
             blocked: row.blocked,
             asn,
+            country: None,
         }
     }
 }
@@ -116,7 +125,15 @@ pub async fn list(
     .bind(limit)
     .fetch_all(&state.pool)
     .await?;
-    Ok(Json(rows.into_iter().map(Attacker::from).collect()))
+    let attackers = rows
+        .into_iter()
+        .map(Attacker::from)
+        .map(|mut a| {
+            a.country = country(&state.geo, a.ip, a.asn.as_ref());
+            a
+        })
+        .collect();
+    Ok(Json(attackers))
 }
 
 /// Evidence of one address on one host.
@@ -166,7 +183,7 @@ pub struct BlockRef {
     pub cidr: IpNet,
     /// Reason.
     pub reason: String,
-    /// `auto`, `agent` or `manual`.
+    /// `auto`, `agent`, `manual`, `feed` (a blocklist feed) or `policy` (an ASN rule).
     pub source: String,
     /// Created.
     #[serde(with = "time::serde::rfc3339")]
@@ -185,6 +202,9 @@ pub struct AttackerDetail {
     pub summary: Option<Attacker>,
     /// Its autonomous system, when an ASN database is loaded.
     pub asn: Option<AsnInfo>,
+    /// Its two-letter country, when known: from the country database, else
+    /// its AS's.
+    pub country: Option<String>,
     /// Evidence per host and kind.
     pub hosts: Vec<HostEvidence>,
     /// The latest events from it across hosts, newest first (at most 200).
@@ -212,7 +232,11 @@ pub async fn get(
         .bind(host)
         .fetch_optional(&state.pool)
         .await?
-        .map(Attacker::from);
+        .map(Attacker::from)
+        .map(|mut a| {
+            a.country = country(&state.geo, a.ip, a.asn.as_ref());
+            a
+        });
     let hosts = sqlx::query_as::<_, HostEvidence>(
         "select h.agent_id, coalesce(a.name, '') as agent, coalesce(a.hostname, '') as hostname, h.kind, h.events, \
                 h.first_seen, h.last_seen, h.sample_raw \
@@ -241,10 +265,11 @@ pub async fn get(
             break;
         }
     }
-    let blocks = sqlx::query_as::<_, BlockRef>(&format!(
-        "select b.id, b.cidr, b.reason, b.source, b.created_at, b.expires_at, exists(select 1 from live_blocks l where l.id = b.id) as active \
-         from blocks b where b.cidr >>= $1 order by b.id desc limit 50"
-    ))
+    let blocks = sqlx::query_as::<_, BlockRef>(
+        "select b.id, b.cidr, b.reason, b.source, b.created_at, b.expires_at, \
+           exists(select 1 from live_blocks l where l.id = b.id) as active \
+         from blocks b where b.cidr >>= $1 order by b.id desc limit 50",
+    )
     .bind(host)
     .fetch_all(&state.pool)
     .await?;
@@ -252,5 +277,6 @@ pub async fn get(
         return Err(ApiError::not_found(format!("nothing is known about {ip}")));
     }
     let asn = asn::lookup(&state.pool, ip).await?;
-    Ok(Json(AttackerDetail { summary, asn, hosts, timeline, blocks }))
+    let country = country(&state.geo, ip, asn.as_ref());
+    Ok(Json(AttackerDetail { summary, asn, country, hosts, timeline, blocks }))
 }

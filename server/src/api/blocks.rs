@@ -66,7 +66,7 @@ pub struct Block {
     pub cidr: IpNet,
     /// Reason.
     pub reason: String,
-    /// `auto`, `agent` or `manual`.
+    /// `auto`, `agent`, `manual`, `feed` (a blocklist feed) or `policy` (an ASN rule).
     pub source: String,
     /// Token name of a manual block.
     pub created_by: Option<String>,

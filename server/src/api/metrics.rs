@@ -21,7 +21,7 @@
 //! | `fleetban_agent_sessions` | gauge | | scrape, from `session::Stats`: sessions open on this replica |
 //! | `fleetban_agents_connected` | gauge | | scrape: agents with an open session (fleet-wide) |
 //! | `fleetban_agents_total` | gauge | | scrape: agents not revoked |
-//! | `fleetban_blocks_active` | gauge | `source` = `auto`, `agent`, `manual` | scrape |
+//! | `fleetban_blocks_active` | gauge | `source` = `auto`, `agent`, `manual`, `feed`, `policy` | scrape |
 //! | `fleetban_blocklist_version` | gauge | | scrape: latest block change version |
 //! | `fleetban_propagation_lag_seconds` | gauge | | scrape: oldest change a connected agent has not applied |
 //! | `fleetban_events_per_second` | gauge | `window` = `1m`, `1h` | scrape |
@@ -35,6 +35,11 @@
 //! | `fleetban_agent_auth_throttled_total` | counter | | `guard`: Enroll/Connect refused after repeated failures from the source |
 //! | `fleetban_shadow_decisions_total` | counter | `rule` | `correlate`: decisions of rules in shadow mode, recorded, nothing blocked |
 //! | `fleetban_correlate_spared_total` | counter | `why` = `protected`, `good_standing` | `correlate`: automatic blocks not made |
+//! | `fleetban_feed_refreshes_total` | counter | `feed`; `outcome` = `ok`, `failed`, `held` | `feeds`: refreshes of feeds and ASN rules (`failed`/`held` keep the previous list) |
+//! | `fleetban_feed_bad_lines_total` | counter | `feed` | `feeds`: malformed lines skipped |
+//! | `fleetban_feed_entries` | gauge | `feed` | `feeds`: entries of the last accepted list |
+//! | `fleetban_feed_last_success_timestamp_seconds` | gauge | `feed` | `feeds`: Unix time of the last accepted list |
+//! | `fleetban_policy_threshold_adjustments_total` | counter | `direction` = `stronger`, `weaker` | `geo`: judgements with an ASN/country evidence multiplier |
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -97,6 +102,17 @@ fn describe() {
     metrics::describe_counter!(
         crate::correlate::SPARED,
         "Automatic blocks not made, by why (protected sender, good standing)."
+    );
+    metrics::describe_counter!(
+        crate::telemetry::FEED_REFRESHES,
+        "Refreshes of blocklist feeds and ASN rules by feed and outcome (failed and held keep the previous list)."
+    );
+    metrics::describe_counter!(crate::telemetry::FEED_BAD_LINES, "Malformed feed lines skipped, by feed.");
+    metrics::describe_gauge!(crate::telemetry::FEED_ENTRIES, "Entries of each feed's last accepted list.");
+    metrics::describe_gauge!(crate::telemetry::FEED_LAST_SUCCESS, "Unix time of each feed's last accepted list.");
+    metrics::describe_counter!(
+        crate::telemetry::POLICY_THRESHOLD_ADJUSTED,
+        "Correlation judgements whose thresholds an ASN or country evidence multiplier changed."
     );
     metrics::describe_gauge!("fleetban_agents_connected", "Agents with an open session, fleet-wide.");
     metrics::describe_gauge!("fleetban_agents_total", "Agents not revoked.");

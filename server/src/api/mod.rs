@@ -20,6 +20,7 @@
 //! - [`agents`], [`blocks`], [`allowlist`], [`attackers`], [`events`],
 //!   [`stats`], [`reports`]: the resources.
 //! - [`tokens`]: API and enrollment tokens; [`audit`]: the audit log.
+//! - [`feeds`]: status and refresh of blocklist feeds and ASN rules.
 //! - [`openapi`]: the OpenAPI document.
 //! - [`dashboard`]: the embedded single-page dashboard.
 //! - [`metrics`]: Prometheus metrics and their names.
@@ -33,6 +34,7 @@ pub mod blocks;
 pub mod dashboard;
 pub mod error;
 pub mod events;
+pub mod feeds;
 pub mod metrics;
 pub mod openapi;
 pub mod params;
@@ -71,12 +73,29 @@ pub struct AppState {
     pub policy: Arc<CorrelateConfig>,
     /// The agent-session counters of this server, exported by `/metrics`.
     pub stats: Option<Arc<crate::session::Stats>>,
+    /// The configured blocklist feeds and ASN block rules.
+    pub feeds: Arc<crate::feeds::Feeds>,
+    /// The country database and ASN/country policy (countries shown in the
+    /// attacker views and reports).
+    pub geo: Arc<crate::geo::GeoPolicy>,
 }
 
 impl AppState {
     /// State over `pool` with `policy`.
     pub fn new(pool: PgPool, policy: CorrelateConfig) -> Self {
-        AppState { pool, policy: Arc::new(policy), stats: None }
+        AppState { pool, policy: Arc::new(policy), stats: None, feeds: Arc::default(), geo: Arc::default() }
+    }
+
+    /// Shows countries from `geo`'s country database.
+    pub fn with_geo(mut self, geo: Arc<crate::geo::GeoPolicy>) -> Self {
+        self.geo = geo;
+        self
+    }
+
+    /// Serves the status and refresh of `feeds`.
+    pub fn with_feeds(mut self, feeds: Arc<crate::feeds::Feeds>) -> Self {
+        self.feeds = feeds;
+        self
     }
 
     /// Exports `stats` (ingest and session counters) on `/metrics`.
@@ -127,6 +146,8 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::GET, "/api/v1/events", get(events::list)),
         (Method::GET, "/api/v1/shadow", get(shadow::list)),
         (Method::GET, "/api/v1/stats", get(stats::get)),
+        (Method::GET, "/api/v1/feeds", get(feeds::list)),
+        (Method::POST, "/api/v1/feeds/{name}/refresh", post(feeds::refresh)),
         (Method::GET, "/api/v1/reports/abuse", get(reports::abuse)),
     ]
 }

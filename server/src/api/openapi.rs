@@ -12,7 +12,8 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::{
-    agents, allowlist, attackers, audit, blocks, dashboard, events, metrics, reports, shadow, stats, tokens, transfer,
+    agents, allowlist, attackers, audit, blocks, dashboard, events, feeds, metrics, reports, shadow, stats, tokens,
+    transfer,
 };
 
 /// The document.
@@ -39,6 +40,7 @@ use super::{
         events::list,
         stats::get,
         reports::abuse,
+        feeds::list, feeds::refresh,
     ),
     modifiers(&BearerAuth),
     tags(
@@ -49,6 +51,7 @@ use super::{
         (name = "events", description = "Stored log events"),
         (name = "stats", description = "Fleet statistics"),
         (name = "reports", description = "Abuse reports"),
+        (name = "feeds", description = "Blocklist feeds and ASN block rules"),
         (name = "tokens", description = "API and enrollment tokens (admin only)"),
         (name = "audit", description = "Who changed what, when"),
         (name = "operations", description = "Health, readiness, metrics, this document"),

@@ -32,8 +32,9 @@ pub async fn abuse(
     ApiQuery(query): ApiQuery<ReportQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let target = params::cidr("target", &query.target)?;
-    let data = report::gather(&state.pool, target)
+    let mut data = report::gather(&state.pool, target)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("nothing is known about {target}")))?;
+    data.country = state.geo.mmdb_country(target.network());
     Ok(([(CONTENT_TYPE, "text/plain; charset=utf-8")], report::render(&data, query.redact.unwrap_or(false))))
 }

@@ -25,7 +25,7 @@ pub struct Stats {
     pub events_by_kind_1h: BTreeMap<String, i64>,
     /// Live blocks.
     pub active_blocks: i64,
-    /// Live blocks by source (`auto`, `agent`, `manual`).
+    /// Live blocks by source (`auto`, `agent`, `manual`, `feed`, `policy`).
     pub blocks_by_source: BTreeMap<String, i64>,
     /// Agents with an open session.
     pub agents_connected: i64,

@@ -13,6 +13,7 @@
 //! `--json` prints the API's JSON as it is (JSON escapes control characters
 //! itself).
 
+mod feeds;
 mod ranges;
 mod transfer;
 
@@ -246,6 +247,13 @@ pub enum Command {
     },
     /// Fleet statistics.
     Stats,
+    /// Blocklist feeds and ASN block rules with their status.
+    Feeds,
+    /// Act on one blocklist feed.
+    Feed {
+        #[command(subcommand)]
+        command: feeds::FeedCommand,
+    },
 }
 
 /// Why a command failed; every message is one line.
@@ -472,6 +480,8 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
     match &cli.command {
         Command::Agents { command: Some(command) } => lifecycle::agents(&client, json, command).await,
         Command::Tokens { command } => lifecycle::tokens(&client, json, command).await,
+        Command::Feeds => feeds::list(&client, json).await,
+        Command::Feed { command } => feeds::feed(&client, json, command).await,
         Command::EnrollToken { command } => lifecycle::enroll_tokens(&client, json, command).await,
         Command::Audit { since, action, limit } => {
             lifecycle::audit(&client, json, since, action.as_deref(), *limit).await

@@ -118,8 +118,9 @@ impl Correlator {
         now: OffsetDateTime,
     ) -> Result<Option<Finding>, sqlx::Error> {
         let a = self.assess(conn, range, now).await?;
-        let Some(verdict) = policy::judge(&self.rules, &a.tally) else {
-            if a.tally.protected && policy::judge(&self.rules, &Tally { protected: false, ..a.tally }).is_some() {
+        let rules = self.geo.adjust_rules(conn, range, &self.rules).await?;
+        let Some(verdict) = policy::judge(&rules, &a.tally) else {
+            if a.tally.protected && policy::judge(&rules, &Tally { protected: false, ..a.tally }).is_some() {
                 metrics::counter!(SPARED, "why" => "protected").increment(1);
             }
             return Ok(None);
