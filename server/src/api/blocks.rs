@@ -137,26 +137,23 @@ impl From<BlockRow> for Block {
     }
 }
 
-fn select() -> String {
-    format!(
-        "select b.id, b.cidr, b.reason, b.source, b.created_by, b.created_at, b.expires_at, b.revoked_at, \
-           exists(select 1 from live_blocks l where l.id = b.id) as active, \
-           (select case when count(*) = 0 then null when bool_or(a.cidr >>= b.cidr) then 'whole' else 'part' end \
-              from live_allowlist a where a.cidr && b.cidr) as suppressed, \
-           b.evidence, \
-           ev.agents as ev_agents, ev.kinds as ev_kinds, ev.events as ev_events, ev.first_seen as ev_first, \
-           ev.last_seen as ev_last \
-         from blocks b left join lateral ( \
-           select count(distinct h.agent_id) as agents, coalesce(array_agg(distinct h.kind), '{{}}') as kinds, \
-                  coalesce(sum(h.events), 0)::bigint as events, min(h.first_seen) as first_seen, \
-                  max(h.last_seen) as last_seen \
-           from offender_hosts h where h.address between fleetban_first(b.cidr) and fleetban_last(b.cidr)) ev on true"
-    )
-}
+/// The columns of a [`BlockRow`], before a `where`.
+const SELECT: &str = "select b.id, b.cidr, b.reason, b.source, b.created_by, b.created_at, b.expires_at, b.revoked_at, \
+       exists(select 1 from live_blocks l where l.id = b.id) as active, \
+       (select case when count(*) = 0 then null when bool_or(a.cidr >>= b.cidr) then 'whole' else 'part' end \
+          from live_allowlist a where a.cidr && b.cidr) as suppressed, \
+       b.evidence, \
+       ev.agents as ev_agents, ev.kinds as ev_kinds, ev.events as ev_events, ev.first_seen as ev_first, \
+       ev.last_seen as ev_last \
+     from blocks b left join lateral ( \
+       select count(distinct h.agent_id) as agents, coalesce(array_agg(distinct h.kind), '{}') as kinds, \
+              coalesce(sum(h.events), 0)::bigint as events, min(h.first_seen) as first_seen, \
+              max(h.last_seen) as last_seen \
+       from offender_hosts h where h.address between fleetban_first(b.cidr) and fleetban_last(b.cidr)) ev on true";
 
 /// One block by id.
 pub(crate) async fn fetch(pool: &PgPool, id: i64) -> Result<Option<Block>, sqlx::Error> {
-    Ok(sqlx::query_as::<_, BlockRow>(&format!("{} where b.id = $1", select()))
+    Ok(sqlx::query_as::<_, BlockRow>(&format!("{SELECT} where b.id = $1"))
         .bind(id)
         .fetch_optional(pool)
         .await?
@@ -181,7 +178,7 @@ pub async fn list(
         "{} where (not $1 or b.id in (select id from live_blocks)) and ($2::inet is null or b.cidr >>= $2) \
            and ($3::cidr is null or b.cidr = $3) and ($4::bigint is null or b.id < $4) \
          order by b.id desc limit $5",
-        select()
+        SELECT
     ))
     .bind(query.active.unwrap_or(true))
     .bind(contains)

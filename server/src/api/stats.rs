@@ -54,7 +54,7 @@ struct Scalars {
 
 /// Computes the statistics (also used by `/metrics`).
 pub async fn compute(pool: &PgPool) -> Result<Stats, sqlx::Error> {
-    let s = sqlx::query_as::<_, Scalars>(&format!(
+    let s = sqlx::query_as::<_, Scalars>(
         "select \
            (select count(*) from events where time >= now() - interval '1 minute' and time <= now() + interval '1 minute') \
              as events_1m, \
@@ -68,8 +68,8 @@ pub async fn compute(pool: &PgPool) -> Result<Stats, sqlx::Error> {
               from agents a where a.connected and a.revoked_at is null)::bigint as max_versions_behind, \
            (select coalesce(max(extract(epoch from now() - \
                      (select min(c.changed_at) from block_changes c where c.version > a.blocklist_version))), 0) \
-              from agents a where a.connected and a.revoked_at is null)::float8 as propagation_lag_secs"
-    ))
+              from agents a where a.connected and a.revoked_at is null)::float8 as propagation_lag_secs",
+    )
     .fetch_one(pool)
     .await?;
     let by_kind: Vec<(String, i64)> = sqlx::query_as(
@@ -78,7 +78,7 @@ pub async fn compute(pool: &PgPool) -> Result<Stats, sqlx::Error> {
     .fetch_all(pool)
     .await?;
     let by_source: Vec<(String, i64)> =
-        sqlx::query_as(&format!("select source, count(*) from live_blocks group by source")).fetch_all(pool).await?;
+        sqlx::query_as("select source, count(*) from live_blocks group by source").fetch_all(pool).await?;
     Ok(Stats {
         events_per_sec_1m: s.events_1m as f64 / 60.0,
         events_per_sec_1h: s.events_1h as f64 / 3600.0,
