@@ -1375,3 +1375,81 @@ async fn import_in_one_transaction_with_a_summary_and_export_round_trip(pool: Pg
     );
     get(&app, "/api/v1/export?format=xml", &t.read).await.expect(StatusCode::BAD_REQUEST);
 }
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn timeseries_whoami_and_why(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    let (mx1, mx2, _) = seed_attack(&pool).await;
+    for (agent, ago, kind, n) in [(mx1, 5, "auth_failed", 6), (mx2, 5, "auth_failed", 2), (mx2, 50, "relay_denied", 3)]
+    {
+        sqlx::query(
+            "insert into abuse_minutes (agent_id, minute, kind, events) \
+             values ($1, date_trunc('minute', now() - make_interval(mins => $2)), $3, $4)",
+        )
+        .bind(agent)
+        .bind(ago)
+        .bind(kind)
+        .bind(n)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "insert into slot_minutes (agent_id, minute, max_connections, refused_full) \
+         values ($1, date_trunc('minute', now() - interval '3 minutes'), 100, 7)",
+    )
+    .bind(mx1)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let kinds = get(&app, "/api/v1/timeseries/abuse?range=1h", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(kinds["step_secs"], 60);
+    assert_eq!(kinds["buckets"].as_array().unwrap().len(), 60);
+    let totals: Vec<(String, i64)> = kinds["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["key"].as_str().unwrap().to_owned(), l["total"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(totals, [("auth_failed".to_owned(), 8), ("relay_denied".to_owned(), 3)]);
+    let hosts = get(&app, "/api/v1/timeseries/abuse?range=24h&by=host", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(hosts["series"][0]["key"], "mx1");
+    assert_eq!(hosts["series"][1]["key"], "mx2");
+    assert_eq!(hosts["series"][1]["total"], 5);
+    get(&app, "/api/v1/timeseries/abuse?range=2h", &t.read).await.expect(StatusCode::BAD_REQUEST);
+    get(&app, "/api/v1/timeseries/abuse?by=asn", &t.read).await.expect(StatusCode::BAD_REQUEST);
+    call(&app, Method::GET, "/api/v1/timeseries/abuse", None, None).await.expect(StatusCode::UNAUTHORIZED);
+
+    let slots = get(&app, "/api/v1/timeseries/slots?range=1h", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(slots["hosts"][0]["agent"], "mx1");
+    assert_eq!(slots["hosts"][0]["smtp_accept_max"], 100);
+    assert!(slots["hosts"][0]["max_connections"].as_array().unwrap().contains(&json!(100)));
+
+    let block = create_block(&app, &t.admin, json!({"cidr": "203.0.113.7", "reason": "seen in the logs"}))
+        .await
+        .expect(StatusCode::CREATED)
+        .json();
+    assert_eq!(block["why"], "Blocked by hand by ops-admin: seen in the logs.");
+    let series = get(&app, "/api/v1/timeseries/blocks?range=7d", &t.read).await.expect(StatusCode::OK).json();
+    let keys: Vec<&str> = series["series"].as_array().unwrap().iter().map(|l| l["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["made", "expired", "revoked"]);
+    assert_eq!(series["series"][0]["total"], 1);
+    let detail = get(&app, "/api/v1/attackers/203.0.113.7", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(detail["blocks"][0]["why"], "Blocked by hand by ops-admin: seen in the logs.");
+
+    let within =
+        get(&app, "/api/v1/attackers?since=7d&within=203.0.113.8/32", &t.read).await.expect(StatusCode::OK).json();
+    let ips: Vec<&str> = within.as_array().unwrap().iter().map(|a| a["ip"].as_str().unwrap()).collect();
+    assert_eq!(ips, ["203.0.113.8"]);
+    let range =
+        get(&app, "/api/v1/attackers?since=7d&within=203.0.113.0/24", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(range.as_array().unwrap().len(), 2);
+
+    let me = get(&app, "/api/v1/whoami", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(me, json!({"name": "ops-read", "role": "read", "can_write": false}));
+    let me = get(&app, "/api/v1/whoami", &t.admin).await.expect(StatusCode::OK).json();
+    assert_eq!(me["role"], "admin");
+    assert_eq!(me["can_write"], true);
+}

@@ -90,6 +90,9 @@ pub struct Block {
     /// What the deciding rule recorded.
     #[schema(value_type = Object)]
     pub detail: serde_json::Value,
+    /// Why it was blocked, in one sentence (kinds, hosts, the rule and its
+    /// threshold).
+    pub why: String,
 }
 
 #[derive(sqlx::FromRow)]
@@ -114,7 +117,9 @@ struct BlockRow {
 
 impl From<BlockRow> for Block {
     fn from(r: BlockRow) -> Self {
+        let why = super::explain::why(&r.source, &r.reason, r.created_by.as_deref(), &r.evidence);
         Block {
+            why,
             id: r.id,
             cidr: r.cidr,
             reason: r.reason,

@@ -19,7 +19,10 @@
 //! - [`params`]: shared parameter parsing.
 //! - [`agents`], [`blocks`], [`allowlist`], [`attackers`], [`events`],
 //!   [`stats`], [`reports`]: the resources.
-//! - [`tokens`]: API and enrollment tokens; [`audit`]: the audit log.
+//! - [`timeseries`]: abuse, block and slot series over a range.
+//! - [`tokens`]: API and enrollment tokens; [`audit`]: the audit log;
+//!   [`whoami`]: the caller's role.
+//! - [`explain`]: why a block was made, in words.
 //! - [`openapi`]: the OpenAPI document.
 //! - [`dashboard`]: the embedded single-page dashboard.
 //! - [`metrics`]: Prometheus metrics and their names.
@@ -33,14 +36,17 @@ pub mod blocks;
 pub mod dashboard;
 pub mod error;
 pub mod events;
+pub mod explain;
 pub mod metrics;
 pub mod openapi;
 pub mod params;
 pub mod reports;
 pub mod shadow;
 pub mod stats;
+pub mod timeseries;
 pub mod tokens;
 pub mod transfer;
+pub mod whoami;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -130,6 +136,10 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::GET, "/api/v1/events", get(events::list)),
         (Method::GET, "/api/v1/shadow", get(shadow::list)),
         (Method::GET, "/api/v1/stats", get(stats::get)),
+        (Method::GET, "/api/v1/timeseries/abuse", get(timeseries::abuse)),
+        (Method::GET, "/api/v1/timeseries/blocks", get(timeseries::blocks)),
+        (Method::GET, "/api/v1/timeseries/slots", get(timeseries::slots)),
+        (Method::GET, "/api/v1/whoami", get(whoami::get)),
         (Method::GET, "/api/v1/reports/abuse", get(reports::abuse)),
     ]
 }

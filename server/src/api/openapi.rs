@@ -12,7 +12,8 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::{
-    agents, allowlist, attackers, audit, blocks, dashboard, events, metrics, reports, shadow, stats, tokens, transfer,
+    agents, allowlist, attackers, audit, blocks, dashboard, events, metrics, reports, shadow, stats, timeseries,
+    tokens, transfer, whoami,
 };
 
 /// The document.
@@ -38,6 +39,8 @@ use super::{
         attackers::list, attackers::get,
         events::list,
         stats::get,
+        timeseries::abuse, timeseries::blocks, timeseries::slots,
+        whoami::get,
         reports::abuse,
     ),
     modifiers(&BearerAuth),
