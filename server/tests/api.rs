@@ -1438,6 +1438,23 @@ async fn timeseries_whoami_and_why(pool: PgPool) {
     assert_eq!(series["series"][0]["total"], 1);
     let detail = get(&app, "/api/v1/attackers/203.0.113.7", &t.read).await.expect(StatusCode::OK).json();
     assert_eq!(detail["blocks"][0]["why"], "Blocked by hand by ops-admin: seen in the logs.");
+    let count = |v: Value| v.as_array().unwrap().len();
+    let manual = get(&app, "/api/v1/blocks?source=manual", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(count(manual), 1);
+    let auto = get(&app, "/api/v1/blocks?source=auto", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(count(auto), 0);
+    let by_rule = get(&app, "/api/v1/blocks?rule=seen%20in%20the%20logs", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(count(by_rule), 1);
+    let by_agent = get(&app, &format!("/api/v1/blocks?agent={mx1}"), &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(count(by_agent), 0, "a manual block has no agent evidence");
+    get(&app, "/api/v1/blocks?source=robot", &t.read).await.expect(StatusCode::BAD_REQUEST);
+
+    let abuse = get(&app, "/api/v1/events?abuse=true&limit=100", &t.read).await.expect(StatusCode::OK).json();
+    let kinds: std::collections::BTreeSet<&str> =
+        abuse.as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds.into_iter().collect::<Vec<_>>(), ["auth_failed"], "connects are context, not abuse");
+    let all = get(&app, "/api/v1/events?limit=100", &t.read).await.expect(StatusCode::OK).json();
+    assert!(all.as_array().unwrap().iter().any(|e| e["kind"] == "connect"));
 
     let within =
         get(&app, "/api/v1/attackers?since=7d&within=203.0.113.8/32", &t.read).await.expect(StatusCode::OK).json();

@@ -33,6 +33,13 @@ pub struct BlockQuery {
     pub contains: Option<String>,
     /// Only blocks of exactly this range.
     pub cidr: Option<String>,
+    /// Only blocks of this source: `auto`, `agent` or `manual`.
+    pub source: Option<String>,
+    /// Only blocks the rule made (`fleet_correlation`, `single_host`,
+    /// `local_block`, `prefix`; a manual block's rule is its reason).
+    pub rule: Option<String>,
+    /// Only blocks with evidence from this agent (id).
+    pub agent: Option<uuid::Uuid>,
     /// Page size, 1 to 1000 (default 100).
     pub limit: Option<i64>,
     /// The `x-next-cursor` of the previous page.
@@ -183,9 +190,16 @@ pub async fn list(
     let contains = query.contains.as_deref().map(|v| params::cidr("contains", v)).transpose()?;
     let cidr = query.cidr.as_deref().map(|v| params::cidr("cidr", v)).transpose()?;
     let cursor = query.cursor.as_deref().map(params::parse_id_cursor).transpose()?;
+    let source = match query.source.as_deref() {
+        None | Some("auto" | "agent" | "manual") => query.source.as_deref(),
+        Some(other) => return Err(ApiError::bad_request(format!("source: {other:?} is not auto, agent or manual"))),
+    };
     let mut rows = sqlx::query_as::<_, BlockRow>(&format!(
         "{} where (not $1 or ({LIVE_BLOCK})) and ($2::inet is null or b.cidr >>= $2) \
            and ($3::cidr is null or b.cidr = $3) and ($4::bigint is null or b.id < $4) \
+           and ($6::text is null or b.source = $6) \
+           and ($7::text is null or coalesce(b.evidence->>'rule', b.reason) = $7) \
+           and ($8::uuid is null or b.evidence->'agents' ? $8::text or b.evidence->'local'->>'agent_id' = $8::text) \
          order by b.id desc limit $5",
         select()
     ))
@@ -194,6 +208,9 @@ pub async fn list(
     .bind(cidr)
     .bind(cursor)
     .bind(limit + 1)
+    .bind(source)
+    .bind(query.rule.as_deref())
+    .bind(query.agent)
     .fetch_all(&state.pool)
     .await?;
     let next = if rows.len() as i64 > limit {
