@@ -46,8 +46,8 @@ pub struct Swept {
     /// Rows of the evidence model deleted: `evidence_minutes` and
     /// `auth_users` older than the longest rule window allows (8 days),
     /// `sender_standing` and `shadow_decisions` older than the cutoff, and
-    /// the dashboard's minute series older than
-    /// [`crate::timeseries::RETENTION_DAYS`].
+    /// the dashboard's series older than their retention
+    /// ([`crate::timeseries::sweep`]).
     pub model: u64,
 }
 

@@ -1,15 +1,18 @@
 //! Time series of what happened, for the dashboard's "overnight" view:
-//! abuse events per minute by kind and by host (`abuse_minutes`), slot
-//! usage per host and minute (`slot_minutes`: the highest `TCP/IP
+//! abuse events by kind and by host (`abuse_minutes`, `abuse_hours`), slot
+//! usage per host (`slot_minutes`, `slot_hours`: the highest `TCP/IP
 //! connection count` and the refusals of a full host), and blocks made,
 //! expired and revoked (counted from `blocks` itself).
 //!
-//! Ingest maintains the two minute tables inside each batch's transaction
+//! Ingest maintains the four tables inside each batch's transaction
 //! ([`BatchSeries`]): a resent batch writes nothing twice, so the series are
 //! exactly-once like the events they count. A batch adds at most a row per
-//! (minute, kind) it covers, written with one statement per table, so the
-//! cost on the ingest path is bounded by the minutes a batch spans, not its
-//! events. The retention sweep drops rows older than [`RETENTION_DAYS`].
+//! (minute, kind) and (hour, kind) it covers, all in one statement, so the
+//! cost on the ingest path is one round trip bounded by the minutes a batch
+//! spans, not by its events. Every row belongs to one agent, so agents never
+//! wait on each other's rows. The short ranges read minutes, the long ones
+//! hours; the retention sweep keeps minutes [`MINUTE_RETENTION_DAYS`] and
+//! hours [`HOUR_RETENTION_DAYS`].
 //!
 //! Reads ([`abuse`], [`blocks`], [`slots`]) bucket a [`Range`] into a fixed
 //! number of steps; every series has one value per bucket, zeros included.
@@ -23,13 +26,22 @@ use time::OffsetDateTime;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-/// How long the minute tables keep rows, days: longer than the longest
-/// [`Range`], whatever the events' retention is.
-pub const RETENTION_DAYS: i64 = 31;
+/// How long the per-minute tables keep rows, days: longer than the longest
+/// range read per minute (24 h).
+pub const MINUTE_RETENTION_DAYS: i32 = 2;
+
+/// How long the per-hour tables keep rows, days: longer than the longest
+/// [`Range`] (30 d), whatever the events' retention is.
+pub const HOUR_RETENTION_DAYS: i32 = 31;
 
 /// `t` truncated to its minute.
 fn minute(t: OffsetDateTime) -> OffsetDateTime {
     t.replace_nanosecond(0).and_then(|t| t.replace_second(0)).unwrap_or(t)
+}
+
+/// `t` truncated to its hour.
+fn hour(t: OffsetDateTime) -> OffsetDateTime {
+    minute(t).replace_minute(0).unwrap_or(t)
 }
 
 /// What one batch adds to the series, per minute.
@@ -65,60 +77,93 @@ impl BatchSeries {
         self.abuse.is_empty() && self.slots.is_empty()
     }
 
-    /// Adds the batch's rows for `agent_id` inside the batch transaction.
+    /// Adds the batch's rows for `agent_id`, per minute and per hour, in one
+    /// statement inside the batch transaction.
     pub async fn write(&self, agent_id: Uuid, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
-        if !self.abuse.is_empty() {
-            let (mut m, mut k, mut n) = (Vec::new(), Vec::new(), Vec::new());
-            for ((minute, kind), count) in &self.abuse {
-                m.push(*minute);
-                k.push(*kind);
-                n.push(*count);
-            }
-            sqlx::query(
-                "insert into abuse_minutes (agent_id, minute, kind, events) \
-                 select $1, m, k, n from unnest($2::timestamptz[], $3::text[], $4::int4[]) as t(m, k, n) \
-                 on conflict (agent_id, minute, kind) do update set events = abuse_minutes.events + excluded.events",
-            )
-            .bind(agent_id)
-            .bind(&m)
-            .bind(&k)
-            .bind(&n)
-            .execute(&mut *tx)
-            .await?;
+        if self.is_empty() {
+            return Ok(());
         }
-        if !self.slots.is_empty() {
-            let (mut m, mut c, mut r) = (Vec::new(), Vec::new(), Vec::new());
-            for (minute, (count, refused)) in &self.slots {
-                m.push(*minute);
-                c.push(*count);
-                r.push(*refused);
-            }
-            sqlx::query(
-                "insert into slot_minutes (agent_id, minute, max_connections, refused_full) \
-                 select $1, m, c, r from unnest($2::timestamptz[], $3::int4[], $4::int4[]) as t(m, c, r) \
-                 on conflict (agent_id, minute) do update set \
-                 max_connections = greatest(slot_minutes.max_connections, excluded.max_connections), \
-                 refused_full = slot_minutes.refused_full + excluded.refused_full",
-            )
-            .bind(agent_id)
-            .bind(&m)
-            .bind(&c)
-            .bind(&r)
-            .execute(&mut *tx)
-            .await?;
+        let mut hours: BTreeMap<(OffsetDateTime, &str), i32> = BTreeMap::new();
+        let (mut am, mut ak, mut an) = (Vec::new(), Vec::new(), Vec::new());
+        for ((minute, kind), count) in &self.abuse {
+            am.push(*minute);
+            ak.push(*kind);
+            an.push(*count);
+            *hours.entry((hour(*minute), kind)).or_default() += count;
         }
+        let (mut ah, mut ahk, mut ahn) = (Vec::new(), Vec::new(), Vec::new());
+        for ((h, kind), count) in hours {
+            ah.push(h);
+            ahk.push(kind);
+            ahn.push(count);
+        }
+        let mut slot_hours: BTreeMap<OffsetDateTime, (i32, i32)> = BTreeMap::new();
+        let (mut sm, mut sc, mut sr) = (Vec::new(), Vec::new(), Vec::new());
+        for (minute, (count, refused)) in &self.slots {
+            sm.push(*minute);
+            sc.push(*count);
+            sr.push(*refused);
+            let h = slot_hours.entry(hour(*minute)).or_default();
+            h.0 = h.0.max(*count);
+            h.1 += refused;
+        }
+        let (mut sh, mut shc, mut shr) = (Vec::new(), Vec::new(), Vec::new());
+        for (h, (count, refused)) in slot_hours {
+            sh.push(h);
+            shc.push(count);
+            shr.push(refused);
+        }
+        sqlx::query(
+            "with am as ( \
+               insert into abuse_minutes (agent_id, minute, kind, events) \
+               select $1, m, k, n from unnest($2::timestamptz[], $3::text[], $4::int4[]) as t(m, k, n) \
+               on conflict (agent_id, minute, kind) do update set events = abuse_minutes.events + excluded.events), \
+             ah as ( \
+               insert into abuse_hours (agent_id, hour, kind, events) \
+               select $1, h, k, n from unnest($5::timestamptz[], $6::text[], $7::int4[]) as t(h, k, n) \
+               on conflict (agent_id, hour, kind) do update set events = abuse_hours.events + excluded.events), \
+             sm as ( \
+               insert into slot_minutes (agent_id, minute, max_connections, refused_full) \
+               select $1, m, c, r from unnest($8::timestamptz[], $9::int4[], $10::int4[]) as t(m, c, r) \
+               on conflict (agent_id, minute) do update set \
+               max_connections = greatest(slot_minutes.max_connections, excluded.max_connections), \
+               refused_full = slot_minutes.refused_full + excluded.refused_full) \
+             insert into slot_hours (agent_id, hour, max_connections, refused_full) \
+             select $1, h, c, r from unnest($11::timestamptz[], $12::int4[], $13::int4[]) as t(h, c, r) \
+             on conflict (agent_id, hour) do update set \
+             max_connections = greatest(slot_hours.max_connections, excluded.max_connections), \
+             refused_full = slot_hours.refused_full + excluded.refused_full",
+        )
+        .bind(agent_id)
+        .bind(&am)
+        .bind(&ak)
+        .bind(&an)
+        .bind(&ah)
+        .bind(&ahk)
+        .bind(&ahn)
+        .bind(&sm)
+        .bind(&sc)
+        .bind(&sr)
+        .bind(&sh)
+        .bind(&shc)
+        .bind(&shr)
+        .execute(&mut *tx)
+        .await?;
         Ok(())
     }
 }
 
-/// Deletes minute rows older than [`RETENTION_DAYS`]; returns how many.
+/// Deletes minute rows older than [`MINUTE_RETENTION_DAYS`] and hour rows
+/// older than [`HOUR_RETENTION_DAYS`]; returns how many.
 pub async fn sweep(pool: &PgPool) -> Result<u64, sqlx::Error> {
     let mut n = 0;
-    for sql in [
-        "delete from abuse_minutes where minute < now() - make_interval(days => $1)",
-        "delete from slot_minutes where minute < now() - make_interval(days => $1)",
+    for (sql, days) in [
+        ("delete from abuse_minutes where minute < now() - make_interval(days => $1)", MINUTE_RETENTION_DAYS),
+        ("delete from slot_minutes where minute < now() - make_interval(days => $1)", MINUTE_RETENTION_DAYS),
+        ("delete from abuse_hours where hour < now() - make_interval(days => $1)", HOUR_RETENTION_DAYS),
+        ("delete from slot_hours where hour < now() - make_interval(days => $1)", HOUR_RETENTION_DAYS),
     ] {
-        n += sqlx::query(sql).bind(RETENTION_DAYS as i32).execute(pool).await?.rows_affected();
+        n += sqlx::query(sql).bind(days).execute(pool).await?.rows_affected();
     }
     Ok(n)
 }
@@ -175,6 +220,15 @@ impl Range {
         }
     }
 
+    /// The abuse and slot tables and their time column: minutes for the
+    /// short ranges, hours for the long ones.
+    fn tables(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Range::Hour | Range::Day => ("abuse_minutes", "slot_minutes", "minute"),
+            Range::Week | Range::Month => ("abuse_hours", "slot_hours", "hour"),
+        }
+    }
+
     /// The buckets' start times, oldest first, the last one holding `now`.
     fn starts(self, now: OffsetDateTime) -> Vec<OffsetDateTime> {
         let step = self.step_secs();
@@ -222,7 +276,7 @@ pub struct HostSlots {
     /// Connections refused because every slot was taken, per bucket.
     pub refused_full: Vec<i64>,
     /// The host's slot ceiling (`smtp_accept_max`) if known: the highest
-    /// connection count seen in a minute in which Exim refused connections
+    /// connection count of a host that Exim has had to refuse connections
     /// for being full, within the retained series.
     pub smtp_accept_max: Option<i64>,
 }
@@ -297,11 +351,12 @@ async fn abuse_at(pool: &PgPool, range: Range, by: By, now: OffsetDateTime) -> R
         By::Kind => "m.kind",
         By::Host => "coalesce(a.name, m.agent_id::text)",
     };
+    let (table, _, column) = range.tables();
     let rows: Vec<(OffsetDateTime, String, i64)> = sqlx::query_as(&format!(
         "select {} as b, {key} as k, sum(m.events)::bigint \
-         from abuse_minutes m left join agents a on a.id = m.agent_id \
-         where m.minute >= $2 group by 1, 2",
-        bucket("m.minute")
+         from {table} m left join agents a on a.id = m.agent_id \
+         where m.{column} >= $2 group by 1, 2",
+        bucket(&format!("m.{column}"))
     ))
     .bind(step as f64)
     .bind(from)
@@ -362,20 +417,24 @@ pub async fn slots(pool: &PgPool, range: Range) -> Result<Slots, sqlx::Error> {
     let starts = range.starts(now);
     let step = range.step_secs();
     let from = starts.first().copied().unwrap_or(now);
+    let (_, table, column) = range.tables();
     let rows: Vec<(Uuid, String, OffsetDateTime, i64, i64)> = sqlx::query_as(&format!(
         "select s.agent_id, coalesce(a.name, s.agent_id::text), {} as b, max(s.max_connections)::bigint, \
                 sum(s.refused_full)::bigint \
-         from slot_minutes s left join agents a on a.id = s.agent_id \
-         where s.minute >= $2 group by 1, 2, 3",
-        bucket("s.minute")
+         from {table} s left join agents a on a.id = s.agent_id \
+         where s.{column} >= $2 group by 1, 2, 3",
+        bucket(&format!("s.{column}"))
     ))
     .bind(step as f64)
     .bind(from)
     .fetch_all(pool)
     .await?;
+    // A host refuses for being full only at its ceiling, and its count
+    // never exceeds the ceiling: once it has refused, its highest count is
+    // the ceiling.
     let ceilings: Vec<(Uuid, i64)> = sqlx::query_as(
-        "select agent_id, max(max_connections)::bigint from slot_minutes \
-         where refused_full > 0 and max_connections > 0 group by agent_id",
+        "select agent_id, max(max_connections)::bigint from slot_hours \
+         group by agent_id having sum(refused_full) > 0 and max(max_connections) > 0",
     )
     .fetch_all(pool)
     .await?;
@@ -492,26 +551,33 @@ mod tests {
         let totals: Vec<(&str, i64)> = by_host.series.iter().map(|l| (l.key.as_str(), l.total)).collect();
         assert_eq!(totals, [("mx-a", 3), ("mx-b", 1)]);
 
-        // Thirty days ago is outside the hour and the day but inside the month.
+        // The long ranges read hours: the batch is there too, and 29 days ago
+        // is outside the week but inside the month.
+        let week = abuse(&pool, Range::Week, By::Kind).await.unwrap();
+        let totals: Vec<(&str, i64)> = week.series.iter().map(|l| (l.key.as_str(), l.total)).collect();
+        assert_eq!(totals, [("auth_failed", 3), ("relay_denied", 1)]);
         let old = OffsetDateTime::now_utc() - time::Duration::days(29);
-        sqlx::query("insert into abuse_minutes (agent_id, minute, kind, events) values ($1, $2, 'rcpt_rejected', 5)")
+        sqlx::query("insert into abuse_hours (agent_id, hour, kind, events) values ($1, $2, 'rcpt_rejected', 5)")
             .bind(a)
-            .bind(minute(old))
+            .bind(hour(old))
             .execute(&pool)
             .await
             .unwrap();
-        let hour = abuse(&pool, Range::Hour, By::Kind).await.unwrap();
-        assert!(hour.series.iter().all(|l| l.key != "rcpt_rejected"));
+        let week = abuse(&pool, Range::Week, By::Kind).await.unwrap();
+        assert!(week.series.iter().all(|l| l.key != "rcpt_rejected"));
         let month = abuse(&pool, Range::Month, By::Kind).await.unwrap();
         assert!(month.series.iter().any(|l| l.key == "rcpt_rejected" && l.total == 5));
 
-        let slots = slots(&pool, Range::Hour).await.unwrap();
-        assert_eq!(slots.hosts.len(), 1, "mx-b reported no connection counts");
-        let host = &slots.hosts[0];
+        let hour_slots = slots(&pool, Range::Hour).await.unwrap();
+        assert_eq!(hour_slots.hosts.len(), 1, "mx-b reported no connection counts");
+        let host = &hour_slots.hosts[0];
         assert_eq!(host.agent, "mx-a");
         assert_eq!(host.max_connections.iter().copied().max(), Some(40));
         assert_eq!(host.refused_full.iter().sum::<i64>(), 1, "the resent batch counts once");
         assert_eq!(host.smtp_accept_max, Some(40));
+        let month = slots(&pool, Range::Month).await.unwrap();
+        assert_eq!(month.hosts[0].max_connections.iter().copied().max(), Some(40));
+        assert_eq!(month.hosts[0].refused_full.iter().sum::<i64>(), 1);
     }
 
     #[sqlx::test(migrator = "crate::db::MIGRATOR")]
@@ -537,27 +603,40 @@ mod tests {
     }
 
     #[sqlx::test(migrator = "crate::db::MIGRATOR")]
-    async fn sweep_drops_old_minutes_only(pool: PgPool) {
+    async fn sweep_drops_old_minutes_and_hours_only(pool: PgPool) {
         let a = agent(&pool, "mx-a").await;
         sqlx::query(
             "insert into abuse_minutes (agent_id, minute, kind, events) values \
              ($1, date_trunc('minute', now()), 'auth_failed', 1), \
-             ($1, date_trunc('minute', now() - interval '40 days'), 'auth_failed', 1)",
+             ($1, date_trunc('minute', now() - interval '3 days'), 'auth_failed', 1)",
         )
         .bind(a)
         .execute(&pool)
         .await
         .unwrap();
         sqlx::query(
-            "insert into slot_minutes (agent_id, minute, max_connections) values \
-             ($1, date_trunc('minute', now() - interval '40 days'), 9)",
+            "insert into abuse_hours (agent_id, hour, kind, events) values \
+             ($1, date_trunc('hour', now() - interval '3 days'), 'auth_failed', 1), \
+             ($1, date_trunc('hour', now() - interval '40 days'), 'auth_failed', 1)",
         )
         .bind(a)
         .execute(&pool)
         .await
         .unwrap();
-        assert_eq!(sweep(&pool).await.unwrap(), 2);
-        let left: i64 = sqlx::query_scalar("select count(*) from abuse_minutes").fetch_one(&pool).await.unwrap();
-        assert_eq!(left, 1);
+        sqlx::query(
+            "insert into slot_minutes (agent_id, minute, max_connections) \
+             values ($1, date_trunc('minute', now() - interval '3 days'), 9)",
+        )
+        .bind(a)
+        .execute(&pool)
+        .await
+        .unwrap();
+        assert_eq!(sweep(&pool).await.unwrap(), 3);
+        let left: (i64, i64) =
+            sqlx::query_as("select (select count(*) from abuse_minutes), (select count(*) from abuse_hours)")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(left, (1, 1), "the recent minute and the 3-day-old hour stay");
     }
 }

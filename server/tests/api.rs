@@ -1395,14 +1395,16 @@ async fn timeseries_whoami_and_why(pool: PgPool) {
         .await
         .unwrap();
     }
-    sqlx::query(
-        "insert into slot_minutes (agent_id, minute, max_connections, refused_full) \
-         values ($1, date_trunc('minute', now() - interval '3 minutes'), 100, 7)",
-    )
-    .bind(mx1)
-    .execute(&pool)
-    .await
-    .unwrap();
+    for (table, column, unit) in [("slot_minutes", "minute", "minute"), ("slot_hours", "hour", "hour")] {
+        sqlx::query(&format!(
+            "insert into {table} (agent_id, {column}, max_connections, refused_full) \
+             values ($1, date_trunc('{unit}', now() - interval '3 minutes'), 100, 7)"
+        ))
+        .bind(mx1)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
 
     let kinds = get(&app, "/api/v1/timeseries/abuse?range=1h", &t.read).await.expect(StatusCode::OK).json();
     assert_eq!(kinds["step_secs"], 60);

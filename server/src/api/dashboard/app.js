@@ -309,7 +309,7 @@ async function showHosts() {
     const li = el("li", null, "host-card");
     li.dataset.agentId = a.id;
     const status = a.revoked_at ? "revoked" : a.connected ? "online" : "offline";
-    li.classList.add(status);
+    li.classList.add("host-" + status);
     li.appendChild(el("h3", a.name));
     const dl = el("dl");
     const row = (k, v, cls) => { dl.appendChild(el("dt", k)); dl.appendChild(el("dd", v, cls)); };
