@@ -27,6 +27,7 @@ const state = {
   seenEvents: new Set(),
   agents: [],
   stats: null,
+  charts: new Map(),  // container id -> the arguments it was last drawn with
 };
 
 const $ = (id) => document.getElementById(id);
@@ -137,15 +138,18 @@ function colour(key) {
 // Each non-zero value is a <rect class="bar"> carrying data-key, data-bucket
 // and data-value, with a <title> for pointer users; the chart as a whole is
 // an image with a text summary for screen readers.
+// Drawn at the container's pixel width (redrawn when the window is resized),
+// so that text is never stretched.
 function stackedChart(container, doc, label, height) {
-  const W = 900, H = height, left = 44, bottom = 18, top = 8;
+  state.charts.set(container.id, [doc, label, height]);
+  const W = Math.max(200, container.clientWidth || 900), H = height, left = 44, bottom = 18, top = 8;
   const n = doc.buckets.length;
   const totals = new Array(n).fill(0);
   for (const line of doc.series) line.values.forEach((v, i) => { totals[i] += v; });
   const max = Math.max(1, ...totals);
   const sum = totals.reduce((a, b) => a + b, 0);
-  const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": label + ": " + sum + " in all",
-    class: "svg-chart", "data-total": sum, "data-buckets": n, preserveAspectRatio: "none" });
+  const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img",
+    "aria-label": label + ": " + sum + " in all", class: "svg-chart", "data-total": sum, "data-buckets": n });
   const plotH = H - bottom - top;
   const bw = (W - left) / n;
   chart.appendChild(svg("line", { x1: left, y1: top + plotH, x2: W, y2: top + plotH, class: "axis" }));
@@ -202,10 +206,10 @@ function sparkline(values, ceiling) {
   const s = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: "spark", preserveAspectRatio: "none", "aria-hidden": "true" });
   if (ceiling) {
     const y = H - (ceiling / max) * (H - 2);
-    s.appendChild(svg("line", { x1: 0, y1: y, x2: W, y2: y, class: "ceiling" }));
+    s.appendChild(svg("line", { x1: 0, y1: y, x2: W, y2: y, class: "ceiling", "vector-effect": "non-scaling-stroke" }));
   }
   const points = values.map((v, i) => `${(i / Math.max(1, n - 1)) * W},${H - (v / max) * (H - 2)}`).join(" ");
-  s.appendChild(svg("polyline", { points, class: "usage" }));
+  s.appendChild(svg("polyline", { points, class: "usage", "vector-effect": "non-scaling-stroke" }));
   return s;
 }
 
@@ -704,5 +708,15 @@ $("report-load").addEventListener("click", async () => {
   pre.hidden = false;
 });
 window.addEventListener("hashchange", route);
+let resizeTimer = null;
+window.addEventListener("resize", () => {
+  clearTimeout(resizeTimer);
+  resizeTimer = setTimeout(() => {
+    for (const [id, [doc, label, height]] of state.charts) {
+      const container = $(id);
+      if (container && container.offsetParent !== null) stackedChart(container, doc, label, height);
+    }
+  }, 150);
+});
 
 if (token()) showMain(); else signOut("");
