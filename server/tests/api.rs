@@ -1466,6 +1466,19 @@ async fn timeseries_whoami_and_why(pool: PgPool) {
         get(&app, "/api/v1/attackers?since=7d&within=203.0.113.0/24", &t.read).await.expect(StatusCode::OK).json();
     assert_eq!(range.as_array().unwrap().len(), 2);
 
+    // mx1 reports blocklist version 0; the block above is waiting for it.
+    sqlx::query("update agents set blocklist_version = (select max(version) from block_changes) where id = $1")
+        .bind(mx2)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let agents = get(&app, "/api/v1/agents", &t.read).await.expect(StatusCode::OK).json();
+    let lag = |name: &str| {
+        agents.as_array().unwrap().iter().find(|a| a["name"] == name).unwrap()["lag_secs"].as_f64().unwrap()
+    };
+    assert!(lag("mx1") > 0.0, "{agents}");
+    assert_eq!(lag("mx2"), 0.0, "{agents}");
+
     let me = get(&app, "/api/v1/whoami", &t.read).await.expect(StatusCode::OK).json();
     assert_eq!(me, json!({"name": "ops-read", "role": "read", "can_write": false}));
     let me = get(&app, "/api/v1/whoami", &t.admin).await.expect(StatusCode::OK).json();

@@ -496,7 +496,7 @@ async fn dashboard_shows_the_night_explains_and_unblocks_with_confirmation(pool:
     let map = browser.text_of("#hostmap li[data-agent-id='{mx1}']".replace("{mx1}", &mx1.to_string()).as_str()).await;
     assert!(map.contains("mx-dash-1") && map.contains("online") && map.contains("firewall entries"), "{map}");
     // The test agents report blocklist version 0; the fleet is at 2.
-    assert!(map.contains("2 versions behind (v0)"), "{map}");
+    assert!(map.contains("2 versions behind (v0)") && map.contains("oldest change waiting"), "{map}");
     browser.screenshot("hosts").await;
 
     // Search finds the attacker; its page says why it was blocked.

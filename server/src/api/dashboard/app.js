@@ -118,6 +118,12 @@ function until(iso, active) {
   return "in " + Math.round(secs / 86400) + " d";
 }
 
+function secs(n) {
+  if (n < 60) return n.toFixed(1) + " s";
+  if (n < 3600) return Math.round(n / 60) + " min";
+  return Math.round(n / 3600) + " h";
+}
+
 function clock(iso, stepSecs) {
   const d = new Date(iso);
   const two = (n) => String(n).padStart(2, "0");
@@ -322,6 +328,7 @@ async function showHosts() {
     const lag = version - a.blocklist_version;
     row("blocklist", lag <= 0 ? "in sync (v" + a.blocklist_version + ")" : lag + " versions behind (v" + a.blocklist_version + ")",
       lag <= 0 ? "ok" : "bad");
+    row("lag", a.lag_secs > 0 ? "oldest change waiting " + secs(a.lag_secs) : "none", a.lag_secs > 5 ? "bad" : "ok");
     row("firewall entries", a.firewall_entries);
     row("last seen", ago(a.last_seen));
     row("version", a.version);
