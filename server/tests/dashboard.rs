@@ -531,8 +531,22 @@ async fn dashboard_shows_the_night_explains_and_unblocks_with_confirmation(pool:
     let row = browser.text_of(&format!("#blocks tr[data-block-id='{}']", auto.id)).await;
     assert!(row.contains("decided by the fleet rule"), "{row}");
     browser.screenshot("blocks").await;
+    // The filters: the fleet rule's block only, then back to all.
+    browser
+        .script("const f = document.getElementById('f-rule'); f.value = 'fleet_correlation'; f.dispatchEvent(new Event('change'));")
+        .await;
+    browser
+        .wait_until("return !document.querySelector('#blocks tbody').textContent.includes('203.0.113.77');", "filtered")
+        .await;
+    browser.wait_text("#blocks tbody", "203.0.113.66/32").await;
+    browser
+        .script("const f = document.getElementById('f-rule'); f.value = ''; f.dispatchEvent(new Event('change'));")
+        .await;
+    browser.wait_text("#blocks tbody", "203.0.113.77/32").await;
     browser.click(&format!("button.unblock[data-id=\"{manual}\"]")).await;
     browser.wait_until("return document.getElementById('confirm').open;", "confirmation dialog").await;
+    let focused = browser.script("return document.activeElement.id;").await;
+    assert_eq!(focused, "confirm-cancel", "the dialog opens with the safe choice focused");
     browser.screenshot("unblock-confirmation").await;
     browser.click("#confirm-cancel").await;
     browser.wait_until("return !document.getElementById('confirm').open;", "dialog closed").await;
@@ -554,7 +568,16 @@ async fn dashboard_shows_the_night_explains_and_unblocks_with_confirmation(pool:
     assert_eq!(actor, "ops-admin");
 
     // Shadow decisions and the live feed, abuse only unless asked.
+    sqlx::query(
+        "insert into shadow_decisions (cidr, rule, source, evidence) values \
+         ('203.0.113.67/32', 'dictionary', 'auto', '{\"verdict\": \"dictionary: 4 weighted events on one host within 600 s (threshold 3)\"}')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     browser.page("shadow").await;
+    let shadow = browser.wait_text("#shadow tbody", "203.0.113.67/32").await;
+    assert!(shadow.contains("dictionary: 4 weighted events on one host"), "{shadow}");
     browser.screenshot("shadow").await;
     browser.page("live").await;
     browser.wait_text("#feed", "auth_failed").await;
@@ -580,6 +603,16 @@ async fn dashboard_shows_the_night_explains_and_unblocks_with_confirmation(pool:
     browser.wait_text("#attacker-blocks tbody", "203.0.113.66/32").await;
     let buttons = browser.script("return document.querySelectorAll('button.unblock').length;").await;
     assert_eq!(buttons, json!(0), "a read token must not see Unblock");
+
+    // Every form control has a label.
+    let unlabelled = browser
+        .script(
+            "return [...document.querySelectorAll('input, select, button')] \
+               .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim()) \
+               .map(e => e.id || e.name);",
+        )
+        .await;
+    assert_eq!(unlabelled, json!([]), "controls without a label");
 
     // A phone: the page fits the screen's width.
     browser.resize(390, 844).await;
