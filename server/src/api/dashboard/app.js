@@ -391,7 +391,9 @@ async function showShadow() {
 
 async function showLive() {
   const all = $("feed-all").checked;
-  const events = await api("GET", "/api/v1/events?limit=50" + (all ? "" : "&abuse=true"));
+  // Bounded to a day: with no abuse for a while, an unbounded search would
+  // read back through every stored day on each poll.
+  const events = await api("GET", "/api/v1/events?limit=50&since=24h" + (all ? "" : "&abuse=true"));
   const list = $("feed");
   for (const e of events.slice().reverse()) {
     if (state.seenEvents.has(e.id)) continue;
