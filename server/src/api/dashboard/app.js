@@ -10,6 +10,7 @@
 
 const TOKEN_KEY = "fleetban_token";
 const RANGE_KEY = "fleetban_range";
+const SPLIT_KEY = "fleetban_split";
 const POLL_MS = 5000;
 const SVG_NS = "http://www.w3.org/2000/svg";
 const RANGES = ["1h", "24h", "7d", "30d"];
@@ -23,7 +24,6 @@ const state = {
   timer: null,
   view: null,
   arg: "",
-  colours: new Map(), // series key -> colour, stable across redraws
   seenEvents: new Set(),
   agents: [],
   stats: null,
@@ -132,10 +132,22 @@ function clock(iso, stepSecs) {
   return hm;
 }
 
-function colour(key) {
-  if (BLOCK_COLOURS[key]) return BLOCK_COLOURS[key];
-  if (!state.colours.has(key)) state.colours.set(key, PALETTE[state.colours.size % PALETTE.length]);
-  return state.colours.get(key);
+// Colours of a chart's series: a key gets the same colour on every page
+// load (a hash of its name), moved to the next free one when another key of
+// the same chart already has it.
+function colours(doc) {
+  const out = new Map();
+  const used = new Set();
+  for (const line of doc.series) {
+    if (BLOCK_COLOURS[line.key]) { out.set(line.key, BLOCK_COLOURS[line.key]); continue; }
+    let h = 0;
+    for (const c of line.key) h = (h * 31 + c.codePointAt(0)) >>> 0;
+    let i = h % PALETTE.length;
+    for (let n = 0; n < PALETTE.length && used.has(i); n++) i = (i + 1) % PALETTE.length;
+    used.add(i);
+    out.set(line.key, PALETTE[i]);
+  }
+  return out;
 }
 
 // ---- charts (inline SVG) --------------------------------------------------
@@ -172,6 +184,7 @@ function stackedChart(container, doc, label, height) {
     chart.appendChild(t);
   }
   const base = new Array(n).fill(0);
+  const colour = colours(doc);
   for (const line of doc.series) {
     line.values.forEach((v, i) => {
       if (v <= 0) return;
@@ -179,7 +192,7 @@ function stackedChart(container, doc, label, height) {
       const y = top + plotH - ((base[i] + v) / max) * plotH;
       base[i] += v;
       const rect = svg("rect", { x: left + i * bw + 0.5, y, width: Math.max(1, bw - 1), height: Math.max(0.5, h),
-        fill: colour(line.key), class: "bar", "data-key": line.key, "data-bucket": doc.buckets[i], "data-value": v });
+        fill: colour.get(line.key), class: "bar", "data-key": line.key, "data-bucket": doc.buckets[i], "data-value": v });
       const title = svg("title");
       title.textContent = line.key + ": " + v + " at " + clock(doc.buckets[i], doc.step_secs);
       rect.appendChild(title);
@@ -190,13 +203,14 @@ function stackedChart(container, doc, label, height) {
 }
 
 function legend(listId, doc) {
+  const colour = colours(doc);
   replaceChildren($(listId), doc.series.map((line) => {
     const li = el("li");
     const swatch = el("span", null, "swatch");
     swatch.setAttribute("aria-hidden", "true");
     // A presentation attribute on an SVG element: allowed by the CSP.
     const box = svg("svg", { width: 10, height: 10, viewBox: "0 0 10 10" });
-    box.appendChild(svg("rect", { width: 10, height: 10, fill: colour(line.key) }));
+    box.appendChild(svg("rect", { width: 10, height: 10, fill: colour.get(line.key) }));
     swatch.appendChild(box);
     li.appendChild(swatch);
     li.appendChild(el("span", line.key + " " + line.total));
@@ -235,11 +249,18 @@ async function loadStats() {
   $("stat-lag").textContent = stats.propagation_lag_secs.toFixed(1) + " s";
 }
 
+function currentSplit() {
+  return localStorage.getItem(SPLIT_KEY) === "host" ? "host" : "kind";
+}
+
 async function showOverview() {
   const range = currentRange();
+  const split = currentSplit();
   for (const input of document.querySelectorAll('#range-picker input')) input.checked = input.value === range;
+  $("split").value = split;
+  $("abuse-table-key").textContent = split;
   const [abuse, blocks, slots, attackers] = await Promise.all([
-    api("GET", "/api/v1/timeseries/abuse?range=" + range),
+    api("GET", "/api/v1/timeseries/abuse?range=" + range + "&by=" + split),
     api("GET", "/api/v1/timeseries/blocks?range=" + range),
     api("GET", "/api/v1/timeseries/slots?range=" + range),
     api("GET", "/api/v1/attackers?since=24h&limit=10"),
@@ -248,7 +269,7 @@ async function showOverview() {
   const total = abuse.series.reduce((a, l) => a + l.total, 0);
   $("attacks-summary").textContent = total === 0
     ? "No abuse in the last " + range + "."
-    : total + " abuse events in the last " + range + " (" + abuse.series.length + " kinds, one bar per " +
+    : total + " abuse events in the last " + range + " (" + abuse.series.length + (split === "host" ? " hosts" : " kinds") + ", one bar per " +
       Math.round(abuse.step_secs / 60) + " min).";
   stackedChart($("abuse-chart"), abuse, "Abuse events per " + Math.round(abuse.step_secs / 60) + " min, last " + range, 220);
   legend("abuse-legend", abuse);
@@ -701,6 +722,7 @@ $("search-form").addEventListener("submit", (event) => {
 for (const input of document.querySelectorAll("#range-picker input")) {
   input.addEventListener("change", () => { localStorage.setItem(RANGE_KEY, input.value); tick(); });
 }
+$("split").addEventListener("change", () => { localStorage.setItem(SPLIT_KEY, $("split").value); tick(); });
 for (const id of ["f-state", "f-source", "f-rule", "f-host"]) $(id).addEventListener("change", () => tick());
 $("feed-all").addEventListener("change", () => {
   replaceChildren($("feed"), []);
