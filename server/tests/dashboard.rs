@@ -485,16 +485,26 @@ async fn dashboard_shows_the_night_explains_and_unblocks_with_confirmation(pool:
     let summary = browser.text_of("#attacks-summary").await;
     assert!(summary.contains("13 abuse events in the last 1h"), "{summary}");
     // Split by host instead: the same events, per host, kept across a reload.
-    browser.script("const s = document.getElementById('split'); s.value = 'host'; s.dispatchEvent(new Event('change'));").await;
     browser
-        .wait_until("return !!document.querySelector('#abuse-chart rect.bar[data-key=\"mx-dash-1\"]');", "split by host")
+        .script("const s = document.getElementById('split'); s.value = 'host'; s.dispatchEvent(new Event('change'));")
+        .await;
+    browser
+        .wait_until(
+            "return !!document.querySelector('#abuse-chart rect.bar[data-key=\"mx-dash-1\"]');",
+            "split by host",
+        )
         .await;
     browser.reload().await;
     browser.wait_until("return document.getElementById('content').dataset.loaded === 'overview';", "reloaded").await;
     assert_eq!(drawn(&browser, "abuse-chart").await, json!({"mx-dash-1": 10, "mx-dash-2": 3}));
-    browser.script("const s = document.getElementById('split'); s.value = 'kind'; s.dispatchEvent(new Event('change'));").await;
     browser
-        .wait_until("return !!document.querySelector('#abuse-chart rect.bar[data-key=\"auth_failed\"]');", "split by kind")
+        .script("const s = document.getElementById('split'); s.value = 'kind'; s.dispatchEvent(new Event('change'));")
+        .await;
+    browser
+        .wait_until(
+            "return !!document.querySelector('#abuse-chart rect.bar[data-key=\"auth_failed\"]');",
+            "split by kind",
+        )
         .await;
     let blocks_drawn = drawn(&browser, "blocks-chart").await;
     assert_eq!(blocks_drawn["made"], 2, "{blocks_drawn}");
