@@ -589,6 +589,7 @@ impl Ingest {
             }
         }
         evidence.write_model(batch.agent_id, &mut tx).await?;
+        evidence.series.write(batch.agent_id, &mut tx).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -652,6 +653,8 @@ struct BatchEvidence {
     users: BTreeMap<(IpAddr, String), OffsetDateTime>,
     /// Per address with accepted mail or a verified name: `sender_standing`.
     standing: BTreeMap<IpAddr, Standing>,
+    /// The dashboard's minute series (`crate::timeseries`).
+    series: crate::timeseries::BatchSeries,
 }
 
 /// Good standing seen in one batch for one address.
@@ -672,6 +675,7 @@ impl BatchEvidence {
     fn of(rows: &[Row]) -> Self {
         let mut ev = BatchEvidence::default();
         for r in rows {
+            ev.series.add(r.kind, r.time, r.connection_count);
             let kind = r.kind.as_str();
             if r.kind.earns_standing() || r.host_name.is_some() {
                 let s = ev.standing.entry(r.remote).or_default();

@@ -33,6 +33,8 @@
 //! - [`conn`]: connection discipline of both listeners (caps, deadlines).
 //! - [`guard`]: throttle of failed agent authentication; marks
 //!   authenticated gRPC connections.
+//! - [`timeseries`]: per-minute abuse, slot and block series for the
+//!   dashboard, kept by ingest.
 //! - [`text`]: escaping of client-supplied text for logs and terminals.
 //! - [`units`]: durations as operators write them (`90s`, `6h`, `7d`).
 //! - [`telemetry`]: names of the metrics the domain records (described and
@@ -67,6 +69,7 @@ pub mod serve;
 pub mod session;
 pub mod telemetry;
 pub mod text;
+pub mod timeseries;
 pub mod tls;
 pub mod transfer;
 pub mod units;

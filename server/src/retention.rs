@@ -45,7 +45,9 @@ pub struct Swept {
     pub changes: u64,
     /// Rows of the evidence model deleted: `evidence_minutes` and
     /// `auth_users` older than the longest rule window allows (8 days),
-    /// `sender_standing` and `shadow_decisions` older than the cutoff.
+    /// `sender_standing` and `shadow_decisions` older than the cutoff, and
+    /// the dashboard's series older than their retention
+    /// ([`crate::timeseries::sweep`]).
     pub model: u64,
 }
 
@@ -94,6 +96,7 @@ pub async fn sweep(pool: &PgPool, retention: Retention) -> Result<Swept, blocks:
     ] {
         model += sqlx::query(sql).bind(cutoff).execute(pool).await?.rows_affected();
     }
+    model += crate::timeseries::sweep(pool).await?;
     Ok(Swept { partitions, offender_hosts, offenders, batches, changes, model })
 }
 

@@ -1370,3 +1370,113 @@ async fn import_in_one_transaction_with_a_summary_and_export_round_trip(pool: Pg
     );
     get(&app, "/api/v1/export?format=xml", &t.read).await.expect(StatusCode::BAD_REQUEST);
 }
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn timeseries_whoami_and_why(pool: PgPool) {
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    let (mx1, mx2, _) = seed_attack(&pool).await;
+    for (agent, ago, kind, n) in [(mx1, 5, "auth_failed", 6), (mx2, 5, "auth_failed", 2), (mx2, 50, "relay_denied", 3)]
+    {
+        sqlx::query(
+            "insert into abuse_minutes (agent_id, minute, kind, events) \
+             values ($1, date_trunc('minute', now() - make_interval(mins => $2)), $3, $4)",
+        )
+        .bind(agent)
+        .bind(ago)
+        .bind(kind)
+        .bind(n)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    for (table, column, unit) in [("slot_minutes", "minute", "minute"), ("slot_hours", "hour", "hour")] {
+        sqlx::query(&format!(
+            "insert into {table} (agent_id, {column}, max_connections, refused_full) \
+             values ($1, date_trunc('{unit}', now() - interval '3 minutes'), 100, 7)"
+        ))
+        .bind(mx1)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+
+    let kinds = get(&app, "/api/v1/timeseries/abuse?range=1h", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(kinds["step_secs"], 60);
+    assert_eq!(kinds["buckets"].as_array().unwrap().len(), 60);
+    let totals: Vec<(String, i64)> = kinds["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["key"].as_str().unwrap().to_owned(), l["total"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(totals, [("auth_failed".to_owned(), 8), ("relay_denied".to_owned(), 3)]);
+    let hosts = get(&app, "/api/v1/timeseries/abuse?range=24h&by=host", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(hosts["series"][0]["key"], "mx1");
+    assert_eq!(hosts["series"][1]["key"], "mx2");
+    assert_eq!(hosts["series"][1]["total"], 5);
+    get(&app, "/api/v1/timeseries/abuse?range=2h", &t.read).await.expect(StatusCode::BAD_REQUEST);
+    get(&app, "/api/v1/timeseries/abuse?by=asn", &t.read).await.expect(StatusCode::BAD_REQUEST);
+    call(&app, Method::GET, "/api/v1/timeseries/abuse", None, None).await.expect(StatusCode::UNAUTHORIZED);
+
+    let slots = get(&app, "/api/v1/timeseries/slots?range=1h", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(slots["hosts"][0]["agent"], "mx1");
+    assert_eq!(slots["hosts"][0]["smtp_accept_max"], 100);
+    assert!(slots["hosts"][0]["max_connections"].as_array().unwrap().contains(&json!(100)));
+
+    let block = create_block(&app, &t.admin, json!({"cidr": "203.0.113.7", "reason": "seen in the logs"}))
+        .await
+        .expect(StatusCode::CREATED)
+        .json();
+    assert_eq!(block["why"], "Blocked by hand by ops-admin: seen in the logs.");
+    let series = get(&app, "/api/v1/timeseries/blocks?range=7d", &t.read).await.expect(StatusCode::OK).json();
+    let keys: Vec<&str> = series["series"].as_array().unwrap().iter().map(|l| l["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["made", "expired", "revoked"]);
+    assert_eq!(series["series"][0]["total"], 1);
+    let detail = get(&app, "/api/v1/attackers/203.0.113.7", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(detail["blocks"][0]["why"], "Blocked by hand by ops-admin: seen in the logs.");
+    let count = |v: Value| v.as_array().unwrap().len();
+    let manual = get(&app, "/api/v1/blocks?source=manual", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(count(manual), 1);
+    let auto = get(&app, "/api/v1/blocks?source=auto", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(count(auto), 0);
+    let by_rule = get(&app, "/api/v1/blocks?rule=seen%20in%20the%20logs", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(count(by_rule), 1);
+    let by_agent = get(&app, &format!("/api/v1/blocks?agent={mx1}"), &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(count(by_agent), 0, "a manual block has no agent evidence");
+    get(&app, "/api/v1/blocks?source=robot", &t.read).await.expect(StatusCode::BAD_REQUEST);
+
+    let abuse = get(&app, "/api/v1/events?abuse=true&limit=100", &t.read).await.expect(StatusCode::OK).json();
+    let kinds: std::collections::BTreeSet<&str> =
+        abuse.as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds.into_iter().collect::<Vec<_>>(), ["auth_failed"], "connects are context, not abuse");
+    let all = get(&app, "/api/v1/events?limit=100", &t.read).await.expect(StatusCode::OK).json();
+    assert!(all.as_array().unwrap().iter().any(|e| e["kind"] == "connect"));
+
+    let within =
+        get(&app, "/api/v1/attackers?since=7d&within=203.0.113.8/32", &t.read).await.expect(StatusCode::OK).json();
+    let ips: Vec<&str> = within.as_array().unwrap().iter().map(|a| a["ip"].as_str().unwrap()).collect();
+    assert_eq!(ips, ["203.0.113.8"]);
+    let range =
+        get(&app, "/api/v1/attackers?since=7d&within=203.0.113.0/24", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(range.as_array().unwrap().len(), 2);
+
+    // mx1 reports blocklist version 0; the block above is waiting for it.
+    sqlx::query("update agents set blocklist_version = (select max(version) from block_changes) where id = $1")
+        .bind(mx2)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let agents = get(&app, "/api/v1/agents", &t.read).await.expect(StatusCode::OK).json();
+    let lag = |name: &str| {
+        agents.as_array().unwrap().iter().find(|a| a["name"] == name).unwrap()["lag_secs"].as_f64().unwrap()
+    };
+    assert!(lag("mx1") > 0.0, "{agents}");
+    assert_eq!(lag("mx2"), 0.0, "{agents}");
+
+    let me = get(&app, "/api/v1/whoami", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(me, json!({"name": "ops-read", "role": "read", "can_write": false}));
+    let me = get(&app, "/api/v1/whoami", &t.admin).await.expect(StatusCode::OK).json();
+    assert_eq!(me["role"], "admin");
+    assert_eq!(me["can_write"], true);
+}

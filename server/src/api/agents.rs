@@ -49,6 +49,9 @@ pub struct Agent {
     pub blocklist_version: i64,
     /// Firewall entries the agent last reported.
     pub firewall_entries: i64,
+    /// How long the oldest blocklist change the agent has not applied has
+    /// been waiting, seconds (0 when it is current).
+    pub lag_secs: f64,
     /// The host's own addresses (never blocked).
     pub addresses: Vec<String>,
     /// When it enrolled.
@@ -84,6 +87,8 @@ pub struct UpdateAgent {
 
 const SELECT: &str = "select a.id, a.name, a.hostname, a.version, a.connected and a.revoked_at is null as connected, \
      a.last_seen, a.blocklist_version, a.firewall_entries, a.enrolled_at, a.revoked_at, a.reenrolled_at, a.removed_at, \
+     coalesce(extract(epoch from now() - \
+       (select min(c.changed_at) from block_changes c where c.version > a.blocklist_version)), 0)::float8 as lag_secs, \
      coalesce((select array_agg(host(x.address) order by x.address) from agent_addresses x \
                where x.agent_id = a.id), '{}') as addresses \
      from agents a";

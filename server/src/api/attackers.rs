@@ -27,6 +27,8 @@ pub struct AttackerQuery {
     pub since: Option<String>,
     /// How many, 1 to 1000 (default 100).
     pub limit: Option<i64>,
+    /// Only addresses inside this address or range (`203.0.113.0/24`).
+    pub within: Option<String>,
 }
 
 /// An attacking address.
@@ -117,12 +119,16 @@ pub async fn list(
 ) -> Result<Json<Vec<Attacker>>, ApiError> {
     let limit = params::limit(query.limit)?;
     let since = params::time("since", query.since.as_deref().unwrap_or("24h"))?;
+    let within = query.within.as_deref().map(|v| params::cidr("within", v)).transpose()?;
     let rows = sqlx::query_as::<_, AttackerRow>(&format!(
-        "{} where o.last_seen >= $1 order by o.hosts desc, o.events desc, o.address limit $2",
+        "{} where o.last_seen >= $1 \
+           and ($3::cidr is null or o.address between fleetban_first($3::cidr) and fleetban_last($3::cidr)) \
+         order by o.hosts desc, o.events desc, o.address limit $2",
         select()
     ))
     .bind(since)
     .bind(limit)
+    .bind(within)
     .fetch_all(&state.pool)
     .await?;
     let attackers = rows
@@ -193,6 +199,15 @@ pub struct BlockRef {
     pub expires_at: Option<OffsetDateTime>,
     /// Whether it is live now.
     pub active: bool,
+    /// Why it was blocked, in one sentence.
+    #[sqlx(skip)]
+    pub why: String,
+    #[serde(skip)]
+    #[schema(ignore)]
+    created_by: Option<String>,
+    #[serde(skip)]
+    #[schema(ignore)]
+    evidence: serde_json::Value,
 }
 
 /// One address in detail.
@@ -267,12 +282,16 @@ pub async fn get(
     }
     let blocks = sqlx::query_as::<_, BlockRef>(
         "select b.id, b.cidr, b.reason, b.source, b.created_at, b.expires_at, \
-           exists(select 1 from live_blocks l where l.id = b.id) as active \
+           exists(select 1 from live_blocks l where l.id = b.id) as active, b.created_by, b.evidence \
          from blocks b where b.cidr >>= $1 order by b.id desc limit 50",
     )
     .bind(host)
     .fetch_all(&state.pool)
     .await?;
+    let blocks: Vec<BlockRef> = blocks
+        .into_iter()
+        .map(|b| BlockRef { why: super::explain::why(&b.source, &b.reason, b.created_by.as_deref(), &b.evidence), ..b })
+        .collect();
     if summary.is_none() && timeline.is_empty() && blocks.is_empty() {
         return Err(ApiError::not_found(format!("nothing is known about {ip}")));
     }

@@ -33,6 +33,13 @@ pub struct BlockQuery {
     pub contains: Option<String>,
     /// Only blocks of exactly this range.
     pub cidr: Option<String>,
+    /// Only blocks of this source: `auto`, `agent` or `manual`.
+    pub source: Option<String>,
+    /// Only blocks the rule made (`fleet_correlation`, `single_host`,
+    /// `local_block`, `prefix`; a manual block's rule is its reason).
+    pub rule: Option<String>,
+    /// Only blocks with evidence from this agent (id).
+    pub agent: Option<uuid::Uuid>,
     /// Page size, 1 to 1000 (default 100).
     pub limit: Option<i64>,
     /// The `x-next-cursor` of the previous page.
@@ -90,6 +97,9 @@ pub struct Block {
     /// What the deciding rule recorded.
     #[schema(value_type = Object)]
     pub detail: serde_json::Value,
+    /// Why it was blocked, in one sentence (kinds, hosts, the rule and its
+    /// threshold).
+    pub why: String,
 }
 
 #[derive(sqlx::FromRow)]
@@ -114,7 +124,9 @@ struct BlockRow {
 
 impl From<BlockRow> for Block {
     fn from(r: BlockRow) -> Self {
+        let why = super::explain::why(&r.source, &r.reason, r.created_by.as_deref(), &r.evidence);
         Block {
+            why,
             id: r.id,
             cidr: r.cidr,
             reason: r.reason,
@@ -174,9 +186,16 @@ pub async fn list(
     let contains = query.contains.as_deref().map(|v| params::cidr("contains", v)).transpose()?;
     let cidr = query.cidr.as_deref().map(|v| params::cidr("cidr", v)).transpose()?;
     let cursor = query.cursor.as_deref().map(params::parse_id_cursor).transpose()?;
+    let source = match query.source.as_deref() {
+        None | Some("auto" | "agent" | "manual") => query.source.as_deref(),
+        Some(other) => return Err(ApiError::bad_request(format!("source: {other:?} is not auto, agent or manual"))),
+    };
     let mut rows = sqlx::query_as::<_, BlockRow>(&format!(
         "{} where (not $1 or b.id in (select id from live_blocks)) and ($2::inet is null or b.cidr >>= $2) \
            and ($3::cidr is null or b.cidr = $3) and ($4::bigint is null or b.id < $4) \
+           and ($6::text is null or b.source = $6) \
+           and ($7::text is null or coalesce(b.evidence->>'rule', b.reason) = $7) \
+           and ($8::uuid is null or b.evidence->'agents' ? $8::text or b.evidence->'local'->>'agent_id' = $8::text) \
          order by b.id desc limit $5",
         SELECT
     ))
@@ -185,6 +204,9 @@ pub async fn list(
     .bind(cidr)
     .bind(cursor)
     .bind(limit + 1)
+    .bind(source)
+    .bind(query.rule.as_deref())
+    .bind(query.agent)
     .fetch_all(&state.pool)
     .await?;
     let next = if rows.len() as i64 > limit {

@@ -1,8 +1,12 @@
 //! The dashboard: one page and its script and style sheet, embedded in the
-//! binary (no build step at install time). The page talks to the REST API
-//! with a token the operator enters once, kept in the tab's session storage;
-//! it polls every two seconds. A strict content security policy allows only
-//! the server's own scripts, styles and API.
+//! binary (no build step at install time, no CDN). The page talks to the
+//! REST API with a token the operator enters once, kept in the tab's session
+//! storage; it asks `/api/v1/whoami` for the token's role and builds write
+//! controls only for admin tokens. Its pages (overview with the attack,
+//! block and slot series; hosts; blocks; shadow decisions; live feed; one
+//! address or range) are chosen by the URL fragment and poll every five
+//! seconds; charts are inline SVG drawn by the script. A strict content
+//! security policy allows only the server's own scripts, styles and API.
 
 use axum::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, X_CONTENT_TYPE_OPTIONS};
 use axum::response::IntoResponse;

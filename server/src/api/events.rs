@@ -26,6 +26,9 @@ pub struct EventQuery {
     pub agent: Option<String>,
     /// Event kind (`auth_failed`, `refused_too_many`, ...).
     pub kind: Option<String>,
+    /// `true`: abuse kinds only (no connects, accepted mail, refusals of a
+    /// full host or other context lines).
+    pub abuse: Option<bool>,
     /// Earliest event time: RFC 3339 or a duration ago (`1h`).
     pub since: Option<String>,
     /// Latest event time (exclusive): RFC 3339 or a duration ago.
@@ -120,6 +123,9 @@ pub async fn list(
         if let Some(kind) = &query.kind {
             q.push(" and e.kind = ").push_bind(kind);
         }
+        if query.abuse == Some(true) {
+            q.push(" and e.kind = any(").push_bind(abuse_kinds()).push("::text[])");
+        }
         if let Some(until) = until {
             q.push(" and e.time < ").push_bind(until);
         }
@@ -139,6 +145,11 @@ pub async fn list(
         None
     };
     Ok((next_cursor_headers(next), Json(events)))
+}
+
+/// The stored names of the abuse kinds (the shared vocabulary's).
+fn abuse_kinds() -> Vec<&'static str> {
+    fleetban_proto::v1::EventKind::ALL.into_iter().filter(|k| k.is_abuse()).map(|k| k.as_str()).collect()
 }
 
 /// Resolves an agent given by id or by name.

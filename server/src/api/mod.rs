@@ -19,8 +19,11 @@
 //! - [`params`]: shared parameter parsing.
 //! - [`agents`], [`blocks`], [`allowlist`], [`attackers`], [`events`],
 //!   [`stats`], [`reports`]: the resources.
-//! - [`tokens`]: API and enrollment tokens; [`audit`]: the audit log.
+//! - [`tokens`]: API and enrollment tokens; [`audit`]: the audit log;
+//!   [`whoami`]: the caller's role.
 //! - [`feeds`]: status and refresh of blocklist feeds and ASN rules.
+//! - [`timeseries`]: abuse, block and slot series over a range.
+//! - [`explain`]: why a block was made, in words.
 //! - [`openapi`]: the OpenAPI document.
 //! - [`dashboard`]: the embedded single-page dashboard.
 //! - [`metrics`]: Prometheus metrics and their names.
@@ -34,6 +37,7 @@ pub mod blocks;
 pub mod dashboard;
 pub mod error;
 pub mod events;
+pub mod explain;
 pub mod feeds;
 pub mod metrics;
 pub mod openapi;
@@ -41,8 +45,10 @@ pub mod params;
 pub mod reports;
 pub mod shadow;
 pub mod stats;
+pub mod timeseries;
 pub mod tokens;
 pub mod transfer;
+pub mod whoami;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -148,6 +154,10 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::GET, "/api/v1/stats", get(stats::get)),
         (Method::GET, "/api/v1/feeds", get(feeds::list)),
         (Method::POST, "/api/v1/feeds/{name}/refresh", post(feeds::refresh)),
+        (Method::GET, "/api/v1/timeseries/abuse", get(timeseries::abuse)),
+        (Method::GET, "/api/v1/timeseries/blocks", get(timeseries::blocks)),
+        (Method::GET, "/api/v1/timeseries/slots", get(timeseries::slots)),
+        (Method::GET, "/api/v1/whoami", get(whoami::get)),
         (Method::GET, "/api/v1/reports/abuse", get(reports::abuse)),
     ]
 }

@@ -12,8 +12,8 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::{
-    agents, allowlist, attackers, audit, blocks, dashboard, events, feeds, metrics, reports, shadow, stats, tokens,
-    transfer,
+    agents, allowlist, attackers, audit, blocks, dashboard, events, feeds, metrics, reports, shadow, stats, timeseries,
+    tokens, transfer, whoami,
 };
 
 /// The document.
@@ -39,6 +39,8 @@ use super::{
         attackers::list, attackers::get,
         events::list,
         stats::get,
+        timeseries::abuse, timeseries::blocks, timeseries::slots,
+        whoami::get,
         reports::abuse,
         feeds::list, feeds::refresh,
     ),
