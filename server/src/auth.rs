@@ -336,6 +336,25 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// An enrollment token as enrollment checks it.
+#[derive(sqlx::FromRow)]
+struct EnrollTokenRow {
+    id: i64,
+    uses_left: i32,
+    expires_at: OffsetDateTime,
+    expired: bool,
+    revoked: bool,
+}
+
+/// A live agent holding the name an agent enrolls with.
+#[derive(sqlx::FromRow)]
+struct NameHolder {
+    id: Uuid,
+    host_id: Option<String>,
+    hostname: String,
+    revoked: bool,
+}
+
 /// Trades an enrollment token for an agent identity (see "Agent identity"
 /// in the module documentation): a new agent, or new credentials for the
 /// agent of the same name and host. The token's use is spent, and the
@@ -345,19 +364,19 @@ pub async fn enroll_agent(pool: &PgPool, request: &Enrollment<'_>) -> Result<Enr
     check_host_fields(hostname, version, addresses.len())?;
     let mut tx = pool.begin().await?;
     sqlx::query("select pg_advisory_xact_lock($1)").bind(ENROLL_LOCK).execute(&mut *tx).await?;
-    let row: Option<(i64, i32, OffsetDateTime, bool, Option<OffsetDateTime>)> = sqlx::query_as(
-        "select id, uses_left, expires_at, expires_at <= now(), revoked_at from enrollment_tokens \
-         where token_hash = $1 for update",
+    let row: Option<EnrollTokenRow> = sqlx::query_as(
+        "select id, uses_left, expires_at, expires_at <= now() as expired, revoked_at is not null as revoked \
+         from enrollment_tokens where token_hash = $1 for update",
     )
     .bind(hash_credential(token))
     .fetch_optional(&mut *tx)
     .await?;
     let token_id = match row {
         None => return Err(AuthError::InvalidToken),
-        Some((_, _, _, _, Some(_))) => return Err(AuthError::TokenRevoked),
-        Some((_, _, at, true, None)) => return Err(AuthError::TokenExpired(at)),
-        Some((_, uses, _, false, None)) if uses <= 0 => return Err(AuthError::TokenUsedUp),
-        Some((id, ..)) => id,
+        Some(t) if t.revoked => return Err(AuthError::TokenRevoked),
+        Some(t) if t.expired => return Err(AuthError::TokenExpired(t.expires_at)),
+        Some(t) if t.uses_left <= 0 => return Err(AuthError::TokenUsedUp),
+        Some(t) => t.id,
     };
     // Checked after the token, so that a caller without one learns nothing
     // more. A name defaulted from the hostname is bounded as the hostname
@@ -379,24 +398,24 @@ pub async fn enroll_agent(pool: &PgPool, request: &Enrollment<'_>) -> Result<Enr
     }
 
     // Live agents holding the name (older versions allowed duplicates).
-    let holders: Vec<(Uuid, Option<String>, String, Option<OffsetDateTime>)> = sqlx::query_as(
-        "select id, host_id, hostname, revoked_at from agents \
+    let holders: Vec<NameHolder> = sqlx::query_as(
+        "select id, host_id, hostname, revoked_at is not null as revoked from agents \
          where lower(name) = lower($1) and removed_at is null order by enrolled_at, id",
     )
     .bind(name)
     .fetch_all(&mut *tx)
     .await?;
-    let same_host = holders.iter().find(|(_, h, _, _)| host_id.is_some() && h.as_deref() == host_id);
+    let same_host = holders.iter().find(|h| host_id.is_some() && h.host_id.as_deref() == host_id);
     let replace = match (same_host, holders.first()) {
-        (Some((agent_id, _, _, Some(_))), _) => {
-            return Err(AuthError::AgentRevoked { name: name.to_owned(), agent_id: *agent_id });
+        (Some(holder), _) if holder.revoked => {
+            return Err(AuthError::AgentRevoked { name: name.to_owned(), agent_id: holder.id });
         }
-        (Some((agent_id, ..)), _) => Some(*agent_id),
-        (None, Some((agent_id, _, holder_host, _))) => {
+        (Some(holder), _) => Some(holder.id),
+        (None, Some(holder)) => {
             return Err(AuthError::NameTaken {
                 name: name.to_owned(),
-                agent_id: *agent_id,
-                hostname: holder_host.clone(),
+                agent_id: holder.id,
+                hostname: holder.hostname.clone(),
             });
         }
         (None, None) => None,

@@ -578,14 +578,23 @@ pub async fn snapshot(pool: &PgPool) -> Result<BlocklistSnapshot, BlockError> {
     })
 }
 
-fn revocations_of(rows: Vec<(i64, IpNet, i64)>) -> Revocations {
+/// A revoked block as the revocation queries read it.
+#[derive(sqlx::FromRow)]
+struct RevokedRow {
+    block_id: i64,
+    cidr: IpNet,
+    /// How long ago it was revoked, ms.
+    age_ms: i64,
+}
+
+fn revocations_of(rows: Vec<RevokedRow>) -> Revocations {
     Revocations {
         revocations: rows
             .into_iter()
-            .map(|(block_id, cidr, age_ms)| Revocation {
-                block_id,
-                cidr: Some(Cidr::from(cidr)),
-                age_ms: u64::try_from(age_ms).unwrap_or(0),
+            .map(|row| Revocation {
+                block_id: row.block_id,
+                cidr: Some(Cidr::from(row.cidr)),
+                age_ms: u64::try_from(row.age_ms).unwrap_or(0),
             })
             .collect(),
     }
@@ -601,9 +610,9 @@ pub async fn revocations_between(pool: &PgPool, from_version: u64, to_version: u
     if to <= from {
         return Ok(Revocations::default());
     }
-    let rows: Vec<(i64, IpNet, i64)> = sqlx::query_as(
+    let rows: Vec<RevokedRow> = sqlx::query_as(
         "select c.block_id, c.cidr, \
-                greatest(0, (extract(epoch from clock_timestamp() - b.revoked_at) * 1000))::bigint \
+                greatest(0, (extract(epoch from clock_timestamp() - b.revoked_at) * 1000))::bigint as age_ms \
          from block_changes c join blocks b on b.id = c.block_id \
          where c.version > $1 and c.version <= $2 and c.op = 'remove' and b.revoked_cause = 'revoked' \
          order by c.version",
@@ -619,8 +628,9 @@ pub async fn revocations_between(pool: &PgPool, from_version: u64, to_version: u
 /// (at most 10,000), sent with every snapshot: an agent that gets a snapshot
 /// may have missed the deltas that carried them.
 pub async fn recent_revocations(pool: &PgPool) -> Result<Revocations, BlockError> {
-    let rows: Vec<(i64, IpNet, i64)> = sqlx::query_as(
-        "select id, cidr, greatest(0, (extract(epoch from clock_timestamp() - revoked_at) * 1000))::bigint \
+    let rows: Vec<RevokedRow> = sqlx::query_as(
+        "select id as block_id, cidr, \
+                greatest(0, (extract(epoch from clock_timestamp() - revoked_at) * 1000))::bigint as age_ms \
          from blocks where revoked_cause = 'revoked' \
          and revoked_at > now() - make_interval(secs => $1::double precision) \
          order by revoked_at desc limit $2",

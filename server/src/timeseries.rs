@@ -411,6 +411,17 @@ pub async fn blocks(pool: &PgPool, range: Range) -> Result<Series, sqlx::Error> 
     })
 }
 
+/// One host's slot usage in one bucket.
+#[derive(sqlx::FromRow)]
+struct SlotRow {
+    agent_id: Uuid,
+    /// The agent's name (its id when it has none).
+    agent: String,
+    bucket: OffsetDateTime,
+    max_connections: i64,
+    refused_full: i64,
+}
+
 /// Slot usage per host over `range`.
 pub async fn slots(pool: &PgPool, range: Range) -> Result<Slots, sqlx::Error> {
     let now = OffsetDateTime::now_utc();
@@ -418,9 +429,9 @@ pub async fn slots(pool: &PgPool, range: Range) -> Result<Slots, sqlx::Error> {
     let step = range.step_secs();
     let from = starts.first().copied().unwrap_or(now);
     let (_, table, column) = range.tables();
-    let rows: Vec<(Uuid, String, OffsetDateTime, i64, i64)> = sqlx::query_as(&format!(
-        "select s.agent_id, coalesce(a.name, s.agent_id::text), {} as b, max(s.max_connections)::bigint, \
-                sum(s.refused_full)::bigint \
+    let rows: Vec<SlotRow> = sqlx::query_as(&format!(
+        "select s.agent_id, coalesce(a.name, s.agent_id::text) as agent, {} as bucket, \
+                max(s.max_connections)::bigint as max_connections, sum(s.refused_full)::bigint as refused_full \
          from {table} s left join agents a on a.id = s.agent_id \
          where s.{column} >= $2 group by 1, 2, 3",
         bucket(&format!("s.{column}"))
@@ -440,17 +451,17 @@ pub async fn slots(pool: &PgPool, range: Range) -> Result<Slots, sqlx::Error> {
     .await?;
     let ceilings: BTreeMap<Uuid, i64> = ceilings.into_iter().collect();
     let mut hosts: BTreeMap<Uuid, HostSlots> = BTreeMap::new();
-    for (agent_id, agent, b, max, refused) in rows {
-        let Some(i) = index(&starts, step, b) else { continue };
-        let host = hosts.entry(agent_id).or_insert_with(|| HostSlots {
-            agent_id,
-            agent,
+    for row in rows {
+        let Some(i) = index(&starts, step, row.bucket) else { continue };
+        let host = hosts.entry(row.agent_id).or_insert_with(|| HostSlots {
+            agent_id: row.agent_id,
+            agent: row.agent,
             max_connections: vec![0; starts.len()],
             refused_full: vec![0; starts.len()],
-            smtp_accept_max: ceilings.get(&agent_id).copied(),
+            smtp_accept_max: ceilings.get(&row.agent_id).copied(),
         });
-        host.max_connections[i] = host.max_connections[i].max(max);
-        host.refused_full[i] += refused;
+        host.max_connections[i] = host.max_connections[i].max(row.max_connections);
+        host.refused_full[i] += row.refused_full;
     }
     let mut hosts: Vec<HostSlots> = hosts.into_values().collect();
     let peak = |h: &HostSlots| h.max_connections.iter().copied().max().unwrap_or(0);

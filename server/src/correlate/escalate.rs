@@ -30,6 +30,14 @@ pub fn escalation_prefix(range: IpNet) -> Option<(IpNet, u8)> {
     IpNet::new(range.addr(), len).ok().map(|p| (p.trunc(), unit))
 }
 
+/// Abuse events of one address of a prefix, per (agent, kind).
+#[derive(sqlx::FromRow)]
+struct UnitCount {
+    address: IpAddr,
+    #[sqlx(flatten)]
+    count: AgentCount,
+}
+
 impl Correlator {
     /// Judges the prefix `prefix` (a /24, or a /48 counting /64s: `unit`)
     /// as one attacker at `now`: a campaign of many addresses that each stay
@@ -48,8 +56,9 @@ impl Correlator {
         now: OffsetDateTime,
     ) -> Result<Option<Finding>, sqlx::Error> {
         let (kinds, windows) = self.kind_windows();
-        let rows: Vec<(IpAddr, Uuid, String, i64, OffsetDateTime, OffsetDateTime)> = sqlx::query_as(
-            "select em.address, em.agent_id, em.kind, sum(em.events)::int8, min(em.minute), max(em.minute) \
+        let rows: Vec<UnitCount> = sqlx::query_as(
+            "select em.address, em.agent_id, em.kind, sum(em.events)::int8 as events, min(em.minute) as first_seen, \
+                    max(em.minute) as last_seen \
              from evidence_minutes em join unnest($2::text[], $3::float8[]) as w(kind, secs) on em.kind = w.kind \
              where em.address between fleetban_first($1::cidr) and fleetban_last($1::cidr) \
              and em.minute > $4 - make_interval(secs => w.secs) and em.minute <= $4 \
@@ -68,7 +77,7 @@ impl Correlator {
         // at least a quarter of that rule's per-host threshold (at least 2),
         // so one mistyped password never lends its address to a campaign.
         let mut weight: BTreeMap<(IpNet, Scenario), u64> = BTreeMap::new();
-        for (address, _, kind, n, _, _) in &rows {
+        for UnitCount { address, count: AgentCount { kind, events: n, .. } } in &rows {
             if let Some(kind) = EventKind::from_name(kind)
                 && let Some(scenario) = kind.scenario()
             {
@@ -108,26 +117,21 @@ impl Correlator {
         if units.len() < min_units {
             return Ok(None);
         }
-        let mut per_agent: BTreeMap<(Uuid, String), (i64, OffsetDateTime, OffsetDateTime)> = BTreeMap::new();
-        for (address, agent, kind, n, first, last) in &rows {
+        let mut per_agent: BTreeMap<(Uuid, String), AgentCount> = BTreeMap::new();
+        for UnitCount { address, count } in &rows {
             if !units.contains(&unit_of(*address)) {
                 continue;
             }
-            let e = per_agent.entry((*agent, kind.clone())).or_insert((0, *first, *last));
-            e.0 += n;
-            e.1 = e.1.min(*first);
-            e.2 = e.2.max(*last);
+            per_agent
+                .entry((count.agent_id, count.kind.clone()))
+                .and_modify(|sum| {
+                    sum.events += count.events;
+                    sum.first_seen = sum.first_seen.min(count.first_seen);
+                    sum.last_seen = sum.last_seen.max(count.last_seen);
+                })
+                .or_insert_with(|| count.clone());
         }
-        let per_agent: Vec<AgentCount> = per_agent
-            .into_iter()
-            .map(|((agent_id, kind), (events, first_seen, last_seen))| AgentCount {
-                agent_id,
-                kind,
-                events,
-                first_seen,
-                last_seen,
-            })
-            .collect();
+        let per_agent: Vec<AgentCount> = per_agent.into_values().collect();
         let mut users: Vec<(Option<Uuid>, i64)> = Vec::new();
         if per_agent.iter().any(|c| c.kind == EventKind::AuthFailed.as_str()) {
             let rows: Vec<(IpAddr, Uuid, String)> = sqlx::query_as(
