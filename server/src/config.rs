@@ -57,6 +57,10 @@ pub struct ServerConfig {
     /// Connection discipline of both listeners and the throttle of failed
     /// agent authentication.
     pub limits: LimitsConfig,
+    /// Notification channels (`[[notify]]`). Default: none.
+    pub notify: Vec<crate::alerts::ChannelConfig>,
+    /// When the server raises its own events (`[alerts]`).
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 /// `[limits]`: what one client may hold of the server. See
@@ -195,6 +199,8 @@ impl Default for ServerConfig {
             advertised_addresses: Vec::new(),
             correlate: CorrelateConfig::default(),
             limits: LimitsConfig::default(),
+            notify: Vec::new(),
+            alerts: crate::alerts::AlertsConfig::default(),
         }
     }
 }
@@ -222,6 +228,9 @@ pub enum ConfigError {
     /// A correlation value cannot work.
     #[error(transparent)]
     Correlate(#[from] crate::correlate::ConfigError),
+    /// A `[[notify]]` or `[alerts]` value cannot work.
+    #[error(transparent)]
+    Alerts(#[from] crate::alerts::config::ConfigError),
     /// A top-level value cannot work.
     #[error("{key}: {problem}")]
     Invalid {
@@ -337,6 +346,8 @@ impl ServerConfig {
         }
         self.correlate.validate()?;
         self.limits.validate()?;
+        crate::alerts::config::validate_channels(&self.notify)?;
+        self.alerts.validate()?;
         Ok(())
     }
 

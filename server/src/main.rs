@@ -285,6 +285,8 @@ async fn main() -> anyhow::Result<()> {
                 },
                 limits: cfg.limits.clone(),
                 max_event_age: Duration::from_secs(u64::from(cfg.max_event_age_days) * 86_400),
+                channels: fleetban_server::alerts::Channels::new(cfg.notify.clone()),
+                alerts: cfg.alerts.clone(),
                 ..Default::default()
             };
             check_descriptors(&cfg);

@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tonic::transport::ServerTlsConfig;
 use tracing::{debug, warn};
 
+use crate::alerts;
 use crate::api;
 use crate::backlog::Backlog;
 use crate::blocks;
@@ -85,6 +86,10 @@ pub struct Options {
     pub limits: LimitsConfig,
     /// Events older than this are rejected by ingest (`max_event_age_days`).
     pub max_event_age: Duration,
+    /// Notification channels (`[[notify]]`).
+    pub channels: alerts::Channels,
+    /// When the server raises its own events and how often it dispatches.
+    pub alerts: alerts::AlertsConfig,
 }
 
 impl Default for Options {
@@ -104,6 +109,8 @@ impl Default for Options {
             hub: Hub::new(),
             limits: LimitsConfig::default(),
             max_event_age: crate::ingest::DEFAULT_MAX_EVENT_AGE,
+            channels: alerts::Channels::default(),
+            alerts: alerts::AlertsConfig::default(),
         }
     }
 }
@@ -133,6 +140,7 @@ pub async fn run(
     let expiry = tokio::spawn(blocks::run_expiry_sweeper(pool.clone(), options.expiry_interval, stopped(&stop_rx)));
     let retention =
         tokio::spawn(retention::run(pool.clone(), options.retention, options.retention_interval, stopped(&stop_rx)));
+    let notifications = spawn_notifications(&pool, &options, &stop_rx);
     let correlator = Correlator::new(pool.clone(), options.correlate.clone());
     let backlog = Backlog::new();
     // The correlation worker outlives the sessions' drain, so that the last
@@ -180,7 +188,11 @@ pub async fn run(
         }
     };
 
-    let app = api::router(api::AppState::new(pool, options.correlate.clone()).with_stats(options.stats.clone()));
+    let app = api::router(
+        api::AppState::new(pool, options.correlate.clone())
+            .with_stats(options.stats.clone())
+            .with_channels(options.channels.clone()),
+    );
     let http_gate = Gate::new(Listener::Http, GateLimits::http(&options.limits));
     let http_server = serve_http(
         GatedListener::new(listeners.http, http_gate),
@@ -198,9 +210,40 @@ pub async fn run(
     let _ = sweeper.await;
     let _ = expiry.await;
     let _ = retention.await;
+    for task in notifications {
+        let _ = task.await;
+    }
     grpc_result?;
     http_result?;
     Ok(())
+}
+
+/// Starts the notification dispatcher (always: it also routes and ages out
+/// events when no channel is configured) and, with channels, the monitor.
+fn spawn_notifications(
+    pool: &PgPool,
+    options: &Options,
+    stop_rx: &tokio::sync::watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let stopped = || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let mut tasks = Vec::new();
+    let retention = Duration::from_secs(u64::from(options.alerts.retention_days) * 86_400);
+    match alerts::dispatch::Dispatcher::new(pool.clone(), options.channels.clone()) {
+        Ok(dispatcher) => {
+            let interval = Duration::from_millis(options.alerts.dispatch_interval_ms);
+            tasks.push(tokio::spawn(dispatcher.run(interval, retention, stopped())));
+        }
+        Err(error) => warn!(%error, "Cannot build the notification HTTP client; notifications stay queued."),
+    }
+    if !options.channels.all().is_empty() {
+        tasks.push(tokio::spawn(alerts::monitor::run(pool.clone(), options.alerts.clone(), stopped())));
+    }
+    tasks
 }
 
 /// Serves `app` on `listener` until `shutdown`, then lets every connection

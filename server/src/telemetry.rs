@@ -15,3 +15,12 @@ pub const INGEST_BATCHES: &str = "fleetban_ingest_batches_total";
 pub const PUSH_LAG: &str = "fleetban_push_lag_seconds";
 /// Agent sessions open on this replica.
 pub const AGENT_SESSIONS: &str = "fleetban_agent_sessions";
+/// Notification messages delivered, by channel.
+pub const NOTIFY_DELIVERED: &str = "fleetban_notify_delivered_total";
+/// Failed notification delivery attempts (each retry counts), by channel.
+pub const NOTIFY_ATTEMPT_FAILURES: &str = "fleetban_notify_attempt_failures_total";
+/// Notification messages dead-lettered after their last attempt, by channel.
+pub const NOTIFY_DEAD_LETTERS: &str = "fleetban_notify_dead_letters_total";
+/// Events the server's monitor raised (agent offline, propagation lag, slot
+/// exhaustion), by kind.
+pub const ALERTS_RAISED: &str = "fleetban_alerts_raised_total";

@@ -90,6 +90,19 @@ fn describe() {
     metrics::describe_counter!(INGEST_BATCHES, "Event batches by result (stored, duplicate, refused).");
     metrics::describe_histogram!(PUSH_LAG, metrics::Unit::Seconds, "Block change commit to delivery to an agent.");
     metrics::describe_gauge!(AGENT_SESSIONS, "Agent sessions open on this replica.");
+    metrics::describe_counter!(crate::telemetry::NOTIFY_DELIVERED, "Notification messages delivered, by channel.");
+    metrics::describe_counter!(
+        crate::telemetry::NOTIFY_ATTEMPT_FAILURES,
+        "Failed notification delivery attempts (each retry counts), by channel."
+    );
+    metrics::describe_counter!(
+        crate::telemetry::NOTIFY_DEAD_LETTERS,
+        "Notification messages dead-lettered after their last attempt, by channel."
+    );
+    metrics::describe_counter!(
+        crate::telemetry::ALERTS_RAISED,
+        "Events raised by the server's monitor (agent offline, propagation lag, slot exhaustion), by kind."
+    );
     metrics::describe_counter!(
         crate::correlate::SHADOW_DECISIONS,
         "Decisions of rules in shadow mode (recorded, nothing blocked), by rule."

@@ -23,6 +23,7 @@
 //! - [`openapi`]: the OpenAPI document.
 //! - [`dashboard`]: the embedded single-page dashboard.
 //! - [`metrics`]: Prometheus metrics and their names.
+//! - [`notify`]: notification channels, their queues, test messages.
 
 pub mod agents;
 pub mod allowlist;
@@ -34,6 +35,7 @@ pub mod dashboard;
 pub mod error;
 pub mod events;
 pub mod metrics;
+pub mod notify;
 pub mod openapi;
 pub mod params;
 pub mod reports;
@@ -74,12 +76,20 @@ pub struct AppState {
     pub policy: Arc<CorrelateConfig>,
     /// The agent-session counters of this server, exported by `/metrics`.
     pub stats: Option<Arc<crate::session::Stats>>,
+    /// The notification channels (`[[notify]]`).
+    pub channels: crate::alerts::Channels,
 }
 
 impl AppState {
     /// State over `pool` with `policy`.
     pub fn new(pool: PgPool, policy: CorrelateConfig) -> Self {
-        AppState { pool, policy: Arc::new(policy), stats: None }
+        AppState { pool, policy: Arc::new(policy), stats: None, channels: crate::alerts::Channels::default() }
+    }
+
+    /// Serves `channels` (`GET /api/v1/notify`, `POST .../test`).
+    pub fn with_channels(mut self, channels: crate::alerts::Channels) -> Self {
+        self.channels = channels;
+        self
     }
 
     /// Exports `stats` (ingest and session counters) on `/metrics`.
@@ -130,6 +140,8 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::GET, "/api/v1/events", get(events::list)),
         (Method::GET, "/api/v1/shadow", get(shadow::list)),
         (Method::GET, "/api/v1/stats", get(stats::get)),
+        (Method::GET, "/api/v1/notify", get(notify::list)),
+        (Method::POST, "/api/v1/notify/{name}/test", post(notify::test)),
         (Method::GET, "/api/v1/reports/abuse", get(reports::abuse)),
     ]
 }

@@ -12,7 +12,8 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::{
-    agents, allowlist, attackers, audit, blocks, dashboard, events, metrics, reports, shadow, stats, tokens, transfer,
+    agents, allowlist, attackers, audit, blocks, dashboard, events, metrics, notify, reports, shadow, stats, tokens,
+    transfer,
 };
 
 /// The document.
@@ -39,6 +40,7 @@ use super::{
         events::list,
         stats::get,
         reports::abuse,
+        notify::list, notify::test,
     ),
     modifiers(&BearerAuth),
     tags(
@@ -51,6 +53,7 @@ use super::{
         (name = "reports", description = "Abuse reports"),
         (name = "tokens", description = "API and enrollment tokens (admin only)"),
         (name = "audit", description = "Who changed what, when"),
+        (name = "notify", description = "Notification channels and their queues"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
         (name = "dashboard", description = "The embedded dashboard"),
     )

@@ -29,6 +29,7 @@ use reqwest::{Method, StatusCode};
 mod lifecycle;
 pub use lifecycle::{API_TOKEN_HEADERS, ENROLL_TOKEN_HEADERS, api_token_row, enroll_token_row};
 mod kinds;
+mod notify;
 pub mod timefmt;
 use serde_json::{Value, json};
 
@@ -246,6 +247,13 @@ pub enum Command {
     },
     /// Fleet statistics.
     Stats,
+    /// Notification channels with their queues; `notify test NAME` sends a
+    /// test message.
+    Notify {
+        /// Without a command: list the channels.
+        #[command(subcommand)]
+        command: Option<notify::NotifyCommand>,
+    },
 }
 
 /// Why a command failed; every message is one line.
@@ -736,6 +744,7 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
             }
             Ok(out)
         }
+        Command::Notify { command } => notify::run(&client, json, command.as_ref()).await,
         Command::Stats => {
             let stats = client.get("/api/v1/stats", &[]).await?;
             if json {
