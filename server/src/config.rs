@@ -433,6 +433,26 @@ mod tests {
     }
 
     #[test]
+    fn notify_channels_are_read_and_checked() {
+        let cfg = ServerConfig::parse(
+            "[alerts]\nagent_offline_secs = 600\n\n[[notify]]\nname = \"chat\"\nkind = \"slack\"\n\
+             url = \"https://chat.example.net/hooks/x\"\nevents = [\"block\"]\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.notify.len(), 1);
+        assert_eq!(cfg.notify[0].events, [crate::alerts::AlertKind::Block]);
+        assert_eq!(cfg.alerts.agent_offline_secs, 600);
+        let err = ServerConfig::parse("[[notify]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"https://x.example\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("notify[hook].secret"), "{err}");
+        let err = ServerConfig::parse("[alerts]\ncheck_interval_secs = 0\n").unwrap_err().to_string();
+        assert!(err.contains("alerts.check_interval_secs"), "{err}");
+        let err = ServerConfig::parse("[alerts]\noffline_secs = 5\n").unwrap_err().to_string();
+        assert!(err.contains("offline_secs"), "{err}");
+    }
+
+    #[test]
     fn flags_override_the_file() {
         let mut cfg = ServerConfig::parse("grpc_listen = \"0.0.0.0:1\"\ndatabase_url = \"postgres://file\"\n").unwrap();
         cfg.apply(Overrides {

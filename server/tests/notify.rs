@@ -235,7 +235,7 @@ fn verify_signature(request: &Hit) {
 async fn a_block_is_signed_and_retried_until_accepted(pool: PgPool) {
     let receiver = Receiver::start(&[500, 503], 200, Duration::ZERO).await;
     common::agent(&pool, "mx1", "mx1.example.net", true, &["192.0.2.11"]).await;
-    common::agent(&pool, "mx2", "mx2.example.net", true, &["192.0.2.12"]).await;
+    let mx2 = common::agent(&pool, "mx2", "mx2.example.net", true, &["192.0.2.12"]).await;
     let block = blocks::create(
         &pool,
         &CorrelateConfig::default(),
@@ -243,7 +243,8 @@ async fn a_block_is_signed_and_retried_until_accepted(pool: PgPool) {
             cidr: "203.0.113.7/32".parse().unwrap(),
             reason: "auth flood".into(),
             source: BlockSource::Manual,
-            evidence: json!({ "operator": "ops" }),
+            evidence: json!({ "rule": "fleet_correlation", "verdict": "auth: 16 weighted events", "events": 16,
+                              "agents": [mx2] }),
             ttl: None,
             created_by: Some("ops".into()),
             force: false,
@@ -280,6 +281,8 @@ async fn a_block_is_signed_and_retried_until_accepted(pool: PgPool) {
     assert_eq!(event["details"]["reason"], "auth flood");
     assert_eq!(event["details"]["enforced_by"], json!(["mx1"]));
     assert_eq!(event["details"]["pending_on"], json!(["mx2"]));
+    assert_eq!(event["details"]["seen_by"], json!(["mx2"]), "evidence agents by name");
+    assert_eq!(event["details"]["evidence"]["verdict"], "auth: 16 weighted events");
     assert!(uuid::Uuid::parse_str(event["id"].as_str().unwrap()).is_ok(), "each event has an id");
     // Nothing more to send.
     assert!(d.tick().await.unwrap().is_empty());
@@ -745,4 +748,58 @@ async fn the_api_sends_a_test_message_for_admins(pool: PgPool) {
             .await
             .unwrap();
     assert_eq!(audited, ["ops", "broken"]);
+}
+
+async fn fleetban(url: &str, token: &str, args: &[&str]) -> std::process::Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetban"));
+    command.env_remove("FLEETBAN_URL").env_remove("FLEETBAN_TOKEN").args(["--url", url, "--token", token]);
+    command.args(args).stdin(std::process::Stdio::null()).output().await.unwrap()
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn the_cli_lists_channels_and_sends_a_test(pool: PgPool) {
+    let receiver = Receiver::start(&[], 200, Duration::ZERO).await;
+    let failing = Receiver::start(&[], 500, Duration::ZERO).await;
+    let mut digest = webhook("digest", &failing.url);
+    digest.digest_interval_secs = Some(600);
+    digest.events = vec![AlertKind::Block];
+    let channels = Channels::new(vec![webhook("ops", &receiver.url), digest]);
+    let app = api::router(AppState::new(pool.clone(), CorrelateConfig::default()).with_channels(channels));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let t = common::tokens(&pool).await;
+    alerts::record(&pool, &alert(AlertKind::Block, None, "queued")).await.unwrap();
+    dispatcher(&pool, vec![webhook("ops", "http://127.0.0.1:9/"), webhook("digest", "http://127.0.0.1:9/")])
+        .route()
+        .await
+        .unwrap();
+
+    let out = fleetban(&url, &t.read, &["notify"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("NAME") && lines[0].contains("QUEUED") && lines[0].contains("DEAD"), "{table}");
+    assert!(lines[1].starts_with("ops") && lines[1].contains("each"), "{table}");
+    assert!(
+        lines[2].starts_with("digest") && lines[2].contains("digest 600s") && lines[2].contains("block"),
+        "{table}"
+    );
+    let json: Value = serde_json::from_slice(&fleetban(&url, &t.read, &["--json", "notify"]).await.stdout).unwrap();
+    assert_eq!(json[0]["queued_events"], 1);
+    assert_eq!(json[1]["queued_events"], 1);
+
+    let out = fleetban(&url, &t.admin, &["notify", "test", "ops"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8(out.stdout).unwrap();
+    let id = receiver.requests()[0].header("x-fleetban-message-id");
+    assert_eq!(said, format!("test message {id} delivered through ops\n"));
+    let out = fleetban(&url, &t.admin, &["notify", "test", "digest"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.lines().count() == 1, "{stderr}");
+    assert!(stderr.contains("not delivered") && stderr.contains("HTTP 500"), "{stderr}");
+    let out = fleetban(&url, &t.read, &["notify", "test", "ops"]).await;
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("403"));
+    assert_eq!(receiver.count(), 1, "a read token sends nothing");
+    server.abort();
 }

@@ -58,7 +58,7 @@ pub enum DeliveryError {
 }
 
 /// One event in a message.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 pub struct EventItem {
     /// The event's id (stable across resends).
     pub id: Uuid,

@@ -345,39 +345,27 @@ async fn compose(pool: &PgPool, channel: &ChannelConfig) -> Result<usize, sqlx::
 /// names of the hosts that saw it (`seen_by`), that enforce it now
 /// (`enforced_by`: applied its version) and that do not yet (`pending_on`).
 async fn load_events(tx: &mut Transaction<'_, Postgres>, id: i64) -> Result<Vec<EventItem>, sqlx::Error> {
-    let rows: Vec<(Uuid, String, String, Option<String>, OffsetDateTime, String, serde_json::Value)> = sqlx::query_as(
-        "select a.event_id, a.kind, a.severity, a.host, a.occurred_at, a.summary, \
-               case when a.kind = 'block' then a.details || jsonb_build_object( \
-                 'enforced_by', coalesce((select jsonb_agg(g.name order by g.name) from agents g \
-                    where g.revoked_at is null and g.removed_at is null \
-                      and b.created_version is not null and g.blocklist_version >= b.created_version), '[]'), \
-                 'pending_on', coalesce((select jsonb_agg(g.name order by g.name) from agents g \
-                    where g.revoked_at is null and g.removed_at is null \
-                      and (b.created_version is null or g.blocklist_version < b.created_version)), '[]'), \
-                 'seen_by', case when jsonb_typeof(a.details -> 'evidence' -> 'agents') = 'array' then \
-                    coalesce((select jsonb_agg(g.name order by g.name) from agents g where g.id::text in \
-                      (select jsonb_array_elements_text(a.details -> 'evidence' -> 'agents'))), '[]') \
-                    else '[]' end) \
-               else a.details end \
-             from notify_outbox o join alert_events a on a.id = o.alert_id \
-             left join blocks b on a.kind = 'block' and b.id = (a.details ->> 'block_id')::bigint \
-             where o.message_id = $1 order by a.id",
+    sqlx::query_as::<_, EventItem>(
+        "select a.event_id as id, a.kind, a.severity, a.host, a.occurred_at, a.summary, \
+           case when a.kind = 'block' then a.details || jsonb_build_object( \
+             'enforced_by', coalesce((select jsonb_agg(g.name order by g.name) from agents g \
+                where g.revoked_at is null and g.removed_at is null \
+                  and b.created_version is not null and g.blocklist_version >= b.created_version), '[]'), \
+             'pending_on', coalesce((select jsonb_agg(g.name order by g.name) from agents g \
+                where g.revoked_at is null and g.removed_at is null \
+                  and (b.created_version is null or g.blocklist_version < b.created_version)), '[]'), \
+             'seen_by', case when jsonb_typeof(a.details -> 'evidence' -> 'agents') = 'array' then \
+                coalesce((select jsonb_agg(g.name order by g.name) from agents g where g.id::text in \
+                  (select jsonb_array_elements_text(a.details -> 'evidence' -> 'agents'))), '[]') \
+                else '[]' end) \
+           else a.details end as details \
+         from notify_outbox o join alert_events a on a.id = o.alert_id \
+         left join blocks b on a.kind = 'block' and b.id = (a.details ->> 'block_id')::bigint \
+         where o.message_id = $1 order by a.id",
     )
     .bind(id)
     .fetch_all(&mut **tx)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, kind, severity, host, occurred_at, summary, details)| EventItem {
-            id,
-            kind,
-            severity,
-            host,
-            occurred_at,
-            summary,
-            details,
-        })
-        .collect())
+    .await
 }
 
 /// Deletes delivered and dead messages (with their outbox rows) and routed
