@@ -114,11 +114,26 @@ struct Mail {
     from: String,
     to: Vec<String>,
     data: String,
+    /// The session was encrypted when the mail was sent.
+    tls: bool,
+}
+
+type Mails = Arc<Mutex<Vec<Mail>>>;
+
+/// How the SMTP sink secures its sessions.
+#[derive(Clone)]
+enum SinkTls {
+    /// Plain text, no STARTTLS offered.
+    None,
+    /// STARTTLS offered.
+    Starttls(tokio_rustls::TlsAcceptor),
+    /// TLS from the first byte.
+    Implicit(tokio_rustls::TlsAcceptor),
 }
 
 /// A minimal SMTP server on 127.0.0.1 that accepts everything (AUTH PLAIN
-/// advertised, no STARTTLS) and keeps each mail.
-async fn smtp_sink() -> (u16, Arc<Mutex<Vec<Mail>>>) {
+/// advertised) and keeps each mail.
+async fn smtp_sink_with(tls: SinkTls) -> (u16, Mails) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let mails = Arc::new(Mutex::new(Vec::new()));
@@ -126,50 +141,115 @@ async fn smtp_sink() -> (u16, Arc<Mutex<Vec<Mail>>>) {
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { return };
-            let kept = kept.clone();
+            let (kept, tls) = (kept.clone(), tls.clone());
             tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let mut lines = BufReader::new(read).lines();
-                write.write_all(b"220 sink.example ESMTP\r\n").await.unwrap();
-                let mut mail = Mail::default();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let upper = line.to_ascii_uppercase();
-                    let reply: &[u8] = if upper.starts_with("EHLO") {
-                        b"250-sink.example\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n"
-                    } else if upper.starts_with("AUTH PLAIN ") {
-                        mail.auth = Some(line[11..].to_owned());
-                        b"235 2.7.0 ok\r\n"
-                    } else if upper.starts_with("MAIL FROM:") {
-                        mail.from = line[10..].to_owned();
-                        b"250 ok\r\n"
-                    } else if upper.starts_with("RCPT TO:") {
-                        mail.to.push(line[8..].to_owned());
-                        b"250 ok\r\n"
-                    } else if upper == "DATA" {
-                        write.write_all(b"354 go on\r\n").await.unwrap();
-                        while let Ok(Some(data)) = lines.next_line().await {
-                            if data == "." {
-                                break;
-                            }
-                            mail.data.push_str(&data);
-                            mail.data.push('\n');
+                match tls {
+                    SinkTls::None => {
+                        smtp_session(stream, &kept, true, false, false).await;
+                    }
+                    SinkTls::Implicit(acceptor) => {
+                        let Ok(stream) = acceptor.accept(stream).await else { return };
+                        smtp_session(stream, &kept, true, false, true).await;
+                    }
+                    SinkTls::Starttls(acceptor) => {
+                        if let Some(plain) = smtp_session(stream, &kept, true, true, false).await {
+                            let Ok(stream) = acceptor.accept(plain).await else { return };
+                            smtp_session(stream, &kept, false, false, true).await;
                         }
-                        kept.lock().unwrap().push(std::mem::take(&mut mail));
-                        b"250 queued\r\n"
-                    } else if upper == "QUIT" {
-                        let _ = write.write_all(b"221 bye\r\n").await;
-                        return;
-                    } else {
-                        b"250 ok\r\n"
-                    };
-                    if write.write_all(reply).await.is_err() {
-                        return;
                     }
                 }
             });
         }
     });
     (port, mails)
+}
+
+async fn smtp_sink() -> (u16, Mails) {
+    smtp_sink_with(SinkTls::None).await
+}
+
+/// One SMTP session; returns the stream when the client asked for STARTTLS.
+async fn smtp_session<S>(stream: S, kept: &Mails, greet: bool, offer_starttls: bool, secure: bool) -> Option<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut stream = BufReader::new(stream);
+    if greet {
+        stream.get_mut().write_all(b"220 sink.example ESMTP\r\n").await.ok()?;
+    }
+    let mut mail = Mail { tls: secure, ..Mail::default() };
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if stream.read_line(&mut line).await.ok()? == 0 {
+            return None;
+        }
+        let command = line.trim_end().to_owned();
+        let upper = command.to_ascii_uppercase();
+        let reply: &[u8] = if upper.starts_with("EHLO") {
+            if offer_starttls {
+                b"250-sink.example\r\n250-STARTTLS\r\n250 8BITMIME\r\n"
+            } else {
+                b"250-sink.example\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n"
+            }
+        } else if upper == "STARTTLS" && offer_starttls {
+            stream.get_mut().write_all(b"220 2.0.0 go ahead\r\n").await.ok()?;
+            return Some(stream.into_inner());
+        } else if upper.starts_with("AUTH PLAIN ") {
+            mail.auth = Some(command[11..].to_owned());
+            b"235 2.7.0 ok\r\n"
+        } else if upper.starts_with("MAIL FROM:") {
+            mail.from = command[10..].to_owned();
+            b"250 ok\r\n"
+        } else if upper.starts_with("RCPT TO:") {
+            mail.to.push(command[8..].to_owned());
+            b"250 ok\r\n"
+        } else if upper == "DATA" {
+            stream.get_mut().write_all(b"354 go on\r\n").await.ok()?;
+            loop {
+                line.clear();
+                if stream.read_line(&mut line).await.ok()? == 0 {
+                    return None;
+                }
+                let data = line.trim_end_matches(['\r', '\n']);
+                if data == "." {
+                    break;
+                }
+                mail.data.push_str(data);
+                mail.data.push('\n');
+            }
+            kept.lock().unwrap().push(std::mem::replace(&mut mail, Mail { tls: secure, ..Mail::default() }));
+            b"250 queued\r\n"
+        } else if upper == "QUIT" {
+            let _ = stream.get_mut().write_all(b"221 bye\r\n").await;
+            return None;
+        } else {
+            b"250 ok\r\n"
+        };
+        stream.get_mut().write_all(reply).await.ok()?;
+    }
+}
+
+/// A private CA and a TLS acceptor for `localhost` signed by it; the CA's
+/// PEM file is in the returned directory.
+fn private_tls() -> (tempfile::TempDir, std::path::PathBuf, tokio_rustls::TlsAcceptor) {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = tempfile::tempdir().unwrap();
+    let files = fleetban_server::tls::pki_init(dir.path(), "localhost").unwrap();
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(&files.server_cert).unwrap().map(Result::unwrap).collect();
+    let key = PrivateKeyDer::from_pem_file(&files.server_key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let ca = files.ca_cert.clone();
+    (dir, ca, tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 // ---------------------------------------------------------------- helpers
@@ -390,6 +470,52 @@ async fn starttls_is_never_skipped(pool: PgPool) {
     let d = dispatcher(&pool, vec![channel]);
     assert_eq!(d.tick().await.unwrap(), [Outcome::Dead]);
     assert!(mails.lock().unwrap().is_empty());
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn email_over_starttls_and_tls_checks_the_certificate(pool: PgPool) {
+    let (_dir, ca, acceptor) = private_tls();
+    let (starttls_port, starttls_mails) = smtp_sink_with(SinkTls::Starttls(acceptor.clone())).await;
+    let (tls_port, tls_mails) = smtp_sink_with(SinkTls::Implicit(acceptor)).await;
+    let mail_channel = |name: &str, mode: SmtpTls, port: u16, ca: Option<&std::path::Path>| {
+        let mut c = ChannelConfig::new(name, ChannelKind::Email);
+        c.smtp_host = Some("localhost".into());
+        c.smtp_port = Some(port);
+        c.smtp_tls = Some(mode);
+        c.smtp_ca_file = ca.map(Into::into);
+        c.smtp_username = Some("fleetban".into());
+        c.smtp_password = Some("s3cret".into());
+        c.from = Some("fleetban@example.net".into());
+        c.to = vec!["ops@example.net".into()];
+        c.max_attempts = 1;
+        c.validate().unwrap();
+        c
+    };
+    let channels = vec![
+        mail_channel("starttls", SmtpTls::Starttls, starttls_port, Some(&ca)),
+        mail_channel("tls", SmtpTls::Tls, tls_port, Some(&ca)),
+        // Without the private CA the certificate is refused.
+        mail_channel("untrusted", SmtpTls::Tls, tls_port, None),
+    ];
+    alerts::record(&pool, &alert(AlertKind::Block, None, "203.0.113.0/24 blocked")).await.unwrap();
+    let d = dispatcher(&pool, channels);
+    let mut outcomes = Vec::new();
+    let start = std::time::Instant::now();
+    while outcomes.len() < 3 {
+        assert!(start.elapsed() < DEADLINE, "three attempts within {DEADLINE:?}");
+        outcomes.extend(d.tick().await.unwrap());
+    }
+    let by_channel: Vec<(String, String)> =
+        sqlx::query_as("select channel, state from notify_messages order by channel").fetch_all(&pool).await.unwrap();
+    let expected = [("starttls", "delivered"), ("tls", "delivered"), ("untrusted", "dead")];
+    assert_eq!(by_channel, expected.map(|(c, s)| (c.to_owned(), s.to_owned())));
+    for mails in [starttls_mails, tls_mails] {
+        let mails = mails.lock().unwrap();
+        assert_eq!(mails.len(), 1);
+        assert!(mails[0].tls, "sent encrypted");
+        assert!(mails[0].auth.is_some(), "authenticated inside TLS");
+        assert!(mails[0].data.contains("203.0.113.0/24 blocked"));
+    }
 }
 
 #[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]

@@ -119,6 +119,10 @@ pub struct ChannelConfig {
     /// `email`: `starttls` (default), `tls` or `none`.
     #[serde(default)]
     pub smtp_tls: Option<SmtpTls>,
+    /// `email`: PEM file of CA certificates trusted for the SMTP server's
+    /// certificate besides the public roots (a private relay). Default: none.
+    #[serde(default)]
+    pub smtp_ca_file: Option<std::path::PathBuf>,
     /// `email`: user name for SMTP AUTH. Default: no authentication.
     #[serde(default)]
     pub smtp_username: Option<String>,
@@ -170,6 +174,7 @@ impl ChannelConfig {
             smtp_host: None,
             smtp_port: None,
             smtp_tls: None,
+            smtp_ca_file: None,
             smtp_username: None,
             smtp_password: None,
             from: None,
@@ -250,6 +255,7 @@ impl ChannelConfig {
             ("smtp_host", self.smtp_host.is_some()),
             ("smtp_port", self.smtp_port.is_some()),
             ("smtp_tls", self.smtp_tls.is_some()),
+            ("smtp_ca_file", self.smtp_ca_file.is_some()),
             ("smtp_username", self.smtp_username.is_some()),
             ("smtp_password", self.smtp_password.is_some()),
             ("from", self.from.is_some()),
@@ -282,6 +288,18 @@ impl ChannelConfig {
                 }
                 if self.smtp_host.as_deref().is_none_or(|h| h.trim().is_empty()) {
                     return err("smtp_host", "is required");
+                }
+                if let Some(path) = &self.smtp_ca_file {
+                    if self.smtp_tls == Some(SmtpTls::None) {
+                        return err("smtp_ca_file", "needs smtp_tls = \"starttls\" or \"tls\"");
+                    }
+                    let pem = std::fs::read(path).map_err(|e| ConfigError {
+                        key: format!("notify[{}].smtp_ca_file", self.name),
+                        problem: format!("cannot read {}: {e}", path.display()),
+                    })?;
+                    if lettre::transport::smtp::client::Certificate::from_pem(&pem).is_err() {
+                        return err("smtp_ca_file", "is not a PEM certificate");
+                    }
                 }
                 if self.smtp_username.is_some() != self.smtp_password.is_some() {
                     return err("smtp_username", "smtp_username and smtp_password go together");

@@ -9,8 +9,9 @@
 //! - `slack`: `POST {"text": ...}`, which Slack and Mattermost incoming
 //!   webhooks accept.
 //! - `email`: a plain-text mail over SMTP (`lettre`, rustls), STARTTLS, TLS or
-//!   plain, with AUTH when a user name is set; its `Message-ID` is the
-//!   message id.
+//!   plain, with AUTH when a user name is set; the server's certificate is
+//!   checked against the public roots and `smtp_ca_file`; its `Message-ID`
+//!   is the message id.
 //!
 //! Any 2xx answer is delivered; anything else, a timeout or a transport
 //! error is a failed attempt.
@@ -22,6 +23,7 @@ use hmac::{Hmac, Mac};
 use lettre::message::Mailbox;
 use lettre::message::header::ContentType;
 use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -281,12 +283,22 @@ fn status(status: reqwest::StatusCode) -> Result<(), DeliveryError> {
 
 async fn send_mail(channel: &ChannelConfig, message: &Message, timeout: Duration) -> Result<(), DeliveryError> {
     let host = channel.smtp_host.as_deref().ok_or_else(|| DeliveryError::Config(channel.name.clone(), "smtp_host"))?;
-    let builder = match channel.smtp_tls.unwrap_or_default() {
-        SmtpTls::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(host)?,
-        SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(host)?,
-        SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host),
+    let mode = channel.smtp_tls.unwrap_or_default();
+    let tls = if mode == SmtpTls::None {
+        Tls::None
+    } else {
+        let mut parameters = TlsParameters::builder(host.to_owned());
+        if let Some(path) = &channel.smtp_ca_file {
+            let pem = std::fs::read(path).map_err(|e| DeliveryError::Mail(format!("{}: {e}", path.display())))?;
+            parameters = parameters.add_root_certificate(Certificate::from_pem(&pem)?);
+        }
+        let parameters = parameters.build_rustls()?;
+        if mode == SmtpTls::Tls { Tls::Wrapper(parameters) } else { Tls::Required(parameters) }
     };
-    let mut builder = builder.port(channel.smtp_port()).timeout(Some(timeout));
+    let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
+        .tls(tls)
+        .port(channel.smtp_port())
+        .timeout(Some(timeout));
     if let (Some(user), Some(password)) = (&channel.smtp_username, &channel.smtp_password) {
         builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
     }
