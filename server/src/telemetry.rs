@@ -24,3 +24,6 @@ pub const NOTIFY_DEAD_LETTERS: &str = "fleetban_notify_dead_letters_total";
 /// Events the server's monitor raised (agent offline, propagation lag, slot
 /// exhaustion), by kind.
 pub const ALERTS_RAISED: &str = "fleetban_alerts_raised_total";
+/// Notification messages in the queue, fleet-wide, by channel and state
+/// (`pending`, `dead`), read from Postgres at each scrape.
+pub const NOTIFY_QUEUE: &str = "fleetban_notify_messages";

@@ -392,7 +392,7 @@ async fn a_message_is_dead_lettered_after_max_attempts(pool: PgPool) {
     );
     let t = common::tokens(&pool).await;
     let request = Request::get("/api/v1/notify").header("authorization", format!("Bearer {}", t.read));
-    let response = app.oneshot(request.body(Body::empty()).unwrap()).await.unwrap();
+    let response = app.clone().oneshot(request.body(Body::empty()).unwrap()).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let list: Value =
         serde_json::from_slice(&axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap()).unwrap();
@@ -400,6 +400,11 @@ async fn a_message_is_dead_lettered_after_max_attempts(pool: PgPool) {
     assert_eq!(list[0]["dead_messages"], 1);
     assert_eq!(list[0]["pending_messages"], 0);
     assert_eq!(list[0]["last_error"], "HTTP 500");
+    // And /metrics shows the fleet-wide queue.
+    let response = app.clone().oneshot(Request::get("/metrics").body(Body::empty()).unwrap()).await.unwrap();
+    let text = String::from_utf8(axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap().to_vec()).unwrap();
+    assert!(text.contains("fleetban_notify_messages{channel=\"deadhook\",state=\"dead\"} 1"), "{text}");
+    assert!(text.contains("fleetban_notify_messages{channel=\"deadhook\",state=\"pending\"} 0"), "{text}");
 }
 
 #[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]

@@ -368,6 +368,24 @@ async fn load_events(tx: &mut Transaction<'_, Postgres>, id: i64) -> Result<Vec<
     .await
 }
 
+/// Messages not delivered, fleet-wide, by channel and state (`pending`,
+/// `dead`), for every channel in `channels` (zero when none).
+pub async fn queue_counts(pool: &PgPool, channels: &Channels) -> Result<Vec<(String, &'static str, i64)>, sqlx::Error> {
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "select channel, state, count(*) from notify_messages where state <> 'delivered' group by channel, state",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut counts = Vec::new();
+    for channel in channels.all() {
+        for state in ["pending", "dead"] {
+            let n = rows.iter().find(|r| r.0 == channel.name && r.1 == state).map_or(0, |r| r.2);
+            counts.push((channel.name.clone(), state, n));
+        }
+    }
+    Ok(counts)
+}
+
 /// Deletes delivered and dead messages (with their outbox rows) and routed
 /// events older than `retention`.
 pub async fn cleanup(pool: &PgPool, retention: Duration) -> Result<(), sqlx::Error> {

@@ -99,6 +99,10 @@ fn describe() {
         crate::telemetry::NOTIFY_DEAD_LETTERS,
         "Notification messages dead-lettered after their last attempt, by channel."
     );
+    metrics::describe_gauge!(
+        crate::telemetry::NOTIFY_QUEUE,
+        "Notification messages not delivered, fleet-wide, by channel and state (pending, dead)."
+    );
     metrics::describe_counter!(
         crate::telemetry::ALERTS_RAISED,
         "Events raised by the server's monitor (agent offline, propagation lag, slot exhaustion), by kind."
@@ -175,6 +179,15 @@ pub async fn render(State(state): State<AppState>) -> Response {
             }
         }
         Err(error) => tracing::warn!(%error, "Metrics scrape: cannot read fleet statistics."),
+    }
+    match crate::alerts::dispatch::queue_counts(&state.pool, &state.channels).await {
+        Ok(counts) => {
+            for (channel, queue_state, n) in counts {
+                metrics::gauge!(crate::telemetry::NOTIFY_QUEUE, "channel" => channel, "state" => queue_state)
+                    .set(n as f64);
+            }
+        }
+        Err(error) => tracing::warn!(%error, "Metrics scrape: cannot read the notification queue."),
     }
     handle.run_upkeep();
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
