@@ -7,7 +7,8 @@
 //!   captured request cannot be replayed later with a fresh one), plus
 //!   `X-Fleetban-Message-Id` and `Idempotency-Key` (the message id).
 //! - `slack`: `POST {"text": ...}`, which Slack and Mattermost incoming
-//!   webhooks accept.
+//!   webhooks accept; `&`, `<` and `>` are escaped, so event text cannot
+//!   mention or link.
 //! - `email`: a plain-text mail over SMTP (`lettre`, rustls), STARTTLS, TLS or
 //!   plain, with AUTH when a user name is set; the server's certificate is
 //!   checked against the public roots and `smtp_ca_file`; its `Message-ID`
@@ -97,7 +98,7 @@ impl Message {
     /// The subject line (email subject, first line of the text).
     pub fn subject(&self) -> String {
         match self.events.as_slice() {
-            [one] if !self.digest => format!("[fleetban] {}: {}", one.severity, one.summary),
+            [one] if !self.digest => format!("[fleetban] {}: {}", one.severity, crate::text::escape(&one.summary)),
             events => {
                 let mut counts = std::collections::BTreeMap::<&str, usize>::new();
                 for e in events {
@@ -268,13 +269,24 @@ impl Sender {
             }
             ChannelKind::Slack => {
                 let url = channel.url.as_deref().ok_or_else(|| missing("url"))?;
-                let response =
-                    self.http.post(url).timeout(timeout).json(&json!({ "text": message.text() })).send().await?;
+                let response = self
+                    .http
+                    .post(url)
+                    .timeout(timeout)
+                    .json(&json!({ "text": slack_escape(&message.text()) }))
+                    .send()
+                    .await?;
                 status(response.status())
             }
             ChannelKind::Email => send_mail(channel, message, timeout).await,
         }
     }
+}
+
+/// Escapes `&`, `<` and `>` as Slack asks, so no text in an event can
+/// become a mention (`<!channel>`) or a link.
+fn slack_escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 fn status(status: reqwest::StatusCode) -> Result<(), DeliveryError> {
@@ -357,6 +369,11 @@ mod tests {
         let text = Message { id: Uuid::nil(), channel: "c".into(), digest: false, events: vec![e] }.text();
         assert!(text.contains("evidence: auth: 16 weighted events; 16 events; seen by mx1, mx2"), "{text}");
         assert!(text.contains("enforced by 1 of 3 hosts: mx1"), "{text}");
+    }
+
+    #[test]
+    fn slack_text_cannot_mention_or_link() {
+        assert_eq!(slack_escape("<!channel> a & b <http://x|y>"), "&lt;!channel&gt; a &amp; b &lt;http://x|y&gt;");
     }
 
     #[test]
