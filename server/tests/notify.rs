@@ -934,3 +934,27 @@ async fn the_cli_lists_channels_and_sends_a_test(pool: PgPool) {
     assert_eq!(receiver.count(), 1, "a read token sends nothing");
     server.abort();
 }
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn old_messages_and_events_are_deleted(pool: PgPool) {
+    let receiver = Receiver::start(&[], 200, Duration::ZERO).await;
+    let d = dispatcher(&pool, vec![webhook("hook", &receiver.url)]);
+    alerts::record(&pool, &alert(AlertKind::Block, None, "old, delivered")).await.unwrap();
+    assert_eq!(d.tick().await.unwrap(), [Outcome::Delivered]);
+    // An event queued for a channel that has since been removed.
+    alerts::record(&pool, &alert(AlertKind::Block, None, "old, orphaned")).await.unwrap();
+    dispatcher(&pool, vec![webhook("removed", "http://127.0.0.1:9/")]).route().await.unwrap();
+    sqlx::query("update notify_messages set created_at = now() - interval '31 days'").execute(&pool).await.unwrap();
+    sqlx::query("update notify_outbox set queued_at = now() - interval '31 days'").execute(&pool).await.unwrap();
+    sqlx::query("update alert_events set occurred_at = now() - interval '31 days'").execute(&pool).await.unwrap();
+    alerts::record(&pool, &alert(AlertKind::Block, None, "new")).await.unwrap();
+    alerts::dispatch::cleanup(&pool, Duration::from_secs(30 * 86_400)).await.unwrap();
+    let left: Vec<String> = sqlx::query_scalar("select summary from alert_events").fetch_all(&pool).await.unwrap();
+    assert_eq!(left, ["new"]);
+    let rows: (i64, i64) =
+        sqlx::query_as("select (select count(*) from notify_messages), (select count(*) from notify_outbox)")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, (0, 0));
+}

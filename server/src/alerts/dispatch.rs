@@ -386,8 +386,9 @@ pub async fn queue_counts(pool: &PgPool, channels: &Channels) -> Result<Vec<(Str
     Ok(counts)
 }
 
-/// Deletes delivered and dead messages (with their outbox rows) and routed
-/// events older than `retention`.
+/// Deletes delivered and dead messages (with their outbox rows), events
+/// still queued (for a channel since removed) and routed events older than
+/// `retention`.
 pub async fn cleanup(pool: &PgPool, retention: Duration) -> Result<(), sqlx::Error> {
     let secs = retention.as_secs_f64();
     sqlx::query(
@@ -396,6 +397,11 @@ pub async fn cleanup(pool: &PgPool, retention: Duration) -> Result<(), sqlx::Err
     .bind(secs)
     .execute(pool)
     .await?;
+    // Events queued for a channel that no longer exists are never composed.
+    sqlx::query("delete from notify_outbox where message_id is null and queued_at < now() - make_interval(secs => $1)")
+        .bind(secs)
+        .execute(pool)
+        .await?;
     sqlx::query(
         "delete from alert_events a where routed and occurred_at < now() - make_interval(secs => $1) \
          and not exists (select 1 from notify_outbox o where o.alert_id = a.id)",
