@@ -63,6 +63,10 @@ pub struct ServerConfig {
     /// ASN and country policy (`[geo]`); see [`crate::geo::GeoConfig`].
     /// Default: none.
     pub geo: crate::geo::GeoConfig,
+    /// Notification channels (`[[notify]]`). Default: none.
+    pub notify: Vec<crate::alerts::ChannelConfig>,
+    /// When the server raises its own events (`[alerts]`).
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 /// `[limits]`: what one client may hold of the server. See
@@ -203,6 +207,8 @@ impl Default for ServerConfig {
             limits: LimitsConfig::default(),
             feed: Vec::new(),
             geo: crate::geo::GeoConfig::default(),
+            notify: Vec::new(),
+            alerts: crate::alerts::AlertsConfig::default(),
         }
     }
 }
@@ -230,6 +236,9 @@ pub enum ConfigError {
     /// A correlation value cannot work.
     #[error(transparent)]
     Correlate(#[from] crate::correlate::ConfigError),
+    /// A `[[notify]]` or `[alerts]` value cannot work.
+    #[error(transparent)]
+    Alerts(#[from] crate::alerts::config::ConfigError),
     /// A top-level value cannot work.
     #[error("{key}: {problem}")]
     Invalid {
@@ -353,6 +362,8 @@ impl ServerConfig {
             }
         }
         self.geo.validate().map_err(|error| ConfigError::Invalid { key: "geo", problem: error.to_string() })?;
+        crate::alerts::config::validate_channels(&self.notify)?;
+        self.alerts.validate()?;
         Ok(())
     }
 
@@ -465,6 +476,26 @@ mod tests {
             let err = ServerConfig::parse(&text).unwrap_err().to_string();
             assert!(err.contains(want), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn notify_channels_are_read_and_checked() {
+        let cfg = ServerConfig::parse(
+            "[alerts]\nagent_offline_secs = 600\n\n[[notify]]\nname = \"chat\"\nkind = \"slack\"\n\
+             url = \"https://chat.example.net/hooks/x\"\nevents = [\"block\"]\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.notify.len(), 1);
+        assert_eq!(cfg.notify[0].events, [crate::alerts::AlertKind::Block]);
+        assert_eq!(cfg.alerts.agent_offline_secs, 600);
+        let err = ServerConfig::parse("[[notify]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"https://x.example\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("notify[hook].secret"), "{err}");
+        let err = ServerConfig::parse("[alerts]\ncheck_interval_secs = 0\n").unwrap_err().to_string();
+        assert!(err.contains("alerts.check_interval_secs"), "{err}");
+        let err = ServerConfig::parse("[alerts]\noffline_secs = 5\n").unwrap_err().to_string();
+        assert!(err.contains("offline_secs"), "{err}");
     }
 
     #[test]

@@ -41,7 +41,10 @@
 //!   exported by `api::metrics`).
 //! - [`transfer`]: bulk import/export formats of the blocklist and allowlist.
 //! - [`notify`]: systemd readiness (`READY=1` once listening, `STOPPING=1`).
+//! - [`alerts`]: notifications (`[[notify]]`): events queued in Postgres,
+//!   delivered by webhook, Slack or email with retries.
 
+pub mod alerts;
 pub mod api;
 pub mod asn;
 pub mod auth;

@@ -290,6 +290,8 @@ async fn main() -> anyhow::Result<()> {
                     cfg.geo.block_asn.clone(),
                 )?),
                 geo: std::sync::Arc::new(fleetban_server::geo::GeoPolicy::load(&cfg.geo)?),
+                channels: fleetban_server::alerts::Channels::new(cfg.notify.clone()),
+                alerts: cfg.alerts.clone(),
                 ..Default::default()
             };
             check_descriptors(&cfg);

@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tonic::transport::ServerTlsConfig;
 use tracing::{debug, warn};
 
+use crate::alerts;
 use crate::api;
 use crate::backlog::Backlog;
 use crate::blocks;
@@ -89,6 +90,10 @@ pub struct Options {
     pub feeds: Arc<crate::feeds::Feeds>,
     /// ASN/country evidence multipliers of the correlation.
     pub geo: Arc<crate::geo::GeoPolicy>,
+    /// Notification channels (`[[notify]]`).
+    pub channels: alerts::Channels,
+    /// When the server raises its own events and how often it dispatches.
+    pub alerts: alerts::AlertsConfig,
 }
 
 impl Default for Options {
@@ -110,6 +115,8 @@ impl Default for Options {
             max_event_age: crate::ingest::DEFAULT_MAX_EVENT_AGE,
             feeds: Arc::default(),
             geo: Arc::default(),
+            channels: alerts::Channels::default(),
+            alerts: alerts::AlertsConfig::default(),
         }
     }
 }
@@ -142,6 +149,7 @@ pub async fn run(
     let feed_policy: Arc<dyn blocks::BlockPolicy> = Arc::new(options.correlate.clone());
     let feeds =
         tokio::spawn(options.feeds.clone().run(pool.clone(), feed_policy, crate::feeds::TICK, stopped(&stop_rx)));
+    let notifications = spawn_notifications(&pool, &options, &stop_rx);
     let correlator = Correlator::new(pool.clone(), options.correlate.clone()).with_geo(options.geo.clone());
     let backlog = Backlog::new();
     // The correlation worker outlives the sessions' drain, so that the last
@@ -193,7 +201,8 @@ pub async fn run(
         api::AppState::new(pool, options.correlate.clone())
             .with_stats(options.stats.clone())
             .with_feeds(options.feeds.clone())
-            .with_geo(options.geo.clone()),
+            .with_geo(options.geo.clone())
+            .with_channels(options.channels.clone()),
     );
     let http_gate = Gate::new(Listener::Http, GateLimits::http(&options.limits));
     let http_server = serve_http(
@@ -213,9 +222,40 @@ pub async fn run(
     let _ = expiry.await;
     let _ = retention.await;
     let _ = feeds.await;
+    for task in notifications {
+        let _ = task.await;
+    }
     grpc_result?;
     http_result?;
     Ok(())
+}
+
+/// Starts the notification dispatcher (always: it also routes and ages out
+/// events when no channel is configured) and, with channels, the monitor.
+fn spawn_notifications(
+    pool: &PgPool,
+    options: &Options,
+    stop_rx: &tokio::sync::watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let stopped = || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let mut tasks = Vec::new();
+    let retention = Duration::from_secs(u64::from(options.alerts.retention_days) * 86_400);
+    match alerts::dispatch::Dispatcher::new(pool.clone(), options.channels.clone()) {
+        Ok(dispatcher) => {
+            let interval = Duration::from_millis(options.alerts.dispatch_interval_ms);
+            tasks.push(tokio::spawn(dispatcher.run(interval, retention, stopped())));
+        }
+        Err(error) => warn!(%error, "Cannot build the notification HTTP client; notifications stay queued."),
+    }
+    if !options.channels.all().is_empty() {
+        tasks.push(tokio::spawn(alerts::monitor::run(pool.clone(), options.alerts.clone(), stopped())));
+    }
+    tasks
 }
 
 /// Serves `app` on `listener` until `shutdown`, then lets every connection

@@ -27,3 +27,15 @@ pub const FEED_LAST_SUCCESS: &str = "fleetban_feed_last_success_timestamp_second
 /// Correlation decisions whose thresholds an ASN or country evidence
 /// multiplier changed, by `direction` (`stronger`, `weaker`).
 pub const POLICY_THRESHOLD_ADJUSTED: &str = "fleetban_policy_threshold_adjustments_total";
+/// Notification messages delivered, by channel.
+pub const NOTIFY_DELIVERED: &str = "fleetban_notify_delivered_total";
+/// Failed notification delivery attempts (each retry counts), by channel.
+pub const NOTIFY_ATTEMPT_FAILURES: &str = "fleetban_notify_attempt_failures_total";
+/// Notification messages dead-lettered after their last attempt, by channel.
+pub const NOTIFY_DEAD_LETTERS: &str = "fleetban_notify_dead_letters_total";
+/// Events the server's monitor raised (agent offline, propagation lag, slot
+/// exhaustion), by kind.
+pub const ALERTS_RAISED: &str = "fleetban_alerts_raised_total";
+/// Notification messages in the queue, fleet-wide, by channel and state
+/// (`pending`, `dead`), read from Postgres at each scrape.
+pub const NOTIFY_QUEUE: &str = "fleetban_notify_messages";

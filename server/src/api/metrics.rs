@@ -95,6 +95,23 @@ fn describe() {
     metrics::describe_counter!(INGEST_BATCHES, "Event batches by result (stored, duplicate, refused).");
     metrics::describe_histogram!(PUSH_LAG, metrics::Unit::Seconds, "Block change commit to delivery to an agent.");
     metrics::describe_gauge!(AGENT_SESSIONS, "Agent sessions open on this replica.");
+    metrics::describe_counter!(crate::telemetry::NOTIFY_DELIVERED, "Notification messages delivered, by channel.");
+    metrics::describe_counter!(
+        crate::telemetry::NOTIFY_ATTEMPT_FAILURES,
+        "Failed notification delivery attempts (each retry counts), by channel."
+    );
+    metrics::describe_counter!(
+        crate::telemetry::NOTIFY_DEAD_LETTERS,
+        "Notification messages dead-lettered after their last attempt, by channel."
+    );
+    metrics::describe_gauge!(
+        crate::telemetry::NOTIFY_QUEUE,
+        "Notification messages not delivered, fleet-wide, by channel and state (pending, dead)."
+    );
+    metrics::describe_counter!(
+        crate::telemetry::ALERTS_RAISED,
+        "Events raised by the server's monitor (agent offline, propagation lag, slot exhaustion), by kind."
+    );
     metrics::describe_counter!(
         crate::correlate::SHADOW_DECISIONS,
         "Decisions of rules in shadow mode (recorded, nothing blocked), by rule."
@@ -178,6 +195,15 @@ pub async fn render(State(state): State<AppState>) -> Response {
             }
         }
         Err(error) => tracing::warn!(%error, "Metrics scrape: cannot read fleet statistics."),
+    }
+    match crate::alerts::dispatch::queue_counts(&state.pool, &state.channels).await {
+        Ok(counts) => {
+            for (channel, queue_state, n) in counts {
+                metrics::gauge!(crate::telemetry::NOTIFY_QUEUE, "channel" => channel, "state" => queue_state)
+                    .set(n as f64);
+            }
+        }
+        Err(error) => tracing::warn!(%error, "Metrics scrape: cannot read the notification queue."),
     }
     handle.run_upkeep();
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()

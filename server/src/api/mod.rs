@@ -27,6 +27,7 @@
 //! - [`openapi`]: the OpenAPI document.
 //! - [`dashboard`]: the embedded single-page dashboard.
 //! - [`metrics`]: Prometheus metrics and their names.
+//! - [`notify`]: notification channels, their queues, test messages.
 
 pub mod agents;
 pub mod allowlist;
@@ -40,6 +41,7 @@ pub mod events;
 pub mod explain;
 pub mod feeds;
 pub mod metrics;
+pub mod notify;
 pub mod openapi;
 pub mod params;
 pub mod reports;
@@ -84,12 +86,21 @@ pub struct AppState {
     /// The country database and ASN/country policy (countries shown in the
     /// attacker views and reports).
     pub geo: Arc<crate::geo::GeoPolicy>,
+    /// The notification channels (`[[notify]]`).
+    pub channels: crate::alerts::Channels,
 }
 
 impl AppState {
     /// State over `pool` with `policy`.
     pub fn new(pool: PgPool, policy: CorrelateConfig) -> Self {
-        AppState { pool, policy: Arc::new(policy), stats: None, feeds: Arc::default(), geo: Arc::default() }
+        AppState {
+            pool,
+            policy: Arc::new(policy),
+            stats: None,
+            feeds: Arc::default(),
+            geo: Arc::default(),
+            channels: crate::alerts::Channels::default(),
+        }
     }
 
     /// Shows countries from `geo`'s country database.
@@ -101,6 +112,12 @@ impl AppState {
     /// Serves the status and refresh of `feeds`.
     pub fn with_feeds(mut self, feeds: Arc<crate::feeds::Feeds>) -> Self {
         self.feeds = feeds;
+        self
+    }
+
+    /// Serves `channels` (`GET /api/v1/notify`, `POST .../test`).
+    pub fn with_channels(mut self, channels: crate::alerts::Channels) -> Self {
+        self.channels = channels;
         self
     }
 
@@ -158,6 +175,8 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::GET, "/api/v1/timeseries/blocks", get(timeseries::blocks)),
         (Method::GET, "/api/v1/timeseries/slots", get(timeseries::slots)),
         (Method::GET, "/api/v1/whoami", get(whoami::get)),
+        (Method::GET, "/api/v1/notify", get(notify::list)),
+        (Method::POST, "/api/v1/notify/{name}/test", post(notify::test)),
         (Method::GET, "/api/v1/reports/abuse", get(reports::abuse)),
     ]
 }

@@ -12,8 +12,8 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::{
-    agents, allowlist, attackers, audit, blocks, dashboard, events, feeds, metrics, reports, shadow, stats, timeseries,
-    tokens, transfer, whoami,
+    agents, allowlist, attackers, audit, blocks, dashboard, events, feeds, metrics, notify, reports, shadow, stats,
+    timeseries, tokens, transfer, whoami,
 };
 
 /// The document.
@@ -43,6 +43,7 @@ use super::{
         whoami::get,
         reports::abuse,
         feeds::list, feeds::refresh,
+        notify::list, notify::test,
     ),
     modifiers(&BearerAuth),
     tags(
@@ -56,6 +57,7 @@ use super::{
         (name = "feeds", description = "Blocklist feeds and ASN block rules"),
         (name = "tokens", description = "API and enrollment tokens (admin only)"),
         (name = "audit", description = "Who changed what, when"),
+        (name = "notify", description = "Notification channels and their queues"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
         (name = "dashboard", description = "The embedded dashboard"),
     )

@@ -30,6 +30,7 @@ use reqwest::{Method, StatusCode};
 mod lifecycle;
 pub use lifecycle::{API_TOKEN_HEADERS, ENROLL_TOKEN_HEADERS, api_token_row, enroll_token_row};
 mod kinds;
+mod notify;
 pub mod timefmt;
 use serde_json::{Value, json};
 
@@ -253,6 +254,13 @@ pub enum Command {
     Feed {
         #[command(subcommand)]
         command: feeds::FeedCommand,
+    },
+    /// Notification channels with their queues; `notify test NAME` sends a
+    /// test message.
+    Notify {
+        /// Without a command: list the channels.
+        #[command(subcommand)]
+        command: Option<notify::NotifyCommand>,
     },
 }
 
@@ -746,6 +754,7 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
             }
             Ok(out)
         }
+        Command::Notify { command } => notify::run(&client, json, command.as_ref()).await,
         Command::Stats => {
             let stats = client.get("/api/v1/stats", &[]).await?;
             if json {
