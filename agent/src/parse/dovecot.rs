@@ -222,7 +222,7 @@ fn token_positions<'k>(kv: &'k [u8], key: &'k [u8]) -> impl Iterator<Item = usiz
 }
 
 /// The value of a `key=value` token starting at `i` (up to `,` or the end).
-fn value_at<'k>(kv: &'k [u8], i: usize, key_len: usize) -> &'k [u8] {
+fn value_at(kv: &[u8], i: usize, key_len: usize) -> &[u8] {
     let v = &kv[i + key_len..];
     &v[..memchr::memchr(b',', v).unwrap_or(v.len())]
 }

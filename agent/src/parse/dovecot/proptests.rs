@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use super::super::{EventKind, LogKind, parse_line_as};
 
 fn arb_ip() -> impl Strategy<Value = IpAddr> {
-    prop_oneof![any::<[u8; 4]>().prop_map(|o| IpAddr::from(o)), any::<[u8; 16]>().prop_map(|o| IpAddr::from(o)),]
+    prop_oneof![any::<[u8; 4]>().prop_map(IpAddr::from), any::<[u8; 16]>().prop_map(IpAddr::from),]
         .prop_map(|ip| ip.to_canonical())
 }
 

@@ -149,8 +149,8 @@ fn every_prefix_shape() {
     assert_eq!(p(&lines[10]).unwrap().time_ms, 1_795_867_200_003);
     for line in [
         format!("Nov 28 12:00:00 mail exim[812]: {body}"),
-        format!("Nov 28 12:00:00 auth: Info: passwd-file(alice,203.0.113.7): unknown user"),
-        format!("Nov 28 12:00:00 imap(alice)<1><x>: Info: Disconnected: Logged out in=12 out=477"),
+        "Nov 28 12:00:00 auth: Info: passwd-file(alice,203.0.113.7): unknown user".to_owned(),
+        "Nov 28 12:00:00 imap(alice)<1><x>: Info: Disconnected: Logged out in=12 out=477".to_owned(),
         format!("Nov 31 12:00:00 {info}"),
         format!("2026-11-28 25:00:00 {info}"),
         format!("<22>1 - mail dovecot 812 - - {body}"),
