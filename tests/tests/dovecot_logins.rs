@@ -125,12 +125,33 @@ fn imap_and_pop3_guessing_is_blocked_fleet_wide_and_a_typo_is_not() {
     // ends, so the block comes after the sessions.
     assert_eq!(guesses, 24, "{}", report(&format!("only {guesses} guesses were refused")));
 
-    // 3. Both guessers blocked on both hosts (at most 20 s).
+    // 3. Both guessers blocked on both hosts (at most 20 s). The sessions
+    // have ended, so Dovecot has written their lines: from here to each
+    // host's nft set is the end-to-end latency (log line → local block on
+    // the guessed host, → fleet block on the other).
+    let lines_written = Instant::now();
+    let mut seen: [[Option<Duration>; 2]; 2] = [[None; 2]; 2];
     let blocked = fleet::wait_until(Duration::from_secs(20), || {
-        (0..2).all(|i| nft_holds(&fleet, i, imap_attacker) && nft_holds(&fleet, i, pop3_attacker))
+        for (a, attacker) in [imap_attacker, pop3_attacker].into_iter().enumerate() {
+            for (i, slot) in seen[a].iter_mut().enumerate() {
+                if slot.is_none() && nft_holds(&fleet, i, attacker) {
+                    *slot = Some(lines_written.elapsed());
+                }
+            }
+        }
+        seen.iter().flatten().all(Option::is_some)
     });
     assert!(blocked, "{}", report("the guessers were not blocked on both hosts within 20 s"));
-    eprintln!("guessers blocked on both hosts {} ms after the guessing began", guessing_at.elapsed().as_millis());
+    let ms = |d: Option<Duration>| d.map_or(0, |d| d.as_millis());
+    eprintln!(
+        "guessing took {} ms (Dovecot's auth penalty); after the last session ended: IMAP guesser in mx1 (local) \
+         {} ms, mx2 (fleet) {} ms; POP3 guesser in mx2 (local) {} ms, mx1 (fleet) {} ms",
+        (lines_written - guessing_at).as_millis(),
+        ms(seen[0][0]),
+        ms(seen[0][1]),
+        ms(seen[1][1]),
+        ms(seen[1][0]),
+    );
     let mx2_log = fleet.hosts[1].dovecot.as_ref().map(|d| d.log_text()).unwrap_or_default();
     for attacker in [imap_attacker, pop3_attacker] {
         assert!(fleet.live_block(attacker).ok().flatten().is_some(), "{}", report(&format!("no block of {attacker}")));
