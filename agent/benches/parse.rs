@@ -43,7 +43,7 @@ fn dovecot_log() -> Vec<u8> {
             _ => "<22>1 2026-11-28T14:40:27.003Z mail dovecot 812 - - ",
         };
         let info = if i % 3 == 0 { "Info: " } else { "" };
-        let service = if x % 3 == 0 { "pop3" } else { "imap" };
+        let service = if x.is_multiple_of(3) { "pop3" } else { "imap" };
         let user = format!("user{}@example.org", x % 5000);
         let _ = match (x >> 8) % 10 {
             0..=2 => writeln!(
