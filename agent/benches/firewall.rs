@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use fleetban_agent::config::{AgentConfig, FirewallBackend, FirewallScope, StartAt};
 use fleetban_agent::firewall::reconcile::{FirewallStats, Reconciler};
 use fleetban_agent::firewall::{Exec, backend_of, now_ms};
-use fleetban_agent::parse::Timezone;
+use fleetban_agent::parse::{LogKind, Timezone};
 use fleetban_agent::pipeline::{Pipeline, PipelineOptions, SourceSpec};
 use fleetban_agent::service::{ServiceOptions, Services};
 use fleetban_agent::spool::{Spool, SpoolOptions};
@@ -140,9 +140,9 @@ fn detection(ns: &support::Netns) {
     // The fleet blocklist is loaded, as on a real host.
     let firewall = services.firewall();
     runtime.block_on(firewall.snapshot(fleet(100_000))).expect("snapshot");
-    let sources = [SourceSpec { path: log.clone(), start_at: StartAt::Beginning }];
+    let sources = [SourceSpec { path: log.clone(), start_at: StartAt::Beginning, kind: LogKind::Exim }];
     let pipeline =
-        Pipeline::start(spool, &sources, || services.parser(), PipelineOptions::default()).expect("pipeline");
+        Pipeline::start(spool, &sources, |s| services.parser(s.kind), PipelineOptions::default()).expect("pipeline");
     let mut file = std::fs::OpenOptions::new().append(true).open(&log).expect("open log");
     let mut samples = Vec::new();
     // Attackers from 198.19.200.0 on: outside the fleet list (198.18.0.0 to

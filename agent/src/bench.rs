@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::StartAt;
-use crate::parse::{Timezone, genlog};
+use crate::parse::{LogKind, Timezone, genlog};
 use crate::pipeline::{Pipeline, PipelineError, PipelineOptions, SourceSpec};
-use crate::run::EximLineParser;
+use crate::run::LogLineParser;
 use crate::spool::{Spool, SpoolError, SpoolOptions};
 
 /// Errors of the benchmark.
@@ -153,10 +153,11 @@ pub fn bench_ingest(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     let cpu_start = cpu_secs();
     let started = Instant::now();
     let (spool, _) = Spool::open(&spool_dir, SpoolOptions::with_max_bytes(4 << 30))?;
-    let sources = [SourceSpec { path: log.clone(), start_at: StartAt::Beginning }];
+    let sources = [SourceSpec { path: log.clone(), start_at: StartAt::Beginning, kind: LogKind::Exim }];
     let pipeline_options =
         PipelineOptions { fsync_interval: options.fsync_interval, watch: false, ..PipelineOptions::default() };
-    let pipeline = Pipeline::start(spool, &sources, || EximLineParser::new(Timezone::Utc), pipeline_options)?;
+    let pipeline =
+        Pipeline::start(spool, &sources, |_| LogLineParser::new(LogKind::Exim, Timezone::Utc), pipeline_options)?;
     let limit = Duration::from_secs(600);
     while pipeline.stats().lines.load(Ordering::Relaxed) < lines {
         if started.elapsed() > limit {

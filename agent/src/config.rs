@@ -230,7 +230,9 @@ pub struct MetricsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
-    /// Log format of the file. Only `"exim"` exists. Default: `"exim"`.
+    /// Log format of the file: `"exim"` (`exim_mainlog`) or `"dovecot"`
+    /// (Dovecot's `log_path`, or the syslog file it logs to, e.g.
+    /// `/var/log/maillog`). Default: `"exim"`.
     #[serde(default)]
     pub kind: SourceKind,
     /// Path of the live log file, e.g. `/var/log/exim_mainlog`. Required.
@@ -241,14 +243,8 @@ pub struct SourceConfig {
     pub start_at: StartAt,
 }
 
-/// Log format of a source.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SourceKind {
-    /// Exim main log (`exim_mainlog`).
-    #[default]
-    Exim,
-}
+/// Log format of a source: the parser's [`crate::parse::LogKind`].
+pub type SourceKind = crate::parse::LogKind;
 
 /// Start position in a file never seen before.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -288,6 +284,12 @@ impl Default for SpoolConfig {
 /// extra_ports`.
 pub const SMTP_PORTS: [u16; 3] = [25, 465, 587];
 
+/// TCP ports the `smtp` scope also covers when a `dovecot` source is
+/// configured: POP3 (110), IMAP (143), IMAPS (993), POP3S (995) and
+/// ManageSieve (4190), so an address guessing passwords over IMAP is
+/// blocked where it guesses.
+pub const MAIL_ACCESS_PORTS: [u16; 5] = [110, 143, 993, 995, 4190];
+
 /// `[firewall]`: how local and fleet blocks reach the kernel.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -296,7 +298,8 @@ pub struct FirewallConfig {
     /// Default: `"nftables"`.
     #[serde(default)]
     pub backend: FirewallBackend,
-    /// What a block covers: `"smtp"` (TCP 25, 465, 587) or `"all"` traffic.
+    /// What a block covers: `"smtp"` (TCP 25, 465, 587; with a `dovecot`
+    /// source also 110, 143, 993, 995, 4190) or `"all"` traffic.
     /// Default: `"smtp"`.
     #[serde(default)]
     pub scope: FirewallScope,
@@ -328,6 +331,21 @@ impl FirewallConfig {
             SMTP_PORTS.iter().chain(&self.extra_ports).copied().filter(|&port| port != 0).collect();
         ports.sort_unstable();
         ports.dedup();
+        ports
+    }
+}
+
+impl AgentConfig {
+    /// The TCP ports a block covers in the `smtp` scope: the firewall's
+    /// [`FirewallConfig::smtp_ports`], and [`MAIL_ACCESS_PORTS`] when a
+    /// source is a Dovecot log. Sorted, without repeats.
+    pub fn covered_ports(&self) -> Vec<u16> {
+        let mut ports = self.firewall.smtp_ports();
+        if self.sources.iter().any(|s| s.kind == SourceKind::Dovecot) {
+            ports.extend(MAIL_ACCESS_PORTS);
+            ports.sort_unstable();
+            ports.dedup();
+        }
         ports
     }
 }
@@ -803,6 +821,9 @@ path = "/var/log/a"
 start_at = "beginning"
 [[source]]
 path = "/var/log/b"
+[[source]]
+kind = "dovecot"
+path = "/var/log/maillog"
 [spool]
 max_bytes = 2097152
 fsync_ms = 5
@@ -816,6 +837,11 @@ cidrs = ["192.0.2.0/24", "2001:db8::1"]
         .expect("valid");
         assert_eq!(config.sources[0].start_at, StartAt::Beginning);
         assert_eq!(config.sources[1].start_at, StartAt::End);
+        assert_eq!(config.sources[1].kind, SourceKind::Exim);
+        assert_eq!(config.sources[2].kind, SourceKind::Dovecot);
+        assert_eq!(config.covered_ports(), [25, 110, 143, 465, 587, 993, 995, 4190]);
+        let exim_only = AgentConfig { sources: config.sources[..2].to_vec(), ..config.clone() };
+        assert_eq!(exim_only.covered_ports(), [25, 465, 587]);
         assert_eq!(config.firewall.backend, FirewallBackend::DryRun);
         assert_eq!(config.firewall.scope, FirewallScope::All);
         assert_eq!(config.allowlist.cidrs[0].0, "192.0.2.0/24".parse::<IpNet>().unwrap());

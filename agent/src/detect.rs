@@ -42,6 +42,7 @@ impl Detector {
             user: event.user,
             host_name: event.host_name,
             time_ms: event.time_ms,
+            attempts: event.attempts,
         };
         self.inner.observe(&o, now_ms)
     }

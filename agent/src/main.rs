@@ -11,8 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use fleetban_agent::backfill::{self, ProgressMode};
 use fleetban_agent::bench::{self, BenchOptions};
 use fleetban_agent::config::{AgentConfig, DEFAULT_PATH};
-use fleetban_agent::parse::{Timezone, genlog, report};
-use fleetban_agent::run::{self, EximLineParser};
+use fleetban_agent::parse::{LogKind, Timezone, genlog, report};
+use fleetban_agent::run::{self, LogLineParser};
 use fleetban_agent::status;
 
 /// fleetban agent: tails the Exim log, blocks abusers locally, and streams
@@ -134,6 +134,9 @@ struct BackfillArgs {
     /// Log files to import, oldest first (gzip is detected).
     #[arg(long, required = true, num_args = 1.., value_name = "PATH")]
     from: Vec<PathBuf>,
+    /// Format of the files: `exim` or `dovecot`.
+    #[arg(long, value_name = "KIND", default_value = "exim")]
+    kind: LogKind,
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +147,9 @@ struct ParseArgs {
     /// Time zone of timestamps without an offset: `local`, `UTC` or an IANA name.
     #[arg(long, value_name = "ZONE", default_value = "local")]
     tz: String,
+    /// Format of the files: `exim` or `dovecot`.
+    #[arg(long, value_name = "KIND", default_value = "exim")]
+    kind: LogKind,
     /// Log files to read (`-` for stdin; gzip is detected and decompressed).
     #[arg(required = true, value_name = "FILE")]
     files: Vec<PathBuf>,
@@ -238,7 +244,7 @@ fn check_config_cmd(args: CheckArgs) -> anyhow::Result<ExitCode> {
 fn backfill_cmd(args: BackfillArgs) -> anyhow::Result<()> {
     let config = load(&args.config)?;
     init_tracing();
-    let mut parser = EximLineParser::new(run::timezone(&config)?);
+    let mut parser = LogLineParser::new(args.kind, run::timezone(&config)?);
     let mut spool = run::open_spool(&config).context("stop the agent before a backfill")?;
     let stats = backfill::backfill(
         &mut spool,
@@ -270,7 +276,7 @@ fn bench_cmd(args: BenchArgs) -> anyhow::Result<()> {
 
 fn parse_cmd(args: ParseArgs) -> anyhow::Result<()> {
     let tz = Timezone::from_config(&args.tz).with_context(|| format!("--tz {}", args.tz))?;
-    let opts = report::ParseOptions { json: args.json, tz };
+    let opts = report::ParseOptions { json: args.json, tz, kind: args.kind };
     let mut out = BufWriter::with_capacity(1 << 16, io::stdout().lock());
     let stats = report::run(&args.files, &opts, &mut out)?;
     eprintln!("{}", report::stats_line(&stats));

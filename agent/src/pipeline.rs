@@ -41,6 +41,7 @@ use fleetban_proto::v1::{Event, SourcePosition};
 use tracing::{error, info, warn};
 
 use crate::config::StartAt;
+use crate::parse::LogKind;
 use crate::spool::{Spool, SpoolError};
 use crate::tail::{Chunk, Position, Progress, TailOptions, Tailer, Waker};
 
@@ -81,6 +82,8 @@ where
 pub struct SourceSpec {
     /// Path of the live log file, as configured (the key of its checkpoint).
     pub path: PathBuf,
+    /// The log's format (which parser reads it).
+    pub kind: LogKind,
     /// Start position in a file never seen before.
     pub start_at: StartAt,
 }
@@ -157,11 +160,12 @@ impl std::fmt::Debug for Pipeline {
 
 impl Pipeline {
     /// Starts following `sources` into `spool`, resuming each at its newest
-    /// spooled position. `parser` makes one parser per source.
+    /// spooled position. `parser` makes one parser per source, for its
+    /// kind; sources of different kinds share the spool and its guarantees.
     pub fn start<P: LineParser>(
         spool: Spool,
         sources: &[SourceSpec],
-        mut parser: impl FnMut() -> P,
+        mut parser: impl FnMut(&SourceSpec) -> P,
         options: PipelineOptions,
     ) -> Result<Pipeline, PipelineError> {
         let checkpoints = spool.positions();
@@ -195,7 +199,7 @@ impl Pipeline {
             threads.push((name, handle));
 
             let mut batcher = Batcher::new(key.clone(), batch_tx.clone(), options, stats.clone());
-            let mut line_parser = parser();
+            let mut line_parser = parser(source);
             let name = format!("parse {key}");
             let handle = std::thread::Builder::new()
                 .name("fleetban-parse".into())
@@ -508,7 +512,7 @@ mod tests {
         let log = dir.path().join("log");
         let spool_dir = dir.path().join("spool");
         let mut file = std::fs::File::create(&log).unwrap();
-        let sources = [SourceSpec { path: log.clone(), start_at: StartAt::Beginning }];
+        let sources = [SourceSpec { path: log.clone(), start_at: StartAt::Beginning, kind: LogKind::Exim }];
         let mut expected = Vec::new();
         let mut n = 0;
         for round in 0..3 {
@@ -519,7 +523,7 @@ mod tests {
                 expected.push(format!("ev {n}"));
             }
             let (spool, _) = Spool::open(&spool_dir, SpoolOptions::with_max_bytes(1 << 20)).unwrap();
-            let pipeline = Pipeline::start(spool, &sources, raw_parser, options()).unwrap();
+            let pipeline = Pipeline::start(spool, &sources, |_| raw_parser(), options()).unwrap();
             let durable = pipeline.durable();
             wait_for(|| pipeline.stats().lines.load(Ordering::Relaxed) >= 100);
             if round == 1 {
@@ -541,9 +545,9 @@ mod tests {
         let log = dir.path().join("log");
         std::fs::write(&log, "ev 1\n").unwrap();
         let (spool, _) = Spool::open(&dir.path().join("spool"), SpoolOptions::with_max_bytes(1 << 20)).unwrap();
-        let sources = [SourceSpec { path: log, start_at: StartAt::Beginning }];
+        let sources = [SourceSpec { path: log, start_at: StartAt::Beginning, kind: LogKind::Exim }];
         let options = PipelineOptions { batch_events: 1000, batch_age: Duration::from_millis(50), ..options() };
-        let pipeline = Pipeline::start(spool, &sources, raw_parser, options).unwrap();
+        let pipeline = Pipeline::start(spool, &sources, |_| raw_parser(), options).unwrap();
         let mut durable = pipeline.durable();
         let started = Instant::now();
         wait_for(|| *durable.borrow_and_update() >= 1);
@@ -561,9 +565,9 @@ mod tests {
         let text: String = (1..=70).map(|n| format!("ev {n}\n")).collect();
         std::fs::write(&log, text).unwrap();
         let (spool, _) = Spool::open(&dir.path().join("spool"), SpoolOptions::with_max_bytes(1 << 20)).unwrap();
-        let sources = [SourceSpec { path: log, start_at: StartAt::Beginning }];
+        let sources = [SourceSpec { path: log, start_at: StartAt::Beginning, kind: LogKind::Exim }];
         let options = PipelineOptions { batch_events: 7, batch_age: Duration::from_secs(60), ..options() };
-        let pipeline = Pipeline::start(spool, &sources, raw_parser, options).unwrap();
+        let pipeline = Pipeline::start(spool, &sources, |_| raw_parser(), options).unwrap();
         wait_for(|| pipeline.stats().batches.load(Ordering::Relaxed) >= 10);
         pipeline.shutdown().unwrap();
         let batches: Vec<_> =
@@ -578,8 +582,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool_dir = dir.path().join("spool");
         let logs = [dir.path().join("a.log"), dir.path().join("b.log")];
-        let sources: Vec<SourceSpec> =
-            logs.iter().map(|path| SourceSpec { path: path.clone(), start_at: StartAt::Beginning }).collect();
+        let sources: Vec<SourceSpec> = logs
+            .iter()
+            .map(|path| SourceSpec { path: path.clone(), start_at: StartAt::Beginning, kind: LogKind::Exim })
+            .collect();
         for round in 0..2 {
             for (index, log) in logs.iter().enumerate() {
                 let mut file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
@@ -588,7 +594,7 @@ mod tests {
                 }
             }
             let (spool, _) = Spool::open(&spool_dir, SpoolOptions::with_max_bytes(1 << 20)).unwrap();
-            let pipeline = Pipeline::start(spool, &sources, raw_parser, options()).unwrap();
+            let pipeline = Pipeline::start(spool, &sources, |_| raw_parser(), options()).unwrap();
             wait_for(|| pipeline.stats().lines.load(Ordering::Relaxed) >= 40);
             pipeline.shutdown().unwrap();
         }

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::config::AgentConfig;
 use crate::notify;
-use crate::parse::{Parser, Timezone};
+use crate::parse::{LogKind, Parser, Timezone};
 use crate::pipeline::{LineParser, Pipeline, PipelineError, PipelineOptions, SourceSpec};
 use crate::service::{ServiceOptions, Services};
 use crate::spool::{Spool, SpoolError, SpoolOptions};
@@ -37,19 +37,19 @@ pub enum RunError {
     Services(#[from] crate::service::ServiceError),
 }
 
-/// The Exim parser as a pipeline step: keeps the raw line as evidence for
+/// The log parser as a pipeline step: keeps the raw line as evidence for
 /// abuse events only, so the bulk (connects, arrivals) stays small.
 #[derive(Debug)]
-pub struct EximLineParser(Parser);
+pub struct LogLineParser(Parser);
 
-impl EximLineParser {
-    /// A parser for the configured time zone.
-    pub fn new(timezone: Timezone) -> Self {
-        Self(Parser::new(timezone))
+impl LogLineParser {
+    /// A parser of `kind` logs for the configured time zone.
+    pub fn new(kind: LogKind, timezone: Timezone) -> Self {
+        Self(Parser::for_kind(kind, timezone))
     }
 }
 
-impl LineParser for EximLineParser {
+impl LineParser for LogLineParser {
     fn parse_line(&mut self, line: &[u8]) -> Option<fleetban_proto::v1::Event> {
         let event = self.0.feed(line)?;
         Some(event.to_proto(event.kind.is_abuse()))
@@ -85,12 +85,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
     let sources: Vec<SourceSpec> = config
         .sources
         .iter()
-        .map(|source| SourceSpec { path: source.path.clone(), start_at: source.start_at })
+        .map(|source| SourceSpec { path: source.path.clone(), start_at: source.start_at, kind: source.kind })
         .collect();
     // Detection and the firewall start first (the firewall reconciles at
     // once); the uplink and metrics attach to the running pipeline's spool.
     let mut services = Services::start(&config, timezone, ServiceOptions::default())?;
-    let pipeline = Pipeline::start(spool, &sources, || services.parser(), pipeline_options(&config))?;
+    let pipeline = Pipeline::start(spool, &sources, |s| services.parser(s.kind), pipeline_options(&config))?;
     services.attach(pipeline.spool(), pipeline.durable(), Some(pipeline.stats())).await?;
     // Ready for systemd only once the firewall holds the desired set: a
     // failed first reconcile is retried periodically, and said so in the
@@ -148,7 +148,7 @@ mod tests {
 
     #[test]
     fn exim_parser_keeps_the_raw_line_only_for_abuse() {
-        let mut parser = EximLineParser::new(Timezone::Utc);
+        let mut parser = LogLineParser::new(LogKind::Exim, Timezone::Utc);
         let auth = b"2026-11-27 01:57:50.552 [8679] dovecot_plain authenticator failed for (scanner.invalid) [192.0.2.110]:35157 I=[192.0.2.10]:25: 535 Incorrect authentication data (set_id=admin0@example.test)\n";
         let event = parser.parse_line(auth).expect("auth failure parses");
         assert_eq!(event.kind, EventKind::AuthFailed as i32);
@@ -159,5 +159,84 @@ mod tests {
         assert_eq!(event.kind, EventKind::Connect as i32);
         assert!(event.raw.is_empty());
         assert!(parser.parse_line(b"  continuation\n").is_none());
+    }
+
+    #[test]
+    fn an_exim_and_a_dovecot_source_share_one_spool_exactly_once() {
+        use crate::pipeline::SourceSpec;
+        use crate::spool::{SpoolOptions, read_all};
+        use fleetban_proto::v1::Service;
+        use std::io::Write as _;
+        use std::sync::atomic::Ordering;
+
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        let exim = dir.path().join("exim_mainlog");
+        let maillog = dir.path().join("maillog");
+        let sources = [
+            SourceSpec { path: exim.clone(), start_at: crate::config::StartAt::Beginning, kind: LogKind::Exim },
+            SourceSpec { path: maillog.clone(), start_at: crate::config::StartAt::Beginning, kind: LogKind::Dovecot },
+        ];
+        let options = PipelineOptions {
+            batch_age: Duration::from_millis(20),
+            fsync_interval: Duration::from_millis(10),
+            watch: false,
+            poll_interval: Duration::from_millis(10),
+            ..PipelineOptions::default()
+        };
+        let append = |path: &std::path::Path, line: String| {
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+            writeln!(f, "{line}").unwrap();
+        };
+        let mut lines = 0;
+        for round in 0..2u32 {
+            for n in 0..5u32 {
+                append(
+                    &exim,
+                    format!(
+                        "2026-11-27 01:57:50 dovecot_plain authenticator failed for (x) [192.0.2.{}]:35157 I=[192.0.2.10]:25: 535 Incorrect authentication data (set_id=u{round}{n})",
+                        100 + n
+                    ),
+                );
+                append(
+                    &maillog,
+                    format!(
+                        "Nov 27 01:57:50 mail dovecot[9]: imap-login: Disconnected (auth failed, 2 attempts in 4 secs): user=<u{round}{n}>, method=PLAIN, rip=198.51.100.{}, lip=192.0.2.10, session=<x>",
+                        100 + n
+                    ),
+                );
+                append(
+                    &maillog,
+                    format!(
+                        "Nov 27 01:57:51 mail dovecot[9]: pop3-login: Login: user=<u{round}{n}>, method=PLAIN, rip=203.0.113.{}, lip=192.0.2.10, mpid=1, session=<y>",
+                        100 + n
+                    ),
+                );
+                lines += 3;
+            }
+            let (spool, _) = Spool::open(&spool_dir, SpoolOptions::with_max_bytes(1 << 20)).unwrap();
+            let pipeline =
+                Pipeline::start(spool, &sources, |s| LogLineParser::new(s.kind, Timezone::Utc), options).unwrap();
+            // Each run reads only the lines appended since the last one.
+            let want = 15;
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while pipeline.stats().lines.load(Ordering::Relaxed) < want {
+                assert!(std::time::Instant::now() < deadline, "timed out");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            pipeline.shutdown().unwrap();
+        }
+        let events: Vec<_> = read_all(&spool_dir).unwrap().into_iter().flat_map(|b| b.events).collect();
+        assert_eq!(events.len(), lines, "every line once, across the restart");
+        let count = |kind: EventKind, service: Service| {
+            events
+                .iter()
+                .filter(|e| e.kind == kind as i32 && fleetban_proto::v1::Service::from_wire(e.service) == service)
+                .count()
+        };
+        assert_eq!(count(EventKind::AuthFailed, Service::Smtp), 10);
+        assert_eq!(count(EventKind::AuthFailed, Service::Imap), 10);
+        assert_eq!(count(EventKind::Login, Service::Pop3), 10);
+        assert!(events.iter().filter(|e| e.service == Service::Imap as i32).all(|e| e.attempts == 2));
     }
 }

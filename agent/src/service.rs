@@ -37,7 +37,7 @@ use crate::firewall::reconcile::{FirewallStats, Reconciler};
 use crate::firewall::worker::{FirewallHandle, Request, Worker, WorkerOptions};
 use crate::firewall::{Entry, Exec, backend_for, now_ms};
 use crate::metrics::{self, KindCounters};
-use crate::parse::{Parser, Timezone};
+use crate::parse::{LogKind, Parser, Timezone};
 use crate::pipeline::{LineParser, PipelineStats, SharedSpool};
 use crate::uplink::{self, Credentials, ServerOptions, UplinkContext, UplinkStats};
 
@@ -223,14 +223,16 @@ impl std::fmt::Debug for DetectingParser {
 }
 
 impl DetectingParser {
-    /// A parser for `timezone` feeding `detector` (none = detection off).
+    /// A parser of `kind` logs for `timezone` feeding `detector` (none =
+    /// detection off).
     pub fn new(
+        kind: LogKind,
         timezone: Timezone,
         detector: Option<Arc<Mutex<Detector>>>,
         firewall: FirewallHandle,
         kinds: Arc<KindCounters>,
     ) -> Self {
-        Self { parser: Parser::new(timezone), detector, firewall, kinds }
+        Self { parser: Parser::for_kind(kind, timezone), detector, firewall, kinds }
     }
 }
 
@@ -437,7 +439,7 @@ impl Services {
         if config.firewall.end_connections {
             let options = KillOptions {
                 scope: config.firewall.scope,
-                ports: config.firewall.smtp_ports(),
+                ports: config.covered_ports(),
                 dry_run: config.firewall.backend == FirewallBackend::DryRun,
                 netns: options.netns.clone(),
             };
@@ -590,9 +592,15 @@ impl Services {
         self.backend_name
     }
 
-    /// A line parser for one pipeline source.
-    pub fn parser(&self) -> DetectingParser {
-        DetectingParser::new(self.timezone.clone(), self.detector.clone(), self.firewall.clone(), self.kinds.clone())
+    /// A line parser for one pipeline source of `kind`.
+    pub fn parser(&self, kind: LogKind) -> DetectingParser {
+        DetectingParser::new(
+            kind,
+            self.timezone.clone(),
+            self.detector.clone(),
+            self.firewall.clone(),
+            self.kinds.clone(),
+        )
     }
 
     /// The firewall thread.

@@ -237,6 +237,9 @@ pub struct Observation<'a> {
     pub host_name: Option<&'a str>,
     /// When, unix ms.
     pub time_ms: i64,
+    /// Authentication attempts the line reports (0 = one); see
+    /// [`crate::kind::event_weight`].
+    pub attempts: u32,
 }
 
 impl<'a> Observation<'a> {
@@ -254,6 +257,7 @@ impl<'a> Observation<'a> {
             user: text(&event.auth_user),
             host_name: text(&event.host_name),
             time_ms: event.time_ms,
+            attempts: event.attempts,
         })
     }
 }
@@ -469,7 +473,7 @@ impl Detector {
             self.end_session(SessionKey { ip, port: o.port.unwrap_or(0) });
         }
         if let Some(scenario) = kind.scenario() {
-            out.extend(self.count_abuse(net, scenario, kind.weight(), o.user, protected, t, now_ms));
+            out.extend(self.count_abuse(net, scenario, weight(kind, o.attempts), o.user, protected, t, now_ms));
         }
         if alarm
             && now_ms - t < SLOT_ALARM_FRESH_MS
@@ -730,6 +734,11 @@ impl Detector {
     pub fn tracked(&self) -> usize {
         self.tracks.len()
     }
+}
+
+/// An observation's weight, as the detector's `u32`.
+fn weight(kind: EventKind, attempts: u32) -> u32 {
+    u32::try_from(crate::kind::event_weight(kind, attempts)).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

@@ -1,5 +1,13 @@
-//! The event vocabulary: every kind of Exim line fleetban reads, its stored
-//! name, and what it is worth as evidence.
+//! The event vocabulary: every kind of log line fleetban reads (Exim and
+//! Dovecot), its stored name, what it is worth as evidence, and the service
+//! ([`Service`]) a line came from.
+//!
+//! Kinds are service-neutral: an IMAP or POP3 authentication failure is an
+//! [`EventKind::AuthFailed`] like an SMTP AUTH failure (with its
+//! [`Service`] alongside), so an address failing AUTH on SMTP on one host and
+//! IMAP on another is one attacker to the evidence model, and a successful
+//! login on any service ([`EventKind::Login`]) earns good standing like
+//! accepted mail.
 //!
 //! This is the one place that says what a kind is called and whether it is
 //! abuse. The agent (parser, detection, metrics), the server (ingest,
@@ -18,11 +26,11 @@
 use std::fmt;
 
 use crate::policy::Scenario;
-use crate::v1::EventKind;
+use crate::v1::{EventKind, Service};
 
 impl EventKind {
     /// Every kind fleetban produces, in wire order (without `Unspecified`).
-    pub const ALL: [EventKind; 23] = [
+    pub const ALL: [EventKind; 25] = [
         EventKind::Connect,
         EventKind::RefusedTooMany,
         EventKind::RefusedPerHost,
@@ -46,6 +54,8 @@ impl EventKind {
         EventKind::NoHostName,
         EventKind::Accepted,
         EventKind::Closed,
+        EventKind::Login,
+        EventKind::NoAuthAttempts,
     ];
 
     /// The snake_case name used in storage, JSON, metrics and config.
@@ -75,6 +85,8 @@ impl EventKind {
             EventKind::NoHostName => "no_host_name",
             EventKind::Accepted => "accepted",
             EventKind::Closed => "closed",
+            EventKind::Login => "login",
+            EventKind::NoAuthAttempts => "no_auth_attempts",
         }
     }
 
@@ -110,7 +122,9 @@ impl EventKind {
             | EventKind::TlsError
             | EventKind::NoHostName
             | EventKind::Accepted
-            | EventKind::Closed => None,
+            | EventKind::Closed
+            | EventKind::Login
+            | EventKind::NoAuthAttempts => None,
         }
     }
 
@@ -155,15 +169,69 @@ impl EventKind {
                 | EventKind::TooManyUnrecognized
                 | EventKind::NoMail
                 | EventKind::AclDropped
+                | EventKind::NoAuthAttempts
         )
     }
 
     /// Whether a line of this kind is a successful delivery or login that
     /// earns its address good standing.
     pub const fn earns_standing(self) -> bool {
-        matches!(self, EventKind::Accepted)
+        matches!(self, EventKind::Accepted | EventKind::Login)
     }
 }
+
+impl Service {
+    /// Every service, in wire order (without `Unspecified`).
+    pub const ALL: [Service; 6] =
+        [Service::Smtp, Service::Imap, Service::Pop3, Service::Managesieve, Service::Submission, Service::DovecotOther];
+
+    /// The service of a wire value: `UNSPECIFIED` (older agents, which read
+    /// only Exim) and values this build does not know are SMTP and
+    /// "dovecot" respectively.
+    pub fn from_wire(value: i32) -> Service {
+        match Service::try_from(value) {
+            Ok(Service::Unspecified) => Service::Smtp,
+            Ok(s) => s,
+            Err(_) => Service::DovecotOther,
+        }
+    }
+
+    /// The lowercase name used in storage, JSON and reports.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Service::Unspecified | Service::Smtp => "smtp",
+            Service::Imap => "imap",
+            Service::Pop3 => "pop3",
+            Service::Managesieve => "managesieve",
+            Service::Submission => "submission",
+            Service::DovecotOther => "dovecot",
+        }
+    }
+
+    /// The service named `name` (the inverse of [`Service::as_str`]).
+    pub fn from_name(name: &str) -> Option<Service> {
+        Service::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What one event counts towards its scenario: the kind's weight times the
+/// authentication attempts the line reports (at least one). Dovecot writes
+/// one line per session, `auth failed, 3 attempts`: three guesses.
+pub const fn event_weight(kind: EventKind, attempts: u32) -> u64 {
+    let n = if attempts == 0 { 1 } else { attempts };
+    let n = if n > MAX_ATTEMPTS_PER_LINE { MAX_ATTEMPTS_PER_LINE } else { n };
+    kind.weight() as u64 * n as u64
+}
+
+/// The most attempts one line is believed to report; a larger figure (a
+/// forged event) counts as this many.
+pub const MAX_ATTEMPTS_PER_LINE: u32 = 100;
 
 impl fmt::Display for EventKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -202,6 +270,8 @@ mod tests {
             EventKind::Closed,
             EventKind::NoMail,
             EventKind::ClosedByDrop,
+            EventKind::Login,
+            EventKind::NoAuthAttempts,
         ] {
             assert!(kind.is_context(), "{kind}");
             assert_eq!(kind.weight(), 0, "{kind}");
@@ -210,5 +280,24 @@ mod tests {
             assert!(kind.weight() >= 1, "{kind}");
         }
         assert!(EventKind::AuthFailed.is_abuse() && EventKind::RefusedPerHost.is_abuse());
+    }
+
+    #[test]
+    fn services_round_trip_and_old_agents_are_smtp() {
+        for s in Service::ALL {
+            assert_eq!(Service::from_name(s.as_str()), Some(s));
+            assert_eq!(Service::from_wire(s as i32), s);
+        }
+        assert_eq!(Service::from_wire(0), Service::Smtp);
+        assert_eq!(Service::from_wire(999), Service::DovecotOther);
+    }
+
+    #[test]
+    fn logins_earn_standing_and_attempts_multiply_auth_failures() {
+        assert!(EventKind::Login.earns_standing() && EventKind::Accepted.earns_standing());
+        assert_eq!(event_weight(EventKind::AuthFailed, 0), 1);
+        assert_eq!(event_weight(EventKind::AuthFailed, 3), 3);
+        assert_eq!(event_weight(EventKind::AuthFailed, u32::MAX), u64::from(MAX_ATTEMPTS_PER_LINE));
+        assert_eq!(event_weight(EventKind::Login, 5), 0);
     }
 }

@@ -60,6 +60,8 @@ fn event() -> Event {
         detail: "dovecot_login".into(),
         duration_ms: 1_250,
         host_name: "mail.attacker.example".into(),
+        service: fleetban_proto::v1::Service::Imap as i32,
+        attempts: 3,
     }
 }
 

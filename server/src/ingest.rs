@@ -29,7 +29,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fleetban_proto::v1::{Event, EventBatch, EventKind};
+use fleetban_proto::kind::MAX_ATTEMPTS_PER_LINE;
+use fleetban_proto::v1::{Event, EventBatch, EventKind, Service};
 use sqlx::PgPool;
 
 use crate::pgcopy::CopyBuf;
@@ -161,6 +162,12 @@ struct Row {
     duration_ms: Option<i64>,
     raw: Option<String>,
     host_name: Option<String>,
+    /// The service; SMTP is stored as null (the column's meaning for rows
+    /// from before it existed).
+    service: Service,
+    /// What the line counts as evidence: its authentication attempts (at
+    /// least one, at most `MAX_ATTEMPTS_PER_LINE`).
+    times: i32,
 }
 
 fn text(value: String, max: usize, what: &'static str) -> Result<Option<String>, EventError> {
@@ -226,6 +233,8 @@ fn validate(index: usize, event: Event, now: OffsetDateTime, max_age: Duration) 
         duration_ms,
         raw: text(event.raw, MAX_RAW_BYTES, "raw")?,
         host_name: text(event.host_name, MAX_NAME_BYTES, "host_name")?.map(|n| n.to_ascii_lowercase()),
+        service: Service::from_wire(event.service),
+        times: event.attempts.clamp(1, MAX_ATTEMPTS_PER_LINE) as i32,
     })
 }
 
@@ -608,7 +617,8 @@ struct BatchRow<'a> {
 /// The `COPY` statement of a batch's events; [`copy_events`] writes its
 /// fields in this order.
 const COPY_EVENTS: &str = "copy events (agent_id, batch_seq, batch_index, time, kind, remote, remote_port, local, \
-     local_port, connection_count, auth_user, helo, detail, duration_ms, raw, host_name) from stdin with (format binary)";
+     local_port, connection_count, auth_user, helo, detail, duration_ms, raw, host_name, service) \
+     from stdin with (format binary)";
 
 /// The binary `COPY` stream of `rows`; `None` when there are none.
 fn copy_events(agent_id: Uuid, seq: i64, rows: &[Row]) -> Option<Vec<u8>> {
@@ -618,7 +628,7 @@ fn copy_events(agent_id: Uuid, seq: i64, rows: &[Row]) -> Option<Vec<u8>> {
     let bytes: usize = rows.iter().map(|r| 160 + r.raw.as_ref().map_or(0, String::len)).sum();
     let mut c = CopyBuf::with_capacity(bytes);
     for r in rows {
-        c.row(16);
+        c.row(17);
         c.uuid(agent_id);
         c.i64(seq);
         c.i32(r.index);
@@ -635,6 +645,7 @@ fn copy_events(agent_id: Uuid, seq: i64, rows: &[Row]) -> Option<Vec<u8>> {
         c.opt_i64(r.duration_ms);
         c.opt_text(r.raw.as_deref());
         c.opt_text(r.host_name.as_deref());
+        c.opt_text((r.service != Service::Smtp).then(|| r.service.as_str()));
     }
     Some(c.finish())
 }
@@ -702,7 +713,8 @@ impl BatchEvidence {
             let fresh = || Evidence { first: r.time, last: r.time, events: 0, sample: None };
             add(ev.hosts.entry((r.remote, kind)).or_insert_with(fresh));
             add(ev.offenders.entry(r.remote).or_insert_with(fresh));
-            *ev.minutes.entry((r.remote, kind, minute(r.time))).or_default() += 1;
+            // A Dovecot line reports all the guesses of its session.
+            *ev.minutes.entry((r.remote, kind, minute(r.time))).or_default() += r.times;
             if r.kind == EventKind::AuthFailed
                 && let Some(user) = &r.auth_user
             {
@@ -885,6 +897,51 @@ mod tests {
         let outcome = longer.store(a, batch(2)).await.unwrap();
         assert_eq!((outcome.stored, outcome.rejected), (3, 1), "{outcome:?}");
         assert_eq!(outcome.rejections.iter().map(|r| r.reason).collect::<Vec<_>>(), ["invalid_remote"]);
+    }
+
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn dovecot_events_keep_their_service_and_count_their_attempts(pool: PgPool) {
+        let ingest = Ingest::new(pool.clone());
+        let a = agent(&pool).await;
+        let imap = Event {
+            service: fleetban_proto::v1::Service::Imap as i32,
+            attempts: 3,
+            auth_user: "alice".into(),
+            ..event(EventKind::AuthFailed, "192.0.2.7")
+        };
+        let smtp = event(EventKind::AuthFailed, "192.0.2.7");
+        let forged = Event { attempts: u32::MAX, ..imap.clone() };
+        let login =
+            Event { service: fleetban_proto::v1::Service::Pop3 as i32, ..event(EventKind::Login, "198.51.100.9") };
+        let batch = EventBatch { seq: 1, events: vec![imap, smtp, forged, login], position: None };
+        let outcome = ingest.store(a, batch).await.unwrap();
+        assert_eq!((outcome.stored, outcome.rejected), (4, 0));
+        let services: Vec<(String, Option<String>)> =
+            sqlx::query_as("select kind, service from events order by batch_index").fetch_all(&pool).await.unwrap();
+        let services: Vec<(&str, Option<&str>)> = services.iter().map(|(k, s)| (k.as_str(), s.as_deref())).collect();
+        assert_eq!(
+            services,
+            [
+                ("auth_failed", Some("imap")),
+                ("auth_failed", None),
+                ("auth_failed", Some("imap")),
+                ("login", Some("pop3"))
+            ]
+        );
+        // 3 guesses + 1 + the cap for a forged count, in one evidence row.
+        let counted: i64 = sqlx::query_scalar(
+            "select sum(events)::bigint from evidence_minutes where address = '192.0.2.7' and kind = 'auth_failed'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(counted, 4 + i64::from(MAX_ATTEMPTS_PER_LINE));
+        // A POP3 login is good standing like accepted mail.
+        let standing: i64 = sqlx::query_scalar("select count(*) from sender_standing where address = '198.51.100.9'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(standing, 1);
     }
 
     #[sqlx::test(migrator = "crate::db::MIGRATOR")]

@@ -197,6 +197,10 @@ struct ParsedLine {
     helo: Option<String>,
     host_name: Option<String>,
     raw: Option<String>,
+    /// Dovecot lines: `imap`, `pop3`, ... (absent = SMTP).
+    service: Option<String>,
+    /// Dovecot's authentication attempts (absent = one).
+    attempts: Option<u32>,
 }
 
 impl ParsedLine {
@@ -212,6 +216,8 @@ impl ParsedLine {
             helo: self.helo.unwrap_or_default(),
             host_name: self.host_name.unwrap_or_default(),
             raw: self.raw.unwrap_or_default(),
+            service: self.service.as_deref().and_then(fleetban_proto::v1::Service::from_name).map_or(0, |s| s as i32),
+            attempts: self.attempts.unwrap_or(0),
             ..Event::default()
         })
     }

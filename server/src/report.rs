@@ -49,6 +49,8 @@ pub struct ReportData {
     pub addresses: Vec<AddressSummary>,
     /// Abuse events by kind.
     pub kinds: BTreeMap<String, i64>,
+    /// Retained abuse events by service (`smtp`, `imap`, `pop3`, ...).
+    pub services: BTreeMap<String, i64>,
     /// Distinct servers of ours that saw abuse from the target.
     pub servers: i64,
     /// Connections from the target recorded in our logs (retained events).
@@ -108,6 +110,9 @@ pub struct EvidenceLine {
     pub agent_id: Uuid,
     /// Event kind.
     pub kind: String,
+    /// The service (`smtp`, `imap`, ...); `None` for a sample line kept
+    /// past retention.
+    pub service: Option<String>,
     /// The raw line.
     pub raw: String,
 }
@@ -152,7 +157,7 @@ pub async fn gather(pool: &PgPool, target: IpNet) -> Result<Option<ReportData>, 
     for slice in eventlog::slices(eventlog::latest_possible(), None) {
         lines.extend(
             sqlx::query_as::<_, EvidenceLine>(
-                "select time, agent_id, kind, raw from events \
+                "select time, agent_id, kind, coalesce(service, 'smtp') as service, raw from events \
                  where remote between fleetban_first($1::cidr) and fleetban_last($1::cidr) \
                    and time >= $2 and time < $3 and raw is not null and kind = any($5) \
                  order by time desc, id desc limit $4",
@@ -178,7 +183,7 @@ pub async fn gather(pool: &PgPool, target: IpNet) -> Result<Option<ReportData>, 
     if lines.is_empty() {
         // Events past retention: fall back to the sample lines of the evidence.
         lines = sqlx::query_as::<_, EvidenceLine>(
-            "select last_seen as time, agent_id, kind, sample_raw as raw from offender_hosts \
+            "select last_seen as time, agent_id, kind, null::text as service, sample_raw as raw from offender_hosts \
              where address between fleetban_first($1::cidr) and fleetban_last($1::cidr) and sample_raw is not null order by last_seen desc limit $2",
         )
         .bind(target)
@@ -187,6 +192,14 @@ pub async fn gather(pool: &PgPool, target: IpNet) -> Result<Option<ReportData>, 
         .await?;
         total_lines = lines.len() as i64;
     }
+    let services: Vec<(String, i64)> = sqlx::query_as(
+        "select coalesce(service, 'smtp'), count(*) from events \
+         where remote between fleetban_first($1::cidr) and fleetban_last($1::cidr) and kind = any($2) group by 1",
+    )
+    .bind(target)
+    .bind(&abuse_kinds)
+    .fetch_all(pool)
+    .await?;
     if addresses.is_empty() && blocks.is_empty() && lines.is_empty() && connections == 0 {
         return Ok(None);
     }
@@ -202,6 +215,7 @@ pub async fn gather(pool: &PgPool, target: IpNet) -> Result<Option<ReportData>, 
         country: None,
         addresses,
         kinds: kinds.into_iter().collect(),
+        services: services.into_iter().collect(),
         servers,
         connections,
         first_seen,
@@ -228,12 +242,12 @@ fn utc(t: OffsetDateTime) -> String {
 fn describe(kind: &str) -> &'static str {
     match kind {
         "refused_too_many" | "refused_per_host" => "connection flooding (refused: too many connections)",
-        "auth_failed" => "SMTP AUTH password guessing (failed authentication)",
+        "auth_failed" => "password guessing (failed SMTP AUTH, IMAP or POP3 logins)",
         "relay_denied" => "relay attempts (relaying denied)",
         "rcpt_rejected" => "recipient probing (rejected RCPT)",
         "sync_error" => "SMTP protocol synchronisation errors (pipelining abuse)",
         "too_many_nonmail" => "too many non-mail commands",
-        "too_many_syntax" | "too_many_unrecognized" | "syntax_error" => "SMTP syntax errors / unrecognised commands",
+        "too_many_syntax" | "too_many_unrecognized" | "syntax_error" => "syntax errors / unrecognised commands",
         "protocol_error" => "SMTP protocol errors",
         "acl_rejected" | "acl_dropped" => "rejected or dropped by our mail policy",
         _ => "other abuse",
@@ -436,7 +450,14 @@ pub fn render(data: &ReportData, redact: bool) -> String {
     let single = data.target.prefix_len() == data.target.max_prefix_len();
     let target = if single { data.target.addr().to_string() } else { data.target.to_string() };
     let state = BlockState::of(data);
-    let _ = writeln!(out, "Abuse report: SMTP abuse from {target}");
+    // SMTP only unless Dovecot's services saw abuse too.
+    let other_services: Vec<&str> = data.services.keys().map(String::as_str).filter(|s| *s != "smtp").collect();
+    let (what, events) = if other_services.is_empty() {
+        ("SMTP", ["abusive SMTP event", "abusive SMTP events"])
+    } else {
+        ("mail (SMTP, IMAP, POP3)", ["abusive mail event", "abusive mail events"])
+    };
+    let _ = writeln!(out, "Abuse report: {what} abuse from {target}");
     let _ = writeln!(out, "Generated: {}", utc(data.generated_at));
     if let Some(asn) = &data.asn {
         let country = if asn.country.is_empty() { String::new() } else { format!(", {}", asn.country) };
@@ -461,7 +482,7 @@ pub fn render(data: &ReportData, redact: bool) -> String {
                 "  Between {} and {}, {who} caused {} against {} of our mail servers.",
                 utc(first),
                 utc(last),
-                count(total, "abusive SMTP event", "abusive SMTP events"),
+                count(total, events[0], events[1]),
                 data.servers,
             );
         }
@@ -480,6 +501,12 @@ pub fn render(data: &ReportData, redact: bool) -> String {
         let _ = writeln!(out, "  By kind:");
         for (kind, events) in &data.kinds {
             let _ = writeln!(out, "    {kind:<24} {events:>8}  {}", describe(kind));
+        }
+    }
+    if !other_services.is_empty() {
+        let _ = writeln!(out, "  By service (events whose log lines we hold):");
+        for (service, events) in &data.services {
+            let _ = writeln!(out, "    {:<24} {events:>8}", service.to_ascii_uppercase());
         }
     }
     if !single {
@@ -535,8 +562,9 @@ pub fn render(data: &ReportData, redact: bool) -> String {
     let shown = data.lines.len() as i64;
     let _ = writeln!(
         out,
-        "Evidence: {} from our mail servers (Exim), newest first, times UTC",
-        count(shown, "log line", "log lines")
+        "Evidence: {} from our mail servers ({}), newest first, times UTC",
+        count(shown, "log line", "log lines"),
+        if other_services.is_empty() { "Exim" } else { "Exim and Dovecot" },
     );
     if data.total_lines == total {
         let _ = writeln!(out, "  ({shown} of the {} above.)", count(total, "abusive event", "abusive events"));
@@ -550,7 +578,11 @@ pub fn render(data: &ReportData, redact: bool) -> String {
         );
     }
     for line in &data.lines {
-        let _ = writeln!(out, "  {}  {}  {}", utc(line.time), redactor.label(&line.agent_id), line.kind);
+        let service = match line.service.as_deref() {
+            Some(s) if s != "smtp" => format!(" ({})", s.to_ascii_uppercase()),
+            _ => String::new(),
+        };
+        let _ = writeln!(out, "  {}  {}  {}{service}", utc(line.time), redactor.label(&line.agent_id), line.kind);
         let _ = writeln!(out, "    {}", scrub(line.raw.trim_end()));
     }
     let _ = writeln!(out);
@@ -589,6 +621,7 @@ mod tests {
                 last_seen: datetime!(2026-11-27 01:05:00 UTC),
             }],
             kinds: [("auth_failed".to_owned(), 25), ("refused_too_many".to_owned(), 5)].into_iter().collect(),
+            services: [("smtp".to_owned(), 30)].into_iter().collect(),
             servers: 2,
             connections: 40,
             first_seen: Some(datetime!(2026-11-27 01:00:00 UTC)),
@@ -604,6 +637,7 @@ mod tests {
                 time: datetime!(2026-11-27 01:05:00 UTC),
                 agent_id: mx2,
                 kind: "auth_failed".into(),
+                service: Some("smtp".into()),
                 raw: "2026-11-27 01:05:00 dovecot_login authenticator failed for (mx2.example.net) [203.0.113.7]:5 \
                       I=[192.0.2.10]:587: 535 Incorrect authentication data (set_id=a@b)"
                     .into(),
@@ -630,6 +664,30 @@ mod tests {
         assert!(text.contains("mx2.example.net  auth_failed"), "{text}");
         assert!(text.contains("535 Incorrect authentication data"), "{text}");
         assert!(text.contains("set_id=a@b"), "not redacted: {text}");
+    }
+
+    #[test]
+    fn dovecot_evidence_names_its_service() {
+        let mut data = sample();
+        data.services = [("smtp".to_owned(), 20), ("imap".to_owned(), 10)].into_iter().collect();
+        data.lines.push(EvidenceLine {
+            time: datetime!(2026-11-27 01:04:00 UTC),
+            agent_id: Uuid::from_u128(1),
+            kind: "auth_failed".into(),
+            service: Some("imap".into()),
+            raw: "Nov 27 01:04:00 imap-login: Info: Disconnected (auth failed, 3 attempts in 9 secs): user=<a>, \
+                  method=PLAIN, rip=203.0.113.7, lip=192.0.2.10"
+                .into(),
+        });
+        let text = render(&data, false);
+        assert!(text.contains("Abuse report: mail (SMTP, IMAP, POP3) abuse from 203.0.113.7"), "{text}");
+        assert!(text.contains("caused 30 abusive mail events"), "{text}");
+        assert!(text.contains("IMAP") && text.contains("SMTP                           20"), "{text}");
+        assert!(text.contains("mx1.example.net  auth_failed (IMAP)"), "{text}");
+        assert!(text.contains("(Exim and Dovecot)"), "{text}");
+        // SMTP alone reads as before.
+        let smtp = render(&sample(), false);
+        assert!(smtp.contains("Abuse report: SMTP abuse from") && !smtp.contains("By service"), "{smtp}");
     }
 
     #[test]

@@ -94,6 +94,9 @@ pub struct FleetOptions {
     /// `smtp_accept_max` of the simulated or real Exim (and the agents'
     /// `[detect] smtp_accept_max`).
     pub smtp_accept_max: usize,
+    /// Also run a real Dovecot (IMAP 143, POP3 110; [`crate::dovecot`]) on
+    /// every mail host, tailed by its agent as a second, `dovecot` source.
+    pub dovecot: bool,
 }
 
 impl Default for FleetOptions {
@@ -106,6 +109,7 @@ impl Default for FleetOptions {
             agent_allowlist: Vec::new(),
             correlate: String::new(),
             smtp_accept_max: 20,
+            dovecot: false,
         }
     }
 }
@@ -171,6 +175,8 @@ pub struct Host {
     pub smtp: Proc,
     /// The real Exim daemon ([`Mta::Exim`]).
     pub exim: Option<EximDaemon>,
+    /// The real Dovecot ([`FleetOptions::dovecot`]).
+    pub dovecot: Option<crate::dovecot::DovecotDaemon>,
     /// The agent.
     pub agent: Proc,
 }
@@ -372,7 +378,14 @@ impl Fleet {
                     (Proc { child: None }, Some(daemon))
                 }
             };
-            fleet.hosts.push(Host { short, index, dir: hdir, smtp, exim, agent: Proc { child: None } });
+            let dovecot = if fleet.options.dovecot {
+                let daemon = crate::dovecot::DovecotDaemon::start(ns, &hdir, IpAddr::V4(mx_v4(i)))
+                    .with_context(|| format!("{short}: dovecot"))?;
+                Some(daemon)
+            } else {
+                None
+            };
+            fleet.hosts.push(Host { short, index, dir: hdir, smtp, exim, dovecot, agent: Proc { child: None } });
             fleet.start_agent(i)?;
         }
         // Ready: every agent connected and every listener answering.
@@ -393,7 +406,7 @@ impl Fleet {
         let allow = self.options.agent_allowlist.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ");
         let toml = format!(
             "server = \"https://{SERVER}:{GRPC_PORT}\"\nca_file = \"{}\"\nstate_dir = \"{}\"\ntimezone = \"UTC\"\n\
-             [[source]]\nkind = \"exim\"\npath = \"{}\"\nstart_at = \"beginning\"\n\
+             [[source]]\nkind = \"exim\"\npath = \"{}\"\nstart_at = \"beginning\"\n{}\
              [spool]\nfsync_ms = 20\n\
              [firewall]\nbackend = \"nftables\"\nscope = \"smtp\"\nreconcile_secs = 5\n{}\n\
              [allowlist]\ncidrs = [{allow}]\n\
@@ -401,6 +414,14 @@ impl Fleet {
             self.dir.join("pki/ca.pem").display(),
             hdir.join("state").display(),
             hdir.join("exim_mainlog").display(),
+            if self.options.dovecot {
+                format!(
+                    "[[source]]\nkind = \"dovecot\"\npath = \"{}\"\nstart_at = \"beginning\"\n",
+                    hdir.join("dovecot.log").display()
+                )
+            } else {
+                String::new()
+            },
             self.options.firewall,
             self.options.smtp_accept_max,
             self.options.detect,

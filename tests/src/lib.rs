@@ -11,6 +11,8 @@
 //!   tests build.
 //! - `smtp_sim`: an SMTP responder writing Exim-format log lines (the
 //!   `fleetban-smtp-sim` binary).
+//! - `dovecot`: a real Dovecot (IMAP, POP3) with a throwaway configuration,
+//!   started in a namespace, and minimal IMAP/POP3 login clients.
 //! - `exim`: a real Exim daemon (self-contained configuration, started in
 //!   a namespace) and an SMTP client for driving it.
 //! - `traffic`: the precision benchmark: a generator of a labelled
@@ -25,6 +27,7 @@
 
 pub mod demo;
 pub mod demo_script;
+pub mod dovecot;
 pub mod exim;
 pub mod fleet;
 pub mod netns;

@@ -193,7 +193,7 @@ impl Exec {
 
 /// Builds the configured backend.
 pub fn backend_for(config: &AgentConfig, exec: Exec) -> Box<dyn Backend> {
-    let ports = config.firewall.smtp_ports();
+    let ports = config.covered_ports();
     match config.firewall.backend {
         FirewallBackend::Nftables => Box::new(nftables::Nftables::new(config.firewall.scope, exec).with_ports(ports)),
         FirewallBackend::Ipset => Box::new(ipset::Ipset::new(config.firewall.scope, exec).with_ports(ports)),

@@ -91,6 +91,8 @@ fn event<'a>(kind: EventKind, time_ms: i64, rng: &mut Rng) -> Event<'a> {
         detail: None,
         duration_ms: None,
         host_name: None,
+        service: super::Service::Smtp,
+        attempts: 0,
         raw: b"",
     }
 }

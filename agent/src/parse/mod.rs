@@ -1,8 +1,10 @@
-//! Exim log lines to typed events.
+//! Exim and Dovecot log lines to typed events.
 //!
 //! [`parse_line`] turns one line of `exim_mainlog` into an [`Event`] or
-//! `None`; [`Parser`] wraps it with what needs state: continuation lines,
-//! the configured time zone for zone-less timestamps, and counters. The hot
+//! `None` ([`parse_line_as`] one line of either [`LogKind`]; Dovecot's
+//! formats are in `dovecot`); [`Parser`] wraps it with what needs state:
+//! continuation lines, the configured time zone for zone-less timestamps,
+//! and counters. The hot
 //! path has no regex and does not allocate: an `Event` borrows its text from
 //! the line, and only [`Event::to_proto`] copies, when an event is kept.
 //!
@@ -22,6 +24,7 @@
 
 mod body;
 mod civil;
+pub mod dovecot;
 pub mod genlog;
 mod host;
 mod prefix;
@@ -44,6 +47,10 @@ pub const MAX_LINE_BYTES: usize = 64 * 1024;
 /// What a log line reports: the wire enum, whose names and evidence value
 /// are defined once in `fleetban_proto::kind`.
 pub use fleetban_proto::v1::EventKind;
+
+/// Which service a line came from: the wire enum, named in
+/// `fleetban_proto::kind`.
+pub use fleetban_proto::v1::Service;
 
 /// One parsed line, borrowing its text from the line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +81,11 @@ pub struct Event<'a> {
     pub duration_ms: Option<u64>,
     /// The verified reverse-DNS name (`H=name`, outside the parentheses).
     pub host_name: Option<&'a str>,
+    /// The service the line is from (SMTP for Exim lines).
+    pub service: Service,
+    /// Authentication attempts the line reports (Dovecot's `auth failed, N
+    /// attempts`); 0 = one, as on every Exim line.
+    pub attempts: u32,
     /// The whole line, without its line terminator.
     pub raw: &'a [u8],
 }
@@ -96,7 +108,53 @@ impl Event<'_> {
             detail: self.detail.unwrap_or_default().to_owned(),
             duration_ms: self.duration_ms.unwrap_or(0),
             host_name: self.host_name.unwrap_or_default().to_owned(),
+            service: self.service as i32,
+            attempts: self.attempts,
         }
+    }
+}
+
+/// Which program wrote a log: the parser to use for a source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogKind {
+    /// Exim's `exim_mainlog` (or syslog carrying it): SMTP.
+    #[default]
+    Exim,
+    /// Dovecot's `log_path` or syslog (`/var/log/maillog`): IMAP, POP3,
+    /// ManageSieve and submission logins.
+    Dovecot,
+}
+
+impl LogKind {
+    /// Every kind.
+    pub const ALL: [LogKind; 2] = [LogKind::Exim, LogKind::Dovecot];
+
+    /// The name used in config and on the command line.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LogKind::Exim => "exim",
+            LogKind::Dovecot => "dovecot",
+        }
+    }
+}
+
+impl std::fmt::Display for LogKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A log kind name that is neither `exim` nor `dovecot`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown log kind {0:?} (expected \"exim\" or \"dovecot\")")]
+pub struct UnknownLogKind(pub String);
+
+impl std::str::FromStr for LogKind {
+    type Err = UnknownLogKind;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        LogKind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| UnknownLogKind(s.to_owned()))
     }
 }
 
@@ -123,21 +181,32 @@ fn syslog_year(month: u32, day: u32) -> i64 {
     year
 }
 
-/// Parses the parts of a line: its stamp and fields.
-fn parse_parts(line: &[u8]) -> Result<(prefix::Stamp, body::Fields<'_>), body::Skip> {
+/// The parts of a line: its stamp, fields, service and attempts.
+type Parts<'a> = (prefix::Stamp, body::Fields<'a>, Service, u32);
+
+/// Parses the parts of a line of `kind`.
+fn parse_parts(kind: LogKind, line: &[u8]) -> Result<Parts<'_>, body::Skip> {
     if line.len() > MAX_LINE_BYTES {
         return Err(body::Skip::Unknown);
     }
-    let pre = prefix::parse_prefix(line, syslog_year).ok_or(body::Skip::Unknown)?;
-    let fields = body::classify(&line[pre.body..], pre.msgid)?;
-    Ok((pre.stamp, fields))
+    match kind {
+        LogKind::Exim => {
+            let pre = prefix::parse_prefix(line, syslog_year).ok_or(body::Skip::Unknown)?;
+            let fields = body::classify(&line[pre.body..], pre.msgid)?;
+            Ok((pre.stamp, fields, Service::Smtp, 0))
+        }
+        LogKind::Dovecot => {
+            let l = dovecot::parse(line, syslog_year)?;
+            Ok((l.stamp, l.fields, l.service, l.attempts))
+        }
+    }
 }
 
 fn text(b: Option<&[u8]>) -> Option<&str> {
     b.filter(|b| !b.is_empty()).and_then(|b| std::str::from_utf8(b).ok())
 }
 
-fn build<'a>(time_ms: i64, f: body::Fields<'a>, raw: &'a [u8]) -> Event<'a> {
+fn build<'a>(time_ms: i64, (_, f, service, attempts): Parts<'a>, raw: &'a [u8]) -> Event<'a> {
     Event {
         time_ms,
         kind: f.kind,
@@ -151,6 +220,8 @@ fn build<'a>(time_ms: i64, f: body::Fields<'a>, raw: &'a [u8]) -> Event<'a> {
         detail: text(f.detail),
         duration_ms: f.duration_ms,
         host_name: text(f.host_name),
+        service,
+        attempts,
         raw,
     }
 }
@@ -159,10 +230,16 @@ fn build<'a>(time_ms: i64, f: body::Fields<'a>, raw: &'a [u8]) -> Event<'a> {
 /// timestamps are taken as UTC; use [`Parser`] to apply a zone and to skip
 /// continuation lines.
 pub fn parse_line(line: &[u8]) -> Option<Event<'_>> {
+    parse_line_as(LogKind::Exim, line)
+}
+
+/// Parses one line of a `kind` log, like [`parse_line`].
+pub fn parse_line_as(kind: LogKind, line: &[u8]) -> Option<Event<'_>> {
     let line = trim_eol(line);
-    let (stamp, fields) = parse_parts(line).ok()?;
+    let parts = parse_parts(kind, line).ok()?;
+    let stamp = parts.0;
     let time_ms = (stamp.civil_secs - i64::from(stamp.offset_secs.unwrap_or(0))) * 1000 + i64::from(stamp.millis);
-    Some(build(time_ms, fields, line))
+    Some(build(time_ms, parts, line))
 }
 
 /// Counters of a [`Parser`].
@@ -188,6 +265,7 @@ pub struct ParseStats {
 /// timestamps, skips continuation lines, and counts.
 #[derive(Debug, Clone)]
 pub struct Parser {
+    kind: LogKind,
     tz: Timezone,
     /// Quarter hour of wall-clock time whose offset is cached.
     cached_block: i64,
@@ -200,9 +278,19 @@ pub struct Parser {
 const OFFSET_BLOCK_SECS: i64 = 900;
 
 impl Parser {
-    /// A parser that reads zone-less timestamps in `tz`.
+    /// An Exim parser that reads zone-less timestamps in `tz`.
     pub fn new(tz: Timezone) -> Parser {
-        Parser { tz, cached_block: i64::MIN, cached_offset: 0, stats: ParseStats::default() }
+        Parser::for_kind(LogKind::Exim, tz)
+    }
+
+    /// A parser of `kind` logs that reads zone-less timestamps in `tz`.
+    pub fn for_kind(kind: LogKind, tz: Timezone) -> Parser {
+        Parser { kind, tz, cached_block: i64::MIN, cached_offset: 0, stats: ParseStats::default() }
+    }
+
+    /// The kind of log this parser reads.
+    pub fn kind(&self) -> LogKind {
+        self.kind
     }
 
     /// Parses the next line of a log. Continuation lines (starting with a
@@ -219,9 +307,9 @@ impl Parser {
                 self.stats.oversized += 1;
                 Err(body::Skip::Unknown)
             }
-            _ => parse_parts(line),
+            _ => parse_parts(self.kind, line),
         };
-        let (stamp, fields) = match parsed {
+        let parts = match parsed {
             Ok(parts) => parts,
             Err(skip) => {
                 self.stats.ignored += 1;
@@ -231,13 +319,14 @@ impl Parser {
                 return None;
             }
         };
+        let stamp = parts.0;
         let offset = match stamp.offset_secs {
             Some(o) => o,
             None => self.offset_at(stamp.civil_secs),
         };
         self.stats.events += 1;
         let time_ms = (stamp.civil_secs - i64::from(offset)) * 1000 + i64::from(stamp.millis);
-        Some(build(time_ms, fields, line))
+        Some(build(time_ms, parts, line))
     }
 
     /// Counts a line that was skipped before parsing (e.g. oversized lines

@@ -65,7 +65,7 @@ fn hms(b: &[u8], pos: usize) -> Option<(u32, u32, u32)> {
 
 /// Parses an ISO/Exim timestamp at `pos`; returns it and the index after it
 /// (before the separating space).
-fn iso_stamp(b: &[u8], pos: usize) -> Option<(Stamp, usize)> {
+pub(crate) fn iso_stamp(b: &[u8], pos: usize) -> Option<(Stamp, usize)> {
     let year = digits(b, pos, 4)?;
     if b.get(pos + 4) != Some(&b'-') || b.get(pos + 7) != Some(&b'-') {
         return None;
@@ -135,7 +135,7 @@ const MONTHS: [&[u8; 3]; 12] =
     [b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec"];
 
 /// Parses a BSD syslog stamp `Mon DD HH:MM:SS` (day may be space-padded).
-fn bsd_stamp(b: &[u8], year_of: impl Fn(u32, u32) -> i64) -> Option<(Stamp, usize)> {
+pub(crate) fn bsd_stamp(b: &[u8], year_of: impl Fn(u32, u32) -> i64) -> Option<(Stamp, usize)> {
     let mon = b.get(..3)?;
     let month = MONTHS.iter().position(|m| &m[..] == mon)? as u32 + 1;
     if b.get(3) != Some(&b' ') {

@@ -41,6 +41,8 @@ impl Owned {
             detail: self.detail.as_deref(),
             duration_ms: self.duration_ms,
             host_name: None,
+            service: super::Service::Smtp,
+            attempts: 0,
             raw: b"",
         }
     }
@@ -68,7 +70,14 @@ fn arb_helo() -> impl Strategy<Value = Option<String>> {
 /// The fields a kind carries (see `render::body`), the others `None`.
 fn arb_owned() -> impl Strategy<Value = Owned> {
     let base = (
-        proptest::sample::select(EventKind::ALL.to_vec()),
+        // Exim's kinds: logins and sessions without authentication are
+        // Dovecot's (`dovecot/proptests.rs`).
+        proptest::sample::select(
+            EventKind::ALL
+                .into_iter()
+                .filter(|k| !matches!(k, EventKind::Login | EventKind::NoAuthAttempts))
+                .collect::<Vec<_>>(),
+        ),
         arb_ip(),
         prop::option::of(arb_port()),
         prop::option::of((arb_ip(), arb_port())),
@@ -163,7 +172,7 @@ fn arb_owned() -> impl Strategy<Value = Owned> {
                     o.helo = helo;
                     o.duration_ms = duration;
                 }
-                EventKind::Unspecified => {}
+                EventKind::Unspecified | EventKind::Login | EventKind::NoAuthAttempts => {}
                 EventKind::Lost => {
                     o.helo = helo;
                     o.duration_ms = duration;

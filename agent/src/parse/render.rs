@@ -236,8 +236,9 @@ pub fn body(ev: &Event<'_>, style: &Style) -> String {
         EventKind::AclDropped => format!("H={h} dropped by 'connect' ACL: {d}"),
         EventKind::ClosedByDrop => format!("SMTP connection from {h} closed by DROP in ACL"),
         EventKind::Closed => format!("SMTP connection from {h}{} closed by QUIT", dur(ev)),
-        // Never produced by the parser.
-        EventKind::Unspecified => String::new(),
+        // Never produced by the Exim parser (logins and sessions without
+        // authentication are Dovecot's).
+        EventKind::Unspecified | EventKind::Login | EventKind::NoAuthAttempts => String::new(),
         EventKind::Lost if d.starts_with("unexpected disconnection while reading SMTP ") => {
             format!("{d} from {h}{}", dur(ev))
         }

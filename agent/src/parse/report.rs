@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use flate2::read::MultiGzDecoder;
 use serde::Serialize;
 
-use super::{Event, EventKind, MAX_LINE_BYTES, ParseStats, Parser, Timezone, format_rfc3339_ms};
+use super::{Event, EventKind, LogKind, MAX_LINE_BYTES, ParseStats, Parser, Service, Timezone, format_rfc3339_ms};
 
 /// Reading input or writing output failed.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +47,8 @@ pub struct ParseOptions {
     pub json: bool,
     /// Zone for timestamps that carry none.
     pub tz: Timezone,
+    /// The format of the files.
+    pub kind: LogKind,
 }
 
 /// The JSON form of an event (one object per line).
@@ -65,6 +67,12 @@ struct JsonEvent<'a> {
     detail: Option<&'a str>,
     duration_ms: Option<u64>,
     host_name: Option<&'a str>,
+    /// The service, for Dovecot's lines only (Exim's are SMTP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service: Option<&'static str>,
+    /// Authentication attempts, when the line reports them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempts: Option<u32>,
     /// The line itself, for abuse kinds only (the evidence the agent keeps).
     #[serde(skip_serializing_if = "Option::is_none")]
     raw: Option<std::borrow::Cow<'a, str>>,
@@ -86,6 +94,8 @@ impl<'a> From<&Event<'a>> for JsonEvent<'a> {
             detail: e.detail,
             duration_ms: e.duration_ms,
             host_name: e.host_name,
+            service: (e.service != Service::Smtp).then(|| e.service.as_str()),
+            attempts: (e.attempts > 0).then_some(e.attempts),
             raw: e.kind.is_abuse().then(|| String::from_utf8_lossy(e.raw)),
         }
     }
@@ -174,7 +184,7 @@ impl Summary {
 /// Parses every path in order and writes JSON lines or a summary to `out`.
 /// Returns the counters; the caller prints [`stats_line`] on stderr.
 pub fn run(paths: &[PathBuf], opts: &ParseOptions, out: &mut impl Write) -> Result<ParseStats, ReportError> {
-    let mut parser = Parser::new(opts.tz.clone());
+    let mut parser = Parser::for_kind(opts.kind, opts.tz.clone());
     let mut summary = Summary::new();
     let mut json = Vec::with_capacity(512);
     for path in paths {
@@ -284,7 +294,7 @@ mod tests {
         gz.write_all(log.as_bytes()).unwrap();
         gz.finish().unwrap();
         let mut out = Vec::new();
-        let opts = ParseOptions { json: true, tz: Timezone::Utc };
+        let opts = ParseOptions { json: true, tz: Timezone::Utc, kind: LogKind::Exim };
         let stats = run(&[path], &opts, &mut out).unwrap();
         assert_eq!(stats_line(&stats), "lines=4 events=2 ignored=2 ambiguous=0");
         let rows: Vec<serde_json::Value> =
@@ -312,7 +322,8 @@ mod tests {
         let path = dir.path().join("mainlog");
         std::fs::write(&path, &log).unwrap();
         let mut out = Vec::new();
-        let stats = run(&[path], &ParseOptions { json: false, tz: Timezone::Utc }, &mut out).unwrap();
+        let stats =
+            run(&[path], &ParseOptions { json: false, tz: Timezone::Utc, kind: LogKind::Exim }, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert_eq!(stats.lines, 3);
         assert!(text.contains("  connect                          2"), "{text}");

@@ -25,6 +25,7 @@ fn obs(kind: EventKind, addr: &str, port: u16, t: i64) -> Observation<'static> {
         user: None,
         host_name: None,
         time_ms: t,
+        attempts: 0,
     }
 }
 

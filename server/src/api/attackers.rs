@@ -175,6 +175,8 @@ pub struct TimelineEvent {
     pub agent: String,
     /// Event kind.
     pub kind: String,
+    /// The service the line came from (`smtp`, `imap`, `pop3`, ...).
+    pub service: String,
     /// The raw log line.
     pub raw: Option<String>,
 }
@@ -265,7 +267,7 @@ pub async fn get(
     for slice in eventlog::slices(eventlog::latest_possible(), None) {
         timeline.extend(
             sqlx::query_as::<_, TimelineEvent>(
-                "select e.time, coalesce(a.name, '') as agent, e.kind, e.raw \
+                "select e.time, coalesce(a.name, '') as agent, e.kind, coalesce(e.service, 'smtp') as service, e.raw \
                  from events e left join agents a on a.id = e.agent_id \
                  where e.remote = $1 and e.time >= $2 and e.time < $3 order by e.time desc, e.id desc limit $4",
             )

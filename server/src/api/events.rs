@@ -29,6 +29,8 @@ pub struct EventQuery {
     /// `true`: abuse kinds only (no connects, accepted mail, refusals of a
     /// full host or other context lines).
     pub abuse: Option<bool>,
+    /// Service (`smtp`, `imap`, `pop3`, `managesieve`, `submission`).
+    pub service: Option<String>,
     /// Earliest event time: RFC 3339 or a duration ago (`1h`).
     pub since: Option<String>,
     /// Latest event time (exclusive): RFC 3339 or a duration ago.
@@ -53,6 +55,9 @@ pub struct Event {
     pub agent: String,
     /// Event kind.
     pub kind: String,
+    /// The service the log line came from (`smtp` for Exim's lines, `imap`,
+    /// `pop3`, ... for Dovecot's).
+    pub service: String,
     /// Remote (client) address.
     #[schema(value_type = String)]
     pub remote: IpNet,
@@ -99,6 +104,13 @@ pub async fn list(
     {
         return Err(ApiError::bad_request(format!("kind: {kind:?} is not an event kind")));
     }
+    let service = match query.service.as_deref() {
+        None => None,
+        Some(name) => Some(
+            fleetban_proto::v1::Service::from_name(name)
+                .ok_or_else(|| ApiError::bad_request(format!("service: {name:?} is not a service")))?,
+        ),
+    };
     // Newest first over slices of time (see `eventlog`): the first slices
     // usually hold a whole page.
     let latest = eventlog::latest_possible();
@@ -107,7 +119,8 @@ pub async fn list(
     for slice in eventlog::slices(end, since) {
         let want = limit + 1 - events.len() as i64;
         let mut q = QueryBuilder::<Postgres>::new(
-            "select e.id, e.time, e.agent_id, coalesce(a.name, '') as agent, e.kind, e.remote, e.remote_port, \
+            "select e.id, e.time, e.agent_id, coalesce(a.name, '') as agent, e.kind, \
+                    coalesce(e.service, 'smtp') as service, e.remote, e.remote_port, \
                     e.local, e.local_port, e.connection_count, e.auth_user, e.helo, e.detail, e.raw \
              from events e left join agents a on a.id = e.agent_id where e.time < ",
         );
@@ -125,6 +138,9 @@ pub async fn list(
         }
         if query.abuse == Some(true) {
             q.push(" and e.kind = any(").push_bind(abuse_kinds()).push("::text[])");
+        }
+        if let Some(service) = service {
+            q.push(" and coalesce(e.service, 'smtp') = ").push_bind(service.as_str());
         }
         if let Some(until) = until {
             q.push(" and e.time < ").push_bind(until);

@@ -701,10 +701,11 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
             for e in items(&detail["timeline"]) {
                 let _ = writeln!(
                     out,
-                    "  {}  {}  {}",
+                    "  {}  {}  {} ({})",
                     escape(&when(&e["time"])),
                     escape(&cell(&e["agent"])),
-                    escape(&cell(&e["kind"]))
+                    escape(&cell(&e["kind"])),
+                    escape(&cell(&e["service"]))
                 );
                 if let Some(raw) = e["raw"].as_str() {
                     let _ = writeln!(out, "    {}", escape(raw));
@@ -726,10 +727,11 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
             let rows: Vec<Vec<String>> = items(&events)
                 .iter()
                 .map(|e| {
-                    vec![when(&e["time"]), cell(&e["agent"]), cell(&e["kind"]), cell(&e["remote"]), cell(&e["raw"])]
+                    let (kind, service) = (cell(&e["kind"]), cell(&e["service"]));
+                    vec![when(&e["time"]), cell(&e["agent"]), kind, service, cell(&e["remote"]), cell(&e["raw"])]
                 })
                 .collect();
-            Ok(table(&["TIME", "AGENT", "KIND", "REMOTE", "RAW"], &rows))
+            Ok(table(&["TIME", "AGENT", "KIND", "SERVICE", "REMOTE", "RAW"], &rows))
         }
         Command::Report { target, redact } => {
             let response = client

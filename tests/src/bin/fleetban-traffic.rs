@@ -136,6 +136,7 @@ fn local_decisions(config: Config) -> anyhow::Result<(Labels, Vec<(IpNet, i64)>)
                 user: ev.user,
                 host_name: ev.host_name,
                 time_ms: ev.time_ms,
+                attempts: ev.attempts,
             };
             for d in detector.observe(&o, ev.time_ms) {
                 if !d.shadow {
