@@ -569,13 +569,22 @@ pub async fn snapshot(pool: &PgPool) -> Result<BlocklistSnapshot, BlockError> {
     let mut tx = pool.begin().await?;
     sqlx::query("set transaction isolation level repeatable read, read only").execute(&mut *tx).await?;
     let version: i64 = sqlx::query_scalar("select last from block_version").fetch_one(&mut *tx).await?;
-    let rows: Vec<(i64, IpNet, Option<OffsetDateTime>, String)> =
+    let rows: Vec<LiveBlockRow> =
         sqlx::query_as("select id, cidr, expires_at, reason from live_blocks order by id").fetch_all(&mut *tx).await?;
     tx.commit().await?;
     Ok(BlocklistSnapshot {
         version: u64::try_from(version).unwrap_or(0),
-        entries: rows.into_iter().map(|(id, cidr, expires_at, reason)| entry(id, cidr, expires_at, reason)).collect(),
+        entries: rows.into_iter().map(|b| entry(b.id, b.cidr, b.expires_at, b.reason)).collect(),
     })
+}
+
+/// A live block as a snapshot carries it.
+#[derive(sqlx::FromRow)]
+struct LiveBlockRow {
+    id: i64,
+    cidr: IpNet,
+    expires_at: Option<OffsetDateTime>,
+    reason: String,
 }
 
 /// A revoked block as the revocation queries read it.

@@ -96,10 +96,22 @@ async fn offline(pool: &PgPool, after_secs: u64) -> Result<Vec<Alert>, sqlx::Err
         .collect())
 }
 
+/// An agent behind the blocklist: what it holds, the oldest version it
+/// lacks and since when.
+#[derive(sqlx::FromRow)]
+struct LagRow {
+    id: Uuid,
+    name: String,
+    applied: i64,
+    version: i64,
+    changed_at: OffsetDateTime,
+    lag_secs: f64,
+}
+
 async fn lag(pool: &PgPool, bound_secs: u64) -> Result<Vec<Alert>, sqlx::Error> {
-    let rows: Vec<(Uuid, String, i64, i64, OffsetDateTime, f64)> = sqlx::query_as(
-        "select a.id, a.name, a.blocklist_version, c.version, c.changed_at, \
-                extract(epoch from now() - c.changed_at)::float8 \
+    let rows: Vec<LagRow> = sqlx::query_as(
+        "select a.id, a.name, a.blocklist_version as applied, c.version, c.changed_at, \
+                extract(epoch from now() - c.changed_at)::float8 as lag_secs \
          from agents a \
          join lateral (select version, changed_at from block_changes where version > a.blocklist_version \
                        order by version limit 1) c on true \
@@ -111,7 +123,7 @@ async fn lag(pool: &PgPool, bound_secs: u64) -> Result<Vec<Alert>, sqlx::Error> 
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(id, name, applied, version, changed_at, lag)| Alert {
+        .map(|LagRow { id, name, applied, version, changed_at, lag_secs: lag }| Alert {
             kind: AlertKind::PropagationLag,
             severity: Severity::Warning,
             host: Some(name.clone()),
