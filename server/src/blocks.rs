@@ -514,21 +514,14 @@ pub async fn expire_due(pool: &PgPool) -> Result<u64, BlockError> {
 /// Runs [`expire_due`] every `every` (at least 10 ms) until `shutdown`
 /// resolves. Failures are logged and retried at the next tick.
 pub async fn run_expiry_sweeper(pool: PgPool, every: Duration, shutdown: impl Future<Output = ()>) {
-    let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            biased;
-            () = &mut shutdown => return,
-            _ = tick.tick() => {}
-        }
+    crate::periodic::every(every.max(Duration::from_millis(10)), shutdown, || async {
         match expire_due(&pool).await {
             Ok(0) => {}
             Ok(expired) => tracing::info!(expired, "Expired blocks removed from the blocklist."),
             Err(error) => tracing::warn!(%error, "Block expiry sweep failed; retrying at the next tick."),
         }
-    }
+    })
+    .await;
 }
 
 /// Deletes changes older than `keep` from the change log; returns how many.

@@ -61,6 +61,7 @@ pub mod geo;
 pub mod guard;
 pub mod ingest;
 pub mod notify;
+pub mod periodic;
 pub mod pgcopy;
 #[cfg(any(test, feature = "testkit"))]
 pub mod pgembed;

@@ -102,15 +102,7 @@ pub async fn sweep(pool: &PgPool, retention: Retention) -> Result<Swept, blocks:
 
 /// Sweeps at start and then every `every` until `shutdown` resolves.
 pub async fn run(pool: PgPool, retention: Retention, every: Duration, shutdown: impl Future<Output = ()>) {
-    let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            biased;
-            () = &mut shutdown => return,
-            _ = tick.tick() => {}
-        }
+    crate::periodic::every(every.max(Duration::from_secs(1)), shutdown, || async {
         match sweep(&pool, retention).await {
             Ok(swept) if swept == Swept::default() => {}
             Ok(swept) => info!(
@@ -124,7 +116,8 @@ pub async fn run(pool: PgPool, retention: Retention, every: Duration, shutdown: 
             ),
             Err(error) => warn!(%error, "Retention sweep failed; retrying at the next one."),
         }
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -276,7 +276,7 @@ fn parse_json(list: List, text: &str, rows: &mut Vec<Row>, skipped: &mut Vec<Ski
 }
 
 /// The fields of one CSV line (double quotes, `""` inside quotes).
-fn csv_fields(line: &str) -> Vec<String> {
+pub(crate) fn csv_fields(line: &str) -> Vec<String> {
     let mut fields = Vec::new();
     let mut field = String::new();
     let mut quoted = false;

@@ -34,19 +34,12 @@ const MAX_HOLDERS: i64 = 10;
 
 /// Runs [`check`] every `check_interval_secs` until `shutdown` resolves.
 pub async fn run(pool: PgPool, config: AlertsConfig, shutdown: impl Future<Output = ()>) {
-    let mut shutdown = std::pin::pin!(shutdown);
-    let mut ticker = tokio::time::interval(Duration::from_secs(config.check_interval_secs));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            () = &mut shutdown => return,
-            _ = ticker.tick() => {}
-        }
+    crate::periodic::every(Duration::from_secs(config.check_interval_secs), shutdown, || async {
         if let Err(error) = check(&pool, &config).await {
             warn!(%error, "Cannot check for agents offline, propagation lag or slot exhaustion.");
         }
-    }
+    })
+    .await;
 }
 
 /// Checks every condition once; returns how many new events were recorded.

@@ -131,23 +131,7 @@ fn label(text: &str) -> Option<String> {
 
 /// One CSV field of `line` (1-based `column`), unquoted.
 fn csv_field(line: &str, column: usize) -> Option<String> {
-    let mut fields = Vec::new();
-    let mut field = String::new();
-    let mut quoted = false;
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' if quoted && chars.peek() == Some(&'"') => {
-                field.push('"');
-                chars.next();
-            }
-            '"' => quoted = !quoted,
-            ',' if !quoted => fields.push(std::mem::take(&mut field)),
-            c => field.push(c),
-        }
-    }
-    fields.push(field);
-    fields.into_iter().nth(column.checked_sub(1)?)
+    crate::transfer::csv_fields(line).into_iter().nth(column.checked_sub(1)?)
 }
 
 /// Parses a whole list.
