@@ -1,8 +1,9 @@
 //! `feeds` and `feed refresh NAME`: the blocklist feeds and ASN block rules
-//! of [`crate::feeds`] through `GET /api/v1/feeds` and
+//! of [`fleetban_server::feeds`] through `GET /api/v1/feeds` and
 //! `POST /api/v1/feeds/{name}/refresh`.
 
 use clap::Subcommand;
+use fleetban_server::text::escape;
 use reqwest::Method;
 use serde_json::Value;
 
@@ -81,7 +82,7 @@ pub(crate) async fn feed(client: &Client, json: bool, command: &FeedCommand) -> 
         }
         None => format!("{name}: {}\n", cell(result)),
     };
-    Ok(format!("{}{}", crate::text::escape(&head), feeds_table(&Value::Array(vec![answer["feed"].clone()]))))
+    Ok(format!("{}{}", escape(&head), feeds_table(&Value::Array(vec![answer["feed"].clone()]))))
 }
 
 /// `name` safe in a URL path segment (feed names are `[A-Za-z0-9._:-]`;

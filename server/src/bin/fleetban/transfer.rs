@@ -1,6 +1,6 @@
 //! `import` and `export`: the blocklist and the allowlist in bulk through
 //! `POST /api/v1/import` and `GET /api/v1/export` (formats in
-//! [`crate::transfer`]).
+//! [`fleetban_server::transfer`]).
 //!
 //! An import is applied by the server in one transaction. On a terminal,
 //! without `--yes` or `--dry-run`, the CLI first asks the server for a dry
@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 
 use super::ranges::confirm;
 use super::{CliError, Client, cell, items, one_line, pretty, ttl_secs};
-use crate::text::escape;
-use crate::transfer::Format;
+use fleetban_server::text::escape;
+use fleetban_server::transfer::Format;
 
 fn format_arg(format: &str) -> Result<Format, CliError> {
     Format::parse(format).ok_or_else(|| {

@@ -24,7 +24,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::{CliError, Client, cell, cidr_arg, items, pretty, ttl_secs, when};
-use crate::text::escape;
+use fleetban_server::text::escape;
 
 /// Whether `net` holds more than one address.
 pub(crate) fn is_range(net: &IpNet) -> bool {

@@ -1,36 +1,38 @@
-//! The `fleetban` operator CLI: a thin client of the REST API.
+//! `fleetban`: the operator CLI, a typed client of the REST API.
 //!
 //! `fleetban --url URL --token T <command>` (or `FLEETBAN_URL`,
-//! `FLEETBAN_TOKEN`). Every command is one or a few API calls; the output is
-//! an aligned table, or the API's JSON with `--json` for scripts. Any failure
-//! is one [`CliError`] whose message fits one line; the binary prints it and
-//! exits non-zero.
+//! `FLEETBAN_TOKEN`). Every command is one or a few API calls whose answers
+//! are read into the API's own response types ([`fleetban_server::api`]), so
+//! the OpenAPI and API tests guard the CLI too; the output is an aligned
+//! table, or the API's JSON as received with `--json` for scripts. Any
+//! failure is one [`CliError`] whose message fits one line; the binary
+//! prints it and exits 1.
 //!
 //! Agent names, host names, raw log lines, user names and notes come from
 //! agents and mail clients: every table cell and every other text printed
-//! for a terminal goes through [`crate::text::escape`], so a control
-//! character shows as `\n` or `\u{1b}` instead of acting on the terminal.
-//! `--json` prints the API's JSON as it is (JSON escapes control characters
-//! itself).
+//! for a terminal goes through [`fleetban_server::text::escape`], so a
+//! control character shows as `\n` or `\u{1b}` instead of acting on the
+//! terminal. `--json` prints the API's JSON as it is (JSON escapes control
+//! characters itself).
 
 mod feeds;
+mod kinds;
+mod lifecycle;
 mod ranges;
 mod transfer;
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::IpAddr;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use fleetban_server::table::table;
+use fleetban_server::text::{escape, one_line};
+use fleetban_server::timefmt;
 use ipnet::IpNet;
-
-use crate::text::{escape, one_line};
 use reqwest::{Method, StatusCode};
-
-mod lifecycle;
-pub use lifecycle::{API_TOKEN_HEADERS, ENROLL_TOKEN_HEADERS, api_token_row, enroll_token_row};
-mod kinds;
-pub mod timefmt;
 use serde_json::{Value, json};
 
 /// Timeout of one API call.
@@ -352,6 +354,33 @@ impl Client {
         response.json().await.map_err(|e| CliError::Decode(one_line(&e)))
     }
 
+    /// Calls the API: its JSON as received (for `--json`, ending in a line
+    /// break) and read into the API's response type `T`.
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<Value>,
+    ) -> Result<(String, T), CliError> {
+        let response = self.send(method, path, query, body).await?;
+        let mut text = response.text().await.map_err(|e| CliError::Decode(one_line(&e)))?;
+        let value = serde_json::from_str(&text).map_err(|e| CliError::Decode(one_line(&e)))?;
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        Ok((text, value))
+    }
+
+    /// `GET path`: see [`Client::call`].
+    async fn get_as<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<(String, T), CliError> {
+        self.call(Method::GET, path, query, None).await
+    }
+
     async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, CliError> {
         self.json(Method::GET, path, query, None).await
     }
@@ -359,7 +388,7 @@ impl Client {
 
 /// Parses `90s`, `30m`, `6h`, `7d`, `2w` or bare seconds; zero is refused.
 pub fn parse_duration(value: &str) -> Option<Duration> {
-    crate::units::positive_duration(value).ok()
+    fleetban_server::units::positive_duration(value).ok()
 }
 
 fn ttl_secs(ttl: Option<&str>) -> Result<Option<u64>, CliError> {
@@ -369,39 +398,6 @@ fn ttl_secs(ttl: Option<&str>) -> Result<Option<u64>, CliError> {
             .ok_or_else(|| CliError::BadArgument(format!("bad --ttl {t:?}: expected e.g. 90s, 30m, 6h, 7d")))
     })
     .transpose()
-}
-
-/// Renders rows as an aligned table under `headers`; every cell is escaped.
-pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let rows: Vec<Vec<String>> =
-        rows.iter().map(|row| row.iter().map(|cell| escape(cell).into_owned()).collect()).collect();
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in &rows {
-        for (i, cell) in row.iter().enumerate() {
-            if let Some(w) = widths.get_mut(i) {
-                *w = (*w).max(cell.chars().count());
-            }
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
-        let last = cells.len().saturating_sub(1);
-        let mut text = String::new();
-        for (i, cell) in cells.iter().enumerate() {
-            if i == last {
-                text.push_str(cell);
-            } else {
-                let _ = write!(text, "{cell:<width$}  ", width = widths[i]);
-            }
-        }
-        out.push_str(text.trim_end());
-        out.push('\n');
-    };
-    line(headers.to_vec());
-    for row in &rows {
-        line(row.iter().map(String::as_str).collect());
-    }
-    out
 }
 
 /// A JSON value as a table cell.
@@ -417,7 +413,15 @@ fn cell(value: &Value) -> String {
 /// An RFC 3339 time as a table cell: relative on a terminal, else UTC with
 /// the zone ([`timefmt`]).
 fn when(value: &Value) -> String {
-    timefmt::cell(value, time::OffsetDateTime::now_utc(), timefmt::Style::for_stdout())
+    match value {
+        Value::String(text) => {
+            match time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339) {
+                Ok(at) => timefmt::cell(Some(at)),
+                Err(_) => text.clone(),
+            }
+        }
+        other => cell(other),
+    }
 }
 
 fn items(value: &Value) -> &[Value] {
@@ -784,28 +788,27 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
     }
 }
 
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli).await {
+        Ok(output) => {
+            let mut stdout = std::io::stdout().lock();
+            // A closed pipe (`fleetban events | head`) is not an error.
+            let _ = stdout.write_all(output.as_bytes());
+            let _ = stdout.flush();
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("fleetban: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tables_align() {
-        let text = table(&["ID", "NAME"], &[vec!["1".into(), "mx1".into()], vec!["100".into(), "m".into()]]);
-        assert_eq!(text, "ID   NAME\n1    mx1\n100  m\n");
-    }
-
-    #[test]
-    fn table_cells_are_escaped() {
-        let rows = vec![vec!["1".into(), "mx\x1b[2J\nroot@evil".into(), "\u{202e}gpj.exe".into()]];
-        let text = table(&["ID", "NAME", "FILE"], &rows);
-        assert!(!text.contains('\x1b') && !text.contains('\u{202e}'), "{text:?}");
-        assert_eq!(text.lines().count(), 2, "one line per row: {text:?}");
-        assert!(text.contains("mx\\u{1b}[2J\\nroot@evil"), "{text}");
-        // Columns are aligned on the escaped text.
-        let widths: Vec<usize> =
-            text.lines().map(|l| l.find("FILE").or_else(|| l.find("\\u{202e}")).unwrap()).collect();
-        assert_eq!(widths[0], widths[1], "{text}");
-    }
 
     #[test]
     fn ttls() {

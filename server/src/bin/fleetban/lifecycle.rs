@@ -16,8 +16,11 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{CliError, Client, cell, items, parse_duration, pretty, table, when};
-use crate::text::escape;
+use super::{CliError, Client, cell, items, parse_duration, pretty, when};
+use fleetban_server::api::auth::TokenInfo;
+use fleetban_server::auth::EnrollmentToken;
+use fleetban_server::table::{API_TOKEN_HEADERS, ENROLL_TOKEN_HEADERS, api_token_row, enroll_token_row, table};
+use fleetban_server::text::escape;
 
 /// `fleetban agents ...`.
 #[derive(Debug, Subcommand)]
@@ -113,62 +116,11 @@ pub enum EnrollTokenCommand {
     },
 }
 
-/// Columns of an API token listing.
-pub const API_TOKEN_HEADERS: &[&str] = &["ID", "NAME", "ROLE", "PREFIX", "CREATED", "LAST USED", "EXPIRES", "STATE"];
-/// Columns of an enrollment token listing.
-pub const ENROLL_TOKEN_HEADERS: &[&str] =
-    &["ID", "PREFIX", "USES LEFT", "CREATED", "LAST USED", "EXPIRES", "STATE", "NOTE"];
 /// Columns of the audit log.
 const AUDIT_HEADERS: &[&str] = &["TIME", "ACTOR", "ACTION", "TARGET", "DETAIL"];
 
-/// A token's state from its listed JSON.
-fn token_state(t: &Value) -> String {
-    let state = if !t["revoked_at"].is_null() {
-        "revoked"
-    } else if t["active"] == true {
-        "active"
-    } else if t["uses_left"].as_i64().is_some_and(|n| n <= 0) {
-        "used up"
-    } else {
-        "expired"
-    };
-    state.to_owned()
-}
-
 fn expiry(value: &Value) -> String {
     if value.is_null() { "never".to_owned() } else { when(value) }
-}
-
-/// One row of an API token listing, from the API's JSON.
-pub fn api_token_row(t: &Value) -> Vec<String> {
-    vec![
-        cell(&t["id"]),
-        cell(&t["name"]),
-        cell(&t["role"]),
-        cell(&t["prefix"]),
-        when(&t["created_at"]),
-        when(&t["last_used_at"]),
-        expiry(&t["expires_at"]),
-        token_state(t),
-    ]
-}
-
-/// One row of an enrollment token listing, from the API's JSON.
-pub fn enroll_token_row(t: &Value) -> Vec<String> {
-    let uses = match t["uses_granted"].as_i64() {
-        Some(granted) => format!("{}/{granted}", cell(&t["uses_left"])),
-        None => cell(&t["uses_left"]),
-    };
-    vec![
-        cell(&t["id"]),
-        cell(&t["prefix"]),
-        uses,
-        when(&t["created_at"]),
-        when(&t["last_used_at"]),
-        when(&t["expires_at"]),
-        token_state(t),
-        cell(&t["note"]),
-    ]
 }
 
 /// `--expires` in seconds.
@@ -271,11 +223,11 @@ pub(super) async fn agents(client: &Client, json: bool, command: &AgentsCommand)
 pub(super) async fn tokens(client: &Client, json: bool, command: &TokensCommand) -> Result<String, CliError> {
     match command {
         TokensCommand::List { all } => {
-            let list = client.get("/api/v1/tokens", &[("all", all.to_string())]).await?;
+            let (raw, list) = client.get_as::<Vec<TokenInfo>>("/api/v1/tokens", &[("all", all.to_string())]).await?;
             if json {
-                return Ok(pretty(&list));
+                return Ok(raw);
             }
-            let rows: Vec<Vec<String>> = items(&list).iter().map(api_token_row).collect();
+            let rows: Vec<Vec<String>> = list.iter().map(api_token_row).collect();
             Ok(table(API_TOKEN_HEADERS, &rows))
         }
         TokensCommand::Create { role, name, expires } => {
@@ -343,11 +295,12 @@ pub(super) async fn enroll_tokens(
 ) -> Result<String, CliError> {
     match command {
         EnrollTokenCommand::List { all } => {
-            let list = client.get("/api/v1/enroll-tokens", &[("all", all.to_string())]).await?;
+            let (raw, list) =
+                client.get_as::<Vec<EnrollmentToken>>("/api/v1/enroll-tokens", &[("all", all.to_string())]).await?;
             if json {
-                return Ok(pretty(&list));
+                return Ok(raw);
             }
-            let rows: Vec<Vec<String>> = items(&list).iter().map(enroll_token_row).collect();
+            let rows: Vec<Vec<String>> = list.iter().map(enroll_token_row).collect();
             Ok(table(ENROLL_TOKEN_HEADERS, &rows))
         }
         EnrollTokenCommand::Create { uses, expires, note } => {
@@ -405,28 +358,6 @@ pub(super) async fn audit(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn token_rows_show_state_and_never_a_token() {
-        let t = json!({
-            "id": 3, "name": "ci", "role": "read", "prefix": "fbt_0123abcd", "created_at": "2026-11-28T10:00:00Z",
-            "last_used_at": null, "expires_at": "2026-11-29T10:00:00Z", "revoked_at": null, "active": false
-        });
-        let row = api_token_row(&t);
-        // Times are shown as every table shows them (relative on a
-        // terminal, UTC with the zone when piped).
-        let created = when(&json!("2026-11-28T10:00:00Z"));
-        let expires = when(&json!("2026-11-29T10:00:00Z"));
-        assert_eq!(row, ["3", "ci", "read", "fbt_0123abcd", &created, "-", &expires, "expired"]);
-        let e = json!({
-            "id": 1, "prefix": "fbe_00112233", "note": "rollout", "uses_left": 0, "uses_granted": 2,
-            "created_at": "2026-11-28T10:00:00Z", "last_used_at": "2026-11-28T11:00:00Z",
-            "expires_at": "2026-11-29T10:00:00Z", "revoked_at": null, "active": false
-        });
-        let row = enroll_token_row(&e);
-        assert_eq!(row[2], "0/2");
-        assert_eq!(row[6], "used up");
-    }
 
     #[test]
     fn arguments_do_not_shadow_the_global_token() {
