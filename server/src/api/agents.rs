@@ -30,7 +30,7 @@ use super::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::auth::{self, RenameError};
 
 /// An agent as the API shows it.
-#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
 pub struct Agent {
     /// Agent id.
     pub id: Uuid,

@@ -47,7 +47,7 @@ pub struct BlockQuery {
 }
 
 /// What the fleet saw from the addresses inside a block's range.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Evidence {
     /// Distinct agents that saw abuse from the range.
     pub agents: i64,
@@ -64,7 +64,7 @@ pub struct Evidence {
 }
 
 /// A block as the API shows it.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Block {
     /// Block id.
     pub id: i64,

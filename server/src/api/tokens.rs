@@ -44,7 +44,7 @@ pub struct CreateToken {
 }
 
 /// A created API token: `token` is shown this once.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CreatedToken {
     /// Id.
     pub id: i64,
@@ -75,7 +75,7 @@ pub struct CreateEnrollToken {
 }
 
 /// A created enrollment token: `token` is shown this once.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CreatedEnrollToken {
     /// Id.
     pub id: i64,

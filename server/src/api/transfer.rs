@@ -53,7 +53,7 @@ pub struct ImportRequest {
 }
 
 /// A row that was added or already present.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ImportedRow {
     /// Line number in the file.
     pub line: usize,
@@ -65,7 +65,7 @@ pub struct ImportedRow {
 }
 
 /// What an import did (or, with `dry_run`, would do).
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ImportSummary {
     /// Nothing was written.
     pub dry_run: bool,

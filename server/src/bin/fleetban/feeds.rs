@@ -3,11 +3,13 @@
 //! `POST /api/v1/feeds/{name}/refresh`.
 
 use clap::Subcommand;
+use fleetban_server::api::feeds::Refreshed;
+use fleetban_server::feeds::{FeedStatus, Outcome};
+use fleetban_server::table::table;
 use fleetban_server::text::escape;
 use reqwest::Method;
-use serde_json::Value;
 
-use super::{CliError, Client, cell, items, pretty, table, when};
+use super::{CliError, Client, when_opt};
 
 /// `fleetban feed ...`.
 #[derive(Debug, Subcommand)]
@@ -21,28 +23,28 @@ pub enum FeedCommand {
 }
 
 /// The status cell: `ok`, or the status with its error.
-fn status_cell(feed: &Value) -> String {
-    match feed["last_error"].as_str() {
-        Some(error) if feed["status"] != "ok" => format!("{}: {error}", cell(&feed["status"])),
-        _ => cell(&feed["status"]),
+fn status_cell(status: &str, last_error: Option<&str>) -> String {
+    match last_error {
+        Some(error) if status != "ok" => format!("{status}: {error}"),
+        _ => status.to_owned(),
     }
 }
 
-fn feeds_table(feeds: &Value) -> String {
-    let rows: Vec<Vec<String>> = items(feeds)
+fn feeds_table(feeds: &[FeedStatus]) -> String {
+    let rows: Vec<Vec<String>> = feeds
         .iter()
         .map(|f| {
             vec![
-                cell(&f["name"]),
-                cell(&f["kind"]),
-                cell(&f["entries"]),
-                cell(&f["blocks"]),
-                cell(&f["refused"]),
-                cell(&f["bad_lines"]),
-                when(&f["last_success"]),
-                when(&f["last_attempt"]),
-                status_cell(f),
-                cell(&f["origin"]),
+                f.name.clone(),
+                f.kind.clone(),
+                f.entries.to_string(),
+                f.blocks.to_string(),
+                f.refused.to_string(),
+                f.bad_lines.to_string(),
+                when_opt(f.last_success),
+                when_opt(f.last_attempt),
+                status_cell(&f.status, f.last_error.as_deref()),
+                f.origin.clone(),
             ]
         })
         .collect();
@@ -54,35 +56,28 @@ fn feeds_table(feeds: &Value) -> String {
 
 /// `fleetban feeds`.
 pub(crate) async fn list(client: &Client, json: bool) -> Result<String, CliError> {
-    let feeds = client.get("/api/v1/feeds", &[]).await?;
-    Ok(if json { pretty(&feeds) } else { feeds_table(&feeds) })
+    let (raw, feeds) = client.get_as::<Vec<FeedStatus>>("/api/v1/feeds", &[]).await?;
+    Ok(if json { raw } else { feeds_table(&feeds) })
 }
 
 /// `fleetban feed ...`.
 pub(crate) async fn feed(client: &Client, json: bool, command: &FeedCommand) -> Result<String, CliError> {
     let FeedCommand::Refresh { name } = command;
     let path = format!("/api/v1/feeds/{}/refresh", urlencode(name));
-    let answer = client.json(Method::POST, &path, &[], None).await?;
+    let (raw, answer) = client.call::<Refreshed>(Method::POST, &path, &[], None).await?;
     if json {
-        return Ok(pretty(&answer));
+        return Ok(raw);
     }
-    let result = &answer["result"];
-    let head = match result["outcome"].as_str() {
-        Some("ok") => format!(
-            "{name}: {} entries, {} live blocks ({} written, {} retired, {} refused by policy, {} bad lines).\n",
-            cell(&result["entries"]),
-            cell(&result["blocks"]),
-            cell(&result["written"]),
-            cell(&result["retired"]),
-            cell(&result["refused"]),
-            cell(&result["bad_lines"]),
+    let head = match &answer.result {
+        Outcome::Ok { entries, blocks, written, retired, refused, bad_lines } => format!(
+            "{name}: {entries} entries, {blocks} live blocks ({written} written, {retired} retired, {refused} \
+             refused by policy, {bad_lines} bad lines).\n"
         ),
-        Some(outcome) => {
-            format!("{name}: {outcome}: {}; the previous list stays in force.\n", cell(&result["error"]))
-        }
-        None => format!("{name}: {}\n", cell(result)),
+        Outcome::Failed { error } => format!("{name}: failed: {error}; the previous list stays in force.\n"),
+        Outcome::Held { error } => format!("{name}: held: {error}; the previous list stays in force.\n"),
+        Outcome::Skipped => format!("{name}: skipped; the previous list stays in force.\n"),
     };
-    Ok(format!("{}{}", escape(&head), feeds_table(&Value::Array(vec![answer["feed"].clone()]))))
+    Ok(format!("{}{}", escape(&head), feeds_table(std::slice::from_ref(&answer.feed))))
 }
 
 /// `name` safe in a URL path segment (feed names are `[A-Za-z0-9._:-]`;
@@ -105,9 +100,11 @@ mod tests {
 
     #[test]
     fn status_shows_the_error_unless_ok() {
-        let held = serde_json::json!({"status": "held", "last_error": "the list shrank from 10 to 4 entries"});
-        assert_eq!(status_cell(&held), "held: the list shrank from 10 to 4 entries");
-        assert_eq!(status_cell(&serde_json::json!({"status": "ok", "last_error": null})), "ok");
+        assert_eq!(
+            status_cell("held", Some("the list shrank from 10 to 4 entries")),
+            "held: the list shrank from 10 to 4 entries"
+        );
+        assert_eq!(status_cell("ok", None), "ok");
         assert_eq!(urlencode("asn:64500"), "asn:64500");
         assert_eq!(urlencode("a/b c"), "a%2Fb%20c");
     }

@@ -12,10 +12,11 @@ use std::io::IsTerminal as _;
 use std::path::Path;
 
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::ranges::confirm;
-use super::{CliError, Client, cell, items, one_line, pretty, ttl_secs};
+use super::{CliError, Client, one_line, ttl_secs};
+use fleetban_server::api::transfer::ImportSummary;
 use fleetban_server::text::escape;
 use fleetban_server::transfer::Format;
 
@@ -34,17 +35,16 @@ fn list_arg(list: Option<&str>) -> Result<Option<&'static str>, CliError> {
     }
 }
 
-fn summary_text(summary: &Value, file: &str) -> String {
-    let dry = summary["dry_run"] == true;
+fn summary_text(summary: &ImportSummary, file: &str) -> String {
     let mut out = format!(
         "{}{file}: {} added, {} already present, {} skipped.\n",
-        if dry { "Dry run, nothing written: " } else { "" },
-        items(&summary["added"]).len(),
-        items(&summary["already_present"]).len(),
-        items(&summary["skipped"]).len()
+        if summary.dry_run { "Dry run, nothing written: " } else { "" },
+        summary.added.len(),
+        summary.already_present.len(),
+        summary.skipped.len()
     );
-    for skip in items(&summary["skipped"]) {
-        let _ = writeln!(out, "  line {}: {}", cell(&skip["line"]), escape(&cell(&skip["reason"])));
+    for skip in &summary.skipped {
+        let _ = writeln!(out, "  line {}: {}", skip.line, escape(&skip.reason));
     }
     out
 }
@@ -81,12 +81,12 @@ pub(crate) async fn import(
     if !dry_run && !yes && std::io::stdin().is_terminal() {
         let mut trial = body.clone();
         trial["dry_run"] = json!(true);
-        let summary = client.json(Method::POST, "/api/v1/import", &[], Some(trial)).await?;
+        let (_, summary) = client.call::<ImportSummary>(Method::POST, "/api/v1/import", &[], Some(trial)).await?;
         eprint!("{}", summary_text(&summary, &name));
         confirm(&format!("Import {name} for real?"), false)?;
     }
-    let summary = client.json(Method::POST, "/api/v1/import", &[], Some(body)).await?;
-    Ok(if json_out { pretty(&summary) } else { summary_text(&summary, &escape(&name)) })
+    let (raw, summary) = client.call::<ImportSummary>(Method::POST, "/api/v1/import", &[], Some(body)).await?;
+    Ok(if json_out { raw } else { summary_text(&summary, &escape(&name)) })
 }
 
 /// `fleetban export [--format F] [--list L]`: the file, on standard output.
