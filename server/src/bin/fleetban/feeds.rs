@@ -68,16 +68,17 @@ pub(crate) async fn feed(client: &Client, json: bool, command: &FeedCommand) -> 
     if json {
         return Ok(raw);
     }
+    // One line: escaped without its line break.
     let head = match &answer.result {
         Outcome::Ok { entries, blocks, written, retired, refused, bad_lines } => format!(
             "{name}: {entries} entries, {blocks} live blocks ({written} written, {retired} retired, {refused} \
-             refused by policy, {bad_lines} bad lines).\n"
+             refused by policy, {bad_lines} bad lines)."
         ),
-        Outcome::Failed { error } => format!("{name}: failed: {error}; the previous list stays in force.\n"),
-        Outcome::Held { error } => format!("{name}: held: {error}; the previous list stays in force.\n"),
-        Outcome::Skipped => format!("{name}: skipped; the previous list stays in force.\n"),
+        Outcome::Failed { error } => format!("{name}: failed: {error}; the previous list stays in force."),
+        Outcome::Held { error } => format!("{name}: held: {error}; the previous list stays in force."),
+        Outcome::Skipped => format!("{name}: skipped; the previous list stays in force."),
     };
-    Ok(format!("{}{}", escape(&head), feeds_table(std::slice::from_ref(&answer.feed))))
+    Ok(format!("{}\n{}", escape(&head), feeds_table(std::slice::from_ref(&answer.feed))))
 }
 
 /// `name` safe in a URL path segment (feed names are `[A-Za-z0-9._:-]`;
