@@ -78,7 +78,7 @@ pub struct AgentQuery {
 }
 
 /// A change to an agent.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateAgent {
     /// The new name (1 to 128 characters, unique among agents).

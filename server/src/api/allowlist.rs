@@ -55,7 +55,7 @@ pub async fn list(State(state): State<AppState>, _caller: Caller) -> Result<Json
 }
 
 /// An allowlist entry to add.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateAllow {
     /// Address or range.

@@ -231,7 +231,7 @@ pub async fn get(
 }
 
 /// A manual block to create.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBlock {
     /// Address or range to block.

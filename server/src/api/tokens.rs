@@ -32,7 +32,7 @@ pub struct TokenQuery {
 }
 
 /// An API token to create.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     /// `admin` (read and write) or `read`.
@@ -62,7 +62,7 @@ pub struct CreatedToken {
 }
 
 /// An enrollment token to create.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateEnrollToken {
     /// How many agents may enroll with it (default 1).

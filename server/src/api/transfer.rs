@@ -29,7 +29,7 @@ use crate::transfer::{self, Exported, Format, List, Skipped};
 pub const MAX_IMPORT_BYTES: usize = 8 * 1024 * 1024;
 
 /// An import.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImportRequest {
     /// The file's format.

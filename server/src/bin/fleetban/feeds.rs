@@ -64,7 +64,7 @@ pub(crate) async fn list(client: &Client, json: bool) -> Result<String, CliError
 pub(crate) async fn feed(client: &Client, json: bool, command: &FeedCommand) -> Result<String, CliError> {
     let FeedCommand::Refresh { name } = command;
     let path = format!("/api/v1/feeds/{}/refresh", urlencode(name));
-    let (raw, answer) = client.call::<Refreshed>(Method::POST, &path, &[], None).await?;
+    let (raw, answer) = client.call::<Refreshed>(Method::POST, &path, &[], super::NO_BODY).await?;
     if json {
         return Ok(raw);
     }

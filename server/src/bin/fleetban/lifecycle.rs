@@ -17,10 +17,10 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::{CliError, Client, expiry, opt, parse_duration, pretty, when};
-use fleetban_server::api::agents::Agent;
+use fleetban_server::api::agents::{Agent, UpdateAgent};
 use fleetban_server::api::audit::AuditEntry;
-use fleetban_server::api::auth::TokenInfo;
-use fleetban_server::api::tokens::{CreatedEnrollToken, CreatedToken};
+use fleetban_server::api::auth::{Role, TokenInfo};
+use fleetban_server::api::tokens::{CreateEnrollToken, CreateToken, CreatedEnrollToken, CreatedToken};
 use fleetban_server::auth::EnrollmentToken;
 use fleetban_server::table::{API_TOKEN_HEADERS, ENROLL_TOKEN_HEADERS, api_token_row, enroll_token_row, table};
 use fleetban_server::text::escape;
@@ -180,7 +180,12 @@ pub(super) async fn agents(client: &Client, json: bool, command: &AgentsCommand)
         AgentsCommand::Rename { agent, name } => {
             let (id, old) = resolve_agent(client, agent).await?;
             let (raw, renamed) = client
-                .call::<Agent>(Method::PATCH, &format!("/api/v1/agents/{id}"), &[], Some(json!({ "name": name })))
+                .call::<Agent>(
+                    Method::PATCH,
+                    &format!("/api/v1/agents/{id}"),
+                    &[],
+                    Some(&UpdateAgent { name: name.clone() }),
+                )
                 .await?;
             if json {
                 return Ok(raw);
@@ -225,11 +230,10 @@ pub(super) async fn tokens(client: &Client, json: bool, command: &TokensCommand)
             Ok(table(API_TOKEN_HEADERS, &rows))
         }
         TokensCommand::Create { role, name, expires } => {
-            let mut body = json!({ "role": role, "name": name });
-            if let Some(expires) = expires {
-                body["ttl_secs"] = json!(expires_secs(expires)?);
-            }
-            let (raw, created) = client.call::<CreatedToken>(Method::POST, "/api/v1/tokens", &[], Some(body)).await?;
+            let role = Role::parse(role).ok_or_else(|| CliError::BadArgument(format!("bad --role {role:?}")))?;
+            let body =
+                CreateToken { role, name: name.clone(), ttl_secs: expires.as_deref().map(expires_secs).transpose()? };
+            let (raw, created) = client.call::<CreatedToken>(Method::POST, "/api/v1/tokens", &[], Some(&body)).await?;
             if json {
                 return Ok(raw);
             }
@@ -294,9 +298,10 @@ pub(super) async fn enroll_tokens(
             Ok(table(ENROLL_TOKEN_HEADERS, &rows))
         }
         EnrollTokenCommand::Create { uses, expires, note } => {
-            let body = json!({ "uses": uses, "ttl_secs": expires_secs(expires)?, "note": note });
+            let body =
+                CreateEnrollToken { uses: Some(*uses), ttl_secs: Some(expires_secs(expires)?), note: note.clone() };
             let (raw, created) =
-                client.call::<CreatedEnrollToken>(Method::POST, "/api/v1/enroll-tokens", &[], Some(body)).await?;
+                client.call::<CreatedEnrollToken>(Method::POST, "/api/v1/enroll-tokens", &[], Some(&body)).await?;
             if json {
                 return Ok(raw);
             }

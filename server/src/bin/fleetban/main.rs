@@ -31,7 +31,7 @@ use clap::{Parser, Subcommand};
 use fleetban_server::api::agents::Agent;
 use fleetban_server::api::allowlist::AllowEntry;
 use fleetban_server::api::attackers::{Attacker, AttackerDetail, BlockRef};
-use fleetban_server::api::blocks::Block;
+use fleetban_server::api::blocks::{Block, CreateBlock};
 use fleetban_server::api::error::ErrorBody;
 use fleetban_server::api::events::Event;
 use fleetban_server::api::shadow::ShadowDecision;
@@ -44,6 +44,9 @@ use ipnet::IpNet;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
+
+/// A call without a request body.
+const NO_BODY: Option<&Value> = None;
 
 /// Timeout of one API call.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -328,12 +331,12 @@ impl Client {
         method: Method,
         path: &str,
         query: &[(&str, String)],
-        body: Option<Value>,
+        body: Option<&(impl serde::Serialize + ?Sized)>,
     ) -> Result<reqwest::Response, CliError> {
         let mut request =
             self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token).query(query);
         if let Some(body) = body {
-            request = request.json(&body);
+            request = request.json(body);
         }
         let response =
             request.send().await.map_err(|e| CliError::Unreachable { url: self.base.clone(), reason: one_line(&e) })?;
@@ -356,7 +359,7 @@ impl Client {
         method: Method,
         path: &str,
         query: &[(&str, String)],
-        body: Option<Value>,
+        body: Option<&(impl serde::Serialize + ?Sized)>,
     ) -> Result<(String, T), CliError> {
         let response = self.send(method, path, query, body).await?;
         let mut text = response.text().await.map_err(|e| CliError::Decode(one_line(&e)))?;
@@ -373,12 +376,12 @@ impl Client {
         path: &str,
         query: &[(&str, String)],
     ) -> Result<(String, T), CliError> {
-        self.call(Method::GET, path, query, None).await
+        self.call(Method::GET, path, query, NO_BODY).await
     }
 
     /// A call whose answer has no body (`204 No Content`).
     async fn call_empty(&self, method: Method, path: &str, query: &[(&str, String)]) -> Result<(), CliError> {
-        let response = self.send(method, path, query, None).await?;
+        let response = self.send(method, path, query, NO_BODY).await?;
         if response.status() != StatusCode::NO_CONTENT {
             return Err(CliError::Decode(format!("expected no content, got {}", response.status())));
         }
@@ -570,11 +573,13 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
             Ok(table(&["DECIDED (UTC)", "RANGE", "RULE", "SOURCE", "EVIDENCE"], &rows))
         }
         Command::Block { cidr, ttl, reason, force } => {
-            let mut body = json!({ "cidr": cidr, "reason": reason, "force": force });
-            if let Some(secs) = ttl_secs(ttl.as_deref())? {
-                body["ttl_secs"] = json!(secs);
-            }
-            let (raw, block) = client.call::<Block>(Method::POST, "/api/v1/blocks", &[], Some(body)).await?;
+            let body = CreateBlock {
+                cidr: cidr.clone(),
+                ttl_secs: ttl_secs(ttl.as_deref())?,
+                reason: reason.clone(),
+                force: *force,
+            };
+            let (raw, block) = client.call::<Block>(Method::POST, "/api/v1/blocks", &[], Some(&body)).await?;
             if json {
                 return Ok(raw);
             }
@@ -724,7 +729,7 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
                     Method::GET,
                     "/api/v1/reports/abuse",
                     &[("target", target.clone()), ("redact", redact.to_string())],
-                    None,
+                    NO_BODY,
                 )
                 .await?;
             let text = response.text().await.map_err(|e| CliError::Decode(one_line(&e)))?;

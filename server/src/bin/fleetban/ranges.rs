@@ -24,7 +24,7 @@ use reqwest::Method;
 use serde_json::json;
 
 use super::{CliError, Client, cidr_arg, list, pretty, ttl_secs, when};
-use fleetban_server::api::allowlist::Allowed;
+use fleetban_server::api::allowlist::{Allowed, CreateAllow};
 use fleetban_server::api::blocks::Block;
 use fleetban_server::text::escape;
 
@@ -150,11 +150,13 @@ pub(crate) async fn unblock(
             carve_ttl(&covering.iter().map(|b| b.expires_at).collect::<Vec<_>>(), time::OffsetDateTime::now_utc())
         });
         let ids: Vec<String> = covering.iter().map(|b| b.id.to_string()).collect();
-        let mut body = json!({ "cidr": cidr.to_string(), "note": format!("carved out of block {}", ids.join(", ")) });
-        if let Some(secs) = ttl {
-            body["ttl_secs"] = json!(secs);
-        }
-        let (_, allowed) = client.call::<Allowed>(Method::POST, "/api/v1/allowlist", &[], Some(body)).await?;
+        let body = CreateAllow {
+            cidr: cidr.to_string(),
+            note: format!("carved out of block {}", ids.join(", ")),
+            ttl_secs: ttl,
+            force: false,
+        };
+        let (_, allowed) = client.call::<Allowed>(Method::POST, "/api/v1/allowlist", &[], Some(&body)).await?;
         let until = match allowed.entry.expires_at {
             None => "permanently".to_owned(),
             Some(at) => format!("until {} UTC", when(at)),
@@ -191,14 +193,11 @@ pub(crate) async fn allow(
     json_out: bool,
 ) -> Result<String, CliError> {
     let net = cidr_arg(cidr)?;
-    let mut body = json!({ "cidr": cidr, "note": note, "force": force });
-    if let Some(secs) = ttl_secs(ttl)? {
-        body["ttl_secs"] = json!(secs);
-    }
+    let body = CreateAllow { cidr: cidr.to_owned(), note: note.to_owned(), ttl_secs: ttl_secs(ttl)?, force };
     if is_range(&net) {
         confirm(&format!("Allowlisting {net} lifts every block inside it on every host."), yes)?;
     }
-    let (raw, allowed) = client.call::<Allowed>(Method::POST, "/api/v1/allowlist", &[], Some(body)).await?;
+    let (raw, allowed) = client.call::<Allowed>(Method::POST, "/api/v1/allowlist", &[], Some(&body)).await?;
     if json_out {
         return Ok(raw);
     }
