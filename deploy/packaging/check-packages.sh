@@ -3,7 +3,9 @@
 # binaries, unit, configuration (marked as configuration) and documentation,
 # its maintainer scripts create what they must (the `fleetban` user for the
 # server, the agent's state directory, a systemd daemon-reload) and start
-# nothing. Exits non-zero naming every missing piece.
+# nothing; `fleetban-cli` holds `/usr/bin/fleetban` only (which the server
+# package no longer ships, and recommends). Exits non-zero naming every
+# missing piece.
 #
 # usage: deploy/packaging/check-packages.sh DIR [--static-agent]
 #   --static-agent   the agent's packaged binary must be statically linked
@@ -59,7 +61,6 @@ agent_files="/usr/bin/fleetban-agent
 /usr/share/doc/fleetban-agent/agent.example.toml
 /usr/share/doc/fleetban-agent/README.md"
 server_files="/usr/bin/fleetban-server
-/usr/bin/fleetban
 /usr/lib/systemd/system/fleetban-server.service
 /etc/fleetban/server.toml
 /usr/share/doc/fleetban-server/server.example.toml
@@ -91,6 +92,27 @@ for pkg in agent server; do
     echo "deb $pkg: $(wc -l <"$work/deb-$pkg.list" | tr -d ' ') entries OK"
 done
 
+# ---- deb: the CLI
+deb=$(one "fleetban-cli_*.deb")
+if [ -z "$deb" ]; then
+    fail "expected exactly one fleetban-cli_*.deb in $dir"
+else
+    dpkg -c "$deb" | awk '$1 !~ /^d/ { print $NF }' | sed 's#^\./#/#' >"$work/deb-cli.list"
+    [ "$(grep -v '^/usr/share/doc/fleetban-cli/' "$work/deb-cli.list")" = /usr/bin/fleetban ] ||
+        fail "deb cli: holds more than /usr/bin/fleetban: $(tr '\n' ' ' <"$work/deb-cli.list")"
+    dpkg-deb -e "$deb" "$work/deb-cli-control"
+    for script in preinst postinst prerm postrm conffiles; do
+        [ ! -e "$work/deb-cli-control/$script" ] || fail "deb cli: has a $script"
+    done
+    dpkg-deb -f "$deb" Replaces | grep -qw fleetban-server || fail "deb cli: does not replace fleetban-server"
+    echo "deb cli: $(wc -l <"$work/deb-cli.list" | tr -d ' ') files OK"
+fi
+if [ -f "$work/deb-server.list" ]; then
+    ! grep -qxF /usr/bin/fleetban "$work/deb-server.list" || fail "deb server: still ships /usr/bin/fleetban"
+    dpkg-deb -f "$(one "fleetban-server_*.deb")" Recommends | grep -qw fleetban-cli ||
+        fail "deb server: does not recommend fleetban-cli"
+fi
+
 # ---- rpm
 for pkg in agent server; do
     rpmfile=$(one "fleetban-$pkg-*.rpm")
@@ -116,6 +138,26 @@ for pkg in agent server; do
     fi
     echo "rpm $pkg: $(wc -l <"$work/rpm-$pkg.list" | tr -d ' ') files OK"
 done
+
+# ---- rpm: the CLI
+rpmfile=$(one "fleetban-cli-*.rpm")
+if [ -z "$rpmfile" ]; then
+    fail "expected exactly one fleetban-cli-*.rpm in $dir"
+else
+    [ "$(rpm -qlp "$rpmfile")" = /usr/bin/fleetban ] ||
+        fail "rpm cli: holds more than /usr/bin/fleetban: $(rpm -qlp "$rpmfile" | tr '\n' ' ')"
+    [ -z "$(rpm -qpc "$rpmfile")" ] || fail "rpm cli: has configuration files"
+    # Its scriptlets (inherited keys of the server's) are `exit 0`.
+    rpm -qp --scripts "$rpmfile" | grep -v 'scriptlet' | grep -qvx 'exit 0' &&
+        fail "rpm cli: a scriptlet does more than exit 0"
+    rpm -qpR "$rpmfile" | grep -q shadow-utils && fail "rpm cli: requires shadow-utils"
+    echo "rpm cli: OK"
+fi
+if [ -f "$work/rpm-server.list" ]; then
+    ! grep -qxF /usr/bin/fleetban "$work/rpm-server.list" || fail "rpm server: still ships /usr/bin/fleetban"
+    rpm -qp --recommends "$(one "fleetban-server-*.rpm")" | grep -qx fleetban-cli ||
+        fail "rpm server: does not recommend fleetban-cli"
+fi
 
 if [ "$static_agent" -eq 1 ] && [ -f "$work/deb-fleetban-agent" ]; then
     if file "$work/deb-fleetban-agent" | grep -Eq 'statically linked|static-pie linked'; then

@@ -12,7 +12,7 @@ use std::io::BufRead;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
 /// Rows inserted per statement.
@@ -34,7 +34,7 @@ pub struct AsnRange {
 }
 
 /// What an address's AS is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct AsnInfo {
     /// AS number.
     pub asn: i64,

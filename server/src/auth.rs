@@ -156,7 +156,7 @@ pub struct Enrollment<'a> {
 }
 
 /// An enrollment token as listed; the token itself is never shown.
-#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct EnrollmentToken {
     /// Id (`fleetban enroll-token revoke ID`).
     pub id: i64,

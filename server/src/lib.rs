@@ -3,7 +3,8 @@
 //! Agents stream parsed events over gRPC; the server stores them in Postgres,
 //! correlates attackers across hosts, decides fleet blocks and pushes the
 //! versioned blocklist back to every agent. Operators use the REST API, the
-//! `fleetban` CLI and the dashboard.
+//! `fleetban` CLI (`src/bin/fleetban/`, a typed client of [`api`]) and the
+//! dashboard.
 //!
 //! # Layout
 //!
@@ -28,13 +29,15 @@
 //!   blocks, with their status.
 //! - [`geo`]: ASN and country policy: ASN block rules, evidence
 //!   multipliers, the country database.
-//! - [`cli`]: the `fleetban` operator CLI (a client of the REST API).
 //! - [`serve`]: runs the gRPC and HTTP listeners until shutdown.
 //! - [`conn`]: connection discipline of both listeners (caps, deadlines).
 //! - [`guard`]: throttle of failed agent authentication; marks
 //!   authenticated gRPC connections.
 //! - [`timeseries`]: per-minute abuse, slot and block series for the
 //!   dashboard, kept by ingest.
+//! - [`table`]: operators' aligned tables and token rows, shared by the
+//!   `fleetban` CLI (`src/bin/fleetban/`) and the admin commands.
+//! - [`timefmt`]: times in those tables (relative on a terminal).
 //! - [`text`]: escaping of client-supplied text for logs and terminals.
 //! - [`units`]: durations as operators write them (`90s`, `6h`, `7d`).
 //! - [`telemetry`]: names of the metrics the domain records (described and
@@ -50,7 +53,6 @@ pub mod asn;
 pub mod auth;
 pub mod backlog;
 pub mod blocks;
-pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod correlate;
@@ -71,8 +73,10 @@ pub mod report;
 pub mod retention;
 pub mod serve;
 pub mod session;
+pub mod table;
 pub mod telemetry;
 pub mod text;
+pub mod timefmt;
 pub mod timeseries;
 pub mod tls;
 pub mod transfer;

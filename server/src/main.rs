@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fleetban_server::config::{Overrides, ServerConfig};
-use fleetban_server::{api, asn, auth, cli, db, notify, serve, tls};
+use fleetban_server::{api, asn, auth, db, notify, serve, table, tls};
 use tracing::{info, warn};
 
 /// The audit log's actor for changes made by `fleetban-server` commands.
@@ -326,11 +326,8 @@ async fn main() -> anyhow::Result<()> {
             let pool = db::connect(&database_url(&cfg)?, 2).await?;
             db::migrate(&pool).await?;
             let tokens = auth::list_enrollment_tokens(&pool, all).await?;
-            let rows: Vec<Vec<String>> = tokens
-                .iter()
-                .map(|t| serde_json::to_value(t).map(|v| cli::enroll_token_row(&v)))
-                .collect::<Result<_, _>>()?;
-            print!("{}", cli::table(cli::ENROLL_TOKEN_HEADERS, &rows));
+            let rows: Vec<Vec<String>> = tokens.iter().map(table::enroll_token_row).collect();
+            print!("{}", table::table(table::ENROLL_TOKEN_HEADERS, &rows));
         }
         Command::EnrollToken { command: TokenCommand::Revoke { source, id } } => {
             let cfg = resolve(&source, Overrides::default())?;
@@ -360,11 +357,8 @@ async fn main() -> anyhow::Result<()> {
             let pool = db::connect(&database_url(&cfg)?, 2).await?;
             db::migrate(&pool).await?;
             let tokens = api::auth::list_tokens(&pool, all).await?;
-            let rows: Vec<Vec<String>> = tokens
-                .iter()
-                .map(|t| serde_json::to_value(t).map(|v| cli::api_token_row(&v)))
-                .collect::<Result<_, _>>()?;
-            print!("{}", cli::table(cli::API_TOKEN_HEADERS, &rows));
+            let rows: Vec<Vec<String>> = tokens.iter().map(table::api_token_row).collect();
+            print!("{}", table::table(table::API_TOKEN_HEADERS, &rows));
         }
         Command::Token { command: ApiTokenCommand::Revoke { source, id } } => {
             let cfg = resolve(&source, Overrides::default())?;

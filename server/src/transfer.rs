@@ -96,7 +96,7 @@ pub struct Row {
 }
 
 /// A line that is not imported, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Skipped {
     /// Line number (1-based; the entry's position for JSON).
     pub line: usize,

@@ -499,3 +499,63 @@ async fn cli_asks_before_range_actions_on_a_terminal(pool: PgPool) {
     assert_eq!(blocks().await, 2);
     server.stop().await;
 }
+
+/// `shadow`, `feeds` and `feed refresh` read the API's answers into its
+/// types (a field the CLI expects that the API stopped sending fails here).
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn cli_shows_shadow_decisions_and_feeds(pool: PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("list.txt");
+    std::fs::write(&list, "203.0.113.5\n198.51.100.0/24\n").unwrap();
+    let feed: fleetban_server::feeds::FeedConfig =
+        toml::from_str(&format!("name = \"local-list\"\npath = \"{}\"\nformat = \"plain\"\n", list.display())).unwrap();
+    feed.validate().unwrap();
+    let feeds = fleetban_server::feeds::Feeds::new(vec![feed], vec![]).unwrap();
+    let options = fleetban_server::serve::Options {
+        feeds: std::sync::Arc::new(feeds),
+        ..fleetban_server::serve::Options::default()
+    };
+    let server = common::Server::start_with(&pool, options).await;
+    let url = server.url.clone();
+    let t = common::tokens(&pool).await;
+    sqlx::query(
+        "insert into shadow_decisions (cidr, rule, source, evidence) \
+         values ('203.0.113.0/24', 'prefix', 'auto', '{\"verdict\": \"4 hosts in 203.0.113.0/24\"}')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let shadow = ok(&fleetban(&url, Some(&t.read), &["shadow"]).await);
+    let lines: Vec<&str> = shadow.lines().collect();
+    assert_eq!(lines.len(), 2, "{shadow}");
+    assert!(lines[0].starts_with("DECIDED") && lines[0].contains("EVIDENCE"), "{shadow}");
+    assert!(lines[1].contains("203.0.113.0/24") && lines[1].contains("prefix"), "{shadow}");
+    assert!(lines[1].contains("4 hosts in 203.0.113.0/24"), "{shadow}");
+    let json: Value = serde_json::from_str(&ok(&fleetban(&url, Some(&t.read), &["--json", "shadow"]).await)).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 1, "{json}");
+    assert_eq!(json[0]["rule"], "prefix");
+
+    // The server refreshes the feed once at start; a manual refresh while
+    // that runs is refused (409 conflict): retry until it is accepted.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let refreshed = loop {
+        let out = fleetban(&url, Some(&t.admin), &["feed", "refresh", "local-list"]).await;
+        if out.status.success() {
+            break ok(&out);
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("409") && std::time::Instant::now() < deadline, "{stderr}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(refreshed.starts_with("local-list: 2 entries, 2 live blocks"), "{refreshed}");
+    assert!(refreshed.lines().any(|l| l.starts_with("NAME") && l.contains("STATUS")), "{refreshed}");
+    let listed = ok(&fleetban(&url, Some(&t.read), &["feeds"]).await);
+    let row = listed.lines().find(|l| l.starts_with("local-list")).unwrap_or_else(|| panic!("{listed}"));
+    assert!(row.contains(" ok "), "{listed}");
+    let json: Value = serde_json::from_str(&ok(&fleetban(&url, Some(&t.read), &["--json", "feeds"]).await)).unwrap();
+    assert_eq!(json[0]["name"], "local-list");
+    assert_eq!(json[0]["entries"], 2);
+    fails(&fleetban(&url, Some(&t.admin), &["feed", "refresh", "no-such-feed"]).await, "404");
+    server.stop().await;
+}

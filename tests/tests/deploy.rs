@@ -362,6 +362,46 @@ fn package_metadata_names_existing_files() {
             }
         }
     }
+    // The CLI's own package (`--variant cli` of the server crate): only
+    // /usr/bin/fleetban, no scripts, no configuration, none of the server's
+    // dependencies; the server package recommends it instead of shipping it.
+    let manifest: toml::Value = toml::from_str(&read("server/Cargo.toml")).expect("Cargo.toml parses");
+    let metadata = &manifest["package"]["metadata"];
+    let deb = &metadata["deb"]["variants"]["cli"];
+    assert_eq!(deb["name"].as_str(), Some("fleetban-cli"));
+    let assets = deb["assets"].as_array().expect("deb cli assets");
+    assert_eq!(assets.len(), 1, "{assets:?}");
+    assert_eq!((assets[0][0].as_str(), assets[0][1].as_str()), (Some("target/release/fleetban"), Some("usr/bin/")));
+    assert_eq!(deb["conf-files"].as_array().map(Vec::len), Some(0), "deb cli: conf-files must be empty");
+    let scripts = deb["maintainer-scripts"].as_str().expect("deb cli maintainer-scripts");
+    for script in ["preinst", "postinst", "prerm", "postrm"] {
+        assert!(!repo(&format!("server/{scripts}{script}")).exists(), "deb cli: has a {script}");
+    }
+    assert!(repo(&format!("server/{scripts}")).is_dir(), "deb cli: {scripts} missing");
+    let server_deb = &metadata["deb"];
+    assert!(server_deb["recommends"].as_str().is_some_and(|r| r.contains("fleetban-cli")));
+    // Deb assets are arrays `[source, dest, mode]`, RPM assets tables.
+    let ships_cli =
+        |assets: &toml::Value| {
+            assets.as_array().expect("assets").iter().any(|a| {
+                a.get(0).or_else(|| a.get("source")).and_then(|s| s.as_str()) == Some("target/release/fleetban")
+            })
+        };
+    assert!(!ships_cli(&server_deb["assets"]), "the server deb still ships the CLI");
+    let rpm = &metadata["generate-rpm"]["variants"]["cli"];
+    assert_eq!(rpm["name"].as_str(), Some("fleetban-cli"));
+    let assets = rpm["assets"].as_array().expect("rpm cli assets");
+    assert_eq!(assets.len(), 1, "{assets:?}");
+    assert_eq!(assets[0]["dest"].as_str(), Some("/usr/bin/fleetban"));
+    // A variant inherits the keys it does not set: the server's scripts and
+    // requirements must be overridden.
+    for key in ["pre_install_script", "post_install_script", "pre_uninstall_script"] {
+        assert_eq!(rpm[key].as_str(), Some("exit 0"), "rpm cli: {key}");
+    }
+    assert_eq!(rpm["requires"].as_table().map(toml::map::Map::len), Some(0), "rpm cli: requires");
+    assert!(!ships_cli(&metadata["generate-rpm"]["assets"]), "the server rpm still ships the CLI");
+    assert!(metadata["generate-rpm"]["recommends"].get("fleetban-cli").is_some());
+
     let packaged = AgentConfig::load(&repo("deploy/packaging/agent.toml")).expect("packaged agent.toml loads");
     assert!(fleetban_agent::check::check(&packaged, false).is_empty(), "packaged agent.toml has findings");
     fleetban_server::config::ServerConfig::parse(&read("deploy/server.example.toml")).expect("server.example.toml");

@@ -30,7 +30,7 @@ use super::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::auth::{self, RenameError};
 
 /// An agent as the API shows it.
-#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
 pub struct Agent {
     /// Agent id.
     pub id: Uuid,
@@ -78,7 +78,7 @@ pub struct AgentQuery {
 }
 
 /// A change to an agent.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateAgent {
     /// The new name (1 to 128 characters, unique among agents).

@@ -23,7 +23,7 @@ use super::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use super::{AppState, params};
 
 /// A live allowlist entry.
-#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
 pub struct AllowEntry {
     /// Entry id.
     pub id: i64,
@@ -55,7 +55,7 @@ pub async fn list(State(state): State<AppState>, _caller: Caller) -> Result<Json
 }
 
 /// An allowlist entry to add.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateAllow {
     /// Address or range.
@@ -73,7 +73,7 @@ pub struct CreateAllow {
 }
 
 /// The added entry and the blocks it suppresses.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Allowed {
     /// The entry.
     pub entry: AllowEntry,

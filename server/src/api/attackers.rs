@@ -32,7 +32,7 @@ pub struct AttackerQuery {
 }
 
 /// An attacking address.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Attacker {
     /// The address.
     #[schema(value_type = String)]
@@ -143,7 +143,7 @@ pub async fn list(
 }
 
 /// Evidence of one address on one host.
-#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
 pub struct HostEvidence {
     /// The agent.
     pub agent_id: Uuid,
@@ -166,7 +166,7 @@ pub struct HostEvidence {
 }
 
 /// One event on the timeline.
-#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
 pub struct TimelineEvent {
     /// Log time.
     #[serde(with = "time::serde::rfc3339")]
@@ -182,7 +182,7 @@ pub struct TimelineEvent {
 }
 
 /// A block that covers or covered the address.
-#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
 pub struct BlockRef {
     /// Block id.
     pub id: i64,
@@ -213,7 +213,7 @@ pub struct BlockRef {
 }
 
 /// One address in detail.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AttackerDetail {
     /// The summary (absent when only raw events, no abuse evidence, exist).
     pub summary: Option<Attacker>,

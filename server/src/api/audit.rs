@@ -33,7 +33,7 @@ pub struct AuditQuery {
 }
 
 /// One entry of the audit log.
-#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
 pub struct AuditEntry {
     /// Id.
     pub id: i64,

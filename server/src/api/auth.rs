@@ -81,7 +81,7 @@ pub enum TokenError {
 }
 
 /// An API token as listed; the token itself is never shown.
-#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct TokenInfo {
     /// Id (`fleetban tokens revoke ID`).
     pub id: i64,

@@ -47,7 +47,7 @@ pub struct BlockQuery {
 }
 
 /// What the fleet saw from the addresses inside a block's range.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Evidence {
     /// Distinct agents that saw abuse from the range.
     pub agents: i64,
@@ -64,7 +64,7 @@ pub struct Evidence {
 }
 
 /// A block as the API shows it.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Block {
     /// Block id.
     pub id: i64,
@@ -231,7 +231,7 @@ pub async fn get(
 }
 
 /// A manual block to create.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBlock {
     /// Address or range to block.

@@ -19,8 +19,8 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 /// Everything an API call can fail with.
@@ -59,19 +59,19 @@ pub enum ApiError {
 }
 
 /// The JSON body of every error response.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorDetail,
 }
 
 /// Code and message of an error.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable machine-readable code: `unauthorized`, `forbidden`,
     /// `bad_request`, `payload_too_large`, `not_found`, `conflict`, `refused`,
     /// `internal`, `database_unavailable`.
-    pub code: &'static str,
+    pub code: std::borrow::Cow<'static, str>,
     /// Human-readable explanation.
     pub message: String,
 }
@@ -147,7 +147,7 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
-        let body = ErrorBody { error: ErrorDetail { code: self.code(), message: self.public_message() } };
+        let body = ErrorBody { error: ErrorDetail { code: self.code().into(), message: self.public_message() } };
         (status, Json(body)).into_response()
     }
 }

@@ -42,7 +42,7 @@ pub struct EventQuery {
 }
 
 /// One stored event.
-#[derive(Debug, Serialize, sqlx::FromRow, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, ToSchema)]
 pub struct Event {
     /// Event id.
     pub id: i64,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::AppState;
@@ -30,7 +30,7 @@ pub async fn list(State(state): State<AppState>, _caller: Caller) -> Result<Json
 }
 
 /// What a refresh did, and the feed's status after it.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Refreshed {
     /// The refresh: `ok` with counts, `failed` or `held` with the error
     /// (the previous list stays in force).

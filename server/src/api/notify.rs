@@ -6,7 +6,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
@@ -16,7 +16,7 @@ use super::error::{ApiError, ApiPath};
 use crate::alerts::dispatch;
 
 /// A channel and its queue.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ChannelStatus {
     /// The channel's name.
     pub name: String,
@@ -47,7 +47,7 @@ pub struct ChannelStatus {
 }
 
 /// The result of a test message.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct TestResult {
     /// The channel.
     pub channel: String,
@@ -59,7 +59,17 @@ pub struct TestResult {
     pub error: Option<String>,
 }
 
-type Counts = (String, i64, i64, i64, i64, Option<OffsetDateTime>, Option<String>);
+/// One channel's queue as the store counts it.
+#[derive(sqlx::FromRow)]
+struct Counts {
+    name: String,
+    queued: i64,
+    pending: i64,
+    dead: i64,
+    delivered_24h: i64,
+    last_delivered_at: Option<OffsetDateTime>,
+    last_error: Option<String>,
+}
 
 /// Lists the notification channels with their queues.
 #[utoipa::path(get, path = "/api/v1/notify", tag = "notify", security(("bearer" = [])),
@@ -68,14 +78,14 @@ pub async fn list(State(state): State<AppState>, _caller: Caller) -> Result<Json
     let names: Vec<String> = state.channels.all().iter().map(|c| c.name.clone()).collect();
     let counts: Vec<Counts> = sqlx::query_as(
         "select n.name, \
-           (select count(*) from notify_outbox o where o.channel = n.name and o.message_id is null), \
-           (select count(*) from notify_messages m where m.channel = n.name and m.state = 'pending'), \
-           (select count(*) from notify_messages m where m.channel = n.name and m.state = 'dead'), \
+           (select count(*) from notify_outbox o where o.channel = n.name and o.message_id is null) as queued, \
+           (select count(*) from notify_messages m where m.channel = n.name and m.state = 'pending') as pending, \
+           (select count(*) from notify_messages m where m.channel = n.name and m.state = 'dead') as dead, \
            (select count(*) from notify_messages m where m.channel = n.name and m.state = 'delivered' \
-              and m.delivered_at > now() - interval '1 day'), \
-           (select max(delivered_at) from notify_messages m where m.channel = n.name), \
+              and m.delivered_at > now() - interval '1 day') as delivered_24h, \
+           (select max(delivered_at) from notify_messages m where m.channel = n.name) as last_delivered_at, \
            (select m.last_error from notify_messages m where m.channel = n.name and m.state <> 'delivered' \
-              and m.last_error is not null order by m.id desc limit 1) \
+              and m.last_error is not null order by m.id desc limit 1) as last_error \
          from unnest($1::text[]) as n(name)",
     )
     .bind(&names)
@@ -86,7 +96,7 @@ pub async fn list(State(state): State<AppState>, _caller: Caller) -> Result<Json
         .all()
         .iter()
         .map(|c| {
-            let row = counts.iter().find(|r| r.0 == c.name);
+            let row = counts.iter().find(|r| r.name == c.name);
             ChannelStatus {
                 name: c.name.clone(),
                 kind: c.kind.as_str().to_owned(),
@@ -94,12 +104,12 @@ pub async fn list(State(state): State<AppState>, _caller: Caller) -> Result<Json
                 min_severity: c.min_severity.as_str().to_owned(),
                 digest_interval_secs: c.digest_interval_secs,
                 max_messages_per_hour: c.max_messages_per_hour,
-                queued_events: row.map_or(0, |r| r.1),
-                pending_messages: row.map_or(0, |r| r.2),
-                dead_messages: row.map_or(0, |r| r.3),
-                delivered_24h: row.map_or(0, |r| r.4),
-                last_delivered_at: row.and_then(|r| r.5),
-                last_error: row.and_then(|r| r.6.clone()),
+                queued_events: row.map_or(0, |r| r.queued),
+                pending_messages: row.map_or(0, |r| r.pending),
+                dead_messages: row.map_or(0, |r| r.dead),
+                delivered_24h: row.map_or(0, |r| r.delivered_24h),
+                last_delivered_at: row.and_then(|r| r.last_delivered_at),
+                last_error: row.and_then(|r| r.last_error.clone()),
             }
         })
         .collect();

@@ -36,7 +36,7 @@ pub struct ShadowQuery {
 }
 
 /// One decision a rule in shadow mode made.
-#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
 pub struct ShadowDecision {
     /// Id.
     pub id: i64,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::extract::State;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use utoipa::ToSchema;
 
@@ -15,7 +15,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 
 /// Fleet statistics.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Stats {
     /// Events per second over the last minute (by log time).
     pub events_per_sec_1m: f64,

@@ -32,7 +32,7 @@ pub struct TokenQuery {
 }
 
 /// An API token to create.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     /// `admin` (read and write) or `read`.
@@ -44,7 +44,7 @@ pub struct CreateToken {
 }
 
 /// A created API token: `token` is shown this once.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CreatedToken {
     /// Id.
     pub id: i64,
@@ -62,7 +62,7 @@ pub struct CreatedToken {
 }
 
 /// An enrollment token to create.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateEnrollToken {
     /// How many agents may enroll with it (default 1).
@@ -75,7 +75,7 @@ pub struct CreateEnrollToken {
 }
 
 /// A created enrollment token: `token` is shown this once.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CreatedEnrollToken {
     /// Id.
     pub id: i64,

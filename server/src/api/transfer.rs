@@ -29,7 +29,7 @@ use crate::transfer::{self, Exported, Format, List, Skipped};
 pub const MAX_IMPORT_BYTES: usize = 8 * 1024 * 1024;
 
 /// An import.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImportRequest {
     /// The file's format.
@@ -53,7 +53,7 @@ pub struct ImportRequest {
 }
 
 /// A row that was added or already present.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ImportedRow {
     /// Line number in the file.
     pub line: usize,
@@ -65,7 +65,7 @@ pub struct ImportedRow {
 }
 
 /// What an import did (or, with `dry_run`, would do).
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ImportSummary {
     /// Nothing was written.
     pub dry_run: bool,

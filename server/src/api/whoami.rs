@@ -2,13 +2,13 @@
 //! (the dashboard) shows write controls only to tokens that may use them.
 
 use axum::Json;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::{Caller, Role};
 
 /// The caller's identity.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct WhoAmI {
     /// The token's name (the audit log's actor).
     pub name: String,

@@ -242,7 +242,7 @@ pub enum FeedError {
 }
 
 /// What one refresh did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
     /// The new list replaced the previous one.
@@ -287,7 +287,7 @@ impl Outcome {
 }
 
 /// The status of one list, as the API and the CLI show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FeedStatus {
     /// The list's name.
     pub name: String,

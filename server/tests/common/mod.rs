@@ -127,11 +127,15 @@ pub struct Server {
 
 impl Server {
     pub async fn start(pool: &PgPool) -> Server {
+        Server::start_with(pool, fleetban_server::serve::Options::default()).await
+    }
+
+    /// [`Server::start`] with `options`.
+    pub async fn start_with(pool: &PgPool, options: fleetban_server::serve::Options) -> Server {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = http.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let options = fleetban_server::serve::Options::default();
         let listeners = fleetban_server::serve::Listeners { grpc, http };
         let run = fleetban_server::serve::run(pool.clone(), options, listeners, async move {
             let _ = stopped.await;

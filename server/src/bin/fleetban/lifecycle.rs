@@ -16,8 +16,14 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{CliError, Client, cell, items, parse_duration, pretty, table, when};
-use crate::text::escape;
+use super::{CliError, Client, expiry, opt, parse_duration, pretty, when};
+use fleetban_server::api::agents::{Agent, UpdateAgent};
+use fleetban_server::api::audit::AuditEntry;
+use fleetban_server::api::auth::{Role, TokenInfo};
+use fleetban_server::api::tokens::{CreateEnrollToken, CreateToken, CreatedEnrollToken, CreatedToken};
+use fleetban_server::auth::EnrollmentToken;
+use fleetban_server::table::{API_TOKEN_HEADERS, ENROLL_TOKEN_HEADERS, api_token_row, enroll_token_row, table};
+use fleetban_server::text::escape;
 
 /// `fleetban agents ...`.
 #[derive(Debug, Subcommand)]
@@ -113,63 +119,8 @@ pub enum EnrollTokenCommand {
     },
 }
 
-/// Columns of an API token listing.
-pub const API_TOKEN_HEADERS: &[&str] = &["ID", "NAME", "ROLE", "PREFIX", "CREATED", "LAST USED", "EXPIRES", "STATE"];
-/// Columns of an enrollment token listing.
-pub const ENROLL_TOKEN_HEADERS: &[&str] =
-    &["ID", "PREFIX", "USES LEFT", "CREATED", "LAST USED", "EXPIRES", "STATE", "NOTE"];
 /// Columns of the audit log.
 const AUDIT_HEADERS: &[&str] = &["TIME", "ACTOR", "ACTION", "TARGET", "DETAIL"];
-
-/// A token's state from its listed JSON.
-fn token_state(t: &Value) -> String {
-    let state = if !t["revoked_at"].is_null() {
-        "revoked"
-    } else if t["active"] == true {
-        "active"
-    } else if t["uses_left"].as_i64().is_some_and(|n| n <= 0) {
-        "used up"
-    } else {
-        "expired"
-    };
-    state.to_owned()
-}
-
-fn expiry(value: &Value) -> String {
-    if value.is_null() { "never".to_owned() } else { when(value) }
-}
-
-/// One row of an API token listing, from the API's JSON.
-pub fn api_token_row(t: &Value) -> Vec<String> {
-    vec![
-        cell(&t["id"]),
-        cell(&t["name"]),
-        cell(&t["role"]),
-        cell(&t["prefix"]),
-        when(&t["created_at"]),
-        when(&t["last_used_at"]),
-        expiry(&t["expires_at"]),
-        token_state(t),
-    ]
-}
-
-/// One row of an enrollment token listing, from the API's JSON.
-pub fn enroll_token_row(t: &Value) -> Vec<String> {
-    let uses = match t["uses_granted"].as_i64() {
-        Some(granted) => format!("{}/{granted}", cell(&t["uses_left"])),
-        None => cell(&t["uses_left"]),
-    };
-    vec![
-        cell(&t["id"]),
-        cell(&t["prefix"]),
-        uses,
-        when(&t["created_at"]),
-        when(&t["last_used_at"]),
-        when(&t["expires_at"]),
-        token_state(t),
-        cell(&t["note"]),
-    ]
-}
 
 /// `--expires` in seconds.
 fn expires_secs(value: &str) -> Result<u64, CliError> {
@@ -202,19 +153,13 @@ fn confirm(question: &str, yes: bool) -> Result<(), CliError> {
 /// An agent named by id or by name: its id and name.
 async fn resolve_agent(client: &Client, target: &str) -> Result<(Uuid, String), CliError> {
     if let Ok(id) = target.parse::<Uuid>() {
-        let agent = client.get(&format!("/api/v1/agents/{id}"), &[]).await?;
-        return Ok((id, agent["name"].as_str().unwrap_or_default().to_owned()));
+        let (_, agent) = client.get_as::<Agent>(&format!("/api/v1/agents/{id}"), &[]).await?;
+        return Ok((id, agent.name));
     }
-    let agents = client.get("/api/v1/agents", &[]).await?;
+    let (_, agents) = client.get_as::<Vec<Agent>>("/api/v1/agents", &[]).await?;
     let wanted = target.to_lowercase();
-    let matches: Vec<(Uuid, String)> = items(&agents)
-        .iter()
-        .filter(|a| a["name"].as_str().is_some_and(|n| n.to_lowercase() == wanted))
-        .filter_map(|a| {
-            let id = a["id"].as_str()?.parse().ok()?;
-            Some((id, a["name"].as_str().unwrap_or_default().to_owned()))
-        })
-        .collect();
+    let matches: Vec<(Uuid, String)> =
+        agents.into_iter().filter(|a| a.name.to_lowercase() == wanted).map(|a| (a.id, a.name)).collect();
     match matches.as_slice() {
         [] => Err(CliError::Api {
             status: 404,
@@ -234,17 +179,23 @@ pub(super) async fn agents(client: &Client, json: bool, command: &AgentsCommand)
     match command {
         AgentsCommand::Rename { agent, name } => {
             let (id, old) = resolve_agent(client, agent).await?;
-            let renamed =
-                client.json(Method::PATCH, &format!("/api/v1/agents/{id}"), &[], Some(json!({ "name": name }))).await?;
+            let (raw, renamed) = client
+                .call::<Agent>(
+                    Method::PATCH,
+                    &format!("/api/v1/agents/{id}"),
+                    &[],
+                    Some(&UpdateAgent { name: name.clone() }),
+                )
+                .await?;
             if json {
-                return Ok(pretty(&renamed));
+                return Ok(raw);
             }
-            Ok(format!("Renamed agent {id} from {:?} to {:?}.\n", escape(&old), escape(&cell(&renamed["name"]))))
+            Ok(format!("Renamed agent {id} from {:?} to {:?}.\n", escape(&old), escape(&renamed.name)))
         }
         AgentsCommand::Revoke { agent, yes } => {
             let (id, name) = resolve_agent(client, agent).await?;
             confirm(&format!("Revoke agent {:?} ({id}); its host can no longer connect?", escape(&name)), *yes)?;
-            client.json(Method::POST, &format!("/api/v1/agents/{id}/revoke"), &[], None).await?;
+            client.call_empty(Method::POST, &format!("/api/v1/agents/{id}/revoke"), &[]).await?;
             Ok(if json {
                 pretty(&json!({ "revoked": id }))
             } else {
@@ -257,7 +208,7 @@ pub(super) async fn agents(client: &Client, json: bool, command: &AgentsCommand)
                 &format!("Remove agent {:?} ({id}) from the fleet; it is revoked and its name freed?", escape(&name)),
                 *yes,
             )?;
-            client.json(Method::DELETE, &format!("/api/v1/agents/{id}"), &[], None).await?;
+            client.call_empty(Method::DELETE, &format!("/api/v1/agents/{id}"), &[]).await?;
             Ok(if json {
                 pretty(&json!({ "removed": id }))
             } else {
@@ -271,41 +222,36 @@ pub(super) async fn agents(client: &Client, json: bool, command: &AgentsCommand)
 pub(super) async fn tokens(client: &Client, json: bool, command: &TokensCommand) -> Result<String, CliError> {
     match command {
         TokensCommand::List { all } => {
-            let list = client.get("/api/v1/tokens", &[("all", all.to_string())]).await?;
+            let (raw, list) = client.get_as::<Vec<TokenInfo>>("/api/v1/tokens", &[("all", all.to_string())]).await?;
             if json {
-                return Ok(pretty(&list));
+                return Ok(raw);
             }
-            let rows: Vec<Vec<String>> = items(&list).iter().map(api_token_row).collect();
+            let rows: Vec<Vec<String>> = list.iter().map(api_token_row).collect();
             Ok(table(API_TOKEN_HEADERS, &rows))
         }
         TokensCommand::Create { role, name, expires } => {
-            let mut body = json!({ "role": role, "name": name });
-            if let Some(expires) = expires {
-                body["ttl_secs"] = json!(expires_secs(expires)?);
-            }
-            let created = client.json(Method::POST, "/api/v1/tokens", &[], Some(body)).await?;
+            let role = Role::parse(role).ok_or_else(|| CliError::BadArgument(format!("bad --role {role:?}")))?;
+            let body =
+                CreateToken { role, name: name.clone(), ttl_secs: expires.as_deref().map(expires_secs).transpose()? };
+            let (raw, created) = client.call::<CreatedToken>(Method::POST, "/api/v1/tokens", &[], Some(&body)).await?;
             if json {
-                return Ok(pretty(&created));
+                return Ok(raw);
             }
             Ok(format!(
                 "Created {} token {:?} (id {}, expires {}); it is shown only once:\n{}\n",
-                cell(&created["role"]),
-                escape(&cell(&created["name"])),
-                cell(&created["id"]),
-                expiry(&created["expires_at"]),
-                cell(&created["token"])
+                created.role.as_str(),
+                escape(&created.name),
+                created.id,
+                expiry(created.expires_at),
+                created.token
             ))
         }
         TokensCommand::Revoke { which: token, yes } => {
             let (id, name) = match token.parse::<i64>() {
                 Ok(id) => (id, None),
                 Err(_) => {
-                    let list = client.get("/api/v1/tokens", &[]).await?;
-                    let ids: Vec<i64> = items(&list)
-                        .iter()
-                        .filter(|t| t["name"].as_str() == Some(token.as_str()))
-                        .filter_map(|t| t["id"].as_i64())
-                        .collect();
+                    let (_, list) = client.get_as::<Vec<TokenInfo>>("/api/v1/tokens", &[]).await?;
+                    let ids: Vec<i64> = list.iter().filter(|t| t.name == *token).map(|t| t.id).collect();
                     match ids.as_slice() {
                         [] => {
                             return Err(CliError::Api {
@@ -329,7 +275,7 @@ pub(super) async fn tokens(client: &Client, json: bool, command: &TokensCommand)
                 None => format!("API token {id}"),
             };
             confirm(&format!("Revoke {label}; it authenticates nothing from now on?"), *yes)?;
-            client.json(Method::DELETE, &format!("/api/v1/tokens/{id}"), &[], None).await?;
+            client.call_empty(Method::DELETE, &format!("/api/v1/tokens/{id}"), &[]).await?;
             Ok(if json { pretty(&json!({ "revoked": id })) } else { format!("Revoked {label}.\n") })
         }
     }
@@ -343,30 +289,33 @@ pub(super) async fn enroll_tokens(
 ) -> Result<String, CliError> {
     match command {
         EnrollTokenCommand::List { all } => {
-            let list = client.get("/api/v1/enroll-tokens", &[("all", all.to_string())]).await?;
+            let (raw, list) =
+                client.get_as::<Vec<EnrollmentToken>>("/api/v1/enroll-tokens", &[("all", all.to_string())]).await?;
             if json {
-                return Ok(pretty(&list));
+                return Ok(raw);
             }
-            let rows: Vec<Vec<String>> = items(&list).iter().map(enroll_token_row).collect();
+            let rows: Vec<Vec<String>> = list.iter().map(enroll_token_row).collect();
             Ok(table(ENROLL_TOKEN_HEADERS, &rows))
         }
         EnrollTokenCommand::Create { uses, expires, note } => {
-            let body = json!({ "uses": uses, "ttl_secs": expires_secs(expires)?, "note": note });
-            let created = client.json(Method::POST, "/api/v1/enroll-tokens", &[], Some(body)).await?;
+            let body =
+                CreateEnrollToken { uses: Some(*uses), ttl_secs: Some(expires_secs(expires)?), note: note.clone() };
+            let (raw, created) =
+                client.call::<CreatedEnrollToken>(Method::POST, "/api/v1/enroll-tokens", &[], Some(&body)).await?;
             if json {
-                return Ok(pretty(&created));
+                return Ok(raw);
             }
             Ok(format!(
                 "Created enrollment token {} for {} enrollment(s), expires {}; it is shown only once:\n{}\n",
-                cell(&created["id"]),
-                cell(&created["uses"]),
-                when(&created["expires_at"]),
-                cell(&created["token"])
+                created.id,
+                created.uses,
+                when(created.expires_at),
+                created.token
             ))
         }
         EnrollTokenCommand::Revoke { id, yes } => {
             confirm(&format!("Revoke enrollment token {id}; no agent can enroll with it any more?"), *yes)?;
-            client.json(Method::DELETE, &format!("/api/v1/enroll-tokens/{id}"), &[], None).await?;
+            client.call_empty(Method::DELETE, &format!("/api/v1/enroll-tokens/{id}"), &[]).await?;
             Ok(if json { pretty(&json!({ "revoked": id })) } else { format!("Revoked enrollment token {id}.\n") })
         }
     }
@@ -384,19 +333,19 @@ pub(super) async fn audit(
     if let Some(action) = action {
         query.push(("action", action.to_owned()));
     }
-    let log = client.get("/api/v1/audit", &query).await?;
+    let (raw, log) = client.get_as::<Vec<AuditEntry>>("/api/v1/audit", &query).await?;
     if json {
-        return Ok(pretty(&log));
+        return Ok(raw);
     }
-    let rows: Vec<Vec<String>> = items(&log)
+    let rows: Vec<Vec<String>> = log
         .iter()
         .map(|e| {
-            let detail = match &e["detail"] {
+            let detail = match &e.detail {
                 Value::Object(map) if map.is_empty() => "-".to_owned(),
                 Value::Null => "-".to_owned(),
                 other => other.to_string(),
             };
-            vec![when(&e["at"]), cell(&e["actor"]), cell(&e["action"]), cell(&e["target"]), detail]
+            vec![when(e.at), e.actor.clone(), e.action.clone(), opt(e.target.as_deref()), detail]
         })
         .collect();
     Ok(table(AUDIT_HEADERS, &rows))
@@ -405,28 +354,6 @@ pub(super) async fn audit(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn token_rows_show_state_and_never_a_token() {
-        let t = json!({
-            "id": 3, "name": "ci", "role": "read", "prefix": "fbt_0123abcd", "created_at": "2026-11-28T10:00:00Z",
-            "last_used_at": null, "expires_at": "2026-11-29T10:00:00Z", "revoked_at": null, "active": false
-        });
-        let row = api_token_row(&t);
-        // Times are shown as every table shows them (relative on a
-        // terminal, UTC with the zone when piped).
-        let created = when(&json!("2026-11-28T10:00:00Z"));
-        let expires = when(&json!("2026-11-29T10:00:00Z"));
-        assert_eq!(row, ["3", "ci", "read", "fbt_0123abcd", &created, "-", &expires, "expired"]);
-        let e = json!({
-            "id": 1, "prefix": "fbe_00112233", "note": "rollout", "uses_left": 0, "uses_granted": 2,
-            "created_at": "2026-11-28T10:00:00Z", "last_used_at": "2026-11-28T11:00:00Z",
-            "expires_at": "2026-11-29T10:00:00Z", "revoked_at": null, "active": false
-        });
-        let row = enroll_token_row(&e);
-        assert_eq!(row[2], "0/2");
-        assert_eq!(row[6], "used up");
-    }
 
     #[test]
     fn arguments_do_not_shadow_the_global_token() {

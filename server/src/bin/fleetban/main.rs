@@ -1,38 +1,53 @@
-//! The `fleetban` operator CLI: a thin client of the REST API.
+//! `fleetban`: the operator CLI, a typed client of the REST API.
 //!
 //! `fleetban --url URL --token T <command>` (or `FLEETBAN_URL`,
-//! `FLEETBAN_TOKEN`). Every command is one or a few API calls; the output is
-//! an aligned table, or the API's JSON with `--json` for scripts. Any failure
-//! is one [`CliError`] whose message fits one line; the binary prints it and
-//! exits non-zero.
+//! `FLEETBAN_TOKEN`). Every command is one or a few API calls whose answers
+//! are read into the API's own response types ([`fleetban_server::api`]), so
+//! the OpenAPI and API tests guard the CLI too; the output is an aligned
+//! table, or the API's JSON as received with `--json` for scripts. Any
+//! failure is one [`CliError`] whose message fits one line; the binary
+//! prints it and exits 1.
 //!
 //! Agent names, host names, raw log lines, user names and notes come from
 //! agents and mail clients: every table cell and every other text printed
-//! for a terminal goes through [`crate::text::escape`], so a control
-//! character shows as `\n` or `\u{1b}` instead of acting on the terminal.
-//! `--json` prints the API's JSON as it is (JSON escapes control characters
-//! itself).
+//! for a terminal goes through [`fleetban_server::text::escape`], so a
+//! control character shows as `\n` or `\u{1b}` instead of acting on the
+//! terminal. `--json` prints the API's JSON as it is (JSON escapes control
+//! characters itself).
 
 mod feeds;
+mod kinds;
+mod lifecycle;
 mod ranges;
 mod transfer;
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::IpAddr;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use fleetban_server::api::agents::Agent;
+use fleetban_server::api::allowlist::AllowEntry;
+use fleetban_server::api::attackers::{Attacker, AttackerDetail, BlockRef};
+use fleetban_server::api::blocks::{Block, CreateBlock};
+use fleetban_server::api::error::ErrorBody;
+use fleetban_server::api::events::Event;
+use fleetban_server::api::shadow::ShadowDecision;
+use fleetban_server::api::stats::Stats;
+use fleetban_server::asn::AsnInfo;
+use fleetban_server::table::table;
+use fleetban_server::text::{escape, one_line};
+use fleetban_server::timefmt;
 use ipnet::IpNet;
-
-use crate::text::{escape, one_line};
 use reqwest::{Method, StatusCode};
-
-mod lifecycle;
-pub use lifecycle::{API_TOKEN_HEADERS, ENROLL_TOKEN_HEADERS, api_token_row, enroll_token_row};
-mod kinds;
 mod notify;
-pub mod timefmt;
 use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+/// A call without a request body.
+const NO_BODY: Option<&Value> = None;
 
 /// Timeout of one API call.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -324,12 +339,12 @@ impl Client {
         method: Method,
         path: &str,
         query: &[(&str, String)],
-        body: Option<Value>,
+        body: Option<&(impl serde::Serialize + ?Sized)>,
     ) -> Result<reqwest::Response, CliError> {
         let mut request =
             self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token).query(query);
         if let Some(body) = body {
-            request = request.json(&body);
+            request = request.json(body);
         }
         let response =
             request.send().await.map_err(|e| CliError::Unreachable { url: self.base.clone(), reason: one_line(&e) })?;
@@ -338,36 +353,53 @@ impl Client {
             return Ok(response);
         }
         let text = response.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| text.lines().next().unwrap_or_default().to_owned());
+        let message = serde_json::from_str::<ErrorBody>(&text)
+            .map(|body| body.error.message)
+            .unwrap_or_else(|_| text.lines().next().unwrap_or_default().to_owned());
         let reason = status.canonical_reason().unwrap_or("error").to_lowercase();
         Err(CliError::Api { status: status.as_u16(), message: format!("{reason}: {}", escape(&message)) })
     }
 
-    async fn json(
+    /// Calls the API: its JSON as received (for `--json`, ending in a line
+    /// break) and read into the API's response type `T`.
+    async fn call<T: serde::de::DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         query: &[(&str, String)],
-        body: Option<Value>,
-    ) -> Result<Value, CliError> {
+        body: Option<&(impl serde::Serialize + ?Sized)>,
+    ) -> Result<(String, T), CliError> {
         let response = self.send(method, path, query, body).await?;
-        if response.status() == StatusCode::NO_CONTENT {
-            return Ok(Value::Null);
+        let mut text = response.text().await.map_err(|e| CliError::Decode(one_line(&e)))?;
+        let value = serde_json::from_str(&text).map_err(|e| CliError::Decode(one_line(&e)))?;
+        if !text.ends_with('\n') {
+            text.push('\n');
         }
-        response.json().await.map_err(|e| CliError::Decode(one_line(&e)))
+        Ok((text, value))
     }
 
-    async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, CliError> {
-        self.json(Method::GET, path, query, None).await
+    /// `GET path`: see [`Client::call`].
+    async fn get_as<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<(String, T), CliError> {
+        self.call(Method::GET, path, query, NO_BODY).await
+    }
+
+    /// A call whose answer has no body (`204 No Content`).
+    async fn call_empty(&self, method: Method, path: &str, query: &[(&str, String)]) -> Result<(), CliError> {
+        let response = self.send(method, path, query, NO_BODY).await?;
+        if response.status() != StatusCode::NO_CONTENT {
+            return Err(CliError::Decode(format!("expected no content, got {}", response.status())));
+        }
+        Ok(())
     }
 }
 
 /// Parses `90s`, `30m`, `6h`, `7d`, `2w` or bare seconds; zero is refused.
 pub fn parse_duration(value: &str) -> Option<Duration> {
-    crate::units::positive_duration(value).ok()
+    fleetban_server::units::positive_duration(value).ok()
 }
 
 fn ttl_secs(ttl: Option<&str>) -> Result<Option<u64>, CliError> {
@@ -379,65 +411,40 @@ fn ttl_secs(ttl: Option<&str>) -> Result<Option<u64>, CliError> {
     .transpose()
 }
 
-/// Renders rows as an aligned table under `headers`; every cell is escaped.
-pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let rows: Vec<Vec<String>> =
-        rows.iter().map(|row| row.iter().map(|cell| escape(cell).into_owned()).collect()).collect();
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in &rows {
-        for (i, cell) in row.iter().enumerate() {
-            if let Some(w) = widths.get_mut(i) {
-                *w = (*w).max(cell.chars().count());
-            }
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
-        let last = cells.len().saturating_sub(1);
-        let mut text = String::new();
-        for (i, cell) in cells.iter().enumerate() {
-            if i == last {
-                text.push_str(cell);
-            } else {
-                let _ = write!(text, "{cell:<width$}  ", width = widths[i]);
-            }
-        }
-        out.push_str(text.trim_end());
-        out.push('\n');
-    };
-    line(headers.to_vec());
-    for row in &rows {
-        line(row.iter().map(String::as_str).collect());
-    }
-    out
+/// A time as a table cell: relative on a terminal, else UTC with the zone
+/// ([`timefmt`]).
+fn when(at: OffsetDateTime) -> String {
+    timefmt::cell(Some(at))
 }
 
-/// A JSON value as a table cell.
-fn cell(value: &Value) -> String {
-    match value {
-        Value::Null => "-".to_owned(),
-        Value::String(s) => s.clone(),
-        Value::Array(items) => items.iter().map(cell).collect::<Vec<_>>().join(","),
-        other => other.to_string(),
-    }
+/// An optional time as a table cell (`-` for none).
+fn when_opt(at: Option<OffsetDateTime>) -> String {
+    timefmt::cell(at)
 }
 
-/// An RFC 3339 time as a table cell: relative on a terminal, else UTC with
-/// the zone ([`timefmt`]).
-fn when(value: &Value) -> String {
-    timefmt::cell(value, time::OffsetDateTime::now_utc(), timefmt::Style::for_stdout())
+/// An expiry as a table cell (`never` for none).
+fn expiry(at: Option<OffsetDateTime>) -> String {
+    at.map_or_else(|| "never".to_owned(), when)
 }
 
-fn items(value: &Value) -> &[Value] {
-    value.as_array().map(Vec::as_slice).unwrap_or_default()
+/// An optional value as a table cell (`-` for none).
+fn opt<T: ToString>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
+/// Values as one cell, comma-separated.
+fn list<T: ToString>(values: &[T]) -> String {
+    values.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// A value as `--json` prints what the CLI itself says (pretty JSON).
 fn pretty(value: &Value) -> String {
-    let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
     text.push('\n');
     text
 }
 
+/// An address or CIDR argument, canonical (host bits cleared).
 fn cidr_arg(value: &str) -> Result<IpNet, CliError> {
     if let Ok(ip) = value.parse::<IpAddr>() {
         return Ok(IpNet::from(ip));
@@ -448,37 +455,48 @@ fn cidr_arg(value: &str) -> Result<IpNet, CliError> {
         .map_err(|_| CliError::BadArgument(format!("{value:?} is not an IP address or CIDR")))
 }
 
-fn asn_text(asn: &Value) -> String {
-    if asn.is_null() {
-        return "-".to_owned();
-    }
-    let country = asn["country"].as_str().filter(|c| !c.is_empty()).map(|c| format!(" ({c})")).unwrap_or_default();
-    format!("AS{} {}{country}", cell(&asn["asn"]), cell(&asn["name"]))
+fn asn_text(asn: Option<&AsnInfo>) -> String {
+    let Some(asn) = asn else { return "-".to_owned() };
+    let country = if asn.country.is_empty() { String::new() } else { format!(" ({})", asn.country) };
+    format!("AS{} {}{country}", asn.asn, asn.name)
 }
 
-fn blocks_table(blocks: &Value) -> String {
-    let rows: Vec<Vec<String>> = items(blocks)
-        .iter()
-        .map(|b| {
-            vec![
-                cell(&b["id"]),
-                cell(&b["cidr"]),
-                cell(&b["source"]),
-                match (b["active"] == true, b["suppressed"].as_str()) {
-                    (false, _) => "no".into(),
-                    (true, Some("whole")) => "allowlisted".into(),
-                    (true, Some(_)) => "partly".into(),
-                    (true, None) => "yes".into(),
-                },
-                when(&b["created_at"]),
-                if b["expires_at"].is_null() { "never".into() } else { when(&b["expires_at"]) },
-                cell(&b["evidence"]["agents"]),
-                cell(&b["evidence"]["events"]),
-                cell(&b["reason"]),
-            ]
-        })
-        .collect();
-    table(&["ID", "CIDR", "SOURCE", "ACTIVE", "CREATED", "EXPIRES", "HOSTS", "EVENTS", "REASON"], &rows)
+/// Columns of a block listing.
+const BLOCK_HEADERS: &[&str] = &["ID", "CIDR", "SOURCE", "ACTIVE", "CREATED", "EXPIRES", "HOSTS", "EVENTS", "REASON"];
+
+/// One row of a block listing.
+fn block_row(b: &Block) -> Vec<String> {
+    vec![
+        b.id.to_string(),
+        b.cidr.to_string(),
+        b.source.clone(),
+        match (b.active, b.suppressed.as_deref()) {
+            (false, _) => "no".into(),
+            (true, Some("whole")) => "allowlisted".into(),
+            (true, Some(_)) => "partly".into(),
+            (true, None) => "yes".into(),
+        },
+        when(b.created_at),
+        expiry(b.expires_at),
+        b.evidence.agents.to_string(),
+        b.evidence.events.to_string(),
+        b.reason.clone(),
+    ]
+}
+
+/// One row of a block listing from an attacker's page (no evidence counts).
+fn block_ref_row(b: &BlockRef) -> Vec<String> {
+    vec![
+        b.id.to_string(),
+        b.cidr.to_string(),
+        b.source.clone(),
+        if b.active { "yes" } else { "no" }.to_owned(),
+        when(b.created_at),
+        expiry(b.expires_at),
+        "-".to_owned(),
+        "-".to_owned(),
+        b.reason.clone(),
+    ]
 }
 
 /// Runs one command; returns what to print on standard output.
@@ -495,30 +513,30 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
             lifecycle::audit(&client, json, since, action.as_deref(), *limit).await
         }
         Command::Agents { command: None } => {
-            let agents = client.get("/api/v1/agents", &[]).await?;
+            let (raw, agents) = client.get_as::<Vec<Agent>>("/api/v1/agents", &[]).await?;
             if json {
-                return Ok(pretty(&agents));
+                return Ok(raw);
             }
-            let rows: Vec<Vec<String>> = items(&agents)
+            let rows: Vec<Vec<String>> = agents
                 .iter()
                 .map(|a| {
-                    let state = if !a["revoked_at"].is_null() {
+                    let state = if a.revoked_at.is_some() {
                         "revoked"
-                    } else if a["connected"] == true {
+                    } else if a.connected {
                         "online"
                     } else {
                         "offline"
                     };
                     vec![
-                        cell(&a["id"]),
-                        cell(&a["name"]),
-                        cell(&a["hostname"]),
+                        a.id.to_string(),
+                        a.name.clone(),
+                        a.hostname.clone(),
                         state.to_owned(),
-                        cell(&a["version"]),
-                        when(&a["last_seen"]),
-                        cell(&a["blocklist_version"]),
-                        cell(&a["firewall_entries"]),
-                        cell(&a["addresses"]),
+                        a.version.clone(),
+                        when_opt(a.last_seen),
+                        a.blocklist_version.to_string(),
+                        a.firewall_entries.to_string(),
+                        list(&a.addresses),
                     ]
                 })
                 .collect();
@@ -532,54 +550,52 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
             if let Some(c) = contains {
                 query.push(("contains", c.clone()));
             }
-            let blocks = client.get("/api/v1/blocks", &query).await?;
-            Ok(if json { pretty(&blocks) } else { blocks_table(&blocks) })
+            let (raw, blocks) = client.get_as::<Vec<Block>>("/api/v1/blocks", &query).await?;
+            Ok(if json { raw } else { table(BLOCK_HEADERS, &blocks.iter().map(block_row).collect::<Vec<_>>()) })
         }
         Command::Shadow { since, rule, limit } => {
             let mut query = vec![("since", since.clone()), ("limit", limit.to_string())];
             if let Some(rule) = rule {
                 query.push(("rule", rule.clone()));
             }
-            let decisions = client.get("/api/v1/shadow", &query).await?;
+            let (raw, decisions) = client.get_as::<Vec<ShadowDecision>>("/api/v1/shadow", &query).await?;
             if json {
-                return Ok(pretty(&decisions));
+                return Ok(raw);
             }
-            let rows: Vec<Vec<String>> = items(&decisions)
+            let rows: Vec<Vec<String>> = decisions
                 .iter()
                 .map(|d| {
-                    let ev = &d["evidence"];
-                    let why = ev["verdict"]
-                        .as_str()
+                    // The evidence is the rule's own record (an object
+                    // whose fields depend on the rule).
+                    let ev = &d.evidence;
+                    let why = ev
+                        .get("verdict")
+                        .and_then(Value::as_str)
                         .filter(|v| !v.is_empty())
-                        .map(str::to_owned)
-                        .or_else(|| ev["local"]["evidence"].as_str().map(str::to_owned))
-                        .unwrap_or_default();
-                    vec![
-                        when(&d["decided_at"]),
-                        cell(&d["cidr"]),
-                        cell(&d["rule"]),
-                        cell(&d["source"]),
-                        cell(&serde_json::Value::String(why)),
-                    ]
+                        .or_else(|| ev.get("local").and_then(|l| l.get("evidence")).and_then(Value::as_str))
+                        .unwrap_or_default()
+                        .to_owned();
+                    vec![when(d.decided_at), d.cidr.to_string(), d.rule.clone(), d.source.clone(), why]
                 })
                 .collect();
             Ok(table(&["DECIDED (UTC)", "RANGE", "RULE", "SOURCE", "EVIDENCE"], &rows))
         }
         Command::Block { cidr, ttl, reason, force } => {
-            let mut body = json!({ "cidr": cidr, "reason": reason, "force": force });
-            if let Some(secs) = ttl_secs(ttl.as_deref())? {
-                body["ttl_secs"] = json!(secs);
-            }
-            let block = client.json(Method::POST, "/api/v1/blocks", &[], Some(body)).await?;
-            if json {
-                return Ok(pretty(&block));
-            }
-            let expires = if block["expires_at"].is_null() {
-                "permanent".into()
-            } else {
-                format!("until {} UTC", when(&block["expires_at"]))
+            let body = CreateBlock {
+                cidr: cidr.clone(),
+                ttl_secs: ttl_secs(ttl.as_deref())?,
+                reason: reason.clone(),
+                force: *force,
             };
-            Ok(format!("Blocked {} (block {}, {expires}).\n", cell(&block["cidr"]), cell(&block["id"])))
+            let (raw, block) = client.call::<Block>(Method::POST, "/api/v1/blocks", &[], Some(&body)).await?;
+            if json {
+                return Ok(raw);
+            }
+            let expires = match block.expires_at {
+                None => "permanent".into(),
+                Some(at) => format!("until {} UTC", when(at)),
+            };
+            Ok(format!("Blocked {} (block {}, {expires}).\n", block.cidr, block.id))
         }
         Command::Unblock { target, carve, ttl, yes } => {
             ranges::unblock(&client, target, *carve, ttl.as_deref(), *yes, json).await
@@ -588,20 +604,20 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
             ranges::allow(&client, cidr, note, ttl.as_deref(), *force, *yes, json).await
         }
         Command::Allowlist => {
-            let list = client.get("/api/v1/allowlist", &[]).await?;
+            let (raw, entries) = client.get_as::<Vec<AllowEntry>>("/api/v1/allowlist", &[]).await?;
             if json {
-                return Ok(pretty(&list));
+                return Ok(raw);
             }
-            let rows: Vec<Vec<String>> = items(&list)
+            let rows: Vec<Vec<String>> = entries
                 .iter()
                 .map(|e| {
                     vec![
-                        cell(&e["id"]),
-                        cell(&e["cidr"]),
-                        when(&e["created_at"]),
-                        if e["expires_at"].is_null() { "never".into() } else { when(&e["expires_at"]) },
-                        cell(&e["created_by"]),
-                        cell(&e["note"]),
+                        e.id.to_string(),
+                        e.cidr.to_string(),
+                        when(e.created_at),
+                        expiry(e.expires_at),
+                        opt(e.created_by.as_deref()),
+                        e.note.clone(),
                     ]
                 })
                 .collect();
@@ -625,23 +641,24 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
         }
         Command::Export { format, list } => transfer::export(&client, format, list.as_deref()).await,
         Command::Attackers { since, limit } => {
-            let list =
-                client.get("/api/v1/attackers", &[("since", since.clone()), ("limit", limit.to_string())]).await?;
+            let (raw, attackers) = client
+                .get_as::<Vec<Attacker>>("/api/v1/attackers", &[("since", since.clone()), ("limit", limit.to_string())])
+                .await?;
             if json {
-                return Ok(pretty(&list));
+                return Ok(raw);
             }
-            let rows: Vec<Vec<String>> = items(&list)
+            let rows: Vec<Vec<String>> = attackers
                 .iter()
                 .map(|a| {
                     vec![
-                        cell(&a["ip"]),
-                        cell(&a["hosts"]),
-                        cell(&a["events"]),
-                        if a["blocked"] == true { "yes".into() } else { "no".into() },
-                        when(&a["first_seen"]),
-                        when(&a["last_seen"]),
-                        asn_text(&a["asn"]),
-                        cell(&a["kinds"]),
+                        a.ip.to_string(),
+                        a.hosts.to_string(),
+                        a.events.to_string(),
+                        if a.blocked { "yes" } else { "no" }.to_owned(),
+                        when(a.first_seen),
+                        when(a.last_seen),
+                        asn_text(a.asn.as_ref()),
+                        list(&a.kinds),
                     ]
                 })
                 .collect();
@@ -649,65 +666,54 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
         }
         Command::Attacker { ip } => {
             let ip: IpAddr = ip.parse().map_err(|_| CliError::BadArgument(format!("{ip:?} is not an IP address")))?;
-            let detail = client.get(&format!("/api/v1/attackers/{ip}"), &[]).await?;
+            let (raw, detail) = client.get_as::<AttackerDetail>(&format!("/api/v1/attackers/{ip}"), &[]).await?;
             if json {
-                return Ok(pretty(&detail));
+                return Ok(raw);
             }
             let mut out = String::new();
-            let s = &detail["summary"];
-            let _ = writeln!(out, "{ip}  AS: {}", escape(&asn_text(&detail["asn"])));
-            if !s.is_null() {
+            let _ = writeln!(out, "{ip}  AS: {}", escape(&asn_text(detail.asn.as_ref())));
+            if let Some(s) = &detail.summary {
                 let _ = writeln!(
                     out,
                     "hosts {}  events {}  blocked {}  first {}  last {}",
-                    cell(&s["hosts"]),
-                    cell(&s["events"]),
-                    if s["blocked"] == true { "yes" } else { "no" },
-                    when(&s["first_seen"]),
-                    when(&s["last_seen"])
+                    s.hosts,
+                    s.events,
+                    if s.blocked { "yes" } else { "no" },
+                    when(s.first_seen),
+                    when(s.last_seen)
                 );
             }
             out.push('\n');
-            let rows: Vec<Vec<String>> = items(&detail["hosts"])
+            let rows: Vec<Vec<String>> = detail
+                .hosts
                 .iter()
                 .map(|h| {
                     vec![
-                        cell(&h["agent"]),
-                        cell(&h["hostname"]),
-                        cell(&h["kind"]),
-                        cell(&h["events"]),
-                        when(&h["first_seen"]),
-                        when(&h["last_seen"]),
+                        h.agent.clone(),
+                        h.hostname.clone(),
+                        h.kind.clone(),
+                        h.events.to_string(),
+                        when(h.first_seen),
+                        when(h.last_seen),
                     ]
                 })
                 .collect();
             out.push_str(&table(&["AGENT", "HOSTNAME", "KIND", "EVENTS", "FIRST SEEN", "LAST SEEN"], &rows));
-            if !items(&detail["blocks"]).is_empty() {
+            if !detail.blocks.is_empty() {
                 out.push('\n');
-                out.push_str(&blocks_table(&Value::Array(
-                    items(&detail["blocks"])
-                        .iter()
-                        .map(|b| {
-                            json!({
-                                "id": b["id"], "cidr": b["cidr"], "source": b["source"], "active": b["active"],
-                                "created_at": b["created_at"], "expires_at": b["expires_at"], "reason": b["reason"],
-                                "evidence": {"agents": null, "events": null}
-                            })
-                        })
-                        .collect(),
-                )));
+                out.push_str(&table(BLOCK_HEADERS, &detail.blocks.iter().map(block_ref_row).collect::<Vec<_>>()));
             }
             out.push_str("\nTimeline (newest first):\n");
-            for e in items(&detail["timeline"]) {
+            for e in &detail.timeline {
                 let _ = writeln!(
                     out,
                     "  {}  {}  {} ({})",
-                    escape(&when(&e["time"])),
-                    escape(&cell(&e["agent"])),
-                    escape(&cell(&e["kind"])),
-                    escape(&cell(&e["service"]))
+                    escape(&when(e.time)),
+                    escape(&e.agent),
+                    escape(&e.kind),
+                    escape(&e.service)
                 );
-                if let Some(raw) = e["raw"].as_str() {
+                if let Some(raw) = &e.raw {
                     let _ = writeln!(out, "    {}", escape(raw));
                 }
             }
@@ -720,15 +726,21 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
                     query.push((key, value.clone()));
                 }
             }
-            let events = client.get("/api/v1/events", &query).await?;
+            let (raw, events) = client.get_as::<Vec<Event>>("/api/v1/events", &query).await?;
             if json {
-                return Ok(pretty(&events));
+                return Ok(raw);
             }
-            let rows: Vec<Vec<String>> = items(&events)
+            let rows: Vec<Vec<String>> = events
                 .iter()
                 .map(|e| {
-                    let (kind, service) = (cell(&e["kind"]), cell(&e["service"]));
-                    vec![when(&e["time"]), cell(&e["agent"]), kind, service, cell(&e["remote"]), cell(&e["raw"])]
+                    vec![
+                        when(e.time),
+                        e.agent.clone(),
+                        e.kind.clone(),
+                        e.service.clone(),
+                        e.remote.to_string(),
+                        opt(e.raw.as_deref()),
+                    ]
                 })
                 .collect();
             Ok(table(&["TIME", "AGENT", "KIND", "SERVICE", "REMOTE", "RAW"], &rows))
@@ -739,7 +751,7 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
                     Method::GET,
                     "/api/v1/reports/abuse",
                     &[("target", target.clone()), ("redact", redact.to_string())],
-                    None,
+                    NO_BODY,
                 )
                 .await?;
             let text = response.text().await.map_err(|e| CliError::Decode(one_line(&e)))?;
@@ -758,39 +770,44 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
         }
         Command::Notify { command } => notify::run(&client, json, command.as_ref()).await,
         Command::Stats => {
-            let stats = client.get("/api/v1/stats", &[]).await?;
+            let (raw, stats) = client.get_as::<Stats>("/api/v1/stats", &[]).await?;
             if json {
-                return Ok(pretty(&stats));
+                return Ok(raw);
             }
             let mut rows = vec![
-                vec![
-                    "events/s (1 min)".to_owned(),
-                    format!("{:.2}", stats["events_per_sec_1m"].as_f64().unwrap_or(0.0)),
-                ],
-                vec!["events/s (1 h)".to_owned(), format!("{:.2}", stats["events_per_sec_1h"].as_f64().unwrap_or(0.0))],
-                vec!["active blocks".to_owned(), cell(&stats["active_blocks"])],
-                vec![
-                    "agents connected".to_owned(),
-                    format!("{} / {}", cell(&stats["agents_connected"]), cell(&stats["agents_total"])),
-                ],
-                vec!["blocklist version".to_owned(), cell(&stats["blocklist_version"])],
-                vec!["max versions behind".to_owned(), cell(&stats["max_versions_behind"])],
-                vec![
-                    "propagation lag".to_owned(),
-                    format!("{:.1} s", stats["propagation_lag_secs"].as_f64().unwrap_or(0.0)),
-                ],
+                vec!["events/s (1 min)".to_owned(), format!("{:.2}", stats.events_per_sec_1m)],
+                vec!["events/s (1 h)".to_owned(), format!("{:.2}", stats.events_per_sec_1h)],
+                vec!["active blocks".to_owned(), stats.active_blocks.to_string()],
+                vec!["agents connected".to_owned(), format!("{} / {}", stats.agents_connected, stats.agents_total)],
+                vec!["blocklist version".to_owned(), stats.blocklist_version.to_string()],
+                vec!["max versions behind".to_owned(), stats.max_versions_behind.to_string()],
+                vec!["propagation lag".to_owned(), format!("{:.1} s", stats.propagation_lag_secs)],
             ];
-            if let Some(by_source) = stats["blocks_by_source"].as_object() {
-                for (source, n) in by_source {
-                    rows.push(vec![format!("blocks ({source})"), cell(n)]);
-                }
+            for (source, n) in &stats.blocks_by_source {
+                rows.push(vec![format!("blocks ({source})"), n.to_string()]);
             }
-            if let Some(by_kind) = stats["events_by_kind_1h"].as_object() {
-                for (kind, n) in by_kind {
-                    rows.push(vec![format!("events 1 h ({kind})"), cell(n)]);
-                }
+            for (kind, n) in &stats.events_by_kind_1h {
+                rows.push(vec![format!("events 1 h ({kind})"), n.to_string()]);
             }
             Ok(table(&["STAT", "VALUE"], &rows))
+        }
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli).await {
+        Ok(output) => {
+            let mut stdout = std::io::stdout().lock();
+            // A closed pipe (`fleetban events | head`) is not an error.
+            let _ = stdout.write_all(output.as_bytes());
+            let _ = stdout.flush();
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("fleetban: {error}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -798,25 +815,6 @@ pub async fn run(cli: &Cli) -> Result<String, CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tables_align() {
-        let text = table(&["ID", "NAME"], &[vec!["1".into(), "mx1".into()], vec!["100".into(), "m".into()]]);
-        assert_eq!(text, "ID   NAME\n1    mx1\n100  m\n");
-    }
-
-    #[test]
-    fn table_cells_are_escaped() {
-        let rows = vec![vec!["1".into(), "mx\x1b[2J\nroot@evil".into(), "\u{202e}gpj.exe".into()]];
-        let text = table(&["ID", "NAME", "FILE"], &rows);
-        assert!(!text.contains('\x1b') && !text.contains('\u{202e}'), "{text:?}");
-        assert_eq!(text.lines().count(), 2, "one line per row: {text:?}");
-        assert!(text.contains("mx\\u{1b}[2J\\nroot@evil"), "{text}");
-        // Columns are aligned on the escaped text.
-        let widths: Vec<usize> =
-            text.lines().map(|l| l.find("FILE").or_else(|| l.find("\\u{202e}")).unwrap()).collect();
-        assert_eq!(widths[0], widths[1], "{text}");
-    }
 
     #[test]
     fn ttls() {

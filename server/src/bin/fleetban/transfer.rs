@@ -1,6 +1,6 @@
 //! `import` and `export`: the blocklist and the allowlist in bulk through
 //! `POST /api/v1/import` and `GET /api/v1/export` (formats in
-//! [`crate::transfer`]).
+//! [`fleetban_server::transfer`]).
 //!
 //! An import is applied by the server in one transaction. On a terminal,
 //! without `--yes` or `--dry-run`, the CLI first asks the server for a dry
@@ -12,12 +12,12 @@ use std::io::IsTerminal as _;
 use std::path::Path;
 
 use reqwest::Method;
-use serde_json::{Value, json};
 
 use super::ranges::confirm;
-use super::{CliError, Client, cell, items, one_line, pretty, ttl_secs};
-use crate::text::escape;
-use crate::transfer::Format;
+use super::{CliError, Client, one_line, ttl_secs};
+use fleetban_server::api::transfer::{ImportRequest, ImportSummary};
+use fleetban_server::text::escape;
+use fleetban_server::transfer::{Format, List};
 
 fn format_arg(format: &str) -> Result<Format, CliError> {
     Format::parse(format).ok_or_else(|| {
@@ -25,26 +25,25 @@ fn format_arg(format: &str) -> Result<Format, CliError> {
     })
 }
 
-fn list_arg(list: Option<&str>) -> Result<Option<&'static str>, CliError> {
+fn list_arg(list: Option<&str>) -> Result<Option<List>, CliError> {
     match list {
         None => Ok(None),
-        Some("block") => Ok(Some("block")),
-        Some("allow") => Ok(Some("allow")),
+        Some("block") => Ok(Some(List::Block)),
+        Some("allow") => Ok(Some(List::Allow)),
         Some(other) => Err(CliError::BadArgument(format!("bad --list {other:?}: expected block or allow"))),
     }
 }
 
-fn summary_text(summary: &Value, file: &str) -> String {
-    let dry = summary["dry_run"] == true;
+fn summary_text(summary: &ImportSummary, file: &str) -> String {
     let mut out = format!(
         "{}{file}: {} added, {} already present, {} skipped.\n",
-        if dry { "Dry run, nothing written: " } else { "" },
-        items(&summary["added"]).len(),
-        items(&summary["already_present"]).len(),
-        items(&summary["skipped"]).len()
+        if summary.dry_run { "Dry run, nothing written: " } else { "" },
+        summary.added.len(),
+        summary.already_present.len(),
+        summary.skipped.len()
     );
-    for skip in items(&summary["skipped"]) {
-        let _ = writeln!(out, "  line {}: {}", cell(&skip["line"]), escape(&cell(&skip["reason"])));
+    for skip in &summary.skipped {
+        let _ = writeln!(out, "  line {}: {}", skip.line, escape(&skip.reason));
     }
     out
 }
@@ -67,26 +66,24 @@ pub(crate) async fn import(
     let list = list_arg(list)?;
     let text = std::fs::read_to_string(file)
         .map_err(|e| CliError::BadArgument(format!("cannot read {}: {}", file.display(), one_line(&e))))?;
-    let mut body = json!({ "format": format, "text": text, "dry_run": dry_run, "force": force });
-    if let Some(list) = list {
-        body["list"] = json!(list);
-    }
-    if let Some(reason) = reason {
-        body["reason"] = json!(reason);
-    }
-    if let Some(secs) = ttl_secs(ttl)? {
-        body["ttl_secs"] = json!(secs);
-    }
+    let mut body = ImportRequest {
+        format,
+        list,
+        text,
+        dry_run: true,
+        force,
+        reason: reason.map(str::to_owned),
+        ttl_secs: ttl_secs(ttl)?,
+    };
     let name = file.display().to_string();
     if !dry_run && !yes && std::io::stdin().is_terminal() {
-        let mut trial = body.clone();
-        trial["dry_run"] = json!(true);
-        let summary = client.json(Method::POST, "/api/v1/import", &[], Some(trial)).await?;
+        let (_, summary) = client.call::<ImportSummary>(Method::POST, "/api/v1/import", &[], Some(&body)).await?;
         eprint!("{}", summary_text(&summary, &name));
         confirm(&format!("Import {name} for real?"), false)?;
     }
-    let summary = client.json(Method::POST, "/api/v1/import", &[], Some(body)).await?;
-    Ok(if json_out { pretty(&summary) } else { summary_text(&summary, &escape(&name)) })
+    body.dry_run = dry_run;
+    let (raw, summary) = client.call::<ImportSummary>(Method::POST, "/api/v1/import", &[], Some(&body)).await?;
+    Ok(if json_out { raw } else { summary_text(&summary, &escape(&name)) })
 }
 
 /// `fleetban export [--format F] [--list L]`: the file, on standard output.
@@ -94,8 +91,8 @@ pub(crate) async fn export(client: &Client, format: &str, list: Option<&str>) ->
     format_arg(format)?;
     let mut query = vec![("format", format.to_owned())];
     if let Some(list) = list_arg(list)? {
-        query.push(("list", list.to_owned()));
+        query.push(("list", if list == List::Block { "block" } else { "allow" }.to_owned()));
     }
-    let response = client.send(Method::GET, "/api/v1/export", &query, None).await?;
+    let response = client.send(Method::GET, "/api/v1/export", &query, super::NO_BODY).await?;
     response.text().await.map_err(|e| CliError::Decode(one_line(&e)))
 }

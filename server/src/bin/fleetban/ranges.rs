@@ -21,10 +21,12 @@ use std::io::{BufRead as _, IsTerminal as _, Write as _};
 
 use ipnet::IpNet;
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::{CliError, Client, cell, cidr_arg, items, pretty, ttl_secs, when};
-use crate::text::escape;
+use super::{CliError, Client, cidr_arg, list, pretty, ttl_secs, when};
+use fleetban_server::api::allowlist::{Allowed, CreateAllow};
+use fleetban_server::api::blocks::Block;
+use fleetban_server::text::escape;
 
 /// Whether `net` holds more than one address.
 pub(crate) fn is_range(net: &IpNet) -> bool {
@@ -53,13 +55,11 @@ pub(crate) fn confirm(question: &str, yes: bool) -> Result<(), CliError> {
 
 /// What `unblock --carve` adds: an allowlist entry of the address for
 /// `ttl_secs` (`None`: permanent).
-fn carve_ttl(covering: &[Value], now: time::OffsetDateTime) -> Option<u64> {
+/// `expiries` are the covering blocks' (`None`: permanent).
+fn carve_ttl(expiries: &[Option<time::OffsetDateTime>], now: time::OffsetDateTime) -> Option<u64> {
     let mut longest: u64 = 0;
-    for block in covering {
-        let expires = block["expires_at"]
-            .as_str()
-            .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok());
-        match expires {
+    for expires in expiries {
+        match *expires {
             None => return None,
             Some(at) => {
                 let left = (at - now).whole_seconds().max(1);
@@ -70,8 +70,8 @@ fn carve_ttl(covering: &[Value], now: time::OffsetDateTime) -> Option<u64> {
     Some(longest.max(1))
 }
 
-fn describe(block: &Value) -> String {
-    format!("block {} ({}, reason {:?})", cell(&block["id"]), cell(&block["cidr"]), cell(&block["reason"]))
+fn describe(block: &Block) -> String {
+    format!("block {} ({}, reason {:?})", block.id, block.cidr, block.reason)
 }
 
 /// `fleetban unblock TARGET [--carve [--ttl T]] [--yes]`.
@@ -91,19 +91,17 @@ pub(crate) async fn unblock(
         if carve {
             return Err(CliError::BadArgument("--carve takes an address or CIDR, not a block id".into()));
         }
-        client.json(Method::DELETE, &format!("/api/v1/blocks/{id}"), &[], None).await?;
+        client.call_empty(Method::DELETE, &format!("/api/v1/blocks/{id}"), &[]).await?;
         return Ok(if json_out { pretty(&json!({ "removed": [id] })) } else { format!("Removed block {id}.\n") });
     }
     let cidr = cidr_arg(target)?;
-    let exact = client.get("/api/v1/blocks", &[("cidr", cidr.to_string()), ("active", "true".into())]).await?;
-    let exact: Vec<Value> = items(&exact).to_vec();
+    let (_, exact) =
+        client.get_as::<Vec<Block>>("/api/v1/blocks", &[("cidr", cidr.to_string()), ("active", "true".into())]).await?;
     // Live blocks strictly wider than the target that still cover it.
-    let covering: Vec<Value> =
-        items(&client.get("/api/v1/blocks", &[("contains", cidr.to_string()), ("active", "true".into())]).await?)
-            .iter()
-            .filter(|b| b["cidr"].as_str().and_then(|c| c.parse::<IpNet>().ok()).is_some_and(|c| c != cidr))
-            .cloned()
-            .collect();
+    let (_, covering) = client
+        .get_as::<Vec<Block>>("/api/v1/blocks", &[("contains", cidr.to_string()), ("active", "true".into())])
+        .await?;
+    let covering: Vec<Block> = covering.into_iter().filter(|b| b.cidr != cidr).collect();
     if exact.is_empty() && covering.is_empty() {
         // An agent may still hold a block of its own that the server did
         // not make a fleet block (trust_local_blocks off, or spared): only
@@ -141,31 +139,35 @@ pub(crate) async fn unblock(
     let mut out = String::new();
     let mut removed = Vec::new();
     for block in &exact {
-        let Some(id) = block["id"].as_i64() else { continue };
-        client.json(Method::DELETE, &format!("/api/v1/blocks/{id}"), &[], None).await?;
+        let id = block.id;
+        client.call_empty(Method::DELETE, &format!("/api/v1/blocks/{id}"), &[]).await?;
         removed.push(id);
-        let _ = writeln!(out, "Removed block {id} ({}).", escape(&cell(&block["cidr"])));
+        let _ = writeln!(out, "Removed block {id} ({}).", block.cidr);
     }
-    let mut carved = Value::Null;
+    let mut carved: Option<Allowed> = None;
     if carve && !covering.is_empty() {
-        let ttl = ttl.or_else(|| carve_ttl(&covering, time::OffsetDateTime::now_utc()));
-        let ids: Vec<String> = covering.iter().map(|b| cell(&b["id"])).collect();
-        let mut body = json!({ "cidr": cidr.to_string(), "note": format!("carved out of block {}", ids.join(", ")) });
-        if let Some(secs) = ttl {
-            body["ttl_secs"] = json!(secs);
-        }
-        carved = client.json(Method::POST, "/api/v1/allowlist", &[], Some(body)).await?;
-        let until = if carved["entry"]["expires_at"].is_null() {
-            "permanently".to_owned()
-        } else {
-            format!("until {} UTC", when(&carved["entry"]["expires_at"]))
+        let ttl = ttl.or_else(|| {
+            carve_ttl(&covering.iter().map(|b| b.expires_at).collect::<Vec<_>>(), time::OffsetDateTime::now_utc())
+        });
+        let ids: Vec<String> = covering.iter().map(|b| b.id.to_string()).collect();
+        let body = CreateAllow {
+            cidr: cidr.to_string(),
+            note: format!("carved out of block {}", ids.join(", ")),
+            ttl_secs: ttl,
+            force: false,
+        };
+        let (_, allowed) = client.call::<Allowed>(Method::POST, "/api/v1/allowlist", &[], Some(&body)).await?;
+        let until = match allowed.entry.expires_at {
+            None => "permanently".to_owned(),
+            Some(at) => format!("until {} UTC", when(at)),
         };
         let _ = writeln!(
             out,
             "Exempted {cidr} from {} {until} (allowlist entry {}).",
             escape(&covering.iter().map(describe).collect::<Vec<_>>().join(", ")),
-            cell(&carved["entry"]["id"])
+            allowed.entry.id
         );
+        carved = Some(allowed);
     } else if !covering.is_empty() {
         let _ = writeln!(
             out,
@@ -174,7 +176,7 @@ pub(crate) async fn unblock(
         );
     }
     Ok(if json_out {
-        pretty(&json!({ "removed": removed, "covered_by": covering, "carved": carved["entry"] }))
+        pretty(&json!({ "removed": removed, "covered_by": covering, "carved": carved.map(|c| c.entry) }))
     } else {
         out
     })
@@ -191,25 +193,22 @@ pub(crate) async fn allow(
     json_out: bool,
 ) -> Result<String, CliError> {
     let net = cidr_arg(cidr)?;
-    let mut body = json!({ "cidr": cidr, "note": note, "force": force });
-    if let Some(secs) = ttl_secs(ttl)? {
-        body["ttl_secs"] = json!(secs);
-    }
+    let body = CreateAllow { cidr: cidr.to_owned(), note: note.to_owned(), ttl_secs: ttl_secs(ttl)?, force };
     if is_range(&net) {
         confirm(&format!("Allowlisting {net} lifts every block inside it on every host."), yes)?;
     }
-    let allowed = client.json(Method::POST, "/api/v1/allowlist", &[], Some(body)).await?;
+    let (raw, allowed) = client.call::<Allowed>(Method::POST, "/api/v1/allowlist", &[], Some(&body)).await?;
     if json_out {
-        return Ok(pretty(&allowed));
+        return Ok(raw);
     }
-    let suppressed = items(&allowed["suppressed_blocks"]);
-    let mut out = format!("Allowlisted {}.\n", escape(&cell(&allowed["entry"]["cidr"])));
+    let suppressed = &allowed.suppressed_blocks;
+    let mut out = format!("Allowlisted {}.\n", allowed.entry.cidr);
     if !suppressed.is_empty() {
         let _ = writeln!(
             out,
             "Suppressed {} overlapping block(s) inside it until it is removed: {}.",
             suppressed.len(),
-            cell(&allowed["suppressed_blocks"])
+            list(suppressed)
         );
     }
     Ok(out)
@@ -221,7 +220,7 @@ pub(crate) async fn unallow(client: &Client, cidr: &str, yes: bool, json_out: bo
     if is_range(&cidr) {
         confirm(&format!("Removing {cidr} from the allowlist enforces the blocks inside it again."), yes)?;
     }
-    client.json(Method::DELETE, "/api/v1/allowlist", &[("cidr", cidr.to_string())], None).await?;
+    client.call_empty(Method::DELETE, "/api/v1/allowlist", &[("cidr", cidr.to_string())]).await?;
     Ok(if json_out {
         pretty(&json!({ "removed": cidr.to_string() }))
     } else {
@@ -236,14 +235,10 @@ mod tests {
     #[test]
     fn carve_lasts_as_long_as_the_longest_cover() {
         let now = time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
-        let at = |secs: i64| {
-            (now + time::Duration::seconds(secs)).format(&time::format_description::well_known::Rfc3339).unwrap()
-        };
-        let covering = vec![json!({"expires_at": at(600)}), json!({"expires_at": at(3_600)})];
-        assert_eq!(carve_ttl(&covering, now), Some(3_600));
-        let with_permanent = vec![json!({"expires_at": at(600)}), json!({"expires_at": null})];
-        assert_eq!(carve_ttl(&with_permanent, now), None);
-        assert_eq!(carve_ttl(&[json!({"expires_at": at(-5)})], now), Some(1));
+        let at = |secs: i64| Some(now + time::Duration::seconds(secs));
+        assert_eq!(carve_ttl(&[at(600), at(3_600)], now), Some(3_600));
+        assert_eq!(carve_ttl(&[at(600), None], now), None);
+        assert_eq!(carve_ttl(&[at(-5)], now), Some(1));
     }
 
     #[test]
