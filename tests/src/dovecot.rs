@@ -186,7 +186,7 @@ pub enum Login {
 }
 
 fn connect(to: SocketAddr, from: IpAddr, timeout: Duration) -> std::io::Result<(BufReader<TcpStream>, TcpStream)> {
-    let stream = crate::fleet::connect(to, Some(from), timeout)?;
+    let stream = crate::sock::connect(to, Some(from), timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     Ok((BufReader::new(stream.try_clone()?), stream))

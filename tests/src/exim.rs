@@ -318,7 +318,7 @@ impl Session {
     /// Connects to `to` from `from` (any port), waiting at most `timeout`
     /// for the connection and for each reply afterwards.
     pub fn connect(to: SocketAddr, from: IpAddr, timeout: Duration) -> std::io::Result<Session> {
-        let stream = crate::fleet::connect(to, Some(from), timeout)?;
+        let stream = crate::sock::connect(to, Some(from), timeout)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         let reader = BufReader::new(stream.try_clone()?);

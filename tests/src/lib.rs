@@ -7,6 +7,7 @@
 //!
 //! - `demo`, `demo_script`: the `fleetban-demo` command: an in-process fleet
 //!   with dry-run firewalls and a scripted attack.
+//! - `sock`: TCP connections from a chosen source address, with a timeout.
 //! - `netns`: network namespaces and the bridged segment the end-to-end
 //!   tests build.
 //! - `smtp_sim`: an SMTP responder writing Exim-format log lines (the
@@ -34,4 +35,5 @@ pub mod netns;
 pub mod precision;
 pub mod slots;
 pub mod smtp_sim;
+pub mod sock;
 pub mod traffic;

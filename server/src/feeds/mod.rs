@@ -35,6 +35,8 @@
 
 pub mod parse;
 
+pub mod asn;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
@@ -46,8 +48,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
 
+use self::asn::AsnBlockRule;
 use crate::blocks::{self, BlockError, BlockPolicy, BlockSource, NewBlock};
-use crate::geo::AsnBlockRule;
 use crate::telemetry::{FEED_BAD_LINES, FEED_ENTRIES, FEED_LAST_SUCCESS, FEED_REFRESHES};
 pub use parse::{FeedFormat, ParseOptions, ParsedList};
 
