@@ -217,10 +217,7 @@ impl Backend for Ipset {
     }
 
     fn commit(&mut self, now_ms: i64) -> Result<(), FirewallError> {
-        let (removes, adds) = self.staged.take();
-        if removes.is_empty() && adds.is_empty() {
-            return Ok(());
-        }
+        let Some((removes, adds)) = self.staged.take_batch() else { return Ok(()) };
         let script = Self::restore_script(&removes, &adds, now_ms);
         self.exec.run("ipset", &["restore", "-exist"], Some(script.as_bytes())).map(|_| ())
     }

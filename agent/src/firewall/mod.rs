@@ -146,6 +146,13 @@ impl Staged {
     pub fn take(&mut self) -> (Vec<Entry>, Vec<Entry>) {
         (std::mem::take(&mut self.removes), std::mem::take(&mut self.adds))
     }
+
+    /// Like [`Staged::take`], `None` when nothing is staged (a backend
+    /// whose tool runs one script per commit then runs nothing).
+    pub fn take_batch(&mut self) -> Option<(Vec<Entry>, Vec<Entry>)> {
+        let batch = self.take();
+        (!batch.0.is_empty() || !batch.1.is_empty()).then_some(batch)
+    }
 }
 
 /// How backends run their commands: directly, or inside a network namespace
