@@ -13,7 +13,9 @@ fn in_rip(data: &[u8], ip: IpAddr) -> bool {
     let mut rest = data;
     while let Some(at) = rest.windows(4).position(|w| w == b"rip=") {
         rest = &rest[at + 4..];
-        let end = rest.iter().position(|b| *b == b',').unwrap_or(rest.len());
+        // A value ends at `,`, or at the line's end (the parser reads a line
+        // without its `\r\n`).
+        let end = rest.iter().position(|b| matches!(*b, b',' | b'\r' | b'\n')).unwrap_or(rest.len());
         let found = std::str::from_utf8(&rest[..end]).ok().and_then(|s| s.parse::<IpAddr>().ok());
         if found.map(|a| a.to_canonical()) == Some(ip) {
             return true;
