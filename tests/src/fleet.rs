@@ -383,8 +383,9 @@ impl Fleet {
                 }
             };
             let dovecot = if fleet.options.dovecot {
-                let daemon = crate::dovecot::DovecotDaemon::start(ns, &hdir, IpAddr::V4(mx_v4(i)), &fleet.options.dovecot_extra)
-                    .with_context(|| format!("{short}: dovecot"))?;
+                let daemon =
+                    crate::dovecot::DovecotDaemon::start(ns, &hdir, IpAddr::V4(mx_v4(i)), &fleet.options.dovecot_extra)
+                        .with_context(|| format!("{short}: dovecot"))?;
                 Some(daemon)
             } else {
                 None

@@ -49,6 +49,14 @@ pub struct Run {
     pub local: Duration,
     /// End of the deciding session → address in `mx2`'s nft set.
     pub fleet: Duration,
+    /// How long the polls that saw the address took (`mx1`, `mx2`): the
+    /// resolution of [`Run::local`] and [`Run::fleet`].
+    pub poll: [Duration; 2],
+    /// From the first failed login's session start to the end of the
+    /// deciding one (Dovecot's pace, not fleetban's).
+    pub guessing: Duration,
+    /// Sessions Dovecot reset before any login, retried.
+    pub resets: usize,
 }
 
 /// The attacker address of run `run` (0-based).
@@ -63,26 +71,49 @@ fn nft_holds(fleet: &Fleet, i: usize, addr: IpAddr) -> bool {
 }
 
 /// Polls host `i`'s nft set every 2 ms until it holds `addr` or
-/// [`BLOCK_WAIT`] passed; returns when the poll that saw it returned.
-fn seen_at(fleet: &Fleet, i: usize, addr: IpAddr) -> Option<Instant> {
+/// [`BLOCK_WAIT`] passed; returns when the poll that saw it returned and
+/// how long that poll took.
+fn seen_at(fleet: &Fleet, i: usize, addr: IpAddr) -> Option<(Instant, Duration)> {
     let deadline = Instant::now() + BLOCK_WAIT;
     while Instant::now() < deadline {
+        let started = Instant::now();
         if nft_holds(fleet, i, addr) {
-            return Some(Instant::now());
+            let at = Instant::now();
+            return Some((at, at - started));
         }
         std::thread::sleep(Duration::from_millis(2));
     }
     None
 }
 
-/// One failed IMAP login from `from` on host 0, in a session of its own.
-fn failed_login(fleet: &Fleet, from: IpAddr) -> anyhow::Result<()> {
+/// Attempts at one session: a session whose connection was reset made no
+/// login and is retried; each run reports how many were.
+const SESSION_ATTEMPTS: usize = 3;
+
+/// One failed IMAP login from `from` on host 0, in a session of its own;
+/// returns the sessions reset before it.
+fn failed_login(fleet: &Fleet, from: IpAddr) -> anyhow::Result<usize> {
     let to = SocketAddr::new(IpAddr::V4(mx_v4(0)), IMAP_PORT);
-    let outcome = fleet.in_attacker(move || imap_logins(to, from, USER, &["wrong-password"]))?;
-    match outcome.with_context(|| format!("IMAP session from {from}"))?.as_slice() {
-        [Login::Refused] => Ok(()),
-        other => bail!("IMAP login from {from} with a wrong password: {other:?}"),
+    let dovecot_log = || {
+        let text = fleet.hosts[0].dovecot.as_ref().map(|d| d.log_text()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    };
+    for attempt in 0..SESSION_ATTEMPTS {
+        match fleet.in_attacker(move || imap_logins(to, from, USER, &["wrong-password"]))? {
+            Ok(outcome) => match outcome.as_slice() {
+                [Login::Refused] => return Ok(attempt),
+                other => bail!("IMAP login from {from} with a wrong password: {other:?}"),
+            },
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset && attempt + 1 < SESSION_ATTEMPTS => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(error) => {
+                bail!("IMAP session from {from}: {error}; mx1's Dovecot log:\n{}", dovecot_log())
+            }
+        }
     }
+    bail!("IMAP sessions from {from} were reset {SESSION_ATTEMPTS} times")
 }
 
 /// Run `run` (see the module docs) with the agents' `auth_failures`
@@ -91,14 +122,16 @@ pub fn run(fleet: &Fleet, run: usize, threshold: u32) -> anyhow::Result<Run> {
     ensure!(threshold >= 1, "the threshold must be at least 1");
     let from = attacker(run)?;
     fleet.attacker().ip(&["addr", "add", &format!("{from}/32"), "dev", "eth0"])?;
+    let started = Instant::now();
+    let mut resets = 0;
     for _ in 1..threshold {
-        failed_login(fleet, from)?;
+        resets += failed_login(fleet, from)?;
     }
     ensure!(
-        !nft_holds(fleet, 0, from) && !nft_holds(fleet, 1, from),
+        !nft_holds(fleet, 0, from) && !nft_holds(fleet, 1, from) && fleet.live_block(from)?.is_none(),
         "{from} was blocked before its failed login number {threshold}: the agents' threshold is not {threshold}"
     );
-    failed_login(fleet, from)?;
+    resets += failed_login(fleet, from)?;
     let ended = Instant::now();
     let (local, remote) = std::thread::scope(|s| {
         let local = s.spawn(|| seen_at(fleet, 0, from));
@@ -119,5 +152,13 @@ pub fn run(fleet: &Fleet, run: usize, threshold: u32) -> anyhow::Result<Run> {
     let Some(remote) = remote else {
         bail!(report(&format!("{from} was not in mx2's nft set within {} s", BLOCK_WAIT.as_secs())));
     };
-    Ok(Run { attacker: from, failed: threshold, local: local.saturating_duration_since(ended), fleet: remote.saturating_duration_since(ended) })
+    Ok(Run {
+        attacker: from,
+        failed: threshold,
+        local: local.0.saturating_duration_since(ended),
+        fleet: remote.0.saturating_duration_since(ended),
+        poll: [local.1, remote.1],
+        guessing: ended - started,
+        resets,
+    })
 }
