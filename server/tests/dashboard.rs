@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use fleetban_proto::v1::{Event, EventBatch, EventKind};
+use fleetban_proto::v1::{Event, EventBatch, EventKind, Service};
 use fleetban_server::blocks::{self, BlockSource, NewBlock};
 use fleetban_server::correlate::CorrelateConfig;
 use fleetban_server::ingest::Ingest;
@@ -323,7 +323,8 @@ fn event(kind: EventKind, remote: &str, minutes_ago: i64, count: u32, raw: &str)
 }
 
 /// An overnight attack on two hosts, through the real ingest path:
-/// 203.0.113.66 fails logins on both (6 + 3), 203.0.113.67 probes
+/// 203.0.113.66 fails logins on both (6 + 3 over SMTP, then 1 over IMAP
+/// on the second, a Dovecot line), 203.0.113.67 probes
 /// recipients on one (4); mx-dash-1 fills its 100 slots and refuses; a
 /// legitimate sender connects and delivers (context, never abuse).
 async fn seed_overnight(pool: &PgPool, mx1: Uuid, mx2: Uuid) {
@@ -355,6 +356,18 @@ async fn seed_overnight(pool: &PgPool, mx1: Uuid, mx2: Uuid) {
     for i in 0..3 {
         two.push(event(EventKind::AuthFailed, "203.0.113.66", 38 - i, 0, &auth("203.0.113.66")));
     }
+    two.push(Event {
+        service: Service::Imap as i32,
+        local_port: 143,
+        ..event(
+            EventKind::AuthFailed,
+            "203.0.113.66",
+            30,
+            0,
+            "imap-login: Disconnected (auth failed, 1 attempts in 2 secs): user=<alice>, method=PLAIN, \
+             rip=203.0.113.66, lip=192.0.2.22, session=<k3Xq2bFv>",
+        )
+    });
     two.push(event(EventKind::Connect, "198.51.100.9", 10, 20, "SMTP connection from [198.51.100.9]"));
     for (agent, events) in [(mx1, one), (mx2, two)] {
         let outcome = ingest.store(agent, EventBatch { seq: 1, events, position: None }).await.unwrap();
@@ -474,11 +487,11 @@ async fn dashboard_shows_the_night_explains_and_unblocks_with_confirmation(pool:
     browser.wait_until("return document.getElementById('content').dataset.loaded === 'overview';", "reloaded").await;
     let checked = browser.script("return document.querySelector('#range-picker input:checked').value;").await;
     assert_eq!(checked, "1h", "the chosen range survives a reload");
-    assert_eq!(drawn(&browser, "abuse-chart").await, json!({"auth_failed": 9, "rcpt_rejected": 4}));
+    assert_eq!(drawn(&browser, "abuse-chart").await, json!({"auth_failed": 10, "rcpt_rejected": 4}));
     let bars = browser.script("return document.querySelectorAll('#abuse-chart rect.bar').length;").await;
     assert!(bars.as_u64().unwrap() >= 2, "{bars}");
     let summary = browser.text_of("#attacks-summary").await;
-    assert!(summary.contains("13 abuse events in the last 1h"), "{summary}");
+    assert!(summary.contains("14 abuse events in the last 1h"), "{summary}");
     // Split by host instead: the same events, per host, kept across a reload.
     browser
         .script("const s = document.getElementById('split'); s.value = 'host'; s.dispatchEvent(new Event('change'));")
@@ -491,7 +504,7 @@ async fn dashboard_shows_the_night_explains_and_unblocks_with_confirmation(pool:
         .await;
     browser.reload().await;
     browser.wait_until("return document.getElementById('content').dataset.loaded === 'overview';", "reloaded").await;
-    assert_eq!(drawn(&browser, "abuse-chart").await, json!({"mx-dash-1": 10, "mx-dash-2": 3}));
+    assert_eq!(drawn(&browser, "abuse-chart").await, json!({"mx-dash-1": 10, "mx-dash-2": 4}));
     browser
         .script("const s = document.getElementById('split'); s.value = 'kind'; s.dispatchEvent(new Event('change'));")
         .await;
@@ -537,7 +550,20 @@ async fn dashboard_shows_the_night_explains_and_unblocks_with_confirmation(pool:
     let hosts = browser.text_of("#attacker-hosts tbody").await;
     assert!(hosts.contains("mx-dash-1") && hosts.contains("mx-dash-2") && hosts.contains("auth_failed"), "{hosts}");
     let timeline = browser.text_of("#attacker-timeline").await;
-    assert!(timeline.contains("mx-dash-1 — 6 events") && timeline.contains("mx-dash-2 — 3 events"), "{timeline}");
+    assert!(timeline.contains("mx-dash-1 — 6 events") && timeline.contains("mx-dash-2 — 4 events"), "{timeline}");
+    // Every event is labelled with its service: the Dovecot line as IMAP,
+    // Exim's as SMTP.
+    let labels = browser
+        .script(
+            "return [...document.querySelectorAll('#attacker-timeline li[data-kind]')]\
+             .map(l => [l.dataset.service, l.querySelector('strong').textContent.trim()]);",
+        )
+        .await;
+    let labels: Vec<(String, String)> = serde_json::from_value(labels).unwrap();
+    let imap: Vec<&str> = labels.iter().filter(|(s, _)| s == "imap").map(|(_, l)| l.as_str()).collect();
+    assert_eq!(imap, ["auth_failed · IMAP"], "{labels:?}");
+    let smtp = labels.iter().filter(|(s, l)| s == "smtp" && l == "auth_failed · SMTP").count();
+    assert_eq!((smtp, labels.len()), (9, 10), "{labels:?}");
     browser.screenshot("attacker").await;
 
     // A range shows the addresses inside it.
@@ -605,6 +631,10 @@ async fn dashboard_shows_the_night_explains_and_unblocks_with_confirmation(pool:
         browser.script("return [...document.querySelectorAll('#feed li[data-kind]')].map(l => l.dataset.kind);").await;
     let kinds: Vec<&str> = kinds.as_array().unwrap().iter().filter_map(Value::as_str).collect();
     assert!(kinds.iter().all(|k| ["auth_failed", "rcpt_rejected"].contains(k)), "{kinds:?}");
+    let imap = browser.text_of("#feed li[data-service='imap'] strong").await;
+    assert_eq!(imap, "auth_failed · IMAP");
+    let smtp = browser.text_of("#feed li[data-service='smtp'][data-kind='rcpt_rejected'] strong").await;
+    assert_eq!(smtp, "rcpt_rejected · SMTP");
     browser.screenshot("live").await;
     browser.click("#feed-all").await;
     browser

@@ -100,9 +100,10 @@ pub struct DovecotDaemon {
 }
 
 impl DovecotDaemon {
-    /// Writes the configuration under `dir` and starts Dovecot inside `ns`
-    /// on `listen`; returns once IMAP answers (at most 10 s).
-    pub fn start(ns: &Netns, dir: &Path, listen: IpAddr) -> Result<DovecotDaemon, DovecotError> {
+    /// Writes the configuration under `dir` (with `extra` lines appended)
+    /// and starts Dovecot inside `ns` on `listen`; returns once IMAP answers
+    /// (at most 10 s).
+    pub fn start(ns: &Netns, dir: &Path, listen: IpAddr, extra: &str) -> Result<DovecotDaemon, DovecotError> {
         let bin = binary()?;
         for sub in ["dovecot-run", "dovecot-state", "dovecot-mail"] {
             fs::create_dir_all(dir.join(sub)).map_err(io(format!("create {sub}")))?;
@@ -112,7 +113,7 @@ impl DovecotDaemon {
         fs::write(dir.join("dovecot-passwd"), format!("{USER}:{{PLAIN}}{PASSWORD}\n"))
             .map_err(io("write dovecot-passwd"))?;
         let conf = dir.join("dovecot.conf");
-        fs::write(&conf, config_text(dir, listen)).map_err(io("write dovecot.conf"))?;
+        fs::write(&conf, format!("{}{extra}\n", config_text(dir, listen))).map_err(io("write dovecot.conf"))?;
         let out = fs::File::create(dir.join("dovecot.out")).map_err(io("create dovecot.out"))?;
         let err = out.try_clone().map_err(io("dup dovecot.out"))?;
         let mut cmd = ns.command(bin.to_str().unwrap_or("dovecot"));

@@ -98,6 +98,9 @@ pub struct FleetOptions {
     /// Also run a real Dovecot (IMAP 143, POP3 110; [`crate::dovecot`]) on
     /// every mail host, tailed by its agent as a second, `dovecot` source.
     pub dovecot: bool,
+    /// Lines appended to every Dovecot's configuration (with
+    /// [`FleetOptions::dovecot`]).
+    pub dovecot_extra: String,
 }
 
 impl Default for FleetOptions {
@@ -111,6 +114,7 @@ impl Default for FleetOptions {
             correlate: String::new(),
             smtp_accept_max: 20,
             dovecot: false,
+            dovecot_extra: String::new(),
         }
     }
 }
@@ -380,8 +384,9 @@ impl Fleet {
                 }
             };
             let dovecot = if fleet.options.dovecot {
-                let daemon = crate::dovecot::DovecotDaemon::start(ns, &hdir, IpAddr::V4(mx_v4(i)))
-                    .with_context(|| format!("{short}: dovecot"))?;
+                let daemon =
+                    crate::dovecot::DovecotDaemon::start(ns, &hdir, IpAddr::V4(mx_v4(i)), &fleet.options.dovecot_extra)
+                        .with_context(|| format!("{short}: dovecot"))?;
                 Some(daemon)
             } else {
                 None

@@ -23,6 +23,9 @@
 //!   through the real detection and correlation, scored.
 //! - `slots`: freeing the Exim slots a blocked attacker holds (the
 //!   `exim_slots` test and the `fleetban-slots` benchmark).
+//! - `imap_block`: failed IMAP logins against real Dovecot until the
+//!   guesser is blocked on its host and fleet-wide (the
+//!   `fleetban-imap-block` benchmark).
 //! - `fleet`: the whole fleet (Postgres, server, mail hosts with agents, an
 //!   attacker and a client) in namespaces.
 
@@ -31,6 +34,7 @@ pub mod demo_script;
 pub mod dovecot;
 pub mod exim;
 pub mod fleet;
+pub mod imap_block;
 pub mod netns;
 pub mod precision;
 pub mod slots;

@@ -410,6 +410,13 @@ async function showShadow() {
   }, "no shadow decisions");
 }
 
+// The service an event's line came from: `smtp` for Exim's (and for events
+// stored before services were recorded), `imap`, `pop3`, ... for Dovecot's.
+function serviceOf(e) { return e.service || "smtp"; }
+
+// "auth_failed · IMAP": the kind and the service, on every event shown.
+function kindAndService(e) { return e.kind + " \u00b7 " + serviceOf(e).toUpperCase(); }
+
 async function showLive() {
   const all = $("feed-all").checked;
   // Bounded to a day: with no abuse for a while, an unbounded search would
@@ -421,8 +428,9 @@ async function showLive() {
     state.seenEvents.add(e.id);
     const li = el("li");
     li.dataset.kind = e.kind;
+    li.dataset.service = serviceOf(e);
     li.appendChild(el("span", new Date(e.time).toLocaleTimeString() + "  " + e.agent + "  ", "muted"));
-    li.appendChild(el("strong", e.kind));
+    li.appendChild(el("strong", kindAndService(e)));
     li.appendChild(document.createTextNode("  "));
     li.appendChild(attackerLink(e.remote.replace(/\/(32|128)$/, "")));
     if (e.raw) li.appendChild(el("div", e.raw, "raw"));
@@ -516,8 +524,9 @@ async function showAttacker(target) {
       for (const e of events) {
         const item = el("li");
         item.dataset.kind = e.kind;
+        item.dataset.service = serviceOf(e);
         item.appendChild(el("time", new Date(e.time).toLocaleString()));
-        item.appendChild(el("strong", " " + e.kind + " "));
+        item.appendChild(el("strong", " " + kindAndService(e) + " "));
         if (e.raw) item.appendChild(el("span", e.raw, "raw"));
         ol.appendChild(item);
       }
