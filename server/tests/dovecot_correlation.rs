@@ -3,6 +3,8 @@
 //! attempts, and a successful IMAP login is good standing like accepted mail.
 //! Evidence goes in through the real ingest path.
 
+mod common;
+
 use std::net::IpAddr;
 
 use fleetban_proto::v1::{Event, EventBatch, EventKind, Service};

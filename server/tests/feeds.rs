@@ -24,11 +24,6 @@ use serde_json::Value;
 use sqlx::PgPool;
 use tower::ServiceExt;
 
-#[ctor::ctor]
-fn init() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
-
 /// What the local list server answers: a status and a body.
 type Served = Arc<Mutex<(u16, Vec<u8>)>>;
 

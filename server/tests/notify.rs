@@ -29,11 +29,6 @@ use sqlx::PgPool;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tower::ServiceExt;
 
-#[ctor::ctor]
-fn init() {
-    fleetban_server::pgembed::ensure_test_database_url();
-}
-
 const SECRET: &str = "a-webhook-secret-of-some-length";
 /// Upper bound of every wait in these tests.
 const DEADLINE: Duration = Duration::from_secs(20);
