@@ -57,9 +57,16 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
 pub enum Push {
     /// Changes every agent on this server should apply.
     Delta(Arc<BlocklistDelta>),
-    /// Blocks an operator revoked, sent ahead of the delta that removes
-    /// them (agents drop their own local blocks of these ranges).
-    Revocations(Arc<Revocations>),
+    /// Blocks an operator revoked, sent ahead of the delta up to
+    /// `to_version` that removes them (agents drop their own local blocks of
+    /// these ranges). A session whose agent already holds `to_version` (it
+    /// got them with its catch-up) skips them.
+    Revocations {
+        /// The revoked blocks.
+        revoked: Arc<Revocations>,
+        /// The version of the delta they come with.
+        to_version: u64,
+    },
     /// The change log cannot serve a delta; send a snapshot.
     Resync,
     /// The fleet's live allowlist changed; send it.
@@ -338,7 +345,7 @@ async fn catch_up(pool: &PgPool, hub: &Hub, version: &mut u64) {
                 if from > 0 {
                     match blocks::revocations_between(pool, from, delta.to_version).await {
                         Ok(revoked) if !revoked.revocations.is_empty() => {
-                            hub.fan_out(Push::Revocations(Arc::new(revoked)));
+                            hub.fan_out(Push::Revocations { revoked: Arc::new(revoked), to_version: delta.to_version });
                         }
                         Ok(_) => {}
                         // The agents still get the delta; a snapshot or a

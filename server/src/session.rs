@@ -593,7 +593,8 @@ impl Session {
             Push::Revoked => self.check_credentials().await,
             Push::Resync => self.send_snapshot().await,
             // Applying a revocation twice changes nothing on the agent.
-            Push::Revocations(revoked) => self.send(Out::Revocations((*revoked).clone())).await,
+            Push::Revocations { to_version, .. } if to_version <= self.version => Ok(()),
+            Push::Revocations { revoked, .. } => self.send(Out::Revocations((*revoked).clone())).await,
             Push::Delta(delta) if delta.to_version <= self.version => Ok(()),
             Push::Delta(delta) if delta.from_version == self.version => {
                 self.version = delta.to_version;
