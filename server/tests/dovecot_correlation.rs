@@ -18,14 +18,7 @@ fn ip(s: &str) -> IpAddr {
 }
 
 async fn agent(pool: &PgPool, name: &str) -> Uuid {
-    let id = Uuid::new_v4();
-    sqlx::query("insert into agents (id, name, hostname, secret_hash) values ($1, $2, $2, '\\x00')")
-        .bind(id)
-        .bind(name)
-        .execute(pool)
-        .await
-        .unwrap();
-    id
+    common::agent(pool, name, name, false, &[]).await
 }
 
 fn now_ms() -> i64 {
