@@ -12,7 +12,9 @@
 //! [`FleetOptions::hosts`] sets how many mail hosts there are (three by
 //! default) and [`FleetOptions::mta`] what listens on their port 25: the
 //! simulator, or a real Exim daemon started by [`crate::exim`] that logs to
-//! the same `exim_mainlog` the agent tails.
+//! the same `exim_mainlog` the agent tails. [`FleetOptions::replicas`] above
+//! one runs that many servers in `srv` behind HAProxy, which then holds
+//! 192.0.2.1:50051 and 127.0.0.1:8080 ([`crate::replicas`]).
 //!
 //! Postgres runs on the test's side (the namespace the test started in) and
 //! the server in `srv` reaches it over its Unix socket; agents run inside
@@ -101,6 +103,10 @@ pub struct FleetOptions {
     /// Lines appended to every Dovecot's configuration (with
     /// [`FleetOptions::dovecot`]).
     pub dovecot_extra: String,
+    /// How many `fleetban-server serve` processes share the database: 1 (the
+    /// default) is one server on the agents' address; more run behind
+    /// HAProxy ([`crate::replicas`]), at most 9.
+    pub replicas: usize,
 }
 
 impl Default for FleetOptions {
@@ -115,6 +121,7 @@ impl Default for FleetOptions {
             smtp_accept_max: 20,
             dovecot: false,
             dovecot_extra: String::new(),
+            replicas: 1,
         }
     }
 }
@@ -126,8 +133,13 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn new(child: Child) -> Proc {
+    pub(crate) fn new(child: Child) -> Proc {
         Proc { child: Some(child) }
+    }
+
+    /// No process (yet).
+    pub(crate) fn new_empty() -> Proc {
+        Proc { child: None }
     }
 
     /// `kill -9` and reap.
@@ -200,8 +212,11 @@ pub struct Fleet {
     pub dir: PathBuf,
     /// The mail hosts.
     pub hosts: Vec<Host>,
-    /// The server process.
+    /// The server process (replica 0 with [`FleetOptions::replicas`] > 1).
     pub server: Proc,
+    /// The other replicas and the load balancer in front of them
+    /// ([`FleetOptions::replicas`] > 1).
+    pub cluster: Option<crate::replicas::Cluster>,
     // Drop order: processes, then Postgres, then namespaces.
     /// The embedded Postgres (in the `srv` namespace).
     pub pg: EmbeddedPostgres,
@@ -213,8 +228,8 @@ pub struct Fleet {
     srv: usize,
     att: usize,
     cli: usize,
-    bins: PathBuf,
-    options: FleetOptions,
+    pub(crate) bins: PathBuf,
+    pub(crate) options: FleetOptions,
 }
 
 /// Directory of the workspace's binaries (next to the test executable's `deps/`).
@@ -258,6 +273,9 @@ impl Fleet {
         let srv = segment.add_machine("srv", &[IpAddr::V4(SERVER)])?;
         if !(1..=9).contains(&options.hosts) {
             bail!("FleetOptions::hosts is {}; 1 to 9 are supported", options.hosts);
+        }
+        if !(1..=9).contains(&options.replicas) {
+            bail!("FleetOptions::replicas is {}; 1 to 9 are supported", options.replicas);
         }
         let mut host_idx = Vec::new();
         for i in 0..options.hosts {
@@ -309,6 +327,7 @@ impl Fleet {
             dir,
             hosts: Vec::new(),
             server: Proc { child: None },
+            cluster: None,
             pg,
             rt,
             pool,
@@ -436,8 +455,12 @@ impl Fleet {
         Ok(())
     }
 
-    /// Starts (or restarts) the server process.
+    /// Starts (or restarts) the server process; with replicas, every replica
+    /// that is not running (and the load balancer first).
     pub fn start_server(&mut self) -> anyhow::Result<()> {
+        if self.options.replicas > 1 {
+            return self.start_cluster();
+        }
         let child = self
             .server_ns()
             .command(path_str(&self.bins.join("fleetban-server"))?)
@@ -765,8 +788,11 @@ impl Fleet {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Server log (for failure messages).
+    /// Server log (for failure messages); with replicas, each replica's.
     pub fn server_log_tail(&self) -> String {
+        if self.options.replicas > 1 {
+            return self.replica_log_tails();
+        }
         tail_file(&self.dir.join("server.out"), 30)
     }
 
@@ -786,6 +812,9 @@ impl Drop for Fleet {
             }
         }
         self.server.kill9();
+        if let Some(cluster) = self.cluster.as_mut() {
+            cluster.kill_all();
+        }
         if std::env::var_os("FLEETBAN_E2E_KEEP").is_none() {
             let _ = fs::remove_dir_all(&self.dir);
         } else {
@@ -794,19 +823,19 @@ impl Drop for Fleet {
     }
 }
 
-fn join<T>(h: std::thread::JoinHandle<Result<T, crate::netns::NetnsError>>) -> anyhow::Result<T> {
+pub(crate) fn join<T>(h: std::thread::JoinHandle<Result<T, crate::netns::NetnsError>>) -> anyhow::Result<T> {
     h.join().map_err(|_| anyhow!("namespace thread panicked"))?.map_err(Into::into)
 }
 
-fn path_str(p: &Path) -> anyhow::Result<&str> {
+pub(crate) fn path_str(p: &Path) -> anyhow::Result<&str> {
     p.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", p.display()))
 }
 
-fn log_file(p: &Path) -> anyhow::Result<fs::File> {
+pub(crate) fn log_file(p: &Path) -> anyhow::Result<fs::File> {
     Ok(fs::OpenOptions::new().create(true).append(true).open(p)?)
 }
 
-fn run_ok(cmd: &mut Command) -> anyhow::Result<std::process::Output> {
+pub(crate) fn run_ok(cmd: &mut Command) -> anyhow::Result<std::process::Output> {
     let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?}: {}: {}", out.status, String::from_utf8_lossy(&out.stderr));
@@ -814,7 +843,7 @@ fn run_ok(cmd: &mut Command) -> anyhow::Result<std::process::Output> {
     Ok(out)
 }
 
-fn tail_file(p: &Path, n: usize) -> String {
+pub(crate) fn tail_file(p: &Path, n: usize) -> String {
     let text = fs::read_to_string(p).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")

@@ -28,15 +28,20 @@
 //!   `fleetban-imap-block` benchmark).
 //! - `fleet`: the whole fleet (Postgres, server, mail hosts with agents, an
 //!   attacker and a client) in namespaces.
+//! - `replicas`: the fleet's server as several replicas behind HAProxy.
+//! - `drill`: traffic with one source port per session and the accounting
+//!   of the failure drills (lines written against events stored).
 
 pub mod demo;
 pub mod demo_script;
 pub mod dovecot;
+pub mod drill;
 pub mod exim;
 pub mod fleet;
 pub mod imap_block;
 pub mod netns;
 pub mod precision;
+pub mod replicas;
 pub mod slots;
 pub mod smtp_sim;
 pub mod sock;

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use fleetban_tests::drill::{Accounting, account, converge};
 use fleetban_tests::fleet::{
     self, CLIENT, Fleet, FleetOptions, PROBE_TIMEOUT, att_v4, auth_failures, connect, mx_v4, smtp_banner,
 };
@@ -314,8 +315,7 @@ fn unblock_and_allowlist() {
     println!("e2e allowlist: allowlisted address after 24 failed logins on 3 hosts: never blocked");
 }
 
-/// Polite sessions (banner, QUIT) from `from` with source ports
-/// `ports` to `to`, one every 5 ms, bounded by the port range and `max_time`.
+/// Drill traffic: one polite session every 5 ms, bounded by `ports` and `max_time`.
 fn drill_traffic(
     ns: &fleetban_tests::netns::Netns,
     from: IpAddr,
@@ -323,61 +323,7 @@ fn drill_traffic(
     ports: std::ops::Range<u16>,
     max_time: Duration,
 ) -> std::thread::JoinHandle<Result<usize, fleetban_tests::netns::NetnsError>> {
-    ns.spawn(move || {
-        let started = Instant::now();
-        let mut ok = 0;
-        for port in ports {
-            if started.elapsed() > max_time {
-                break;
-            }
-            if fleet::smtp_quit(to, SocketAddr::new(from, port), Duration::from_millis(300)).is_ok() {
-                ok += 1;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        ok
-    })
-}
-
-/// (written, stored, lost, duplicated, catch-up time).
-type Accounting = (i64, i64, i64, i64, Duration);
-
-/// Waits until host `i` stored as many connect events from `remote` in
-/// `ports` as its log holds lines; returns (written, stored, lost,
-/// duplicated, how long after the traffic ended the store caught up).
-fn account(fleet: &Fleet, i: usize, remote: IpAddr, ports: std::ops::Range<u16>, within: Duration) -> Accounting {
-    let written = fleet.written_connects(i, remote, ports.clone()).expect("read the log");
-    let started = Instant::now();
-    let deadline = started + within;
-    loop {
-        let stored = fleet.stored_connects(i, remote, ports.clone()).unwrap_or_default();
-        let lost = written.keys().filter(|p| !stored.contains_key(p)).count() as i64;
-        let dup: i64 = stored.values().map(|n| n - 1).sum();
-        let extra = stored.keys().filter(|p| !written.contains_key(p)).count() as i64;
-        if (lost == 0 && extra == 0) || Instant::now() > deadline {
-            return (written.values().sum(), stored.values().sum(), lost + extra, dup, started.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Every live block is in every host's nft set within `within`; returns how long it took.
-fn converge(fleet: &Fleet, within: Duration) -> Option<Duration> {
-    let started = Instant::now();
-    loop {
-        let cidrs = fleet.live_cidrs().unwrap_or_default();
-        let ok = (0..3).all(|i| {
-            let nft = fleet.nft_entries(i).unwrap_or_default();
-            cidrs.iter().all(|c| nft.contains(c.trim_end_matches("/32")))
-        });
-        if ok {
-            return Some(started.elapsed());
-        }
-        if started.elapsed() > within {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    fleetban_tests::drill::traffic(ns, from, to, ports, Duration::from_millis(5), max_time)
 }
 
 /// Scenario 5: kill -9 an agent, kill -9 the server, restart Postgres and
