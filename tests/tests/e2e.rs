@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use fleetban_tests::drill::{Accounting, account, converge};
+use fleetban_tests::drill::failure_drills;
 use fleetban_tests::fleet::{
     self, CLIENT, Fleet, FleetOptions, PROBE_TIMEOUT, att_v4, auth_failures, connect, mx_v4, smtp_banner,
 };
@@ -315,17 +315,6 @@ fn unblock_and_allowlist() {
     println!("e2e allowlist: allowlisted address after 24 failed logins on 3 hosts: never blocked");
 }
 
-/// Drill traffic: one polite session every 5 ms, bounded by `ports` and `max_time`.
-fn drill_traffic(
-    ns: &fleetban_tests::netns::Netns,
-    from: IpAddr,
-    to: SocketAddr,
-    ports: std::ops::Range<u16>,
-    max_time: Duration,
-) -> std::thread::JoinHandle<Result<usize, fleetban_tests::netns::NetnsError>> {
-    fleetban_tests::drill::traffic(ns, from, to, ports, Duration::from_millis(5), max_time)
-}
-
 /// Scenario 5: kill -9 an agent, kill -9 the server, restart Postgres and
 /// cut a host's link for 30 s, each in the middle of traffic: every connect
 /// line is stored exactly once (by its source port), and the firewalls
@@ -338,73 +327,7 @@ fn failure_drills_lose_and_duplicate_nothing() {
         ..FleetOptions::default()
     });
     fleet.allowlist("203.0.113.0/24").expect("allowlist");
-    let client = IpAddr::V4(CLIENT);
-    let mut failures = Vec::new();
-    let mut report = |name: &str, (written, stored, lost, dup, caught_up): Accounting, conv: Option<Duration>| {
-        println!(
-            "e2e drill {name}: lines written {written}, events stored {stored}, lost {lost}, duplicated {dup}; \
-             store complete {} ms after the traffic ended; firewalls converged {}",
-            ms(caught_up),
-            conv.map_or("NEVER".to_owned(), |d| format!("{} ms later", ms(d)))
-        );
-        if lost != 0 || dup != 0 || written == 0 || conv.is_none() {
-            failures.push(name.to_owned());
-        }
-    };
-
-    // 1. kill -9 mx1's agent mid-traffic; a block is made while it is down.
-    let ports = 20000..21000;
-    let traffic = drill_traffic(fleet.client(), client, smtp(0), ports.clone(), Duration::from_secs(6));
-    std::thread::sleep(Duration::from_secs(1));
-    fleet.hosts[0].agent.kill9();
-    fleet.manual_block("198.51.100.42/32").expect("block");
-    std::thread::sleep(Duration::from_secs(1));
-    fleet.start_agent(0).expect("restart agent");
-    traffic.join().expect("traffic thread").expect("namespace");
-    let acc = account(&fleet, 0, client, ports, Duration::from_secs(30));
-    report("kill -9 agent", acc, converge(&fleet, Duration::from_secs(10)));
-
-    // 2. kill -9 the server mid-traffic.
-    let ports = 21000..22000;
-    let traffic = drill_traffic(fleet.client(), client, smtp(0), ports.clone(), Duration::from_secs(6));
-    std::thread::sleep(Duration::from_secs(1));
-    fleet.server.kill9();
-    std::thread::sleep(Duration::from_secs(2));
-    fleet.start_server().expect("restart server");
-    fleet.manual_block("198.51.100.43/32").expect("block");
-    traffic.join().expect("traffic thread").expect("namespace");
-    let acc = account(&fleet, 0, client, ports, Duration::from_secs(40));
-    report("kill -9 server", acc, converge(&fleet, Duration::from_secs(10)));
-
-    // 3. restart Postgres mid-traffic.
-    let ports = 22000..23000;
-    let traffic = drill_traffic(fleet.client(), client, smtp(0), ports.clone(), Duration::from_secs(6));
-    std::thread::sleep(Duration::from_secs(1));
-    fleet.set_postgres(false).expect("stop postgres");
-    std::thread::sleep(Duration::from_secs(2));
-    fleet.set_postgres(true).expect("start postgres");
-    traffic.join().expect("traffic thread").expect("namespace");
-    fleet.manual_block("198.51.100.44/32").expect("block");
-    let acc = account(&fleet, 0, client, ports, Duration::from_secs(40));
-    report("restart postgres", acc, converge(&fleet, Duration::from_secs(10)));
-
-    // 4. cut mx1's link for 30 s; its own traffic (from itself, over
-    // loopback) goes on; a block is made and one deleted meanwhile.
-    let ports = 23000..30000;
-    let me = IpAddr::V4(mx_v4(0));
-    let traffic = drill_traffic(fleet.host_ns(0), me, smtp(0), ports.clone(), Duration::from_secs(33));
-    std::thread::sleep(Duration::from_secs(1));
-    fleet.set_host_link(0, false).expect("cut link");
-    let gone = fleet.live_block(att_v4(42)).expect("query").expect("block 42");
-    fleet.revoke_block(gone.0).expect("revoke");
-    fleet.manual_block("198.51.100.45/32").expect("block");
-    std::thread::sleep(Duration::from_secs(30));
-    fleet.set_host_link(0, true).expect("restore link");
-    traffic.join().expect("traffic thread").expect("namespace");
-    let acc = account(&fleet, 0, me, ports, Duration::from_secs(60));
-    let conv = converge(&fleet, Duration::from_secs(40));
-    let stale = fleet.nft_entries(0).unwrap_or_default().contains("198.51.100.42");
-    report("cut link 30 s", acc, if stale { None } else { conv });
+    let failures = failure_drills(&mut fleet, "e2e");
     assert!(
         failures.is_empty(),
         "failed drills: {failures:?}\nserver:\n{}\nmx1:\n{}",

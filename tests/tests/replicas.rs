@@ -10,6 +10,8 @@
 //!   made on a surviving replica's API reaches every host;
 //! - a Postgres restart under traffic with the three replicas: nothing
 //!   lost or duplicated;
+//! - the single-server test's failure drills (agent, replica and Postgres
+//!   killed or restarted, a host's link cut) with the replicas;
 //! - the legitimate client is never blocked.
 //!
 //! They need root (namespaces, nftables) and `/usr/sbin/haproxy`; run with
@@ -50,6 +52,13 @@ fn smtp(i: usize) -> SocketAddr {
 }
 
 fn start() -> Fleet {
+    start_with(vec![format!("{RELAY}/32")])
+}
+
+/// Three replicas and three hosts whose agents allowlist `agent_allowlist`;
+/// the relay's address is added to the client namespace and allowlisted at
+/// the server.
+fn start_with(agent_allowlist: Vec<String>) -> Fleet {
     assert!(
         is_root(),
         "the end-to-end tests need root (network namespaces and nftables); run them as root, e.g. \
@@ -57,11 +66,9 @@ fn start() -> Fleet {
     );
     assert!(std::path::Path::new(HAPROXY).is_file(), "{HAPROXY} is missing: apt-get install haproxy");
     let bins = BINS.get_or_init(|| fleet::binaries().unwrap_or_else(|error| panic!("{error:#}")));
-    let fleet = Fleet::start(
-        bins.clone(),
-        FleetOptions { replicas: REPLICAS, agent_allowlist: vec![format!("{RELAY}/32")], ..FleetOptions::default() },
-    )
-    .unwrap_or_else(|error| panic!("starting the fleet: {error:#}"));
+    let fleet =
+        Fleet::start(bins.clone(), FleetOptions { replicas: REPLICAS, agent_allowlist, ..FleetOptions::default() })
+            .unwrap_or_else(|error| panic!("starting the fleet: {error:#}"));
     fleet.client().ip(&["addr", "add", &format!("{RELAY}/32"), "dev", "eth0"]).expect("the relay's address");
     fleet.allowlist(&format!("{RELAY}/32")).expect("allowlist the relay");
     fleet
@@ -422,6 +429,35 @@ fn postgres_restart_with_replicas_loses_and_duplicates_nothing() {
     assert!(conv.is_some(), "the firewalls did not converge on the blocklist");
     assert!(connected, "agents not connected again: {:?}", fleet.agent_sessions());
     assert_client_never_blocked(&fleet);
+}
+
+/// The single-server test's failure drills (`drill::failure_drills`: kill
+/// -9 an agent, kill -9 the replica mx1's agent is on, restart Postgres, cut
+/// mx1's link for 30 s) with three replicas behind HAProxy: nothing lost or
+/// duplicated, the firewalls converge, every agent connected at the end.
+#[test]
+fn failure_drills_with_replicas_lose_and_duplicate_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The drills' traffic comes from the client at 200 sessions a second.
+    let mut fleet = start_with(vec!["203.0.113.0/24".into(), "192.0.2.0/24".into()]);
+    fleet.allowlist("203.0.113.0/24").expect("allowlist");
+    println!("replicas drills: agents on replicas {:?}", placement(&fleet, Duration::from_secs(10)));
+    let failures = drill::failure_drills(&mut fleet, "replicas");
+    let connected = fleet::wait_until(Duration::from_secs(15), || {
+        fleet.agent_sessions().is_ok_and(|s| s.iter().all(|(_, connected)| *connected))
+    });
+    println!(
+        "replicas drills: agents on replicas {:?} at the end; connected in the store {:?}",
+        fleet.agent_replicas().unwrap_or_default(),
+        fleet.agent_sessions().map(|s| s.iter().map(|x| x.1).collect::<Vec<_>>())
+    );
+    assert!(
+        failures.is_empty(),
+        "failed drills: {failures:?}\n{}\nmx1:\n{}",
+        fleet.server_log_tail(),
+        fleet.agent_log_tail(0)
+    );
+    assert!(connected, "agents not connected after the drills: {:?}", fleet.agent_sessions());
 }
 
 /// Failed enrollments from a stranger must not keep the fleet's agents
