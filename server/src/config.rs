@@ -52,6 +52,13 @@ pub struct ServerConfig {
     /// load balancer's), besides the listeners' own: never blocked, so that
     /// no decision can cut agents off from their server. Default: none.
     pub advertised_addresses: Vec<std::net::IpAddr>,
+    /// Load balancers in front of the gRPC listener that send a PROXY
+    /// protocol header (version 1 or 2; HAProxy `send-proxy-v2`) on every
+    /// connection they forward: connections from these ranges must start with
+    /// one, and the client address it carries is the one connection limits,
+    /// the failed-authentication throttle and the logs use. Connections from
+    /// elsewhere are read as before. Default: none.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
     /// Correlation policy.
     pub correlate: CorrelateConfig,
     /// Connection discipline of both listeners and the throttle of failed
@@ -203,6 +210,7 @@ impl Default for ServerConfig {
             max_event_age_days: 30,
             change_log_retention_days: 7,
             advertised_addresses: Vec::new(),
+            proxy_protocol_from: Vec::new(),
             correlate: CorrelateConfig::default(),
             limits: LimitsConfig::default(),
             feed: Vec::new(),
@@ -352,6 +360,14 @@ impl ServerConfig {
         if self.db_max_connections < 2 {
             return Err(ConfigError::Invalid { key: "db_max_connections", problem: "must be at least 2".into() });
         }
+        if let Some(net) = self.proxy_protocol_from.iter().find(|net| net.prefix_len() == 0) {
+            return Err(ConfigError::Invalid {
+                key: "proxy_protocol_from",
+                problem: format!(
+                    "{net} would let any client choose the address it is counted under; list the balancers' addresses"
+                ),
+            });
+        }
         self.correlate.validate()?;
         self.limits.validate()?;
         let mut names = std::collections::BTreeSet::new();
@@ -442,6 +458,12 @@ mod tests {
         assert!(err.contains("heartbeat_secs"), "{err}");
         let err = ServerConfig::parse("[limits]\nhttp_idle_timeout_secs = 5\n").unwrap_err().to_string();
         assert!(err.contains("limits.http_idle_timeout_secs"), "{err}");
+        let err = ServerConfig::parse("proxy_protocol_from = [\"0.0.0.0/0\"]\n").unwrap_err().to_string();
+        assert!(err.contains("proxy_protocol_from") && err.contains("0.0.0.0/0"), "{err}");
+        let cfg = ServerConfig::parse("proxy_protocol_from = [\"192.0.2.2/32\", \"2001:db8::/64\"]\n").unwrap();
+        assert_eq!(cfg.proxy_protocol_from.len(), 2);
+        let err = ServerConfig::parse("proxy_protocol_from = [\"balancer\"]\n").unwrap_err().to_string();
+        assert!(err.contains("proxy_protocol_from"), "{err}");
         let err = ServerConfig::parse("[limits]\ngrpc_max_unauthenticated = 0\n").unwrap_err().to_string();
         assert!(err.contains("limits.grpc_max_unauthenticated"), "{err}");
         let err = ServerConfig::parse("[limits]\ngrpc_max_connection = 5\n").unwrap_err().to_string();

@@ -38,11 +38,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::warn;
+
+use crate::proxyproto::ProxyError;
 
 /// Open connections, by listener.
 pub const CONNECTIONS_OPEN: &str = "fleetban_connections_open";
@@ -318,6 +323,17 @@ impl Gate {
         }
     }
 
+    fn bad_proxy_header(&self, proxy: SocketAddr, error: &ProxyError) {
+        metrics::counter!(CONNECTIONS_REFUSED, "listener" => self.listener.as_str(), "reason" => "proxy_header")
+            .increment(1);
+        if self.may_warn() {
+            warn!(
+                listener = self.listener.as_str(), balancer = %proxy.ip(), %error,
+                "Closing a balancer connection without a valid PROXY header (further ones are only counted for a while)."
+            );
+        }
+    }
+
     fn accept_failed(&self, error: &io::Error) {
         if self.may_warn() {
             warn!(%error, listener = self.listener.as_str(), "Cannot accept connections; pausing briefly.");
@@ -361,12 +377,33 @@ pub struct GatedListener {
     listener: TcpListener,
     gate: Arc<Gate>,
     backoff: Option<Pin<Box<Sleep>>>,
+    /// Balancers whose connections start with a PROXY header.
+    proxies: Vec<IpNet>,
+    /// Connections of balancers whose PROXY header is being read.
+    headers: FuturesUnordered<HeaderRead>,
 }
+
+/// A balancer's connection, its address and the client address its PROXY
+/// header named.
+type HeaderRead = Pin<Box<dyn Future<Output = (TcpStream, SocketAddr, Result<Option<SocketAddr>, ProxyError>)> + Send>>;
 
 impl GatedListener {
     /// Admits connections of `listener` through `gate`.
     pub fn new(listener: TcpListener, gate: Arc<Gate>) -> Self {
-        GatedListener { listener, gate, backoff: None }
+        GatedListener { listener, gate, backoff: None, proxies: Vec::new(), headers: FuturesUnordered::new() }
+    }
+
+    /// Connections from `proxies` must start with a PROXY protocol header
+    /// (see [`crate::proxyproto`]); the client address it carries is the one
+    /// the gate counts and the stream reports.
+    pub fn with_proxies(mut self, proxies: Vec<IpNet>) -> Self {
+        self.proxies = proxies;
+        self
+    }
+
+    fn from_proxy(&self, peer: SocketAddr) -> bool {
+        let ip = fleetban_proto::canonical_ip(peer.ip());
+        self.proxies.iter().any(|net| net.contains(&ip))
     }
 
     /// The gate.
@@ -386,8 +423,34 @@ impl GatedListener {
                 ready!(backoff.as_mut().poll(cx));
                 self.backoff = None;
             }
+            // Balancer connections whose header is complete (or failed).
+            while let Poll::Ready(Some((stream, proxy, header))) = self.headers.poll_next_unpin(cx) {
+                match header {
+                    Ok(client) => {
+                        let peer = client.unwrap_or(proxy);
+                        match self.gate.admit(peer) {
+                            Ok(admission) => return Poll::Ready(GatedStream::new(stream, peer, admission)),
+                            Err(refusal) => self.gate.refused(refusal, peer),
+                        }
+                    }
+                    Err(error) => self.gate.bad_proxy_header(proxy, &error),
+                }
+            }
             match self.listener.poll_accept(cx) {
                 Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok((mut stream, peer))) if self.from_proxy(peer) => {
+                    // Headers in progress are bounded like unauthenticated
+                    // connections; the deadline is the handshake's.
+                    if self.headers.len() >= self.gate.limits.max_unauthenticated {
+                        self.gate.refused(Refusal::Unauthenticated, peer);
+                        continue;
+                    }
+                    let deadline = self.gate.limits.first_deadline;
+                    self.headers.push(Box::pin(async move {
+                        let header = crate::proxyproto::read_header(&mut stream, deadline).await;
+                        (stream, peer, header)
+                    }));
+                }
                 Poll::Ready(Ok((stream, peer))) => match self.gate.admit(peer) {
                     Ok(admission) => return Poll::Ready(GatedStream::new(stream, peer, admission)),
                     Err(refusal) => {
@@ -682,6 +745,62 @@ mod tests {
         assert_eq!(&buf[..n], b"ping");
         drop(server_idle);
         assert_eq!(gate.counts(), GateCounts { open: 1, unauthenticated: 0 });
+    }
+
+    #[tokio::test]
+    async fn a_balancers_connections_are_counted_under_the_clients_its_proxy_header_names() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Loopback is the balancer; each connection names another client.
+        let mut gated = GatedListener::new(listener, Gate::new(Listener::Grpc, limits()))
+            .with_proxies(vec!["127.0.0.0/8".parse().unwrap()]);
+        let gate = gated.gate().clone();
+        let mut clients = Vec::new();
+        for i in 0..3u8 {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(format!("PROXY TCP4 198.51.100.{i} 192.0.2.1 4000{i} 50051\r\nTLS").as_bytes()).await.unwrap();
+            clients.push(c);
+        }
+        let mut peers = Vec::new();
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut stream = gated.accept().await;
+            let mut buf = [0u8; 3];
+            stream.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"TLS", "the stream starts right after the header");
+            peers.push(stream.peer());
+            held.push(stream);
+        }
+        peers.sort();
+        let want: Vec<SocketAddr> = (0..3u8).map(|i| format!("198.51.100.{i}:4000{i}").parse().unwrap()).collect();
+        assert_eq!(peers, want);
+        // Three clients at two unauthenticated connections per source would
+        // not fit if they were counted as the balancer's one address.
+        assert_eq!(gate.counts(), GateCounts { open: 3, unauthenticated: 3 });
+        assert_eq!(gate.lock().sources.len(), 3);
+        // A balancer connection without a header is closed, not admitted.
+        let mut bare = TcpStream::connect(addr).await.unwrap();
+        bare.write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03").await.unwrap();
+        let admitted = tokio::time::timeout(Duration::from_millis(500), gated.accept()).await;
+        assert!(admitted.is_err(), "a headerless balancer connection was admitted");
+        let mut buf = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(2), bare.read(&mut buf)).await.unwrap();
+        assert!(matches!(closed, Ok(0) | Err(_)), "the headerless connection is closed: {closed:?}");
+    }
+
+    #[tokio::test]
+    async fn a_proxy_header_from_anyone_else_is_not_believed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut gated = GatedListener::new(listener, Gate::new(Listener::Grpc, limits()))
+            .with_proxies(vec!["192.0.2.0/24".parse().unwrap()]);
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"PROXY TCP4 203.0.113.1 192.0.2.1 1 50051\r\n").await.unwrap();
+        let mut stream = gated.accept().await;
+        assert_eq!(stream.peer().ip(), c.local_addr().unwrap().ip(), "counted under its own address");
+        let mut buf = [0u8; 5];
+        stream.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"PROXY", "the bytes are passed on untouched (and fail the TLS handshake)");
     }
 
     #[tokio::test]

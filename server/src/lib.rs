@@ -18,6 +18,7 @@
 //! - [`blocks`]: the versioned fleet blocklist and its policy checks.
 //! - [`correlate`]: the fleet policy that turns evidence into blocks.
 //! - [`backlog`]: coalesced correlation work of committed batches.
+//! - [`proxyproto`]: PROXY protocol headers from trusted load balancers.
 //! - [`push`]: LISTEN/NOTIFY fan-out of blocklist changes to sessions.
 //! - [`session`]: the gRPC `AgentService` (Enroll, Connect).
 //! - [`api`]: the HTTP side: REST API, dashboard, metrics, OpenAPI, health.
@@ -67,6 +68,7 @@ pub mod periodic;
 pub mod pgcopy;
 #[cfg(any(test, feature = "testkit"))]
 pub mod pgembed;
+pub mod proxyproto;
 pub mod push;
 pub mod replay;
 pub mod report;

@@ -284,6 +284,7 @@ async fn main() -> anyhow::Result<()> {
                     change_log: Duration::from_secs(u64::from(cfg.change_log_retention_days) * 86_400),
                 },
                 limits: cfg.limits.clone(),
+                proxy_protocol_from: cfg.proxy_protocol_from.clone(),
                 max_event_age: Duration::from_secs(u64::from(cfg.max_event_age_days) * 86_400),
                 feeds: std::sync::Arc::new(fleetban_server::feeds::Feeds::new(
                     cfg.feed.clone(),

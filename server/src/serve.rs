@@ -84,6 +84,8 @@ pub struct Options {
     pub hub: Hub,
     /// Connection discipline and the throttle of failed authentication.
     pub limits: LimitsConfig,
+    /// Balancers whose gRPC connections start with a PROXY header.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
     /// Events older than this are rejected by ingest (`max_event_age_days`).
     pub max_event_age: Duration,
     /// Blocklist feeds and ASN block rules, refreshed in the background.
@@ -112,6 +114,7 @@ impl Default for Options {
             stats: Arc::default(),
             hub: Hub::new(),
             limits: LimitsConfig::default(),
+            proxy_protocol_from: Vec::new(),
             max_event_age: crate::ingest::DEFAULT_MAX_EVENT_AGE,
             feeds: Arc::default(),
             geo: Arc::default(),
@@ -183,7 +186,10 @@ pub async fn run(
     let grpc_server = builder
         .layer(AgentGuardLayer::new(throttle, Some(grpc_gate.clone())))
         .add_service(AgentServiceServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES))
-        .serve_with_incoming_shutdown(GatedListener::new(listeners.grpc, grpc_gate), stopped(&stop_rx));
+        .serve_with_incoming_shutdown(
+            GatedListener::new(listeners.grpc, grpc_gate).with_proxies(options.proxy_protocol_from.clone()),
+            stopped(&stop_rx),
+        );
     let drain_timeout = options.drain_timeout;
     let grpc_stop = stopped(&stop_rx);
     let grpc = async move {
