@@ -316,8 +316,12 @@ impl Fleet {
             &server_toml,
             format!(
                 "database_url = \"{}\"\ngrpc_listen = \"{SERVER}:{GRPC_PORT}\"\nhttp_listen = \"127.0.0.1:8080\"\n\
-                 heartbeat_secs = 5\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n[correlate]\n{}\n",
+                 heartbeat_secs = 5\n{}[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n[correlate]\n{}\n",
                 db_url,
+                // Behind HAProxy the replicas learn each agent's address from
+                // the PROXY header HAProxy (on the srv namespace's loopback)
+                // sends.
+                if options.replicas > 1 { "proxy_protocol_from = [\"127.0.0.1/32\"]\n" } else { "" },
                 pki.join("server.pem").display(),
                 pki.join("server.key").display(),
                 options.correlate

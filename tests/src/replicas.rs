@@ -74,7 +74,11 @@ pub fn haproxy_config(grpc_front: SocketAddr, http_front: SocketAddr, replicas: 
     for i in 0..replicas {
         let name = replica_name(i);
         let http = replica_http(i);
-        grpc_servers.push_str(&format!("    server {name} {} check port {}\n", replica_grpc(i), http.port()));
+        grpc_servers.push_str(&format!(
+            "    server {name} {} send-proxy-v2 check port {}\n",
+            replica_grpc(i),
+            http.port()
+        ));
         http_servers.push_str(&format!("    server {name} {http} check\n"));
     }
     format!(
@@ -499,7 +503,7 @@ mod tests {
         );
         // TLS is the replicas' business: nothing in front terminates it.
         assert!(!config.contains(" ssl"), "{config}");
-        assert!(config.contains("server r2 127.0.0.1:50063 check port 8083"), "{config}");
+        assert!(config.contains("server r2 127.0.0.1:50063 send-proxy-v2 check port 8083"), "{config}");
         if Path::new(HAPROXY).is_file() {
             let path = dir.path().join("haproxy.cfg");
             fs::write(&path, &config).unwrap();

@@ -462,18 +462,15 @@ fn failure_drills_with_replicas_lose_and_duplicate_nothing() {
 
 /// Failed enrollments from a stranger must not keep the fleet's agents
 /// out. Behind HAProxy every connection reaches a replica from HAProxy's
-/// address, so each replica's throttle of failed authentication
-/// (`[limits] auth_failure_burst` 10, `auth_failures_per_minute` 6, per
-/// source) counts the stranger and every agent as one source: 40 failed
-/// `Enroll` calls from the attacker's namespace spend every replica's
-/// bucket, and an agent whose replica dies is then refused
-/// (`RESOURCE_EXHAUSTED`, "too many failed authentication attempts from
-/// this address") until a token comes back, about 10 s instead of the
-/// backoff's half second; six failures a minute per replica keep it out.
-/// Ignored until the server learns the client's address behind a balancer
-/// (e.g. the PROXY protocol); run it with `--ignored` to reproduce.
+/// address; without the PROXY header HAProxy sends (`send-proxy-v2`,
+/// `proxy_protocol_from` on the replicas) each replica's throttle of failed
+/// authentication (`[limits] auth_failure_burst` 10,
+/// `auth_failures_per_minute` 6, per source) would count the stranger and
+/// every agent as one source: 40 failed `Enroll` calls from the attacker's
+/// namespace would spend every replica's bucket, and an agent whose replica
+/// dies would be refused (`RESOURCE_EXHAUSTED`) for about 10 s instead of
+/// reconnecting within the backoff's half second.
 #[test]
-#[ignore = "known limitation: behind HAProxy the failed-auth throttle counts every agent as one source"]
 fn failed_enrollments_through_haproxy_do_not_keep_agents_out() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut fleet = start();
@@ -487,6 +484,7 @@ fn failed_enrollments_through_haproxy_do_not_keep_agents_out() {
     let stranger = fleet.dir.join("stranger.toml");
     std::fs::write(&stranger, config).expect("write the stranger's config");
     let mut refused = 0;
+    let mut throttled = 0;
     for _ in 0..40 {
         let out = fleet
             .attacker()
@@ -497,8 +495,11 @@ fn failed_enrollments_through_haproxy_do_not_keep_agents_out() {
             .output()
             .expect("fleetban-agent enroll");
         refused += usize::from(!out.status.success());
+        throttled += usize::from(String::from_utf8_lossy(&out.stderr).contains("too many failed authentication"));
     }
     assert_eq!(refused, 40, "the stranger's enrollments were not all refused");
+    // The throttle still works, on the stranger's own address.
+    assert!(throttled > 0, "the stranger was never throttled: the replicas do not see its address");
     let before = fleet.agent_sessions().expect("agent sessions");
     let victim = on[0];
     let killed_at = Instant::now();
