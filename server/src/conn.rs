@@ -401,7 +401,7 @@ impl GatedListener {
         self
     }
 
-    fn from_proxy(&self, peer: SocketAddr) -> bool {
+    fn is_balancer(&self, peer: SocketAddr) -> bool {
         let ip = fleetban_proto::canonical_ip(peer.ip());
         self.proxies.iter().any(|net| net.contains(&ip))
     }
@@ -438,7 +438,7 @@ impl GatedListener {
             }
             match self.listener.poll_accept(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok((mut stream, peer))) if self.from_proxy(peer) => {
+                Poll::Ready(Ok((mut stream, peer))) if self.is_balancer(peer) => {
                     // Headers in progress are bounded like unauthenticated
                     // connections; the deadline is the handshake's.
                     if self.headers.len() >= self.gate.limits.max_unauthenticated {
