@@ -123,6 +123,8 @@ pub struct Report {
     pub sent_batches: u64,
     /// Batches spooled and not yet acknowledged.
     pub pending_batches: u64,
+    /// Events of batches sent and not (yet) acknowledged: stored or not.
+    pub in_flight_events: u64,
     /// Age of the oldest unacknowledged batch of any host, milliseconds.
     pub oldest_pending_ms: i64,
     /// Session attempts per monotonic second since the previous report.
@@ -144,6 +146,8 @@ struct Pending {
 #[derive(Debug, Default)]
 struct Spool {
     next_seq: u64,
+    /// The highest seq the current session has sent.
+    sent: u64,
     pending: VecDeque<Pending>,
 }
 
@@ -239,7 +243,7 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<()> {
             id: id.to_owned(),
             secret: secret.to_owned(),
             source: source_address(index),
-            spool: Mutex::new(Spool { next_seq: 1, pending: VecDeque::new() }),
+            spool: Mutex::new(Spool { next_seq: 1, sent: 0, pending: VecDeque::new() }),
             wake: Notify::new(),
         }));
     }
@@ -382,10 +386,16 @@ async fn report(hosts: Vec<Arc<Host>>, shared: Arc<Shared>) {
 fn emit(hosts: &[Arc<Host>], shared: &Shared) {
     let s = &shared.stats;
     let now = now_ms();
-    let (mut pending, mut oldest) = (0u64, 0i64);
+    let (mut pending, mut oldest, mut in_flight) = (0u64, 0i64, 0u64);
     for host in hosts {
         let spool = lock(&host.spool);
         pending += spool.pending.iter().filter(|p| !p.acked).count() as u64;
+        in_flight += spool
+            .pending
+            .iter()
+            .filter(|p| !p.acked && p.seq <= spool.sent)
+            .map(|p| u64::from(p.context + p.abuse))
+            .sum::<u64>();
         if let Some(first) = spool.pending.iter().find(|p| !p.acked) {
             oldest = oldest.max(now - first.time_ms);
         }
@@ -408,6 +418,7 @@ fn emit(hosts: &[Arc<Host>], shared: &Shared) {
         dropped_events: s.dropped_events.load(Ordering::Relaxed),
         sent_batches: s.sent_batches.load(Ordering::Relaxed),
         pending_batches: pending,
+        in_flight_events: in_flight,
         oldest_pending_ms: oldest,
         attempts: std::mem::take(&mut *lock(&s.attempts)),
         blocks,
@@ -424,12 +435,12 @@ async fn agent(host: Arc<Host>, shared: Arc<Shared>, first_delay: Duration) {
         () = tokio::time::sleep(first_delay) => {}
         () = stopped(&mut stop) => return,
     }
-    let mut version = 0u64;
+    let mut view = View::default();
     let mut attempt = 0u32;
     loop {
         *lock(&shared.stats.attempts).entry(mono_ns() / 1_000_000_000).or_default() += 1;
         let mut welcomed = false;
-        let result = session(&host, &shared, &mut version, &mut welcomed).await;
+        let result = session(&host, &shared, &mut view, &mut welcomed).await;
         if *stop.borrow() {
             return;
         }
@@ -444,6 +455,29 @@ async fn agent(host: Arc<Host>, shared: Arc<Shared>, first_delay: Duration) {
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// What one agent's firewall holds of the fleet's blocklist.
+#[derive(Debug, Default)]
+struct View {
+    version: u64,
+    /// Blocks it has received (each counted once per agent).
+    seen: std::collections::HashSet<i64>,
+}
+
+impl View {
+    /// Records the blocks of a delta or snapshot that are new to this agent.
+    fn arrived(&mut self, blocks: impl Iterator<Item = i64>, stats: &Stats) {
+        let at = mono_ns();
+        let mut arrivals = lock(&stats.arrivals);
+        for id in blocks {
+            if self.seen.insert(id) {
+                let e = arrivals.entry(id).or_insert((0, at));
+                e.0 += 1;
+                e.1 = e.1.max(at);
+            }
         }
     }
 }
@@ -474,7 +508,7 @@ async fn connect(source: IpAddr, server: SocketAddr) -> anyhow::Result<Channel> 
     Ok(tokio::time::timeout(SESSION_TIMEOUT, endpoint.connect_with_connector(connector)).await??)
 }
 
-async fn session(host: &Host, shared: &Shared, version: &mut u64, welcomed: &mut bool) -> anyhow::Result<()> {
+async fn session(host: &Host, shared: &Shared, view: &mut View, welcomed: &mut bool) -> anyhow::Result<()> {
     let stats = &shared.stats;
     let mut stop = shared.stop.clone();
     let channel = connect(host.source, shared.server).await?;
@@ -485,7 +519,7 @@ async fn session(host: &Host, shared: &Shared, version: &mut u64, welcomed: &mut
         version: "fleetsim".into(),
         hostname: format!("sim-{}.example", host.profile.index),
         addresses: vec![],
-        blocklist_version: *version,
+        blocklist_version: view.version,
         next_seq,
     };
     tx.send(AgentFrame { frame: Some(Frame::Hello(hello)) }).await?;
@@ -512,7 +546,8 @@ async fn session(host: &Host, shared: &Shared, version: &mut u64, welcomed: &mut
     let mut sent = {
         let mut spool = lock(&host.spool);
         ack_through(&mut spool, welcome.last_acked_seq, stats);
-        spool.pending.front().map_or(welcome.last_acked_seq, |p| p.seq.saturating_sub(1))
+        spool.sent = spool.pending.front().map_or(welcome.last_acked_seq, |p| p.seq.saturating_sub(1));
+        spool.sent
     };
     let mut in_flight = 0usize;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(u64::from(welcome.heartbeat_secs.max(1))));
@@ -530,6 +565,7 @@ async fn session(host: &Host, shared: &Shared, version: &mut u64, welcomed: &mut
             tx.send(AgentFrame { frame: Some(Frame::Batch(batch)) }).await?;
             stats.sent_batches.fetch_add(1, Ordering::Relaxed);
             sent = seq;
+            lock(&host.spool).sent = seq;
             in_flight += 1;
         }
         tokio::select! {
@@ -556,22 +592,18 @@ async fn session(host: &Host, shared: &Shared, version: &mut u64, welcomed: &mut
                         }
                     }
                     Some(In::Delta(delta)) => {
-                        let at = mono_ns();
-                        {
-                            let mut arrivals = lock(&stats.arrivals);
-                            for entry in &delta.added {
-                                let e = arrivals.entry(entry.block_id).or_insert((0, at));
-                                e.0 += 1;
-                                e.1 = e.1.max(at);
-                            }
-                        }
-                        *version = delta.to_version;
-                        let applied = Applied { blocklist_version: *version, firewall_entries: 0 };
+                        view.arrived(delta.added.iter().map(|e| e.block_id), stats);
+                        view.version = delta.to_version;
+                        let applied = Applied { blocklist_version: view.version, firewall_entries: 0 };
                         tx.send(AgentFrame { frame: Some(Frame::Applied(applied)) }).await?;
                     }
                     Some(In::Snapshot(snapshot)) => {
-                        *version = snapshot.version;
-                        let applied = Applied { blocklist_version: *version, firewall_entries: snapshot.entries.len() as u64 };
+                        // A lagging session gets a snapshot instead of the
+                        // deltas it missed: its blocks arrive with it.
+                        view.arrived(snapshot.entries.iter().map(|e| e.block_id), stats);
+                        view.version = snapshot.version;
+                        let entries = snapshot.entries.len() as u64;
+                        let applied = Applied { blocklist_version: view.version, firewall_entries: entries };
                         tx.send(AgentFrame { frame: Some(Frame::Applied(applied)) }).await?;
                     }
                     _ => {}
@@ -580,7 +612,7 @@ async fn session(host: &Host, shared: &Shared, version: &mut u64, welcomed: &mut
             () = host.wake.notified(), if in_flight < UPLINK_WINDOW => {}
             _ = heartbeat.tick() => {
                 let pending = lock(&host.spool).pending.len() as u64;
-                let beat = Heartbeat { blocklist_version: *version, firewall_entries: 0, pending_batches: pending };
+                let beat = Heartbeat { blocklist_version: view.version, firewall_entries: 0, pending_batches: pending };
                 tx.send(AgentFrame { frame: Some(Frame::Heartbeat(beat)) }).await?;
             }
         }
@@ -630,7 +662,7 @@ mod tests {
     #[test]
     fn acks_count_each_batch_once_whichever_way_they_come() {
         let stats = Stats::default();
-        let mut spool = Spool { next_seq: 6, pending: VecDeque::new() };
+        let mut spool = Spool { next_seq: 6, sent: 0, pending: VecDeque::new() };
         for seq in 1..=5 {
             spool.pending.push_back(Pending { seq, time_ms: 0, context: 10, abuse: 1, acked: false });
         }

@@ -109,7 +109,10 @@ pub struct FleetArgs {
     /// Seed of the traffic model.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Interval between the blocks committed in the window, milliseconds.
+    /// Blocks committed with every agent connected and no traffic.
+    #[arg(long, default_value_t = 20)]
+    pub idle_blocks: u32,
+    /// Interval between the blocks committed, milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub block_interval_ms: u64,
     /// Spread of the agents' first connections, seconds (default: one
@@ -186,6 +189,16 @@ pub struct FleetResult {
     pub final_stored_events: i64,
     pub final_acked_events: u64,
     pub final_generated_events: u64,
+    /// Events sent but unacknowledged when the simulators stopped: stored or
+    /// not, so `acked <= stored <= acked + in flight` holds exactly once.
+    pub final_in_flight_events: u64,
+    /// Whether the stored count is within those bounds.
+    pub exactly_once: bool,
+    /// Propagation with every agent connected and no traffic.
+    pub idle_propagation_p50_ms: f64,
+    pub idle_propagation_p99_ms: f64,
+    pub idle_propagation_max_ms: f64,
+    pub idle_blocks_incomplete: usize,
     pub drained: bool,
 }
 
@@ -271,6 +284,20 @@ pub async fn run(url: &str, args: FleetArgs) -> anyhow::Result<FleetResult> {
     result.rss_idle_kb = idle.iter().sum::<u64>() / idle.len() as u64;
     result.kb_per_session = (result.rss_idle_kb as f64 - result.rss_before_kb as f64) / args.hosts as f64;
 
+    // Propagation to H idle agents.
+    let run_group = 0xf000 | fastrand::u16(..0x1000);
+    let interval = Duration::from_millis(args.block_interval_ms.max(10));
+    let mut idle_blocks = Vec::new();
+    for i in 0..args.idle_blocks {
+        let cidr = format!("2001:db8:{:x}:{:x}::/64", run_group, 0x8000 + i);
+        idle_blocks.push(probe::commit_block(&pool, &cidr).await?);
+        tokio::time::sleep(interval).await;
+    }
+    let idle = propagation(&state, &idle_blocks, processes).await;
+    (result.idle_propagation_p50_ms, result.idle_propagation_p99_ms, result.idle_propagation_max_ms) =
+        (idle.p50, idle.p99, idle.max);
+    result.idle_blocks_incomplete = idle.incomplete;
+
     // 2. Traffic: warm-up, then the measured window with blocks.
     for sim in &mut sims {
         sim.command("traffic on").await?;
@@ -281,9 +308,7 @@ pub async fn run(url: &str, args: FleetArgs) -> anyhow::Result<FleetResult> {
     let pg_root = probe::postgres_root(&pool).await;
     let before = Sample::take(&pool, server.pid(), pg_root, &sim_pids, totals(&state)).await?;
     let window = Duration::from_secs(args.seconds);
-    let interval = Duration::from_millis(args.block_interval_ms.max(10));
     let mut committed: Vec<(i64, i64)> = Vec::new();
-    let run_group = 0xf000 | fastrand::u16(..0x1000);
     let mut rss = Vec::new();
     let (t0, mut next_block, mut next_rss) = (Instant::now(), Instant::now(), Instant::now());
     while t0.elapsed() < window {
@@ -309,32 +334,11 @@ pub async fn run(url: &str, args: FleetArgs) -> anyhow::Result<FleetResult> {
     result.server_rss_max_kb = rss.iter().copied().max().unwrap_or(0);
 
     // Propagation: each block's time until the last agent had its delta.
-    let limit = Instant::now() + Duration::from_secs(15);
-    loop {
-        let done = {
-            let s = lock(&state);
-            committed.iter().all(|(id, _)| s.blocks.get(id).is_some_and(|(n, _)| *n >= processes))
-        };
-        if done || Instant::now() > limit {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut delays = Vec::new();
-    {
-        let s = lock(&state);
-        for (id, at) in &committed {
-            match s.blocks.get(id) {
-                Some((n, last)) if *n >= processes => delays.push((last - at) as f64 / 1e6),
-                _ => result.blocks_incomplete += 1,
-            }
-        }
-    }
+    let loaded = propagation(&state, &committed, processes).await;
     result.blocks_committed = committed.len();
-    delays.sort_by(f64::total_cmp);
-    result.propagation_p50_ms = percentile(&delays, 0.5);
-    result.propagation_p99_ms = percentile(&delays, 0.99);
-    result.propagation_max_ms = percentile(&delays, 1.0);
+    (result.propagation_p50_ms, result.propagation_p99_ms, result.propagation_max_ms) =
+        (loaded.p50, loaded.p99, loaded.max);
+    result.blocks_incomplete = loaded.incomplete;
 
     // 3. The reconnect storm.
     if !args.skip_storm {
@@ -385,12 +389,61 @@ pub async fn run(url: &str, args: FleetArgs) -> anyhow::Result<FleetResult> {
     let t = totals(&state);
     result.final_acked_events = t.acked_events;
     result.final_generated_events = t.generated_events;
+    result.final_in_flight_events = t.in_flight_events;
     result.dropped_events = t.dropped_events;
     result.final_stored_events =
         sqlx::query_scalar("select count(*) from events where agent_id = any($1)").bind(&ids).fetch_one(&pool).await?;
+    let stored = u64::try_from(result.final_stored_events).unwrap_or(0);
+    result.exactly_once = t.acked_events <= stored && stored <= t.acked_events + t.in_flight_events;
     server.signal(StormSignal::Term).await?;
     Ok(result)
 }
+
+/// Time from commit to the last agent, over blocks.
+struct Propagation {
+    p50: f64,
+    p99: f64,
+    max: f64,
+    /// Blocks some agent had not received within the wait.
+    incomplete: usize,
+}
+
+/// Waits up to [`PROPAGATION_WAIT`] for every agent to report each of
+/// `blocks` `(id, committed at)`, then summarises.
+async fn propagation(state: &Mutex<FleetState>, blocks: &[(i64, i64)], processes: usize) -> Propagation {
+    let limit = Instant::now() + PROPAGATION_WAIT;
+    loop {
+        let done = {
+            let s = lock(state);
+            blocks.iter().all(|(id, _)| s.blocks.get(id).is_some_and(|(n, _)| *n >= processes))
+        };
+        if done || Instant::now() > limit {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut delays = Vec::new();
+    let mut incomplete = 0;
+    {
+        let s = lock(state);
+        for (id, at) in blocks {
+            match s.blocks.get(id) {
+                Some((n, last)) if *n >= processes => delays.push((last - at) as f64 / 1e6),
+                _ => incomplete += 1,
+            }
+        }
+    }
+    delays.sort_by(f64::total_cmp);
+    Propagation {
+        p50: percentile(&delays, 0.5),
+        p99: percentile(&delays, 0.99),
+        max: percentile(&delays, 1.0),
+        incomplete,
+    }
+}
+
+/// Longest wait for the last agent to get a block after the window.
+const PROPAGATION_WAIT: Duration = Duration::from_secs(30);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -500,7 +553,17 @@ pub fn print(r: &FleetResult) {
             ),
         ),
         (
-            "propagation to all agents p50 / p99 / max".into(),
+            "propagation to all idle agents p50 / p99 / max".into(),
+            format!(
+                "{:.1} / {:.1} / {:.1} ms ({} incomplete)",
+                r.idle_propagation_p50_ms,
+                r.idle_propagation_p99_ms,
+                r.idle_propagation_max_ms,
+                r.idle_blocks_incomplete
+            ),
+        ),
+        (
+            "propagation to all agents under traffic p50 / p99 / max".into(),
             format!(
                 "{:.1} / {:.1} / {:.1} ms ({} blocks, {} incomplete)",
                 r.propagation_p50_ms,
@@ -520,10 +583,15 @@ pub fn print(r: &FleetResult) {
         ),
         ("session attempts per second after the kill".into(), format!("{:?}", r.storm_attempts_per_sec)),
         (
-            "events generated / acked / stored (drained)".into(),
+            "events generated / acked / stored / in flight at stop".into(),
             format!(
-                "{} / {} / {} ({})",
-                r.final_generated_events, r.final_acked_events, r.final_stored_events, r.drained
+                "{} / {} / {} / {} (drained: {}, acked <= stored <= acked + in flight: {})",
+                r.final_generated_events,
+                r.final_acked_events,
+                r.final_stored_events,
+                r.final_in_flight_events,
+                r.drained,
+                r.exactly_once
             ),
         ),
         ("events dropped by full simulated spools".into(), r.dropped_events.to_string()),
@@ -676,6 +744,7 @@ pub struct Totals {
     pub acked_batches: u64,
     pub dropped_events: u64,
     pub pending_batches: u64,
+    pub in_flight_events: u64,
     pub oldest_pending_ms: i64,
 }
 
@@ -700,6 +769,7 @@ fn totals(state: &Mutex<FleetState>) -> Totals {
         t.acked_batches += r.acked_batches;
         t.dropped_events += r.dropped_events;
         t.pending_batches += r.pending_batches;
+        t.in_flight_events += r.in_flight_events;
         t.oldest_pending_ms = t.oldest_pending_ms.max(r.oldest_pending_ms);
     }
     t
