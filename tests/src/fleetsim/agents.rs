@@ -58,7 +58,7 @@ pub const SPOOL_MAX_BATCHES: usize = 6_000;
 const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often the process reports.
-const REPORT_INTERVAL: Duration = Duration::from_millis(250);
+const REPORT_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Arguments of one simulator process.
 #[derive(Debug, Clone, clap::Args)]
@@ -389,16 +389,20 @@ fn emit(hosts: &[Arc<Host>], shared: &Shared) {
     let (mut pending, mut oldest, mut in_flight) = (0u64, 0i64, 0u64);
     for host in hosts {
         let spool = lock(&host.spool);
-        pending += spool.pending.iter().filter(|p| !p.acked).count() as u64;
+        // The head of a spool is never acknowledged (acknowledged heads are
+        // dropped at once), and the batches sent come first: the few
+        // acknowledged out of order in the middle count as pending here.
+        pending += spool.pending.len() as u64;
+        if let Some(first) = spool.pending.front() {
+            oldest = oldest.max(now - first.time_ms);
+        }
         in_flight += spool
             .pending
             .iter()
-            .filter(|p| !p.acked && p.seq <= spool.sent)
+            .take_while(|p| p.seq <= spool.sent)
+            .filter(|p| !p.acked)
             .map(|p| u64::from(p.context + p.abuse))
             .sum::<u64>();
-        if let Some(first) = spool.pending.iter().find(|p| !p.acked) {
-            oldest = oldest.max(now - first.time_ms);
-        }
     }
     let blocks = {
         let mut arrivals = lock(&s.arrivals);
