@@ -96,6 +96,10 @@ pub struct AgentsArgs {
     /// Spread of the first connections, milliseconds.
     #[arg(long)]
     pub ramp_ms: u64,
+    /// Do not answer deltas and snapshots with `Applied` (the agent does;
+    /// a diagnostic of what those reports cost the server).
+    #[arg(long)]
+    pub skip_applied: bool,
     /// Longest life of the process, seconds (it stops by itself then).
     #[arg(long)]
     pub max_secs: u64,
@@ -185,6 +189,7 @@ struct Shared {
     stats: Stats,
     stop: watch::Receiver<bool>,
     count: usize,
+    skip_applied: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -258,6 +263,7 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<()> {
         stats: Stats::default(),
         stop: stop_rx,
         count: args.count,
+        skip_applied: args.skip_applied,
     });
     let traffic = Arc::new(AtomicBool::new(false));
 
@@ -598,8 +604,10 @@ async fn session(host: &Host, shared: &Shared, view: &mut View, welcomed: &mut b
                     Some(In::Delta(delta)) => {
                         view.arrived(delta.added.iter().map(|e| e.block_id), stats);
                         view.version = delta.to_version;
-                        let applied = Applied { blocklist_version: view.version, firewall_entries: 0 };
-                        tx.send(AgentFrame { frame: Some(Frame::Applied(applied)) }).await?;
+                        if !shared.skip_applied {
+                            let applied = Applied { blocklist_version: view.version, firewall_entries: 0 };
+                            tx.send(AgentFrame { frame: Some(Frame::Applied(applied)) }).await?;
+                        }
                     }
                     Some(In::Snapshot(snapshot)) => {
                         // A lagging session gets a snapshot instead of the
@@ -607,8 +615,10 @@ async fn session(host: &Host, shared: &Shared, view: &mut View, welcomed: &mut b
                         view.arrived(snapshot.entries.iter().map(|e| e.block_id), stats);
                         view.version = snapshot.version;
                         let entries = snapshot.entries.len() as u64;
-                        let applied = Applied { blocklist_version: view.version, firewall_entries: entries };
-                        tx.send(AgentFrame { frame: Some(Frame::Applied(applied)) }).await?;
+                        if !shared.skip_applied {
+                            let applied = Applied { blocklist_version: view.version, firewall_entries: entries };
+                            tx.send(AgentFrame { frame: Some(Frame::Applied(applied)) }).await?;
+                        }
                     }
                     _ => {}
                 }

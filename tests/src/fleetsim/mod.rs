@@ -134,6 +134,10 @@ pub struct FleetArgs {
     /// Longest wait for the spools to drain at the end, seconds.
     #[arg(long, default_value_t = 120)]
     pub drain_secs: u64,
+    /// Simulated agents do not answer deltas with `Applied` (the agent
+    /// does): a diagnostic of what those reports cost propagation.
+    #[arg(long)]
+    pub skip_applied: bool,
     /// Database pool of the server, connections.
     #[arg(long, default_value_t = 32)]
     pub pool: u32,
@@ -183,6 +187,7 @@ pub struct FleetResult {
     pub propagation_p99_ms: f64,
     pub propagation_max_ms: f64,
     pub storm_signal: String,
+    pub skip_applied: bool,
     pub storm_restart_ms: f64,
     pub storm_all_back_ms: Option<f64>,
     pub storm_attempts_per_sec: Vec<u64>,
@@ -218,6 +223,7 @@ pub async fn run(url: &str, args: FleetArgs) -> anyhow::Result<FleetResult> {
         context: args.context.to_string(),
         load_before: std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_owned(),
         storm_signal: format!("{:?}", args.storm_signal).to_lowercase(),
+        skip_applied: args.skip_applied,
         ..Default::default()
     };
     let pool = db::connect(url, 4).await?;
@@ -503,7 +509,10 @@ pub fn print(r: &FleetResult) {
     let gb = |b: f64| b / 1e9;
     let rows: Vec<(String, String)> = vec![
         ("hosts (attacked)".into(), format!("{} ({}), {} simulator processes", r.hosts, r.attacked_hosts, r.processes)),
-        ("context mode".into(), r.context.clone()),
+        (
+            "context mode".into(),
+            format!("{}{}", r.context, if r.skip_applied { " (agents do not send Applied)" } else { "" }),
+        ),
         ("load average before".into(), r.load_before.clone()),
         ("all agents connected after".into(), format!("{:.1} s", r.connect_all_secs)),
         (
@@ -825,6 +834,7 @@ impl Sim {
             .args(["--burst-max", &args.burst_max.to_string()])
             .args(["--context", &args.context.to_string()])
             .args(["--ramp-ms", &(ramp_secs * 1000).to_string(), "--max-secs", &max_secs.to_string()])
+            .args(args.skip_applied.then_some("--skip-applied"))
             .env_remove("DATABASE_URL")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
