@@ -348,10 +348,10 @@ async fn generate(hosts: Vec<Arc<Host>>, shared: Arc<Shared>, traffic: Arc<Atomi
                 stats.generated_batches.fetch_add(1, Ordering::Relaxed);
             }
             while spool.pending.len() > SPOOL_MAX_BATCHES {
-                if let Some(old) = spool.pending.pop_front() {
-                    if !old.acked {
-                        stats.dropped_events.fetch_add(u64::from(old.context + old.abuse), Ordering::Relaxed);
-                    }
+                if let Some(old) = spool.pending.pop_front()
+                    && !old.acked
+                {
+                    stats.dropped_events.fetch_add(u64::from(old.context + old.abuse), Ordering::Relaxed);
                 }
             }
             drop(spool);

@@ -187,6 +187,7 @@ pub struct FleetResult {
     pub propagation_p99_ms: f64,
     pub propagation_max_ms: f64,
     pub storm_signal: String,
+    pub storm_skipped: bool,
     pub skip_applied: bool,
     pub storm_restart_ms: f64,
     pub storm_all_back_ms: Option<f64>,
@@ -224,6 +225,7 @@ pub async fn run(url: &str, args: FleetArgs) -> anyhow::Result<FleetResult> {
         load_before: std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_owned(),
         storm_signal: format!("{:?}", args.storm_signal).to_lowercase(),
         skip_applied: args.skip_applied,
+        storm_skipped: args.skip_storm,
         ..Default::default()
     };
     let pool = db::connect(url, 4).await?;
@@ -584,11 +586,15 @@ pub fn print(r: &FleetResult) {
         ),
         (
             format!("reconnect storm ({}): restart / all back", r.storm_signal),
-            format!(
-                "{:.0} ms / {}",
-                r.storm_restart_ms,
-                r.storm_all_back_ms.map_or_else(|| "not all".into(), |ms| format!("{:.1} s", ms / 1000.0))
-            ),
+            if r.storm_skipped {
+                "skipped".to_owned()
+            } else {
+                format!(
+                    "{:.0} ms / {}",
+                    r.storm_restart_ms,
+                    r.storm_all_back_ms.map_or_else(|| "not all".into(), |ms| format!("{:.1} s", ms / 1000.0))
+                )
+            },
         ),
         ("session attempts per second after the kill".into(), format!("{:?}", r.storm_attempts_per_sec)),
         (

@@ -212,7 +212,7 @@ fn one_off(rng: &mut fastrand::Rng) -> IpAddr {
 /// An attacker of the fleet's pool: 198.19.240.0/20, one in eight in
 /// 2001:db8:bad::/48.
 fn attacker(h: u64) -> IpAddr {
-    if h % 8 == 0 {
+    if h.is_multiple_of(8) {
         IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xbad, 0, 0, 0, 0, (h >> 8) as u16 & 0x0fff))
     } else {
         let i = ((h >> 8) % 4096) as u32;
