@@ -26,6 +26,9 @@
 //! - `imap_block`: failed IMAP logins against real Dovecot until the
 //!   guesser is blocked on its host and fleet-wide (the
 //!   `fleetban-imap-block` benchmark).
+//! - `fleetsim`: the fleet simulator of `fleetban-bench fleet`: thousands
+//!   of simulated hosts with realistic log rates against the real server
+//!   binary, in separate processes.
 //! - `fleet`: the whole fleet (Postgres, server, mail hosts with agents, an
 //!   attacker and a client) in namespaces.
 //! - `replicas`: the fleet's server as several replicas behind HAProxy.
@@ -38,6 +41,7 @@ pub mod dovecot;
 pub mod drill;
 pub mod exim;
 pub mod fleet;
+pub mod fleetsim;
 pub mod imap_block;
 pub mod netns;
 pub mod precision;

@@ -81,3 +81,64 @@ fn propagation_reaches_every_agent() {
     let line = out.lines().find(|l| l.contains("commit -> delta at every agent")).unwrap_or_else(|| panic!("{out}"));
     assert!(line.contains("5 agents") && line.contains("(5 samples)"), "{line}");
 }
+
+/// A small fleet against the real server binary: every agent connects,
+/// every block reaches every agent (idle and under traffic), the agents are
+/// all back after the server is killed and restarted, and what the
+/// simulated agents had acknowledged is what the database holds.
+#[test]
+fn fleet_runs_against_the_real_server_and_stores_each_batch_once() {
+    let bins = match std::env::var_os("FLEETBAN_BIN_DIR") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => std::path::Path::new(env!("CARGO_BIN_EXE_fleetban-bench")).parent().expect("bin dir").to_path_buf(),
+    };
+    let server = bins.join("fleetban-server");
+    assert!(server.is_file(), "{} is missing: cargo build -p fleetban-server first", server.display());
+    let out = bench(&[
+        "fleet",
+        "--hosts",
+        "30",
+        "--agents-per-process",
+        "12",
+        "--seconds",
+        "3",
+        "--warmup-secs",
+        "1",
+        "--idle-blocks",
+        "3",
+        "--block-interval-ms",
+        "200",
+        "--drain-secs",
+        "60",
+        "--server-bin",
+        server.to_str().expect("utf-8 path"),
+    ]);
+    let json =
+        out.lines().find_map(|l| l.strip_prefix("fleet-json: ")).unwrap_or_else(|| panic!("no fleet-json: {out}"));
+    let r: serde_json::Value = serde_json::from_str(json).expect("fleet-json is JSON");
+    let n = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("no number {k}: {json}"));
+    assert_eq!(n("processes"), 3.0, "{json}");
+    assert!(n("kb_per_session") > 0.0, "{json}");
+    assert!(n("offered_events_per_sec") > 0.0 && n("stored_event_rows_per_sec") > 0.0, "{json}");
+    assert_eq!(n("idle_blocks_incomplete"), 0.0, "{json}");
+    assert_eq!(n("blocks_incomplete"), 0.0, "{json}");
+    assert!(n("blocks_committed") >= 10.0, "{json}");
+    assert!(n("propagation_p99_ms") < 5_000.0, "{json}");
+    assert!(n("storm_all_back_ms") < 60_000.0, "{json}");
+    assert_eq!(r["drained"], true, "{json}");
+    assert_eq!(n("final_stored_events"), n("final_acked_events"), "{json}");
+    assert_eq!(n("final_acked_events"), n("final_generated_events"), "{json}");
+    assert_eq!(r["exactly_once"], true, "{json}");
+}
+
+#[test]
+fn fleet_refuses_the_summarised_mode_of_this_build() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetban-bench"))
+        .args(["fleet", "--hosts", "2", "--context", "summarised"])
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .output()
+        .expect("run fleetban-bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("not available in this build"), "{stderr}");
+}

@@ -7,6 +7,9 @@
 //!   same shape through `psql`, as the reference ratio.
 //! - `propagation`: K connected agents; a block is committed and the time
 //!   until its delta reached every agent is measured, p50/p99.
+//! - `fleet`: thousands of simulated hosts with realistic rates against the
+//!   real `fleetban-server` binary (`fleetban_tests::fleetsim`); its
+//!   simulator processes run the hidden `fleet-agents` command.
 //!
 //! Every loop is bounded in count and time; all traffic stays on loopback.
 
@@ -85,6 +88,12 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         pause_ms: u64,
     },
+    /// A fleet of simulated hosts against the real server binary: stored
+    /// rows, CPU, memory, storage per day, propagation, reconnect storm.
+    Fleet(fleetban_tests::fleetsim::FleetArgs),
+    /// One simulator process of `fleet` (started by it).
+    #[command(hide = true)]
+    FleetAgents(fleetban_tests::fleetsim::agents::AgentsArgs),
 }
 
 /// The same allocator as `fleetban-server`, so the in-process server
@@ -92,14 +101,22 @@ enum Command {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Warnings and errors of the server under test go to stderr.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .init();
+    if let Command::FleetAgents(args) = cli.command {
+        // A simulator process: one thread, no database.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        return rt.block_on(fleetban_tests::fleetsim::agents::run(args));
+    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench(cli))
+}
+
+async fn bench(cli: Cli) -> anyhow::Result<()> {
     let mut embedded = None;
     let url = match cli.database_url {
         Some(url) => url,
@@ -121,6 +138,11 @@ async fn main() -> anyhow::Result<()> {
                 propagation(&url, n, blocks, Duration::from_millis(pause_ms)).await?;
             }
         }
+        Command::Fleet(args) => {
+            let result = fleetban_tests::fleetsim::run(&url, args).await?;
+            fleetban_tests::fleetsim::print(&result);
+        }
+        Command::FleetAgents(_) => bail!("fleet-agents runs in its own process"),
     }
     drop(embedded);
     Ok(())

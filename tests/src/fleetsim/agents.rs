@@ -1,0 +1,694 @@
+//! One simulator process: `count` simulated agents, each with its own
+//! connection to the server, driven by the parent over stdin and reporting
+//! on stdout (`fleetban-bench fleet-agents`, never run by hand).
+//!
+//! Each agent behaves as `fleetban-agent` does on the wire:
+//!
+//! - every `batch_age` (the agent's default, 100 ms) a generator cuts each
+//!   host's new events into batches of at most `batch_events` (1000) and
+//!   appends them to the host's spool with the next seq; an empty interval
+//!   makes no batch;
+//! - a session (`Connect`, `Hello` with the next seq and the blocklist
+//!   version held, `Welcome`) sends spooled batches in seq order, at most
+//!   [`UPLINK_WINDOW`] unacked; an `Ack` removes its batch, `Welcome`'s
+//!   `last_acked_seq` those up to it; a new session resends the rest, so the
+//!   server stores each batch once;
+//! - deltas and snapshots are answered with `Applied`, heartbeats go out at
+//!   the `Welcome`'s interval;
+//! - a session that ends is reopened after `fleetban_agent::uplink::backoff`
+//!   (the agent's own jittered exponential backoff), reset by a `Welcome`.
+//!
+//! The spool keeps `(seq, time, context count, abuse count)` per batch and
+//! regenerates the events when it sends (see [`super::traffic`]); it holds
+//! at most [`SPOOL_MAX_BATCHES`] per host and drops the oldest beyond, counted.
+//!
+//! Commands on stdin, one per line: `traffic on`, `traffic off`, `stop`.
+//! Reports on stdout, one JSON object per line ([`Report`]). Each agent's
+//! connection comes from its own loopback source address `127.0.0.x`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fleetban_agent::pipeline::PipelineOptions;
+use fleetban_agent::service::UPLINK_WINDOW;
+use fleetban_proto::v1::agent_frame::Frame;
+use fleetban_proto::v1::agent_service_client::AgentServiceClient;
+use fleetban_proto::v1::server_frame::Frame as In;
+use fleetban_proto::v1::{AgentFrame, Applied, Heartbeat, Hello};
+use fleetban_server::session::{AGENT_ID_HEADER, AGENT_SECRET_HEADER};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use super::mono_ns;
+use super::traffic::{ContextMode, FleetModel, HostOutput, HostProfile};
+
+/// Most batches a simulated spool holds; the oldest beyond are dropped and
+/// counted, as the agent's bounded spool does.
+pub const SPOOL_MAX_BATCHES: usize = 6_000;
+
+/// Longest wait for a connection, then for the `Welcome`.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the process reports.
+const REPORT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Arguments of one simulator process.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentsArgs {
+    /// The server's gRPC address.
+    #[arg(long)]
+    pub server: SocketAddr,
+    /// File of `agent_id secret` lines, one per host of the fleet.
+    #[arg(long)]
+    pub credentials: PathBuf,
+    /// Index of this process's first host.
+    #[arg(long)]
+    pub first: usize,
+    /// Hosts of this process.
+    #[arg(long)]
+    pub count: usize,
+    /// Hosts in the fleet.
+    #[arg(long)]
+    pub hosts: usize,
+    /// Seed of the traffic model.
+    #[arg(long)]
+    pub seed: u64,
+    /// Mean context lines per second per host.
+    #[arg(long)]
+    pub context_per_sec: f64,
+    /// Share of attacked hosts, percent.
+    #[arg(long)]
+    pub attacked_percent: u32,
+    /// Highest burst rate of an attacked host, lines per second.
+    #[arg(long)]
+    pub burst_max: f64,
+    /// What hosts send for context events.
+    #[arg(long, value_enum)]
+    pub context: ContextMode,
+    /// Spread of the first connections, milliseconds.
+    #[arg(long)]
+    pub ramp_ms: u64,
+    /// Do not answer deltas and snapshots with `Applied` (the agent does;
+    /// a diagnostic of what those reports cost the server).
+    #[arg(long)]
+    pub skip_applied: bool,
+    /// Longest life of the process, seconds (it stops by itself then).
+    #[arg(long)]
+    pub max_secs: u64,
+}
+
+/// One report line of a simulator process.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Report {
+    /// Sessions that got their `Welcome` and are open.
+    pub connected: u64,
+    /// Sessions that got their `Welcome`, since the start.
+    pub welcomes: u64,
+    /// Monotonic time of the latest `Welcome`, nanoseconds.
+    pub last_welcome_ns: i64,
+    /// Events and batches generated, acknowledged and dropped from full
+    /// spools, since the start.
+    pub generated_events: u64,
+    pub generated_batches: u64,
+    pub acked_events: u64,
+    pub acked_batches: u64,
+    pub rejected_events: u64,
+    pub nacked_batches: u64,
+    pub dropped_events: u64,
+    /// Batches sent (resends included).
+    pub sent_batches: u64,
+    /// Batches spooled and not yet acknowledged.
+    pub pending_batches: u64,
+    /// Events of batches sent and not (yet) acknowledged: stored or not.
+    pub in_flight_events: u64,
+    /// Age of the oldest unacknowledged batch of any host, milliseconds.
+    pub oldest_pending_ms: i64,
+    /// Session attempts per monotonic second since the previous report.
+    pub attempts: BTreeMap<i64, u64>,
+    /// Blocks whose delta reached every agent of this process since the
+    /// previous report: id → latest arrival (monotonic ns).
+    pub blocks: BTreeMap<i64, i64>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    seq: u64,
+    time_ms: i64,
+    context: u32,
+    abuse: u32,
+    acked: bool,
+}
+
+#[derive(Debug, Default)]
+struct Spool {
+    next_seq: u64,
+    /// The highest seq the current session has sent.
+    sent: u64,
+    pending: VecDeque<Pending>,
+}
+
+struct Host {
+    profile: HostProfile,
+    id: String,
+    secret: String,
+    source: IpAddr,
+    spool: Mutex<Spool>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct Stats {
+    connected: AtomicU64,
+    welcomes: AtomicU64,
+    last_welcome_ns: AtomicI64,
+    generated_events: AtomicU64,
+    generated_batches: AtomicU64,
+    acked_events: AtomicU64,
+    acked_batches: AtomicU64,
+    rejected_events: AtomicU64,
+    nacked_batches: AtomicU64,
+    dropped_events: AtomicU64,
+    sent_batches: AtomicU64,
+    attempts: Mutex<BTreeMap<i64, u64>>,
+    /// Block id → (agents that got it, latest arrival).
+    arrivals: Mutex<HashMap<i64, (usize, i64)>>,
+}
+
+struct Shared {
+    model: FleetModel,
+    mode: ContextMode,
+    server: SocketAddr,
+    stats: Stats,
+    stop: watch::Receiver<bool>,
+    count: usize,
+    skip_applied: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// Raises the soft descriptor limit to the hard limit.
+pub fn raise_nofile() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+/// The loopback source address of host `index`: 127.0.0.2–127.0.0.201.
+pub fn source_address(index: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (index % 200) as u8))
+}
+
+/// Runs one simulator process until `stop`, stdin's end or `max_secs`.
+pub async fn run(args: AgentsArgs) -> anyhow::Result<()> {
+    let nofile = raise_nofile();
+    if (nofile as usize) < args.count + 64 {
+        bail!("{} agents need {} descriptors; the limit is {nofile}", args.count, args.count + 64);
+    }
+    // Checked here too, so that a mode this build lacks fails before any session.
+    HostOutput::new(args.context, args.first)?;
+    let text =
+        std::fs::read_to_string(&args.credentials).with_context(|| format!("read {}", args.credentials.display()))?;
+    let model = FleetModel {
+        seed: args.seed,
+        hosts: args.hosts,
+        context_per_sec: args.context_per_sec,
+        attacked_percent: args.attacked_percent,
+        burst_max: args.burst_max,
+    };
+    let mut hosts = Vec::with_capacity(args.count);
+    for (index, line) in text.lines().enumerate().skip(args.first).take(args.count) {
+        let (id, secret) = line.split_once(' ').context("credentials line without a space")?;
+        hosts.push(Arc::new(Host {
+            profile: model.host(index),
+            id: id.to_owned(),
+            secret: secret.to_owned(),
+            source: source_address(index),
+            spool: Mutex::new(Spool { next_seq: 1, sent: 0, pending: VecDeque::new() }),
+            wake: Notify::new(),
+        }));
+    }
+    if hosts.len() != args.count {
+        bail!("{} credentials for hosts {}..{}", hosts.len(), args.first, args.first + args.count);
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        model,
+        mode: args.context,
+        server: args.server,
+        stats: Stats::default(),
+        stop: stop_rx,
+        count: args.count,
+        skip_applied: args.skip_applied,
+    });
+    let traffic = Arc::new(AtomicBool::new(false));
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for host in &hosts {
+        let (host, shared) = (host.clone(), shared.clone());
+        let delay = Duration::from_millis(fastrand::u64(0..=args.ramp_ms));
+        tasks.spawn(async move { agent(host, shared, delay).await });
+    }
+    let generator = tokio::spawn(generate(hosts.clone(), shared.clone(), traffic.clone()));
+    let reporter = tokio::spawn(report(hosts.clone(), shared.clone()));
+
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let deadline = tokio::time::sleep(Duration::from_secs(args.max_secs));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            line = lines.next_line() => match line {
+                Ok(Some(line)) => match line.trim() {
+                    "traffic on" => traffic.store(true, Ordering::Relaxed),
+                    "traffic off" => traffic.store(false, Ordering::Relaxed),
+                    "stop" => break,
+                    other => tracing::warn!(command = %other, "Unknown command."),
+                },
+                Ok(None) | Err(_) => break,
+            },
+            () = &mut deadline => {
+                tracing::warn!(max_secs = args.max_secs, "The simulator's time is up; stopping.");
+                break;
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    generator.abort();
+    let drained =
+        tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tasks.abort_all();
+    }
+    reporter.abort();
+    // The last report, so the parent sees the final counts.
+    emit(&hosts, &shared);
+    Ok(())
+}
+
+/// Every `batch_age`, cuts each host's new events into batches.
+async fn generate(hosts: Vec<Arc<Host>>, shared: Arc<Shared>, traffic: Arc<AtomicBool>) {
+    let options = PipelineOptions::default();
+    let max_events = options.batch_events as u32;
+    let mut rng = fastrand::Rng::with_seed(shared.model.seed ^ hosts.len() as u64);
+    let mut tick = tokio::time::interval(options.batch_age);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stats = &shared.stats;
+    let mut last = now_ms();
+    loop {
+        tick.tick().await;
+        // The events of the time that really passed, so a late tick (a busy
+        // machine) offers what the hosts wrote meanwhile, up to a second.
+        let now = now_ms();
+        let tick_secs = ((now - last) as f64 / 1000.0).clamp(0.0, 1.0);
+        last = now;
+        if !traffic.load(Ordering::Relaxed) {
+            continue;
+        }
+        for host in &hosts {
+            let p = &host.profile;
+            let mut context = poisson(&mut rng, p.context_per_sec * tick_secs);
+            let mut abuse = poisson(&mut rng, shared.model.abuse_per_sec(p, now) * tick_secs);
+            if context + abuse == 0 {
+                continue;
+            }
+            stats.generated_events.fetch_add(u64::from(context + abuse), Ordering::Relaxed);
+            let mut spool = lock(&host.spool);
+            while context + abuse > 0 {
+                let c = context.min(max_events);
+                let a = abuse.min(max_events - c);
+                context -= c;
+                abuse -= a;
+                let seq = spool.next_seq;
+                spool.next_seq += 1;
+                spool.pending.push_back(Pending { seq, time_ms: now, context: c, abuse: a, acked: false });
+                stats.generated_batches.fetch_add(1, Ordering::Relaxed);
+            }
+            while spool.pending.len() > SPOOL_MAX_BATCHES {
+                if let Some(old) = spool.pending.pop_front()
+                    && !old.acked
+                {
+                    stats.dropped_events.fetch_add(u64::from(old.context + old.abuse), Ordering::Relaxed);
+                }
+            }
+            drop(spool);
+            host.wake.notify_one();
+        }
+    }
+}
+
+/// A Poisson draw of mean `mean` (normal approximation above 30).
+fn poisson(rng: &mut fastrand::Rng, mean: f64) -> u32 {
+    if mean <= 0.0 {
+        return 0;
+    }
+    if mean > 30.0 {
+        // Box–Muller.
+        let (u, v) = (rng.f64().max(f64::MIN_POSITIVE), rng.f64());
+        let z = (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos();
+        return (mean + z * mean.sqrt()).round().max(0.0) as u32;
+    }
+    let limit = (-mean).exp();
+    let (mut k, mut p) = (0u32, rng.f64());
+    while p > limit && k < 1000 {
+        k += 1;
+        p *= rng.f64();
+    }
+    k
+}
+
+/// Writes a report line every [`REPORT_INTERVAL`].
+async fn report(hosts: Vec<Arc<Host>>, shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(REPORT_INTERVAL);
+    loop {
+        tick.tick().await;
+        emit(&hosts, &shared);
+    }
+}
+
+fn emit(hosts: &[Arc<Host>], shared: &Shared) {
+    let s = &shared.stats;
+    let now = now_ms();
+    let (mut pending, mut oldest, mut in_flight) = (0u64, 0i64, 0u64);
+    for host in hosts {
+        let spool = lock(&host.spool);
+        // The head of a spool is never acknowledged (acknowledged heads are
+        // dropped at once), and the batches sent come first: the few
+        // acknowledged out of order in the middle count as pending here.
+        pending += spool.pending.len() as u64;
+        if let Some(first) = spool.pending.front() {
+            oldest = oldest.max(now - first.time_ms);
+        }
+        in_flight += spool
+            .pending
+            .iter()
+            .take_while(|p| p.seq <= spool.sent)
+            .filter(|p| !p.acked)
+            .map(|p| u64::from(p.context + p.abuse))
+            .sum::<u64>();
+    }
+    let blocks = {
+        let mut arrivals = lock(&s.arrivals);
+        let done: Vec<i64> = arrivals.iter().filter(|(_, (n, _))| *n >= shared.count).map(|(id, _)| *id).collect();
+        done.into_iter().filter_map(|id| arrivals.remove(&id).map(|(_, at)| (id, at))).collect()
+    };
+    let report = Report {
+        connected: s.connected.load(Ordering::Relaxed),
+        welcomes: s.welcomes.load(Ordering::Relaxed),
+        last_welcome_ns: s.last_welcome_ns.load(Ordering::Relaxed),
+        generated_events: s.generated_events.load(Ordering::Relaxed),
+        generated_batches: s.generated_batches.load(Ordering::Relaxed),
+        acked_events: s.acked_events.load(Ordering::Relaxed),
+        acked_batches: s.acked_batches.load(Ordering::Relaxed),
+        rejected_events: s.rejected_events.load(Ordering::Relaxed),
+        nacked_batches: s.nacked_batches.load(Ordering::Relaxed),
+        dropped_events: s.dropped_events.load(Ordering::Relaxed),
+        sent_batches: s.sent_batches.load(Ordering::Relaxed),
+        pending_batches: pending,
+        in_flight_events: in_flight,
+        oldest_pending_ms: oldest,
+        attempts: std::mem::take(&mut *lock(&s.attempts)),
+        blocks,
+    };
+    if let Ok(line) = serde_json::to_string(&report) {
+        println!("{line}");
+    }
+}
+
+/// One agent: sessions, reopened after the agent's backoff, until stop.
+async fn agent(host: Arc<Host>, shared: Arc<Shared>, first_delay: Duration) {
+    let mut stop = shared.stop.clone();
+    tokio::select! {
+        () = tokio::time::sleep(first_delay) => {}
+        () = stopped(&mut stop) => return,
+    }
+    let mut view = View::default();
+    let mut attempt = 0u32;
+    loop {
+        *lock(&shared.stats.attempts).entry(mono_ns() / 1_000_000_000).or_default() += 1;
+        let mut welcomed = false;
+        let result = session(&host, &shared, &mut view, &mut welcomed).await;
+        if *stop.borrow() {
+            return;
+        }
+        if let Err(error) = result {
+            tracing::debug!(error = %error, host = host.profile.index, "Session ended.");
+        }
+        if welcomed {
+            attempt = 0;
+        }
+        let delay = fleetban_agent::uplink::backoff(attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// What one agent's firewall holds of the fleet's blocklist.
+#[derive(Debug, Default)]
+struct View {
+    version: u64,
+    /// Blocks it has received (each counted once per agent).
+    seen: std::collections::HashSet<i64>,
+}
+
+impl View {
+    /// Records the blocks of a delta or snapshot that are new to this agent.
+    fn arrived(&mut self, blocks: impl Iterator<Item = i64>, stats: &Stats) {
+        let at = mono_ns();
+        let mut arrivals = lock(&stats.arrivals);
+        for id in blocks {
+            if self.seen.insert(id) {
+                let e = arrivals.entry(id).or_insert((0, at));
+                e.0 += 1;
+                e.1 = e.1.max(at);
+            }
+        }
+    }
+}
+
+/// Resolves once the process stops.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Counts a connected session while it lives.
+struct Connected<'a>(&'a Stats);
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.0.connected.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn connect(source: IpAddr, server: SocketAddr) -> anyhow::Result<Channel> {
+    let connector = tower::service_fn(move |_: tonic::codegen::http::Uri| async move {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        let stream = socket.connect(server).await?;
+        stream.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+    });
+    let endpoint = Endpoint::from_shared(format!("http://{server}"))?;
+    Ok(tokio::time::timeout(SESSION_TIMEOUT, endpoint.connect_with_connector(connector)).await??)
+}
+
+async fn session(host: &Host, shared: &Shared, view: &mut View, welcomed: &mut bool) -> anyhow::Result<()> {
+    let stats = &shared.stats;
+    let mut stop = shared.stop.clone();
+    let channel = connect(host.source, shared.server).await?;
+    let (tx, rx) = mpsc::channel::<AgentFrame>(UPLINK_WINDOW + 16);
+    let next_seq = lock(&host.spool).next_seq;
+    let hello = Hello {
+        agent_id: host.id.clone(),
+        version: "fleetsim".into(),
+        hostname: format!("sim-{}.example", host.profile.index),
+        addresses: vec![],
+        blocklist_version: view.version,
+        next_seq,
+    };
+    tx.send(AgentFrame { frame: Some(Frame::Hello(hello)) }).await?;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request.metadata_mut().insert(AGENT_ID_HEADER, host.id.parse()?);
+    request.metadata_mut().insert(AGENT_SECRET_HEADER, host.secret.parse()?);
+    let mut inbound =
+        tokio::time::timeout(SESSION_TIMEOUT, AgentServiceClient::new(channel).connect(request)).await??.into_inner();
+    let welcome = match tokio::time::timeout(SESSION_TIMEOUT, inbound.message()).await?? {
+        Some(frame) => match frame.frame {
+            Some(In::Welcome(w)) => w,
+            other => bail!("expected Welcome, got {other:?}"),
+        },
+        None => bail!("stream closed before Welcome"),
+    };
+    *welcomed = true;
+    stats.connected.fetch_add(1, Ordering::Relaxed);
+    stats.welcomes.fetch_add(1, Ordering::Relaxed);
+    let _connected = Connected(stats);
+    stats.last_welcome_ns.fetch_max(mono_ns(), Ordering::Relaxed);
+    let mut output = HostOutput::new(shared.mode, host.profile.index)?;
+    // Batches up to the server's last stored seq are done; the rest are
+    // (re)sent from the oldest.
+    let mut sent = {
+        let mut spool = lock(&host.spool);
+        ack_through(&mut spool, welcome.last_acked_seq, stats);
+        spool.sent = spool.pending.front().map_or(welcome.last_acked_seq, |p| p.seq.saturating_sub(1));
+        spool.sent
+    };
+    let mut in_flight = 0usize;
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(u64::from(welcome.heartbeat_secs.max(1))));
+    heartbeat.reset();
+    loop {
+        // Fill the window, regenerating each batch's events.
+        while in_flight < UPLINK_WINDOW {
+            let next = {
+                let spool = lock(&host.spool);
+                spool.pending.iter().find(|p| p.seq > sent && !p.acked).map(|p| (p.seq, p.time_ms, p.context, p.abuse))
+            };
+            let Some((seq, time_ms, context, abuse)) = next else { break };
+            let events = shared.model.events(&host.profile, seq, time_ms, context, abuse);
+            let batch = output.flush(seq, &events);
+            tx.send(AgentFrame { frame: Some(Frame::Batch(batch)) }).await?;
+            stats.sent_batches.fetch_add(1, Ordering::Relaxed);
+            sent = seq;
+            lock(&host.spool).sent = seq;
+            in_flight += 1;
+        }
+        tokio::select! {
+            biased;
+            () = stopped(&mut stop) => return Ok(()),
+            frame = inbound.message() => {
+                let Some(frame) = frame? else { bail!("server closed the stream") };
+                match frame.frame {
+                    Some(In::Ack(ack)) => {
+                        in_flight = in_flight.saturating_sub(1);
+                        stats.rejected_events.fetch_add(u64::from(ack.rejected_events), Ordering::Relaxed);
+                        ack_one(&mut lock(&host.spool), ack.seq, u64::from(ack.rejected_events), stats);
+                    }
+                    Some(In::Nack(nack)) => {
+                        in_flight = in_flight.saturating_sub(1);
+                        stats.nacked_batches.fetch_add(1, Ordering::Relaxed);
+                        // Refused as a whole: dropped, as the agent does.
+                        let mut spool = lock(&host.spool);
+                        if let Some(p) = spool.pending.iter_mut().find(|p| p.seq == nack.seq) {
+                            p.acked = true;
+                        }
+                        while spool.pending.front().is_some_and(|p| p.acked) {
+                            spool.pending.pop_front();
+                        }
+                    }
+                    Some(In::Delta(delta)) => {
+                        view.arrived(delta.added.iter().map(|e| e.block_id), stats);
+                        view.version = delta.to_version;
+                        if !shared.skip_applied {
+                            let applied = Applied { blocklist_version: view.version, firewall_entries: 0 };
+                            tx.send(AgentFrame { frame: Some(Frame::Applied(applied)) }).await?;
+                        }
+                    }
+                    Some(In::Snapshot(snapshot)) => {
+                        // A lagging session gets a snapshot instead of the
+                        // deltas it missed: its blocks arrive with it.
+                        view.arrived(snapshot.entries.iter().map(|e| e.block_id), stats);
+                        view.version = snapshot.version;
+                        let entries = snapshot.entries.len() as u64;
+                        if !shared.skip_applied {
+                            let applied = Applied { blocklist_version: view.version, firewall_entries: entries };
+                            tx.send(AgentFrame { frame: Some(Frame::Applied(applied)) }).await?;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            () = host.wake.notified(), if in_flight < UPLINK_WINDOW => {}
+            _ = heartbeat.tick() => {
+                let pending = lock(&host.spool).pending.len() as u64;
+                let beat = Heartbeat { blocklist_version: view.version, firewall_entries: 0, pending_batches: pending };
+                tx.send(AgentFrame { frame: Some(Frame::Heartbeat(beat)) }).await?;
+            }
+        }
+    }
+}
+
+/// Marks batch `seq` stored and drops the acknowledged head of the spool.
+fn ack_one(spool: &mut Spool, seq: u64, rejected: u64, stats: &Stats) {
+    if let Some(p) = spool.pending.iter_mut().find(|p| p.seq == seq && !p.acked) {
+        p.acked = true;
+        let events = u64::from(p.context + p.abuse);
+        stats.acked_events.fetch_add(events.saturating_sub(rejected), Ordering::Relaxed);
+        stats.acked_batches.fetch_add(1, Ordering::Relaxed);
+    }
+    while spool.pending.front().is_some_and(|p| p.acked) {
+        spool.pending.pop_front();
+    }
+}
+
+/// Every batch up to `seq` is stored (`Welcome.last_acked_seq`).
+fn ack_through(spool: &mut Spool, seq: u64, stats: &Stats) {
+    while spool.pending.front().is_some_and(|p| p.seq <= seq) {
+        if let Some(p) = spool.pending.pop_front()
+            && !p.acked
+        {
+            stats.acked_events.fetch_add(u64::from(p.context + p.abuse), Ordering::Relaxed);
+            stats.acked_batches.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poisson_draws_have_their_mean() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        for mean in [0.3, 3.0, 22.5, 100.0] {
+            let n = 20_000;
+            let sum: u64 = (0..n).map(|_| u64::from(poisson(&mut rng, mean))).sum();
+            let got = sum as f64 / n as f64;
+            assert!((got - mean).abs() < mean * 0.05 + 0.02, "mean {mean}: got {got}");
+        }
+    }
+
+    #[test]
+    fn acks_count_each_batch_once_whichever_way_they_come() {
+        let stats = Stats::default();
+        let mut spool = Spool { next_seq: 6, sent: 0, pending: VecDeque::new() };
+        for seq in 1..=5 {
+            spool.pending.push_back(Pending { seq, time_ms: 0, context: 10, abuse: 1, acked: false });
+        }
+        ack_one(&mut spool, 2, 0, &stats);
+        ack_one(&mut spool, 2, 0, &stats);
+        assert_eq!(spool.pending.len(), 5, "2 is acked but 1 is not: the head stays");
+        ack_one(&mut spool, 1, 0, &stats);
+        assert_eq!(spool.pending.front().map(|p| p.seq), Some(3));
+        // A new session's Welcome says 4 is stored: 3 and 4 count now, 2 not again.
+        ack_through(&mut spool, 4, &stats);
+        assert_eq!(spool.pending.front().map(|p| p.seq), Some(5));
+        assert_eq!(stats.acked_batches.load(Ordering::Relaxed), 4);
+        assert_eq!(stats.acked_events.load(Ordering::Relaxed), 44);
+    }
+}

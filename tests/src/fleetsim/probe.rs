@@ -1,0 +1,156 @@
+//! Measurements of the fleet run: CPU and memory of processes from `/proc`,
+//! and Postgres's insert counters and sizes.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use sqlx::PgPool;
+
+use super::{Totals, mono_ns};
+
+/// Clock ticks per second (`_SC_CLK_TCK`).
+pub fn clock_ticks() -> f64 {
+    // SAFETY: sysconf reads a constant of the system.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// `(ppid, utime + stime)` of `pid` from `/proc/PID/stat`.
+fn stat(pid: u32) -> Option<(u32, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command may hold spaces and parentheses: fields start after the last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ppid = fields.get(1)?.parse().ok()?;
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((ppid, utime + stime))
+}
+
+/// CPU time of `pid` in clock ticks.
+pub fn ticks(pid: u32) -> u64 {
+    stat(pid).map_or(0, |(_, t)| t)
+}
+
+/// `VmRSS` of `pid`, KiB.
+pub fn rss_kb(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// The postmaster's pid, when the database runs on this machine: the parent
+/// of this session's backend.
+pub async fn postgres_root(pool: &PgPool) -> Option<u32> {
+    let backend: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(pool).await.ok()?;
+    let (ppid, _) = stat(u32::try_from(backend).ok()?)?;
+    let comm = std::fs::read_to_string(format!("/proc/{ppid}/comm")).ok()?;
+    (comm.trim() == "postgres").then_some(ppid)
+}
+
+/// CPU ticks of the postmaster and all its children alive now.
+pub fn family_ticks(root: u32) -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    let mut sum = ticks(root);
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if let Some((ppid, t)) = stat(pid)
+            && ppid == root
+        {
+            sum += t;
+        }
+    }
+    sum
+}
+
+/// Counters at one instant of the run.
+#[derive(Debug)]
+pub struct Sample {
+    pub at: Instant,
+    /// Rows inserted into the partitions of `events` (statistics counter).
+    pub event_rows: i64,
+    /// Rows inserted into every user table.
+    pub all_rows: i64,
+    pub db_bytes: i64,
+    /// Total size of the partitions of `events` with their indexes.
+    pub event_bytes: i64,
+    /// Per table: rows inserted, total size.
+    pub tables: HashMap<String, (i64, i64)>,
+    pub server_ticks: u64,
+    pub postgres_ticks: Option<u64>,
+    pub sim_ticks: u64,
+    pub fleet: Totals,
+}
+
+impl Sample {
+    /// Takes a sample; `fleet` is the simulators' totals at this instant.
+    pub async fn take(
+        pool: &PgPool,
+        server: u32,
+        postgres: Option<u32>,
+        sims: &[u32],
+        fleet: Totals,
+    ) -> anyhow::Result<Sample> {
+        let at = Instant::now();
+        let server_ticks = ticks(server);
+        let postgres_ticks = postgres.map(family_ticks);
+        let sim_ticks = sims.iter().map(|p| ticks(*p)).sum();
+        // Statistics of other sessions reach this one within a second.
+        let rows: Vec<(String, i64, i64, bool)> = sqlx::query_as(
+            "select s.relname::text, s.n_tup_ins, pg_total_relation_size(s.relid), \
+                    exists (select 1 from pg_inherits i join pg_class p on p.oid = i.inhparent \
+                            where i.inhrelid = s.relid and p.relname = 'events') \
+             from pg_stat_user_tables s",
+        )
+        .fetch_all(pool)
+        .await?;
+        let db_bytes: i64 = sqlx::query_scalar("select pg_database_size(current_database())").fetch_one(pool).await?;
+        let mut sample = Sample {
+            at,
+            event_rows: 0,
+            all_rows: 0,
+            db_bytes,
+            event_bytes: 0,
+            tables: HashMap::new(),
+            server_ticks,
+            postgres_ticks,
+            sim_ticks,
+            fleet,
+        };
+        for (name, inserted, bytes, is_event) in rows {
+            sample.all_rows += inserted;
+            if is_event {
+                sample.event_rows += inserted;
+                sample.event_bytes += bytes;
+            }
+            // Day partitions of one table count as the table.
+            let key = if is_event { "events (partitions)".to_owned() } else { name };
+            let e = sample.tables.entry(key).or_default();
+            e.0 += inserted;
+            e.1 += bytes;
+        }
+        Ok(sample)
+    }
+}
+
+/// Commits a manual block and its `add` change (the trigger notifies);
+/// returns its id and the monotonic time just before the commit.
+pub async fn commit_block(pool: &PgPool, cidr: &str) -> anyhow::Result<(i64, i64)> {
+    let mut tx = pool.begin().await?;
+    let id: i64 = sqlx::query_scalar(
+        "insert into blocks (cidr, reason, source, expires_at) \
+         values ($1::cidr, 'fleet bench', 'manual', now() + interval '1 hour') returning id",
+    )
+    .bind(cidr)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query(
+        "insert into block_changes (op, block_id, cidr, expires_at, reason) \
+         select 'add', id, cidr, expires_at, reason from blocks where id = $1",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    let at = mono_ns();
+    tx.commit().await?;
+    Ok((id, at))
+}
