@@ -206,7 +206,7 @@ fn flush(
     if events.is_empty() {
         return Ok(());
     }
-    let position = SourcePosition { path: key.to_owned(), fingerprint, offset };
+    let position = SourcePosition { path: key.to_owned(), fingerprint, offset, open_from: None };
     spool.append(events, &position)?;
     stats.events += events.len() as u64;
     stats.batches += 1;

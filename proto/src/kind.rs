@@ -138,6 +138,23 @@ impl EventKind {
         !self.is_abuse()
     }
 
+    /// Whether an agent that aggregates context (`[aggregate] enabled`)
+    /// sends lines of this kind as per-address summaries
+    /// ([`crate::v1::ContextSummary`]) instead of one event each. This is
+    /// the one classification both sides use: the agent's aggregator
+    /// summarises exactly these kinds, and the server reads them from
+    /// summaries as well as from events (good standing, slot series, the
+    /// alert monitor, reports, stats).
+    ///
+    /// Every context kind is summarised and every abuse kind stays
+    /// individual: no server decision needs a context line on its own
+    /// (correlation reads abuse evidence per minute and good standing per
+    /// address; slot exhaustion is judged by the agent's own detector, which
+    /// sees every line before aggregation).
+    pub const fn is_summarised(self) -> bool {
+        self.is_context() && !matches!(self, EventKind::Unspecified)
+    }
+
     /// What one line of this kind counts towards its scenario's thresholds.
     /// Exim drops a session for too many bad commands only after it has seen
     /// several, so such a drop counts three; a synchronization error (input
@@ -280,6 +297,18 @@ mod tests {
             assert!(kind.weight() >= 1, "{kind}");
         }
         assert!(EventKind::AuthFailed.is_abuse() && EventKind::RefusedPerHost.is_abuse());
+    }
+
+    #[test]
+    fn summarised_kinds_are_exactly_the_context_kinds() {
+        for kind in EventKind::ALL {
+            assert_eq!(kind.is_summarised(), kind.is_context(), "{kind}");
+            assert!(!(kind.is_summarised() && kind.is_abuse()), "{kind}");
+        }
+        assert!(!EventKind::Unspecified.is_summarised());
+        assert!(EventKind::Connect.is_summarised() && EventKind::Accepted.is_summarised());
+        assert!(EventKind::Login.is_summarised() && EventKind::RefusedTooMany.is_summarised());
+        assert!(!EventKind::AuthFailed.is_summarised() && !EventKind::RefusedPerHost.is_summarised());
     }
 
     #[test]

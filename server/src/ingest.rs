@@ -884,7 +884,7 @@ mod tests {
         };
         let mut events = vec![backfilled(40), backfilled(45), backfilled(1)];
         events.push(Event { remote: None, ..backfilled(1) });
-        let batch = |seq| EventBatch { seq, events: events.clone(), position: None };
+        let batch = |seq| EventBatch { seq, events: events.clone(), position: None, summaries: Vec::new() };
 
         let default = Ingest::new(pool.clone()).store(a, batch(1)).await.unwrap();
         assert_eq!((default.stored, default.rejected), (1, 3));
@@ -913,7 +913,7 @@ mod tests {
         let forged = Event { attempts: u32::MAX, ..imap.clone() };
         let login =
             Event { service: fleetban_proto::v1::Service::Pop3 as i32, ..event(EventKind::Login, "198.51.100.9") };
-        let batch = EventBatch { seq: 1, events: vec![imap, smtp, forged, login], position: None };
+        let batch = EventBatch { seq: 1, events: vec![imap, smtp, forged, login], position: None, summaries: Vec::new() };
         let outcome = ingest.store(a, batch).await.unwrap();
         assert_eq!((outcome.stored, outcome.rejected), (4, 0));
         let services: Vec<(String, Option<String>)> =
@@ -955,8 +955,8 @@ mod tests {
             event(EventKind::RelayDenied, "2001:db8::1"),
         ];
         events.push(Event { remote: Some(IpAddress { octets: vec![9] }), ..events[0].clone() });
-        let position = Some(SourcePosition { path: "/var/log/exim_mainlog".into(), fingerprint: u64::MAX, offset: 42 });
-        let batch = EventBatch { seq: 1, events, position };
+        let position = Some(SourcePosition { path: "/var/log/exim_mainlog".into(), fingerprint: u64::MAX, offset: 42, open_from: None });
+        let batch = EventBatch { seq: 1, events, position , summaries: Vec::new() };
         let first = ingest.store(a, batch.clone()).await.unwrap();
         assert_eq!((first.stored, first.rejected, first.duplicate), (4, 1, false));
         assert_eq!(first.abuse_addresses.len(), 2);
@@ -1018,7 +1018,7 @@ mod tests {
                 .collect();
             tasks.push(tokio::spawn(async move {
                 for seq in 1..=3 {
-                    ingest.store(id, EventBatch { seq, events: events.clone(), position: None }).await.unwrap();
+                    ingest.store(id, EventBatch { seq, events: events.clone(), position: None, summaries: Vec::new() }).await.unwrap();
                 }
             }));
         }
@@ -1055,12 +1055,13 @@ mod tests {
     async fn invalid_batches_are_refused_whole(pool: PgPool) {
         let ingest = Ingest::new(pool.clone());
         let a = agent(&pool).await;
-        let zero = EventBatch { seq: 0, events: vec![], position: None };
+        let zero = EventBatch { seq: 0, events: vec![], position: None, summaries: Vec::new() };
         assert!(matches!(ingest.store(a, zero).await, Err(BatchError::Invalid(_))));
         let big = EventBatch {
             seq: 1,
             events: vec![event(EventKind::Connect, "192.0.2.1"); MAX_BATCH_EVENTS + 1],
             position: None,
+            summaries: Vec::new(),
         };
         assert!(matches!(ingest.store(a, big).await, Err(BatchError::Invalid(_))));
         let n: i64 = sqlx::query_scalar("select count(*) from agent_batches").fetch_one(&pool).await.unwrap();
@@ -1071,7 +1072,7 @@ mod tests {
     async fn dropped_partition_is_recreated(pool: PgPool) {
         let ingest = Ingest::new(pool.clone());
         let a = agent(&pool).await;
-        let batch = |seq| EventBatch { seq, events: vec![event(EventKind::Connect, "192.0.2.1")], position: None };
+        let batch = |seq| EventBatch { seq, events: vec![event(EventKind::Connect, "192.0.2.1")], position: None, summaries: Vec::new() };
         ingest.store(a, batch(1)).await.unwrap();
         sqlx::query("select fleetban_drop_event_partitions(current_date + 2)").execute(&pool).await.unwrap();
         let out = ingest.store(a, batch(2)).await.unwrap();

@@ -542,6 +542,7 @@ mod tests {
                 event(EventKind::Accepted, "198.51.100.1", 5, 0),
             ],
             position: None,
+            summaries: Vec::new(),
         };
         ingest.store(a, batch.clone()).await.unwrap();
         ingest.store(a, batch.clone()).await.unwrap();
