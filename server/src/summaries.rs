@@ -265,6 +265,91 @@ mod tests {
         }
     }
 
+    async fn agent(pool: &sqlx::PgPool) -> Uuid {
+        let id = Uuid::new_v4();
+        sqlx::query("insert into agents (id, name, hostname, secret_hash) values ($1, 'a', 'a', '\\x00')")
+            .bind(id)
+            .execute(pool)
+            .await
+            .unwrap();
+        id
+    }
+
+    /// Stored with the batch, once however often it is resent; invalid
+    /// summaries are counted with the batch's rejections; standing and the
+    /// slot series take their counts.
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn summaries_are_stored_once_and_invalid_ones_counted(pool: sqlx::PgPool) {
+        use fleetban_proto::v1::{Event, EventBatch};
+        let ingest = crate::ingest::Ingest::new(pool.clone());
+        let a = agent(&pool).await;
+        let ok = summary();
+        let start = ok.interval_start_ms;
+        let refusals = ContextSummary {
+            remote: Some("203.0.113.5".parse::<IpAddr>().unwrap().into()),
+            counts: vec![KindCount { kind: EventKind::RefusedTooMany as i32, lines: 3, last_seen_ms: start + 2_000 }],
+            host_name: String::new(),
+            samples: vec![],
+            max_connection_count: 0,
+            ..ok.clone()
+        };
+        let bad = ContextSummary { interval_start_ms: start + 5, ..ok.clone() };
+        let abuse = Event {
+            time_ms: start + 3_000,
+            kind: EventKind::AuthFailed as i32,
+            remote: Some("192.0.2.7".parse::<IpAddr>().unwrap().into()),
+            ..Event::default()
+        };
+        let batch = EventBatch { seq: 1, events: vec![abuse], position: None, summaries: vec![ok, bad, refusals] };
+        let first = ingest.store(a, batch.clone()).await.unwrap();
+        assert_eq!((first.stored, first.summaries, first.rejected, first.duplicate), (1, 2, 1, false));
+        assert_eq!(first.rejections.iter().map(|r| (r.reason, r.events)).collect::<Vec<_>>(), [("number_out_of_range", 1)]);
+        let again = ingest.store(a, batch).await.unwrap();
+        assert!(again.duplicate && again.summaries == 0);
+
+        let rows: Vec<(String, i32, i32, i32, i32, Vec<String>, Vec<i32>, Option<String>, Option<Vec<String>>)> =
+            sqlx::query_as(
+                "select host(remote), lines, connects, refused_full, standing, kinds, counts, host_name, samples \
+                 from context_summaries order by remote",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 2, "stored once: {rows:?}");
+        let relay = &rows[0];
+        assert_eq!(relay.0, "198.51.100.7");
+        assert_eq!((relay.1, relay.2, relay.3, relay.4), (6, 4, 0, 2));
+        assert_eq!(relay.5, ["connect", "accepted"]);
+        assert_eq!(relay.6, [4, 2]);
+        assert_eq!(relay.7.as_deref(), Some("relay.example.net"));
+        assert_eq!(relay.8.as_deref(), Some(&["a line".to_owned()][..]));
+        assert_eq!((rows[1].3, rows[1].8.is_none()), (3, true));
+        let rejected: i32 = sqlx::query_scalar("select rejected from agent_batches where agent_id = $1")
+            .bind(a)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(rejected, 1);
+
+        // Good standing as the two accepted lines would give it.
+        let (accepted, last, name): (i64, OffsetDateTime, Option<String>) = sqlx::query_as(
+            "select accepted, last_accepted, host_name from sender_standing where address = '198.51.100.7'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!((accepted, name.as_deref()), (2, Some("relay.example.net")));
+        assert_eq!(last, time_of(start + 40_000).unwrap());
+        // The slot series: the highest count and the refusals of the minute.
+        let slots: (i32, i32) =
+            sqlx::query_as("select max_connections, refused_full from slot_minutes where agent_id = $1")
+                .bind(a)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(slots, (12, 3));
+    }
+
     #[test]
     fn a_valid_summary_becomes_a_row() {
         let row = validate(3, summary(), OffsetDateTime::now_utc(), DAY).unwrap();
@@ -334,9 +419,9 @@ mod tests {
             ),
             (
                 ContextSummary {
-                    interval_start_ms: i64::MIN - i64::MIN.rem_euclid(60_000) + 60_000,
-                    first_seen_ms: i64::MIN - i64::MIN.rem_euclid(60_000) + 60_000,
-                    last_seen_ms: i64::MIN - i64::MIN.rem_euclid(60_000) + 60_000,
+                    interval_start_ms: i64::MIN + (60_000 - i64::MIN.rem_euclid(60_000)),
+                    first_seen_ms: i64::MIN + (60_000 - i64::MIN.rem_euclid(60_000)),
+                    last_seen_ms: i64::MIN + (60_000 - i64::MIN.rem_euclid(60_000)),
                     ..ok.clone()
                 },
                 EventError::TooOld { max_age_days: 30 },
