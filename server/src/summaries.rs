@@ -350,6 +350,31 @@ mod tests {
         assert_eq!(slots, (12, 3));
     }
 
+    /// `fleetban-server replay` from the store sees the standing a summary
+    /// carries: an accepted line at the last accepted mail, with the name.
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn the_replay_reads_standing_from_summaries(pool: sqlx::PgPool) {
+        use fleetban_proto::v1::EventBatch;
+        let a = agent(&pool).await;
+        let ok = summary();
+        let accepted_at = ok.interval_start_ms + 40_000;
+        let nameless = ContextSummary {
+            remote: Some("203.0.113.5".parse::<IpAddr>().unwrap().into()),
+            host_name: String::new(),
+            counts: vec![KindCount { kind: EventKind::Connect as i32, lines: 1, last_seen_ms: ok.last_seen_ms }],
+            ..ok.clone()
+        };
+        let batch = EventBatch { seq: 1, events: vec![], position: None, summaries: vec![ok, nameless] };
+        crate::ingest::Ingest::new(pool.clone()).store(a, batch).await.unwrap();
+        let hosts = crate::replay::load_db(&pool, Duration::from_secs(3600)).await.unwrap();
+        assert_eq!(hosts.len(), 1);
+        let events = &hosts[0].events;
+        assert_eq!(events.len(), 1, "only the summary with standing or a name: {events:?}");
+        assert_eq!(events[0].kind, EventKind::Accepted as i32);
+        assert_eq!(events[0].time_ms, accepted_at);
+        assert_eq!(events[0].host_name, "relay.example.net");
+    }
+
     #[test]
     fn a_valid_summary_becomes_a_row() {
         let row = validate(3, summary(), OffsetDateTime::now_utc(), DAY).unwrap();
