@@ -15,6 +15,13 @@
 //! with `interval_secs` dividing 60 every summary lies inside one minute and
 //! the server's minute series come out exactly as from single events.
 //!
+//! Good standing cannot wait for the end of an interval: the server judges
+//! abuse lines as they come, and an address's accepted mail or login must be
+//! known by then (an office NAT where one user logs in and another mistypes
+//! a password). So the first line of an (address, service, interval) that
+//! earns standing is passed on as a single event, and the rest of them are
+//! counted; the server adds both up.
+//!
 //! Invariants:
 //! - A flush always empties the aggregator completely (never one interval
 //!   and not another): the pipeline then knows that every line fed since
@@ -143,6 +150,9 @@ pub struct AggregateStats {
 #[derive(Debug)]
 struct Open {
     summary: ContextSummary,
+    /// The first line of the interval that earns good standing went out as
+    /// a single event.
+    standing_sent: bool,
 }
 
 /// Open summaries of one source; see the module documentation.
@@ -190,7 +200,9 @@ impl Aggregator {
     }
 
     /// Takes one event. A kind that stays individual (abuse, or an event
-    /// without a valid address) comes back as `Some`; a summarised one is
+    /// without a valid address) comes back as `Some`, and so does the first
+    /// line of an (address, service, interval) that earns good standing
+    /// (accepted mail, a login: see [`Aggregator`]); a summarised one is
     /// counted and `None` comes back. `raw` is its log line (empty: the
     /// event's own `raw`). Summaries flushed on the way (a newer interval
     /// began, `max_addresses` reached) are appended to `flushed`.
@@ -223,8 +235,21 @@ impl Aggregator {
                 last_seen_ms: event.time_ms,
                 ..ContextSummary::default()
             },
+            standing_sent: false,
         });
+        if kind.earns_standing() && !open.standing_sent {
+            // Good standing must reach the server as soon as the abuse
+            // lines that may follow it: the first accepted mail or login of
+            // an address in an interval goes out at once, the rest is
+            // counted.
+            open.standing_sent = true;
+            return Some(event);
+        }
         let s = &mut open.summary;
+        if s.counts.is_empty() {
+            s.first_seen_ms = event.time_ms;
+            s.last_seen_ms = event.time_ms;
+        }
         s.first_seen_ms = s.first_seen_ms.min(event.time_ms);
         s.last_seen_ms = s.last_seen_ms.max(event.time_ms);
         s.max_connection_count = s.max_connection_count.max(event.connection_count);
@@ -276,11 +301,13 @@ impl Aggregator {
     fn flush_into(&mut self, out: &mut Vec<ContextSummary>) {
         let mut open: Vec<((IpAddr, i32, i64), Open)> = self.open.drain().collect();
         open.sort_unstable_by_key(|((remote, service, start), _)| (*start, *remote, *service));
-        self.stats.summaries.fetch_add(open.len() as u64, Ordering::Relaxed);
-        out.extend(open.into_iter().map(|(_, mut o)| {
+        // A summary that only marked its standing line as sent holds nothing.
+        let before = out.len();
+        out.extend(open.into_iter().filter(|(_, o)| !o.summary.counts.is_empty()).map(|(_, mut o)| {
             o.summary.counts.sort_unstable_by_key(|c| c.kind);
             o.summary
         }));
+        self.stats.summaries.fetch_add((out.len() - before) as u64, Ordering::Relaxed);
         self.newest = None;
     }
 
@@ -374,24 +401,48 @@ mod tests {
         events[3].host_name = "relay.example.net".into();
         let (individual, summaries) = a.split(events);
         let kinds: Vec<i32> = individual.iter().map(|e| e.kind).collect();
-        assert_eq!(kinds, [EventKind::AuthFailed as i32, EventKind::RelayDenied as i32]);
-        assert_eq!(summaries.len(), 3, "{summaries:#?}");
+        // The first accepted mail and the first login of their address,
+        // service and interval go out at once, for good standing.
+        assert_eq!(
+            kinds,
+            [
+                EventKind::AuthFailed as i32,
+                EventKind::Accepted as i32,
+                EventKind::Login as i32,
+                EventKind::RelayDenied as i32
+            ]
+        );
+        assert_eq!(individual[1].host_name, "relay.example.net");
+        assert_eq!(summaries.len(), 2, "{summaries:#?}");
         let smtp1 = summaries
             .iter()
             .find(|s| s.remote == Some("192.0.2.1".parse::<IpAddr>().unwrap().into()) && s.service == 0)
             .unwrap();
         assert_eq!(count(smtp1, EventKind::Connect), 2);
-        assert_eq!(count(smtp1, EventKind::Accepted), 1);
+        assert_eq!(count(smtp1, EventKind::Accepted), 0);
         assert_eq!(count(smtp1, EventKind::Closed), 1);
         assert_eq!(smtp1.max_connection_count, 9);
         assert_eq!((smtp1.first_seen_ms, smtp1.last_seen_ms), (T0 + 1_000, T0 + 4_000));
-        assert_eq!(smtp1.host_name, "relay.example.net");
-        let accepted = smtp1.counts.iter().find(|c| c.kind == EventKind::Accepted as i32).unwrap();
-        assert_eq!(accepted.last_seen_ms, T0 + 3_000);
-        let imap = summaries.iter().find(|s| s.service == Service::Imap as i32).unwrap();
-        assert_eq!(count(imap, EventKind::Login), 1);
-        assert_eq!(a.stats.lines.load(Ordering::Relaxed), 6);
-        assert_eq!(a.stats.summaries.load(Ordering::Relaxed), 3);
+        assert!(summaries.iter().all(|s| s.service != Service::Imap as i32), "the one login went out alone");
+        assert_eq!(a.stats.lines.load(Ordering::Relaxed), 4);
+        assert_eq!(a.stats.summaries.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn the_first_standing_line_of_an_interval_goes_out_and_the_rest_is_counted() {
+        let mut a = agg(60, 1, 10);
+        let accepted = |t: i64| Event { host_name: "mx.example.org".into(), ..ev(EventKind::Accepted, "192.0.2.1", t) };
+        let mut events: Vec<Event> = (0..5).map(|i| accepted(T0 + i * 1000)).collect();
+        events.extend((0..3).map(|i| accepted(T0 + 60_000 + i * 1000)));
+        let (individual, summaries) = a.split(events);
+        assert_eq!(individual.iter().map(|e| e.time_ms).collect::<Vec<_>>(), [T0, T0 + 60_000]);
+        assert_eq!(summaries.len(), 2);
+        assert_eq!((count(&summaries[0], EventKind::Accepted), count(&summaries[1], EventKind::Accepted)), (4, 2));
+        assert_eq!(summaries[0].first_seen_ms, T0 + 1000, "the line sent alone is not in the summary");
+        assert_eq!(summaries[0].host_name, "mx.example.org");
+        // One accepted line alone: an event, and no empty summary.
+        let (individual, summaries) = agg(60, 1, 10).split([accepted(T0)]);
+        assert_eq!((individual.len(), summaries.len()), (1, 0));
     }
 
     #[test]

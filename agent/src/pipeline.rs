@@ -543,7 +543,10 @@ impl Batcher {
             // A flush empties the aggregator before the line is counted.
             self.open_from = None;
         }
-        if individual.is_none() && self.open_from.is_none() {
+        // Any line that changed what the aggregator holds (a count, or the
+        // mark that an interval's first standing line went out alone) is
+        // replayed after a crash, so the replay decides as this run did.
+        if self.open_from.is_none() && !self.aggregator.is_empty() {
             self.open_from = Some(line_start);
             self.aggregator_file = Some(file);
         }
@@ -806,6 +809,7 @@ mod tests {
             let kind = match words.next()? {
                 "ctx" => EventKind::Connect,
                 "abuse" => EventKind::AuthFailed,
+                "acc" => EventKind::Accepted,
                 _ => return None,
             };
             let remote: std::net::IpAddr = words.next()?.parse().ok()?;
@@ -854,6 +858,10 @@ mod tests {
                 if n % 7 == 3 {
                     writeln!(file, "abuse {ip} {time}").unwrap();
                     *expected.entry((ip, EventKind::AuthFailed as i32)).or_default() += 1;
+                } else if n % 6 == 1 {
+                    // The first of an address's interval goes out alone.
+                    writeln!(file, "acc {ip} {time}").unwrap();
+                    *expected.entry((ip, EventKind::Accepted as i32)).or_default() += 1;
                 } else {
                     writeln!(file, "ctx {ip} {time}").unwrap();
                     *expected.entry((ip, EventKind::Connect as i32)).or_default() += 1;
@@ -886,8 +894,8 @@ mod tests {
         let records = read_all(&spool_dir).unwrap();
         assert!(records.iter().any(|b| !b.summaries.is_empty()));
         assert!(
-            records.iter().flat_map(|b| &b.events).all(|e| e.kind == EventKind::AuthFailed as i32),
-            "context never travels as single events"
+            records.iter().flat_map(|b| &b.events).all(|e| e.kind != EventKind::Connect as i32),
+            "connects never travel as single events"
         );
         let position = crate::spool::inspect(&spool_dir).unwrap().positions[&key].clone();
         assert_eq!(position.open_from, None, "a shutdown flushes every open summary");
