@@ -101,6 +101,9 @@ pub struct FleetOptions {
     /// Lines appended to every Dovecot's configuration (with
     /// [`FleetOptions::dovecot`]).
     pub dovecot_extra: String,
+    /// Lines of every agent's `[aggregate]` table (empty: the defaults,
+    /// context summarised per minute).
+    pub aggregate: String,
 }
 
 impl Default for FleetOptions {
@@ -115,6 +118,7 @@ impl Default for FleetOptions {
             smtp_accept_max: 20,
             dovecot: false,
             dovecot_extra: String::new(),
+            aggregate: String::new(),
         }
     }
 }
@@ -432,6 +436,7 @@ impl Fleet {
             self.options.smtp_accept_max,
             self.options.detect,
         );
+        let toml = format!("{toml}[aggregate]\n{}\n", self.options.aggregate);
         fs::write(hdir.join("agent.toml"), toml)?;
         Ok(())
     }
@@ -722,6 +727,23 @@ impl Fleet {
             .fetch_all(&self.pool),
         )?;
         Ok(rows.into_iter().map(|(port, n)| (port as u16, n)).collect())
+    }
+
+    /// How many connects host `i`'s agent stored from `remote`: single
+    /// events plus the connects counted in its context summaries.
+    pub fn stored_connect_total(&self, i: usize, remote: IpAddr) -> anyhow::Result<i64> {
+        let agent = self.agent_id(i)?;
+        let n = self.rt.block_on(
+            sqlx::query_scalar::<_, i64>(
+                "select (select count(*) from events where agent_id = $1 and kind = 'connect' and remote = $2::inet) \
+                      + (select coalesce(sum(connects), 0) from context_summaries \
+                         where agent_id = $1 and remote = $2::inet)::bigint",
+            )
+            .bind(agent)
+            .bind(remote.to_string())
+            .fetch_one(&self.pool),
+        )?;
+        Ok(n)
     }
 
     /// Per remote port, how many connect lines host `i`'s Exim log holds
