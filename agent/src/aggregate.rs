@@ -352,12 +352,7 @@ mod tests {
     const T0: i64 = 1_764_000_000_000; // a multiple of 60 000
 
     fn ev(kind: EventKind, remote: &str, time_ms: i64) -> Event {
-        Event {
-            time_ms,
-            kind: kind as i32,
-            remote: Some(remote.parse::<IpAddr>().unwrap().into()),
-            ..Event::default()
-        }
+        Event { time_ms, kind: kind as i32, remote: Some(remote.parse::<IpAddr>().unwrap().into()), ..Event::default() }
     }
 
     fn agg(interval_secs: u32, samples: u32, max_addresses: usize) -> Aggregator {
@@ -468,9 +463,8 @@ mod tests {
     #[test]
     fn samples_are_capped_and_zero_keeps_none() {
         let mut a = agg(60, 2, 10);
-        let events: Vec<Event> = (0..5)
-            .map(|i| Event { raw: format!("line {i}"), ..ev(EventKind::Connect, "192.0.2.1", T0 + i) })
-            .collect();
+        let events: Vec<Event> =
+            (0..5).map(|i| Event { raw: format!("line {i}"), ..ev(EventKind::Connect, "192.0.2.1", T0 + i) }).collect();
         let (_, summaries) = a.split(events.clone());
         assert_eq!(summaries[0].samples, ["line 0", "line 1"]);
         assert_eq!(count(&summaries[0], EventKind::Connect), 5);

@@ -387,8 +387,7 @@ impl Batcher {
 
     fn run(&mut self, chunks: Receiver<Chunk>, parser: &mut dyn LineParser) {
         loop {
-            let batch_wait =
-                self.first_event_at.map(|first| self.options.batch_age.saturating_sub(first.elapsed()));
+            let batch_wait = self.first_event_at.map(|first| self.options.batch_age.saturating_sub(first.elapsed()));
             let flush_wait = match (self.replay_until, self.aggregator.deadline_ms()) {
                 (None, Some(deadline)) => {
                     Some(Duration::from_millis(u64::try_from(deadline.saturating_sub(now_ms())).unwrap_or(0)))

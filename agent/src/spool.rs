@@ -1033,7 +1033,8 @@ mod tests {
         let (mut spool, _) = Spool::open(dir.path(), small()).unwrap();
         let quiet = SourcePosition { path: "/quiet".into(), fingerprint: 7, offset: 77, open_from: None };
         spool.append(&[event(1)], &quiet).unwrap();
-        let import = SourcePosition { path: format!("{BACKFILL_PREFIX}/old.gz"), fingerprint: 8, offset: 88, open_from: None };
+        let import =
+            SourcePosition { path: format!("{BACKFILL_PREFIX}/old.gz"), fingerprint: 8, offset: 88, open_from: None };
         spool.append(&[event(1)], &import).unwrap();
         append_batches(&mut spool, 2, 100);
         spool.ack(50).unwrap();

@@ -980,7 +980,8 @@ mod tests {
         let forged = Event { attempts: u32::MAX, ..imap.clone() };
         let login =
             Event { service: fleetban_proto::v1::Service::Pop3 as i32, ..event(EventKind::Login, "198.51.100.9") };
-        let batch = EventBatch { seq: 1, events: vec![imap, smtp, forged, login], position: None, summaries: Vec::new() };
+        let batch =
+            EventBatch { seq: 1, events: vec![imap, smtp, forged, login], position: None, summaries: Vec::new() };
         let outcome = ingest.store(a, batch).await.unwrap();
         assert_eq!((outcome.stored, outcome.rejected), (4, 0));
         let services: Vec<(String, Option<String>)> =
@@ -1022,8 +1023,13 @@ mod tests {
             event(EventKind::RelayDenied, "2001:db8::1"),
         ];
         events.push(Event { remote: Some(IpAddress { octets: vec![9] }), ..events[0].clone() });
-        let position = Some(SourcePosition { path: "/var/log/exim_mainlog".into(), fingerprint: u64::MAX, offset: 42, open_from: None });
-        let batch = EventBatch { seq: 1, events, position , summaries: Vec::new() };
+        let position = Some(SourcePosition {
+            path: "/var/log/exim_mainlog".into(),
+            fingerprint: u64::MAX,
+            offset: 42,
+            open_from: None,
+        });
+        let batch = EventBatch { seq: 1, events, position, summaries: Vec::new() };
         let first = ingest.store(a, batch.clone()).await.unwrap();
         assert_eq!((first.stored, first.rejected, first.duplicate), (4, 1, false));
         assert_eq!(first.abuse_addresses.len(), 2);
@@ -1085,7 +1091,10 @@ mod tests {
                 .collect();
             tasks.push(tokio::spawn(async move {
                 for seq in 1..=3 {
-                    ingest.store(id, EventBatch { seq, events: events.clone(), position: None, summaries: Vec::new() }).await.unwrap();
+                    ingest
+                        .store(id, EventBatch { seq, events: events.clone(), position: None, summaries: Vec::new() })
+                        .await
+                        .unwrap();
                 }
             }));
         }
@@ -1139,7 +1148,12 @@ mod tests {
     async fn dropped_partition_is_recreated(pool: PgPool) {
         let ingest = Ingest::new(pool.clone());
         let a = agent(&pool).await;
-        let batch = |seq| EventBatch { seq, events: vec![event(EventKind::Connect, "192.0.2.1")], position: None, summaries: Vec::new() };
+        let batch = |seq| EventBatch {
+            seq,
+            events: vec![event(EventKind::Connect, "192.0.2.1")],
+            position: None,
+            summaries: Vec::new(),
+        };
         ingest.store(a, batch(1)).await.unwrap();
         sqlx::query("select fleetban_drop_event_partitions(current_date + 2)").execute(&pool).await.unwrap();
         let out = ingest.store(a, batch(2)).await.unwrap();

@@ -505,8 +505,13 @@ pub async fn run(
                 continue;
             }
             seqs[i] += 1;
-            let stored =
-                ingest.store_at(agents[i], EventBatch { seq: seqs[i], events: batch, position: None, summaries: Vec::new() }, now).await?;
+            let stored = ingest
+                .store_at(
+                    agents[i],
+                    EventBatch { seq: seqs[i], events: batch, position: None, summaries: Vec::new() },
+                    now,
+                )
+                .await?;
             out.stored += u64::from(stored.stored);
         }
         // The agents' local blocks, then the server's own judgement.

@@ -148,9 +148,9 @@ pub async fn gather(pool: &PgPool, target: IpNet) -> Result<Option<ReportData>, 
               + (select coalesce(sum(connects), 0) from context_summaries \
                  where remote between fleetban_first($1::cidr) and fleetban_last($1::cidr))::bigint",
     )
-        .bind(target)
-        .fetch_one(pool)
-        .await?;
+    .bind(target)
+    .fetch_one(pool)
+    .await?;
     let blocks = sqlx::query_as::<_, BlockSummary>(
         "select cidr, reason, created_at, expires_at, revoked_at from blocks where cidr && $1 order by id desc limit 20",
     )

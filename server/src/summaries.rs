@@ -112,12 +112,14 @@ pub fn validate(
         return Err(EventError::Number("interval_start_ms"));
     }
     let too_old = EventError::TooOld { max_age_days: max_age.as_secs() / 86_400 };
-    let start = time_of(summary.interval_start_ms)
-        .ok_or(if summary.interval_start_ms < 0 { too_old.clone() } else { EventError::InFuture })?;
+    let start = time_of(summary.interval_start_ms).ok_or(if summary.interval_start_ms < 0 {
+        too_old.clone()
+    } else {
+        EventError::InFuture
+    })?;
     let end_ms = summary.interval_start_ms.checked_add(interval_ms).ok_or(EventError::InFuture)?;
     let within = |ms: i64| ms >= summary.interval_start_ms && ms < end_ms;
-    if !within(summary.first_seen_ms) || !within(summary.last_seen_ms) || summary.first_seen_ms > summary.last_seen_ms
-    {
+    if !within(summary.first_seen_ms) || !within(summary.last_seen_ms) || summary.first_seen_ms > summary.last_seen_ms {
         return Err(EventError::Number("first_seen_ms"));
     }
     let first_seen = time_of(summary.first_seen_ms).ok_or(EventError::Number("first_seen_ms"))?;
@@ -303,7 +305,10 @@ mod tests {
         let batch = EventBatch { seq: 1, events: vec![abuse], position: None, summaries: vec![ok, bad, refusals] };
         let first = ingest.store(a, batch.clone()).await.unwrap();
         assert_eq!((first.stored, first.summaries, first.rejected, first.duplicate), (1, 2, 1, false));
-        assert_eq!(first.rejections.iter().map(|r| (r.reason, r.events)).collect::<Vec<_>>(), [("number_out_of_range", 1)]);
+        assert_eq!(
+            first.rejections.iter().map(|r| (r.reason, r.events)).collect::<Vec<_>>(),
+            [("number_out_of_range", 1)]
+        );
         let again = ingest.store(a, batch).await.unwrap();
         assert!(again.duplicate && again.summaries == 0);
 
@@ -405,10 +410,19 @@ mod tests {
             (with_count(EventKind::Connect, u32::MAX, start + 1_000), EventError::Number("lines")),
             (with_count(EventKind::Connect, 1, start + 70_000), EventError::Number("last_seen_ms")),
             (ContextSummary { counts: vec![], ..ok.clone() }, EventError::Number("counts")),
-            (ContextSummary { max_connection_count: u32::MAX, ..ok.clone() }, EventError::Number("max_connection_count")),
+            (
+                ContextSummary { max_connection_count: u32::MAX, ..ok.clone() },
+                EventError::Number("max_connection_count"),
+            ),
             (ContextSummary { host_name: "a\0b".into(), ..ok.clone() }, EventError::Text("host_name")),
-            (ContextSummary { samples: vec!["x".repeat(MAX_RAW_BYTES + 1)], ..ok.clone() }, EventError::Text("samples")),
-            (ContextSummary { samples: vec![String::new(); MAX_SAMPLES + 1], ..ok.clone() }, EventError::Text("samples")),
+            (
+                ContextSummary { samples: vec!["x".repeat(MAX_RAW_BYTES + 1)], ..ok.clone() },
+                EventError::Text("samples"),
+            ),
+            (
+                ContextSummary { samples: vec![String::new(); MAX_SAMPLES + 1], ..ok.clone() },
+                EventError::Text("samples"),
+            ),
             (
                 ContextSummary {
                     interval_start_ms: start - 40 * 86_400_000,
@@ -428,7 +442,11 @@ mod tests {
                     interval_start_ms: start + 3_600_000,
                     first_seen_ms: start + 3_600_000,
                     last_seen_ms: start + 3_600_000,
-                    counts: vec![KindCount { kind: EventKind::Connect as i32, lines: 1, last_seen_ms: start + 3_600_000 }],
+                    counts: vec![KindCount {
+                        kind: EventKind::Connect as i32,
+                        lines: 1,
+                        last_seen_ms: start + 3_600_000,
+                    }],
                     ..ok.clone()
                 },
                 EventError::InFuture,

@@ -229,7 +229,12 @@ async fn the_dashboard_series_from_summaries_equal_those_from_single_events(pool
         "select (select count(*) from events where agent_id = $1), \
                 (select count(*) from context_summaries where agent_id = $1)",
     )
-    .bind(sqlx::query_scalar::<_, Uuid>("select id from agents where name = 'summarised-60'").fetch_one(&pool).await.unwrap())
+    .bind(
+        sqlx::query_scalar::<_, Uuid>("select id from agents where name = 'summarised-60'")
+            .fetch_one(&pool)
+            .await
+            .unwrap(),
+    )
     .fetch_one(&pool)
     .await
     .unwrap();
