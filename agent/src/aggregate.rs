@@ -115,8 +115,7 @@ impl AggregateConfig {
     /// `aggregate.` prefix) and why.
     pub fn validate(&self) -> Result<(), (String, String)> {
         let s = self.interval_secs;
-        let aligned = (s > 0 && 60 % s == 0) || (s % 60 == 0 && s > 0 && 3600 % s == 0);
-        if !aligned {
+        if !EventKind::summary_interval_is_valid(s) {
             return Err((
                 "interval_secs".into(),
                 format!(

@@ -155,6 +155,14 @@ impl EventKind {
         self.is_context() && !matches!(self, EventKind::Unspecified)
     }
 
+    /// Whether `secs` is a valid length of a summary's interval: a divisor
+    /// of 60, or a multiple of 60 that divides 3600, so that an interval
+    /// never straddles a minute (or an hour) and the minute series the
+    /// server draws from summaries stay exact.
+    pub fn summary_interval_is_valid(secs: u32) -> bool {
+        secs > 0 && (60u32.is_multiple_of(secs) || (secs.is_multiple_of(60) && 3600u32.is_multiple_of(secs)))
+    }
+
     /// What one line of this kind counts towards its scenario's thresholds.
     /// Exim drops a session for too many bad commands only after it has seen
     /// several, so such a drop counts three; a synchronization error (input
@@ -309,6 +317,11 @@ mod tests {
         assert!(EventKind::Connect.is_summarised() && EventKind::Accepted.is_summarised());
         assert!(EventKind::Login.is_summarised() && EventKind::RefusedTooMany.is_summarised());
         assert!(!EventKind::AuthFailed.is_summarised() && !EventKind::RefusedPerHost.is_summarised());
+        let valid: Vec<u32> = (0..=7200).filter(|s| EventKind::summary_interval_is_valid(*s)).collect();
+        assert_eq!(
+            valid,
+            [1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30, 60, 120, 180, 240, 300, 360, 600, 720, 900, 1200, 1800, 3600]
+        );
     }
 
     #[test]

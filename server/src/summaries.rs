@@ -92,7 +92,7 @@ fn time_of(ms: i64) -> Option<OffsetDateTime> {
 /// Whether `secs` is an interval length agents may use: a divisor of 60 or
 /// a multiple of 60 that divides 3600.
 pub fn valid_interval(secs: u32) -> bool {
-    (secs > 0 && 60 % secs == 0) || (secs > 0 && secs % 60 == 0 && 3600 % secs == 0)
+    EventKind::summary_interval_is_valid(secs)
 }
 
 /// Validates one summary against `now`; summaries whose interval started
@@ -312,14 +312,14 @@ mod tests {
         let again = ingest.store(a, batch).await.unwrap();
         assert!(again.duplicate && again.summaries == 0);
 
-        let rows: Vec<(String, i32, i32, i32, i32, Vec<String>, Vec<i32>, Option<String>, Option<Vec<String>>)> =
-            sqlx::query_as(
-                "select host(remote), lines, connects, refused_full, standing, kinds, counts, host_name, samples \
+        type Stored = (String, i32, i32, i32, i32, Vec<String>, Vec<i32>, Option<String>, Option<Vec<String>>);
+        let rows: Vec<Stored> = sqlx::query_as(
+            "select host(remote), lines, connects, refused_full, standing, kinds, counts, host_name, samples \
                  from context_summaries order by remote",
-            )
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
         assert_eq!(rows.len(), 2, "stored once: {rows:?}");
         let relay = &rows[0];
         assert_eq!(relay.0, "198.51.100.7");
