@@ -17,9 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use flate2::read::MultiGzDecoder;
-use fleetban_proto::v1::{Event, SourcePosition};
+use fleetban_proto::v1::{ContextSummary, Event, SourcePosition};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::aggregate::{AggregateConfig, Aggregator};
 use crate::pipeline::LineParser;
 use crate::spool::{BACKFILL_PREFIX, Spool, SpoolError};
 
@@ -50,6 +51,8 @@ pub struct BackfillStats {
     pub events: u64,
     /// Batches spooled.
     pub batches: u64,
+    /// Context summaries spooled (with `[aggregate]` on).
+    pub summaries: u64,
 }
 
 /// How progress is shown.
@@ -91,8 +94,8 @@ fn is_gzip(path: &Path) -> Result<bool, std::io::Error> {
     Ok(n == 2 && magic == [0x1f, 0x8b])
 }
 
-/// Imports `files` into `spool`; `fsync_interval` is the group-commit
-/// interval. Every batch is durable when this returns.
+/// Imports `files` into `spool`, every line as an event; `fsync_interval`
+/// is the group-commit interval. Every batch is durable when this returns.
 pub fn backfill(
     spool: &mut Spool,
     files: &[PathBuf],
@@ -101,6 +104,26 @@ pub fn backfill(
     fsync_interval: Duration,
     mode: ProgressMode,
 ) -> Result<BackfillStats, BackfillError> {
+    let off = AggregateConfig { enabled: false, ..AggregateConfig::default() };
+    backfill_with(spool, files, parser, batch_events, fsync_interval, mode, &off)
+}
+
+/// [`backfill`] with context aggregated as `aggregate` says, like `run`
+/// does: context lines go into summaries per address and interval, flushed
+/// when a newer interval begins and at the end of each file. (A backfill
+/// that stops half way is run again from the start of its files, as
+/// before: nothing is resumed.)
+pub fn backfill_with(
+    spool: &mut Spool,
+    files: &[PathBuf],
+    parser: &mut dyn LineParser,
+    batch_events: usize,
+    fsync_interval: Duration,
+    mode: ProgressMode,
+    aggregate: &AggregateConfig,
+) -> Result<BackfillStats, BackfillError> {
+    let mut aggregator = Aggregator::new(aggregate, Arc::default());
+    let mut summaries: Vec<ContextSummary> = Vec::new();
     let read_err = |path: &Path| {
         let path = path.to_owned();
         move |source| BackfillError::Read { path, error: source }
@@ -157,10 +180,12 @@ pub fn backfill(
             offset += n as u64;
             stats.lines += 1;
             if let Some(event) = parser.parse_line(&line) {
-                events.push(event);
+                let event =
+                    if aggregate.enabled { aggregator.observe(event, &line, &mut summaries) } else { Some(event) };
+                events.extend(event);
             }
-            if events.len() >= batch_events {
-                flush(spool, &mut events, &key, fingerprint, offset, &mut stats)?;
+            if events.len() >= batch_events || summaries.len() >= batch_events {
+                flush(spool, &mut events, &mut summaries, &key, fingerprint, offset, &mut stats)?;
                 if last_sync.elapsed() >= fsync_interval {
                     spool.sync()?;
                     last_sync = Instant::now();
@@ -178,7 +203,8 @@ pub fn backfill(
                 }
             }
         }
-        flush(spool, &mut events, &key, fingerprint, offset, &mut stats)?;
+        summaries.extend(aggregator.flush());
+        flush(spool, &mut events, &mut summaries, &key, fingerprint, offset, &mut stats)?;
         spool.sync()?;
         last_sync = Instant::now();
         stats.files += 1;
@@ -198,19 +224,22 @@ pub fn backfill(
 fn flush(
     spool: &mut Spool,
     events: &mut Vec<Event>,
+    summaries: &mut Vec<ContextSummary>,
     key: &str,
     fingerprint: u64,
     offset: u64,
     stats: &mut BackfillStats,
 ) -> Result<(), SpoolError> {
-    if events.is_empty() {
+    if events.is_empty() && summaries.is_empty() {
         return Ok(());
     }
-    let position = SourcePosition { path: key.to_owned(), fingerprint, offset };
-    spool.append(events, &position)?;
+    let position = SourcePosition { path: key.to_owned(), fingerprint, offset, open_from: None };
+    spool.append_batch(events, summaries, &position)?;
     stats.events += events.len() as u64;
+    stats.summaries += summaries.len() as u64;
     stats.batches += 1;
     events.clear();
+    summaries.clear();
     Ok(())
 }
 

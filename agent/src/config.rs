@@ -93,6 +93,10 @@ pub struct AgentConfig {
     /// The agent's Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Context lines summarised per address and interval
+    /// ([`crate::aggregate::AggregateConfig`]).
+    #[serde(default)]
+    pub aggregate: crate::aggregate::AggregateConfig,
 }
 
 /// `[detect]`: local abuse rules and their thresholds. The server may replace
@@ -609,6 +613,7 @@ impl AgentConfig {
                 return Err((format!("addresses[{index}]"), format!("{address} is not a host address")));
             }
         }
+        self.aggregate.validate().map_err(|(key, message)| (format!("aggregate.{key}"), message))?;
         self.detect.validate().map_err(|(key, message)| (format!("detect.{key}"), message))
     }
 

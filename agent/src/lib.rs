@@ -13,6 +13,8 @@
 //! - [`parse`]: one Exim log line to one typed `Event` (prefix, zone,
 //!   continuation lines), plus the `parse` and `gen-log` commands' logic.
 //! - [`tail`]: follows log files through rotation, identified by fingerprint.
+//! - [`aggregate`]: context lines (connects, accepted mail, ...) counted
+//!   per address and interval into summaries instead of single events.
 //! - [`spool`]: the append-only, CRC-checked on-disk log of event batches,
 //!   whose records also carry the read positions.
 //! - [`detect`]: local abuse rules (slot exhaustion, connection rate, auth
@@ -30,6 +32,7 @@
 //! (`bench-ingest`), [`check`] (the `check-config` command) and [`notify`]
 //! (systemd readiness).
 
+pub mod aggregate;
 pub mod backfill;
 pub mod bench;
 pub mod check;

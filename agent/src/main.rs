@@ -246,17 +246,18 @@ fn backfill_cmd(args: BackfillArgs) -> anyhow::Result<()> {
     init_tracing();
     let mut parser = LogLineParser::new(args.kind, run::timezone(&config)?);
     let mut spool = run::open_spool(&config).context("stop the agent before a backfill")?;
-    let stats = backfill::backfill(
+    let stats = backfill::backfill_with(
         &mut spool,
         &args.from,
         &mut parser,
         1000,
         Duration::from_millis(config.spool.fsync_ms),
         ProgressMode::detect(),
+        &config.aggregate,
     )?;
     eprintln!(
-        "backfill: {} files, {} lines, {} events in {} batches",
-        stats.files, stats.lines, stats.events, stats.batches
+        "backfill: {} files, {} lines, {} events and {} context summaries in {} batches",
+        stats.files, stats.lines, stats.events, stats.summaries, stats.batches
     );
     Ok(())
 }

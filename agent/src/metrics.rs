@@ -94,6 +94,28 @@ pub fn render(sources: &Sources) -> String {
     if let Some(p) = &sources.pipeline {
         metric(&mut out, "fleetban_agent_lines_total", "counter", "Log lines read.", &one(load(&p.lines)));
         metric(&mut out, "fleetban_agent_batches_total", "counter", "Batches spooled.", &one(load(&p.batches)));
+        let a = &p.aggregate;
+        metric(
+            &mut out,
+            "fleetban_agent_summaries_total",
+            "counter",
+            "Context summaries (per address, service and interval) spooled.",
+            &one(load(&a.summaries)),
+        );
+        metric(
+            &mut out,
+            "fleetban_agent_summarised_lines_total",
+            "counter",
+            "Context lines counted into summaries instead of sent as events.",
+            &one(load(&a.lines)),
+        );
+        metric(
+            &mut out,
+            "fleetban_agent_summary_early_flushes_total",
+            "counter",
+            "Summaries flushed before their interval ended because [aggregate] max_addresses was reached.",
+            &one(load(&a.early_flushes)),
+        );
     }
     if let Some(k) = &sources.kinds {
         let samples: Vec<(String, u64)> =

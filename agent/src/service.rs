@@ -237,6 +237,13 @@ impl DetectingParser {
 }
 
 impl LineParser for DetectingParser {
+    fn reparse_line(&mut self, line: &[u8]) -> Option<ProtoEvent> {
+        // Detection and the per-kind counters saw this line before the
+        // restart.
+        let event = self.parser.feed(line)?;
+        Some(event.to_proto(event.kind.is_abuse()))
+    }
+
     fn parse_line(&mut self, line: &[u8]) -> Option<ProtoEvent> {
         let ambiguous = self.parser.stats().ambiguous;
         let Some(event) = self.parser.feed(line) else {

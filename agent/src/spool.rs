@@ -9,13 +9,17 @@
 //! u32 LE payload length | u32 LE CRC32C of payload | payload (prost `EventBatch`)
 //! ```
 //!
-//! A record is either a *batch* (non-empty `events`, a new strictly
-//! increasing `seq`) or a *position* record (no events, `seq` equal to the
-//! last batch seq) that only moves a source's checkpoint forward when lines
-//! produced no events. Every record carries the [`SourcePosition`] its source
-//! had reached after the last line it covers, so the newest record of a
-//! source is that source's checkpoint: a restart resumes there, never
-//! re-reading what was spooled and never skipping what was not.
+//! A record is either a *batch* (non-empty `events` or context `summaries`,
+//! a new strictly increasing `seq`) or a *position* record (neither, `seq`
+//! equal to the last batch seq) that only moves a source's checkpoint forward
+//! when lines produced nothing to send. Every record carries the
+//! [`SourcePosition`] its source had reached after the last line it covers,
+//! so the newest record of a source is that source's checkpoint: a restart
+//! resumes there, never re-reading what was spooled and never skipping what
+//! was not. With aggregation the position also says from which line the
+//! context still held in open summaries was read (`open_from`), and the
+//! pipeline re-counts those lines' context after a restart. Records of older
+//! agents have neither field and read as before.
 //!
 //! Invariants:
 //! - Records are only appended; [`Spool::sync`] makes everything appended so
@@ -41,7 +45,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use fleetban_proto::v1::{Event, EventBatch, SourcePosition};
+use fleetban_proto::v1::{ContextSummary, Event, EventBatch, SourcePosition};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -344,7 +348,18 @@ impl Spool {
     /// Appends one batch of events that ends at `position`; returns its seq.
     /// Not durable until [`Spool::sync`]. An empty batch is a position record.
     pub fn append(&mut self, events: &[Event], position: &SourcePosition) -> Result<u64, SpoolError> {
-        if events.is_empty() {
+        self.append_batch(events, &[], position)
+    }
+
+    /// [`Spool::append`] with context summaries: a batch with events or
+    /// summaries takes a seq; one with neither is a position record.
+    pub fn append_batch(
+        &mut self,
+        events: &[Event],
+        summaries: &[ContextSummary],
+        position: &SourcePosition,
+    ) -> Result<u64, SpoolError> {
+        if events.is_empty() && summaries.is_empty() {
             self.append_position(position.clone())?;
             return Ok(self.next_seq - 1);
         }
@@ -353,10 +368,10 @@ impl Spool {
             self.state.seq_reserved = seq + SEQ_RESERVE - 1;
             write_state(&self.dir, &self.state)?;
         }
-        let (segment_id, offset, len) = self.write_record(seq, events, position)?;
+        let (segment_id, offset, len) = self.write_record(seq, events, summaries, position)?;
         self.next_seq += 1;
         if let Some(segment) = self.segments.back_mut() {
-            segment.batches.push(BatchIndex { seq, offset, len, events: events.len() as u32 });
+            segment.batches.push(BatchIndex { seq, offset, len, events: record_items(events.len(), summaries.len()) });
         }
         self.positions.insert(position.path.clone(), (position.clone(), segment_id));
         self.enforce_bound()?;
@@ -366,7 +381,7 @@ impl Spool {
     /// Appends a position-only record: the source reached `position` and the
     /// lines since its previous record produced no events.
     pub fn append_position(&mut self, position: SourcePosition) -> Result<(), SpoolError> {
-        let (segment_id, _, _) = self.write_record(self.next_seq - 1, &[], &position)?;
+        let (segment_id, _, _) = self.write_record(self.next_seq - 1, &[], &[], &position)?;
         self.positions.insert(position.path.clone(), (position, segment_id));
         Ok(())
     }
@@ -418,6 +433,7 @@ impl Spool {
         &mut self,
         seq: u64,
         events: &[Event],
+        summaries: &[ContextSummary],
         position: &SourcePosition,
     ) -> Result<(u64, u64, u32), SpoolError> {
         self.buffer.clear();
@@ -428,6 +444,7 @@ impl Spool {
         }
         prost::encoding::message::encode_repeated(2, events, &mut self.buffer);
         prost::encoding::message::encode(3, position, &mut self.buffer);
+        prost::encoding::message::encode_repeated(16, summaries, &mut self.buffer);
         let len = self.buffer.len() - HEADER_BYTES;
         if len > MAX_RECORD_BYTES as usize {
             return Err(SpoolError::TooLarge(len));
@@ -739,12 +756,12 @@ fn scan(dir: &Path, repair: bool) -> Result<Scan, SpoolError> {
                 Ok((batch, next)) => {
                     scan.recovery.records += 1;
                     scan.max_seq = scan.max_seq.max(batch.seq);
-                    if !batch.events.is_empty() {
+                    if !batch.events.is_empty() || !batch.summaries.is_empty() {
                         segment.batches.push(BatchIndex {
                             seq: batch.seq,
                             offset: offset as u64,
                             len: (next - offset - HEADER_BYTES) as u32,
-                            events: batch.events.len() as u32,
+                            events: record_items(batch.events.len(), batch.summaries.len()),
                         });
                     }
                     if let Some(position) = batch.position {
@@ -826,6 +843,12 @@ fn write_state(dir: &Path, state: &State) -> Result<(), SpoolError> {
     crate::fsutil::write_atomic(&main, &text, 0o600).map_err(io_err(&main))
 }
 
+/// What a batch counts as in the spool's event counters (pending, lost):
+/// its events plus its summaries, one each.
+fn record_items(events: usize, summaries: usize) -> u32 {
+    u32::try_from(events.saturating_add(summaries)).unwrap_or(u32::MAX)
+}
+
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
     File::open(dir).and_then(|file| file.sync_all()).map_err(io_err(dir))
 }
@@ -846,7 +869,7 @@ mod tests {
     }
 
     fn position(offset: u64) -> SourcePosition {
-        SourcePosition { path: "/var/log/exim_mainlog".into(), fingerprint: 42, offset }
+        SourcePosition { path: "/var/log/exim_mainlog".into(), fingerprint: 42, offset, open_from: None }
     }
 
     fn small() -> SpoolOptions {
@@ -1008,9 +1031,10 @@ mod tests {
     fn checkpoint_of_a_quiet_source_survives_deletion_of_its_segment() {
         let dir = tempfile::tempdir().unwrap();
         let (mut spool, _) = Spool::open(dir.path(), small()).unwrap();
-        let quiet = SourcePosition { path: "/quiet".into(), fingerprint: 7, offset: 77 };
+        let quiet = SourcePosition { path: "/quiet".into(), fingerprint: 7, offset: 77, open_from: None };
         spool.append(&[event(1)], &quiet).unwrap();
-        let import = SourcePosition { path: format!("{BACKFILL_PREFIX}/old.gz"), fingerprint: 8, offset: 88 };
+        let import =
+            SourcePosition { path: format!("{BACKFILL_PREFIX}/old.gz"), fingerprint: 8, offset: 88, open_from: None };
         spool.append(&[event(1)], &import).unwrap();
         append_batches(&mut spool, 2, 100);
         spool.ack(50).unwrap();

@@ -157,7 +157,7 @@ mod tests {
         assert_eq!(empty["spool"]["pending_batches"], 0);
 
         let (mut spool, _) = Spool::open(&config.spool_dir(), SpoolOptions::with_max_bytes(1 << 20)).unwrap();
-        let position = SourcePosition { path: "/var/log/a".into(), fingerprint: 0xabc, offset: 99 };
+        let position = SourcePosition { path: "/var/log/a".into(), fingerprint: 0xabc, offset: 99, open_from: None };
         spool.append(&[Event::default(), Event::default()], &position).unwrap();
         spool.sync().unwrap();
         let status = serde_json::to_value(collect(&config).unwrap()).unwrap();

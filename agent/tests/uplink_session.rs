@@ -164,7 +164,8 @@ fn append(spool: &Arc<Mutex<Spool>>, durable: &watch::Sender<u64>, n: usize) {
     for i in 0..n {
         let events: Vec<Event> =
             (0..8).map(|j| Event { raw: format!("line {i}/{j} {}", "x".repeat(600)), ..Event::default() }).collect();
-        let position = SourcePosition { path: "/var/log/exim_mainlog".into(), fingerprint: 1, offset: i as u64 };
+        let position =
+            SourcePosition { path: "/var/log/exim_mainlog".into(), fingerprint: 1, offset: i as u64, open_from: None };
         spool.append(&events, &position).unwrap();
     }
     spool.sync().unwrap();

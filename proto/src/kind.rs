@@ -138,6 +138,31 @@ impl EventKind {
         !self.is_abuse()
     }
 
+    /// Whether an agent that aggregates context (`[aggregate] enabled`)
+    /// sends lines of this kind as per-address summaries
+    /// ([`crate::v1::ContextSummary`]) instead of one event each. This is
+    /// the one classification both sides use: the agent's aggregator
+    /// summarises exactly these kinds, and the server reads them from
+    /// summaries as well as from events (good standing, slot series, the
+    /// alert monitor, reports, stats).
+    ///
+    /// Every context kind is summarised and every abuse kind stays
+    /// individual: no server decision needs a context line on its own
+    /// (correlation reads abuse evidence per minute and good standing per
+    /// address; slot exhaustion is judged by the agent's own detector, which
+    /// sees every line before aggregation).
+    pub const fn is_summarised(self) -> bool {
+        self.is_context() && !matches!(self, EventKind::Unspecified)
+    }
+
+    /// Whether `secs` is a valid length of a summary's interval: a divisor
+    /// of 60, or a multiple of 60 that divides 3600, so that an interval
+    /// never straddles a minute (or an hour) and the minute series the
+    /// server draws from summaries stay exact.
+    pub fn summary_interval_is_valid(secs: u32) -> bool {
+        secs > 0 && (60u32.is_multiple_of(secs) || (secs.is_multiple_of(60) && 3600u32.is_multiple_of(secs)))
+    }
+
     /// What one line of this kind counts towards its scenario's thresholds.
     /// Exim drops a session for too many bad commands only after it has seen
     /// several, so such a drop counts three; a synchronization error (input
@@ -280,6 +305,23 @@ mod tests {
             assert!(kind.weight() >= 1, "{kind}");
         }
         assert!(EventKind::AuthFailed.is_abuse() && EventKind::RefusedPerHost.is_abuse());
+    }
+
+    #[test]
+    fn summarised_kinds_are_exactly_the_context_kinds() {
+        for kind in EventKind::ALL {
+            assert_eq!(kind.is_summarised(), kind.is_context(), "{kind}");
+            assert!(!(kind.is_summarised() && kind.is_abuse()), "{kind}");
+        }
+        assert!(!EventKind::Unspecified.is_summarised());
+        assert!(EventKind::Connect.is_summarised() && EventKind::Accepted.is_summarised());
+        assert!(EventKind::Login.is_summarised() && EventKind::RefusedTooMany.is_summarised());
+        assert!(!EventKind::AuthFailed.is_summarised() && !EventKind::RefusedPerHost.is_summarised());
+        let valid: Vec<u32> = (0..=7200).filter(|s| EventKind::summary_interval_is_valid(*s)).collect();
+        assert_eq!(
+            valid,
+            [1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30, 60, 120, 180, 240, 300, 360, 600, 720, 900, 1200, 1800, 3600]
+        );
     }
 
     #[test]

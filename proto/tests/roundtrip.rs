@@ -84,6 +84,24 @@ fn round_trip<M: Message + Default + PartialEq + std::fmt::Debug>(msg: M) -> &'s
     std::any::type_name::<M>().rsplit("::").next().unwrap()
 }
 
+fn summary() -> ContextSummary {
+    ContextSummary {
+        remote: Some(ip("198.51.100.7")),
+        service: Service::Imap as i32,
+        interval_start_ms: 1_764_000_000_000,
+        interval_secs: 60,
+        counts: vec![
+            KindCount { kind: EventKind::Connect as i32, lines: 40, last_seen_ms: 1_764_000_059_000 },
+            KindCount { kind: EventKind::Login as i32, lines: 2, last_seen_ms: 1_764_000_030_000 },
+        ],
+        first_seen_ms: 1_764_000_000_100,
+        last_seen_ms: 1_764_000_059_000,
+        max_connection_count: 17,
+        host_name: "relay.example.net".into(),
+        samples: vec!["2026-11-27 10:00:00 SMTP connection from [198.51.100.7]".into()],
+    }
+}
+
 #[test]
 fn every_message_round_trips() {
     let mut seen = BTreeSet::new();
@@ -102,7 +120,9 @@ fn every_message_round_trips() {
             path: "/var/log/exim_mainlog".into(),
             fingerprint: u64::MAX - 1,
             offset: 123_456,
+            open_from: Some(100_000),
         }),
+        summaries: vec![summary()],
     };
     let local_block = LocalBlock {
         cidr: Some(cidr("2001:db8:bad::/64")),
@@ -192,7 +212,9 @@ fn every_message_round_trips() {
         round_trip(entry(5, "192.0.2.0/24")),
         round_trip(cidr("192.0.2.0/24")),
         round_trip(ip("::1")),
-        round_trip(SourcePosition { path: "/x".into(), fingerprint: 1, offset: 2 }),
+        round_trip(SourcePosition { path: "/x".into(), fingerprint: 1, offset: 2, open_from: Some(0) }),
+        round_trip(summary()),
+        round_trip(KindCount { kind: EventKind::Accepted as i32, lines: 3, last_seen_ms: 5 }),
         round_trip(Rejection { reason: "in_future".into(), events: 2, detail: "check the clock".into() }),
     ] {
         seen.insert(name);

@@ -245,6 +245,8 @@ pub struct Outcome {
     pub seq: u64,
     /// Events stored by this call (0 for a duplicate).
     pub stored: u32,
+    /// Context summaries stored by this call (0 for a duplicate).
+    pub summaries: u32,
     /// Events rejected as invalid.
     pub rejected: u32,
     /// The rejected events per reason, in reason order; they add up to
@@ -360,6 +362,13 @@ impl Ingest {
                 batch.events.len()
             )));
         }
+        if batch.summaries.len() > crate::summaries::MAX_BATCH_SUMMARIES {
+            return Err(BatchError::Invalid(format!(
+                "batch has {} summaries, at most {} allowed",
+                batch.summaries.len(),
+                crate::summaries::MAX_BATCH_SUMMARIES
+            )));
+        }
         let (path, fingerprint, offset) = match &batch.position {
             None => (None, None, None),
             Some(p) => {
@@ -388,7 +397,23 @@ impl Ingest {
                 }
             }
         }
-        let rejected = (total - rows.len()) as u32;
+        // Summaries are validated like events and rejected under the same
+        // reasons.
+        let total_summaries = batch.summaries.len();
+        let mut summaries = Vec::with_capacity(total_summaries);
+        for (index, summary) in batch.summaries.into_iter().enumerate() {
+            match crate::summaries::validate(index, summary, now, self.max_event_age) {
+                Ok(row) => summaries.push(row),
+                Err(error) => {
+                    let reason = error.reason();
+                    by_reason
+                        .entry(reason)
+                        .or_insert_with(|| Rejection { reason, events: 0, detail: error.detail() })
+                        .events += 1;
+                }
+            }
+        }
+        let rejected = (total - rows.len() + total_summaries - summaries.len()) as u32;
         let rejections: Vec<Rejection> = by_reason.into_values().collect();
         for rejection in &rejections {
             tracing::debug!(
@@ -397,9 +422,12 @@ impl Ingest {
             );
         }
 
-        self.ensure_partitions(&rows).await?;
+        let days = batch_days(&rows, &summaries);
+        self.ensure_partitions(&days).await?;
         let events = copy_events(agent_id, seq, &rows);
+        let summary_copy = crate::summaries::copy_summaries(agent_id, seq, &summaries);
         let mut evidence = BatchEvidence::of(&rows);
+        evidence.add_summaries(&summaries);
         self.skip_written_standing(&mut evidence);
         let abuse_addresses: Vec<IpAddr> = evidence.offenders.keys().copied().collect();
 
@@ -417,12 +445,13 @@ impl Ingest {
                 fingerprint,
                 offset,
             };
-            match self.write(&batch_row, events.as_deref(), &evidence).await {
+            match self.write(&batch_row, events.as_deref(), summary_copy.as_deref(), &evidence).await {
                 Ok(true) => {
                     self.remember_standing(&evidence);
                     return Ok(Outcome {
                         seq: batch.seq,
                         stored: rows.len() as u32,
+                        summaries: summaries.len() as u32,
                         rejected,
                         rejections,
                         duplicate: false,
@@ -433,6 +462,7 @@ impl Ingest {
                     return Ok(Outcome {
                         seq: batch.seq,
                         stored: 0,
+                        summaries: 0,
                         rejected,
                         rejections,
                         duplicate: true,
@@ -442,7 +472,7 @@ impl Ingest {
                 Err(error) if attempt < MAX_ATTEMPTS && retryable(&error) => {
                     if is_missing_partition(&error) {
                         self.forget_days();
-                        self.ensure_partitions(&rows).await?;
+                        self.ensure_partitions(&days).await?;
                     }
                     tracing::debug!(%error, %agent_id, seq, attempt, "Retrying a batch transaction.");
                     tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
@@ -452,13 +482,14 @@ impl Ingest {
         }
     }
 
-    /// Creates the day partitions `rows` need that are not known to exist.
-    async fn ensure_partitions(&self, rows: &[Row]) -> Result<(), sqlx::Error> {
-        if self.unknown_days(rows).is_empty() {
+    /// Creates the day partitions (of `events` and `context_summaries`)
+    /// `days` need that are not known to exist.
+    async fn ensure_partitions(&self, days: &[Date]) -> Result<(), sqlx::Error> {
+        if self.unknown_days(days).is_empty() {
             return Ok(());
         }
         let _creating = self.creating.lock().await;
-        for day in self.unknown_days(rows) {
+        for day in self.unknown_days(days) {
             let created = sqlx::query("select fleetban_ensure_event_partition($1)").bind(day).execute(&self.pool).await;
             match created {
                 Ok(_) => {}
@@ -472,15 +503,10 @@ impl Ingest {
         Ok(())
     }
 
-    /// The days of `rows` not known to have a partition, sorted.
-    fn unknown_days(&self, rows: &[Row]) -> Vec<Date> {
-        {
-            let known = self.known_days.lock().unwrap_or_else(|e| e.into_inner());
-            let mut days: Vec<Date> = rows.iter().map(|r| r.time.date()).filter(|d| !known.contains(d)).collect();
-            days.sort_unstable();
-            days.dedup();
-            days
-        }
+    /// The days of `days` not known to have a partition.
+    fn unknown_days(&self, days: &[Date]) -> Vec<Date> {
+        let known = self.known_days.lock().unwrap_or_else(|e| e.into_inner());
+        days.iter().copied().filter(|d| !known.contains(d)).collect()
     }
 
     fn forget_days(&self) {
@@ -493,6 +519,7 @@ impl Ingest {
         &self,
         batch: &BatchRow<'_>,
         events: Option<&[u8]>,
+        summaries: Option<&[u8]>,
         evidence: &BatchEvidence,
     ) -> Result<bool, sqlx::Error> {
         let (hosts, offenders) = (&evidence.hosts, &evidence.offenders);
@@ -518,6 +545,11 @@ impl Ingest {
         if let Some(events) = events {
             let mut copy = tx.copy_in_raw(COPY_EVENTS).await?;
             copy.send(events).await?;
+            copy.finish().await?;
+        }
+        if let Some(summaries) = summaries {
+            let mut copy = tx.copy_in_raw(crate::summaries::COPY_SUMMARIES).await?;
+            copy.send(summaries).await?;
             copy.finish().await?;
         }
         if !hosts.is_empty() {
@@ -602,6 +634,15 @@ impl Ingest {
         tx.commit().await?;
         Ok(true)
     }
+}
+
+/// The days (UTC) of the events and summaries of a batch, sorted, once each.
+fn batch_days(rows: &[Row], summaries: &[crate::summaries::SummaryRow]) -> Vec<Date> {
+    let mut days: Vec<Date> =
+        rows.iter().map(|r| r.time.date()).chain(summaries.iter().map(|s| s.interval_start.date())).collect();
+    days.sort_unstable();
+    days.dedup();
+    days
 }
 
 struct BatchRow<'a> {
@@ -723,6 +764,32 @@ impl BatchEvidence {
             }
         }
         ev
+    }
+
+    /// Adds what context summaries say: good standing (accepted mail and
+    /// logins, the verified name) exactly as their lines would, and the
+    /// slot series (highest connection count, refusals of a full host).
+    fn add_summaries(&mut self, summaries: &[crate::summaries::SummaryRow]) {
+        for r in summaries {
+            self.series.add_summary(
+                r.interval_start,
+                r.max_connection_count.filter(|_| r.count(EventKind::Connect) > 0),
+                r.count(EventKind::RefusedTooMany),
+            );
+            let (accepted, last_accepted) = r.standing();
+            if accepted == 0 && r.host_name.is_none() {
+                continue;
+            }
+            let s = self.standing.entry(r.remote).or_default();
+            if r.host_name.is_some() {
+                s.host_name.clone_from(&r.host_name);
+            }
+            if let Some(at) = last_accepted {
+                s.accepted += i64::from(accepted);
+                s.last_accepted = Some(s.last_accepted.map_or(at, |t| t.max(at)));
+            }
+            s.last_seen = Some(s.last_seen.map_or(r.last_seen, |t| t.max(r.last_seen)));
+        }
     }
 
     /// Writes the evidence-model rows (windowed counts, failing users, good
@@ -884,7 +951,7 @@ mod tests {
         };
         let mut events = vec![backfilled(40), backfilled(45), backfilled(1)];
         events.push(Event { remote: None, ..backfilled(1) });
-        let batch = |seq| EventBatch { seq, events: events.clone(), position: None };
+        let batch = |seq| EventBatch { seq, events: events.clone(), position: None, summaries: Vec::new() };
 
         let default = Ingest::new(pool.clone()).store(a, batch(1)).await.unwrap();
         assert_eq!((default.stored, default.rejected), (1, 3));
@@ -913,7 +980,8 @@ mod tests {
         let forged = Event { attempts: u32::MAX, ..imap.clone() };
         let login =
             Event { service: fleetban_proto::v1::Service::Pop3 as i32, ..event(EventKind::Login, "198.51.100.9") };
-        let batch = EventBatch { seq: 1, events: vec![imap, smtp, forged, login], position: None };
+        let batch =
+            EventBatch { seq: 1, events: vec![imap, smtp, forged, login], position: None, summaries: Vec::new() };
         let outcome = ingest.store(a, batch).await.unwrap();
         assert_eq!((outcome.stored, outcome.rejected), (4, 0));
         let services: Vec<(String, Option<String>)> =
@@ -955,8 +1023,13 @@ mod tests {
             event(EventKind::RelayDenied, "2001:db8::1"),
         ];
         events.push(Event { remote: Some(IpAddress { octets: vec![9] }), ..events[0].clone() });
-        let position = Some(SourcePosition { path: "/var/log/exim_mainlog".into(), fingerprint: u64::MAX, offset: 42 });
-        let batch = EventBatch { seq: 1, events, position };
+        let position = Some(SourcePosition {
+            path: "/var/log/exim_mainlog".into(),
+            fingerprint: u64::MAX,
+            offset: 42,
+            open_from: None,
+        });
+        let batch = EventBatch { seq: 1, events, position, summaries: Vec::new() };
         let first = ingest.store(a, batch.clone()).await.unwrap();
         assert_eq!((first.stored, first.rejected, first.duplicate), (4, 1, false));
         assert_eq!(first.abuse_addresses.len(), 2);
@@ -1018,7 +1091,10 @@ mod tests {
                 .collect();
             tasks.push(tokio::spawn(async move {
                 for seq in 1..=3 {
-                    ingest.store(id, EventBatch { seq, events: events.clone(), position: None }).await.unwrap();
+                    ingest
+                        .store(id, EventBatch { seq, events: events.clone(), position: None, summaries: Vec::new() })
+                        .await
+                        .unwrap();
                 }
             }));
         }
@@ -1055,12 +1131,13 @@ mod tests {
     async fn invalid_batches_are_refused_whole(pool: PgPool) {
         let ingest = Ingest::new(pool.clone());
         let a = agent(&pool).await;
-        let zero = EventBatch { seq: 0, events: vec![], position: None };
+        let zero = EventBatch { seq: 0, events: vec![], position: None, summaries: Vec::new() };
         assert!(matches!(ingest.store(a, zero).await, Err(BatchError::Invalid(_))));
         let big = EventBatch {
             seq: 1,
             events: vec![event(EventKind::Connect, "192.0.2.1"); MAX_BATCH_EVENTS + 1],
             position: None,
+            summaries: Vec::new(),
         };
         assert!(matches!(ingest.store(a, big).await, Err(BatchError::Invalid(_))));
         let n: i64 = sqlx::query_scalar("select count(*) from agent_batches").fetch_one(&pool).await.unwrap();
@@ -1071,7 +1148,12 @@ mod tests {
     async fn dropped_partition_is_recreated(pool: PgPool) {
         let ingest = Ingest::new(pool.clone());
         let a = agent(&pool).await;
-        let batch = |seq| EventBatch { seq, events: vec![event(EventKind::Connect, "192.0.2.1")], position: None };
+        let batch = |seq| EventBatch {
+            seq,
+            events: vec![event(EventKind::Connect, "192.0.2.1")],
+            position: None,
+            summaries: Vec::new(),
+        };
         ingest.store(a, batch(1)).await.unwrap();
         sqlx::query("select fleetban_drop_event_partitions(current_date + 2)").execute(&pool).await.unwrap();
         let out = ingest.store(a, batch(2)).await.unwrap();

@@ -15,6 +15,8 @@
 //! - [`auth`]: enrollment tokens and agent credentials.
 //! - [`tls`]: TLS of the gRPC listener and `pki init`.
 //! - [`ingest`]: validation and exactly-once storage of event batches.
+//! - [`summaries`]: agents' context summaries (counts per address and
+//!   interval instead of one event per context line): validation, storage.
 //! - [`blocks`]: the versioned fleet blocklist and its policy checks.
 //! - [`correlate`]: the fleet policy that turns evidence into blocks.
 //! - [`backlog`]: coalesced correlation work of committed batches.
@@ -75,6 +77,7 @@ pub mod report;
 pub mod retention;
 pub mod serve;
 pub mod session;
+pub mod summaries;
 pub mod table;
 pub mod telemetry;
 pub mod text;

@@ -335,6 +335,45 @@ pub async fn load_db(pool: &PgPool, since: Duration) -> Result<Vec<HostEvents>, 
             ..Event::default()
         });
     }
+    // Context summaries carry what good standing needs: one accepted line at
+    // the time of the last accepted mail or login (with the verified name),
+    // or, without one, the verified name alone. Per-line context (connects
+    // for the slot and rate rules) is not in them: replay logs, or run the
+    // agents with `[aggregate] enabled = false`, to replay those rules.
+    type SummaryRow = (String, IpAddr, OffsetDateTime, Option<OffsetDateTime>, i32, Option<String>);
+    let mut summaries = sqlx::query_as::<_, SummaryRow>(
+        "select a.name, s.remote, s.last_seen, s.last_standing, s.standing, s.host_name \
+         from context_summaries s join agents a on a.id = s.agent_id \
+         where s.last_seen >= now() - make_interval(secs => $1) \
+           and s.interval_start >= now() - make_interval(secs => $1) - interval '1 hour' \
+           and (s.standing > 0 or s.host_name is not null)",
+    )
+    .bind(since.as_secs_f64())
+    .fetch(pool);
+    let mut added = false;
+    while let Some(row) = summaries.next().await {
+        let (host, remote, last_seen, last_standing, standing, host_name) = row?;
+        // Without standing only the name matters: a context kind that
+        // neither earns standing nor counts as evidence carries it.
+        let (kind, time) = match last_standing.filter(|_| standing > 0) {
+            Some(at) => (EventKind::Accepted, at),
+            None if host_name.is_some() => (EventKind::Closed, last_seen),
+            None => continue,
+        };
+        by_host.entry(host).or_default().push(Event {
+            time_ms: (time.unix_timestamp_nanos() / 1_000_000) as i64,
+            kind: kind as i32,
+            remote: Some(remote.into()),
+            host_name: host_name.unwrap_or_default(),
+            ..Event::default()
+        });
+        added = true;
+    }
+    if added {
+        for events in by_host.values_mut() {
+            events.sort_by_key(|e| e.time_ms);
+        }
+    }
     Ok(by_host.into_iter().map(|(host, events)| HostEvents { host, events }).collect())
 }
 
@@ -466,8 +505,13 @@ pub async fn run(
                 continue;
             }
             seqs[i] += 1;
-            let stored =
-                ingest.store_at(agents[i], EventBatch { seq: seqs[i], events: batch, position: None }, now).await?;
+            let stored = ingest
+                .store_at(
+                    agents[i],
+                    EventBatch { seq: seqs[i], events: batch, position: None, summaries: Vec::new() },
+                    now,
+                )
+                .await?;
             out.stored += u64::from(stored.stored);
         }
         // The agents' local blocks, then the server's own judgement.

@@ -140,10 +140,17 @@ pub async fn gather(pool: &PgPool, target: IpNet) -> Result<Option<ReportData>, 
     .bind(target)
     .fetch_one(pool)
     .await?;
-    let connections: i64 = sqlx::query_scalar("select count(*) from events where remote between fleetban_first($1::cidr) and fleetban_last($1::cidr) and kind = 'connect'")
-        .bind(target)
-        .fetch_one(pool)
-        .await?;
+    // Connects arrive as single events (older agents, aggregation off) or
+    // counted in context summaries.
+    let connections: i64 = sqlx::query_scalar(
+        "select (select count(*) from events where remote between fleetban_first($1::cidr) and fleetban_last($1::cidr) \
+                 and kind = 'connect') \
+              + (select coalesce(sum(connects), 0) from context_summaries \
+                 where remote between fleetban_first($1::cidr) and fleetban_last($1::cidr))::bigint",
+    )
+    .bind(target)
+    .fetch_one(pool)
+    .await?;
     let blocks = sqlx::query_as::<_, BlockSummary>(
         "select cidr, reason, created_at, expires_at, revoked_at from blocks where cidr && $1 order by id desc limit 20",
     )

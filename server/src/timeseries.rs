@@ -72,6 +72,22 @@ impl BatchSeries {
         }
     }
 
+    /// Counts an agent's context summary of the interval starting at
+    /// `start`: its highest connection count and its refusals of a full
+    /// host. An interval of at most a minute lies within one minute, so the
+    /// series come out as from the single lines; a longer one counts in its
+    /// first minute.
+    pub fn add_summary(&mut self, start: OffsetDateTime, max_connection_count: Option<i32>, refused_full: i32) {
+        let m = minute(start);
+        if let Some(count) = max_connection_count {
+            let slot = self.slots.entry(m).or_default();
+            slot.0 = slot.0.max(count);
+        }
+        if refused_full > 0 {
+            self.slots.entry(m).or_default().1 += refused_full;
+        }
+    }
+
     /// Nothing to write.
     pub fn is_empty(&self) -> bool {
         self.abuse.is_empty() && self.slots.is_empty()
@@ -542,6 +558,7 @@ mod tests {
                 event(EventKind::Accepted, "198.51.100.1", 5, 0),
             ],
             position: None,
+            summaries: Vec::new(),
         };
         ingest.store(a, batch.clone()).await.unwrap();
         ingest.store(a, batch.clone()).await.unwrap();

@@ -370,7 +370,8 @@ async fn seed_overnight(pool: &PgPool, mx1: Uuid, mx2: Uuid) {
     });
     two.push(event(EventKind::Connect, "198.51.100.9", 10, 20, "SMTP connection from [198.51.100.9]"));
     for (agent, events) in [(mx1, one), (mx2, two)] {
-        let outcome = ingest.store(agent, EventBatch { seq: 1, events, position: None }).await.unwrap();
+        let outcome =
+            ingest.store(agent, EventBatch { seq: 1, events, position: None, summaries: Vec::new() }).await.unwrap();
         assert_eq!(outcome.rejected, 0, "{outcome:?}");
     }
 }

@@ -31,8 +31,10 @@ async fn store(pool: &PgPool, agent: Uuid, events: Vec<Event>) {
         .fetch_one(pool)
         .await
         .unwrap();
-    let outcome =
-        Ingest::new(pool.clone()).store(agent, EventBatch { seq: seq as u64, events, position: None }).await.unwrap();
+    let outcome = Ingest::new(pool.clone())
+        .store(agent, EventBatch { seq: seq as u64, events, position: None, summaries: Vec::new() })
+        .await
+        .unwrap();
     assert_eq!(outcome.rejected, 0);
 }
 

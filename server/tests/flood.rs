@@ -195,7 +195,7 @@ impl Session {
             raw: "H=(x) [192.0.2.7]:40000 flood test".into(),
             ..Default::default()
         };
-        self.send(Frame::Batch(EventBatch { seq, events: vec![event], position: None })).await;
+        self.send(Frame::Batch(EventBatch { seq, events: vec![event], position: None, summaries: Vec::new() })).await;
         loop {
             if let Out::Ack(ack) = self.next().await {
                 assert_eq!(ack.seq, seq);

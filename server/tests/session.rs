@@ -197,7 +197,7 @@ fn event(kind: EventKind, remote: &str) -> Event {
 }
 
 fn batch(seq: u64, events: Vec<Event>) -> Frame {
-    Frame::Batch(EventBatch { seq, events, position: None })
+    Frame::Batch(EventBatch { seq, events, position: None, summaries: Vec::new() })
 }
 
 /// Enrolls an agent through the `Enroll` RPC, as a host of its own (a name

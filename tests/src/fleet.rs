@@ -107,6 +107,9 @@ pub struct FleetOptions {
     /// default) is one server on the agents' address; more run behind
     /// HAProxy ([`crate::replicas`]), at most 9.
     pub replicas: usize,
+    /// Lines of every agent's `[aggregate]` table (empty: the defaults,
+    /// context summarised per minute).
+    pub aggregate: String,
 }
 
 impl Default for FleetOptions {
@@ -122,6 +125,7 @@ impl Default for FleetOptions {
             dovecot: false,
             dovecot_extra: String::new(),
             replicas: 1,
+            aggregate: String::new(),
         }
     }
 }
@@ -455,6 +459,7 @@ impl Fleet {
             self.options.smtp_accept_max,
             self.options.detect,
         );
+        let toml = format!("{toml}[aggregate]\n{}\n", self.options.aggregate);
         fs::write(hdir.join("agent.toml"), toml)?;
         Ok(())
     }
@@ -728,27 +733,21 @@ impl Fleet {
         Ok(id)
     }
 
-    /// Per remote port, how many `connect` events host `i`'s agent stored
-    /// from `remote` with a source port in `ports`.
-    pub fn stored_connects(
-        &self,
-        i: usize,
-        remote: IpAddr,
-        ports: std::ops::Range<u16>,
-    ) -> anyhow::Result<std::collections::BTreeMap<u16, i64>> {
+    /// How many connects host `i`'s agent stored from `remote`: single
+    /// events plus the connects counted in its context summaries.
+    pub fn stored_connects(&self, i: usize, remote: IpAddr) -> anyhow::Result<i64> {
         let agent = self.agent_id(i)?;
-        let rows = self.rt.block_on(
-            sqlx::query_as::<_, (i32, i64)>(
-                "select remote_port, count(*) from events where agent_id = $1 and kind = 'connect' \
-                 and remote = $2::inet and remote_port >= $3 and remote_port < $4 group by remote_port",
+        let n = self.rt.block_on(
+            sqlx::query_scalar::<_, i64>(
+                "select (select count(*) from events where agent_id = $1 and kind = 'connect' and remote = $2::inet) \
+                      + (select coalesce(sum(connects), 0) from context_summaries \
+                         where agent_id = $1 and remote = $2::inet)::bigint",
             )
             .bind(agent)
             .bind(remote.to_string())
-            .bind(i32::from(ports.start))
-            .bind(i32::from(ports.end))
-            .fetch_all(&self.pool),
+            .fetch_one(&self.pool),
         )?;
-        Ok(rows.into_iter().map(|(port, n)| (port as u16, n)).collect())
+        Ok(n)
     }
 
     /// Per remote port, how many connect lines host `i`'s Exim log holds

@@ -77,7 +77,8 @@ fn append(spool: &Arc<Mutex<Spool>>, durable: &watch::Sender<u64>, n: usize) {
                 ..Event::default()
             })
             .collect();
-        let position = SourcePosition { path: "/var/log/exim_mainlog".into(), fingerprint: 7, offset: i as u64 };
+        let position =
+            SourcePosition { path: "/var/log/exim_mainlog".into(), fingerprint: 7, offset: i as u64, open_from: None };
         spool.append(&events, &position).unwrap();
     }
     spool.sync().unwrap();

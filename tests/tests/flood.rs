@@ -147,7 +147,8 @@ fn append(spool: &Arc<Mutex<Spool>>, durable: &watch::Sender<u64>, i: usize) {
         raw: format!("flood test line {i}"),
         ..Event::default()
     };
-    let position = SourcePosition { path: "/var/log/exim_mainlog".into(), fingerprint: 7, offset: i as u64 };
+    let position =
+        SourcePosition { path: "/var/log/exim_mainlog".into(), fingerprint: 7, offset: i as u64, open_from: None };
     spool.append(&[event], &position).unwrap();
     spool.sync().unwrap();
     durable.send_replace(spool.durable_seq());

@@ -15,7 +15,10 @@
 //! window, and the holders are the addresses that opened the most
 //! connections in it (the store does not pair opens with ends; the agent's
 //! detector, which does, blocks the real holders and those blocks arrive as
-//! `block` events).
+//! `block` events). Agents that aggregate context send these lines as
+//! `context_summaries` (counts per address and interval); the monitor adds
+//! those up with the single events, counting a summary when its last line
+//! falls in the window.
 
 use std::future::Future;
 use std::time::Duration;
@@ -136,9 +139,15 @@ async fn lag(pool: &PgPool, bound_secs: u64) -> Result<Vec<Alert>, sqlx::Error> 
 async fn slots(pool: &PgPool, window_secs: u64) -> Result<Vec<Alert>, sqlx::Error> {
     let window = window_secs as f64;
     let hosts: Vec<(Uuid, String, i64, OffsetDateTime)> = sqlx::query_as(
-        "select e.agent_id, g.name, count(*), max(e.time) from events e join agents g on g.id = e.agent_id \
-         where e.time > now() - make_interval(secs => $1) and e.kind = 'refused_too_many' \
-         group by e.agent_id, g.name order by g.name",
+        "select r.agent_id, g.name, sum(r.n)::int8, max(r.t) from ( \
+           select agent_id, 1 as n, time as t from events \
+           where time > now() - make_interval(secs => $1) and kind = 'refused_too_many' \
+           union all \
+           select agent_id, refused_full, last_seen from context_summaries \
+           where last_seen > now() - make_interval(secs => $1) and refused_full > 0 \
+             and interval_start > now() - make_interval(secs => $1) - interval '1 hour' \
+         ) r join agents g on g.id = r.agent_id \
+         group by r.agent_id, g.name order by g.name",
     )
     .bind(window)
     .fetch_all(pool)
@@ -147,16 +156,27 @@ async fn slots(pool: &PgPool, window_secs: u64) -> Result<Vec<Alert>, sqlx::Erro
     let mut alerts = Vec::new();
     for (agent, name, refusals, last) in hosts {
         let slots: Option<i32> = sqlx::query_scalar(
-            "select max(connection_count) from events where agent_id = $1 and kind = 'connect' \
-             and time > now() - make_interval(secs => $2)",
+            "select max(c) from ( \
+               select max(connection_count) as c from events where agent_id = $1 and kind = 'connect' \
+               and time > now() - make_interval(secs => $2) \
+               union all \
+               select max(max_connection_count) from context_summaries where agent_id = $1 and connects > 0 \
+               and last_seen > now() - make_interval(secs => $2) \
+               and interval_start > now() - make_interval(secs => $2) - interval '1 hour') m",
         )
         .bind(agent)
         .bind(window)
         .fetch_one(pool)
         .await?;
         let holders: Vec<(String, i64)> = sqlx::query_as(
-            "select host(remote), count(*) from events where agent_id = $1 and kind = 'connect' \
-             and time > now() - make_interval(secs => $2) group by remote order by 2 desc, 1 limit $3",
+            "select host(remote), sum(n)::int8 from ( \
+               select remote, 1 as n from events where agent_id = $1 and kind = 'connect' \
+               and time > now() - make_interval(secs => $2) \
+               union all \
+               select remote, connects from context_summaries where agent_id = $1 and connects > 0 \
+               and last_seen > now() - make_interval(secs => $2) \
+               and interval_start > now() - make_interval(secs => $2) - interval '1 hour' \
+             ) c group by remote order by 2 desc, 1 limit $3",
         )
         .bind(agent)
         .bind(window)

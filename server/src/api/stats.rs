@@ -17,12 +17,20 @@ use super::error::ApiError;
 /// Fleet statistics.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Stats {
-    /// Events per second over the last minute (by log time).
+    /// Events per second over the last minute (by log time): single events
+    /// plus the lines agents counted into context summaries (a summary
+    /// arrives once its interval ended, so its lines count here only when
+    /// the interval started within the minute).
     pub events_per_sec_1m: f64,
-    /// Events per second over the last hour (by log time).
+    /// Events per second over the last hour (by log time), summarised
+    /// lines included.
     pub events_per_sec_1h: f64,
-    /// Events of the last hour by kind.
+    /// Events of the last hour by kind, summarised lines included.
     pub events_by_kind_1h: BTreeMap<String, i64>,
+    /// Context summaries stored for the last hour (rows; each stands for
+    /// the context lines of one address and service in one interval).
+    #[serde(default)]
+    pub summaries_1h: i64,
     /// Live blocks.
     pub active_blocks: i64,
     /// Live blocks by source (`auto`, `agent`, `manual`, `feed`, `policy`).
@@ -44,6 +52,7 @@ pub struct Stats {
 struct Scalars {
     events_1m: i64,
     events_1h: i64,
+    summaries_1h: i64,
     active_blocks: i64,
     agents_connected: i64,
     agents_total: i64,
@@ -57,9 +66,16 @@ pub async fn compute(pool: &PgPool) -> Result<Stats, sqlx::Error> {
     let s = sqlx::query_as::<_, Scalars>(
         "select \
            (select count(*) from events where time >= now() - interval '1 minute' and time <= now() + interval '1 minute') \
+             + (select coalesce(sum(lines), 0) from context_summaries \
+                where interval_start >= now() - interval '1 minute' and interval_start <= now() + interval '1 minute')::bigint \
              as events_1m, \
            (select count(*) from events where time >= now() - interval '1 hour' and time <= now() + interval '1 minute') \
+             + (select coalesce(sum(lines), 0) from context_summaries \
+                where interval_start >= now() - interval '1 hour' and interval_start <= now() + interval '1 minute')::bigint \
              as events_1h, \
+           (select count(*) from context_summaries \
+             where interval_start >= now() - interval '1 hour' and interval_start <= now() + interval '1 minute') \
+             as summaries_1h, \
            (select count(*) from live_blocks) as active_blocks, \
            (select count(*) from agents where connected and revoked_at is null) as agents_connected, \
            (select count(*) from agents where revoked_at is null) as agents_total, \
@@ -73,7 +89,12 @@ pub async fn compute(pool: &PgPool) -> Result<Stats, sqlx::Error> {
     .fetch_one(pool)
     .await?;
     let by_kind: Vec<(String, i64)> = sqlx::query_as(
-        "select kind, count(*) from events where time >= now() - interval '1 hour' group by kind order by kind",
+        "select kind, sum(n)::bigint from ( \
+           select kind, count(*) as n from events where time >= now() - interval '1 hour' group by kind \
+           union all \
+           select c.kind, sum(c.n) from context_summaries s, unnest(s.kinds, s.counts) as c(kind, n) \
+           where s.interval_start >= now() - interval '1 hour' group by c.kind \
+         ) k group by kind order by kind",
     )
     .fetch_all(pool)
     .await?;
@@ -83,6 +104,7 @@ pub async fn compute(pool: &PgPool) -> Result<Stats, sqlx::Error> {
         events_per_sec_1m: s.events_1m as f64 / 60.0,
         events_per_sec_1h: s.events_1h as f64 / 3600.0,
         events_by_kind_1h: by_kind.into_iter().collect(),
+        summaries_1h: s.summaries_1h,
         active_blocks: s.active_blocks,
         blocks_by_source: by_source.into_iter().collect(),
         agents_connected: s.agents_connected,

@@ -368,7 +368,7 @@ async fn agent_stream(
             for e in &mut events {
                 e.time_ms = now;
             }
-            let frame = Frame::Batch(EventBatch { seq, events, position: None });
+            let frame = Frame::Batch(EventBatch { seq, events, position: None, summaries: Vec::new() });
             s.tx.send(AgentFrame { frame: Some(frame) }).await?;
             pending += 1;
         }
