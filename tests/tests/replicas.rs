@@ -66,12 +66,14 @@ fn start_with(agent_allowlist: Vec<String>) -> Fleet {
     );
     assert!(std::path::Path::new(HAPROXY).is_file(), "{HAPROXY} is missing: apt-get install haproxy");
     let bins = BINS.get_or_init(|| fleet::binaries().unwrap_or_else(|error| panic!("{error:#}")));
-    let fleet =
-        // Context is summarised in 2 s intervals, so the drills' accounting
-        // sees the summaries soon after the traffic.
-        let aggregate = "interval_secs = 2".to_owned();
-        Fleet::start(bins.clone(), FleetOptions { replicas: REPLICAS, agent_allowlist, aggregate, ..FleetOptions::default() })
-            .unwrap_or_else(|error| panic!("starting the fleet: {error:#}"));
+    // Context is summarised in 2 s intervals, so the drills' accounting
+    // sees the summaries soon after the traffic.
+    let aggregate = "interval_secs = 2".to_owned();
+    let fleet = Fleet::start(
+        bins.clone(),
+        FleetOptions { replicas: REPLICAS, agent_allowlist, aggregate, ..FleetOptions::default() },
+    )
+    .unwrap_or_else(|error| panic!("starting the fleet: {error:#}"));
     fleet.client().ip(&["addr", "add", &format!("{RELAY}/32"), "dev", "eth0"]).expect("the relay's address");
     fleet.allowlist(&format!("{RELAY}/32")).expect("allowlist the relay");
     fleet
