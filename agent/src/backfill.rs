@@ -287,7 +287,7 @@ mod tests {
         let stats =
             backfill(&mut spool, &[plain, gz.clone()], &mut parser, 10, Duration::from_millis(50), ProgressMode::Quiet)
                 .unwrap();
-        assert_eq!(stats, BackfillStats { files: 2, lines: 101, events: 51, batches: 6 });
+        assert_eq!(stats, BackfillStats { files: 2, lines: 101, events: 51, batches: 6, summaries: 0 });
         drop(spool);
         let records = read_all(&dir.path().join("spool")).unwrap();
         let raws: Vec<String> = records.iter().flat_map(|b| b.events.iter().map(|e| e.raw.clone())).collect();
