@@ -270,6 +270,51 @@ mod tests {
     }
 
     #[test]
+    fn with_aggregation_context_lines_are_imported_as_summaries() {
+        use fleetban_proto::v1::EventKind;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("exim_mainlog.1");
+        // `c <n> <second>`: a connect from 192.0.2.<n> at that second; `a`
+        // an auth failure.
+        let text: String = (0..300)
+            .map(|i| if i % 10 == 0 { format!("a {} {i}\n", i % 7) } else { format!("c {} {i}\n", i % 7) })
+            .collect();
+        std::fs::write(&log, &text).unwrap();
+        let mut parser = |line: &[u8]| {
+            let text = std::str::from_utf8(line).ok()?.trim_end();
+            let mut words = text.split(' ');
+            let kind = if words.next()? == "a" { EventKind::AuthFailed } else { EventKind::Connect };
+            let remote: std::net::IpAddr = format!("192.0.2.{}", words.next()?).parse().ok()?;
+            let second: i64 = words.next()?.parse().ok()?;
+            Some(Event {
+                kind: kind as i32,
+                remote: Some(remote.into()),
+                time_ms: 1_764_000_000_000 + second * 1000,
+                ..Event::default()
+            })
+        };
+        let (mut spool, _) = Spool::open(&dir.path().join("spool"), SpoolOptions::with_max_bytes(1 << 20)).unwrap();
+        let aggregate = AggregateConfig::default();
+        let stats = backfill_with(
+            &mut spool,
+            &[log],
+            &mut parser,
+            10,
+            Duration::from_millis(50),
+            ProgressMode::Quiet,
+            &aggregate,
+        )
+        .unwrap();
+        drop(spool);
+        assert_eq!(stats.events, 30, "only the auth failures are single events");
+        // 300 s = 5 intervals of 60 s, 7 addresses each.
+        assert_eq!(stats.summaries, 35);
+        let records = read_all(&dir.path().join("spool")).unwrap();
+        let summarised: u32 = records.iter().flat_map(|b| &b.summaries).flat_map(|s| &s.counts).map(|c| c.lines).sum();
+        assert_eq!(summarised, 270);
+    }
+
+    #[test]
     fn imports_plain_and_gz_files_in_batches() {
         let dir = tempfile::tempdir().unwrap();
         let plain = dir.path().join("exim_mainlog.1");
@@ -287,7 +332,7 @@ mod tests {
         let stats =
             backfill(&mut spool, &[plain, gz.clone()], &mut parser, 10, Duration::from_millis(50), ProgressMode::Quiet)
                 .unwrap();
-        assert_eq!(stats, BackfillStats { files: 2, lines: 101, events: 51, batches: 6 });
+        assert_eq!(stats, BackfillStats { files: 2, lines: 101, events: 51, batches: 6, summaries: 0 });
         drop(spool);
         let records = read_all(&dir.path().join("spool")).unwrap();
         let raws: Vec<String> = records.iter().flat_map(|b| b.events.iter().map(|e| e.raw.clone())).collect();

@@ -732,6 +732,62 @@ async fn the_monitor_raises_offline_lag_and_slot_exhaustion_once(pool: PgPool) {
     assert_eq!(alerts::monitor::check(&pool, &config).await.unwrap(), 1);
 }
 
+/// Agents that aggregate context send connects and refusals as summaries:
+/// the monitor reads them like the single lines (and adds both up).
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn the_monitor_reads_slot_exhaustion_from_context_summaries(pool: PgPool) {
+    let mx1 = common::agent(&pool, "mx1", "mx1.example.net", true, &[]).await;
+    let now = time::OffsetDateTime::now_utc() - time::Duration::seconds(5);
+    let start = now.replace_second(0).unwrap().replace_nanosecond(0).unwrap();
+    sqlx::query("select fleetban_ensure_event_partition($1::date)").bind(start.date()).execute(&pool).await.unwrap();
+    // 198.51.100.1: three connects, one of them a single event.
+    sqlx::query(
+        "insert into events (agent_id, batch_seq, batch_index, time, kind, remote, connection_count) \
+         values ($1, 1, 0, $2, 'connect', '198.51.100.1', 97)",
+    )
+    .bind(mx1)
+    .bind(now)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let summaries = [
+        ("198.51.100.1", 2, 0, Some(100), vec!["connect"], vec![2]),
+        ("198.51.100.2", 1, 0, Some(99), vec!["connect"], vec![1]),
+        ("203.0.113.50", 0, 2, None, vec!["refused_too_many"], vec![2]),
+    ];
+    for (i, (remote, connects, refused, max, kinds, counts)) in summaries.into_iter().enumerate() {
+        sqlx::query(
+            "insert into context_summaries (agent_id, batch_seq, batch_index, interval_start, interval_secs, remote, \
+             first_seen, last_seen, lines, connects, refused_full, max_connection_count, kinds, counts) \
+             values ($1, 2, $2, $3, 60, $4::inet, $5, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(mx1)
+        .bind(i as i32)
+        .bind(start)
+        .bind(remote)
+        .bind(now)
+        .bind(connects + refused)
+        .bind(connects)
+        .bind(refused)
+        .bind(max)
+        .bind(&kinds)
+        .bind(&counts)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let config = AlertsConfig::default();
+    assert_eq!(alerts::monitor::check(&pool, &config).await.unwrap(), 1);
+    let details: Value = sqlx::query_scalar("select details from alert_events where kind = 'slot_exhaustion'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(details["slots"], 100);
+    assert_eq!(details["refusals"], 2);
+    assert_eq!(details["holders"][0], json!({"address": "198.51.100.1", "connections": 3}));
+    assert_eq!(details["holders"][1], json!({"address": "198.51.100.2", "connections": 1}));
+}
+
 /// Waits until `count` messages are delivered (bounded).
 async fn delivered(pool: &PgPool, count: i64) {
     let start = std::time::Instant::now();
