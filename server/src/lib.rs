@@ -19,6 +19,8 @@
 //! - [`correlate`]: the fleet policy that turns evidence into blocks.
 //! - [`backlog`]: coalesced correlation work of committed batches.
 //! - [`push`]: LISTEN/NOTIFY fan-out of blocklist changes to sessions.
+//! - [`replica`]: this process as one of several replicas on one database,
+//!   and the advisory-lock leadership of the fleet-wide sweeps.
 //! - [`session`]: the gRPC `AgentService` (Enroll, Connect).
 //! - [`api`]: the HTTP side: REST API, dashboard, metrics, OpenAPI, health.
 //! - [`replay`]: past traffic of many hosts through detection and
@@ -69,6 +71,7 @@ pub mod pgcopy;
 pub mod pgembed;
 pub mod push;
 pub mod replay;
+pub mod replica;
 pub mod report;
 pub mod retention;
 pub mod serve;
