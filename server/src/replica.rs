@@ -23,7 +23,8 @@
 //! only keeps them from doing the same work on every replica.
 //!
 //! Each replica also keeps a row in `replicas` (its id, [`Replica::name`],
-//! version, heartbeat, whether it leads), refreshed every [`BEAT`] and
+//! version, heartbeat, the backend pid of its leadership connection, so
+//! that `pg_locks` tells who leads), refreshed every [`BEAT`] and
 //! deleted at a clean stop; `GET /api/v1/replicas` and `/metrics` show them.
 //! An agent's row names the replica serving its session (`agents.replica_id`,
 //! set with `session_id` at `Hello`; a session's end clears `connected` only
@@ -157,12 +158,13 @@ pub async fn run(pool: PgPool, replica: Replica, heartbeat: Duration, shutdown: 
             }
             replica.set_leader(leading);
         }
-        if let Err(error) = beat(&pool, &replica, heartbeat).await {
+        let pid = lock.as_ref().map(|(_, pid, _)| *pid);
+        if let Err(error) = beat(&pool, &replica, heartbeat, pid).await {
             warn!(%error, replica = %replica.name(), "Cannot refresh this replica's row.");
         }
     }
     replica.set_leader(false);
-    if let Some((mut conn, _)) = lock.take() {
+    if let Some((mut conn, _, _)) = lock.take() {
         let _ = tokio::time::timeout(
             STATEMENT_TIMEOUT,
             sqlx::query("select pg_advisory_unlock($1)").bind(LEADER_LOCK).execute(&mut conn),
@@ -185,8 +187,9 @@ impl Drop for StepDown {
     }
 }
 
-/// The connection for the leadership, and whether it holds the lock.
-type LockConn = Option<(PgConnection, bool)>;
+/// The connection for the leadership, its backend pid, and whether it
+/// holds the lock.
+type LockConn = Option<(PgConnection, i32, bool)>;
 
 /// With a connection holding the lock: checks that it still answers (the
 /// lock lives as long as its session). Without: opens one if needed and
@@ -195,11 +198,15 @@ async fn hold_or_take(pool: &PgPool, lock: &mut LockConn) -> Result<bool, sqlx::
     let timeout = |_| sqlx::Error::PoolTimedOut;
     if lock.is_none() {
         let options = pool.connect_options();
-        let conn =
+        let mut conn =
             tokio::time::timeout(STATEMENT_TIMEOUT, PgConnection::connect_with(&options)).await.map_err(timeout)??;
-        *lock = Some((conn, false));
+        let pid: i32 =
+            tokio::time::timeout(STATEMENT_TIMEOUT, sqlx::query_scalar("select pg_backend_pid()").fetch_one(&mut conn))
+                .await
+                .map_err(timeout)??;
+        *lock = Some((conn, pid, false));
     }
-    let Some((conn, held)) = lock.as_mut() else { return Ok(false) };
+    let Some((conn, _, held)) = lock.as_mut() else { return Ok(false) };
     if *held {
         tokio::time::timeout(STATEMENT_TIMEOUT, sqlx::query("select 1").execute(&mut *conn))
             .await
@@ -216,16 +223,16 @@ async fn hold_or_take(pool: &PgPool, lock: &mut LockConn) -> Result<bool, sqlx::
 }
 
 /// Refreshes this replica's row; the leader also forgets replicas long gone.
-async fn beat(pool: &PgPool, replica: &Replica, heartbeat: Duration) -> Result<(), sqlx::Error> {
+async fn beat(pool: &PgPool, replica: &Replica, heartbeat: Duration, lock_pid: Option<i32>) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "insert into replicas (id, name, version, heartbeat_secs, leader) values ($1, $2, $3, $4, $5) \
-         on conflict (id) do update set last_seen = now(), leader = excluded.leader, name = excluded.name",
+        "insert into replicas (id, name, version, heartbeat_secs, lock_pid) values ($1, $2, $3, $4, $5) \
+         on conflict (id) do update set last_seen = now(), lock_pid = excluded.lock_pid, name = excluded.name",
     )
     .bind(replica.id())
     .bind(replica.name())
     .bind(crate::VERSION)
     .bind(i32::try_from(heartbeat.as_secs().max(1)).unwrap_or(i32::MAX))
-    .bind(replica.is_leader())
+    .bind(lock_pid)
     .execute(pool)
     .await?;
     if replica.is_leader() {
@@ -288,7 +295,8 @@ pub struct ReplicaRow {
     pub last_seen: time::OffsetDateTime,
     /// It refreshed its row within [`REPLICA_TIMEOUT`].
     pub alive: bool,
-    /// It said it leads at its last refresh (and is alive).
+    /// It leads now: it is alive and the connection it named at its last
+    /// refresh holds the leadership lock (read from `pg_locks`).
     pub leader: bool,
     /// Agents it serves now.
     pub agents_connected: i64,
@@ -299,11 +307,16 @@ pub async fn list(pool: &PgPool) -> Result<Vec<ReplicaRow>, sqlx::Error> {
     sqlx::query_as(
         "select r.id, r.name, r.version, r.started_at, r.last_seen, \
                 r.last_seen > now() - make_interval(secs => $1) as alive, \
-                r.leader and r.last_seen > now() - make_interval(secs => $1) as leader, \
+                r.last_seen > now() - make_interval(secs => $1) and exists (select 1 from pg_locks l \
+                  where l.locktype = 'advisory' and l.granted and l.pid = r.lock_pid \
+                    and l.database = (select oid from pg_database where datname = current_database()) \
+                    and l.classid = ($2 >> 32)::oid and l.objid = ($2 & 4294967295)::oid and l.objsubid = 1) \
+                  as leader, \
                 (select count(*) from agents a where a.replica_id = r.id and a.connected) as agents_connected \
            from replicas r order by r.started_at desc, r.id",
     )
     .bind(REPLICA_TIMEOUT.as_secs_f64())
+    .bind(LEADER_LOCK)
     .fetch_all(pool)
     .await
 }

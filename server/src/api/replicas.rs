@@ -22,8 +22,8 @@ pub struct Replicas {
     pub this_name: Option<String>,
     /// Whether it leads now (by its own connection, not its row).
     pub this_leads: bool,
-    /// The name of the replica leading now by the rows; `null` while none
-    /// does (a handover, or the database was unreachable).
+    /// The name of the replica leading now (whose connection holds the
+    /// leadership lock); `null` while none does (a handover).
     pub leader: Option<String>,
     /// Every replica with a row, newest first; rows of replicas gone for a
     /// day are deleted.
