@@ -205,12 +205,13 @@ pub struct Servers {
     seed: String,
     /// The URL being worked through.
     url: usize,
-    /// Its addresses not yet tried in this round.
-    pending: std::collections::VecDeque<SocketAddr>,
-    /// The size of the last pass: the addresses of every URL as last
-    /// resolved (a name that did not resolve counts one).
+    /// Its addresses already tried in this round.
+    tried: Vec<SocketAddr>,
+    /// An address to dial again at the next attempt ([`Servers::retry`]).
+    again: Option<SocketAddr>,
+    /// The size of a pass: the addresses of every URL as last resolved (a
+    /// name that did not resolve counts one).
     sizes: Vec<usize>,
-    started: bool,
 }
 
 impl std::fmt::Debug for Servers {
@@ -230,8 +231,8 @@ impl Servers {
             urls,
             resolver: system_resolver(),
             seed: agent_id.to_owned(),
-            pending: std::collections::VecDeque::new(),
-            started: false,
+            tried: Vec::new(),
+            again: None,
         }
     }
 
@@ -251,53 +252,79 @@ impl Servers {
         self.sizes.iter().sum::<usize>().max(1)
     }
 
-    /// The next target: the next address of the current URL, else the next
-    /// URL's name resolved now. A name that does not resolve is a target
-    /// without an address (the attempt fails and the ring moves on).
+    /// The addresses of URL `index` now, starting at this agent's own place
+    /// among them (so one name with several records spreads a fleet too);
+    /// `None` when the name does not resolve.
+    async fn resolve(&mut self, index: usize) -> Option<Vec<SocketAddr>> {
+        let (host, port) = host_port(&self.urls[index])?;
+        match (self.resolver)(host.clone(), port).await {
+            Ok(mut addrs) => {
+                let mut seen = std::collections::HashSet::new();
+                addrs.retain(|addr| seen.insert(*addr));
+                if !addrs.is_empty() {
+                    let shift = start_index(&self.seed, addrs.len());
+                    addrs.rotate_left(shift);
+                }
+                self.sizes[index] = addrs.len().max(1);
+                Some(addrs)
+            }
+            Err(error) => {
+                tracing::debug!(%error, host = %host, "Cannot resolve the server's name.");
+                self.sizes[index] = 1;
+                None
+            }
+        }
+    }
+
+    /// The next target. The current URL's name is resolved again at every
+    /// attempt, and its first address not tried in this round is dialled;
+    /// when every one was (or the name does not resolve), the next URL's. A
+    /// URL whose name does not resolve is a target without an address (the
+    /// attempt fails and the ring moves on).
     pub async fn next(&mut self) -> Target {
         if self.urls.is_empty() {
             return Target { index: 0, url: String::new(), addr: None };
         }
-        if self.pending.is_empty() {
-            if self.started {
-                self.url = (self.url + 1) % self.urls.len();
+        // At most one full turn: each URL is resolved once here.
+        for _ in 0..=self.urls.len() {
+            let index = self.url;
+            let url = self.urls[index].clone();
+            let Some(addrs) = self.resolve(index).await else {
+                if self.tried.is_empty() && self.again.is_none() {
+                    // Counted as this URL's one (failed) attempt.
+                    self.tried.push(SocketAddr::from(([0, 0, 0, 0], 0)));
+                    return Target { index, url, addr: None };
+                }
+                self.advance();
+                continue;
+            };
+            if let Some(again) = self.again.take()
+                && addrs.contains(&again)
+            {
+                return Target { index, url, addr: Some(again) };
             }
-            self.started = true;
-            let url = self.urls[self.url].clone();
-            match host_port(&url) {
-                Some((host, port)) => match (self.resolver)(host.clone(), port).await {
-                    Ok(mut addrs) => {
-                        addrs.dedup();
-                        if !addrs.is_empty() {
-                            // Each agent starts at its own address of a name
-                            // too, so one name with several records spreads.
-                            let shift = start_index(&self.seed, addrs.len());
-                            addrs.rotate_left(shift);
-                        }
-                        self.sizes[self.url] = addrs.len().max(1);
-                        self.pending.extend(addrs);
-                    }
-                    Err(error) => {
-                        tracing::debug!(%error, host = %host, "Cannot resolve the server's name.");
-                        self.sizes[self.url] = 1;
-                    }
-                },
-                None => self.sizes[self.url] = 1,
+            match addrs.iter().find(|addr| !self.tried.contains(addr)) {
+                Some(&addr) => {
+                    self.tried.push(addr);
+                    return Target { index, url, addr: Some(addr) };
+                }
+                None => self.advance(),
             }
         }
         let url = self.urls[self.url].clone();
-        Target { index: self.url, url, addr: self.pending.pop_front() }
+        Target { index: self.url, url, addr: None }
     }
 
-    /// Tries the current target again at the next call (after a resync,
+    /// On to the next URL, with none of its addresses tried.
+    fn advance(&mut self) {
+        self.url = (self.url + 1) % self.urls.len();
+        self.tried.clear();
+    }
+
+    /// Dials the same target again at the next call (after a resync,
     /// which is no fault of the server).
     pub fn retry(&mut self, target: &Target) {
-        if let Some(addr) = target.addr {
-            self.pending.push_front(addr);
-        } else if self.started && self.pending.is_empty() {
-            // Re-resolve the same URL.
-            self.url = (self.url + self.urls.len() - 1) % self.urls.len();
-        }
+        self.again = target.addr;
     }
 }
 
