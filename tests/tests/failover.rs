@@ -168,7 +168,8 @@ async fn one_name_with_two_addresses_is_two_servers(pool: PgPool) {
     // the agent: they are still unacked in the spool.
     let ingest = fleetban_server::ingest::Ingest::new(pool.clone());
     let agent_uuid: uuid::Uuid = credentials.agent_id.parse().unwrap();
-    for batch in spool.lock().unwrap().read_batches(0, 2).unwrap() {
+    let stored = spool.lock().unwrap().read_batches(0, 2).unwrap();
+    for batch in stored {
         ingest.store(agent_uuid, batch).await.unwrap();
     }
     assert_eq!(spool.lock().unwrap().acked_seq(), 0);
