@@ -55,8 +55,18 @@ pub enum ConfigError {
 pub struct AgentConfig {
     /// URL of the fleetban-server gRPC endpoint, e.g.
     /// `https://fleet.example.net:50051`. `http://` is accepted only for a
-    /// loopback server. Required; no default.
+    /// loopback server. A name with several addresses is several servers
+    /// (see `servers`). This or `servers` is required; no default. Use
+    /// [`AgentConfig::server_urls`] rather than reading it directly.
+    #[serde(default)]
     pub server: String,
+    /// URLs of several fleetban-server replicas (on one database), e.g.
+    /// `["https://a.example.net:50051", "https://b.example.net:50051"]`,
+    /// each checked like `server`. The agent starts at one chosen by its id
+    /// and moves to the next whenever a connection fails or a session is
+    /// lost. Instead of `server`, not with it. Default: none.
+    #[serde(default)]
+    pub servers: Vec<String>,
     /// Optional PEM file with the CA that signed the server certificate.
     /// Default: none (the system roots are used).
     #[serde(default)]
@@ -570,7 +580,31 @@ impl AgentConfig {
 
     /// Checks every value; returns the offending key and why.
     fn validate(&self) -> Result<(), (String, String)> {
-        validate_server(&self.server).map_err(|message| ("server".to_owned(), message))?;
+        match (self.server.is_empty(), self.servers.is_empty()) {
+            (true, true) => {
+                return Err((
+                    "server".into(),
+                    "is required: set `server = \"https://...\"` or `servers = [\"https://...\", ...]`".into(),
+                ));
+            }
+            (false, false) => {
+                return Err((
+                    "server".into(),
+                    "and `servers` are both set: list every server in `servers` and remove `server`".into(),
+                ));
+            }
+            (false, true) => validate_server(&self.server).map_err(|message| ("server".to_owned(), message))?,
+            (true, false) => {
+                let mut seen = std::collections::HashSet::new();
+                for (index, url) in self.servers.iter().enumerate() {
+                    let key = format!("servers[{index}]");
+                    validate_server(url).map_err(|message| (key.clone(), message))?;
+                    if !seen.insert(url) {
+                        return Err((key, format!("{url} is listed twice")));
+                    }
+                }
+            }
+        }
         if let Some(ca) = &self.ca_file
             && ca.as_os_str().is_empty()
         {
@@ -615,6 +649,12 @@ impl AgentConfig {
         }
         self.aggregate.validate().map_err(|(key, message)| (format!("aggregate.{key}"), message))?;
         self.detect.validate().map_err(|(key, message)| (format!("detect.{key}"), message))
+    }
+
+    /// The server URLs, in the order configured: `servers`, or `server`
+    /// alone.
+    pub fn server_urls(&self) -> Vec<String> {
+        if self.servers.is_empty() { vec![self.server.clone()] } else { self.servers.clone() }
     }
 
     /// Directory of the spool inside the state directory.
@@ -859,6 +899,19 @@ cidrs = ["192.0.2.0/24", "2001:db8::1"]
     }
 
     #[test]
+    fn one_server_or_several_but_not_both() {
+        let one = parse("server = \"https://a.example:1\"\n").unwrap();
+        assert_eq!(one.server_urls(), ["https://a.example:1"]);
+        let several =
+            parse("servers = [\"https://a.example:1\", \"https://b.example:1\", \"http://127.0.0.1:7\"]\n").unwrap();
+        assert_eq!(several.server_urls(), ["https://a.example:1", "https://b.example:1", "http://127.0.0.1:7"]);
+        let both = error_of("server = \"https://a.example:1\"\nservers = [\"https://b.example:1\"]\n");
+        assert!(both.contains("`server`") && both.contains("`servers`"), "{both}");
+        let neither = error_of("state_dir = \"/x\"\n");
+        assert!(neither.contains("`server`") && neither.contains("servers"), "{neither}");
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let base = "server = \"https://a.example:1\"\n";
         let cases: &[(&str, &str)] = &[
@@ -868,6 +921,11 @@ cidrs = ["192.0.2.0/24", "2001:db8::1"]
             ("server = \"https://:50051\"\n", "server"),
             ("server = \"https://a.example:99999\"\n", "server"),
             ("# no server key\n", "server"),
+            ("servers = []\n", "server"),
+            ("servers = [\"https://a.example:1\", \"ftp://b.example\"]\n", "servers[1]"),
+            ("servers = [\"https://a.example:1\", \"http://192.0.2.1:1\"]\n", "servers[1]"),
+            ("servers = [\"https://a.example:1\", \"https://a.example:1\"]\n", "servers[1]"),
+            ("servers = \"https://a.example:1\"\n", "servers"),
             ("[spool]\nmax_bytes = 10\n", "spool.max_bytes"),
             ("[spool]\nfsync_ms = 0\n", "spool.fsync_ms"),
             ("[spool]\nfsync_ms = \"fast\"\n", "fsync_ms"),

@@ -20,6 +20,8 @@
 //! - [`detect`]: local abuse rules (slot exhaustion, connection rate, auth
 //!   failures, protocol abuse) with bounded memory.
 //! - [`uplink`]: the gRPC session to the server (enroll, Connect).
+//! - [`failover`]: which server (of `servers`, or of the addresses of one
+//!   name) the uplink dials next, and the reconnect backoff.
 //! - [`host`]: the host's name, own addresses and host id.
 //! - [`firewall`]: backends (nftables, ipset, CSF, dry-run) and the
 //!   reconciler that keeps them equal to the desired set.
@@ -38,6 +40,7 @@ pub mod bench;
 pub mod check;
 pub mod config;
 pub mod detect;
+pub mod failover;
 pub mod firewall;
 pub mod fsutil;
 pub mod host;

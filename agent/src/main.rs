@@ -55,7 +55,8 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct EnrollArgs {
-    /// Server gRPC URL (default: `server` from the config file).
+    /// Server gRPC URL (default: `server`, or the first of `servers` that
+    /// answers, from the config file).
     #[arg(long, env = "FLEETBAN_SERVER", value_name = "URL")]
     server: Option<String>,
     /// Enrollment token from `fleetban-server enroll-token create`.
@@ -304,18 +305,23 @@ fn enroll_cmd(args: EnrollArgs) -> anyhow::Result<()> {
         None if default_path.exists() => Some(AgentConfig::load(default_path)?),
         None => None,
     };
-    let server = args
-        .server
-        .clone()
-        .or_else(|| config.as_ref().map(|c| c.server.clone()))
-        .context("no server: pass --server URL or set `server` in the config file")?;
+    let urls = match (&args.server, &config) {
+        (Some(server), _) => vec![server.clone()],
+        (None, Some(config)) => config.server_urls(),
+        (None, None) => anyhow::bail!("no server: pass --server URL or set `server` (or `servers`) in the config file"),
+    };
+    let server = urls.join(", ");
     let state_dir = config.as_ref().map_or_else(|| PathBuf::from("/var/lib/fleetban"), |c| c.state_dir.clone());
     let addresses = fleetban_agent::host::own_addresses(config.as_ref());
-    let options = ServerOptions {
-        server: server.clone(),
-        ca_file: config.as_ref().and_then(|c| c.ca_file.clone()),
-        insecure: args.insecure,
-    };
+    let servers: Vec<ServerOptions> = urls
+        .iter()
+        .map(|url| ServerOptions {
+            server: url.clone(),
+            ca_file: config.as_ref().and_then(|c| c.ca_file.clone()),
+            insecure: args.insecure,
+        })
+        .collect();
+    let options = servers.first().cloned().context("no server configured")?;
     let host_id = fleetban_agent::host::host_id(&state_dir)
         .with_context(|| format!("cannot keep the host id in {}", state_dir.display()))?;
     let hostname = fleetban_agent::host::hostname();
@@ -327,7 +333,7 @@ fn enroll_cmd(args: EnrollArgs) -> anyhow::Result<()> {
         addresses: &addresses,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let enrolled = runtime.block_on(uplink::enroll_as(&options, &enrollment)).map_err(|error| {
+    let enrolled = runtime.block_on(uplink::enroll_any(&servers, &enrollment)).map_err(|error| {
         // One line: the error carries its causes; no source chain to print a
         // second time.
         let hint = error.hint(&options, true).map(|hint| format!("; {hint}")).unwrap_or_default();

@@ -210,6 +210,20 @@ pub fn render(sources: &Sources) -> String {
             "1 while a server session is open.",
             &one(u64::from(u.connected.load(Ordering::Relaxed))),
         );
+        let server = u.server();
+        let connected_to: Vec<(String, u64)> = if server.is_empty() {
+            Vec::new()
+        } else {
+            let label = server.replace('\\', "\\\\").replace('"', "\\\"");
+            vec![(format!("{{server=\"{label}\"}}"), u64::from(u.connected.load(Ordering::Relaxed)))]
+        };
+        metric(
+            &mut out,
+            "fleetban_agent_uplink_server",
+            "gauge",
+            "The server of the open (or last) session, by URL and address dialled: 1 while connected, 0 after.",
+            &connected_to,
+        );
         metric(
             &mut out,
             "fleetban_agent_uplink_reconnects_total",
@@ -388,6 +402,8 @@ mod tests {
             }],
         };
         crate::uplink::note_rejections(&ack, &uplink);
+        *uplink.server.lock().unwrap() = "https://fleet.example:1 (192.0.2.7:1)".into();
+        uplink.connected.store(true, Ordering::Relaxed);
         firewall.drift_repaired.store(3, Ordering::Relaxed);
         let sources = Sources {
             kinds: Some(kinds),
@@ -418,6 +434,10 @@ mod tests {
         assert!(text.contains("fleetban_agent_firewall_reconcile_repairs_total 3"));
         assert!(text.contains("fleetban_agent_local_blocks_total{rule=\"conn_rate\"} 0"));
         assert!(text.contains("fleetban_agent_uplink_reconnects_total 0"));
+        assert!(
+            text.contains("fleetban_agent_uplink_server{server=\"https://fleet.example:1 (192.0.2.7:1)\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("fleetban_agent_rejected_events_total{reason=\"too_old\"} 5"), "{text}");
         assert!(text.contains("fleetban_agent_lines_total 0"));
         assert!(get("/other").await.starts_with("HTTP/1.1 404"));

@@ -114,7 +114,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Res
                 format!("Running: {sources} source(s); {backend} firewall reconcile failed, retrying: {error}")
             }
         };
-        info!(server = %config.server, "Agent running.");
+        info!(servers = %config.server_urls().join(", "), "Agent running.");
         notify::ready(&status);
         shutdown.await;
     }

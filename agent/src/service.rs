@@ -32,6 +32,7 @@ use tracing::{info, warn};
 
 use crate::config::{AgentConfig, FirewallBackend};
 use crate::detect::{DetectStats, Detector};
+use crate::failover::Servers;
 use crate::firewall::kill::{KillOptions, Killer};
 use crate::firewall::reconcile::{FirewallStats, Reconciler};
 use crate::firewall::worker::{FirewallHandle, Request, Worker, WorkerOptions};
@@ -69,7 +70,9 @@ pub enum ServiceError {
 pub fn exclusions(config: &AgentConfig, own: &[IpAddr]) -> Vec<IpNet> {
     let mut out: Vec<IpNet> = config.allowlist.cidrs.iter().map(|entry| entry.0).collect();
     out.extend(own.iter().map(|ip| IpNet::from(*ip)));
-    out.extend(server_addresses(&config.server).into_iter().map(IpNet::from));
+    for url in config.server_urls() {
+        out.extend(server_addresses(&url).into_iter().map(IpNet::from));
+    }
     out
 }
 
@@ -314,8 +317,12 @@ pub struct RuntimeStatus {
 /// Uplink part of [`RuntimeStatus`].
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct RuntimeUplink {
-    /// The server URL.
+    /// The configured server URLs, comma-separated.
     pub server: String,
+    /// The server of the open (or last) session, with the address dialled
+    /// (see [`UplinkStats::server`]); empty before the first session.
+    #[serde(default)]
+    pub connected_to: String,
     /// Whether credentials exist (otherwise the uplink is off).
     pub enrolled: bool,
     /// A session is open.
@@ -370,6 +377,7 @@ impl RuntimeStatus {
             pid: std::process::id(),
             uplink: RuntimeUplink {
                 server: server.to_owned(),
+                connected_to: uplink.server(),
                 enrolled,
                 connected: uplink.connected.load(Ordering::Relaxed),
                 sessions: uplink.sessions.load(Ordering::Relaxed),
@@ -473,7 +481,7 @@ impl Services {
         let uplink_stats = Arc::new(UplinkStats::default());
         let (stop, stop_rx) = watch::channel(false);
         let enrolled = Credentials::path(&config.state_dir).exists();
-        let server = config.server.clone();
+        let server = config.server_urls().join(", ");
         let (status_uplink, status_firewall) = (uplink_stats.clone(), firewall_stats.clone());
         let status: Arc<dyn Fn() -> RuntimeStatus + Send + Sync> =
             Arc::new(move || RuntimeStatus::collect(&server, enrolled, &status_uplink, &status_firewall));
@@ -531,9 +539,11 @@ impl Services {
                 let revoked_detector = self.detector.clone();
                 let excluded =
                     Exclusions::new(exclusions(&self.config, &self.own), self.firewall.clone(), self.detector.clone());
+                let urls = self.config.server_urls();
+                let servers = Servers::new(urls.clone(), &credentials.agent_id);
                 let ctx = UplinkContext {
                     server: ServerOptions {
-                        server: self.config.server.clone(),
+                        server: urls.first().cloned().unwrap_or_default(),
                         ca_file: self.config.ca_file.clone(),
                         insecure: self.insecure,
                     },
@@ -560,7 +570,7 @@ impl Services {
                     window: UPLINK_WINDOW,
                     stats: self.uplink_stats.clone(),
                 };
-                self.tasks.push(tokio::spawn(uplink::run(ctx, stopped(stop_rx.clone()))));
+                self.tasks.push(tokio::spawn(uplink::run_with(ctx, servers, stopped(stop_rx.clone()))));
             }
             (Err(error), _) => {
                 warn!(%error, "Not enrolled: events are spooled and local blocks applied, but nothing is sent.");

@@ -46,6 +46,9 @@ pub struct SourceStatus {
 pub struct UplinkStatus {
     /// Whether a session is up; `null` when not known.
     pub connected: Option<bool>,
+    /// The server of the open (or last) session: its URL, with the address
+    /// dialled when the URL does not name it; `null` when not known.
+    pub server: Option<String>,
     /// Highest batch seq the server acknowledged; `null` if none yet.
     pub last_ack_seq: Option<u64>,
     /// Whether the agent holds credentials (`fleetban-agent enroll` ran).
@@ -118,6 +121,7 @@ pub fn collect(config: &AgentConfig) -> Result<Status, SpoolError> {
         spool: snapshot.status,
         uplink: UplinkStatus {
             connected: runtime.as_ref().map(|r| running && r.uplink.connected),
+            server: runtime.as_ref().map(|r| r.uplink.connected_to.clone()).filter(|s| !s.is_empty()),
             last_ack_seq: (snapshot.acked_seq > 0).then_some(snapshot.acked_seq),
             enrolled: Credentials::path(&config.state_dir).exists(),
             reconnects: runtime.as_ref().map(|r| r.uplink.reconnects),
@@ -169,7 +173,7 @@ mod tests {
                     {"path": "/var/log/b", "fingerprint": null, "offset": null},
                 ],
                 "spool": {"pending_batches": 1, "pending_events": 2, "bytes": status["spool"]["bytes"], "dropped_events": 0},
-                "uplink": {"connected": null, "last_ack_seq": null, "enrolled": false, "reconnects": null, "updated_at": null},
+                "uplink": {"connected": null, "server": null, "last_ack_seq": null, "enrolled": false, "reconnects": null, "updated_at": null},
                 "firewall": {"backend": "nftables", "scope": "smtp", "entries": null, "blocklist_version": null,
                              "last_reconcile": null, "drift_repaired": null, "connections_killed": null,
                              "connections_would_kill": null, "connection_kill": null},
@@ -192,7 +196,12 @@ mod tests {
         let mut runtime = RuntimeStatus {
             updated_at: "2026-11-27T03:00:00Z".into(),
             pid: std::process::id(),
-            uplink: RuntimeUplink { connected: true, reconnects: 2, ..RuntimeUplink::default() },
+            uplink: RuntimeUplink {
+                connected: true,
+                reconnects: 2,
+                connected_to: "https://fleet.example:1 (192.0.2.7:1)".into(),
+                ..RuntimeUplink::default()
+            },
             firewall: RuntimeFirewall {
                 entries: 42,
                 blocklist_version: 9,
@@ -208,6 +217,7 @@ mod tests {
         assert_eq!(status["uplink"]["connected"], true);
         assert_eq!(status["uplink"]["enrolled"], true);
         assert_eq!(status["uplink"]["reconnects"], 2);
+        assert_eq!(status["uplink"]["server"], "https://fleet.example:1 (192.0.2.7:1)");
         assert_eq!(status["firewall"]["entries"], 42);
         assert_eq!(status["firewall"]["blocklist_version"], 9);
         assert_eq!(status["firewall"]["last_reconcile"], "2026-11-27T02:59:00Z");

@@ -19,7 +19,11 @@
 //!
 //! When a session ends it is reopened after a jittered exponential backoff
 //! (doubling from 0.5 s up to 30 s, reset by every session that got its
-//! `Welcome`). Batches sent but not acked are sent again by the next session,
+//! `Welcome`). With several servers (`servers`, or one name with several
+//! addresses) every attempt goes to the next one of the ring
+//! ([`crate::failover`]): a pass over the ring without a `Welcome` is one
+//! backoff step, the addresses inside a pass are tried after a quick
+//! 100 ms. Batches sent but not acked are sent again by the next session,
 //! starting after `max(spool acked seq, Welcome.last_acked_seq)`: the server
 //! stores each `(agent, seq)` once, so nothing is lost and nothing is stored
 //! twice. On shutdown no new batch is sent, and the acks of those in flight
@@ -31,7 +35,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -50,6 +54,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tracing::{debug, info, warn};
 
+use crate::failover::{Backoff, Outcome, Reconnect, Servers, Target};
 use crate::firewall::worker::{DeltaReply, FirewallHandle, Request};
 use crate::pipeline::SharedSpool;
 use crate::spool::{Loss, SpoolError};
@@ -396,11 +401,32 @@ pub async fn enroll_as(server: &ServerOptions, enrollment: &Enrollment<'_>) -> R
     })
 }
 
+/// [`enroll_as`] with the first of `servers` that answers: a server that
+/// cannot be reached is skipped; an answer (credentials, or a refusal,
+/// which every replica of the fleet would give alike) ends the search.
+pub async fn enroll_any(servers: &[ServerOptions], enrollment: &Enrollment<'_>) -> Result<Enrolled, UplinkError> {
+    let mut last = UplinkError::Protocol("no server configured".into());
+    for (index, server) in servers.iter().enumerate() {
+        match enroll_as(server, enrollment).await {
+            Err(error @ UplinkError::Connect { .. }) if index + 1 < servers.len() => {
+                warn!(server = %server.server, %error, "Cannot reach the server; enrolling with the next one.");
+                last = error;
+            }
+            result => return result,
+        }
+    }
+    Err(last)
+}
+
 /// Counters of the uplink, for status and metrics.
 #[derive(Debug, Default)]
 pub struct UplinkStats {
     /// A session is open (Welcome received).
     pub connected: AtomicBool,
+    /// The server of the open (or last) session: its URL, and the address
+    /// dialled when the URL does not name it (`https://a:50051
+    /// (192.0.2.1:50051)`); empty before the first session.
+    pub server: Mutex<String>,
     /// Sessions opened (Welcome received).
     pub sessions: AtomicU64,
     /// Session ends followed by a reconnect.
@@ -432,6 +458,11 @@ pub struct Rejections {
 }
 
 impl UplinkStats {
+    /// The server of the open (or last) session (see [`UplinkStats::server`]).
+    pub fn server(&self) -> String {
+        self.server.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
     /// The rejected events per reason, for metrics.
     pub fn rejected(&self) -> BTreeMap<String, u64> {
         self.rejections.lock().unwrap_or_else(PoisonError::into_inner).counts.clone()
@@ -581,10 +612,13 @@ impl std::fmt::Debug for UplinkContext {
 }
 
 /// A TCP connector that reports the peer address of every connection it
-/// opens (tonic adds TLS on top for `https://`): the address of the live
-/// connection, whatever the server's name resolved to.
+/// opens (tonic adds TLS on top for `https://`, verified against the URL's
+/// name): the address of the live connection, whatever the server's name
+/// resolved to. With `target` it dials that address only (the failover ring
+/// chose it); without, every address the URL's name resolves to in turn.
 fn connector(
     on_peer: OnServerAddress,
+    target: Option<SocketAddr>,
 ) -> impl tower::Service<
     tonic::codegen::http::Uri,
     Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>,
@@ -598,7 +632,11 @@ fn connector(
             let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
             let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
             let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host} has no address"));
-            for addr in tokio::net::lookup_host((host.as_str(), port)).await? {
+            let addrs: Vec<SocketAddr> = match target {
+                Some(addr) => vec![addr],
+                None => tokio::net::lookup_host((host.as_str(), port)).await?.collect(),
+            };
+            for addr in addrs {
                 match tokio::net::TcpStream::connect(addr).await {
                     Ok(stream) => {
                         stream.set_nodelay(true)?;
@@ -613,11 +651,10 @@ fn connector(
     })
 }
 
-/// The delay before reconnect attempt `attempt` (0-based): exponential from
-/// 0.5 s, capped at 30 s, jittered down to half.
+/// The delay of backoff step `attempt` (0-based): exponential from 0.5 s,
+/// capped at 30 s, jittered down to half ([`Backoff::DEFAULT`]).
 pub fn backoff(attempt: u32) -> Duration {
-    let base_ms = 500u64.saturating_mul(1u64 << attempt.min(16)).min(30_000);
-    Duration::from_millis(base_ms / 2 + fastrand::u64(0..=base_ms / 2))
+    Backoff::DEFAULT.delay(attempt)
 }
 
 /// The delay before reconnect attempt `attempt` (0-based) after the server
@@ -662,17 +699,27 @@ impl ReconnectLog {
     }
 }
 
-/// Runs sessions until `shutdown` resolves.
-pub async fn run(mut ctx: UplinkContext, shutdown: impl Future<Output = ()>) {
+/// Runs sessions with the one server of `ctx.server` until `shutdown`
+/// resolves (every address its name resolves to is a server of the ring).
+pub async fn run(ctx: UplinkContext, shutdown: impl Future<Output = ()>) {
+    let servers = Servers::new(vec![ctx.server.server.clone()], &ctx.credentials.agent_id);
+    run_with(ctx, servers, shutdown).await;
+}
+
+/// Runs sessions until `shutdown` resolves, each with the next server of
+/// `servers` (`ctx.server` gives the TLS settings of all of them).
+pub async fn run_with(mut ctx: UplinkContext, mut servers: Servers, shutdown: impl Future<Output = ()>) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let stats = ctx.stats.clone();
     tokio::pin!(shutdown);
     let mut attempt = 0u32;
+    let mut schedule = Reconnect::new(Backoff::DEFAULT);
     let mut log = ReconnectLog::default();
     loop {
         let mut welcomed = false;
+        let target = servers.next().await;
         let result = {
-            let session = session(&mut ctx, stop_rx.clone(), &mut welcomed);
+            let session = session(&mut ctx, &target, stop_rx.clone(), &mut welcomed);
             tokio::pin!(session);
             tokio::select! {
                 result = &mut session => result,
@@ -690,31 +737,41 @@ pub async fn run(mut ctx: UplinkContext, shutdown: impl Future<Output = ()>) {
             attempt = 0;
             log.reset();
         }
+        let outcome = if welcomed { Outcome::Welcomed } else { Outcome::Failed };
         let delay = match &result {
-            Err(UplinkError::Resync) => Duration::ZERO,
-            Err(error) if error.is_auth_failure() => auth_backoff(attempt),
-            _ => backoff(attempt),
+            Err(UplinkError::Resync) => {
+                servers.retry(&target);
+                Duration::ZERO
+            }
+            Err(error) if error.is_auth_failure() => {
+                // Every replica shares the database: the next one refuses
+                // the credentials too.
+                schedule.next_delay(outcome, servers.pass_len());
+                auth_backoff(attempt)
+            }
+            _ => schedule.next_delay(outcome, servers.pass_len()),
         };
         match result {
-            Ok(()) => info!("Uplink session closed by the server; reconnecting."),
+            Ok(()) => info!(server = %target, "Uplink session closed by the server; reconnecting."),
             Err(error) => {
                 let text = error.to_string();
                 if let Some(retries) = log.due(&text, attempt) {
-                    let retry_in_secs = delay.as_secs();
-                    let hint = error.hint(&ctx.server, false).unwrap_or_default();
+                    let retry_in_secs = delay.as_secs_f64();
+                    let options = ServerOptions { server: target.url.clone(), ..ctx.server.clone() };
+                    let hint = error.hint(&options, false).unwrap_or_default();
                     if error.is_auth_failure() {
                         tracing::error!(
-                            error = %text, %hint, retry_in_secs, retries_not_logged = retries,
+                            error = %text, server = %target, %hint, retry_in_secs, retries_not_logged = retries,
                             "The server refused this agent's credentials; retrying with a long backoff."
                         );
                     } else {
                         warn!(
-                            error = %text, %hint, retry_in_secs, retries_not_logged = retries,
+                            error = %text, server = %target, %hint, retry_in_secs, retries_not_logged = retries,
                             "Uplink session ended; reconnecting."
                         );
                     }
                 } else {
-                    debug!(error = %text, attempt, "Uplink session ended again; reconnecting.");
+                    debug!(error = %text, server = %target, attempt, "Uplink session ended again; reconnecting.");
                 }
             }
         }
@@ -747,11 +804,20 @@ async fn send(tx: &mpsc::Sender<AgentFrame>, frame: Frame) -> Result<(), UplinkE
 
 async fn session(
     ctx: &mut UplinkContext,
+    target: &Target,
     mut stop: watch::Receiver<bool>,
     welcomed: &mut bool,
 ) -> Result<(), UplinkError> {
+    let options = ServerOptions { server: target.url.clone(), ..ctx.server.clone() };
+    let Some(addr) = target.addr else {
+        return Err(UplinkError::Connect {
+            cause: format!("{} does not resolve to an address", target.url),
+            refused: false,
+            tls: None,
+        });
+    };
     let channel: Channel =
-        ctx.server.endpoint()?.connect_with_connector(connector(ctx.on_server_address.clone())).await?;
+        options.endpoint()?.connect_with_connector(connector(ctx.on_server_address.clone(), Some(addr))).await?;
     let (tx, rx) = mpsc::channel::<AgentFrame>(ctx.window + 16);
     let (next_seq, acked_seq) = spool_call(&ctx.spool, |spool| Ok((spool.next_seq(), spool.acked_seq()))).await?;
     let hello = Hello {
@@ -765,8 +831,7 @@ async fn session(
     send(&tx, Frame::Hello(hello)).await?;
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
     let metadata = request.metadata_mut();
-    let bad =
-        |what: &str| UplinkError::Config { server: ctx.server.server.clone(), message: format!("invalid {what}") };
+    let bad = |what: &str| UplinkError::Config { server: target.url.clone(), message: format!("invalid {what}") };
     metadata.insert(AGENT_ID_HEADER, ctx.credentials.agent_id.parse().map_err(|_| bad("agent id"))?);
     metadata.insert(AGENT_SECRET_HEADER, ctx.credentials.agent_secret.parse().map_err(|_| bad("agent secret"))?);
     let mut inbound = AgentServiceClient::new(channel)
@@ -785,11 +850,12 @@ async fn session(
     };
     *welcomed = true;
     let stats = ctx.stats.clone();
+    *stats.server.lock().unwrap_or_else(PoisonError::into_inner) = target.to_string();
     stats.connected.store(true, Ordering::Relaxed);
     stats.sessions.fetch_add(1, Ordering::Relaxed);
     stats.connected_since_ms.store(crate::firewall::now_ms(), Ordering::Relaxed);
     info!(
-        server = %ctx.server.server, server_version = %welcome.server_version,
+        server = %target, server_version = %welcome.server_version,
         last_acked_seq = welcome.last_acked_seq, blocklist_version = ctx.firewall.version(), "Uplink session open."
     );
     if welcome.last_acked_seq > acked_seq {

@@ -59,6 +59,11 @@ pub struct ServerConfig {
     /// the failed-authentication throttle and the logs use. Connections from
     /// elsewhere are read as before. Default: none.
     pub proxy_protocol_from: Vec<ipnet::IpNet>,
+    /// This server's name among the replicas on one database, shown in
+    /// logs, `/metrics` (`fleetban_replica_info`) and `GET /api/v1/replicas`;
+    /// 1 to 64 characters, letters, digits, `.`, `_`, `-`. Default: the host
+    /// name and the process id (`central-1-4711`).
+    pub replica_name: Option<String>,
     /// Correlation policy.
     pub correlate: CorrelateConfig,
     /// Connection discipline of both listeners and the throttle of failed
@@ -211,6 +216,7 @@ impl Default for ServerConfig {
             change_log_retention_days: 7,
             advertised_addresses: Vec::new(),
             proxy_protocol_from: Vec::new(),
+            replica_name: None,
             correlate: CorrelateConfig::default(),
             limits: LimitsConfig::default(),
             feed: Vec::new(),
@@ -335,6 +341,17 @@ impl ServerConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(name) = &self.replica_name {
+            let valid = !name.is_empty()
+                && name.len() <= 64
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !valid {
+                return Err(ConfigError::Invalid {
+                    key: "replica_name",
+                    problem: "must be 1 to 64 letters, digits, `.`, `_` or `-`".into(),
+                });
+            }
+        }
         if self.heartbeat_secs == 0 || self.heartbeat_secs > 3600 {
             return Err(ConfigError::Invalid { key: "heartbeat_secs", problem: "must be 1 to 3600".into() });
         }
@@ -423,6 +440,16 @@ mod tests {
         let defaults =
             ServerConfig { database_url: cfg.database_url.clone(), tls: cfg.tls.clone(), ..ServerConfig::default() };
         assert_eq!(cfg, defaults, "deploy/server.example.toml must document the defaults");
+    }
+
+    #[test]
+    fn replica_names_are_checked() {
+        let cfg = ServerConfig::parse("replica_name = \"central-1.example_b\"\n").unwrap();
+        assert_eq!(cfg.replica_name.as_deref(), Some("central-1.example_b"));
+        for bad in ["", "with space", "a/b", &"x".repeat(65)] {
+            let error = ServerConfig::parse(&format!("replica_name = {bad:?}\n")).unwrap_err().to_string();
+            assert!(error.contains("replica_name"), "{bad:?}: {error}");
+        }
     }
 
     #[test]

@@ -99,6 +99,20 @@ pub fn parse_url(url: &str) -> Result<PgConnectOptions, Error> {
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err(invalid("must start with postgres://".into()));
     }
+    // sqlx 0.8 connects to one host and ignores libpq's
+    // `target_session_attrs`: a libpq multi-host URL would be tried as one
+    // host named `a,b`, and could land on a read-only standby.
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    let host_part = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    if host_part.contains(',') || url.contains("target_session_attrs") {
+        return Err(invalid(
+            "lists several hosts or target_session_attrs, which this server's driver (sqlx) does not support: \
+             give the one URL of the writable primary (a virtual IP, HAProxy or a DNS name that follows it; see \
+             deploy/README.md, \"Postgres highly available\")"
+                .into(),
+        ));
+    }
     // sqlx's message can quote the URL, password included: not shown.
     PgConnectOptions::from_str(url).map_err(|_| invalid("cannot be parsed".into()))
 }
@@ -210,6 +224,19 @@ mod tests {
         assert_eq!(redact_url("fleetban:s3cret@db/fleetban"), "fleetban:***@db/fleetban");
         assert_eq!(redact_url("postgres://db/x?user=a&password=s3cret"), "postgres://db/x?user=a&password=***");
         assert_eq!(redact_url("postgres://fleetban@db/x"), "postgres://fleetban@db/x");
+    }
+
+    #[test]
+    fn libpq_multi_host_urls_are_refused_with_what_to_do() {
+        for url in [
+            "postgres://fleetban:pw@db1:5432,db2:5432/fleetban",
+            "postgres://fleetban@db1,db2/fleetban",
+            "postgres://fleetban@db1/fleetban?target_session_attrs=read-write",
+        ] {
+            let error = parse_url(url).unwrap_err().to_string();
+            assert!(error.contains("writable primary") && !error.contains("pw"), "{url}: {error}");
+        }
+        assert!(parse_url("postgres://fleetban:a,b@db-primary.example:5432/fleetban").is_ok(), "a comma in a password");
     }
 
     #[test]

@@ -22,6 +22,8 @@
 //! - [`backlog`]: coalesced correlation work of committed batches.
 //! - [`proxyproto`]: PROXY protocol headers from trusted load balancers.
 //! - [`push`]: LISTEN/NOTIFY fan-out of blocklist changes to sessions.
+//! - [`replica`]: this process as one of several replicas on one database,
+//!   and the advisory-lock leadership of the fleet-wide sweeps.
 //! - [`session`]: the gRPC `AgentService` (Enroll, Connect).
 //! - [`api`]: the HTTP side: REST API, dashboard, metrics, OpenAPI, health.
 //! - [`replay`]: past traffic of many hosts through detection and
@@ -73,6 +75,7 @@ pub mod pgembed;
 pub mod proxyproto;
 pub mod push;
 pub mod replay;
+pub mod replica;
 pub mod report;
 pub mod retention;
 pub mod serve;

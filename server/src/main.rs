@@ -293,6 +293,9 @@ async fn main() -> anyhow::Result<()> {
                 geo: std::sync::Arc::new(fleetban_server::geo::GeoPolicy::load(&cfg.geo)?),
                 channels: fleetban_server::alerts::Channels::new(cfg.notify.clone()),
                 alerts: cfg.alerts.clone(),
+                replica: fleetban_server::replica::Replica::new(
+                    cfg.replica_name.clone().unwrap_or_else(fleetban_server::replica::default_name),
+                ),
                 ..Default::default()
             };
             check_descriptors(&cfg);

@@ -2,6 +2,18 @@
 //! operators, and the background tasks (block-change listener, block expiry
 //! sweeper, stale-session sweep, feed refresher), until `shutdown` resolves.
 //!
+//! Any number of servers may run on one database ([`crate::replica`]). Per
+//! replica: the listeners and agent sessions, the block-change listener
+//! (LISTEN/NOTIFY: a change committed through any replica reaches the
+//! agents of every one), the correlation worker (the batches its own
+//! sessions stored), the feed refresher (each list under its own advisory
+//! lock, so one replica refreshes it) and the notification dispatcher
+//! (routing `skip locked`, composing under a per-channel lock, claiming
+//! messages `for update skip locked`: replicas share the work, none repeats
+//! it). On the leader only (advisory-lock leadership, handed over when the
+//! leader stops or dies): the stale-session sweep, block expiry, retention
+//! and the alert monitor.
+//!
 //! Shutdown is graceful: both listeners stop accepting, every agent session
 //! finishes and acks the frames it already received, then closes its stream;
 //! whatever has not drained within [`Options::drain_timeout`] is dropped (the
@@ -24,7 +36,7 @@ use hyper_util::service::TowerToHyperService;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tonic::transport::ServerTlsConfig;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::alerts;
 use crate::api;
@@ -36,6 +48,7 @@ use crate::correlate::{CorrelateConfig, Correlator};
 use crate::guard::{AgentGuardLayer, AuthThrottle};
 use crate::ingest::MAX_MESSAGE_BYTES;
 use crate::push::{self, Hub};
+use crate::replica::{Replica, while_leader};
 use crate::retention::{self, Retention};
 use crate::session::{self, Stats};
 
@@ -96,6 +109,8 @@ pub struct Options {
     pub channels: alerts::Channels,
     /// When the server raises its own events and how often it dispatches.
     pub alerts: alerts::AlertsConfig,
+    /// This replica: its name (`replica_name`) and leadership.
+    pub replica: Replica,
 }
 
 impl Default for Options {
@@ -120,6 +135,7 @@ impl Default for Options {
             geo: Arc::default(),
             channels: alerts::Channels::default(),
             alerts: alerts::AlertsConfig::default(),
+            replica: Replica::default(),
         }
     }
 }
@@ -143,12 +159,24 @@ pub async fn run(
         }
     };
 
+    let replica = options.replica.clone();
+    info!(replica = %replica.name(), replica_id = %replica.id(), "Server replica starting.");
+    let leadership =
+        tokio::spawn(crate::replica::run(pool.clone(), replica.clone(), options.heartbeat, stopped(&stop_rx)));
     let listener = tokio::spawn(push::run_listener(pool.clone(), options.hub.clone(), stopped(&stop_rx)));
-    let sweeper = tokio::spawn(session::run_stale_sweeper(pool.clone(), options.heartbeat, stopped(&stop_rx)));
-
-    let expiry = tokio::spawn(blocks::run_expiry_sweeper(pool.clone(), options.expiry_interval, stopped(&stop_rx)));
-    let retention =
-        tokio::spawn(retention::run(pool.clone(), options.retention, options.retention_interval, stopped(&stop_rx)));
+    // The fleet-wide sweeps run on the leader only.
+    let sweeper = tokio::spawn(while_leader(replica.clone(), stop_rx.clone(), {
+        let (pool, heartbeat) = (pool.clone(), options.heartbeat);
+        move |stop| session::run_stale_sweeper(pool.clone(), heartbeat, stop)
+    }));
+    let expiry = tokio::spawn(while_leader(replica.clone(), stop_rx.clone(), {
+        let (pool, interval) = (pool.clone(), options.expiry_interval);
+        move |stop| blocks::run_expiry_sweeper(pool.clone(), interval, stop)
+    }));
+    let retention = tokio::spawn(while_leader(replica.clone(), stop_rx.clone(), {
+        let (pool, keep, interval) = (pool.clone(), options.retention, options.retention_interval);
+        move |stop| retention::run(pool.clone(), keep, interval, stop)
+    }));
     let feed_policy: Arc<dyn blocks::BlockPolicy> = Arc::new(options.correlate.clone());
     let feeds =
         tokio::spawn(options.feeds.clone().run(pool.clone(), feed_policy, crate::feeds::TICK, stopped(&stop_rx)));
@@ -170,7 +198,8 @@ pub async fn run(
         stop_rx.clone(),
         options.stats.clone(),
         options.max_event_age,
-    );
+    )
+    .with_replica(replica.id());
     let grpc_limits = GateLimits::grpc(&options.limits);
     let auth_timeout = grpc_limits.first_deadline;
     let grpc_gate = Gate::new(Listener::Grpc, grpc_limits);
@@ -208,7 +237,8 @@ pub async fn run(
             .with_stats(options.stats.clone())
             .with_feeds(options.feeds.clone())
             .with_geo(options.geo.clone())
-            .with_channels(options.channels.clone()),
+            .with_channels(options.channels.clone())
+            .with_replica(replica.clone()),
     );
     let http_gate = Gate::new(Listener::Http, GateLimits::http(&options.limits));
     let http_server = serve_http(
@@ -231,6 +261,9 @@ pub async fn run(
     for task in notifications {
         let _ = task.await;
     }
+    // Last: the leadership is given up (and the replica's row deleted) once
+    // the leader-only tasks have stopped.
+    let _ = leadership.await;
     grpc_result?;
     http_result?;
     Ok(())
@@ -259,7 +292,10 @@ fn spawn_notifications(
         Err(error) => warn!(%error, "Cannot build the notification HTTP client; notifications stay queued."),
     }
     if !options.channels.all().is_empty() {
-        tasks.push(tokio::spawn(alerts::monitor::run(pool.clone(), options.alerts.clone(), stopped())));
+        let (pool, config) = (pool.clone(), options.alerts.clone());
+        tasks.push(tokio::spawn(while_leader(options.replica.clone(), stop_rx.clone(), move |stop| {
+            alerts::monitor::run(pool.clone(), config.clone(), stop)
+        })));
     }
     tasks
 }

@@ -165,6 +165,8 @@ struct Shared {
     heartbeat: Duration,
     stop: watch::Receiver<bool>,
     stats: Arc<Stats>,
+    /// The replica serving the sessions (`agents.replica_id`).
+    replica_id: Option<Uuid>,
 }
 
 /// The `AgentService` implementation.
@@ -189,7 +191,30 @@ impl Service {
         max_event_age: Duration,
     ) -> Self {
         let ingest = Ingest::new(pool.clone()).with_max_event_age(max_event_age);
-        Service { shared: Arc::new(Shared { pool, ingest, hub, correlator, backlog, heartbeat, stop, stats }) }
+        Service {
+            shared: Arc::new(Shared {
+                pool,
+                ingest,
+                hub,
+                correlator,
+                backlog,
+                heartbeat,
+                stop,
+                stats,
+                replica_id: None,
+            }),
+        }
+    }
+
+    /// Records `replica` as the server of this service's sessions
+    /// (`agents.replica_id`, read by the stale-session sweep). Call before
+    /// the service is cloned; later calls change nothing.
+    pub fn with_replica(mut self, replica: Uuid) -> Self {
+        match Arc::get_mut(&mut self.shared) {
+            Some(shared) => shared.replica_id = Some(replica),
+            None => warn!("The replica id was set after the service was shared; sessions do not record it."),
+        }
+        self
     }
 
     /// The database pool.
@@ -513,13 +538,14 @@ impl Session {
         let mut tx = self.shared.pool.begin().await?;
         sqlx::query(
             "update agents set connected = true, last_seen = now(), version = $2, hostname = $3, \
-             blocklist_version = $4, session_id = $5 where id = $1",
+             blocklist_version = $4, session_id = $5, replica_id = $6 where id = $1",
         )
         .bind(self.agent_id)
         .bind(&hello.version)
         .bind(&hello.hostname)
         .bind(i64::try_from(hello.blocklist_version).unwrap_or(i64::MAX))
         .bind(self.session_id)
+        .bind(self.shared.replica_id)
         .execute(&mut *tx)
         .await?;
         auth::replace_addresses(&mut tx, self.agent_id, addresses).await?;
@@ -776,30 +802,19 @@ async fn wait_stop(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Marks agents whose sessions died with their server (no heartbeat for
-/// three intervals) as disconnected, every `heartbeat` until `shutdown`.
+/// Marks agents whose sessions died with their server as disconnected
+/// ([`crate::replica::sweep_stale_sessions`]: their replica is gone, or
+/// they were silent for three of its heartbeat intervals), every
+/// `heartbeat` until `shutdown`. One replica runs it, the leader.
 pub async fn run_stale_sweeper(pool: PgPool, heartbeat: Duration, shutdown: impl std::future::Future<Output = ()>) {
-    tokio::pin!(shutdown);
-    let mut tick = tokio::time::interval(heartbeat);
-    let stale = heartbeat * 3;
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => return,
-            _ = tick.tick() => {
-                let result = sqlx::query(
-                    "update agents set connected = false where connected and last_seen < now() - make_interval(secs => $1)",
-                )
-                .bind(stale.as_secs_f64())
-                .execute(&pool)
-                .await;
-                match result {
-                    Ok(r) if r.rows_affected() > 0 => info!(agents = r.rows_affected(), "Marked silent agents disconnected."),
-                    Ok(_) => {}
-                    Err(error) => warn!(%error, "Cannot sweep stale agent sessions."),
-                }
-            }
+    crate::periodic::every(heartbeat, shutdown, || async {
+        match crate::replica::sweep_stale_sessions(&pool, heartbeat).await {
+            Ok(0) => {}
+            Ok(agents) => info!(agents, "Marked agents of silent sessions or gone replicas disconnected."),
+            Err(error) => warn!(%error, "Cannot sweep stale agent sessions."),
         }
-    }
+    })
+    .await;
 }
 
 /// Whether an inbound stream error is the HTTP/2 transport's (a reset, a

@@ -39,3 +39,9 @@ pub const ALERTS_RAISED: &str = "fleetban_alerts_raised_total";
 /// Notification messages in the queue, fleet-wide, by channel and state
 /// (`pending`, `dead`), read from Postgres at each scrape.
 pub const NOTIFY_QUEUE: &str = "fleetban_notify_messages";
+/// 1 while this replica leads the fleet-wide sweeps, else 0.
+pub const REPLICA_LEADER: &str = "fleetban_replica_leader";
+/// Always 1, labelled with this replica's `replica` name and `id`.
+pub const REPLICA_INFO: &str = "fleetban_replica_info";
+/// Replicas alive on the database (rows refreshed recently), fleet-wide.
+pub const REPLICAS_ALIVE: &str = "fleetban_replicas_alive";

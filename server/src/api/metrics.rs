@@ -95,6 +95,9 @@ fn describe() {
     metrics::describe_counter!(INGEST_BATCHES, "Event batches by result (stored, duplicate, refused).");
     metrics::describe_histogram!(PUSH_LAG, metrics::Unit::Seconds, "Block change commit to delivery to an agent.");
     metrics::describe_gauge!(AGENT_SESSIONS, "Agent sessions open on this replica.");
+    metrics::describe_gauge!(crate::telemetry::REPLICA_LEADER, "1 while this replica leads the fleet-wide sweeps.");
+    metrics::describe_gauge!(crate::telemetry::REPLICA_INFO, "This replica's name and id (always 1).");
+    metrics::describe_gauge!(crate::telemetry::REPLICAS_ALIVE, "Server replicas alive on the database.");
     metrics::describe_counter!(crate::telemetry::NOTIFY_DELIVERED, "Notification messages delivered, by channel.");
     metrics::describe_counter!(
         crate::telemetry::NOTIFY_ATTEMPT_FAILURES,
@@ -176,6 +179,18 @@ pub async fn render(State(state): State<AppState>) -> Response {
     };
     if let Some(stats) = &state.stats {
         export_session_stats(stats);
+    }
+    if let Some(replica) = &state.replica {
+        metrics::gauge!(crate::telemetry::REPLICA_LEADER).set(if replica.is_leader() { 1.0 } else { 0.0 });
+        metrics::gauge!(crate::telemetry::REPLICA_INFO, "replica" => replica.name().to_owned(), "id" => replica.id().to_string())
+            .set(1.0);
+        match crate::replica::list(&state.pool).await {
+            Ok(rows) => {
+                let alive = rows.iter().filter(|r| r.alive).count();
+                metrics::gauge!(crate::telemetry::REPLICAS_ALIVE).set(alive as f64);
+            }
+            Err(error) => tracing::warn!(%error, "Metrics scrape: cannot read the replicas."),
+        }
     }
     let size = state.pool.size();
     let idle = u32::try_from(state.pool.num_idle()).unwrap_or(u32::MAX);

@@ -44,6 +44,7 @@ pub mod metrics;
 pub mod notify;
 pub mod openapi;
 pub mod params;
+pub mod replicas;
 pub mod reports;
 pub mod shadow;
 pub mod stats;
@@ -88,6 +89,8 @@ pub struct AppState {
     pub geo: Arc<crate::geo::GeoPolicy>,
     /// The notification channels (`[[notify]]`).
     pub channels: crate::alerts::Channels,
+    /// This server replica (its name, id and leadership), when it runs one.
+    pub replica: Option<crate::replica::Replica>,
 }
 
 impl AppState {
@@ -100,7 +103,14 @@ impl AppState {
             feeds: Arc::default(),
             geo: Arc::default(),
             channels: crate::alerts::Channels::default(),
+            replica: None,
         }
+    }
+
+    /// Shows `replica` on `/api/v1/replicas` and `/metrics`.
+    pub fn with_replica(mut self, replica: crate::replica::Replica) -> Self {
+        self.replica = Some(replica);
+        self
     }
 
     /// Shows countries from `geo`'s country database.
@@ -178,6 +188,7 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::GET, "/api/v1/notify", get(notify::list)),
         (Method::POST, "/api/v1/notify/{name}/test", post(notify::test)),
         (Method::GET, "/api/v1/reports/abuse", get(reports::abuse)),
+        (Method::GET, "/api/v1/replicas", get(replicas::list)),
     ]
 }
 

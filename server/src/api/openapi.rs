@@ -12,8 +12,8 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::{
-    agents, allowlist, attackers, audit, blocks, dashboard, events, feeds, metrics, notify, reports, shadow, stats,
-    timeseries, tokens, transfer, whoami,
+    agents, allowlist, attackers, audit, blocks, dashboard, events, feeds, metrics, notify, replicas, reports, shadow,
+    stats, timeseries, tokens, transfer, whoami,
 };
 
 /// The document.
@@ -44,6 +44,7 @@ use super::{
         reports::abuse,
         feeds::list, feeds::refresh,
         notify::list, notify::test,
+        replicas::list,
     ),
     modifiers(&BearerAuth),
     tags(
