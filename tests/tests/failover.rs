@@ -90,7 +90,12 @@ fn append(spool: &Arc<Mutex<Spool>>, durable: &watch::Sender<u64>, n: usize, fir
                 ..Event::default()
             })
             .collect();
-        let position = SourcePosition { path: "/var/log/exim_mainlog".into(), fingerprint: 7, offset: i as u64 };
+        let position = SourcePosition {
+            path: "/var/log/exim_mainlog".into(),
+            fingerprint: 7,
+            offset: i as u64,
+            ..Default::default()
+        };
         spool.append(&events, &position).unwrap();
     }
     spool.sync().unwrap();

@@ -281,7 +281,7 @@ impl HostOutput {
                 to_event(self.host, seq, i, e, &stamp)
             })
             .collect();
-        EventBatch { seq, events, position: None }
+        EventBatch { seq, events, position: None, summaries: Vec::new() }
     }
 }
 
