@@ -49,6 +49,7 @@
 //!   delivered by webhook, Slack or email with retries.
 
 pub mod alerts;
+pub mod applied;
 pub mod api;
 pub mod asn;
 pub mod auth;
