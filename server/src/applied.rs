@@ -92,10 +92,8 @@ impl Reports {
     /// Records that `session_id` of `agent_id` reported the agent holds
     /// `blocklist_version` with `firewall_entries` entries in its firewall.
     pub fn record(&self, agent_id: Uuid, session_id: Uuid, blocklist_version: u64, firewall_entries: u64) {
-        let applied = (
-            i64::try_from(blocklist_version).unwrap_or(i64::MAX),
-            i64::try_from(firewall_entries).unwrap_or(i64::MAX),
-        );
+        let applied =
+            (i64::try_from(blocklist_version).unwrap_or(i64::MAX), i64::try_from(firewall_entries).unwrap_or(i64::MAX));
         self.put(agent_id, Report { session_id, applied: Some(applied) });
     }
 

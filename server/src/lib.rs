@@ -49,8 +49,8 @@
 //!   delivered by webhook, Slack or email with retries.
 
 pub mod alerts;
-pub mod applied;
 pub mod api;
+pub mod applied;
 pub mod asn;
 pub mod auth;
 pub mod backlog;

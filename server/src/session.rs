@@ -47,9 +47,9 @@ use fleetban_proto::v1::{
     Ack, AgentFrame, Applied, EnrollRequest, EnrollResponse, Heartbeat, Hello, LocalBlock, Nack, Rejection,
     ServerFrame, Welcome,
 };
+use futures_util::FutureExt;
 use ipnet::IpNet;
 use sqlx::PgPool;
-use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::StreamExt;
@@ -201,9 +201,7 @@ impl Service {
     ) -> Self {
         let ingest = Ingest::new(pool.clone()).with_max_event_age(max_event_age);
         let reports = Reports::new(stats.clone());
-        Service {
-            shared: Arc::new(Shared { pool, ingest, hub, correlator, backlog, heartbeat, stop, stats, reports }),
-        }
+        Service { shared: Arc::new(Shared { pool, ingest, hub, correlator, backlog, heartbeat, stop, stats, reports }) }
     }
 
     /// The agents' pending reports; the server runs their writer

@@ -955,10 +955,8 @@ async fn applied_reports_of_many_sessions_reach_the_rows_within_the_interval_in_
         let applied = fleetban_proto::v1::Applied { blocklist_version: 0, firewall_entries: 1_000 + i as u64 };
         agent.send(Frame::Applied(applied)).await;
     }
-    until("every session recorded its report", async || {
-        Stats::get(&reports.recorded) >= recorded + AGENTS as u64
-    })
-    .await;
+    until("every session recorded its report", async || Stats::get(&reports.recorded) >= recorded + AGENTS as u64)
+        .await;
     let all_recorded = tokio::time::Instant::now();
     until("every report on its agent's row", async || {
         count(&pool, "select count(*) from agents where firewall_entries >= 1000").await == AGENTS as i64
@@ -969,8 +967,11 @@ async fn applied_reports_of_many_sessions_reach_the_rows_within_the_interval_in_
     let bound = fleetban_server::applied::FLUSH_INTERVAL + Duration::from_millis(500);
     assert!(took < bound, "reports took {took:?} to reach the rows (bound {bound:?})");
     for (i, (id, _)) in agents.iter().enumerate() {
-        let entries: i64 =
-            sqlx::query_scalar("select firewall_entries from agents where id = $1").bind(id).fetch_one(&pool).await.unwrap();
+        let entries: i64 = sqlx::query_scalar("select firewall_entries from agents where id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
         assert_eq!(entries, 1_000 + i as i64);
     }
     let statements = Stats::get(&reports.flushes) - flushes;
@@ -986,7 +987,10 @@ async fn applied_reports_of_many_sessions_reach_the_rows_within_the_interval_in_
     let stats = server.stats.clone();
     until("the last report recorded", async || Stats::get(&stats.reports.recorded) > recorded).await;
     server.stop().await;
-    let entries: i64 =
-        sqlx::query_scalar("select firewall_entries from agents where id = $1").bind(id).fetch_one(&pool).await.unwrap();
+    let entries: i64 = sqlx::query_scalar("select firewall_entries from agents where id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(entries, 7, "the last report was lost at shutdown");
 }
