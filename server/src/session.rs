@@ -424,10 +424,10 @@ impl Session {
         loop {
             if pushes_in_row >= PUSH_BURST {
                 pushes_in_row = 0;
-                if let Some(frame) = inbound.next().now_or_never() {
-                    if let Err(end) = self.inbound(frame).await {
-                        return end;
-                    }
+                if let Some(frame) = inbound.next().now_or_never()
+                    && let Err(end) = self.inbound(frame).await
+                {
+                    return end;
                 }
             }
             tokio::select! {
