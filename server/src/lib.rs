@@ -54,6 +54,7 @@
 
 pub mod alerts;
 pub mod api;
+pub mod applied;
 pub mod asn;
 pub mod auth;
 pub mod backlog;

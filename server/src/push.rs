@@ -179,7 +179,7 @@ impl Hub {
 
     /// Ends the session of `agent_id` on this server, if it has one. Sent
     /// without waiting; a session whose queue is full is cut off by its
-    /// next report instead (the session checks revocation there too).
+    /// next heartbeat instead (the session checks revocation there too).
     pub fn revoke(&self, agent_id: Uuid) -> bool {
         let sessions = self.inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
         sessions.get(&agent_id).is_some_and(|r| r.tx.try_send(Push::Revoked).is_ok())

@@ -200,6 +200,11 @@ pub async fn run(
         options.max_event_age,
     )
     .with_replica(replica.id());
+    // The agents' reports are stored after the last session ended.
+    let (reports_done, reports_done_rx) = tokio::sync::oneshot::channel::<()>();
+    let reports = tokio::spawn(service.reports().run(pool.clone(), crate::applied::FLUSH_INTERVAL, async move {
+        let _ = reports_done_rx.await;
+    }));
     let grpc_limits = GateLimits::grpc(&options.limits);
     let auth_timeout = grpc_limits.first_deadline;
     let grpc_gate = Gate::new(Listener::Grpc, grpc_limits);
@@ -250,6 +255,8 @@ pub async fn run(
 
     let (grpc_result, http_result) = tokio::join!(grpc, http_server);
     let _ = sessions_done.send(());
+    let _ = reports_done.send(());
+    let _ = reports.await;
     if tokio::time::timeout(drain_timeout, worker).await.is_err() {
         warn!("The last correlation did not finish in time.");
     }

@@ -19,9 +19,12 @@
 //!   commit (`Ack.rejected_events` counts invalid events; a batch invalid as a
 //!   whole gets a `Nack`, and the session goes on), then hands the batch's
 //!   abuse addresses to the correlation [`crate::backlog`];
-//! - turns `LocalBlock` frames into fleet blocks, records heartbeats and
-//!   `Applied` reports on the agent's row;
-//! - forwards blocklist changes from [`crate::push`].
+//! - turns `LocalBlock` frames into fleet blocks, records heartbeats on the
+//!   agent's row and hands `Applied` reports (and the blocklist version of
+//!   heartbeats) to the batched writer of [`crate::applied`];
+//! - forwards blocklist changes from [`crate::push`], before the agent's
+//!   next frame (an agent with a backlog always has one), but at most
+//!   [`PUSH_BURST`] in a row while a frame waits.
 //!
 //! A frame that cannot be decoded (malformed or larger than
 //! [`crate::ingest::MAX_MESSAGE_BYTES`]) corrupts the stream: it is counted
@@ -44,6 +47,7 @@ use fleetban_proto::v1::{
     Ack, AgentFrame, Applied, EnrollRequest, EnrollResponse, Heartbeat, Hello, LocalBlock, Nack, Rejection,
     ServerFrame, Welcome,
 };
+use futures_util::FutureExt;
 use ipnet::IpNet;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
@@ -54,6 +58,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
+use crate::applied::Reports;
 use crate::auth::{self, AuthError};
 use crate::backlog::Backlog;
 use crate::blocks;
@@ -96,6 +101,9 @@ fn own_addresses(stats: &Stats, agent_id: Option<Uuid>, hostname: &str, addresse
 pub use fleetban_proto::{AGENT_ID_HEADER, AGENT_SECRET_HEADER};
 /// Frames queued towards one agent.
 const OUTBOUND_QUEUE: usize = 64;
+/// Pushes a session forwards in a row before it handles a frame the agent
+/// already sent (pushes go first, but cannot starve the agent's frames).
+const PUSH_BURST: usize = 16;
 /// How long a new session may take to send `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// At shutdown, a session stops draining when the agent sends nothing for
@@ -141,6 +149,8 @@ pub struct Stats {
     pub addresses_dropped: AtomicU64,
     /// Batches refused because their seq jumped too far ahead.
     pub seq_jumps_refused: AtomicU64,
+    /// Agents' reports and how they were stored ([`crate::applied`]).
+    pub reports: crate::applied::ReportStats,
 }
 
 impl Stats {
@@ -167,6 +177,7 @@ struct Shared {
     stats: Arc<Stats>,
     /// The replica serving the sessions (`agents.replica_id`).
     replica_id: Option<Uuid>,
+    reports: Reports,
 }
 
 /// The `AgentService` implementation.
@@ -191,6 +202,7 @@ impl Service {
         max_event_age: Duration,
     ) -> Self {
         let ingest = Ingest::new(pool.clone()).with_max_event_age(max_event_age);
+        let reports = Reports::new(stats.clone());
         Service {
             shared: Arc::new(Shared {
                 pool,
@@ -202,6 +214,7 @@ impl Service {
                 stop,
                 stats,
                 replica_id: None,
+                reports,
             }),
         }
     }
@@ -215,6 +228,12 @@ impl Service {
             None => warn!("The replica id was set after the service was shared; sessions do not record it."),
         }
         self
+    }
+
+    /// The agents' pending reports; the server runs their writer
+    /// ([`Reports::run`]).
+    pub fn reports(&self) -> Reports {
+        self.shared.reports.clone()
     }
 
     /// The database pool.
@@ -423,36 +442,55 @@ impl Session {
 
         let idle = self.shared.heartbeat * 3;
         let mut stop = self.shared.stop.clone();
+        // Pushes go first: an agent with a backlog always has a next batch,
+        // and its blocks must not wait behind it. The hub bounds an agent's
+        // queued pushes, but they may keep coming; after PUSH_BURST pushes
+        // in a row, a frame the agent already sent is handled first.
+        let mut pushes_in_row = 0usize;
         loop {
+            if pushes_in_row >= PUSH_BURST {
+                pushes_in_row = 0;
+                if let Some(frame) = inbound.next().now_or_never()
+                    && let Err(end) = self.inbound(frame).await
+                {
+                    return end;
+                }
+            }
             tokio::select! {
                 biased;
                 _ = wait_stop(&mut stop) => return self.drain(inbound).await,
-                frame = tokio::time::timeout(idle, inbound.next()) => {
-                    let frame = match frame {
-                        Err(_) => {
-                            return End::Status(Status::deadline_exceeded(format!(
-                                "no frame for {} s; heartbeat every {} s",
-                                idle.as_secs(),
-                                self.shared.heartbeat.as_secs()
-                            )));
-                        }
-                        Ok(None) => return End::Closed,
-                        Ok(Some(Err(status))) => return self.inbound_error(status),
-                        Ok(Some(Ok(frame))) => frame,
-                    };
-                    if let Err(end) = self.frame(frame).await {
-                        return end;
-                    }
-                }
                 push = sub.rx.recv() => match push {
                     Some(push) => {
+                        pushes_in_row += 1;
                         if let Err(end) = self.push(&sub, push).await {
                             return end;
                         }
                     }
                     None => return End::Status(Status::aborted("replaced by a newer session of the same agent")),
                 },
+                frame = tokio::time::timeout(idle, inbound.next()) => {
+                    pushes_in_row = 0;
+                    let Ok(frame) = frame else {
+                        return End::Status(Status::deadline_exceeded(format!(
+                            "no frame for {} s; heartbeat every {} s",
+                            idle.as_secs(),
+                            self.shared.heartbeat.as_secs()
+                        )));
+                    };
+                    if let Err(end) = self.inbound(frame).await {
+                        return end;
+                    }
+                }
             }
+        }
+    }
+
+    /// Handles what the inbound stream yielded.
+    async fn inbound(&mut self, frame: Option<Result<AgentFrame, Status>>) -> Result<(), End> {
+        match frame {
+            None => Err(End::Closed),
+            Some(Err(status)) => Err(self.inbound_error(status)),
+            Some(Ok(frame)) => self.frame(frame).await,
         }
     }
 
@@ -644,10 +682,12 @@ impl Session {
             Some(Frame::LocalBlock(block)) => self.local_block(block).await,
             Some(Frame::Heartbeat(Heartbeat { blocklist_version, firewall_entries, pending_batches })) => {
                 debug!(agent_id = %self.agent_id, blocklist_version, firewall_entries, pending_batches, "Heartbeat.");
-                self.report(blocklist_version, firewall_entries).await
+                self.record(blocklist_version, firewall_entries);
+                self.heartbeat().await
             }
             Some(Frame::Applied(Applied { blocklist_version, firewall_entries })) => {
-                self.report(blocklist_version, firewall_entries).await
+                self.record(blocklist_version, firewall_entries);
+                Ok(())
             }
             Some(Frame::SpoolLoss(loss)) => {
                 Stats::add(&self.shared.stats.spool_lost_events, loss.dropped_events);
@@ -691,7 +731,7 @@ impl Session {
                     .collect();
                 self.send(Out::Ack(Ack { seq, rejected_events: outcome.rejected, rejections })).await?;
                 self.shared.backlog.add(self.agent_id, &outcome.abuse_addresses);
-                self.touch().await;
+                self.touch();
                 Ok(())
             }
             Err(BatchError::Invalid(reason)) => {
@@ -759,16 +799,21 @@ impl Session {
         }
     }
 
-    /// Records a heartbeat or `Applied` report; a revoked agent, or one whose
-    /// credentials were replaced by a re-enrollment, is cut off.
-    async fn report(&mut self, blocklist_version: u64, firewall_entries: u64) -> Result<(), End> {
+    /// Records what the agent reports it applied; the row follows within
+    /// [`crate::applied::FLUSH_INTERVAL`] without this session waiting.
+    fn record(&mut self, blocklist_version: u64, firewall_entries: u64) {
+        self.shared.reports.record(self.agent_id, self.session_id, blocklist_version, firewall_entries);
+        self.last_touch = Instant::now();
+    }
+
+    /// Records a heartbeat: the agent is connected; a revoked agent, or one
+    /// whose credentials were replaced by a re-enrollment, is cut off.
+    async fn heartbeat(&mut self) -> Result<(), End> {
         let revoked: Option<bool> = sqlx::query_scalar(
-            "update agents set last_seen = now(), connected = true, blocklist_version = $2, firewall_entries = $3 \
-             where id = $1 returning revoked_at is not null or secret_hash <> $4",
+            "update agents set last_seen = now(), connected = true \
+             where id = $1 returning revoked_at is not null or secret_hash <> $2",
         )
         .bind(self.agent_id)
-        .bind(i64::try_from(blocklist_version).unwrap_or(i64::MAX))
-        .bind(i64::try_from(firewall_entries).unwrap_or(i64::MAX))
         .bind(&self.secret_hash)
         .fetch_optional(&self.shared.pool)
         .await
@@ -780,20 +825,14 @@ impl Session {
         }
     }
 
-    /// Keeps `last_seen` current while batches flow, at most once per
-    /// heartbeat interval.
-    async fn touch(&mut self) {
+    /// Keeps `last_seen` current while batches flow (at most once per
+    /// heartbeat interval; stored with the agents' reports).
+    fn touch(&mut self) {
         if self.last_touch.elapsed() < self.shared.heartbeat {
             return;
         }
         self.last_touch = Instant::now();
-        let result = sqlx::query("update agents set last_seen = now() where id = $1")
-            .bind(self.agent_id)
-            .execute(&self.shared.pool)
-            .await;
-        if let Err(error) = result {
-            warn!(%error, agent_id = %self.agent_id, "Cannot update last_seen.");
-        }
+        self.shared.reports.seen(self.agent_id, self.session_id);
     }
 }
 

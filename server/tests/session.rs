@@ -865,3 +865,132 @@ async fn a_hostile_agent_is_held_to_the_trust_limits(pool: PgPool) {
     assert_eq!(real.hello(id, 0).await, 3);
     server.stop().await;
 }
+
+/// Waits until `ready` holds, polling the database.
+async fn until(what: &str, mut ready: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !ready().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what}: not within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn a_block_reaches_an_agent_that_always_has_a_batch_ready(pool: PgPool) {
+    // Without a backlog a block takes milliseconds; an agent's backlog must
+    // not hold it back (at most the batch in hand does).
+    const BOUND: Duration = Duration::from_secs(2);
+    const MAX_BATCHES: u64 = 200_000;
+    let server = TestServer::start(pool.clone()).await;
+    let (id, secret) = enroll(&pool, server.channel().await).await;
+    let mut agent = Agent::connect(server.channel().await, &id.to_string(), &secret).await.unwrap();
+    agent.hello(id, 0).await;
+    assert!(matches!(agent.next().await, Out::Snapshot(_)));
+
+    // The agent streams batches as fast as the server takes them, so that a
+    // next frame is always waiting, until the block arrives or 15 s pass.
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (done, done_rx) = tokio::sync::watch::channel(false);
+    let sender = tokio::spawn({
+        let (tx, sent) = (agent.tx.clone(), sent.clone());
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            for seq in 1..=MAX_BATCHES {
+                if *done_rx.borrow() || tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                let frame = AgentFrame { frame: Some(batch(seq, vec![event(EventKind::Connect, "192.0.2.8")])) };
+                if tx.send(frame).await.is_err() {
+                    break;
+                }
+                sent.store(seq, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    let mut acked = 0u64;
+    while acked < 50 {
+        if let Out::Ack(a) = agent.next().await {
+            acked = a.seq;
+        }
+    }
+    let (block_id, version) = add_block(&pool, "203.0.113.0/24").await;
+    let committed = tokio::time::Instant::now();
+    let added = loop {
+        match agent.next().await {
+            Out::Ack(a) => acked = a.seq,
+            Out::Delta(d) if d.to_version >= version => break d.added,
+            Out::Snapshot(s) if s.version >= version => break s.entries,
+            _ => {}
+        }
+    };
+    let took = committed.elapsed();
+    let sent_then = sent.load(std::sync::atomic::Ordering::Relaxed);
+    let _ = done.send(true);
+    sender.await.unwrap();
+    assert!(added.iter().any(|e| e.block_id == block_id));
+    assert!(
+        sent_then > acked + 1,
+        "the agent had batches waiting when the block arrived (sent {sent_then}, acked {acked})"
+    );
+    assert!(took < BOUND, "the block took {took:?} to reach an agent with a backlog (bound {BOUND:?})");
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn applied_reports_of_many_sessions_reach_the_rows_within_the_interval_in_few_statements(pool: PgPool) {
+    const AGENTS: usize = 20;
+    let server = TestServer::start(pool.clone()).await;
+    let mut agents = Vec::new();
+    for _ in 0..AGENTS {
+        let (id, secret) = enroll(&pool, server.channel().await).await;
+        let mut agent = Agent::connect(server.channel().await, &id.to_string(), &secret).await.unwrap();
+        agent.hello(id, 0).await;
+        assert!(matches!(agent.next().await, Out::Snapshot(_)));
+        agents.push((id, agent));
+    }
+    let reports = &server.stats.reports;
+    let recorded = Stats::get(&reports.recorded);
+    let flushes = Stats::get(&reports.flushes);
+    for (i, (_, agent)) in agents.iter().enumerate() {
+        let applied = fleetban_proto::v1::Applied { blocklist_version: 0, firewall_entries: 1_000 + i as u64 };
+        agent.send(Frame::Applied(applied)).await;
+    }
+    until("every session recorded its report", async || Stats::get(&reports.recorded) >= recorded + AGENTS as u64)
+        .await;
+    let all_recorded = tokio::time::Instant::now();
+    until("every report on its agent's row", async || {
+        count(&pool, "select count(*) from agents where firewall_entries >= 1000").await == AGENTS as i64
+    })
+    .await;
+    let took = all_recorded.elapsed();
+    // One interval, plus the statement and this test's polling.
+    let bound = fleetban_server::applied::FLUSH_INTERVAL + Duration::from_millis(500);
+    assert!(took < bound, "reports took {took:?} to reach the rows (bound {bound:?})");
+    for (i, (id, _)) in agents.iter().enumerate() {
+        let entries: i64 = sqlx::query_scalar("select firewall_entries from agents where id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(entries, 1_000 + i as i64);
+    }
+    let statements = Stats::get(&reports.flushes) - flushes;
+    assert!(
+        (1..=3).contains(&statements),
+        "{AGENTS} sessions' reports took {statements} statements; they are written together"
+    );
+
+    // A report made just before shutdown is stored at shutdown.
+    let (id, agent) = &agents[0];
+    agent.send(Frame::Applied(fleetban_proto::v1::Applied { blocklist_version: 0, firewall_entries: 7 })).await;
+    let recorded = Stats::get(&reports.recorded);
+    let stats = server.stats.clone();
+    until("the last report recorded", async || Stats::get(&stats.reports.recorded) > recorded).await;
+    server.stop().await;
+    let entries: i64 = sqlx::query_scalar("select firewall_entries from agents where id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(entries, 7, "the last report was lost at shutdown");
+}

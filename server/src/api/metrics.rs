@@ -17,6 +17,8 @@
 //! | `fleetban_agent_frames_rejected_total` | counter | `reason` = `undecodable`, `invalid` | scrape, from `session::Stats` |
 //! | `fleetban_agent_auth_refused_total` | counter | | scrape, from `session::Stats` |
 //! | `fleetban_agent_spool_lost_events_total` | counter | | scrape, from `session::Stats`: losses agents reported |
+//! | `fleetban_agent_reports_total` | counter | | scrape, from `session::Stats`: `Applied` reports and signs of life recorded by sessions |
+//! | `fleetban_agent_report_flushes_total` | counter | | scrape, from `session::Stats`: statements that stored them (`applied`) |
 //! | `fleetban_push_lag_seconds` | histogram | | push: oldest change of a delta, commit → fan-out to sessions |
 //! | `fleetban_agent_sessions` | gauge | | scrape, from `session::Stats`: sessions open on this replica |
 //! | `fleetban_agents_connected` | gauge | | scrape: agents with an open session (fleet-wide) |
@@ -134,6 +136,8 @@ fn describe() {
         crate::telemetry::POLICY_THRESHOLD_ADJUSTED,
         "Correlation judgements whose thresholds an ASN or country evidence multiplier changed."
     );
+    metrics::describe_counter!(crate::applied::REPORTS, "Agent reports (Applied, signs of life) recorded by sessions.");
+    metrics::describe_counter!(crate::applied::FLUSHES, "Statements that stored the agents' latest reports.");
     metrics::describe_gauge!("fleetban_agents_connected", "Agents with an open session, fleet-wide.");
     metrics::describe_gauge!("fleetban_agents_total", "Agents not revoked.");
     metrics::describe_gauge!("fleetban_blocks_active", "Live blocks by source.");
@@ -239,6 +243,8 @@ fn export_session_stats(stats: &crate::session::Stats) {
         .absolute(Stats::get(&stats.frames_invalid));
     metrics::counter!("fleetban_agent_auth_refused_total").absolute(Stats::get(&stats.auth_refused));
     metrics::counter!("fleetban_agent_spool_lost_events_total").absolute(Stats::get(&stats.spool_lost_events));
+    metrics::counter!(crate::applied::REPORTS).absolute(Stats::get(&stats.reports.recorded));
+    metrics::counter!(crate::applied::FLUSHES).absolute(Stats::get(&stats.reports.flushes));
     metrics::gauge!(AGENT_SESSIONS).set(Stats::get(&stats.sessions_open) as f64);
 }
 
