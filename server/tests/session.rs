@@ -928,11 +928,11 @@ async fn a_block_reaches_an_agent_that_always_has_a_batch_ready(pool: PgPool) {
     let _ = done.send(true);
     sender.await.unwrap();
     assert!(added.iter().any(|e| e.block_id == block_id));
+    assert!(took < BOUND, "the block took {took:?} to reach an agent with a backlog (bound {BOUND:?})");
     assert!(
         sent_then > acked + 1,
         "the agent had batches waiting when the block arrived (sent {sent_then}, acked {acked})"
     );
-    assert!(took < BOUND, "the block took {took:?} to reach an agent with a backlog (bound {BOUND:?})");
     server.stop().await;
 }
 
