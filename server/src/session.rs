@@ -24,7 +24,9 @@
 //!   heartbeats) to the batched writer of [`crate::applied`];
 //! - forwards blocklist changes from [`crate::push`], before the agent's
 //!   next frame (an agent with a backlog always has one), but at most
-//!   [`PUSH_BURST`] in a row while a frame waits.
+//!   [`PUSH_BURST`] in a row while a frame waits, and also while a batch
+//!   waits to be stored (the store is polled beside the pushes, not awaited;
+//!   the next frame is read only after its ack, so acks stay in seq order).
 //!
 //! A frame that cannot be decoded (malformed or larger than
 //! [`crate::ingest::MAX_MESSAGE_BYTES`]) corrupts the stream: it is counted
@@ -63,7 +65,7 @@ use crate::auth::{self, AuthError};
 use crate::backlog::Backlog;
 use crate::blocks;
 use crate::correlate::Correlator;
-use crate::ingest::{BatchError, Ingest};
+use crate::ingest::{BatchError, Ingest, Outcome};
 use crate::push::{Hub, Push, Subscription};
 use crate::text::Escaped;
 
@@ -104,6 +106,9 @@ const OUTBOUND_QUEUE: usize = 64;
 /// Pushes a session forwards in a row before it handles a frame the agent
 /// already sent (pushes go first, but cannot starve the agent's frames).
 const PUSH_BURST: usize = 16;
+
+/// A batch being stored: its seq and the store's result.
+type Storing = Pin<Box<dyn std::future::Future<Output = (u64, Result<Outcome, BatchError>)> + Send>>;
 /// How long a new session may take to send `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// At shutdown, a session stops draining when the agent sends nothing for
@@ -447,18 +452,32 @@ impl Session {
         // queued pushes, but they may keep coming; after PUSH_BURST pushes
         // in a row, a frame the agent already sent is handled first.
         let mut pushes_in_row = 0usize;
+        // The batch being stored, if any. It is polled here beside the pushes
+        // instead of awaited, so that a session waiting for one of ingest's
+        // writer slots (seconds when the fleet offers more batches than the
+        // database stores) still forwards blocks. The agent's next frame is
+        // read only once it is stored and acked, so acks stay in seq order.
+        let mut storing: Option<Storing> = None;
         loop {
-            if pushes_in_row >= PUSH_BURST {
+            if storing.is_none() && pushes_in_row >= PUSH_BURST {
                 pushes_in_row = 0;
                 if let Some(frame) = inbound.next().now_or_never()
-                    && let Err(end) = self.inbound(frame).await
+                    && let Err(end) = self.take(frame, &mut storing).await
                 {
                     return end;
                 }
             }
             tokio::select! {
                 biased;
-                _ = wait_stop(&mut stop) => return self.drain(inbound).await,
+                _ = wait_stop(&mut stop) => {
+                    if let Some(store) = storing.take() {
+                        let (seq, result) = store.await;
+                        if let Err(end) = self.batch_done(seq, result).await {
+                            return end;
+                        }
+                    }
+                    return self.drain(inbound).await;
+                }
                 push = sub.rx.recv() => match push {
                     Some(push) => {
                         pushes_in_row += 1;
@@ -468,7 +487,18 @@ impl Session {
                     }
                     None => return End::Status(Status::aborted("replaced by a newer session of the same agent")),
                 },
-                frame = tokio::time::timeout(idle, inbound.next()) => {
+                (seq, result) = async {
+                    match storing.as_mut() {
+                        Some(store) => store.await,
+                        None => std::future::pending().await,
+                    }
+                }, if storing.is_some() => {
+                    storing = None;
+                    if let Err(end) = self.batch_done(seq, result).await {
+                        return end;
+                    }
+                }
+                frame = tokio::time::timeout(idle, inbound.next()), if storing.is_none() => {
                     pushes_in_row = 0;
                     let Ok(frame) = frame else {
                         return End::Status(Status::deadline_exceeded(format!(
@@ -477,11 +507,32 @@ impl Session {
                             self.shared.heartbeat.as_secs()
                         )));
                     };
-                    if let Err(end) = self.inbound(frame).await {
+                    if let Err(end) = self.take(frame, &mut storing).await {
                         return end;
                     }
                 }
             }
+        }
+    }
+
+    /// Handles what the inbound stream yielded; a batch is not awaited but
+    /// starts storing in `storing` (see [`Session::serve`]).
+    async fn take(
+        &mut self,
+        frame: Option<Result<AgentFrame, Status>>,
+        storing: &mut Option<Storing>,
+    ) -> Result<(), End> {
+        match frame {
+            Some(Ok(AgentFrame { frame: Some(Frame::Batch(batch)) })) => {
+                if let Some(batch) = self.admit_batch(batch).await? {
+                    let shared = self.shared.clone();
+                    let agent_id = self.agent_id;
+                    let seq = batch.seq;
+                    *storing = Some(Box::pin(async move { (seq, shared.ingest.store(agent_id, batch).await) }));
+                }
+                Ok(())
+            }
+            other => self.inbound(other).await,
         }
     }
 
@@ -701,8 +752,22 @@ impl Session {
     }
 
     async fn batch(&mut self, batch: fleetban_proto::v1::EventBatch) -> Result<(), End> {
+        let Some(batch) = self.admit_batch(batch).await? else {
+            return Ok(());
+        };
         let seq = batch.seq;
-        let stats = self.shared.stats.clone();
+        let result = self.shared.ingest.store(self.agent_id, batch).await;
+        self.batch_done(seq, result).await
+    }
+
+    /// Refuses (with a `Nack`) a batch whose seq jumps too far; returns the
+    /// batch to store otherwise.
+    async fn admit_batch(
+        &mut self,
+        batch: fleetban_proto::v1::EventBatch,
+    ) -> Result<Option<fleetban_proto::v1::EventBatch>, End> {
+        let seq = batch.seq;
+        let stats = &self.shared.stats;
         if seq > self.last_seq.saturating_add(MAX_SEQ_JUMP) {
             Stats::add(&stats.seq_jumps_refused, 1);
             metrics::counter!(TRUST_REFUSED, "limit" => "seq_jump").increment(1);
@@ -711,9 +776,16 @@ impl Session {
                 "Batch refused: its seq jumps too far beyond the agent's last stored batch."
             );
             let reason = format!("seq {seq} is more than {MAX_SEQ_JUMP} beyond the last stored seq {}", self.last_seq);
-            return self.send(Out::Nack(Nack { seq, reason })).await;
+            self.send(Out::Nack(Nack { seq, reason })).await?;
+            return Ok(None);
         }
-        match self.shared.ingest.store(self.agent_id, batch).await {
+        Ok(Some(batch))
+    }
+
+    /// Acks (or refuses) batch `seq` once its store finished.
+    async fn batch_done(&mut self, seq: u64, result: Result<Outcome, BatchError>) -> Result<(), End> {
+        let stats = self.shared.stats.clone();
+        match result {
             Ok(outcome) => {
                 self.last_seq = self.last_seq.max(seq);
                 if outcome.duplicate {

@@ -937,6 +937,61 @@ async fn a_block_reaches_an_agent_that_always_has_a_batch_ready(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn a_block_reaches_an_agent_whose_batch_waits_for_the_database(pool: PgPool) {
+    // A batch that cannot be stored yet (here: another transaction holds
+    // `agent_batches`; in a large fleet: every writer slot is busy) must not
+    // hold back the agent's blocks, and it is acked once stored.
+    const BOUND: Duration = Duration::from_secs(2);
+    let server = TestServer::start(pool.clone()).await;
+    let (id, secret) = enroll(&pool, server.channel().await).await;
+    let mut agent = Agent::connect(server.channel().await, &id.to_string(), &secret).await.unwrap();
+    agent.hello(id, 0).await;
+    assert!(matches!(agent.next().await, Out::Snapshot(_)));
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("lock table agent_batches in exclusive mode").execute(&mut *holder).await.unwrap();
+    agent.send(batch(1, vec![event(EventKind::Connect, "192.0.2.8")])).await;
+    until("the batch waits for the lock", async || {
+        let waiting: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity where wait_event_type = 'Lock' and query ilike '%agent_batches%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        waiting > 0
+    })
+    .await;
+    let (block_id, version) = add_block(&pool, "203.0.113.0/24").await;
+    let committed = tokio::time::Instant::now();
+    let added = loop {
+        let out = tokio::time::timeout(BOUND, agent.next())
+            .await
+            .unwrap_or_else(|_| panic!("no delta within {BOUND:?} while the agent's batch waited for the database"));
+        match out {
+            Out::Delta(d) if d.to_version >= version => break d.added,
+            Out::Snapshot(s) if s.version >= version => break s.entries,
+            Out::Ack(a) => panic!("batch {} acked while its table was locked", a.seq),
+            _ => {}
+        }
+    };
+    assert!(added.iter().any(|e| e.block_id == block_id));
+    assert!(committed.elapsed() < BOUND);
+    holder.rollback().await.unwrap();
+    loop {
+        if let Out::Ack(a) = agent.next().await {
+            assert_eq!(a.seq, 1);
+            break;
+        }
+    }
+    let stored: i64 = sqlx::query_scalar("select count(*) from agent_batches where agent_id = $1 and seq = 1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 1);
+    server.stop().await;
+}
+
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
 async fn applied_reports_of_many_sessions_reach_the_rows_within_the_interval_in_few_statements(pool: PgPool) {
     const AGENTS: usize = 20;
     let server = TestServer::start(pool.clone()).await;
