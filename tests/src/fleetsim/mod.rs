@@ -572,7 +572,7 @@ pub fn print(r: &FleetResult) {
         ("memory per connected session".into(), format!("{:.1} KB", r.kb_per_session)),
         ("measured window".into(), format!("{:.1} s", r.window_secs)),
         (
-            "events offered / acked".into(),
+            "lines offered (generated) / individual events acked".into(),
             format!("{:.0} / {:.0} events/s", r.offered_events_per_sec, r.acked_events_per_sec),
         ),
         (
