@@ -131,14 +131,55 @@ fn fleet_runs_against_the_real_server_and_stores_each_batch_once() {
     assert_eq!(r["exactly_once"], true, "{json}");
 }
 
+/// The same fleet with the agents' context aggregation: what the simulated
+/// agents had acknowledged (individual events, summaries and the lines those
+/// cover) is what the database holds, and every line the hosts wrote is
+/// stored once, as an event or counted in a summary.
 #[test]
-fn fleet_refuses_the_summarised_mode_of_this_build() {
-    let out = Command::new(env!("CARGO_BIN_EXE_fleetban-bench"))
-        .args(["fleet", "--hosts", "2", "--context", "summarised"])
-        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
-        .output()
-        .expect("run fleetban-bench");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("not available in this build"), "{stderr}");
+fn fleet_in_summarised_mode_stores_events_and_summaries_once_covering_every_line() {
+    let bins = match std::env::var_os("FLEETBAN_BIN_DIR") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => std::path::Path::new(env!("CARGO_BIN_EXE_fleetban-bench")).parent().expect("bin dir").to_path_buf(),
+    };
+    let server = bins.join("fleetban-server");
+    assert!(server.is_file(), "{} is missing: cargo build -p fleetban-server first", server.display());
+    let out = bench(&[
+        "fleet",
+        "--hosts",
+        "30",
+        "--agents-per-process",
+        "12",
+        "--context",
+        "summarised",
+        "--seconds",
+        "3",
+        "--warmup-secs",
+        "1",
+        "--idle-blocks",
+        "2",
+        "--block-interval-ms",
+        "200",
+        "--skip-storm",
+        "--drain-secs",
+        "60",
+        "--server-bin",
+        server.to_str().expect("utf-8 path"),
+    ]);
+    let json =
+        out.lines().find_map(|l| l.strip_prefix("fleet-json: ")).unwrap_or_else(|| panic!("no fleet-json: {out}"));
+    let r: serde_json::Value = serde_json::from_str(json).expect("fleet-json is JSON");
+    let n = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("no number {k}: {json}"));
+    assert_eq!(r["context"], "summarised", "{json}");
+    assert_eq!(r["drained"], true, "{json}");
+    assert_eq!(n("dropped_events"), 0.0, "{json}");
+    // Stored rows are what was acknowledged: events and summaries.
+    assert_eq!(n("final_stored_events"), n("final_acked_events"), "{json}");
+    assert_eq!(n("final_stored_summaries"), n("final_acked_summaries"), "{json}");
+    assert_eq!(n("final_stored_summary_lines"), n("final_acked_summary_lines"), "{json}");
+    assert!(n("final_stored_summaries") > 0.0, "the drain flushes the open summaries: {json}");
+    assert!(n("final_stored_summary_lines") > n("final_stored_summaries"), "{json}");
+    // Every line generated is stored once: as an event or in a summary.
+    assert_eq!(n("final_stored_events") + n("final_stored_summary_lines"), n("final_generated_events"), "{json}");
+    assert!(n("final_stored_events") < n("final_generated_events"), "context was summarised: {json}");
+    assert_eq!(r["exactly_once"], true, "{json}");
 }

@@ -60,7 +60,7 @@ use uuid::Uuid;
 
 use agents::Report;
 use probe::Sample;
-use traffic::{ContextMode, HostOutput};
+use traffic::ContextMode;
 
 /// CLOCK_MONOTONIC in nanoseconds: one clock for every process of the run.
 pub fn mono_ns() -> i64 {
@@ -164,6 +164,16 @@ pub struct FleetResult {
     pub acked_events_per_sec: f64,
     pub stored_event_rows_per_sec: f64,
     pub stored_rows_all_tables_per_sec: f64,
+    /// Summaries: offered (in spooled batches), acknowledged, stored rows;
+    /// and the lines they cover, offered and acknowledged.
+    pub offered_summaries_per_sec: f64,
+    pub acked_summaries_per_sec: f64,
+    pub stored_summary_rows_per_sec: f64,
+    pub offered_summary_lines_per_sec: f64,
+    pub acked_summary_lines_per_sec: f64,
+    /// Individual events in spooled batches (every line in `individual`
+    /// mode).
+    pub offered_individual_events_per_sec: f64,
     pub offered_batches_per_sec: f64,
     pub acked_batches_per_sec: f64,
     pub pending_batches_end: u64,
@@ -176,6 +186,7 @@ pub struct FleetResult {
     pub server_rss_max_kb: u64,
     pub db_bytes_growth: i64,
     pub event_bytes_per_row: f64,
+    pub summary_bytes_per_row: f64,
     pub db_bytes_per_stored_event: f64,
     pub db_bytes_per_day_at_stored_rate: f64,
     pub db_bytes_per_day_at_offered_rate: f64,
@@ -198,7 +209,16 @@ pub struct FleetResult {
     /// Events sent but unacknowledged when the simulators stopped: stored or
     /// not, so `acked <= stored <= acked + in flight` holds exactly once.
     pub final_in_flight_events: u64,
-    /// Whether the stored count is within those bounds.
+    /// Summary rows stored / acknowledged / in flight at stop, and the lines
+    /// they cover (`sum(lines)` of the stored rows).
+    pub final_stored_summaries: i64,
+    pub final_acked_summaries: u64,
+    pub final_in_flight_summaries: u64,
+    pub final_stored_summary_lines: i64,
+    pub final_acked_summary_lines: u64,
+    pub final_in_flight_summary_lines: u64,
+    /// Whether the stored counts (events, summaries, summarised lines) are
+    /// each within those bounds.
     pub exactly_once: bool,
     /// Propagation with every agent connected and no traffic.
     pub idle_propagation_p50_ms: f64,
@@ -210,8 +230,6 @@ pub struct FleetResult {
 
 /// Runs `fleetban-bench fleet` against the Postgres at `url`.
 pub async fn run(url: &str, args: FleetArgs) -> anyhow::Result<FleetResult> {
-    // A mode this build cannot run fails before anything starts.
-    HostOutput::new(args.context, 0)?;
     if args.hosts == 0 || args.agents_per_process == 0 {
         bail!("--hosts and --agents-per-process must be at least 1");
     }
@@ -384,10 +402,11 @@ pub async fn run(url: &str, args: FleetArgs) -> anyhow::Result<FleetResult> {
     }
     // Batches made just before the command still count: wait a tick.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    result.drained =
-        wait_for(&state, Duration::from_secs(args.drain_secs), "the spools drained", |t| t.pending_batches == 0)
-            .await
-            .is_ok();
+    result.drained = wait_for(&state, Duration::from_secs(args.drain_secs), "the spools drained", |t| {
+        t.pending_batches == 0 && t.held_lines == 0
+    })
+    .await
+    .is_ok();
     for sim in &mut sims {
         let _ = sim.command("stop").await;
     }
@@ -401,8 +420,24 @@ pub async fn run(url: &str, args: FleetArgs) -> anyhow::Result<FleetResult> {
     result.dropped_events = t.dropped_events;
     result.final_stored_events =
         sqlx::query_scalar("select count(*) from events where agent_id = any($1)").bind(&ids).fetch_one(&pool).await?;
-    let stored = u64::try_from(result.final_stored_events).unwrap_or(0);
-    result.exactly_once = t.acked_events <= stored && stored <= t.acked_events + t.in_flight_events;
+    let (summaries, lines): (i64, Option<i64>) =
+        sqlx::query_as("select count(*), sum(lines)::int8 from context_summaries where agent_id = any($1)")
+            .bind(&ids)
+            .fetch_one(&pool)
+            .await?;
+    result.final_stored_summaries = summaries;
+    result.final_stored_summary_lines = lines.unwrap_or(0);
+    result.final_acked_summaries = t.acked_summaries;
+    result.final_in_flight_summaries = t.in_flight_summaries;
+    result.final_acked_summary_lines = t.acked_summary_lines;
+    result.final_in_flight_summary_lines = t.in_flight_summary_lines;
+    let within = |stored: i64, acked: u64, in_flight: u64| {
+        let stored = u64::try_from(stored).unwrap_or(0);
+        acked <= stored && stored <= acked + in_flight
+    };
+    result.exactly_once = within(result.final_stored_events, t.acked_events, t.in_flight_events)
+        && within(summaries, t.acked_summaries, t.in_flight_summaries)
+        && within(result.final_stored_summary_lines, t.acked_summary_lines, t.in_flight_summary_lines);
     server.signal(StormSignal::Term).await?;
     Ok(result)
 }
@@ -474,8 +509,16 @@ fn fill_window(r: &mut FleetResult, a: &Sample, b: &Sample, hosts: usize) {
     r.acked_batches_per_sec = per((b.fleet.acked_batches - a.fleet.acked_batches) as f64);
     r.pending_batches_end = b.fleet.pending_batches;
     r.oldest_pending_ms_end = b.fleet.oldest_pending_ms;
-    let stored_rows = (b.event_rows - a.event_rows) as f64;
-    r.stored_event_rows_per_sec = per(stored_rows);
+    let stored_events = (b.event_rows - a.event_rows) as f64;
+    let stored_summaries = (b.summary_rows - a.summary_rows) as f64;
+    let stored_rows = stored_events + stored_summaries;
+    r.stored_event_rows_per_sec = per(stored_events);
+    r.stored_summary_rows_per_sec = per(stored_summaries);
+    r.offered_summaries_per_sec = per((b.fleet.batched_summaries - a.fleet.batched_summaries) as f64);
+    r.acked_summaries_per_sec = per((b.fleet.acked_summaries - a.fleet.acked_summaries) as f64);
+    r.offered_summary_lines_per_sec = per((b.fleet.batched_summary_lines - a.fleet.batched_summary_lines) as f64);
+    r.acked_summary_lines_per_sec = per((b.fleet.acked_summary_lines - a.fleet.acked_summary_lines) as f64);
+    r.offered_individual_events_per_sec = per((b.fleet.batched_events - a.fleet.batched_events) as f64);
     r.stored_rows_all_tables_per_sec = per((b.all_rows - a.all_rows) as f64);
     let ticks = probe::clock_ticks() * secs / 100.0;
     r.server_cpu_percent = (b.server_ticks.saturating_sub(a.server_ticks)) as f64 / ticks;
@@ -486,10 +529,15 @@ fn fill_window(r: &mut FleetResult, a: &Sample, b: &Sample, hosts: usize) {
     r.simulators_cpu_percent = b.sim_ticks.saturating_sub(a.sim_ticks) as f64 / ticks;
     r.db_bytes_growth = b.db_bytes - a.db_bytes;
     r.event_bytes_per_row =
-        if stored_rows > 0.0 { (b.event_bytes - a.event_bytes) as f64 / stored_rows } else { f64::NAN };
+        if stored_events > 0.0 { (b.event_bytes - a.event_bytes) as f64 / stored_events } else { f64::NAN };
+    r.summary_bytes_per_row =
+        if stored_summaries > 0.0 { (b.summary_bytes - a.summary_bytes) as f64 / stored_summaries } else { f64::NAN };
+    // Per stored row: events and summaries.
     r.db_bytes_per_stored_event = if stored_rows > 0.0 { r.db_bytes_growth as f64 / stored_rows } else { f64::NAN };
     r.db_bytes_per_day_at_stored_rate = per(r.db_bytes_growth as f64) * 86_400.0;
-    r.db_bytes_per_day_at_offered_rate = r.db_bytes_per_stored_event * r.offered_events_per_sec * 86_400.0;
+    // Rows the hosts offer: individual events and summaries.
+    r.db_bytes_per_day_at_offered_rate =
+        r.db_bytes_per_stored_event * (r.offered_individual_events_per_sec + r.offered_summaries_per_sec) * 86_400.0;
     r.db_bytes_per_host_day_at_offered_rate = r.db_bytes_per_day_at_offered_rate / hosts as f64;
     let mut growth: Vec<(String, i64, i64)> = b
         .tables
@@ -524,7 +572,7 @@ pub fn print(r: &FleetResult) {
         ("memory per connected session".into(), format!("{:.1} KB", r.kb_per_session)),
         ("measured window".into(), format!("{:.1} s", r.window_secs)),
         (
-            "events offered / acked".into(),
+            "lines offered (generated) / individual events acked".into(),
             format!("{:.0} / {:.0} events/s", r.offered_events_per_sec, r.acked_events_per_sec),
         ),
         (
@@ -534,6 +582,21 @@ pub fn print(r: &FleetResult) {
         (
             "stored rows: events / all tables".into(),
             format!("{:.0} / {:.0} rows/s", r.stored_event_rows_per_sec, r.stored_rows_all_tables_per_sec),
+        ),
+        (
+            "individual events offered (in batches)".into(),
+            format!("{:.0} events/s", r.offered_individual_events_per_sec),
+        ),
+        (
+            "summaries offered / acked / stored".into(),
+            format!(
+                "{:.0} / {:.0} / {:.0} rows/s",
+                r.offered_summaries_per_sec, r.acked_summaries_per_sec, r.stored_summary_rows_per_sec
+            ),
+        ),
+        (
+            "lines covered by summaries offered / acked".into(),
+            format!("{:.0} / {:.0} lines/s", r.offered_summary_lines_per_sec, r.acked_summary_lines_per_sec),
         ),
         (
             "unacked at window end".into(),
@@ -551,8 +614,11 @@ pub fn print(r: &FleetResult) {
         ),
         ("database growth".into(), format!("{:.1} MB in the window", r.db_bytes_growth as f64 / 1e6)),
         (
-            "bytes per stored event: events table / whole database".into(),
-            format!("{:.0} / {:.0} B", r.event_bytes_per_row, r.db_bytes_per_stored_event),
+            "bytes per row: events / context_summaries / whole database per stored row".into(),
+            format!(
+                "{:.0} / {:.0} / {:.0} B",
+                r.event_bytes_per_row, r.summary_bytes_per_row, r.db_bytes_per_stored_event
+            ),
         ),
         ("database per day at the stored rate".into(), format!("{:.1} GB", gb(r.db_bytes_per_day_at_stored_rate))),
         (
@@ -609,7 +675,18 @@ pub fn print(r: &FleetResult) {
                 r.exactly_once
             ),
         ),
-        ("events dropped by full simulated spools".into(), r.dropped_events.to_string()),
+        (
+            "summaries acked / stored / in flight at stop".into(),
+            format!("{} / {} / {}", r.final_acked_summaries, r.final_stored_summaries, r.final_in_flight_summaries),
+        ),
+        (
+            "summarised lines acked / stored / in flight at stop".into(),
+            format!(
+                "{} / {} / {}",
+                r.final_acked_summary_lines, r.final_stored_summary_lines, r.final_in_flight_summary_lines
+            ),
+        ),
+        ("lines dropped by full simulated spools".into(), r.dropped_events.to_string()),
     ];
     let width = rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
     for (k, v) in &rows {
@@ -757,6 +834,14 @@ pub struct Totals {
     pub generated_batches: u64,
     pub acked_events: u64,
     pub acked_batches: u64,
+    pub batched_events: u64,
+    pub batched_summaries: u64,
+    pub batched_summary_lines: u64,
+    pub acked_summaries: u64,
+    pub acked_summary_lines: u64,
+    pub held_lines: u64,
+    pub in_flight_summaries: u64,
+    pub in_flight_summary_lines: u64,
     pub dropped_events: u64,
     pub pending_batches: u64,
     pub in_flight_events: u64,
@@ -782,6 +867,14 @@ fn totals(state: &Mutex<FleetState>) -> Totals {
         t.generated_batches += r.generated_batches;
         t.acked_events += r.acked_events;
         t.acked_batches += r.acked_batches;
+        t.batched_events += r.batched_events;
+        t.batched_summaries += r.batched_summaries;
+        t.batched_summary_lines += r.batched_summary_lines;
+        t.acked_summaries += r.acked_summaries;
+        t.acked_summary_lines += r.acked_summary_lines;
+        t.held_lines += r.held_lines;
+        t.in_flight_summaries += r.in_flight_summaries;
+        t.in_flight_summary_lines += r.in_flight_summary_lines;
         t.dropped_events += r.dropped_events;
         t.pending_batches += r.pending_batches;
         t.in_flight_events += r.in_flight_events;

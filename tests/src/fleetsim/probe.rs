@@ -73,6 +73,10 @@ pub struct Sample {
     pub db_bytes: i64,
     /// Total size of the partitions of `events` with their indexes.
     pub event_bytes: i64,
+    /// Rows inserted into the partitions of `context_summaries`, and their
+    /// total size.
+    pub summary_rows: i64,
+    pub summary_bytes: i64,
     /// Per table: rows inserted, total size.
     pub tables: HashMap<String, (i64, i64)>,
     pub server_ticks: u64,
@@ -95,10 +99,10 @@ impl Sample {
         let postgres_ticks = postgres.map(family_ticks);
         let sim_ticks = sims.iter().map(|p| ticks(*p)).sum();
         // Statistics of other sessions reach this one within a second.
-        let rows: Vec<(String, i64, i64, bool)> = sqlx::query_as(
+        let rows: Vec<(String, i64, i64, Option<String>)> = sqlx::query_as(
             "select s.relname::text, s.n_tup_ins, pg_total_relation_size(s.relid), \
-                    exists (select 1 from pg_inherits i join pg_class p on p.oid = i.inhparent \
-                            where i.inhrelid = s.relid and p.relname = 'events') \
+                    (select p.relname::text from pg_inherits i join pg_class p on p.oid = i.inhparent \
+                     where i.inhrelid = s.relid limit 1) \
              from pg_stat_user_tables s",
         )
         .fetch_all(pool)
@@ -110,20 +114,32 @@ impl Sample {
             all_rows: 0,
             db_bytes,
             event_bytes: 0,
+            summary_rows: 0,
+            summary_bytes: 0,
             tables: HashMap::new(),
             server_ticks,
             postgres_ticks,
             sim_ticks,
             fleet,
         };
-        for (name, inserted, bytes, is_event) in rows {
+        for (name, inserted, bytes, parent) in rows {
             sample.all_rows += inserted;
-            if is_event {
-                sample.event_rows += inserted;
-                sample.event_bytes += bytes;
+            match parent.as_deref() {
+                Some("events") => {
+                    sample.event_rows += inserted;
+                    sample.event_bytes += bytes;
+                }
+                Some("context_summaries") => {
+                    sample.summary_rows += inserted;
+                    sample.summary_bytes += bytes;
+                }
+                _ => {}
             }
-            // Day partitions of one table count as the table.
-            let key = if is_event { "events (partitions)".to_owned() } else { name };
+            // Partitions of one table count as the table.
+            let key = match parent {
+                Some(parent) => format!("{parent} (partitions)"),
+                None => name,
+            };
             let e = sample.tables.entry(key).or_default();
             e.0 += inserted;
             e.1 += bytes;

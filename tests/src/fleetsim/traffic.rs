@@ -17,16 +17,22 @@
 //!   from 198.19.240.0/20 and 2001:db8:bad::/48.
 //! - **Determinism.** A flush is described by `(host, seq, time, context
 //!   events, abuse events)`; its events are a pure function of that, so a
-//!   simulated spool keeps five numbers per batch and regenerates the events
-//!   when it (re)sends the batch, byte for byte the same.
+//!   simulated spool of [`ContextMode::Individual`] keeps five numbers per
+//!   batch and regenerates the events when it (re)sends the batch, byte for
+//!   byte the same.
 //!
-//! [`HostOutput`] turns the events of one flush into what the host sends:
-//! today every event as an `Event` ([`ContextMode::Individual`]).
+//! [`HostOutput`] turns the events of one flush into a batch of `Event`s
+//! ([`ContextMode::Individual`]); [`SummarisingHost`] feeds them to the
+//! agent's aggregator ([`ContextMode::Summarised`]), whose output the spool
+//! stores as it is.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use fleetban_proto::v1::{Event, EventBatch, EventKind, IpAddress};
+use std::sync::Arc;
+
+use fleetban_agent::aggregate::{AggregateConfig, Aggregator};
+use fleetban_proto::v1::{ContextSummary, Event, EventBatch, EventKind, IpAddress};
 
 /// Parameters of the simulated fleet.
 #[derive(Debug, Clone, Copy)]
@@ -224,11 +230,12 @@ fn attacker(h: u64) -> IpAddr {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ContextMode {
-    /// Every event as an `Event` of the batch (the agent as it is).
+    /// Every event as an `Event` of the batch (the agent with
+    /// `[aggregate] enabled = false`).
     Individual,
     /// Context events folded into per-address summaries by the agent's
-    /// aggregator; abuse events stay individual. This build's agent has no
-    /// aggregator: [`HostOutput::new`] refuses the mode.
+    /// [`Aggregator`] (the agent's default `[aggregate]`); abuse events and
+    /// the first standing line of an (address, interval) stay individual.
     Summarised,
 }
 
@@ -241,47 +248,132 @@ impl std::fmt::Display for ContextMode {
     }
 }
 
-/// Errors of the output step.
-#[derive(Debug, thiserror::Error)]
-pub enum OutputError {
-    /// The mode needs what this build does not have.
-    #[error("context mode `{0}` is not available in this build")]
-    Unavailable(ContextMode),
-}
-
-/// What one host sends for the events of each flush. Per host, so a mode
-/// may keep state between flushes (an aggregator's open intervals).
+/// What one host sends for the events of each flush in
+/// [`ContextMode::Individual`]: every event, regenerated from the flush's
+/// description each time.
 #[derive(Debug)]
 pub struct HostOutput {
     host: usize,
 }
 
 impl HostOutput {
-    /// The output step of host `host` in `mode`.
-    pub fn new(mode: ContextMode, host: usize) -> Result<HostOutput, OutputError> {
-        match mode {
-            ContextMode::Individual => Ok(HostOutput { host }),
-            ContextMode::Summarised => Err(OutputError::Unavailable(mode)),
-        }
+    /// The output step of host `host`.
+    pub fn new(host: usize) -> HostOutput {
+        HostOutput { host }
     }
 
     /// The batch `seq` carrying `events`.
     pub fn flush(&mut self, seq: u64, events: &[GenEvent]) -> EventBatch {
-        let mut stamp = String::new();
-        let mut stamp_sec = i64::MIN;
-        let events = events
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                let sec = e.time_ms.div_euclid(1000);
-                if sec != stamp_sec {
-                    stamp_sec = sec;
-                    stamp = log_stamp(sec);
-                }
-                to_event(self.host, seq, i, e, &stamp)
-            })
-            .collect();
-        EventBatch { seq, events, position: None, summaries: Vec::new() }
+        EventBatch { seq, events: render(self.host, seq, events), position: None, ..Default::default() }
+    }
+}
+
+/// The proto events of `events`, generated under `key` (a batch's seq, or a
+/// summarising host's flush number): a pure function of its arguments.
+pub fn render(host: usize, key: u64, events: &[GenEvent]) -> Vec<Event> {
+    let mut stamp = String::new();
+    let mut stamp_sec = i64::MIN;
+    events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let sec = e.time_ms.div_euclid(1000);
+            if sec != stamp_sec {
+                stamp_sec = sec;
+                stamp = log_stamp(sec);
+            }
+            to_event(host, key, i, e, &stamp)
+        })
+        .collect()
+}
+
+/// What a summarising host sends after one flush of its log: the events
+/// that stay individual, and the summaries its aggregator flushed.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Flushed {
+    /// Individual events, in log order.
+    pub events: Vec<Event>,
+    /// Summaries flushed (an interval ended, or a quiet log's grace passed).
+    pub summaries: Vec<ContextSummary>,
+}
+
+impl Flushed {
+    /// Lines the summaries cover (the sum of their counts).
+    pub fn summary_lines(&self) -> u64 {
+        summary_lines(&self.summaries)
+    }
+
+    /// Nothing to send: the agent cuts no batch.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.summaries.is_empty()
+    }
+}
+
+/// Lines covered by `summaries`.
+pub fn summary_lines(summaries: &[ContextSummary]) -> u64 {
+    summaries.iter().flat_map(|s| &s.counts).map(|c| u64::from(c.lines)).sum()
+}
+
+/// One host in [`ContextMode::Summarised`]: its log lines go through the
+/// agent's [`Aggregator`] (default [`AggregateConfig`]) the way the agent's
+/// pipeline feeds it: every line is observed (a line of a newer interval
+/// flushes the open summaries), and a quiet log's summaries are flushed
+/// [`fleetban_agent::aggregate::LATE_GRACE_MS`] after their interval ended
+/// ([`Aggregator::flush_due`]). The aggregator is stateful, so the spool
+/// keeps what a flush produced instead of regenerating it.
+#[derive(Debug)]
+pub struct SummarisingHost {
+    host: usize,
+    aggregator: Aggregator,
+    /// Flushes of the log so far: the key of each flush's events.
+    flushes: u64,
+    /// Lines counted into open summaries, not yet flushed.
+    held: u64,
+}
+
+impl SummarisingHost {
+    /// Host `host` with the agent's default aggregation.
+    pub fn new(host: usize) -> SummarisingHost {
+        SummarisingHost {
+            host,
+            aggregator: Aggregator::new(&AggregateConfig::default(), Arc::default()),
+            flushes: 0,
+            held: 0,
+        }
+    }
+
+    /// The key the next flush's events are generated under.
+    pub fn next_key(&self) -> u64 {
+        self.flushes + 1
+    }
+
+    /// Lines held in open summaries.
+    pub fn held_lines(&self) -> u64 {
+        self.held
+    }
+
+    /// Feeds the lines the log got since the last flush (`events`, generated
+    /// under [`SummarisingHost::next_key`]) at wall-clock `now_ms`; returns
+    /// what goes into the next batch.
+    pub fn feed(&mut self, events: &[GenEvent], now_ms: i64) -> Flushed {
+        self.flushes += 1;
+        let mut out = Flushed::default();
+        for event in render(self.host, self.flushes, events) {
+            match self.aggregator.observe(event, &[], &mut out.summaries) {
+                Some(event) => out.events.push(event),
+                None => self.held += 1,
+            }
+        }
+        out.summaries.extend(self.aggregator.flush_due(now_ms));
+        self.held -= out.summary_lines().min(self.held);
+        out
+    }
+
+    /// Flushes every open summary (the agent's shutdown).
+    pub fn finish(&mut self) -> Flushed {
+        let summaries = self.aggregator.flush();
+        self.held -= summary_lines(&summaries).min(self.held);
+        Flushed { events: Vec::new(), summaries }
     }
 }
 
@@ -389,6 +481,7 @@ fn to_event(host: usize, seq: u64, i: usize, e: &GenEvent, stamp: &str) -> Event
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleetban_agent::aggregate::LATE_GRACE_MS;
 
     fn model() -> FleetModel {
         FleetModel { seed: 1, hosts: 1000, context_per_sec: 30.0, attacked_percent: 10, burst_max: 1000.0 }
@@ -402,7 +495,7 @@ mod tests {
         let b = m.events(&p, 12, 1_700_000_000_000, 5, 3);
         assert_eq!(a, b);
         assert_eq!(a.len(), 8);
-        let mut out = HostOutput::new(ContextMode::Individual, 7).expect("individual mode");
+        let mut out = HostOutput::new(7);
         assert_eq!(out.flush(12, &a), out.flush(12, &b));
         assert_ne!(m.events(&p, 13, 1_700_000_000_000, 5, 3), a, "another seq, other events");
     }
@@ -434,7 +527,7 @@ mod tests {
         let m = model();
         let p = m.host(3);
         let events = m.events(&p, 1, 1_700_000_000_000, 200, 50);
-        let batch = HostOutput::new(ContextMode::Individual, 3).expect("individual mode").flush(1, &events);
+        let batch = HostOutput::new(3).flush(1, &events);
         assert_eq!(batch.events.len(), 250);
         for (g, e) in events.iter().zip(&batch.events) {
             let parsed = fleetban_agent::parse::parse_line(e.raw.as_bytes())
@@ -446,9 +539,89 @@ mod tests {
         assert!(batch.events.iter().any(|e| e.connection_count >= 90));
     }
 
+    /// Lines per kind: from individual events and summaries.
+    fn lines_by_kind(flushes: &[Flushed]) -> std::collections::BTreeMap<i32, u64> {
+        let mut m = std::collections::BTreeMap::new();
+        for f in flushes {
+            for e in &f.events {
+                *m.entry(e.kind).or_default() += 1;
+            }
+            for s in &f.summaries {
+                for c in &s.counts {
+                    *m.entry(c.kind).or_default() += u64::from(c.lines);
+                }
+            }
+        }
+        m
+    }
+
+    /// A busy host's log over three minutes, a flush every 100 ms.
+    fn summarised_run(host: usize, start_ms: i64, ticks: i64) -> (Vec<GenEvent>, Vec<(i64, Flushed)>, SummarisingHost) {
+        let m = model();
+        let p = m.host(host);
+        let mut h = SummarisingHost::new(host);
+        let mut generated = Vec::new();
+        let mut flushes = Vec::new();
+        for t in 1..=ticks {
+            let now = start_ms + t * 100;
+            let events = m.events(&p, h.next_key(), now, 5, if t % 50 == 0 { 3 } else { 0 });
+            generated.extend(events.iter().cloned());
+            flushes.push((now, h.feed(&events, now)));
+        }
+        (generated, flushes, h)
+    }
+
     #[test]
-    fn the_summarised_mode_is_refused_in_this_build() {
-        let error = HostOutput::new(ContextMode::Summarised, 0).expect_err("no aggregator in this build");
-        assert!(matches!(error, OutputError::Unavailable(ContextMode::Summarised)));
+    fn a_summarising_host_covers_exactly_the_lines_generated() {
+        // Starts mid-minute: the run crosses three minute boundaries.
+        let (generated, mut flushes, mut h) = summarised_run(5, 1_700_000_030_000, 1_800);
+        let held = h.held_lines();
+        assert!(held > 0, "the last minute is still open");
+        flushes.push((0, h.finish()));
+        assert_eq!(h.held_lines(), 0);
+        let flushes: Vec<Flushed> = flushes.into_iter().map(|(_, f)| f).collect();
+        let events: u64 = flushes.iter().map(|f| f.events.len() as u64).sum();
+        let lines: u64 = flushes.iter().map(Flushed::summary_lines).sum();
+        assert_eq!(events + lines, generated.len() as u64, "individual events + summarised lines == generated");
+        let mut want = std::collections::BTreeMap::new();
+        for e in &generated {
+            *want.entry(e.kind as i32).or_default() += 1u64;
+        }
+        assert_eq!(lines_by_kind(&flushes), want, "per kind too");
+        // Abuse lines all stay individual; most context is summarised.
+        let abuse = generated.iter().filter(|e| e.kind == EventKind::AuthFailed).count();
+        let auth_events =
+            flushes.iter().flat_map(|f| &f.events).filter(|e| e.kind == EventKind::AuthFailed as i32).count();
+        assert_eq!(auth_events, abuse);
+        assert!(lines > events, "{lines} summarised lines, {events} individual events");
+    }
+
+    #[test]
+    fn summaries_are_flushed_at_interval_boundaries() {
+        let start = 1_700_000_030_000; // 30 s into a minute
+        let (_, flushes, _) = summarised_run(9, start, 1_800);
+        let with_summaries: Vec<(i64, &Flushed)> =
+            flushes.iter().filter(|(_, f)| !f.summaries.is_empty()).map(|(now, f)| (*now, f)).collect();
+        // A busy log: each minute's summaries go out with the first line of
+        // the next minute, all at once, one flush per boundary.
+        let boundaries: Vec<i64> = with_summaries.iter().map(|(now, _)| now.div_euclid(60_000) * 60_000).collect();
+        assert_eq!(boundaries.len(), 3, "three boundaries crossed: {boundaries:?}");
+        for ((now, f), boundary) in with_summaries.iter().zip(&boundaries) {
+            assert!(now - boundary <= 100, "flushed in the first flush after the boundary ({now})");
+            assert!(f.summaries.iter().all(|s| s.interval_start_ms == boundary - 60_000 && s.interval_secs == 60));
+        }
+        // A quiet log: flushed once the grace after the interval's end passed.
+        let m = model();
+        let p = m.host(9);
+        let mut h = SummarisingHost::new(9);
+        let t0 = 1_700_000_070_000; // 30 s into a minute
+        let events = m.events(&p, h.next_key(), t0, 20, 0);
+        let first = h.feed(&events, t0);
+        assert!(first.summaries.is_empty());
+        let end = t0.div_euclid(60_000) * 60_000 + 60_000;
+        assert!(h.feed(&[], end + LATE_GRACE_MS - 1).summaries.is_empty(), "not before the grace");
+        let late = h.feed(&[], end + LATE_GRACE_MS);
+        assert!(!late.summaries.is_empty() && h.held_lines() == 0);
+        assert_eq!(first.events.len() as u64 + late.summary_lines(), 20);
     }
 }
