@@ -286,6 +286,10 @@ impl Cluster {
         Ok(())
     }
 
+    /// Aggregation is off: the exactly-once checks identify every stored
+    /// line by its `[ip]:port`, which only single events keep (summaries'
+    /// exactly-once is checked by the agent's crash tests and the
+    /// namespace drills, which count totals).
     fn write_agent_config(&self, dir: &Path, log: &Path, urls: &[String]) -> anyhow::Result<()> {
         let servers = urls.iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", ");
         fs::write(
@@ -294,7 +298,7 @@ impl Cluster {
                 "servers = [{servers}]\nstate_dir = \"{}\"\ntimezone = \"UTC\"\n\
                  [[source]]\npath = \"{}\"\nstart_at = \"beginning\"\n\
                  [spool]\nfsync_ms = 20\n[firewall]\nbackend = \"dry-run\"\nreconcile_secs = 5\n\
-                 [detect]\nenabled = false\n",
+                 [detect]\nenabled = false\n[aggregate]\nenabled = false\n",
                 dir.join("state").display(),
                 log.display()
             ),
