@@ -82,20 +82,35 @@ fn propagation_reaches_every_agent() {
     assert!(line.contains("5 agents") && line.contains("(5 samples)"), "{line}");
 }
 
-/// A small fleet against the real server binary: every agent connects,
-/// every block reaches every agent (idle and under traffic), the agents are
-/// all back after the server is killed and restarted, and what the
-/// simulated agents had acknowledged is what the database holds.
-#[test]
-fn fleet_runs_against_the_real_server_and_stores_each_batch_once() {
+/// Runs `fleetban-bench fleet ARGS` against the real server binary (from
+/// `FLEETBAN_BIN_DIR`, or next to the bench); returns its `fleet-json` line,
+/// parsed and as text.
+fn fleet(args: &[&str]) -> (serde_json::Value, String) {
     let bins = match std::env::var_os("FLEETBAN_BIN_DIR") {
         Some(dir) => std::path::PathBuf::from(dir),
         None => std::path::Path::new(env!("CARGO_BIN_EXE_fleetban-bench")).parent().expect("bin dir").to_path_buf(),
     };
     let server = bins.join("fleetban-server");
     assert!(server.is_file(), "{} is missing: cargo build -p fleetban-server first", server.display());
-    let out = bench(&[
-        "fleet",
+    let mut all = vec!["fleet"];
+    all.extend_from_slice(args);
+    all.extend(["--server-bin", server.to_str().expect("utf-8 path")]);
+    let out = bench(&all);
+    let json = out
+        .lines()
+        .find_map(|l| l.strip_prefix("fleet-json: "))
+        .unwrap_or_else(|| panic!("no fleet-json: {out}"))
+        .to_owned();
+    (serde_json::from_str(&json).expect("fleet-json is JSON"), json)
+}
+
+/// A small fleet against the real server binary: every agent connects,
+/// every block reaches every agent (idle and under traffic), the agents are
+/// all back after the server is killed and restarted, and what the
+/// simulated agents had acknowledged is what the database holds.
+#[test]
+fn fleet_runs_against_the_real_server_and_stores_each_batch_once() {
+    let (r, json) = fleet(&[
         "--hosts",
         "30",
         "--agents-per-process",
@@ -110,12 +125,7 @@ fn fleet_runs_against_the_real_server_and_stores_each_batch_once() {
         "200",
         "--drain-secs",
         "60",
-        "--server-bin",
-        server.to_str().expect("utf-8 path"),
     ]);
-    let json =
-        out.lines().find_map(|l| l.strip_prefix("fleet-json: ")).unwrap_or_else(|| panic!("no fleet-json: {out}"));
-    let r: serde_json::Value = serde_json::from_str(json).expect("fleet-json is JSON");
     let n = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("no number {k}: {json}"));
     assert_eq!(n("processes"), 3.0, "{json}");
     assert!(n("kb_per_session") > 0.0, "{json}");
@@ -137,14 +147,7 @@ fn fleet_runs_against_the_real_server_and_stores_each_batch_once() {
 /// stored once, as an event or counted in a summary.
 #[test]
 fn fleet_in_summarised_mode_stores_events_and_summaries_once_covering_every_line() {
-    let bins = match std::env::var_os("FLEETBAN_BIN_DIR") {
-        Some(dir) => std::path::PathBuf::from(dir),
-        None => std::path::Path::new(env!("CARGO_BIN_EXE_fleetban-bench")).parent().expect("bin dir").to_path_buf(),
-    };
-    let server = bins.join("fleetban-server");
-    assert!(server.is_file(), "{} is missing: cargo build -p fleetban-server first", server.display());
-    let out = bench(&[
-        "fleet",
+    let (r, json) = fleet(&[
         "--hosts",
         "30",
         "--agents-per-process",
@@ -162,12 +165,7 @@ fn fleet_in_summarised_mode_stores_events_and_summaries_once_covering_every_line
         "--skip-storm",
         "--drain-secs",
         "60",
-        "--server-bin",
-        server.to_str().expect("utf-8 path"),
     ]);
-    let json =
-        out.lines().find_map(|l| l.strip_prefix("fleet-json: ")).unwrap_or_else(|| panic!("no fleet-json: {out}"));
-    let r: serde_json::Value = serde_json::from_str(json).expect("fleet-json is JSON");
     let n = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("no number {k}: {json}"));
     assert_eq!(r["context"], "summarised", "{json}");
     assert_eq!(r["drained"], true, "{json}");

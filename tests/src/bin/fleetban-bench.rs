@@ -507,20 +507,7 @@ async fn propagation(url: &str, agents: usize, blocks: usize, pause: Duration) -
 /// instant just before the commit was sent.
 async fn commit_block(pool: &PgPool, cidr: &str) -> anyhow::Result<(i64, Instant)> {
     let mut tx = pool.begin().await?;
-    let id: i64 = sqlx::query_scalar(
-        "insert into blocks (cidr, reason, source, expires_at) \
-         values ($1::cidr, 'bench', 'manual', now() + interval '1 hour') returning id",
-    )
-    .bind(cidr)
-    .fetch_one(&mut *tx)
-    .await?;
-    sqlx::query(
-        "insert into block_changes (op, block_id, cidr, expires_at, reason) \
-         select 'add', id, cidr, expires_at, reason from blocks where id = $1",
-    )
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
+    let id = fleetban_tests::fleetsim::probe::stage_block(&mut tx, cidr, "bench").await?;
     let committed = Instant::now();
     tx.commit().await?;
     Ok((id, committed))

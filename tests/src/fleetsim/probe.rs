@@ -148,24 +148,37 @@ impl Sample {
     }
 }
 
-/// Commits a manual block and its `add` change (the trigger notifies);
-/// returns its id and the monotonic time just before the commit.
-pub async fn commit_block(pool: &PgPool, cidr: &str) -> anyhow::Result<(i64, i64)> {
-    let mut tx = pool.begin().await?;
+/// Inserts a manual block of `cidr` (an hour long) and its `add` change in
+/// `tx`; returns the block's id. The change's trigger notifies the servers
+/// when `tx` commits.
+pub async fn stage_block(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    cidr: &str,
+    reason: &str,
+) -> Result<i64, sqlx::Error> {
     let id: i64 = sqlx::query_scalar(
         "insert into blocks (cidr, reason, source, expires_at) \
-         values ($1::cidr, 'fleet bench', 'manual', now() + interval '1 hour') returning id",
+         values ($1::cidr, $2, 'manual', now() + interval '1 hour') returning id",
     )
     .bind(cidr)
-    .fetch_one(&mut *tx)
+    .bind(reason)
+    .fetch_one(&mut **tx)
     .await?;
     sqlx::query(
         "insert into block_changes (op, block_id, cidr, expires_at, reason) \
          select 'add', id, cidr, expires_at, reason from blocks where id = $1",
     )
     .bind(id)
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
+    Ok(id)
+}
+
+/// Commits a manual block and its `add` change (the trigger notifies);
+/// returns its id and the monotonic time just before the commit.
+pub async fn commit_block(pool: &PgPool, cidr: &str) -> anyhow::Result<(i64, i64)> {
+    let mut tx = pool.begin().await?;
+    let id = stage_block(&mut tx, cidr, "fleet bench").await?;
     let at = mono_ns();
     tx.commit().await?;
     Ok((id, at))
