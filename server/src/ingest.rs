@@ -24,7 +24,7 @@
 //!   share addresses wait for each other instead of deadlocking; a deadlock or
 //!   serialization failure is retried.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -278,11 +278,31 @@ pub struct Ingest {
     creating: Arc<tokio::sync::Mutex<()>>,
     /// Batch transactions in flight at once (see [`Ingest::new`]).
     writers: Arc<tokio::sync::Semaphore>,
+    /// Batches waiting for a group commit ([`Ingest::commit`]).
+    queue: Arc<Mutex<VecDeque<(Pending, Reply)>>>,
+    /// Group commits so far, and the batches they stored.
+    groups: Arc<GroupCounters>,
     /// Good standing this process wrote lately: address → (minute of the
     /// latest accepted mail written, verified name written). A busy sender's
     /// row is rewritten at most once a minute (standing is judged in days),
     /// so batches of every agent do not queue on the same rows.
     standing_written: Arc<Mutex<StandingWritten>>,
+}
+
+/// Counters of [`Ingest`]'s group commits.
+#[derive(Debug, Default)]
+struct GroupCounters {
+    commits: std::sync::atomic::AtomicU64,
+    batches: std::sync::atomic::AtomicU64,
+}
+
+/// Group commits so far ([`Ingest::group_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupStats {
+    /// Transactions that stored at least one batch.
+    pub commits: u64,
+    /// Batches those transactions stored.
+    pub batches: u64,
 }
 
 /// Address → (minute of the latest standing written, verified name written).
@@ -307,8 +327,16 @@ impl Ingest {
             known_days: Arc::default(),
             creating: Arc::default(),
             writers: Arc::new(tokio::sync::Semaphore::new(writers)),
+            queue: Arc::default(),
+            groups: Arc::default(),
             standing_written: Arc::default(),
         }
+    }
+
+    /// How many transactions stored how many batches so far.
+    pub fn group_stats(&self) -> GroupStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        GroupStats { commits: self.groups.commits.load(Relaxed), batches: self.groups.batches.load(Relaxed) }
     }
 
     /// Rejects events older than `age` instead of [`DEFAULT_MAX_EVENT_AGE`].
@@ -431,53 +459,143 @@ impl Ingest {
         self.skip_written_standing(&mut evidence);
         let abuse_addresses: Vec<IpAddr> = evidence.offenders.keys().copied().collect();
 
-        // The semaphore is never closed, so acquiring only waits.
-        let _writer = self.writers.acquire().await;
-        let mut attempt = 0;
+        let record = BatchRecord {
+            agent_id,
+            seq,
+            events: rows.len() as i32,
+            rejected: rejected as i32,
+            path,
+            fingerprint,
+            offset,
+        };
+        let pending =
+            Pending { record, events, summaries: summary_copy, summary_rows: summaries.len(), evidence, days };
+        if self.commit(pending).await? {
+            Ok(Outcome {
+                seq: batch.seq,
+                stored: rows.len() as u32,
+                summaries: summaries.len() as u32,
+                rejected,
+                rejections,
+                duplicate: false,
+                abuse_addresses,
+            })
+        } else {
+            Ok(Outcome {
+                seq: batch.seq,
+                stored: 0,
+                summaries: 0,
+                rejected,
+                rejections,
+                duplicate: true,
+                abuse_addresses: Vec::new(),
+            })
+        }
+    }
+
+    /// Queues `pending` for the next group commit and waits for its
+    /// outcome: true when stored, false when it was a duplicate.
+    ///
+    /// Whoever gets a writer slot takes the batches queued by then (up to
+    /// [`MAX_GROUP_BATCHES`] / [`MAX_GROUP_EVENTS`]) and writes them in one
+    /// transaction on a task of its own, so a session that goes away while
+    /// waiting never cancels the write of other agents' batches. Under light
+    /// load a group is a single batch and nothing waits for company.
+    async fn commit(&self, pending: Pending) -> Result<bool, sqlx::Error> {
+        let (reply, mut outcome) = tokio::sync::oneshot::channel();
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push_back((pending, reply));
         loop {
+            tokio::select! {
+                biased;
+                result = &mut outcome => return result.unwrap_or_else(|_| Err(sqlx::Error::WorkerCrashed)),
+                // The semaphore is never closed, so acquiring only waits.
+                Ok(permit) = self.writers.clone().acquire_owned() => {
+                    let group = self.take_group();
+                    if group.is_empty() {
+                        // Ours is being written by another group.
+                        drop(permit);
+                        return (&mut outcome).await.unwrap_or_else(|_| Err(sqlx::Error::WorkerCrashed));
+                    }
+                    let ingest = self.clone();
+                    tokio::spawn(async move {
+                        ingest.write_group(group).await;
+                        drop(permit);
+                    });
+                }
+            }
+        }
+    }
+
+    /// The oldest queued batches, as many as one group takes.
+    fn take_group(&self) -> Vec<(Pending, Reply)> {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let mut group = Vec::new();
+        let mut events = 0;
+        while let Some((pending, _)) = queue.front() {
+            let n = pending.record.events as usize + pending.summary_count();
+            if !group.is_empty() && (group.len() >= MAX_GROUP_BATCHES || events + n > MAX_GROUP_EVENTS) {
+                break;
+            }
+            events += n;
+            group.extend(queue.pop_front());
+        }
+        group
+    }
+
+    /// Writes `group` in one transaction and answers each batch. A
+    /// deadlock, serialization failure or dropped partition is retried; any
+    /// other failure of a group of several writes each batch on its own, so
+    /// that one batch the database refuses fails alone.
+    async fn write_group(&self, group: Vec<(Pending, Reply)>) {
+        let (pending, replies): (Vec<Pending>, Vec<Reply>) = group.into_iter().unzip();
+        let mut attempt = 0;
+        let result = loop {
             attempt += 1;
-            let batch_row = BatchRow {
-                agent_id,
-                seq,
-                events: rows.len() as i32,
-                rejected: rejected as i32,
-                path: &path,
-                fingerprint,
-                offset,
-            };
-            match self.write(&batch_row, events.as_deref(), summary_copy.as_deref(), &evidence).await {
-                Ok(true) => {
-                    self.remember_standing(&evidence);
-                    return Ok(Outcome {
-                        seq: batch.seq,
-                        stored: rows.len() as u32,
-                        summaries: summaries.len() as u32,
-                        rejected,
-                        rejections,
-                        duplicate: false,
-                        abuse_addresses,
-                    });
-                }
-                Ok(false) => {
-                    return Ok(Outcome {
-                        seq: batch.seq,
-                        stored: 0,
-                        summaries: 0,
-                        rejected,
-                        rejections,
-                        duplicate: true,
-                        abuse_addresses: Vec::new(),
-                    });
-                }
+            match self.write(&pending).await {
                 Err(error) if attempt < MAX_ATTEMPTS && retryable(&error) => {
                     if is_missing_partition(&error) {
                         self.forget_days();
-                        self.ensure_partitions(&days).await?;
+                        let mut days: Vec<Date> = pending.iter().flat_map(|p| p.days.iter().copied()).collect();
+                        days.sort_unstable();
+                        days.dedup();
+                        if let Err(error) = self.ensure_partitions(&days).await {
+                            break Err(error);
+                        }
                     }
-                    tracing::debug!(%error, %agent_id, seq, attempt, "Retrying a batch transaction.");
+                    tracing::debug!(%error, batches = pending.len(), attempt, "Retrying a batch transaction.");
                     tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
                 }
-                Err(error) => return Err(error.into()),
+                result => break result,
+            }
+        };
+        match result {
+            Ok(stored) => {
+                let n = stored.iter().filter(|s| **s).count() as u64;
+                if n > 0 {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    self.groups.commits.fetch_add(1, Relaxed);
+                    self.groups.batches.fetch_add(n, Relaxed);
+                    metrics::counter!(crate::telemetry::INGEST_GROUP_COMMITS).increment(1);
+                }
+                for ((p, reply), stored) in pending.iter().zip(replies).zip(stored) {
+                    if stored {
+                        self.remember_standing(&p.evidence);
+                    }
+                    let _ = reply.send(Ok(stored));
+                }
+            }
+            Err(error) if pending.len() == 1 => {
+                if let Some(reply) = replies.into_iter().next() {
+                    let _ = reply.send(Err(error));
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, batches = pending.len(), "A group of batches failed; writing each alone.");
+                for (p, reply) in pending.into_iter().zip(replies) {
+                    let (one, answer) = tokio::sync::oneshot::channel();
+                    Box::pin(self.write_group(vec![(p, one)])).await;
+                    let _ = reply.send(answer.await.unwrap_or_else(|_| Err(sqlx::Error::WorkerCrashed)));
+                }
             }
         }
     }
@@ -513,126 +631,65 @@ impl Ingest {
         self.known_days.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
-    /// One transaction: the batch record, the events, the evidence. Returns
-    /// false (and writes nothing) when the batch was already stored.
-    async fn write(
-        &self,
-        batch: &BatchRow<'_>,
-        events: Option<&[u8]>,
-        summaries: Option<&[u8]>,
-        evidence: &BatchEvidence,
-    ) -> Result<bool, sqlx::Error> {
-        let (hosts, offenders) = (&evidence.hosts, &evidence.offenders);
+    /// One transaction: the batch records, the events, the summaries, the
+    /// evidence of every batch of `group`. Returns per batch whether it was
+    /// stored (false: it was already stored, and nothing of it is written
+    /// again).
+    async fn write(&self, group: &[Pending]) -> Result<Vec<bool>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "insert into agent_batches (agent_id, seq, events, rejected, source_path, source_fingerprint, source_offset) \
-             values ($1, $2, $3, $4, $5, $6, $7) on conflict (agent_id, seq) do nothing",
-        )
-        .bind(batch.agent_id)
-        .bind(batch.seq)
-        .bind(batch.events)
-        .bind(batch.rejected)
-        .bind(batch.path)
-        .bind(batch.fingerprint)
-        .bind(batch.offset)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            tx.rollback().await?;
-            return Ok(false);
+        let mut agent = Vec::with_capacity(group.len());
+        let mut seq = Vec::with_capacity(group.len());
+        let (mut events, mut rejected, mut path, mut fingerprint, mut offset) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for p in group {
+            let r = &p.record;
+            agent.push(r.agent_id);
+            seq.push(r.seq);
+            events.push(r.events);
+            rejected.push(r.rejected);
+            path.push(r.path.as_deref());
+            fingerprint.push(r.fingerprint);
+            offset.push(r.offset);
         }
-        if let Some(events) = events {
+        let inserted: Vec<(Uuid, i64)> = sqlx::query_as(
+            "insert into agent_batches (agent_id, seq, events, rejected, source_path, source_fingerprint, source_offset) \
+             select * from unnest($1::uuid[], $2::int8[], $3::int4[], $4::int4[], $5::text[], $6::int8[], $7::int8[]) \
+             on conflict (agent_id, seq) do nothing returning agent_id, seq",
+        )
+        .bind(&agent)
+        .bind(&seq)
+        .bind(&events)
+        .bind(&rejected)
+        .bind(&path)
+        .bind(&fingerprint)
+        .bind(&offset)
+        .fetch_all(&mut *tx)
+        .await?;
+        // A batch sent twice within one group is stored by its first copy.
+        let mut inserted: HashSet<(Uuid, i64)> = inserted.into_iter().collect();
+        let stored: Vec<bool> = group.iter().map(|p| inserted.remove(&(p.record.agent_id, p.record.seq))).collect();
+        if !stored.contains(&true) {
+            tx.rollback().await?;
+            return Ok(stored);
+        }
+        let written = || group.iter().zip(&stored).filter(|(_, s)| **s).map(|(p, _)| p);
+        if let Some(events) = crate::pgcopy::concat(written().filter_map(|p| p.events.as_deref())) {
             let mut copy = tx.copy_in_raw(COPY_EVENTS).await?;
             copy.send(events).await?;
             copy.finish().await?;
         }
-        if let Some(summaries) = summaries {
+        if let Some(summaries) = crate::pgcopy::concat(written().filter_map(|p| p.summaries.as_deref())) {
             let mut copy = tx.copy_in_raw(crate::summaries::COPY_SUMMARIES).await?;
             copy.send(summaries).await?;
             copy.finish().await?;
         }
-        if !hosts.is_empty() {
-            let mut address = Vec::with_capacity(hosts.len());
-            let mut kind = Vec::with_capacity(hosts.len());
-            let (mut first, mut last, mut events, mut sample) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for ((a, k), e) in hosts {
-                address.push(*a);
-                kind.push(*k);
-                first.push(e.first);
-                last.push(e.last);
-                events.push(e.events);
-                sample.push(e.sample.as_deref());
-            }
-            // Per (address, agent, kind); `xmax = 0` marks rows this
-            // statement inserted rather than updated.
-            let created: Vec<(IpAddr, bool)> = sqlx::query_as(
-                "insert into offender_hosts (address, agent_id, kind, first_seen, last_seen, events, sample_raw) \
-                 select a, $1, k, f, l, n, s from unnest($2::inet[], $3::text[], $4::timestamptz[], \
-                 $5::timestamptz[], $6::int8[], $7::text[]) as t(a, k, f, l, n, s) \
-                 on conflict (address, agent_id, kind) do update set \
-                 first_seen = least(offender_hosts.first_seen, excluded.first_seen), \
-                 last_seen = greatest(offender_hosts.last_seen, excluded.last_seen), \
-                 events = offender_hosts.events + excluded.events, \
-                 sample_raw = coalesce(excluded.sample_raw, offender_hosts.sample_raw) \
-                 returning address, xmax = 0",
-            )
-            .bind(batch.agent_id)
-            .bind(&address)
-            .bind(&kind)
-            .bind(&first)
-            .bind(&last)
-            .bind(&events)
-            .bind(&sample)
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut address = Vec::with_capacity(offenders.len());
-            let (mut first, mut last, mut events) = (Vec::new(), Vec::new(), Vec::new());
-            for (a, e) in offenders {
-                address.push(*a);
-                first.push(e.first);
-                last.push(e.last);
-                events.push(e.events);
-            }
-            // Rows are locked in address order (the map's order), so
-            // concurrent batches over the same addresses cannot deadlock.
-            sqlx::query(
-                "insert into offenders (address, first_seen, last_seen, events, hosts) \
-                 select t.a, t.f, t.l, t.n, 0 \
-                 from unnest($1::inet[], $2::timestamptz[], $3::timestamptz[], $4::int8[]) as t(a, f, l, n) \
-                 on conflict (address) do update set \
-                 first_seen = least(offenders.first_seen, excluded.first_seen), \
-                 last_seen = greatest(offenders.last_seen, excluded.last_seen), \
-                 events = offenders.events + excluded.events",
-            )
-            .bind(&address)
-            .bind(&first)
-            .bind(&last)
-            .bind(&events)
-            .execute(&mut *tx)
-            .await?;
-            // The host count changes only when an (address, agent, kind) row
-            // is new. This runs after the statement above took the offenders
-            // row locks, so it sees every concurrent batch that committed a
-            // new host for the same address before us.
-            let mut new_hosts: Vec<IpAddr> = created.into_iter().filter(|(_, new)| *new).map(|(a, _)| a).collect();
-            if !new_hosts.is_empty() {
-                new_hosts.sort_unstable();
-                new_hosts.dedup();
-                sqlx::query(
-                    "update offenders o set hosts = \
-                       (select count(distinct oh.agent_id) from offender_hosts oh where oh.address = o.address) \
-                     where o.address = any($1::inet[])",
-                )
-                .bind(&new_hosts)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        evidence.write_model(batch.agent_id, &mut tx).await?;
-        evidence.series.write(batch.agent_id, &mut tx).await?;
+        let evidence = GroupEvidence::of(written().map(|p| (p.record.agent_id, &p.evidence)));
+        evidence.write(&mut tx).await?;
+        let series: Vec<(Uuid, &crate::timeseries::BatchSeries)> =
+            written().map(|p| (p.record.agent_id, &p.evidence.series)).collect();
+        crate::timeseries::BatchSeries::write_all(&series, &mut tx).await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(stored)
     }
 }
 
@@ -645,15 +702,48 @@ fn batch_days(rows: &[Row], summaries: &[crate::summaries::SummaryRow]) -> Vec<D
     days
 }
 
-struct BatchRow<'a> {
+/// The `agent_batches` row of a batch.
+#[derive(Debug)]
+struct BatchRecord {
     agent_id: Uuid,
     seq: i64,
     events: i32,
     rejected: i32,
-    path: &'a Option<String>,
+    path: Option<String>,
     fingerprint: Option<i64>,
     offset: Option<i64>,
 }
+
+/// A validated batch waiting for its group commit.
+#[derive(Debug)]
+struct Pending {
+    record: BatchRecord,
+    /// Its events' binary `COPY` stream.
+    events: Option<Vec<u8>>,
+    /// Its summaries' binary `COPY` stream.
+    summaries: Option<Vec<u8>>,
+    /// How many summaries that stream holds.
+    summary_rows: usize,
+    evidence: BatchEvidence,
+    /// The days of its events and summaries.
+    days: Vec<Date>,
+}
+
+impl Pending {
+    /// Summary rows (a rough size for grouping; events are in `record`).
+    fn summary_count(&self) -> usize {
+        self.summary_rows
+    }
+}
+
+/// Where the outcome of a queued batch goes.
+type Reply = tokio::sync::oneshot::Sender<Result<bool, sqlx::Error>>;
+
+/// Most batches one group commit takes.
+const MAX_GROUP_BATCHES: usize = 256;
+/// Most events (and summaries) one group commit takes, unless a single
+/// batch has more.
+const MAX_GROUP_EVENTS: usize = 20_000;
 
 /// The `COPY` statement of a batch's events; [`copy_events`] writes its
 /// fields in this order.
@@ -791,25 +881,175 @@ impl BatchEvidence {
             s.last_seen = Some(s.last_seen.map_or(r.last_seen, |t| t.max(r.last_seen)));
         }
     }
+}
 
-    /// Writes the evidence-model rows (windowed counts, failing users, good
-    /// standing) inside the batch transaction.
-    async fn write_model(&self, agent_id: Uuid, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+/// The evidence of a group of batches (of any agents), merged so that each
+/// row is touched once, in key order (so that concurrent groups that share
+/// addresses lock rows in one order).
+#[derive(Debug, Default)]
+struct GroupEvidence<'a> {
+    /// Per (address, agent, kind): `offender_hosts`.
+    hosts: BTreeMap<(IpAddr, Uuid, &'static str), Evidence>,
+    /// Per address: `offenders`.
+    offenders: BTreeMap<IpAddr, Evidence>,
+    /// Per (address, agent, kind, minute): `evidence_minutes`.
+    minutes: BTreeMap<(IpAddr, Uuid, &'static str, OffsetDateTime), i32>,
+    /// Per (address, agent, failing user): `auth_users`.
+    users: BTreeMap<(IpAddr, Uuid, &'a str), OffsetDateTime>,
+    /// Per address: `sender_standing`.
+    standing: BTreeMap<IpAddr, Standing>,
+}
+
+/// Folds `e` into `into`.
+fn merge(into: &mut Evidence, e: &Evidence) {
+    into.first = into.first.min(e.first);
+    into.last = into.last.max(e.last);
+    into.events += e.events;
+    if into.sample.is_none() {
+        into.sample.clone_from(&e.sample);
+    }
+}
+
+impl<'a> GroupEvidence<'a> {
+    fn of(batches: impl Iterator<Item = (Uuid, &'a BatchEvidence)>) -> Self {
+        let mut g = GroupEvidence::default();
+        for (agent, ev) in batches {
+            for ((address, kind), e) in &ev.hosts {
+                match g.hosts.entry((*address, agent, kind)) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(e.clone());
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut o) => merge(o.get_mut(), e),
+                }
+            }
+            for (address, e) in &ev.offenders {
+                match g.offenders.entry(*address) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(e.clone());
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut o) => merge(o.get_mut(), e),
+                }
+            }
+            for ((address, kind, minute), n) in &ev.minutes {
+                *g.minutes.entry((*address, agent, kind, *minute)).or_default() += n;
+            }
+            for ((address, user), seen) in &ev.users {
+                let at = g.users.entry((*address, agent, user.as_str())).or_insert(*seen);
+                *at = (*at).max(*seen);
+            }
+            for (address, s) in &ev.standing {
+                let into = g.standing.entry(*address).or_default();
+                if s.host_name.is_some() {
+                    into.host_name.clone_from(&s.host_name);
+                }
+                into.accepted += s.accepted;
+                into.last_accepted = into.last_accepted.max(s.last_accepted);
+                into.last_seen = into.last_seen.max(s.last_seen);
+            }
+        }
+        g
+    }
+
+    /// Writes the evidence rows (per-host and per-address offenders,
+    /// windowed counts, failing users, good standing) inside the group's
+    /// transaction.
+    async fn write(&self, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+        if !self.hosts.is_empty() {
+            let mut address = Vec::with_capacity(self.hosts.len());
+            let mut agent = Vec::with_capacity(self.hosts.len());
+            let mut kind = Vec::with_capacity(self.hosts.len());
+            let (mut first, mut last, mut events, mut sample) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ((a, g, k), e) in &self.hosts {
+                address.push(*a);
+                agent.push(*g);
+                kind.push(*k);
+                first.push(e.first);
+                last.push(e.last);
+                events.push(e.events);
+                sample.push(e.sample.as_deref());
+            }
+            // Per (address, agent, kind); `xmax = 0` marks rows this
+            // statement inserted rather than updated.
+            let created: Vec<(IpAddr, bool)> = sqlx::query_as(
+                "insert into offender_hosts (address, agent_id, kind, first_seen, last_seen, events, sample_raw) \
+                 select a, g, k, f, l, n, s from unnest($1::inet[], $2::uuid[], $3::text[], $4::timestamptz[], \
+                 $5::timestamptz[], $6::int8[], $7::text[]) as t(a, g, k, f, l, n, s) \
+                 on conflict (address, agent_id, kind) do update set \
+                 first_seen = least(offender_hosts.first_seen, excluded.first_seen), \
+                 last_seen = greatest(offender_hosts.last_seen, excluded.last_seen), \
+                 events = offender_hosts.events + excluded.events, \
+                 sample_raw = coalesce(excluded.sample_raw, offender_hosts.sample_raw) \
+                 returning address, xmax = 0",
+            )
+            .bind(&address)
+            .bind(&agent)
+            .bind(&kind)
+            .bind(&first)
+            .bind(&last)
+            .bind(&events)
+            .bind(&sample)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut address = Vec::with_capacity(self.offenders.len());
+            let (mut first, mut last, mut events) = (Vec::new(), Vec::new(), Vec::new());
+            for (a, e) in &self.offenders {
+                address.push(*a);
+                first.push(e.first);
+                last.push(e.last);
+                events.push(e.events);
+            }
+            // Rows are locked in address order (the map's order), so
+            // concurrent groups over the same addresses cannot deadlock.
+            sqlx::query(
+                "insert into offenders (address, first_seen, last_seen, events, hosts) \
+                 select t.a, t.f, t.l, t.n, 0 \
+                 from unnest($1::inet[], $2::timestamptz[], $3::timestamptz[], $4::int8[]) as t(a, f, l, n) \
+                 on conflict (address) do update set \
+                 first_seen = least(offenders.first_seen, excluded.first_seen), \
+                 last_seen = greatest(offenders.last_seen, excluded.last_seen), \
+                 events = offenders.events + excluded.events",
+            )
+            .bind(&address)
+            .bind(&first)
+            .bind(&last)
+            .bind(&events)
+            .execute(&mut *tx)
+            .await?;
+            // The host count changes only when an (address, agent, kind) row
+            // is new. This runs after the statement above took the offenders
+            // row locks, so it sees every concurrent group that committed a
+            // new host for the same address before us.
+            let mut new_hosts: Vec<IpAddr> = created.into_iter().filter(|(_, new)| *new).map(|(a, _)| a).collect();
+            if !new_hosts.is_empty() {
+                new_hosts.sort_unstable();
+                new_hosts.dedup();
+                sqlx::query(
+                    "update offenders o set hosts = \
+                       (select count(distinct oh.agent_id) from offender_hosts oh where oh.address = o.address) \
+                     where o.address = any($1::inet[])",
+                )
+                .bind(&new_hosts)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
         if !self.minutes.is_empty() {
-            let (mut a, mut k, mut m, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for ((address, kind, min), count) in &self.minutes {
+            let (mut a, mut g, mut k, mut m, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ((address, agent, kind, min), count) in &self.minutes {
                 a.push(*address);
+                g.push(*agent);
                 k.push(*kind);
                 m.push(*min);
                 n.push(*count);
             }
             sqlx::query(
                 "insert into evidence_minutes (address, agent_id, kind, minute, events) \
-                 select a, $1, k, m, n from unnest($2::inet[], $3::text[], $4::timestamptz[], $5::int4[]) as t(a, k, m, n) \
+                 select a, g, k, m, n from unnest($1::inet[], $2::uuid[], $3::text[], $4::timestamptz[], $5::int4[]) \
+                   as t(a, g, k, m, n) \
                  on conflict (address, agent_id, kind, minute) do update set events = evidence_minutes.events + excluded.events",
             )
-            .bind(agent_id)
             .bind(&a)
+            .bind(&g)
             .bind(&k)
             .bind(&m)
             .bind(&n)
@@ -817,20 +1057,21 @@ impl BatchEvidence {
             .await?;
         }
         if !self.users.is_empty() {
-            let (mut a, mut u, mut t) = (Vec::new(), Vec::new(), Vec::new());
-            for ((address, user), seen) in &self.users {
+            let (mut a, mut g, mut u, mut t) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ((address, agent, user), seen) in &self.users {
                 a.push(*address);
-                u.push(user.as_str());
+                g.push(*agent);
+                u.push(*user);
                 t.push(*seen);
             }
             sqlx::query(
                 "insert into auth_users (address, agent_id, auth_user, last_seen) \
-                 select a, $1, u, t from unnest($2::inet[], $3::text[], $4::timestamptz[]) as x(a, u, t) \
+                 select a, g, u, t from unnest($1::inet[], $2::uuid[], $3::text[], $4::timestamptz[]) as x(a, g, u, t) \
                  on conflict (address, agent_id, auth_user) do update set \
                  last_seen = greatest(auth_users.last_seen, excluded.last_seen)",
             )
-            .bind(agent_id)
             .bind(&a)
+            .bind(&g)
             .bind(&u)
             .bind(&t)
             .execute(&mut *tx)
@@ -1125,6 +1366,114 @@ mod tests {
             (user.as_str(), local, port, duration),
             ("info@example.com", "192.0.2.25".parse().unwrap(), 587, 1500)
         );
+    }
+
+    /// Many agents' batches, each sent twice at once, go through group
+    /// commits: every batch is stored once, and the merged evidence equals
+    /// what batch-by-batch writes give (hosts, events, windowed counts,
+    /// failing users, the dashboard series).
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn group_commits_store_each_batch_once_with_exact_evidence(pool: PgPool) {
+        let ingest = Ingest::new(pool.clone());
+        let mut agents = Vec::new();
+        for _ in 0..40 {
+            agents.push(agent(&pool).await);
+        }
+        let attackers: Vec<String> = (0..10).map(|i| format!("203.0.113.{i}")).collect();
+        let mut tasks = Vec::new();
+        for (n, id) in agents.iter().copied().enumerate() {
+            for seq in 1..=5u64 {
+                let mut events: Vec<Event> = attackers
+                    .iter()
+                    .map(|a| Event { auth_user: format!("user{n}@example.com"), ..event(EventKind::AuthFailed, a) })
+                    .collect();
+                events.push(event(EventKind::Accepted, "198.51.100.7"));
+                events.push(Event { connection_count: 3, ..event(EventKind::Connect, "198.51.100.7") });
+                let batch = EventBatch { seq, events, position: None, summaries: Vec::new() };
+                for _ in 0..2 {
+                    let (ingest, batch) = (ingest.clone(), batch.clone());
+                    tasks.push(tokio::spawn(async move { ingest.store(id, batch).await.unwrap() }));
+                }
+            }
+        }
+        let mut duplicates = 0;
+        for t in tasks {
+            duplicates += usize::from(t.await.unwrap().duplicate);
+        }
+        assert_eq!(duplicates, 40 * 5, "one copy of each batch is a duplicate");
+        let groups = ingest.group_stats();
+        assert_eq!(groups.batches, 40 * 5);
+        assert!(groups.commits < groups.batches, "batches were grouped: {groups:?}");
+
+        let count = |sql: &'static str| {
+            let pool = pool.clone();
+            async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await.unwrap() }
+        };
+        assert_eq!(count("select count(*) from agent_batches").await, 200);
+        assert_eq!(count("select count(*) from events").await, 200 * 12);
+        let offenders: Vec<(IpAddr, i32, i64)> =
+            sqlx::query_as("select address, hosts, events from offenders order by address")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(offenders.len(), 10);
+        for (address, hosts, events) in offenders {
+            assert_eq!((hosts, events), (40, 200), "{address}");
+        }
+        assert_eq!(count("select count(*) from offender_hosts").await, 400);
+        assert_eq!(count("select sum(events)::int8 from offender_hosts").await, 2000);
+        assert_eq!(count("select sum(events)::int8 from evidence_minutes").await, 2000);
+        assert_eq!(count("select count(*) from auth_users").await, 400);
+        // Standing is rewritten at most once a minute per address, so only
+        // its presence is exact.
+        assert!(count("select accepted from sender_standing where address = '198.51.100.7'").await >= 1);
+        assert_eq!(count("select sum(events)::int8 from abuse_minutes").await, 2000);
+        assert_eq!(count("select count(distinct agent_id) from abuse_hours").await, 40);
+        assert_eq!(count("select max(max_connections)::int8 from slot_minutes").await, 3);
+    }
+
+    /// A batch the database refuses fails alone: the rest of its group is
+    /// written batch by batch and stored.
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn a_refused_batch_does_not_fail_the_rest_of_its_group(pool: PgPool) {
+        sqlx::query(
+            "create function refuse_seq_3() returns trigger language plpgsql as \
+             $$ begin if new.seq = 3 then raise exception 'refused for the test'; end if; return new; end $$",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "create trigger refuse_seq_3 before insert on agent_batches for each row execute function refuse_seq_3()",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let ingest = Ingest::new(pool.clone());
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let id = agent(&pool).await;
+            for seq in 1..=4u64 {
+                let ingest = ingest.clone();
+                let batch =
+                    EventBatch { seq, events: vec![event(EventKind::Connect, "198.51.100.9")], ..Default::default() };
+                tasks.push(tokio::spawn(async move { (seq, ingest.store(id, batch).await) }));
+            }
+        }
+        for t in tasks {
+            let (seq, result) = t.await.unwrap();
+            match result {
+                Err(BatchError::Database(error)) if seq == 3 => {
+                    assert!(error.to_string().contains("refused for the test"), "{error}")
+                }
+                Ok(outcome) if seq != 3 => assert!(!outcome.duplicate && outcome.stored == 1),
+                other => panic!("seq {seq}: {other:?}"),
+            }
+        }
+        let stored: i64 = sqlx::query_scalar("select count(*) from agent_batches").fetch_one(&pool).await.unwrap();
+        assert_eq!(stored, 60);
+        let events: i64 = sqlx::query_scalar("select count(*) from events").fetch_one(&pool).await.unwrap();
+        assert_eq!(events, 60);
     }
 
     #[sqlx::test(migrator = "crate::db::MIGRATOR")]

@@ -201,6 +201,26 @@ impl CopyBuf {
     }
 }
 
+/// One binary `COPY` stream with the rows of every finished stream of
+/// `streams`, in order; `None` when there are none.
+pub fn concat<'a>(streams: impl Iterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
+    let streams: Vec<&[u8]> = streams.filter(|s| s.len() > HEADER.len() + 2).collect();
+    match streams.as_slice() {
+        [] => None,
+        [one] => Some(one.to_vec()),
+        _ => {
+            let rows: usize = streams.iter().map(|s| s.len() - HEADER.len() - 2).sum();
+            let mut out = Vec::with_capacity(HEADER.len() + rows + 2);
+            out.extend_from_slice(HEADER);
+            for s in &streams {
+                out.extend_from_slice(&s[HEADER.len()..s.len() - 2]);
+            }
+            out.extend_from_slice(&(-1i16).to_be_bytes());
+            Some(out)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +244,37 @@ mod tests {
         assert_eq!(&bytes[19..21], &1i16.to_be_bytes());
         assert_eq!(&bytes[21..25], &8i32.to_be_bytes());
         assert_eq!(&bytes[25..33], &1_500_000i64.to_be_bytes());
+    }
+
+    /// Streams joined by [`concat`] read back as all their rows, in order;
+    /// empty streams are left out and nothing at all gives `None`.
+    #[sqlx::test(migrations = false)]
+    async fn concatenated_streams_read_back_every_row(pool: PgPool) {
+        let stream = |rows: std::ops::Range<i32>| {
+            let mut c = CopyBuf::with_capacity(64);
+            for n in rows {
+                c.row(2);
+                c.i32(n);
+                c.text(&format!("row {n}"));
+            }
+            c.finish()
+        };
+        let empty = stream(0..0);
+        assert_eq!(concat([empty.as_slice()].into_iter()), None);
+        assert_eq!(concat(std::iter::empty()), None);
+        let (a, b, c) = (stream(0..3), stream(3..4), stream(4..9));
+        let one = concat([empty.as_slice(), a.as_slice()].into_iter()).unwrap();
+        assert_eq!(one, a);
+        let all = concat([a.as_slice(), empty.as_slice(), b.as_slice(), c.as_slice()].into_iter()).unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query("create temp table t (n int4, s text)").execute(&mut *conn).await.unwrap();
+        let mut copy = conn.copy_in_raw("copy t (n, s) from stdin with (format binary)").await.unwrap();
+        copy.send(all).await.unwrap();
+        copy.finish().await.unwrap();
+        let rows: Vec<(i32, String)> =
+            sqlx::query_as("select n, s from t order by n").fetch_all(&mut *conn).await.unwrap();
+        let want: Vec<(i32, String)> = (0..9).map(|n| (n, format!("row {n}"))).collect();
+        assert_eq!(rows, want);
     }
 
     /// Arrays (empty, one and several elements, non-ASCII) read back as

@@ -11,6 +11,9 @@ pub const INGEST_EVENTS: &str = "fleetban_ingest_events_total";
 pub const INGEST_INVALID_EVENTS: &str = "fleetban_ingest_invalid_events_total";
 /// Batches by result.
 pub const INGEST_BATCHES: &str = "fleetban_ingest_batches_total";
+/// Transactions ingest committed, each holding one or more agents' batches
+/// (`fleetban_ingest_batches_total` / this = batches per group commit).
+pub const INGEST_GROUP_COMMITS: &str = "fleetban_ingest_group_commits_total";
 /// Seconds from a block change's commit to its delivery to an agent.
 pub const PUSH_LAG: &str = "fleetban_push_lag_seconds";
 /// Agent sessions open on this replica.

@@ -93,38 +93,58 @@ impl BatchSeries {
         self.abuse.is_empty() && self.slots.is_empty()
     }
 
-    /// Adds the batch's rows for `agent_id`, per minute and per hour, in one
-    /// statement inside the batch transaction.
-    pub async fn write(&self, agent_id: Uuid, tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
-        if self.is_empty() {
+    /// Adds the rows of the series of several batches (each with its
+    /// agent), per minute and per hour, in one statement inside the batch
+    /// transaction. Rows of the same key are merged first (a statement may
+    /// not update a row twice) and go in key order, so concurrent writers
+    /// take row locks in one order.
+    pub async fn write_all(series: &[(Uuid, &BatchSeries)], tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+        if series.iter().all(|(_, s)| s.is_empty()) {
             return Ok(());
         }
-        let mut hours: BTreeMap<(OffsetDateTime, &str), i32> = BTreeMap::new();
-        let (mut am, mut ak, mut an) = (Vec::new(), Vec::new(), Vec::new());
-        for ((minute, kind), count) in &self.abuse {
-            am.push(*minute);
-            ak.push(*kind);
-            an.push(*count);
-            *hours.entry((hour(*minute), kind)).or_default() += count;
+        let mut abuse: BTreeMap<(Uuid, OffsetDateTime, &str), i32> = BTreeMap::new();
+        let mut abuse_hours: BTreeMap<(Uuid, OffsetDateTime, &str), i32> = BTreeMap::new();
+        let mut slots: BTreeMap<(Uuid, OffsetDateTime), (i32, i32)> = BTreeMap::new();
+        let mut slot_hours: BTreeMap<(Uuid, OffsetDateTime), (i32, i32)> = BTreeMap::new();
+        for (agent, s) in series {
+            for ((minute, kind), count) in &s.abuse {
+                *abuse.entry((*agent, *minute, kind)).or_default() += count;
+                *abuse_hours.entry((*agent, hour(*minute), kind)).or_default() += count;
+            }
+            for (minute, (count, refused)) in &s.slots {
+                for slot in [
+                    slots.entry((*agent, *minute)).or_default(),
+                    slot_hours.entry((*agent, hour(*minute))).or_default(),
+                ] {
+                    slot.0 = slot.0.max(*count);
+                    slot.1 += refused;
+                }
+            }
         }
-        let (mut ah, mut ahk, mut ahn) = (Vec::new(), Vec::new(), Vec::new());
-        for ((h, kind), count) in hours {
+        let (mut aa, mut am, mut ak, mut an) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((agent, minute, kind), count) in abuse {
+            aa.push(agent);
+            am.push(minute);
+            ak.push(kind);
+            an.push(count);
+        }
+        let (mut aha, mut ah, mut ahk, mut ahn) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((agent, h, kind), count) in abuse_hours {
+            aha.push(agent);
             ah.push(h);
             ahk.push(kind);
             ahn.push(count);
         }
-        let mut slot_hours: BTreeMap<OffsetDateTime, (i32, i32)> = BTreeMap::new();
-        let (mut sm, mut sc, mut sr) = (Vec::new(), Vec::new(), Vec::new());
-        for (minute, (count, refused)) in &self.slots {
-            sm.push(*minute);
-            sc.push(*count);
-            sr.push(*refused);
-            let h = slot_hours.entry(hour(*minute)).or_default();
-            h.0 = h.0.max(*count);
-            h.1 += refused;
+        let (mut sa, mut sm, mut sc, mut sr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((agent, minute), (count, refused)) in slots {
+            sa.push(agent);
+            sm.push(minute);
+            sc.push(count);
+            sr.push(refused);
         }
-        let (mut sh, mut shc, mut shr) = (Vec::new(), Vec::new(), Vec::new());
-        for (h, (count, refused)) in slot_hours {
+        let (mut sha, mut sh, mut shc, mut shr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((agent, h), (count, refused)) in slot_hours {
+            sha.push(agent);
             sh.push(h);
             shc.push(count);
             shr.push(refused);
@@ -132,34 +152,37 @@ impl BatchSeries {
         sqlx::query(
             "with am as ( \
                insert into abuse_minutes (agent_id, minute, kind, events) \
-               select $1, m, k, n from unnest($2::timestamptz[], $3::text[], $4::int4[]) as t(m, k, n) \
+               select a, m, k, n from unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::int4[]) as t(a, m, k, n) \
                on conflict (agent_id, minute, kind) do update set events = abuse_minutes.events + excluded.events), \
              ah as ( \
                insert into abuse_hours (agent_id, hour, kind, events) \
-               select $1, h, k, n from unnest($5::timestamptz[], $6::text[], $7::int4[]) as t(h, k, n) \
+               select a, h, k, n from unnest($5::uuid[], $6::timestamptz[], $7::text[], $8::int4[]) as t(a, h, k, n) \
                on conflict (agent_id, hour, kind) do update set events = abuse_hours.events + excluded.events), \
              sm as ( \
                insert into slot_minutes (agent_id, minute, max_connections, refused_full) \
-               select $1, m, c, r from unnest($8::timestamptz[], $9::int4[], $10::int4[]) as t(m, c, r) \
+               select a, m, c, r from unnest($9::uuid[], $10::timestamptz[], $11::int4[], $12::int4[]) as t(a, m, c, r) \
                on conflict (agent_id, minute) do update set \
                max_connections = greatest(slot_minutes.max_connections, excluded.max_connections), \
                refused_full = slot_minutes.refused_full + excluded.refused_full) \
              insert into slot_hours (agent_id, hour, max_connections, refused_full) \
-             select $1, h, c, r from unnest($11::timestamptz[], $12::int4[], $13::int4[]) as t(h, c, r) \
+             select a, h, c, r from unnest($13::uuid[], $14::timestamptz[], $15::int4[], $16::int4[]) as t(a, h, c, r) \
              on conflict (agent_id, hour) do update set \
              max_connections = greatest(slot_hours.max_connections, excluded.max_connections), \
              refused_full = slot_hours.refused_full + excluded.refused_full",
         )
-        .bind(agent_id)
+        .bind(&aa)
         .bind(&am)
         .bind(&ak)
         .bind(&an)
+        .bind(&aha)
         .bind(&ah)
         .bind(&ahk)
         .bind(&ahn)
+        .bind(&sa)
         .bind(&sm)
         .bind(&sc)
         .bind(&sr)
+        .bind(&sha)
         .bind(&sh)
         .bind(&shc)
         .bind(&shr)

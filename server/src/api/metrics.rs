@@ -14,6 +14,7 @@
 //! | `fleetban_ingest_events_total` | counter | | scrape, from `session::Stats`: events stored |
 //! | `fleetban_ingest_invalid_events_total` | counter | | scrape, from `session::Stats`: events rejected as invalid |
 //! | `fleetban_ingest_batches_total` | counter | `result` = `stored`, `duplicate`, `refused` | scrape, from `session::Stats` |
+//! | `fleetban_ingest_group_commits_total` | counter | | ingest, at each commit of a group of batches |
 //! | `fleetban_agent_frames_rejected_total` | counter | `reason` = `undecodable`, `invalid` | scrape, from `session::Stats` |
 //! | `fleetban_agent_auth_refused_total` | counter | | scrape, from `session::Stats` |
 //! | `fleetban_agent_spool_lost_events_total` | counter | | scrape, from `session::Stats`: losses agents reported |
@@ -95,6 +96,10 @@ fn describe() {
     metrics::describe_counter!(INGEST_EVENTS, "Events stored by ingest.");
     metrics::describe_counter!(INGEST_INVALID_EVENTS, "Events rejected by ingest as invalid.");
     metrics::describe_counter!(INGEST_BATCHES, "Event batches by result (stored, duplicate, refused).");
+    metrics::describe_counter!(
+        crate::telemetry::INGEST_GROUP_COMMITS,
+        "Ingest transactions committed, each with one or more agents' batches."
+    );
     metrics::describe_histogram!(PUSH_LAG, metrics::Unit::Seconds, "Block change commit to delivery to an agent.");
     metrics::describe_gauge!(AGENT_SESSIONS, "Agent sessions open on this replica.");
     metrics::describe_gauge!(crate::telemetry::REPLICA_LEADER, "1 while this replica leads the fleet-wide sweeps.");
