@@ -223,4 +223,60 @@ mod tests {
         assert_eq!(pending[&agent].applied, Some((6, 0)));
         assert_eq!(pending[&other].applied, Some((4, 0)));
     }
+
+    /// The fleet's reports update every agent's row all the time; with the
+    /// table's pages half full (migration `20261129000300`) each update is
+    /// HOT: the new row version stays on its page and no index changes.
+    /// (Counted from `ctid`s; the statistics views are updated late.)
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn report_flushes_update_agents_in_place(pool: sqlx::PgPool) {
+        let reports = Reports::default();
+        let session = Uuid::new_v4();
+        let mut agents = Vec::new();
+        for n in 0..300 {
+            let id = Uuid::new_v4();
+            sqlx::query(
+                "insert into agents (id, name, hostname, secret_hash, session_id) \
+                 values ($1, $2, $2, '\\x00112233445566778899', $3)",
+            )
+            .bind(id)
+            .bind(format!("mail{n}.fleet.example.net"))
+            .bind(session)
+            .execute(&pool)
+            .await
+            .unwrap();
+            agents.push(id);
+        }
+        let pages = || {
+            let pool = pool.clone();
+            async move {
+                let pages: Vec<(Uuid, String)> = sqlx::query_as(
+                    "select id, split_part(trim(both '()' from ctid::text), ',', 1) from agents order by id",
+                )
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+                pages
+            }
+        };
+        let before = pages().await;
+        for version in 1..=8 {
+            for id in &agents {
+                reports.record(*id, session, version, 100 + version);
+            }
+            assert_eq!(reports.flush(&pool).await.unwrap(), 300);
+        }
+        // With pages filled to 100 % every update moves its row to another
+        // page; half full, nearly all stay (a page whose old versions are
+        // not yet pruned may still overflow).
+        let after = pages().await;
+        let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+        assert!(moved <= 300 / 4, "{moved} of 300 rows left their page");
+        let stored: i64 =
+            sqlx::query_scalar("select count(*) from agents where blocklist_version = 8 and firewall_entries = 108")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(stored, 300);
+    }
 }
