@@ -1480,3 +1480,116 @@ async fn timeseries_whoami_and_why(pool: PgPool) {
     assert_eq!(me["role"], "admin");
     assert_eq!(me["can_write"], true);
 }
+
+/// `/api/v1/summaries`: what agents summarised, stored through ingest,
+/// newest interval first, filtered, paged without gaps or repeats.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn summaries_filter_and_keyset_pagination(pool: PgPool) {
+    use fleetban_proto::v1::{ContextSummary, EventBatch, EventKind, KindCount};
+    use std::net::IpAddr;
+    let app = app(&pool);
+    let t = common::tokens(&pool).await;
+    let mx1 = common::agent(&pool, "mx1", "mx1.example.net", true, &["192.0.2.10"]).await;
+    let mx2 = common::agent(&pool, "mx2", "mx2.example.net", true, &["192.0.2.11"]).await;
+    let ingest = fleetban_server::ingest::Ingest::new(pool.clone());
+    let minute = OffsetDateTime::now_utc().unix_timestamp() / 60 * 60_000;
+    let summary = |remote: &str, start: i64, kinds: &[(EventKind, u32)]| ContextSummary {
+        remote: Some(remote.parse::<IpAddr>().unwrap().into()),
+        service: 0,
+        interval_start_ms: start,
+        interval_secs: 60,
+        counts: kinds
+            .iter()
+            .map(|(k, n)| KindCount { kind: *k as i32, lines: *n, last_seen_ms: start + 30_000 })
+            .collect(),
+        first_seen_ms: start + 1_000,
+        last_seen_ms: start + 30_000,
+        max_connection_count: 7,
+        host_name: String::new(),
+        samples: vec![format!("SMTP connection from [{remote}]:41000 (TCP/IP connection count = 7)")],
+    };
+    // Per agent: 4 intervals of 2 addresses (a relay with mail, a client
+    // that only connects); 16 summaries, pairs share an interval start.
+    for (agent, seq0) in [(mx1, 1u64), (mx2, 1)] {
+        for i in 0..4i64 {
+            let start = minute - (i + 1) * 60_000;
+            let batch = EventBatch {
+                seq: seq0 + i as u64,
+                summaries: vec![
+                    summary("198.51.100.7", start, &[(EventKind::Connect, 5), (EventKind::Accepted, 3)]),
+                    summary("203.0.113.9", start, &[(EventKind::Connect, 2)]),
+                ],
+                ..Default::default()
+            };
+            assert_eq!(ingest.store(agent, batch).await.unwrap().summaries, 2);
+        }
+    }
+    let mut seen = BTreeSet::new();
+    let mut starts = Vec::new();
+    let mut uri = "/api/v1/summaries?limit=3".to_owned();
+    loop {
+        let reply = get(&app, &uri, &t.read).await.expect(StatusCode::OK);
+        for s in reply.json().as_array().unwrap() {
+            let key = (
+                s["agent_id"].as_str().unwrap().to_owned(),
+                s["batch_seq"].as_i64().unwrap(),
+                s["batch_index"].as_i64().unwrap(),
+            );
+            assert!(seen.insert(key), "repeated: {s}");
+            starts.push(
+                OffsetDateTime::parse(
+                    s["interval_start"].as_str().unwrap(),
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .unwrap(),
+            );
+        }
+        match reply.headers.get("x-next-cursor") {
+            Some(c) => uri = format!("/api/v1/summaries?limit=3&cursor={}", c.to_str().unwrap()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 16, "every summary once");
+    assert!(starts.windows(2).all(|w| w[0] >= w[1]), "newest interval first");
+
+    let relay = get(&app, "/api/v1/summaries?ip=198.51.100.7&agent=mx1", &t.read).await.expect(StatusCode::OK).json();
+    let relay = relay.as_array().unwrap();
+    assert_eq!(relay.len(), 4);
+    assert_eq!(relay[0]["agent"], "mx1");
+    assert_eq!(relay[0]["remote"], "198.51.100.7/32");
+    assert_eq!(relay[0]["lines"], 8);
+    assert_eq!(relay[0]["kinds"], json!({"accepted": 3, "connect": 5}));
+    assert_eq!(relay[0]["standing"], 3);
+    assert_eq!(relay[0]["max_connection_count"], 7);
+    assert_eq!(relay[0]["service"], "smtp");
+    assert!(relay[0]["samples"][0].as_str().unwrap().contains("connection count = 7"));
+    let accepted = get(&app, "/api/v1/summaries?kind=accepted", &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(accepted.as_array().unwrap().len(), 8);
+    let since = OffsetDateTime::from_unix_timestamp(minute / 1000 - 150)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let range = get(&app, &format!("/api/v1/summaries?ip=203.0.113.0/24&since={since}"), &t.read)
+        .await
+        .expect(StatusCode::OK)
+        .json();
+    assert_eq!(range.as_array().unwrap().len(), 4, "two intervals of two agents: {range}");
+    let by_id = get(&app, &format!("/api/v1/summaries?agent={mx2}"), &t.read).await.expect(StatusCode::OK).json();
+    assert_eq!(by_id.as_array().unwrap().len(), 8);
+
+    for uri in [
+        "/api/v1/summaries?ip=x",
+        "/api/v1/summaries?agent=nobody",
+        "/api/v1/summaries?kind=auth_failed",
+        "/api/v1/summaries?kind=DROP%20TABLE",
+        "/api/v1/summaries?service=ftp",
+        "/api/v1/summaries?since=tomorrow",
+        "/api/v1/summaries?cursor=garbage",
+        "/api/v1/summaries?cursor=1.2.3.4",
+        "/api/v1/summaries?limit=0",
+        "/api/v1/summaries?color=red",
+    ] {
+        let reply = get(&app, uri, &t.read).await.expect(StatusCode::BAD_REQUEST);
+        assert!(reply.json()["error"]["message"].as_str().is_some(), "{uri}");
+    }
+}

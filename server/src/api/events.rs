@@ -169,7 +169,7 @@ fn abuse_kinds() -> Vec<&'static str> {
 }
 
 /// Resolves an agent given by id or by name.
-async fn resolve_agent(state: &AppState, agent: &str) -> Result<Uuid, ApiError> {
+pub(super) async fn resolve_agent(state: &AppState, agent: &str) -> Result<Uuid, ApiError> {
     if let Ok(id) = agent.parse::<Uuid>() {
         return Ok(id);
     }

@@ -48,6 +48,7 @@ pub mod replicas;
 pub mod reports;
 pub mod shadow;
 pub mod stats;
+pub mod summaries;
 pub mod timeseries;
 pub mod tokens;
 pub mod transfer;
@@ -177,6 +178,7 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AppState>)> {
         (Method::GET, "/api/v1/attackers", get(attackers::list)),
         (Method::GET, "/api/v1/attackers/{ip}", get(attackers::get)),
         (Method::GET, "/api/v1/events", get(events::list)),
+        (Method::GET, "/api/v1/summaries", get(summaries::list)),
         (Method::GET, "/api/v1/shadow", get(shadow::list)),
         (Method::GET, "/api/v1/stats", get(stats::get)),
         (Method::GET, "/api/v1/feeds", get(feeds::list)),

@@ -13,7 +13,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::{
     agents, allowlist, attackers, audit, blocks, dashboard, events, feeds, metrics, notify, replicas, reports, shadow,
-    stats, timeseries, tokens, transfer, whoami,
+    stats, summaries, timeseries, tokens, transfer, whoami,
 };
 
 /// The document.
@@ -37,7 +37,7 @@ use super::{
         allowlist::list, allowlist::create, allowlist::delete_by_cidr, allowlist::delete,
         transfer::import, transfer::export,
         attackers::list, attackers::get,
-        events::list,
+        events::list, summaries::list,
         stats::get,
         timeseries::abuse, timeseries::blocks, timeseries::slots,
         whoami::get,
@@ -52,7 +52,7 @@ use super::{
         (name = "blocks", description = "The fleet blocklist"),
         (name = "allowlist", description = "Ranges never blocked"),
         (name = "attackers", description = "Attacking addresses across hosts"),
-        (name = "events", description = "Stored log events"),
+        (name = "events", description = "Stored log events and context summaries"),
         (name = "stats", description = "Fleet statistics"),
         (name = "reports", description = "Abuse reports"),
         (name = "feeds", description = "Blocklist feeds and ASN block rules"),
