@@ -5,7 +5,9 @@
 //! `agent_batches`, bulk-inserts the valid events (one binary `COPY`, never a
 //! row per statement) and updates the per-address evidence
 //! (`offender_hosts`, `offenders`) for abuse kinds; only after the commit may
-//! the session acknowledge the batch.
+//! the session acknowledge the batch. Batches of several agents that queue
+//! while the writers are busy share that transaction (group commit, see
+//! [`Ingest::commit`]); each is still stored exactly once or not at all.
 //!
 //! Invariants:
 //! - A batch whose `(agent_id, seq)` is already recorded is reported as a
