@@ -260,20 +260,20 @@ mod tests {
             }
         };
         let before = pages().await;
-        for version in 1..=8 {
-            for id in &agents {
-                reports.record(*id, session, version, 100 + version);
-            }
-            assert_eq!(reports.flush(&pool).await.unwrap(), 300);
+        // One flush: whether later ones stay in place too depends on when
+        // Postgres prunes the older versions (other sessions of the
+        // cluster can hold that back), which a test cannot control.
+        for id in &agents {
+            reports.record(*id, session, 1, 101);
         }
+        assert_eq!(reports.flush(&pool).await.unwrap(), 300);
         // With pages filled to 100 % every update moves its row to another
-        // page; half full, nearly all stay (a page whose old versions are
-        // not yet pruned may still overflow).
+        // page; half full, the new versions fit beside the old ones.
         let after = pages().await;
         let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
-        assert!(moved <= 300 / 4, "{moved} of 300 rows left their page");
+        assert!(moved <= 300 / 10, "{moved} of 300 rows left their page");
         let stored: i64 =
-            sqlx::query_scalar("select count(*) from agents where blocklist_version = 8 and firewall_entries = 108")
+            sqlx::query_scalar("select count(*) from agents where blocklist_version = 1 and firewall_entries = 101")
                 .fetch_one(&pool)
                 .await
                 .unwrap();
