@@ -534,7 +534,7 @@ impl Ingest {
         let mut group = Vec::new();
         let mut events = 0;
         while let Some((pending, _)) = queue.front() {
-            let n = pending.record.events as usize + pending.summary_count();
+            let n = pending.record.events as usize + pending.summary_rows;
             if !group.is_empty() && (group.len() >= MAX_GROUP_BATCHES || events + n > MAX_GROUP_EVENTS) {
                 break;
             }
@@ -550,42 +550,8 @@ impl Ingest {
     /// that one batch the database refuses fails alone.
     async fn write_group(&self, group: Vec<(Pending, Reply)>) {
         let (pending, replies): (Vec<Pending>, Vec<Reply>) = group.into_iter().unzip();
-        let mut attempt = 0;
-        let result = loop {
-            attempt += 1;
-            match self.write(&pending).await {
-                Err(error) if attempt < MAX_ATTEMPTS && retryable(&error) => {
-                    if is_missing_partition(&error) {
-                        self.forget_days();
-                        let mut days: Vec<Date> = pending.iter().flat_map(|p| p.days.iter().copied()).collect();
-                        days.sort_unstable();
-                        days.dedup();
-                        if let Err(error) = self.ensure_partitions(&days).await {
-                            break Err(error);
-                        }
-                    }
-                    tracing::debug!(%error, batches = pending.len(), attempt, "Retrying a batch transaction.");
-                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
-                }
-                result => break result,
-            }
-        };
-        match result {
-            Ok(stored) => {
-                let n = stored.iter().filter(|s| **s).count() as u64;
-                if n > 0 {
-                    use std::sync::atomic::Ordering::Relaxed;
-                    self.groups.commits.fetch_add(1, Relaxed);
-                    self.groups.batches.fetch_add(n, Relaxed);
-                    metrics::counter!(crate::telemetry::INGEST_GROUP_COMMITS).increment(1);
-                }
-                for ((p, reply), stored) in pending.iter().zip(replies).zip(stored) {
-                    if stored {
-                        self.remember_standing(&p.evidence);
-                    }
-                    let _ = reply.send(Ok(stored));
-                }
-            }
+        match self.write_retrying(&pending).await {
+            Ok(stored) => self.stored(&pending, replies, stored),
             Err(error) if pending.len() == 1 => {
                 if let Some(reply) = replies.into_iter().next() {
                     let _ = reply.send(Err(error));
@@ -593,12 +559,57 @@ impl Ingest {
             }
             Err(error) => {
                 tracing::debug!(%error, batches = pending.len(), "A group of batches failed; writing each alone.");
-                for (p, reply) in pending.into_iter().zip(replies) {
-                    let (one, answer) = tokio::sync::oneshot::channel();
-                    Box::pin(self.write_group(vec![(p, one)])).await;
-                    let _ = reply.send(answer.await.unwrap_or_else(|_| Err(sqlx::Error::WorkerCrashed)));
+                for (p, reply) in pending.iter().zip(replies) {
+                    let one = std::slice::from_ref(p);
+                    match self.write_retrying(one).await {
+                        Ok(stored) => self.stored(one, vec![reply], stored),
+                        Err(error) => {
+                            let _ = reply.send(Err(error));
+                        }
+                    }
                 }
             }
+        }
+    }
+
+    /// [`Ingest::write`], retrying a deadlock, a serialization failure or
+    /// a dropped partition.
+    async fn write_retrying(&self, group: &[Pending]) -> Result<Vec<bool>, sqlx::Error> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.write(group).await {
+                Err(error) if attempt < MAX_ATTEMPTS && retryable(&error) => {
+                    if is_missing_partition(&error) {
+                        self.forget_days();
+                        let mut days: Vec<Date> = group.iter().flat_map(|p| p.days.iter().copied()).collect();
+                        days.sort_unstable();
+                        days.dedup();
+                        self.ensure_partitions(&days).await?;
+                    }
+                    tracing::debug!(%error, batches = group.len(), attempt, "Retrying a batch transaction.");
+                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Counts a committed group and answers each of its batches (`stored`:
+    /// false for a duplicate).
+    fn stored(&self, group: &[Pending], replies: Vec<Reply>, stored: Vec<bool>) {
+        let n = stored.iter().filter(|s| **s).count() as u64;
+        if n > 0 {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.groups.commits.fetch_add(1, Relaxed);
+            self.groups.batches.fetch_add(n, Relaxed);
+            metrics::counter!(crate::telemetry::INGEST_GROUP_COMMITS).increment(1);
+        }
+        for ((p, reply), stored) in group.iter().zip(replies).zip(stored) {
+            if stored {
+                self.remember_standing(&p.evidence);
+            }
+            let _ = reply.send(Ok(stored));
         }
     }
 
@@ -729,13 +740,6 @@ struct Pending {
     evidence: BatchEvidence,
     /// The days of its events and summaries.
     days: Vec<Date>,
-}
-
-impl Pending {
-    /// Summary rows (a rough size for grouping; events are in `record`).
-    fn summary_count(&self) -> usize {
-        self.summary_rows
-    }
 }
 
 /// Where the outcome of a queued batch goes.
@@ -902,13 +906,21 @@ struct GroupEvidence<'a> {
     standing: BTreeMap<IpAddr, Standing>,
 }
 
-/// Folds `e` into `into`.
-fn merge(into: &mut Evidence, e: &Evidence) {
-    into.first = into.first.min(e.first);
-    into.last = into.last.max(e.last);
-    into.events += e.events;
-    if into.sample.is_none() {
-        into.sample.clone_from(&e.sample);
+/// Folds `e` into the evidence of `key` in `map`.
+fn merge<K: Ord>(map: &mut BTreeMap<K, Evidence>, key: K, e: &Evidence) {
+    match map.entry(key) {
+        std::collections::btree_map::Entry::Vacant(v) => {
+            v.insert(e.clone());
+        }
+        std::collections::btree_map::Entry::Occupied(mut o) => {
+            let into = o.get_mut();
+            into.first = into.first.min(e.first);
+            into.last = into.last.max(e.last);
+            into.events += e.events;
+            if into.sample.is_none() {
+                into.sample.clone_from(&e.sample);
+            }
+        }
     }
 }
 
@@ -917,20 +929,10 @@ impl<'a> GroupEvidence<'a> {
         let mut g = GroupEvidence::default();
         for (agent, ev) in batches {
             for ((address, kind), e) in &ev.hosts {
-                match g.hosts.entry((*address, agent, kind)) {
-                    std::collections::btree_map::Entry::Vacant(v) => {
-                        v.insert(e.clone());
-                    }
-                    std::collections::btree_map::Entry::Occupied(mut o) => merge(o.get_mut(), e),
-                }
+                merge(&mut g.hosts, (*address, agent, *kind), e);
             }
             for (address, e) in &ev.offenders {
-                match g.offenders.entry(*address) {
-                    std::collections::btree_map::Entry::Vacant(v) => {
-                        v.insert(e.clone());
-                    }
-                    std::collections::btree_map::Entry::Occupied(mut o) => merge(o.get_mut(), e),
-                }
+                merge(&mut g.offenders, *address, e);
             }
             for ((address, kind, minute), n) in &ev.minutes {
                 *g.minutes.entry((*address, agent, kind, *minute)).or_default() += n;
