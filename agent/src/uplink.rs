@@ -10,7 +10,11 @@
 //!   `Nack`ed batch is dropped (the server refused it as a whole, resending
 //!   it unchanged cannot help) and counted;
 //! - `BlocklistSnapshot` / `BlocklistDelta` go to the firewall thread, and
-//!   each applied version is reported with `Applied`; a delta that does not
+//!   the version applied is reported with `Applied` after a jittered
+//!   [`applied_delay`] that coalesces the deltas applied meanwhile (the
+//!   server pushes a block to every agent at once; replies sent the moment
+//!   each agent applies it would compete with that fan-out for the server's
+//!   CPU, and a burst of blocks would cost a reply each); a delta that does not
 //!   start at the version held ends the session, and the next `Hello` asks
 //!   for the catch-up;
 //! - local blocks are sent as `LocalBlock`; heartbeats every
@@ -45,7 +49,8 @@ use fleetban_proto::v1::agent_frame::Frame;
 use fleetban_proto::v1::agent_service_client::AgentServiceClient;
 use fleetban_proto::v1::server_frame::Frame as In;
 use fleetban_proto::v1::{
-    AgentFrame, EnrollRequest, EventBatch, Heartbeat, Hello, IpAddress, LocalBlock, Policy, Revocations, SpoolLoss,
+    AgentFrame, Applied, EnrollRequest, EventBatch, Heartbeat, Hello, IpAddress, LocalBlock, Policy, Revocations,
+    SpoolLoss,
 };
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -64,6 +69,20 @@ pub use fleetban_proto::{AGENT_ID_HEADER, AGENT_SECRET_HEADER};
 pub const CREDENTIALS_FILE: &str = "credentials.json";
 /// How long shutdown waits for the acks of batches in flight.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// Mean delay of an `Applied` report after the first blocklist change it
+/// covers; see [`applied_delay`].
+pub const APPLIED_DELAY: Duration = Duration::from_millis(500);
+
+/// How long the agent waits before reporting what it applied: uniformly
+/// 300–700 ms, so that the fleet's replies to one push arrive after the
+/// push reached everyone and spread out instead of together. Every change
+/// applied in that time goes into the same report, and heartbeats carry the
+/// version too; the server stores reports every 500 ms anyway.
+pub fn applied_delay() -> Duration {
+    let mean = APPLIED_DELAY.as_millis() as u64;
+    Duration::from_millis(fastrand::u64(mean * 3 / 5..=mean * 7 / 5))
+}
+
 /// Longest wait for `Welcome`.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest frame accepted from the server (a snapshot of a large blocklist).
@@ -875,6 +894,10 @@ async fn session(
     let mut stopping = *stop.borrow();
     let drain_deadline = tokio::time::sleep(Duration::from_secs(3600));
     tokio::pin!(drain_deadline);
+    // The latest `Applied` not yet reported, and when it goes out.
+    let mut applied: Option<Applied> = None;
+    let applied_due = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(applied_due);
     loop {
         if stopping && in_flight.is_empty() {
             return Ok(());
@@ -900,13 +923,23 @@ async fn session(
         let room = !stopping && in_flight.len() < ctx.window;
         tokio::select! {
             biased;
+            // Due once, then disarmed: never starved by a busy stream.
+            () = &mut applied_due, if applied.is_some() => {
+                if let Some(report) = applied.take() {
+                    send(&tx, Frame::Applied(report)).await?;
+                }
+            }
             frame = inbound.message() => {
                 let frame = match frame {
                     Ok(Some(frame)) => frame,
                     Ok(None) => return if stopping { Ok(()) } else { Err(UplinkError::Protocol("server closed the stream".into())) },
                     Err(status) => return Err(status.into()),
                 };
-                handle_frame(ctx, &tx, frame, &mut in_flight).await?;
+                if let Some(report) = handle_frame(ctx, frame, &mut in_flight).await?
+                    && applied.replace(report).is_none()
+                {
+                    applied_due.as_mut().reset(tokio::time::Instant::now() + applied_delay());
+                }
             }
             changed = stop.changed(), if !stopping => {
                 if changed.is_err() || *stop.borrow() {
@@ -942,12 +975,13 @@ async fn session(
     }
 }
 
+/// Handles one frame of the server; returns what to report as applied when
+/// the frame changed the firewall's blocklist.
 async fn handle_frame(
     ctx: &mut UplinkContext,
-    tx: &mpsc::Sender<AgentFrame>,
     frame: fleetban_proto::v1::ServerFrame,
     in_flight: &mut VecDeque<u64>,
-) -> Result<(), UplinkError> {
+) -> Result<Option<Applied>, UplinkError> {
     let stats = ctx.stats.clone();
     match frame.frame {
         Some(In::Ack(ack)) => {
@@ -969,12 +1003,12 @@ async fn handle_frame(
         Some(In::Snapshot(snapshot)) => {
             let applied = ctx.firewall.snapshot(snapshot).await.map_err(UplinkError::Firewall)?;
             stats.blocklists_applied.fetch_add(1, Ordering::Relaxed);
-            send(tx, Frame::Applied(applied)).await?;
+            return Ok(Some(applied));
         }
         Some(In::Delta(delta)) => match ctx.firewall.delta(delta).await {
             DeltaReply::Applied(applied) => {
                 stats.blocklists_applied.fetch_add(1, Ordering::Relaxed);
-                send(tx, Frame::Applied(applied)).await?;
+                return Ok(Some(applied));
             }
             DeltaReply::Stale => {}
             DeltaReply::Gap => return Err(UplinkError::Resync),
@@ -1010,7 +1044,7 @@ async fn handle_frame(
         Some(In::Welcome(_)) => warn!("Ignoring a second Welcome."),
         None => warn!("Ignoring an empty server frame."),
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The ranges of `list` with when each was revoked by the agent's clock

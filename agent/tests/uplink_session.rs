@@ -299,6 +299,24 @@ async fn batches_blocklists_and_restart() {
     wait_until("Applied 4", || store.lock().unwrap().applied.contains(&(4, 2))).await;
     assert_eq!(dryrun(dir.path()), ["192.0.2.2/32", "192.0.2.3/32"]);
 
+    // 3b. Deltas applied close together are reported once, with the latest
+    // version, after the jittered delay (not one reply per delta).
+    let reports_before = store.lock().unwrap().applied.len();
+    let pushed = Instant::now();
+    for (from, id) in [(4, 4), (5, 5), (6, 6)] {
+        let added = vec![block(id, &format!("192.0.2.{id}/32"))];
+        push(&store, Out::Delta(BlocklistDelta { from_version: from, to_version: from + 1, added, removed: vec![] }))
+            .await;
+    }
+    wait_until("Applied 7", || store.lock().unwrap().applied.contains(&(7, 5))).await;
+    assert!(pushed.elapsed() >= Duration::from_millis(300), "reported only after the delay");
+    tokio::time::sleep(uplink::APPLIED_DELAY * 2).await;
+    assert_eq!(
+        store.lock().unwrap().applied[reports_before..],
+        [(7, 5)],
+        "three deltas in a row make one report of the last version"
+    );
+
     // 4. A snapshot replaces the whole state.
     push(&store, Out::Snapshot(BlocklistSnapshot { version: 10, entries: vec![block(9, "198.51.100.0/24")] })).await;
     wait_until("Applied 10", || store.lock().unwrap().applied.contains(&(10, 1))).await;

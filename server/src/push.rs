@@ -12,6 +12,16 @@
 //!   `try_send`; when an agent's channel is full it is marked lagged and
 //!   receives a full snapshot as soon as it drains, instead of the deltas it
 //!   missed.
+//! - The common case costs no hop through the session's task: while a
+//!   session's *gate* is open (it has no push waiting and is not bringing its
+//!   agent up to date itself), a delta that starts at the version the agent
+//!   holds, revocations and the allowlist go straight onto the session's
+//!   outbound stream, and the gate's version moves with the delta. Anything
+//!   else (a gap, a resync, a revocation of the agent, a full outbound
+//!   stream) closes the gate and is queued for the session's task, which
+//!   handles it and every push behind it in order and reopens the gate only
+//!   when its queue is empty. The gate's lock makes "queue empty" and
+//!   "version" one decision, so a push never overtakes an earlier one.
 //! - Nothing is lost when the LISTEN connection drops: the listener
 //!   reconnects with backoff and then catches up from the version it had
 //!   fanned out, and a slow poll of the current version backs up
@@ -28,11 +38,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fleetban_proto::v1::{Allowlist, BlocklistDelta, Revocations};
+use fleetban_proto::v1::server_frame::Frame as Out;
+use fleetban_proto::v1::{Allowlist, BlocklistDelta, Revocations, ServerFrame};
 use ipnet::IpNet;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::mpsc;
+use tonic::Status;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
@@ -75,11 +87,33 @@ pub enum Push {
     Revoked,
 }
 
+/// A session's outbound stream, as the hub writes to it directly.
+pub type Outbound = mpsc::Sender<Result<ServerFrame, Status>>;
+
+/// Whether the hub may write to a session's outbound stream itself.
+#[derive(Debug)]
+struct Gate {
+    /// The session has nothing queued and is not sending blocklist frames of
+    /// its own.
+    open: bool,
+    /// The blocklist version the agent holds; valid while `open`, and what
+    /// the session resumes from when the hub closes the gate.
+    version: u64,
+}
+
+/// What the hub and one session share.
+#[derive(Debug)]
+struct Shared {
+    gate: Mutex<Gate>,
+    lagged: AtomicBool,
+    out: Outbound,
+}
+
 #[derive(Debug)]
 struct Registered {
     session: u64,
     tx: mpsc::Sender<Push>,
-    lagged: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 #[derive(Debug, Default)]
@@ -92,6 +126,10 @@ struct Inner {
     deltas: AtomicU64,
     /// Agents marked lagged because their queue was full.
     lagged: AtomicU64,
+    /// Pushes written straight onto a session's outbound stream.
+    direct: AtomicU64,
+    /// Pushes queued for a session's task.
+    queued: AtomicU64,
     /// Times the LISTEN connection was (re)established.
     listens: AtomicU64,
 }
@@ -109,22 +147,52 @@ pub struct Subscription {
     hub: Hub,
     agent_id: Uuid,
     session: u64,
-    /// Pushed changes.
+    /// Pushes the hub could not deliver itself; the gate is closed while
+    /// any wait here.
     pub rx: mpsc::Receiver<Push>,
-    lagged: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+    /// The session opened the gate since it last resumed.
+    handed_over: bool,
 }
 
 impl Subscription {
     /// True once if the agent's queue overflowed since the last call: it
     /// must get a snapshot.
     pub fn take_lagged(&self) -> bool {
-        self.lagged.swap(false, Ordering::AcqRel)
+        self.shared.lagged.swap(false, Ordering::AcqRel)
     }
+
+    /// The version the agent holds, for a session that received a queued
+    /// push and held `version` when it last called [`Subscription::open`]:
+    /// the gate's version if the gate was open since (the hub moved it with
+    /// every delta it sent; it closed the gate when it queued the push, so
+    /// it no longer moves), else `version`.
+    pub fn resume(&mut self, version: u64) -> u64 {
+        if std::mem::take(&mut self.handed_over) { lock(&self.shared.gate).version } else { version }
+    }
+
+    /// Hands delivery back to the hub, the agent holding `version`, unless a
+    /// push is waiting in [`Subscription::rx`] (then the session handles it
+    /// first and calls this again). Returns whether the gate is open.
+    pub fn open(&mut self, version: u64) -> bool {
+        let mut gate = lock(&self.shared.gate);
+        if !self.rx.is_empty() {
+            return false;
+        }
+        gate.version = version;
+        gate.open = true;
+        self.handed_over = true;
+        true
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let mut sessions = self.hub.inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sessions = lock(&self.hub.inner.sessions);
         if sessions.get(&self.agent_id).is_some_and(|r| r.session == self.session) {
             sessions.remove(&self.agent_id);
         }
@@ -142,6 +210,10 @@ pub struct HubStats {
     pub deltas: u64,
     /// Times an agent was marked lagged.
     pub lagged: u64,
+    /// Pushes written by the hub straight onto a session's stream.
+    pub direct: u64,
+    /// Pushes queued for a session's task.
+    pub queued: u64,
     /// Times the LISTEN connection was established (1 + reconnections).
     pub listens: u64,
 }
@@ -152,27 +224,35 @@ impl Hub {
         Hub::default()
     }
 
-    /// Registers a session of `agent_id`, replacing (and so ending) an older
-    /// session of the same agent on this server.
-    pub fn subscribe(&self, agent_id: Uuid) -> Subscription {
+    /// Registers a session of `agent_id` writing to `out`, replacing (and so
+    /// ending) an older session of the same agent on this server. The gate
+    /// starts closed: pushes are queued until the session has welcomed its
+    /// agent and calls [`Subscription::open`].
+    pub fn subscribe(&self, agent_id: Uuid, out: Outbound) -> Subscription {
         let session = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(AGENT_QUEUE);
-        let lagged = Arc::new(AtomicBool::new(false));
-        let registered = Registered { session, tx, lagged: lagged.clone() };
-        let old = self.inner.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(agent_id, registered);
+        let shared = Arc::new(Shared {
+            gate: Mutex::new(Gate { open: false, version: 0 }),
+            lagged: AtomicBool::new(false),
+            out,
+        });
+        let registered = Registered { session, tx, shared: shared.clone() };
+        let old = lock(&self.inner.sessions).insert(agent_id, registered);
         if old.is_some() {
             info!(%agent_id, "A new session of the agent replaces its previous one.");
         }
-        Subscription { hub: self.clone(), agent_id, session, rx, lagged }
+        Subscription { hub: self.clone(), agent_id, session, rx, shared, handed_over: false }
     }
 
     /// The hub's counters.
     pub fn stats(&self) -> HubStats {
         HubStats {
-            sessions: self.inner.sessions.lock().unwrap_or_else(|e| e.into_inner()).len(),
+            sessions: lock(&self.inner.sessions).len(),
             version: self.inner.version.load(Ordering::Relaxed),
             deltas: self.inner.deltas.load(Ordering::Relaxed),
             lagged: self.inner.lagged.load(Ordering::Relaxed),
+            direct: self.inner.direct.load(Ordering::Relaxed),
+            queued: self.inner.queued.load(Ordering::Relaxed),
             listens: self.inner.listens.load(Ordering::Relaxed),
         }
     }
@@ -181,20 +261,62 @@ impl Hub {
     /// without waiting; a session whose queue is full is cut off by its
     /// next heartbeat instead (the session checks revocation there too).
     pub fn revoke(&self, agent_id: Uuid) -> bool {
-        let sessions = self.inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        sessions.get(&agent_id).is_some_and(|r| r.tx.try_send(Push::Revoked).is_ok())
+        let sessions = lock(&self.inner.sessions);
+        sessions.get(&agent_id).is_some_and(|r| {
+            let mut gate = lock(&r.shared.gate);
+            gate.open = false;
+            let queued = r.tx.try_send(Push::Revoked).is_ok();
+            if queued {
+                self.inner.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            queued
+        })
     }
 
     /// Offers `push` to every session without waiting for any.
     fn fan_out(&self, push: Push) {
-        let sessions = self.inner.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let sessions = lock(&self.inner.sessions);
         for (agent_id, r) in sessions.iter() {
-            if let Err(mpsc::error::TrySendError::Full(_)) = r.tx.try_send(push.clone())
-                && !r.lagged.swap(true, Ordering::AcqRel)
+            self.offer(agent_id, r, &push);
+        }
+    }
+
+    /// Delivers `push` to one session: straight onto its stream while its
+    /// gate is open and the push needs nothing of the session, otherwise
+    /// through its queue (closing the gate, so later pushes queue behind).
+    fn offer(&self, agent_id: &Uuid, r: &Registered, push: &Push) {
+        let mut gate = lock(&r.shared.gate);
+        if gate.open {
+            let frame = match push {
+                Push::Delta(delta) if delta.to_version <= gate.version => return,
+                Push::Delta(delta) if delta.from_version == gate.version => Some(Out::Delta((**delta).clone())),
+                Push::Revocations { to_version, .. } if *to_version <= gate.version => return,
+                Push::Revocations { revoked, .. } => Some(Out::Revocations((**revoked).clone())),
+                Push::Allowlist(list) => Some(Out::Allowlist((**list).clone())),
+                Push::Delta(_) | Push::Resync | Push::Revoked => None,
+            };
+            if let Some(frame) = frame
+                && r.shared.out.try_send(Ok(ServerFrame { frame: Some(frame) })).is_ok()
             {
-                self.inner.lagged.fetch_add(1, Ordering::Relaxed);
-                debug!(%agent_id, "Agent's push queue is full; it will get a snapshot.");
+                if let Push::Delta(delta) = push {
+                    gate.version = delta.to_version;
+                }
+                self.inner.direct.fetch_add(1, Ordering::Relaxed);
+                return;
             }
+            gate.open = false;
+        }
+        match r.tx.try_send(push.clone()) {
+            Ok(()) => {
+                self.inner.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !r.shared.lagged.swap(true, Ordering::AcqRel) {
+                    self.inner.lagged.fetch_add(1, Ordering::Relaxed);
+                    debug!(%agent_id, "Agent's push queue is full; it will get a snapshot.");
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 }
@@ -401,18 +523,108 @@ mod tests {
         Push::Delta(Arc::new(BlocklistDelta { from_version: from, to_version: from + 1, ..Default::default() }))
     }
 
+    fn outbound(capacity: usize) -> (Outbound, mpsc::Receiver<Result<ServerFrame, Status>>) {
+        mpsc::channel(capacity)
+    }
+
+    /// The version range of the delta `frame` carries.
+    fn sent_delta(frame: Option<Result<ServerFrame, Status>>) -> (u64, u64) {
+        match frame {
+            Some(Ok(ServerFrame { frame: Some(Out::Delta(d)) })) => (d.from_version, d.to_version),
+            other => panic!("expected a delta on the stream, got {other:?}"),
+        }
+    }
+
     #[tokio::test]
-    async fn slow_agent_is_marked_lagged_without_holding_up_others() {
+    async fn an_open_gate_sends_continuing_deltas_straight_to_the_stream() {
         let hub = Hub::new();
-        let slow = hub.subscribe(Uuid::new_v4());
-        let mut fast = hub.subscribe(Uuid::new_v4());
+        let (out, mut stream) = outbound(16);
+        let mut sub = hub.subscribe(Uuid::new_v4(), out);
+        // Closed until the session opens it: queued.
+        hub.fan_out(delta(5));
+        assert!(matches!(sub.rx.try_recv(), Ok(Push::Delta(d)) if d.from_version == 5));
+        assert!(stream.try_recv().is_err(), "nothing may reach the stream past a closed gate");
+        assert!(sub.open(6));
+        for v in 6..10 {
+            hub.fan_out(delta(v));
+        }
+        // A delta the agent already holds is skipped.
+        hub.fan_out(delta(3));
+        for v in 6..10 {
+            assert_eq!(sent_delta(stream.try_recv().ok()), (v, v + 1));
+        }
+        assert!(stream.try_recv().is_err());
+        assert!(sub.rx.is_empty(), "the session's task is not involved");
+        assert_eq!(sub.resume(0), 10, "the session resumes from what the hub sent");
+        let stats = hub.stats();
+        assert_eq!((stats.direct, stats.queued), (4, 1));
+    }
+
+    #[tokio::test]
+    async fn a_gap_closes_the_gate_and_later_pushes_queue_behind_it_in_order() {
+        let hub = Hub::new();
+        let (out, mut stream) = outbound(16);
+        let mut sub = hub.subscribe(Uuid::new_v4(), out);
+        assert!(sub.open(10));
+        hub.fan_out(delta(12)); // a gap: 10 → 12
+        hub.fan_out(delta(13)); // would continue 12 → 13, but must not overtake
+        hub.fan_out(Push::Allowlist(Arc::new(Allowlist::default())));
+        assert!(stream.try_recv().is_err(), "nothing overtakes a queued push");
+        assert!(matches!(sub.rx.try_recv(), Ok(Push::Delta(d)) if d.from_version == 12));
+        assert!(!sub.open(11), "the gate stays closed while pushes wait");
+        assert!(matches!(sub.rx.try_recv(), Ok(Push::Delta(d)) if d.from_version == 13));
+        assert!(matches!(sub.rx.try_recv(), Ok(Push::Allowlist(_))));
+        // The session caught up to 14 itself; the gate reopens there.
+        assert_eq!(sub.resume(10), 10, "the gate was never handed over since the session's own version");
+        assert!(sub.open(14));
+        hub.fan_out(delta(14));
+        assert_eq!(sent_delta(stream.try_recv().ok()), (14, 15));
+    }
+
+    #[tokio::test]
+    async fn revocations_go_ahead_of_their_delta_and_a_revoked_agent_is_queued() {
+        let hub = Hub::new();
+        let agent = Uuid::new_v4();
+        let (out, mut stream) = outbound(16);
+        let mut sub = hub.subscribe(agent, out);
+        assert!(sub.open(1));
+        let revoked = Arc::new(Revocations::default());
+        hub.fan_out(Push::Revocations { revoked: revoked.clone(), to_version: 1 });
+        hub.fan_out(Push::Revocations { revoked, to_version: 2 });
+        hub.fan_out(delta(1));
+        assert!(matches!(stream.try_recv(), Ok(Ok(ServerFrame { frame: Some(Out::Revocations(_)) }))));
+        assert_eq!(sent_delta(stream.try_recv().ok()), (1, 2));
+        assert!(stream.try_recv().is_err(), "revocations up to a version the agent holds are skipped");
+        assert!(hub.revoke(agent));
+        hub.fan_out(delta(2));
+        assert!(matches!(sub.rx.try_recv(), Ok(Push::Revoked)));
+        assert!(matches!(sub.rx.try_recv(), Ok(Push::Delta(d)) if d.from_version == 2));
+        assert!(stream.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_full_stream_falls_back_to_the_queue_and_an_overflow_to_a_snapshot() {
+        let hub = Hub::new();
+        let (slow_out, mut slow_stream) = outbound(2);
+        let (fast_out, mut fast_stream) = outbound(1);
+        let mut slow = hub.subscribe(Uuid::new_v4(), slow_out);
+        let mut fast = hub.subscribe(Uuid::new_v4(), fast_out);
+        assert!(slow.open(0) && fast.open(0));
         for v in 0..(AGENT_QUEUE as u64 + 10) {
             hub.fan_out(delta(v));
-            assert!(matches!(fast.rx.recv().await, Some(Push::Delta(d)) if d.from_version == v));
+            // The fast agent's session keeps its queue empty and reopens.
+            assert_eq!(sent_delta(fast_stream.recv().await), (v, v + 1));
+            assert!(fast.rx.is_empty());
         }
-        assert!(slow.take_lagged(), "overflowing agent must be resynchronised with a snapshot");
+        assert_eq!(fast.resume(0), AGENT_QUEUE as u64 + 10);
+        // The slow one: two deltas on its stream, the queue filled, then lagged.
+        assert_eq!(sent_delta(slow_stream.try_recv().ok()), (0, 1));
+        assert_eq!(sent_delta(slow_stream.try_recv().ok()), (1, 2));
+        assert_eq!(slow.rx.len(), AGENT_QUEUE);
+        assert!(slow.take_lagged(), "an overflowing agent must be resynchronised with a snapshot");
         assert!(!slow.take_lagged(), "the flag is taken once");
         assert!(!fast.take_lagged());
+        assert_eq!(slow.resume(0), 2, "the session continues from the last delta on its stream");
         assert_eq!(hub.stats().lagged, 1);
         assert_eq!(hub.stats().sessions, 2);
     }
@@ -421,8 +633,8 @@ mod tests {
     async fn newer_session_replaces_older_and_survives_its_drop() {
         let hub = Hub::new();
         let agent = Uuid::new_v4();
-        let mut old = hub.subscribe(agent);
-        let new = hub.subscribe(agent);
+        let mut old = hub.subscribe(agent, outbound(1).0);
+        let new = hub.subscribe(agent, outbound(1).0);
         assert!(old.rx.recv().await.is_none(), "the replaced session's channel closes");
         drop(old);
         assert_eq!(hub.stats().sessions, 1, "dropping the old session must not unregister the new one");

@@ -22,7 +22,11 @@
 //! - turns `LocalBlock` frames into fleet blocks, records heartbeats on the
 //!   agent's row and hands `Applied` reports (and the blocklist version of
 //!   heartbeats) to the batched writer of [`crate::applied`];
-//! - forwards blocklist changes from [`crate::push`], before the agent's
+//! - lets [`crate::push`] write deltas that continue the agent's version,
+//!   revocations and the allowlist straight onto its outbound stream while
+//!   this task has nothing of its own to send (see the gate there), and
+//!   handles what the hub queues for it instead (gaps, resyncs, its agent's
+//!   revocation, a full stream): before the agent's
 //!   next frame (an agent with a backlog always has one), but at most
 //!   [`PUSH_BURST`] in a row while a frame waits, and also while a batch
 //!   waits to be stored (the store is polled beside the pushes, not awaited;
@@ -481,9 +485,11 @@ impl Session {
                 push = sub.rx.recv() => match push {
                     Some(push) => {
                         pushes_in_row += 1;
+                        self.version = sub.resume(self.version);
                         if let Err(end) = self.push(&sub, push).await {
                             return end;
                         }
+                        sub.open(self.version);
                     }
                     None => return End::Status(Status::aborted("replaced by a newer session of the same agent")),
                 },
@@ -594,7 +600,7 @@ impl Session {
         self.last_seq = last_acked;
         // Register before reading the version, so that no change committed
         // from here on can be missed.
-        let sub = self.shared.hub.subscribe(agent_id);
+        let mut sub = self.shared.hub.subscribe(agent_id, self.tx.clone());
         info!(
             %agent_id, hostname = %Escaped(&hello.hostname), version = %Escaped(&hello.version),
             blocklist_version = hello.blocklist_version, last_acked, "Agent session open."
@@ -619,6 +625,8 @@ impl Session {
         } else if self.version < current {
             self.catch_up().await?;
         }
+        // From here the hub sends the agent what needs nothing of this task.
+        sub.open(self.version);
         Ok(sub)
     }
 

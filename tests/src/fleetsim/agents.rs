@@ -13,8 +13,9 @@
 //!   [`UPLINK_WINDOW`] unacked; an `Ack` removes its batch, `Welcome`'s
 //!   `last_acked_seq` those up to it; a new session resends the rest, so the
 //!   server stores each batch once;
-//! - deltas and snapshots are answered with `Applied`, heartbeats go out at
-//!   the `Welcome`'s interval;
+//! - deltas and snapshots are answered with one `Applied` after the agent's
+//!   jittered delay (`fleetban_agent::uplink::applied_delay`), covering every
+//!   change applied meanwhile; heartbeats go out at the `Welcome`'s interval;
 //! - a session that ends is reopened after `fleetban_agent::uplink::backoff`
 //!   (the agent's own jittered exponential backoff), reset by a `Welcome`.
 //!
@@ -44,6 +45,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use fleetban_agent::pipeline::PipelineOptions;
 use fleetban_agent::service::UPLINK_WINDOW;
+use fleetban_agent::uplink::applied_delay;
 use fleetban_proto::v1::agent_frame::Frame;
 use fleetban_proto::v1::agent_service_client::AgentServiceClient;
 use fleetban_proto::v1::server_frame::Frame as In;
@@ -157,8 +159,8 @@ pub struct Report {
     /// Session attempts per monotonic second since the previous report.
     pub attempts: BTreeMap<i64, u64>,
     /// Blocks whose delta reached every agent of this process since the
-    /// previous report: id → latest arrival (monotonic ns).
-    pub blocks: BTreeMap<i64, i64>,
+    /// previous report: id → (first, latest) arrival (monotonic ns).
+    pub blocks: BTreeMap<i64, (i64, i64)>,
 }
 
 #[derive(Debug)]
@@ -251,8 +253,8 @@ struct Stats {
     dropped_events: AtomicU64,
     sent_batches: AtomicU64,
     attempts: Mutex<BTreeMap<i64, u64>>,
-    /// Block id → (agents that got it, latest arrival).
-    arrivals: Mutex<HashMap<i64, (usize, i64)>>,
+    /// Block id → (agents that got it, first arrival, latest arrival).
+    arrivals: Mutex<HashMap<i64, (usize, i64, i64)>>,
 }
 
 struct Shared {
@@ -539,8 +541,8 @@ fn emit(hosts: &[Arc<Host>], shared: &Shared) {
     }
     let blocks = {
         let mut arrivals = lock(&s.arrivals);
-        let done: Vec<i64> = arrivals.iter().filter(|(_, (n, _))| *n >= shared.count).map(|(id, _)| *id).collect();
-        done.into_iter().filter_map(|id| arrivals.remove(&id).map(|(_, at)| (id, at))).collect()
+        let done: Vec<i64> = arrivals.iter().filter(|(_, (n, ..))| *n >= shared.count).map(|(id, _)| *id).collect();
+        done.into_iter().filter_map(|id| arrivals.remove(&id).map(|(_, first, last)| (id, (first, last)))).collect()
     };
     let report = Report {
         connected: s.connected.load(Ordering::Relaxed),
@@ -619,9 +621,10 @@ impl View {
         let mut arrivals = lock(&stats.arrivals);
         for id in blocks {
             if self.seen.insert(id) {
-                let e = arrivals.entry(id).or_insert((0, at));
+                let e = arrivals.entry(id).or_insert((0, at, at));
                 e.0 += 1;
-                e.1 = e.1.max(at);
+                e.1 = e.1.min(at);
+                e.2 = e.2.max(at);
             }
         }
     }
@@ -697,6 +700,12 @@ async fn session(host: &Host, shared: &Shared, view: &mut View, welcomed: &mut b
     let mut in_flight = 0usize;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(u64::from(welcome.heartbeat_secs.max(1))));
     heartbeat.reset();
+    // As the agent: what was applied is reported once, after
+    // `fleetban_agent::uplink::applied_delay`, for every change applied
+    // meanwhile.
+    let mut applied: Option<Applied> = None;
+    let applied_due = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(applied_due);
     loop {
         // Fill the window, regenerating each batch's events or taking its
         // stored content.
@@ -714,6 +723,11 @@ async fn session(host: &Host, shared: &Shared, view: &mut View, welcomed: &mut b
         tokio::select! {
             biased;
             () = stopped(&mut stop) => return Ok(()),
+            () = &mut applied_due, if applied.is_some() => {
+                if let Some(report) = applied.take() {
+                    tx.send(AgentFrame { frame: Some(Frame::Applied(report)) }).await?;
+                }
+            }
             frame = inbound.message() => {
                 let Some(frame) = frame? else { bail!("server closed the stream") };
                 match frame.frame {
@@ -737,9 +751,9 @@ async fn session(host: &Host, shared: &Shared, view: &mut View, welcomed: &mut b
                     Some(In::Delta(delta)) => {
                         view.arrived(delta.added.iter().map(|e| e.block_id), stats);
                         view.version = delta.to_version;
-                        if !shared.skip_applied {
-                            let applied = Applied { blocklist_version: view.version, firewall_entries: 0 };
-                            tx.send(AgentFrame { frame: Some(Frame::Applied(applied)) }).await?;
+                        let report = Applied { blocklist_version: view.version, firewall_entries: 0 };
+                        if !shared.skip_applied && applied.replace(report).is_none() {
+                            applied_due.as_mut().reset(tokio::time::Instant::now() + applied_delay());
                         }
                     }
                     Some(In::Snapshot(snapshot)) => {
@@ -748,9 +762,9 @@ async fn session(host: &Host, shared: &Shared, view: &mut View, welcomed: &mut b
                         view.arrived(snapshot.entries.iter().map(|e| e.block_id), stats);
                         view.version = snapshot.version;
                         let entries = snapshot.entries.len() as u64;
-                        if !shared.skip_applied {
-                            let applied = Applied { blocklist_version: view.version, firewall_entries: entries };
-                            tx.send(AgentFrame { frame: Some(Frame::Applied(applied)) }).await?;
+                        let report = Applied { blocklist_version: view.version, firewall_entries: entries };
+                        if !shared.skip_applied && applied.replace(report).is_none() {
+                            applied_due.as_mut().reset(tokio::time::Instant::now() + applied_delay());
                         }
                     }
                     _ => {}

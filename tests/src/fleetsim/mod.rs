@@ -197,6 +197,9 @@ pub struct FleetResult {
     pub propagation_p50_ms: f64,
     pub propagation_p99_ms: f64,
     pub propagation_max_ms: f64,
+    /// Commit to the first agent that got the block, p50 / p99 over blocks.
+    pub propagation_first_p50_ms: f64,
+    pub propagation_first_p99_ms: f64,
     pub storm_signal: String,
     pub storm_skipped: bool,
     pub skip_applied: bool,
@@ -224,6 +227,8 @@ pub struct FleetResult {
     pub idle_propagation_p50_ms: f64,
     pub idle_propagation_p99_ms: f64,
     pub idle_propagation_max_ms: f64,
+    pub idle_propagation_first_p50_ms: f64,
+    pub idle_propagation_first_p99_ms: f64,
     pub idle_blocks_incomplete: usize,
     pub drained: bool,
 }
@@ -322,6 +327,7 @@ pub async fn run(url: &str, args: FleetArgs) -> anyhow::Result<FleetResult> {
     let idle = propagation(&state, &idle_blocks, processes).await;
     (result.idle_propagation_p50_ms, result.idle_propagation_p99_ms, result.idle_propagation_max_ms) =
         (idle.p50, idle.p99, idle.max);
+    (result.idle_propagation_first_p50_ms, result.idle_propagation_first_p99_ms) = (idle.first_p50, idle.first_p99);
     result.idle_blocks_incomplete = idle.incomplete;
 
     // 2. Traffic: warm-up, then the measured window with blocks.
@@ -364,6 +370,7 @@ pub async fn run(url: &str, args: FleetArgs) -> anyhow::Result<FleetResult> {
     result.blocks_committed = committed.len();
     (result.propagation_p50_ms, result.propagation_p99_ms, result.propagation_max_ms) =
         (loaded.p50, loaded.p99, loaded.max);
+    (result.propagation_first_p50_ms, result.propagation_first_p99_ms) = (loaded.first_p50, loaded.first_p99);
     result.blocks_incomplete = loaded.incomplete;
 
     // 3. The reconnect storm.
@@ -447,6 +454,9 @@ struct Propagation {
     p50: f64,
     p99: f64,
     max: f64,
+    /// Time from commit to the first agent: what the fan-out does not cost.
+    first_p50: f64,
+    first_p99: f64,
     /// Blocks some agent had not received within the wait.
     incomplete: usize,
 }
@@ -458,29 +468,35 @@ async fn propagation(state: &Mutex<FleetState>, blocks: &[(i64, i64)], processes
     loop {
         let done = {
             let s = lock(state);
-            blocks.iter().all(|(id, _)| s.blocks.get(id).is_some_and(|(n, _)| *n >= processes))
+            blocks.iter().all(|(id, _)| s.blocks.get(id).is_some_and(|(n, ..)| *n >= processes))
         };
         if done || Instant::now() > limit {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut delays = Vec::new();
+    let (mut delays, mut firsts) = (Vec::new(), Vec::new());
     let mut incomplete = 0;
     {
         let s = lock(state);
         for (id, at) in blocks {
             match s.blocks.get(id) {
-                Some((n, last)) if *n >= processes => delays.push((last - at) as f64 / 1e6),
+                Some((n, first, last)) if *n >= processes => {
+                    delays.push((last - at) as f64 / 1e6);
+                    firsts.push((first - at) as f64 / 1e6);
+                }
                 _ => incomplete += 1,
             }
         }
     }
     delays.sort_by(f64::total_cmp);
+    firsts.sort_by(f64::total_cmp);
     Propagation {
         p50: percentile(&delays, 0.5),
         p99: percentile(&delays, 0.99),
         max: percentile(&delays, 1.0),
+        first_p50: percentile(&firsts, 0.5),
+        first_p99: percentile(&firsts, 0.99),
         incomplete,
     }
 }
@@ -640,6 +656,10 @@ pub fn print(r: &FleetResult) {
             ),
         ),
         (
+            "idle: commit to the first agent p50 / p99".into(),
+            format!("{:.1} / {:.1} ms", r.idle_propagation_first_p50_ms, r.idle_propagation_first_p99_ms),
+        ),
+        (
             "propagation to all agents under traffic p50 / p99 / max".into(),
             format!(
                 "{:.1} / {:.1} / {:.1} ms ({} blocks, {} incomplete)",
@@ -649,6 +669,10 @@ pub fn print(r: &FleetResult) {
                 r.blocks_committed,
                 r.blocks_incomplete
             ),
+        ),
+        (
+            "under traffic: commit to the first agent p50 / p99".into(),
+            format!("{:.1} / {:.1} ms", r.propagation_first_p50_ms, r.propagation_first_p99_ms),
         ),
         (
             format!("reconnect storm ({}): restart / all back", r.storm_signal),
@@ -852,8 +876,9 @@ pub struct Totals {
 struct FleetState {
     latest: HashMap<usize, Report>,
     attempts: BTreeMap<i64, u64>,
-    /// Block id → (simulators whose every agent got it, latest arrival).
-    blocks: HashMap<i64, (usize, i64)>,
+    /// Block id → (simulators whose every agent got it, first arrival,
+    /// latest arrival).
+    blocks: HashMap<i64, (usize, i64, i64)>,
 }
 
 fn totals(state: &Mutex<FleetState>) -> Totals {
@@ -953,10 +978,11 @@ impl Sim {
                 for (sec, n) in &report.attempts {
                     *s.attempts.entry(*sec).or_default() += n;
                 }
-                for (id, at) in &report.blocks {
-                    let e = s.blocks.entry(*id).or_insert((0, *at));
+                for (id, (first, last)) in &report.blocks {
+                    let e = s.blocks.entry(*id).or_insert((0, *first, *last));
                     e.0 += 1;
-                    e.1 = e.1.max(*at);
+                    e.1 = e.1.min(*first);
+                    e.2 = e.2.max(*last);
                 }
                 s.latest.insert(index, report);
             }
