@@ -87,6 +87,22 @@ pub enum Push {
     Revoked,
 }
 
+/// What became of one push offered to one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Offered {
+    /// Written onto the session's stream.
+    Direct,
+    /// Queued for the session's task.
+    Queued,
+    /// Not needed (the agent holds it), or dropped for a session already
+    /// marked lagged.
+    Skipped,
+    /// Dropped; the session was marked lagged and sends a snapshot.
+    Lagged,
+    /// The session is ending.
+    Gone,
+}
+
 /// A session's outbound stream, as the hub writes to it directly.
 pub type Outbound = mpsc::Sender<Result<ServerFrame, Status>>;
 
@@ -275,22 +291,34 @@ impl Hub {
 
     /// Offers `push` to every session without waiting for any.
     fn fan_out(&self, push: Push) {
-        let sessions = lock(&self.inner.sessions);
-        for (agent_id, r) in sessions.iter() {
-            self.offer(agent_id, r, &push);
+        let (mut direct, mut queued, mut lagged) = (0u64, 0u64, 0u64);
+        {
+            let sessions = lock(&self.inner.sessions);
+            for (agent_id, r) in sessions.iter() {
+                match self.offer(agent_id, r, &push) {
+                    Offered::Direct => direct += 1,
+                    Offered::Queued => queued += 1,
+                    Offered::Lagged => lagged += 1,
+                    Offered::Skipped | Offered::Gone => {}
+                }
+            }
         }
+        // Once per fan-out, not per session: the counters are looked up by name.
+        metrics::counter!(crate::telemetry::PUSH_DELIVERIES, "path" => "direct").increment(direct);
+        metrics::counter!(crate::telemetry::PUSH_DELIVERIES, "path" => "queued").increment(queued);
+        metrics::counter!(crate::telemetry::PUSH_LAGGED).increment(lagged);
     }
 
     /// Delivers `push` to one session: straight onto its stream while its
     /// gate is open and the push needs nothing of the session, otherwise
     /// through its queue (closing the gate, so later pushes queue behind).
-    fn offer(&self, agent_id: &Uuid, r: &Registered, push: &Push) {
+    fn offer(&self, agent_id: &Uuid, r: &Registered, push: &Push) -> Offered {
         let mut gate = lock(&r.shared.gate);
         if gate.open {
             let frame = match push {
-                Push::Delta(delta) if delta.to_version <= gate.version => return,
+                Push::Delta(delta) if delta.to_version <= gate.version => return Offered::Skipped,
                 Push::Delta(delta) if delta.from_version == gate.version => Some(Out::Delta((**delta).clone())),
-                Push::Revocations { to_version, .. } if *to_version <= gate.version => return,
+                Push::Revocations { to_version, .. } if *to_version <= gate.version => return Offered::Skipped,
                 Push::Revocations { revoked, .. } => Some(Out::Revocations((**revoked).clone())),
                 Push::Allowlist(list) => Some(Out::Allowlist((**list).clone())),
                 Push::Delta(_) | Push::Resync | Push::Revoked => None,
@@ -302,21 +330,24 @@ impl Hub {
                     gate.version = delta.to_version;
                 }
                 self.inner.direct.fetch_add(1, Ordering::Relaxed);
-                return;
+                return Offered::Direct;
             }
             gate.open = false;
         }
         match r.tx.try_send(push.clone()) {
             Ok(()) => {
                 self.inner.queued.fetch_add(1, Ordering::Relaxed);
+                Offered::Queued
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 if !r.shared.lagged.swap(true, Ordering::AcqRel) {
                     self.inner.lagged.fetch_add(1, Ordering::Relaxed);
                     debug!(%agent_id, "Agent's push queue is full; it will get a snapshot.");
+                    return Offered::Lagged;
                 }
+                Offered::Skipped
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => Offered::Gone,
         }
     }
 }

@@ -16,6 +16,12 @@ pub const INGEST_BATCHES: &str = "fleetban_ingest_batches_total";
 pub const INGEST_GROUP_COMMITS: &str = "fleetban_ingest_group_commits_total";
 /// Seconds from a block change's commit to its delivery to an agent.
 pub const PUSH_LAG: &str = "fleetban_push_lag_seconds";
+/// Pushes delivered to sessions, by `path`: `direct` (the hub wrote them
+/// onto the session's stream) or `queued` (the session's task handled them:
+/// a gap, a resync, a full stream).
+pub const PUSH_DELIVERIES: &str = "fleetban_push_deliveries_total";
+/// Times an agent's push queue overflowed, so it gets a snapshot instead.
+pub const PUSH_LAGGED: &str = "fleetban_push_lagged_total";
 /// Agent sessions open on this replica.
 pub const AGENT_SESSIONS: &str = "fleetban_agent_sessions";
 /// Refreshes of blocklist feeds and ASN rules, by `feed` and `outcome`

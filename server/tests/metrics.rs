@@ -36,6 +36,12 @@ async fn metrics_expose_facade_and_fleet_values(pool: PgPool) {
         assert!(std::time::Instant::now() < deadline, "push listener never listened");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // A connected session that is up to date: the block goes straight onto
+    // its stream.
+    let version = fleetban_server::blocks::current_version(&pool).await.unwrap();
+    let (out, mut stream) = tokio::sync::mpsc::channel(16);
+    let mut sub = hub.subscribe(uuid::Uuid::new_v4(), out);
+    assert!(sub.open(version));
     let app = api::router(AppState::new(pool.clone(), CorrelateConfig::default()).with_stats(stats));
     let t = common::tokens(&pool).await;
     common::agent(&pool, "mx1", "mx1.example.net", true, &[]).await;
@@ -75,9 +81,22 @@ async fn metrics_expose_facade_and_fleet_values(pool: PgPool) {
         "fleetban_db_pool_connections{state=\"idle\"}",
         "fleetban_http_requests_total{method=\"POST\",route=\"/api/v1/blocks\",status=\"201\"} 1",
         "fleetban_http_request_duration_seconds_bucket",
+        "fleetban_push_deliveries_total{path=\"direct\"}",
+        "fleetban_push_lagged_total 0",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
+    let direct: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fleetban_push_deliveries_total{path=\"direct\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("direct deliveries counted");
+    assert!(direct >= 1, "the block was delivered directly: {direct}");
+    let mut delta = false;
+    while let Ok(Ok(frame)) = stream.try_recv() {
+        delta |= matches!(frame.frame, Some(fleetban_proto::v1::server_frame::Frame::Delta(_)));
+    }
+    assert!(delta, "the session's stream got the delta");
     let _ = stop.send(());
     listener.await.unwrap();
 }

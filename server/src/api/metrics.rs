@@ -101,6 +101,14 @@ fn describe() {
         "Ingest transactions committed, each with one or more agents' batches."
     );
     metrics::describe_histogram!(PUSH_LAG, metrics::Unit::Seconds, "Block change commit to delivery to an agent.");
+    metrics::describe_counter!(
+        crate::telemetry::PUSH_DELIVERIES,
+        "Pushes delivered to agent sessions, by path (direct onto the stream, or queued for the session)."
+    );
+    metrics::describe_counter!(
+        crate::telemetry::PUSH_LAGGED,
+        "Agent push queues that overflowed (the agent gets a snapshot instead)."
+    );
     metrics::describe_gauge!(AGENT_SESSIONS, "Agent sessions open on this replica.");
     metrics::describe_gauge!(crate::telemetry::REPLICA_LEADER, "1 while this replica leads the fleet-wide sweeps.");
     metrics::describe_gauge!(crate::telemetry::REPLICA_INFO, "This replica's name and id (always 1).");
