@@ -277,33 +277,32 @@ impl Hub {
     /// without waiting; a session whose queue is full is cut off by its
     /// next heartbeat instead (the session checks revocation there too).
     pub fn revoke(&self, agent_id: Uuid) -> bool {
-        let sessions = lock(&self.inner.sessions);
-        sessions.get(&agent_id).is_some_and(|r| {
-            let mut gate = lock(&r.shared.gate);
-            gate.open = false;
-            let queued = r.tx.try_send(Push::Revoked).is_ok();
-            if queued {
-                self.inner.queued.fetch_add(1, Ordering::Relaxed);
-            }
-            queued
-        })
+        let offered = lock(&self.inner.sessions).get(&agent_id).map(|r| self.offer(&agent_id, r, &Push::Revoked));
+        self.count([offered.unwrap_or(Offered::Gone)]);
+        offered == Some(Offered::Queued)
     }
 
     /// Offers `push` to every session without waiting for any.
     fn fan_out(&self, push: Push) {
+        let sessions = lock(&self.inner.sessions);
+        self.count(sessions.iter().map(|(agent_id, r)| self.offer(agent_id, r, &push)));
+    }
+
+    /// Adds what became of pushes to the hub's counters and the metrics
+    /// (once per fan-out, not per session: the metrics are looked up by name).
+    fn count(&self, offered: impl IntoIterator<Item = Offered>) {
         let (mut direct, mut queued, mut lagged) = (0u64, 0u64, 0u64);
-        {
-            let sessions = lock(&self.inner.sessions);
-            for (agent_id, r) in sessions.iter() {
-                match self.offer(agent_id, r, &push) {
-                    Offered::Direct => direct += 1,
-                    Offered::Queued => queued += 1,
-                    Offered::Lagged => lagged += 1,
-                    Offered::Skipped | Offered::Gone => {}
-                }
+        for o in offered {
+            match o {
+                Offered::Direct => direct += 1,
+                Offered::Queued => queued += 1,
+                Offered::Lagged => lagged += 1,
+                Offered::Skipped | Offered::Gone => {}
             }
         }
-        // Once per fan-out, not per session: the counters are looked up by name.
+        self.inner.direct.fetch_add(direct, Ordering::Relaxed);
+        self.inner.queued.fetch_add(queued, Ordering::Relaxed);
+        self.inner.lagged.fetch_add(lagged, Ordering::Relaxed);
         metrics::counter!(crate::telemetry::PUSH_DELIVERIES, "path" => "direct").increment(direct);
         metrics::counter!(crate::telemetry::PUSH_DELIVERIES, "path" => "queued").increment(queued);
         metrics::counter!(crate::telemetry::PUSH_LAGGED).increment(lagged);
@@ -329,19 +328,14 @@ impl Hub {
                 if let Push::Delta(delta) = push {
                     gate.version = delta.to_version;
                 }
-                self.inner.direct.fetch_add(1, Ordering::Relaxed);
                 return Offered::Direct;
             }
             gate.open = false;
         }
         match r.tx.try_send(push.clone()) {
-            Ok(()) => {
-                self.inner.queued.fetch_add(1, Ordering::Relaxed);
-                Offered::Queued
-            }
+            Ok(()) => Offered::Queued,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 if !r.shared.lagged.swap(true, Ordering::AcqRel) {
-                    self.inner.lagged.fetch_add(1, Ordering::Relaxed);
                     debug!(%agent_id, "Agent's push queue is full; it will get a snapshot.");
                     return Offered::Lagged;
                 }
