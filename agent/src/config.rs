@@ -286,11 +286,25 @@ pub struct SpoolConfig {
     /// 1 to 10000. Default: 100.
     #[serde(default = "default_spool_fsync_ms")]
     pub fsync_ms: u64,
+    /// How long a batch that holds only context (accepted mail, logins,
+    /// connects, session ends and the summaries of `[aggregate]`) waits for
+    /// more lines before it is sent, in milliseconds. A batch with an abuse
+    /// line is sent 100 ms after that line, together with every context line
+    /// before it. The server decides on abuse lines only and judges good
+    /// standing over days, so context can wait; a busy host then sends about
+    /// one batch per this interval instead of ten per second. 100 to 10000.
+    /// Default: 1000.
+    #[serde(default = "default_spool_context_batch_ms")]
+    pub context_batch_ms: u64,
 }
 
 impl Default for SpoolConfig {
     fn default() -> Self {
-        Self { max_bytes: default_spool_max_bytes(), fsync_ms: default_spool_fsync_ms() }
+        Self {
+            max_bytes: default_spool_max_bytes(),
+            fsync_ms: default_spool_fsync_ms(),
+            context_batch_ms: default_spool_context_batch_ms(),
+        }
     }
 }
 
@@ -448,6 +462,10 @@ fn default_spool_max_bytes() -> u64 {
 
 fn default_spool_fsync_ms() -> u64 {
     100
+}
+
+fn default_spool_context_batch_ms() -> u64 {
+    1000
 }
 
 fn default_reconcile_secs() -> u64 {
@@ -636,6 +654,12 @@ impl AgentConfig {
         if !(1..=10_000).contains(&self.spool.fsync_ms) {
             return Err(("spool.fsync_ms".into(), "must be between 1 and 10000 milliseconds".into()));
         }
+        if !(100..=10_000).contains(&self.spool.context_batch_ms) {
+            return Err((
+                "spool.context_batch_ms".into(),
+                "must be between 100 and 10000 milliseconds (abuse lines are always sent after 100 ms)".into(),
+            ));
+        }
         if !(5..=86_400).contains(&self.firewall.reconcile_secs) {
             return Err(("firewall.reconcile_secs".into(), "must be between 5 and 86400 seconds".into()));
         }
@@ -806,6 +830,7 @@ mod tests {
         assert_eq!(config.sources[0].start_at, StartAt::End);
         assert_eq!(config.spool.max_bytes, 536_870_912);
         assert_eq!(config.spool.fsync_ms, 100);
+        assert_eq!(config.spool.context_batch_ms, 1000);
         assert_eq!(config.firewall.backend, FirewallBackend::Nftables);
         assert_eq!(config.firewall.scope, FirewallScope::Smtp);
         assert!(config.allowlist.cidrs.is_empty());
@@ -845,6 +870,7 @@ mod tests {
         assert_eq!(config.timezone, "local");
         assert_eq!(config.spool.max_bytes, 512 * 1024 * 1024);
         assert_eq!(config.spool.fsync_ms, 100);
+        assert_eq!(config.spool.context_batch_ms, 1000);
         assert_eq!(config.firewall.backend, FirewallBackend::Nftables);
         assert_eq!(config.firewall.scope, FirewallScope::Smtp);
         assert!(config.sources.is_empty());
@@ -928,6 +954,8 @@ cidrs = ["192.0.2.0/24", "2001:db8::1"]
             ("servers = \"https://a.example:1\"\n", "servers"),
             ("[spool]\nmax_bytes = 10\n", "spool.max_bytes"),
             ("[spool]\nfsync_ms = 0\n", "spool.fsync_ms"),
+            ("[spool]\ncontext_batch_ms = 50\n", "spool.context_batch_ms"),
+            ("[spool]\ncontext_batch_ms = 60000\n", "spool.context_batch_ms"),
             ("[spool]\nfsync_ms = \"fast\"\n", "fsync_ms"),
             ("[spool]\nmax_byte = 10\n", "max_byte"),
             ("[firewall]\nbackend = \"pf\"\n", "backend"),

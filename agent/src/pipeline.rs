@@ -10,7 +10,10 @@
 //!   inotify or every [`crate::tail::POLL_INTERVAL`], and sends chunks of
 //!   whole lines.
 //! - The **parse** thread turns lines into events and cuts a batch after
-//!   `batch_events` events or when its first event is `batch_age` old. A
+//!   `batch_events` events, when its first abuse event is `batch_age` old,
+//!   or when its first event or summary is `context_batch_age` old (a batch
+//!   of context only: standing lines and summaries, which no decision waits
+//!   for; see [`PipelineOptions::context_batch_age`]). A
 //!   batch carries the position just past the last line it covers (lines
 //!   without events included); when lines yield no events at all, the
 //!   position alone is sent on.
@@ -116,8 +119,19 @@ pub struct SourceSpec {
 pub struct PipelineOptions {
     /// A batch is cut after this many events.
     pub batch_events: usize,
-    /// ... or when its first event is this old.
+    /// ... or when its first abuse event (any kind that is not summarised
+    /// context, [`EventKind::is_summarised`]) is this old ...
     pub batch_age: Duration,
+    /// ... or when its first event or summary is this old (never sooner
+    /// than `batch_age`). The server decides on abuse events only; context
+    /// (good standing, the dashboard's series) is read as counts, and an
+    /// address's standing is judged over days. A host's context lines
+    /// therefore wait up to this long, and a busy host sends a batch about
+    /// this often instead of every `batch_age`. An abuse line cuts the
+    /// batch `batch_age` after it with every standing line before it, so
+    /// the server never sees a host's abuse before the same host's earlier
+    /// accepted mail or login.
+    pub context_batch_age: Duration,
     /// Group-commit interval of the spool.
     pub fsync_interval: Duration,
     /// Use inotify (otherwise poll every `poll_interval`).
@@ -137,6 +151,7 @@ impl Default for PipelineOptions {
         Self {
             batch_events: 1000,
             batch_age: Duration::from_millis(100),
+            context_batch_age: DEFAULT_CONTEXT_BATCH_AGE,
             fsync_interval: Duration::from_millis(100),
             watch: true,
             poll_interval: crate::tail::POLL_INTERVAL,
@@ -146,6 +161,9 @@ impl Default for PipelineOptions {
         }
     }
 }
+
+/// Default [`PipelineOptions::context_batch_age`].
+pub const DEFAULT_CONTEXT_BATCH_AGE: Duration = Duration::from_secs(1);
 
 /// Counters of a running pipeline.
 #[derive(Debug, Default)]
@@ -336,6 +354,8 @@ struct Batcher {
     summaries: Vec<ContextSummary>,
     /// When the oldest pending event or summary was added.
     first_event_at: Option<Instant>,
+    /// When the oldest pending abuse event was added.
+    first_abuse_at: Option<Instant>,
     /// Position just past the last line turned into events (or none).
     position: Option<Position>,
     /// The last position handed on (in a batch or alone).
@@ -366,6 +386,7 @@ impl Batcher {
             events: Vec::with_capacity(options.batch_events),
             summaries: Vec::new(),
             first_event_at: None,
+            first_abuse_at: None,
             position: None,
             sent: None,
             sent_open_from: None,
@@ -387,7 +408,7 @@ impl Batcher {
 
     fn run(&mut self, chunks: Receiver<Chunk>, parser: &mut dyn LineParser) {
         loop {
-            let batch_wait = self.first_event_at.map(|first| self.options.batch_age.saturating_sub(first.elapsed()));
+            let batch_wait = self.cut_due().map(|due| due.saturating_duration_since(Instant::now()));
             let flush_wait = match (self.replay_until, self.aggregator.deadline_ms()) {
                 (None, Some(deadline)) => {
                     Some(Duration::from_millis(u64::try_from(deadline.saturating_sub(now_ms())).unwrap_or(0)))
@@ -484,8 +505,10 @@ impl Batcher {
                 } else {
                     event
                 };
-                if self.first_event_at.is_none() {
-                    self.first_event_at = Some(Instant::now());
+                let now = Instant::now();
+                self.first_event_at.get_or_insert(now);
+                if !EventKind::try_from(event.kind).is_ok_and(EventKind::is_summarised) {
+                    self.first_abuse_at.get_or_insert(now);
                 }
                 self.events.push(event);
                 if self.events.len() >= self.options.batch_events {
@@ -506,7 +529,7 @@ impl Batcher {
             self.end_replay();
         }
         self.position = Some(chunk.end());
-        if self.first_event_at.is_some_and(|first| first.elapsed() >= self.options.batch_age) {
+        if self.cut_due().is_some_and(|due| due <= Instant::now()) {
             return self.cut();
         }
         if self.events.is_empty()
@@ -568,9 +591,22 @@ impl Batcher {
         if self.aggregator.is_empty() { None } else { self.open_from }
     }
 
+    /// When the pending batch is to be cut: `batch_age` after its first
+    /// abuse event, `context_batch_age` after its first content.
+    fn cut_due(&self) -> Option<Instant> {
+        let context_age = self.options.context_batch_age.max(self.options.batch_age);
+        let context = self.first_event_at.map(|first| first + context_age);
+        let abuse = self.first_abuse_at.map(|first| first + self.options.batch_age);
+        match (context, abuse) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Sends the pending batch, if any.
     fn cut(&mut self) -> bool {
         self.first_event_at = None;
+        self.first_abuse_at = None;
         if self.events.is_empty() && self.summaries.is_empty() {
             return true;
         }
@@ -898,6 +934,63 @@ mod tests {
         );
         let position = crate::spool::inspect(&spool_dir).unwrap().positions[&key].clone();
         assert_eq!(position.open_from, None, "a shutdown flushes every open summary");
+    }
+
+    /// A legitimate sender's accepted mail waits for the context age; when
+    /// the same address then fails a login on this host (a user mistyping
+    /// a password on an office NAT that also delivers mail), the abuse line
+    /// is sent within `batch_age` and the standing line travels with it,
+    /// ahead of it.
+    #[test]
+    fn context_waits_and_an_abuse_line_goes_out_at_once_behind_the_standing_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let spool_dir = dir.path().join("spool");
+        std::fs::write(&log, "").unwrap();
+        let (spool, _) = Spool::open(&spool_dir, SpoolOptions::with_max_bytes(1 << 20)).unwrap();
+        let sources = [SourceSpec { path: log.clone(), start_at: StartAt::Beginning, kind: LogKind::Exim }];
+        let options = PipelineOptions {
+            batch_age: Duration::from_millis(100),
+            context_batch_age: Duration::from_millis(1500),
+            ..options()
+        };
+        let pipeline = Pipeline::start(spool, &sources, |_| kind_parser(), options).unwrap();
+        let batches = || pipeline.stats().batches.load(Ordering::Relaxed);
+        let append = |line: String| {
+            let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+            writeln!(file, "{line}").unwrap();
+        };
+
+        append(format!("acc 192.0.2.7 {}", now_ms()));
+        wait_for(|| pipeline.stats().lines.load(Ordering::Relaxed) >= 1);
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(batches(), 0, "a batch of context only waits for the context age");
+        append(format!("abuse 192.0.2.7 {}", now_ms()));
+        let written = Instant::now();
+        wait_for(|| batches() >= 1);
+        assert!(
+            written.elapsed() < Duration::from_millis(900),
+            "an abuse line is sent after batch_age, not the context age ({:?})",
+            written.elapsed()
+        );
+
+        append(format!("acc 198.51.100.1 {}", now_ms()));
+        let written = Instant::now();
+        wait_for(|| batches() >= 2);
+        assert!(
+            written.elapsed() >= Duration::from_millis(1300),
+            "context alone is sent after the context age ({:?})",
+            written.elapsed()
+        );
+        pipeline.shutdown().unwrap();
+
+        let records: Vec<_> = read_all(&spool_dir).unwrap().into_iter().filter(|b| !b.events.is_empty()).collect();
+        let kinds: Vec<Vec<i32>> = records.iter().map(|b| b.events.iter().map(|e| e.kind).collect()).collect();
+        assert_eq!(
+            kinds,
+            vec![vec![EventKind::Accepted as i32, EventKind::AuthFailed as i32], vec![EventKind::Accepted as i32]],
+            "the standing line goes out with the abuse line, ahead of it"
+        );
     }
 
     #[test]

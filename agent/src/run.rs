@@ -74,6 +74,7 @@ pub fn open_spool(config: &AgentConfig) -> Result<Spool, RunError> {
 pub fn pipeline_options(config: &AgentConfig) -> PipelineOptions {
     PipelineOptions {
         fsync_interval: Duration::from_millis(config.spool.fsync_ms),
+        context_batch_age: Duration::from_millis(config.spool.context_batch_ms),
         aggregate: config.aggregate,
         ..PipelineOptions::default()
     }

@@ -49,7 +49,7 @@ use fleetban_agent::uplink::applied_delay;
 use fleetban_proto::v1::agent_frame::Frame;
 use fleetban_proto::v1::agent_service_client::AgentServiceClient;
 use fleetban_proto::v1::server_frame::Frame as In;
-use fleetban_proto::v1::{AgentFrame, Applied, EventBatch, Heartbeat, Hello};
+use fleetban_proto::v1::{AgentFrame, Applied, EventBatch, EventKind, Heartbeat, Hello};
 use fleetban_server::session::{AGENT_ID_HEADER, AGENT_SECRET_HEADER};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
@@ -63,6 +63,12 @@ use super::traffic::{ContextMode, FleetModel, Flushed, HostOutput, HostProfile, 
 /// Most batches a simulated spool holds; the oldest beyond are dropped and
 /// counted, as the agent's bounded spool does.
 pub const SPOOL_MAX_BATCHES: usize = 6_000;
+
+/// Most bytes of batch content (summarised mode: events and summaries as
+/// encoded) a simulated spool holds; beyond, the oldest batches are dropped
+/// and counted. 256 KiB per host bounds a simulator of 2,500 hosts to about
+/// 640 MB of spooled content when the server falls behind.
+pub const SPOOL_MAX_CONTENT_BYTES: usize = 256 * 1024;
 
 /// Longest wait for a connection, then for the `Welcome`.
 const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -176,6 +182,8 @@ struct Pending {
     /// The batch's content as cut (summarised mode); `None`: regenerated
     /// from the numbers above.
     content: Option<Box<Flushed>>,
+    /// Encoded size of `content`.
+    bytes: usize,
     acked: bool,
 }
 
@@ -191,12 +199,16 @@ impl Pending {
             summaries: 0,
             summary_lines: 0,
             content: None,
+            bytes: 0,
             acked: false,
         }
     }
 
     /// A batch whose content is kept (summarised mode).
     fn stored(seq: u64, time_ms: i64, content: Flushed) -> Pending {
+        use prost::Message as _;
+        let bytes = content.events.iter().map(|e| e.encoded_len()).sum::<usize>()
+            + content.summaries.iter().map(|s| s.encoded_len()).sum::<usize>();
         Pending {
             seq,
             time_ms,
@@ -206,6 +218,7 @@ impl Pending {
             summaries: content.summaries.len() as u32,
             summary_lines: content.summary_lines(),
             content: Some(Box::new(content)),
+            bytes,
             acked: false,
         }
     }
@@ -222,6 +235,21 @@ struct Spool {
     /// The highest seq the current session has sent.
     sent: u64,
     pending: VecDeque<Pending>,
+    /// Sum of the pending batches' `bytes`.
+    bytes: usize,
+}
+
+impl Spool {
+    fn push(&mut self, p: Pending) {
+        self.bytes += p.bytes;
+        self.pending.push_back(p);
+    }
+
+    fn pop(&mut self) -> Option<Pending> {
+        let p = self.pending.pop_front()?;
+        self.bytes -= p.bytes;
+        Some(p)
+    }
 }
 
 struct Host {
@@ -321,7 +349,7 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<()> {
             id: id.to_owned(),
             secret: secret.to_owned(),
             source: source_address(index),
-            spool: Mutex::new(Spool { next_seq: 1, sent: 0, pending: VecDeque::new() }),
+            spool: Mutex::new(Spool { next_seq: 1, sent: 0, pending: VecDeque::new(), bytes: 0 }),
             wake: Notify::new(),
         }));
     }
@@ -346,7 +374,14 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<()> {
         let delay = Duration::from_millis(fastrand::u64(0..=args.ramp_ms));
         tasks.spawn(async move { agent(host, shared, delay).await });
     }
-    let generator = tokio::spawn(generate(hosts.clone(), shared.clone(), traffic.clone()));
+    let generator_stop = Arc::new(AtomicBool::new(false));
+    let generator = {
+        let (hosts, shared, traffic, stop) = (hosts.clone(), shared.clone(), traffic.clone(), generator_stop.clone());
+        std::thread::Builder::new()
+            .name("fleetsim-generator".into())
+            .spawn(move || generate(hosts, shared, traffic, stop))
+            .context("start the generator thread")?
+    };
     let reporter = tokio::spawn(report(hosts.clone(), shared.clone()));
 
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -370,7 +405,10 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<()> {
         }
     }
     let _ = stop_tx.send(true);
-    generator.abort();
+    generator_stop.store(true, Ordering::Relaxed);
+    if generator.join().is_err() {
+        tracing::warn!("The generator thread panicked.");
+    }
     let drained =
         tokio::time::timeout(Duration::from_secs(5), async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
@@ -382,21 +420,53 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every `batch_age`, cuts each host's new events into batches.
-async fn generate(hosts: Vec<Arc<Host>>, shared: Arc<Shared>, traffic: Arc<AtomicBool>) {
+/// What a host logged and has not cut into a batch yet: the agent's pending
+/// batch, cut `batch_age` after an abuse line (the generator's tick) and
+/// `context_batch_age` after its first content.
+#[derive(Debug, Default)]
+struct OpenBatch {
+    /// Wall-clock time of its first content, unix ms.
+    since_ms: Option<i64>,
+    /// Individual mode: lines of each class.
+    context: u32,
+    abuse: u32,
+    /// Summarised mode: what the aggregator let through.
+    content: Flushed,
+}
+
+impl OpenBatch {
+    fn lines(&self) -> u64 {
+        u64::from(self.context + self.abuse) + self.content.events.len() as u64 + self.content.summary_lines()
+    }
+}
+
+/// Every `batch_age`, turns what each host logged meanwhile into what its
+/// agent spools, on a thread of its own: the hosts' log writing and the
+/// agents' parsing happen on the hosts' own CPUs, so here they must not hold
+/// up the session tasks of the runtime (a tick of 2,500 hosts takes tens of
+/// milliseconds). Stops when `stop` is set.
+fn generate(hosts: Vec<Arc<Host>>, shared: Arc<Shared>, traffic: Arc<AtomicBool>, stop: Arc<AtomicBool>) {
     let options = PipelineOptions::default();
     let max_events = options.batch_events as u32;
+    let context_age_ms = i64::try_from(options.context_batch_age.max(options.batch_age).as_millis()).unwrap_or(1000);
     let mut rng = fastrand::Rng::with_seed(shared.model.seed ^ hosts.len() as u64);
-    let mut tick = tokio::time::interval(options.batch_age);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let stats = &shared.stats;
     let mut summarising: Vec<Option<SummarisingHost>> = hosts
         .iter()
         .map(|h| (shared.mode == ContextMode::Summarised).then(|| SummarisingHost::new(h.profile.index)))
         .collect();
+    let mut open: Vec<OpenBatch> = hosts.iter().map(|_| OpenBatch::default()).collect();
     let mut last = now_ms();
-    loop {
-        tick.tick().await;
+    let mut next = std::time::Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        next += options.batch_age;
+        let now_instant = std::time::Instant::now();
+        if next > now_instant {
+            std::thread::sleep(next - now_instant);
+        } else {
+            // Behind: go on at once, and do not try to catch up.
+            next = now_instant;
+        }
         // The events of the time that really passed, so a late tick (a busy
         // machine) offers what the hosts wrote meanwhile, up to a second.
         let now = now_ms();
@@ -404,9 +474,9 @@ async fn generate(hosts: Vec<Arc<Host>>, shared: Arc<Shared>, traffic: Arc<Atomi
         last = now;
         let on = traffic.load(Ordering::Relaxed);
         let mut held = 0u64;
-        for (host, summariser) in hosts.iter().zip(summarising.iter_mut()) {
+        for ((host, summariser), batch) in hosts.iter().zip(summarising.iter_mut()).zip(open.iter_mut()) {
             let p = &host.profile;
-            let (mut context, mut abuse) = if on {
+            let (context, abuse) = if on {
                 (
                     poisson(&mut rng, p.context_per_sec * tick_secs),
                     poisson(&mut rng, shared.model.abuse_per_sec(p, now) * tick_secs),
@@ -415,12 +485,47 @@ async fn generate(hosts: Vec<Arc<Host>>, shared: Arc<Shared>, traffic: Arc<Atomi
                 (0, 0)
             };
             stats.generated_events.fetch_add(u64::from(context + abuse), Ordering::Relaxed);
-            let Some(summariser) = summariser else {
-                if context + abuse == 0 {
-                    continue;
+            let abuse_now = match summariser {
+                None => {
+                    batch.context += context;
+                    batch.abuse += abuse;
+                    abuse > 0
                 }
+                Some(summariser) => {
+                    let flushed = if on {
+                        let events = shared.model.events(p, summariser.next_key(), now, context, abuse);
+                        summariser.feed(&events, now)
+                    } else {
+                        // Traffic off: the agent's shutdown flushes what is open.
+                        summariser.finish()
+                    };
+                    held += summariser.held_lines();
+                    let abuse_now =
+                        flushed.events.iter().any(|e| !EventKind::try_from(e.kind).is_ok_and(EventKind::is_summarised));
+                    batch.content.events.extend(flushed.events);
+                    batch.content.summaries.extend(flushed.summaries);
+                    abuse_now
+                }
+            };
+            if batch.lines() == 0 && batch.content.summaries.is_empty() {
+                continue;
+            }
+            let since = *batch.since_ms.get_or_insert(now);
+            // Traffic off stands for the agent's shutdown, which cuts the
+            // pending batch.
+            let due = !on
+                || abuse_now
+                || now - since >= context_age_ms
+                || batch.context + batch.abuse + batch.content.events.len() as u32 >= max_events;
+            if !due {
+                held += batch.lines();
+                continue;
+            }
+            let batch = std::mem::take(batch);
+            let mut spool = lock(&host.spool);
+            if summariser.is_none() {
+                let (mut context, mut abuse) = (batch.context, batch.abuse);
                 stats.batched_events.fetch_add(u64::from(context + abuse), Ordering::Relaxed);
-                let mut spool = lock(&host.spool);
                 while context + abuse > 0 {
                     let c = context.min(max_events);
                     let a = abuse.min(max_events - c);
@@ -428,34 +533,20 @@ async fn generate(hosts: Vec<Arc<Host>>, shared: Arc<Shared>, traffic: Arc<Atomi
                     abuse -= a;
                     let seq = spool.next_seq;
                     spool.next_seq += 1;
-                    spool.pending.push_back(Pending::counted(seq, now, c, a));
+                    spool.push(Pending::counted(seq, now, c, a));
                     stats.generated_batches.fetch_add(1, Ordering::Relaxed);
                 }
-                trim(&mut spool, stats);
-                drop(spool);
-                host.wake.notify_one();
-                continue;
-            };
-            let flushed = if on {
-                let events = shared.model.events(p, summariser.next_key(), now, context, abuse);
-                summariser.feed(&events, now)
             } else {
-                // Traffic off: the agent's shutdown flushes what is open.
-                summariser.finish()
-            };
-            held += summariser.held_lines();
-            if flushed.is_empty() {
-                continue;
-            }
-            stats.batched_events.fetch_add(flushed.events.len() as u64, Ordering::Relaxed);
-            stats.batched_summaries.fetch_add(flushed.summaries.len() as u64, Ordering::Relaxed);
-            stats.batched_summary_lines.fetch_add(flushed.summary_lines(), Ordering::Relaxed);
-            let mut spool = lock(&host.spool);
-            for content in cut(flushed, max_events as usize) {
-                let seq = spool.next_seq;
-                spool.next_seq += 1;
-                spool.pending.push_back(Pending::stored(seq, now, content));
-                stats.generated_batches.fetch_add(1, Ordering::Relaxed);
+                let flushed = batch.content;
+                stats.batched_events.fetch_add(flushed.events.len() as u64, Ordering::Relaxed);
+                stats.batched_summaries.fetch_add(flushed.summaries.len() as u64, Ordering::Relaxed);
+                stats.batched_summary_lines.fetch_add(flushed.summary_lines(), Ordering::Relaxed);
+                for content in cut(flushed, max_events as usize) {
+                    let seq = spool.next_seq;
+                    spool.next_seq += 1;
+                    spool.push(Pending::stored(seq, now, content));
+                    stats.generated_batches.fetch_add(1, Ordering::Relaxed);
+                }
             }
             trim(&mut spool, stats);
             drop(spool);
@@ -479,10 +570,12 @@ fn cut(flushed: Flushed, max_events: usize) -> Vec<Flushed> {
     out
 }
 
-/// Drops the oldest batches beyond [`SPOOL_MAX_BATCHES`], counted.
+/// Drops the oldest batches beyond [`SPOOL_MAX_BATCHES`] or
+/// [`SPOOL_MAX_CONTENT_BYTES`], counted.
 fn trim(spool: &mut Spool, stats: &Stats) {
-    while spool.pending.len() > SPOOL_MAX_BATCHES {
-        if let Some(old) = spool.pending.pop_front()
+    while spool.pending.len() > SPOOL_MAX_BATCHES || (spool.bytes > SPOOL_MAX_CONTENT_BYTES && spool.pending.len() > 1)
+    {
+        if let Some(old) = spool.pop()
             && !old.acked
         {
             stats.dropped_events.fetch_add(old.lines(), Ordering::Relaxed);
@@ -745,7 +838,7 @@ async fn session(host: &Host, shared: &Shared, view: &mut View, welcomed: &mut b
                             p.acked = true;
                         }
                         while spool.pending.front().is_some_and(|p| p.acked) {
-                            spool.pending.pop_front();
+                            spool.pop();
                         }
                     }
                     Some(In::Delta(delta)) => {
@@ -816,14 +909,14 @@ fn ack_one(spool: &mut Spool, seq: u64, rejected: u64, stats: &Stats) {
         count_acked(p, rejected, stats);
     }
     while spool.pending.front().is_some_and(|p| p.acked) {
-        spool.pending.pop_front();
+        spool.pop();
     }
 }
 
 /// Every batch up to `seq` is stored (`Welcome.last_acked_seq`).
 fn ack_through(spool: &mut Spool, seq: u64, stats: &Stats) {
     while spool.pending.front().is_some_and(|p| p.seq <= seq) {
-        if let Some(p) = spool.pending.pop_front()
+        if let Some(p) = spool.pop()
             && !p.acked
         {
             count_acked(&p, 0, stats);
@@ -849,9 +942,9 @@ mod tests {
     #[test]
     fn acks_count_each_batch_once_whichever_way_they_come() {
         let stats = Stats::default();
-        let mut spool = Spool { next_seq: 6, sent: 0, pending: VecDeque::new() };
+        let mut spool = Spool { next_seq: 6, ..Spool::default() };
         for seq in 1..=5 {
-            spool.pending.push_back(Pending::counted(seq, 0, 10, 1));
+            spool.push(Pending::counted(seq, 0, 10, 1));
         }
         ack_one(&mut spool, 2, 0, &stats);
         ack_one(&mut spool, 2, 0, &stats);
@@ -872,7 +965,7 @@ mod tests {
         let mut host = SummarisingHost::new(4);
         let mut output = HostOutput::new(4);
         let stats = Stats::default();
-        let mut spool = Spool { next_seq: 1, sent: 0, pending: VecDeque::new() };
+        let mut spool = Spool { next_seq: 1, ..Spool::default() };
         // 40 s of a busy log: batches with individual events, and
         // the first minute's summaries in the batch cut after its end.
         let start = 1_700_000_070_000; // 30 s into a minute
@@ -883,7 +976,7 @@ mod tests {
             for content in cut(flushed, 1000) {
                 let seq = spool.next_seq;
                 spool.next_seq += 1;
-                spool.pending.push_back(Pending::stored(seq, now, content));
+                spool.push(Pending::stored(seq, now, content));
             }
         }
         let with_summaries =
