@@ -4,10 +4,12 @@
 //!
 //! Each agent behaves as `fleetban-agent` does on the wire:
 //!
-//! - every `batch_age` (the agent's default, 100 ms) a generator cuts each
-//!   host's new events into batches of at most `batch_events` (1000) and
-//!   appends them to the host's spool with the next seq; an empty interval
-//!   makes no batch;
+//! - every `batch_age` (the agent's default, 100 ms) a generator thread
+//!   takes what each host logged meanwhile into the host's pending batch,
+//!   and cuts it, as the agent's batcher does, when it got an abuse line,
+//!   when its first content is `context_batch_age` (1 s) old, or at
+//!   `batch_events` (1000) events; batches go to the host's spool with the
+//!   next seq; a host with nothing pending makes no batch;
 //! - a session (`Connect`, `Hello` with the next seq and the blocklist
 //!   version held, `Welcome`) sends spooled batches in seq order, at most
 //!   [`UPLINK_WINDOW`] unacked; an `Ack` removes its batch, `Welcome`'s
@@ -23,12 +25,13 @@
 //! abuse count)` per batch and regenerates the events when it sends (see
 //! [`super::traffic`]). In `--context summarised` each host's lines go
 //! through the agent's aggregator as the agent's pipeline feeds it
-//! ([`SummarisingHost`]): a batch is cut when a flush has individual events
-//! or summaries, and the spool keeps the batch's content as it was cut
-//! (the aggregator is stateful: regenerating would not give the same
-//! batch), so a resend is the same batch. On `traffic off` the open
-//! summaries are flushed, as the agent does when it shuts down. Either
-//! spool holds at most [`SPOOL_MAX_BATCHES`] per host and drops the oldest
+//! ([`SummarisingHost`]): the individual events and summaries it lets
+//! through go into the pending batch, and the spool keeps each batch's
+//! content as it was cut (the aggregator is stateful: regenerating would
+//! not give the same batch), so a resend is the same batch. On `traffic off`
+//! the open summaries and the pending batch are flushed, as the agent does
+//! when it shuts down. Either spool holds at most [`SPOOL_MAX_BATCHES`] (and
+//! [`SPOOL_MAX_CONTENT_BYTES`] of content) per host and drops the oldest
 //! beyond, counted.
 //!
 //! Commands on stdin, one per line: `traffic on`, `traffic off`, `stop`.
@@ -116,6 +119,9 @@ pub struct AgentsArgs {
     /// a diagnostic of what those reports cost the server).
     #[arg(long)]
     pub skip_applied: bool,
+    /// Nice value of the generator thread.
+    #[arg(long, default_value_t = 0)]
+    pub generator_nice: i32,
     /// Longest life of the process, seconds (it stops by itself then).
     #[arg(long)]
     pub max_secs: u64,
@@ -156,7 +162,8 @@ pub struct Report {
     /// Batches spooled and not yet acknowledged.
     pub pending_batches: u64,
     /// Individual events, summaries and summarised lines of batches sent and
-    /// not (yet) acknowledged: stored or not.
+    /// not (yet) acknowledged: stored or not (batches a full spool dropped
+    /// after they were sent included).
     pub in_flight_events: u64,
     pub in_flight_summaries: u64,
     pub in_flight_summary_lines: u64,
@@ -184,6 +191,8 @@ struct Pending {
     content: Option<Box<Flushed>>,
     /// Encoded size of `content`.
     bytes: usize,
+    /// Sent at least once (in any session).
+    was_sent: bool,
     acked: bool,
 }
 
@@ -200,6 +209,7 @@ impl Pending {
             summary_lines: 0,
             content: None,
             bytes: 0,
+            was_sent: false,
             acked: false,
         }
     }
@@ -219,6 +229,7 @@ impl Pending {
             summary_lines: content.summary_lines(),
             content: Some(Box::new(content)),
             bytes,
+            was_sent: false,
             acked: false,
         }
     }
@@ -250,6 +261,13 @@ impl Spool {
         self.bytes -= p.bytes;
         Some(p)
     }
+
+    fn mark_sent(&mut self, seq: u64) {
+        let i = self.pending.partition_point(|p| p.seq < seq);
+        if let Some(p) = self.pending.get_mut(i).filter(|p| p.seq == seq) {
+            p.was_sent = true;
+        }
+    }
 }
 
 struct Host {
@@ -279,6 +297,10 @@ struct Stats {
     rejected_events: AtomicU64,
     nacked_batches: AtomicU64,
     dropped_events: AtomicU64,
+    /// What the batches dropped after they were sent carried.
+    dropped_sent_events: AtomicU64,
+    dropped_sent_summaries: AtomicU64,
+    dropped_sent_summary_lines: AtomicU64,
     sent_batches: AtomicU64,
     attempts: Mutex<BTreeMap<i64, u64>>,
     /// Block id → (agents that got it, first arrival, latest arrival).
@@ -319,6 +341,19 @@ pub fn raise_nofile() -> u64 {
         }
     }
     limit.rlim_cur
+}
+
+/// Sets the calling thread's nice value (Linux: `setpriority` on a thread
+/// id affects that thread only).
+fn set_thread_nice(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: gettid and setpriority take plain integers.
+    let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if result != 0 {
+        tracing::warn!(nice, error = %std::io::Error::last_os_error(), "Cannot lower the generator's priority.");
+    }
 }
 
 /// The loopback source address of host `index`: 127.0.0.2–127.0.0.201.
@@ -377,9 +412,13 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<()> {
     let generator_stop = Arc::new(AtomicBool::new(false));
     let generator = {
         let (hosts, shared, traffic, stop) = (hosts.clone(), shared.clone(), traffic.clone(), generator_stop.clone());
+        let nice = args.generator_nice;
         std::thread::Builder::new()
             .name("fleetsim-generator".into())
-            .spawn(move || generate(hosts, shared, traffic, stop))
+            .spawn(move || {
+                set_thread_nice(nice);
+                generate(hosts, shared, traffic, stop)
+            })
             .context("start the generator thread")?
     };
     let reporter = tokio::spawn(report(hosts.clone(), shared.clone()));
@@ -579,6 +618,12 @@ fn trim(spool: &mut Spool, stats: &Stats) {
             && !old.acked
         {
             stats.dropped_events.fetch_add(old.lines(), Ordering::Relaxed);
+            if old.was_sent {
+                // Sent and never acknowledged: the server may hold it.
+                stats.dropped_sent_events.fetch_add(u64::from(old.events), Ordering::Relaxed);
+                stats.dropped_sent_summaries.fetch_add(u64::from(old.summaries), Ordering::Relaxed);
+                stats.dropped_sent_summary_lines.fetch_add(old.summary_lines, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -616,7 +661,13 @@ fn emit(hosts: &[Arc<Host>], shared: &Shared) {
     let s = &shared.stats;
     let now = now_ms();
     let (mut pending, mut oldest) = (0u64, 0i64);
-    let (mut in_flight, mut in_flight_summaries, mut in_flight_summary_lines) = (0u64, 0u64, 0u64);
+    // Batches dropped from a full spool after they were sent are in flight
+    // for good: stored or not, never acknowledged.
+    let (mut in_flight, mut in_flight_summaries, mut in_flight_summary_lines) = (
+        s.dropped_sent_events.load(Ordering::Relaxed),
+        s.dropped_sent_summaries.load(Ordering::Relaxed),
+        s.dropped_sent_summary_lines.load(Ordering::Relaxed),
+    );
     for host in hosts {
         let spool = lock(&host.spool);
         // The head of a spool is never acknowledged (acknowledged heads are
@@ -803,8 +854,15 @@ async fn session(host: &Host, shared: &Shared, view: &mut View, welcomed: &mut b
         // Fill the window, regenerating each batch's events or taking its
         // stored content.
         while in_flight < UPLINK_WINDOW {
-            let Some(batch) = next_batch(&lock(&host.spool), sent, &shared.model, &host.profile, &mut output) else {
-                break;
+            let batch = {
+                let mut spool = lock(&host.spool);
+                let Some(batch) = next_batch(&spool, sent, &shared.model, &host.profile, &mut output) else {
+                    break;
+                };
+                // Marked before it goes out: a batch dropped from a full
+                // spool after this may have been stored.
+                spool.mark_sent(batch.seq);
+                batch
             };
             let seq = batch.seq;
             tx.send(AgentFrame { frame: Some(Frame::Batch(batch)) }).await?;
@@ -956,6 +1014,34 @@ mod tests {
         assert_eq!(spool.pending.front().map(|p| p.seq), Some(5));
         assert_eq!(stats.acked_batches.load(Ordering::Relaxed), 4);
         assert_eq!(stats.acked_events.load(Ordering::Relaxed), 44);
+    }
+
+    #[test]
+    fn a_full_spool_drops_the_oldest_and_counts_sent_ones_as_in_flight_for_good() {
+        let model = FleetModel { seed: 3, hosts: 10, context_per_sec: 30.0, attacked_percent: 10, burst_max: 1000.0 };
+        let profile = model.host(2);
+        let mut host = SummarisingHost::new(2);
+        let stats = Stats::default();
+        let mut spool = Spool { next_seq: 1, ..Spool::default() };
+        let start = 1_700_000_000_000;
+        let mut t = 0;
+        while spool.bytes <= SPOOL_MAX_CONTENT_BYTES {
+            t += 1;
+            let now = start + t * 100;
+            let events = model.events(&profile, host.next_key(), now, 0, 40);
+            let content = host.feed(&events, now);
+            let seq = spool.next_seq;
+            spool.next_seq += 1;
+            spool.push(Pending::stored(seq, now, content));
+        }
+        let (first_events, total) = (u64::from(spool.pending[0].events), spool.pending.len());
+        spool.mark_sent(1);
+        trim(&mut spool, &stats);
+        assert!(spool.bytes <= SPOOL_MAX_CONTENT_BYTES, "trimmed under the bound");
+        assert_eq!(spool.pending.front().map(|p| p.seq), Some(2), "only the oldest goes ({total} were held)");
+        assert_eq!(spool.bytes, spool.pending.iter().map(|p| p.bytes).sum::<usize>());
+        assert_eq!(stats.dropped_events.load(Ordering::Relaxed), first_events);
+        assert_eq!(stats.dropped_sent_events.load(Ordering::Relaxed), first_events, "it was sent: maybe stored");
     }
 
     #[test]
