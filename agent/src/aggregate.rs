@@ -81,6 +81,14 @@ pub struct AggregateConfig {
     /// Default: 100000.
     #[serde(default = "default_max_addresses")]
     pub max_addresses: usize,
+    /// Summaries of an ended interval are sent after a delay this agent
+    /// picks at random when it starts, 0 up to this many seconds (at most
+    /// half the interval), so that a fleet's agents, which all end an
+    /// interval at the same moment, send their summaries spread over that
+    /// time. Held summaries survive a crash like open ones. 0 sends them at
+    /// once. 0 to 1800. Default: 30.
+    #[serde(default = "default_spread_secs")]
+    pub spread_secs: u32,
 }
 
 fn default_true() -> bool {
@@ -99,6 +107,10 @@ fn default_max_addresses() -> usize {
     100_000
 }
 
+fn default_spread_secs() -> u32 {
+    30
+}
+
 impl Default for AggregateConfig {
     fn default() -> Self {
         Self {
@@ -106,6 +118,7 @@ impl Default for AggregateConfig {
             interval_secs: default_interval_secs(),
             samples: default_samples(),
             max_addresses: default_max_addresses(),
+            spread_secs: default_spread_secs(),
         }
     }
 }
@@ -129,6 +142,9 @@ impl AggregateConfig {
         }
         if !(1..=10_000_000).contains(&self.max_addresses) {
             return Err(("max_addresses".into(), "must be between 1 and 10000000".into()));
+        }
+        if self.spread_secs > 1800 {
+            return Err(("spread_secs".into(), "must be between 0 and 1800 seconds".into()));
         }
         Ok(())
     }
@@ -355,7 +371,7 @@ mod tests {
     }
 
     fn agg(interval_secs: u32, samples: u32, max_addresses: usize) -> Aggregator {
-        let config = AggregateConfig { enabled: true, interval_secs, samples, max_addresses };
+        let config = AggregateConfig { enabled: true, interval_secs, samples, max_addresses, spread_secs: 0 };
         Aggregator::new(&config, Arc::default())
     }
 

@@ -132,6 +132,12 @@ pub struct PipelineOptions {
     /// the server never sees a host's abuse before the same host's earlier
     /// accepted mail or login.
     pub context_batch_age: Duration,
+    /// How long summaries of an ended interval are held before they go out
+    /// (this agent's offset in `[aggregate] spread_secs`, see
+    /// [`summary_delay`]): every agent of a fleet ends its intervals at the
+    /// same wall-clock moment, and their summaries would all arrive at once.
+    /// Held summaries stay covered by `open_from`, so a kill -9 loses none.
+    pub summary_delay: Duration,
     /// Group-commit interval of the spool.
     pub fsync_interval: Duration,
     /// Use inotify (otherwise poll every `poll_interval`).
@@ -152,6 +158,7 @@ impl Default for PipelineOptions {
             batch_events: 1000,
             batch_age: Duration::from_millis(100),
             context_batch_age: DEFAULT_CONTEXT_BATCH_AGE,
+            summary_delay: Duration::ZERO,
             fsync_interval: Duration::from_millis(100),
             watch: true,
             poll_interval: crate::tail::POLL_INTERVAL,
@@ -160,6 +167,17 @@ impl Default for PipelineOptions {
             aggregate: AggregateConfig::default(),
         }
     }
+}
+
+/// This agent's [`PipelineOptions::summary_delay`]: uniformly random in
+/// `[0, spread_secs)`, at most half the interval, chosen once per start so a
+/// fleet's agents send their summaries spread over that time.
+pub fn summary_delay(aggregate: &AggregateConfig) -> Duration {
+    let spread_ms = u64::from(aggregate.spread_secs.min(aggregate.interval_secs / 2)) * 1000;
+    if spread_ms == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(fastrand::u64(0..spread_ms))
 }
 
 /// Default [`PipelineOptions::context_batch_age`].
@@ -350,8 +368,14 @@ struct Batcher {
     options: PipelineOptions,
     stats: Arc<PipelineStats>,
     events: Vec<Event>,
-    /// Flushed summaries waiting for the next batch.
+    /// Flushed summaries held for a later batch.
     summaries: Vec<ContextSummary>,
+    /// Offset of the first line the held summaries count: records written
+    /// while they are held carry it as `open_from`, so a restart counts
+    /// those lines again (`None`: not covered, they go out at once).
+    summaries_from: Option<u64>,
+    /// When the held summaries go out.
+    release_at: Option<Instant>,
     /// When the oldest pending event or summary was added.
     first_event_at: Option<Instant>,
     /// When the oldest pending abuse event was added.
@@ -385,6 +409,8 @@ impl Batcher {
             stats,
             events: Vec::with_capacity(options.batch_events),
             summaries: Vec::new(),
+            summaries_from: None,
+            release_at: None,
             first_event_at: None,
             first_abuse_at: None,
             position: None,
@@ -439,7 +465,7 @@ impl Batcher {
                     // Shutdown: the open summaries go into the last batch.
                     let all = self.aggregator.flush();
                     self.take_flushed(all);
-                    let _ = self.cut();
+                    let _ = self.cut_with(true);
                     return;
                 }
             };
@@ -449,17 +475,30 @@ impl Batcher {
         }
     }
 
-    /// Summaries flushed by the aggregator: pending for the next batch, and
+    /// Summaries flushed by the aggregator: held for a later batch, and
     /// the aggregator holds nothing read before now.
     fn take_flushed(&mut self, flushed: Vec<ContextSummary>) {
+        let from = self.open_from;
         if self.aggregator.is_empty() {
             self.open_from = None;
         }
+        self.hold(flushed, from);
+    }
+
+    /// Holds `flushed` (counting the lines from offset `from` on) until
+    /// `summary_delay` after the first of the summaries held.
+    fn hold(&mut self, flushed: Vec<ContextSummary>, from: Option<u64>) {
         if flushed.is_empty() {
             return;
         }
-        if self.first_event_at.is_none() {
-            self.first_event_at = Some(Instant::now());
+        if self.summaries.is_empty() {
+            self.summaries_from = from;
+            let delay = if from.is_some() { self.options.summary_delay } else { Duration::ZERO };
+            self.release_at = Some(Instant::now() + delay);
+        } else if self.summaries_from.is_none() {
+            // Some held summaries are not covered by `open_from`: send all
+            // of them at once.
+            self.release_at = Some(Instant::now());
         }
         self.summaries.extend(flushed);
     }
@@ -470,10 +509,16 @@ impl Batcher {
             // The file read before the restart is gone: nothing to replay.
             self.replay_until = None;
         }
-        if self.aggregator_file.is_some_and(|file| file != chunk.fingerprint) && !self.aggregator.is_empty() {
-            // `open_from` names one file: a rotation flushes what is held.
-            let all = self.aggregator.flush();
-            self.take_flushed(all);
+        if self.aggregator_file.is_some_and(|file| file != chunk.fingerprint) {
+            // `open_from` names one file: a rotation flushes what is held
+            // and sends it before the first line of the new file.
+            if !self.aggregator.is_empty() {
+                let all = self.aggregator.flush();
+                self.take_flushed(all);
+            }
+            if !self.summaries.is_empty() && !self.cut_with(true) {
+                return false;
+            }
         }
         let summarise = self.options.aggregate.enabled;
         let mut flushed = Vec::new();
@@ -558,12 +603,9 @@ impl Batcher {
         let individual = self.aggregator.observe(event, line, flushed);
         if !flushed.is_empty() {
             let taken = std::mem::take(flushed);
-            if self.first_event_at.is_none() {
-                self.first_event_at = Some(Instant::now());
-            }
-            self.summaries.extend(taken);
             // A flush empties the aggregator before the line is counted.
-            self.open_from = None;
+            let from = self.open_from.take();
+            self.hold(taken, from);
         }
         // Any line that changed what the aggregator holds (a count, or the
         // mark that an interval's first standing line went out alone) is
@@ -586,33 +628,51 @@ impl Batcher {
         }
     }
 
-    /// `open_from` as it goes into a record: only while summaries are open.
+    /// `open_from` as it goes into a record: the first line of the held
+    /// summaries, else of the open ones; none when nothing is held.
     fn current_open_from(&self) -> Option<u64> {
+        if !self.summaries.is_empty()
+            && let Some(from) = self.summaries_from
+        {
+            return Some(from);
+        }
         if self.aggregator.is_empty() { None } else { self.open_from }
     }
 
     /// When the pending batch is to be cut: `batch_age` after its first
-    /// abuse event, `context_batch_age` after its first content.
+    /// abuse event, `context_batch_age` after its first event, or when the
+    /// held summaries are due.
     fn cut_due(&self) -> Option<Instant> {
         let context_age = self.options.context_batch_age.max(self.options.batch_age);
         let context = self.first_event_at.map(|first| first + context_age);
         let abuse = self.first_abuse_at.map(|first| first + self.options.batch_age);
-        match (context, abuse) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [context, abuse, self.release_at].into_iter().flatten().min()
     }
 
-    /// Sends the pending batch, if any.
+    /// Sends the pending events, and the held summaries when they are due.
     fn cut(&mut self) -> bool {
+        self.cut_with(false)
+    }
+
+    /// Sends the pending events, and the held summaries when they are due
+    /// or `release_all`.
+    fn cut_with(&mut self, release_all: bool) -> bool {
         self.first_event_at = None;
         self.first_abuse_at = None;
-        if self.events.is_empty() && self.summaries.is_empty() {
+        let release =
+            !self.summaries.is_empty() && (release_all || self.release_at.is_some_and(|at| at <= Instant::now()));
+        if self.events.is_empty() && !release {
             return true;
         }
         let Some(position) = self.position else { return true };
         let events = std::mem::replace(&mut self.events, Vec::with_capacity(self.options.batch_events));
-        let summaries = std::mem::take(&mut self.summaries);
+        let summaries = if release {
+            self.summaries_from = None;
+            self.release_at = None;
+            std::mem::take(&mut self.summaries)
+        } else {
+            Vec::new()
+        };
         self.stats.events.fetch_add(events.len() as u64, Ordering::Relaxed);
         self.sent = Some(position);
         self.sent_open_from = self.current_open_from();
@@ -873,6 +933,17 @@ mod tests {
 
     #[test]
     fn summaries_survive_kill_9_restarts_without_loss_or_double_counting() {
+        kill_9_restarts(Duration::ZERO);
+    }
+
+    /// Summaries held for the fleet's spread (here: until the shutdown) are
+    /// covered by `open_from` in every record written meanwhile.
+    #[test]
+    fn held_summaries_survive_kill_9_restarts_without_loss_or_double_counting() {
+        kill_9_restarts(Duration::from_secs(600));
+    }
+
+    fn kill_9_restarts(summary_delay: Duration) {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("log");
         let spool_dir = dir.path().join("spool");
@@ -882,10 +953,15 @@ mod tests {
         // Times in the current and the next interval: the wall clock does
         // not flush them, so the kills find summaries open.
         let base = now_ms().div_euclid(60_000) * 60_000;
-        let options = PipelineOptions { batch_events: 5, ..options() };
+        let options = PipelineOptions { batch_events: 5, summary_delay, ..options() };
         let mut expected: std::collections::BTreeMap<(String, i32), u64> = Default::default();
-        let mut killed_open = 0;
+        let (mut killed_open, mut killed_held) = (0, 0);
+        // Where the lines of the second interval begin.
+        let mut second_from = u64::MAX;
         for round in 0..6u32 {
+            if round == 3 {
+                second_from = std::fs::metadata(&log).unwrap().len();
+            }
             let interval = if round < 3 { base } else { base + 60_000 };
             for n in 0..30u32 {
                 let ip = format!("192.0.2.{}", n % 4);
@@ -915,8 +991,14 @@ mod tests {
             if position.open_from.is_some() {
                 killed_open += 1;
             }
+            if position.open_from.is_some_and(|from| from < second_from) && position.offset > second_from {
+                killed_held += 1;
+            }
         }
         assert!(killed_open >= 3, "the kills must find open summaries to be a test ({killed_open})");
+        if summary_delay > Duration::from_secs(60) {
+            assert_eq!(killed_held, 3, "every kill in the second interval finds the first one's summaries held");
+        }
         // Nothing was flushed at a shutdown yet: a clean stop sends the rest
         // (once the replay is through: one more line comes after it).
         writeln!(file, "ctx 192.0.2.9 {}", base + 60_000).unwrap();
@@ -928,12 +1010,58 @@ mod tests {
         assert_eq!(spooled_counts(&spool_dir), expected);
         let records = read_all(&spool_dir).unwrap();
         assert!(records.iter().any(|b| !b.summaries.is_empty()));
+        if summary_delay > Duration::from_secs(60) {
+            let with_summaries: Vec<u64> = records.iter().filter(|b| !b.summaries.is_empty()).map(|b| b.seq).collect();
+            assert_eq!(with_summaries.len(), 1, "held until the shutdown, sent once: {with_summaries:?}");
+        }
         assert!(
             records.iter().flat_map(|b| &b.events).all(|e| e.kind != EventKind::Connect as i32),
             "connects never travel as single events"
         );
         let position = crate::spool::inspect(&spool_dir).unwrap().positions[&key].clone();
         assert_eq!(position.open_from, None, "a shutdown flushes every open summary");
+    }
+
+    #[test]
+    fn summaries_of_an_ended_interval_wait_for_this_agents_delay() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let spool_dir = dir.path().join("spool");
+        let base = now_ms().div_euclid(60_000) * 60_000 - 60_000;
+        let mut text: String = (0..10).map(|n| format!("ctx 192.0.2.{} {}\n", n % 3, base + n)).collect();
+        // The next interval begins (its first line flushes the first one's
+        // summaries), with an abuse line that goes out at once.
+        text.push_str(&format!("ctx 192.0.2.1 {}\nabuse 203.0.113.5 {}\n", base + 60_000, base + 60_001));
+        std::fs::write(&log, text).unwrap();
+        let (spool, _) = Spool::open(&spool_dir, SpoolOptions::with_max_bytes(1 << 20)).unwrap();
+        let sources = [SourceSpec { path: log, start_at: StartAt::Beginning, kind: LogKind::Exim }];
+        let delay = Duration::from_millis(1500);
+        let options = PipelineOptions { summary_delay: delay, ..options() };
+        let started = Instant::now();
+        let pipeline = Pipeline::start(spool, &sources, |_| kind_parser(), options).unwrap();
+        let batches = || pipeline.spool().lock().unwrap().read_batches(0, 10).unwrap();
+        wait_for(|| !batches().is_empty());
+        let first = batches();
+        assert_eq!(first[0].events.len(), 1, "the abuse line");
+        assert!(first[0].summaries.is_empty(), "the summaries are held");
+        wait_for(|| batches().iter().any(|b| !b.summaries.is_empty()));
+        assert!(started.elapsed() >= delay, "held for the delay ({:?})", started.elapsed());
+        let lines: u32 = batches().iter().flat_map(|b| &b.summaries).flat_map(|s| &s.counts).map(|c| c.lines).sum();
+        assert_eq!(lines, 10, "every line of the ended interval");
+        pipeline.shutdown().unwrap();
+    }
+
+    #[test]
+    fn the_delay_is_spread_over_at_most_half_the_interval() {
+        let config = |interval_secs, spread_secs| AggregateConfig { interval_secs, spread_secs, ..Default::default() };
+        let delays: Vec<Duration> = (0..200).map(|_| summary_delay(&config(60, 30))).collect();
+        assert!(delays.iter().all(|d| *d < Duration::from_secs(30)));
+        assert!(
+            delays.iter().any(|d| *d < Duration::from_secs(10)) && delays.iter().any(|d| *d > Duration::from_secs(20))
+        );
+        assert!((0..50).all(|_| summary_delay(&config(10, 30)) < Duration::from_secs(5)));
+        assert_eq!(summary_delay(&config(60, 0)), Duration::ZERO);
+        assert_eq!(summary_delay(&config(1, 30)), Duration::ZERO);
     }
 
     /// A legitimate sender's accepted mail waits for the context age; when

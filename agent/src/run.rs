@@ -76,6 +76,7 @@ pub fn pipeline_options(config: &AgentConfig) -> PipelineOptions {
         fsync_interval: Duration::from_millis(config.spool.fsync_ms),
         context_batch_age: Duration::from_millis(config.spool.context_batch_ms),
         aggregate: config.aggregate,
+        summary_delay: crate::pipeline::summary_delay(&config.aggregate),
         ..PipelineOptions::default()
     }
 }

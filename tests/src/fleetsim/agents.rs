@@ -28,7 +28,10 @@
 //! ([`SummarisingHost`]): the individual events and summaries it lets
 //! through go into the pending batch, and the spool keeps each batch's
 //! content as it was cut (the aggregator is stateful: regenerating would
-//! not give the same batch), so a resend is the same batch. On `traffic off`
+//! not give the same batch), so a resend is the same batch. Summaries of an
+//! ended interval are held for the host's own
+//! `fleetban_agent::pipeline::summary_delay` (0–30 s, picked at start), as
+//! the agent holds them. On `traffic off`
 //! the open summaries and the pending batch are flushed, as the agent does
 //! when it shuts down. Either spool holds at most [`SPOOL_MAX_BATCHES`] (and
 //! [`SPOOL_MAX_CONTENT_BYTES`] of content) per host and drops the oldest
@@ -46,13 +49,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use fleetban_agent::pipeline::PipelineOptions;
+use fleetban_agent::aggregate::AggregateConfig;
+use fleetban_agent::pipeline::{PipelineOptions, summary_delay};
 use fleetban_agent::service::UPLINK_WINDOW;
 use fleetban_agent::uplink::applied_delay;
 use fleetban_proto::v1::agent_frame::Frame;
 use fleetban_proto::v1::agent_service_client::AgentServiceClient;
 use fleetban_proto::v1::server_frame::Frame as In;
-use fleetban_proto::v1::{AgentFrame, Applied, EventBatch, EventKind, Heartbeat, Hello};
+use fleetban_proto::v1::{AgentFrame, Applied, ContextSummary, EventBatch, EventKind, Heartbeat, Hello};
 use fleetban_server::session::{AGENT_ID_HEADER, AGENT_SECRET_HEADER};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncBufReadExt;
@@ -61,7 +65,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use super::mono_ns;
-use super::traffic::{ContextMode, FleetModel, Flushed, HostOutput, HostProfile, SummarisingHost};
+use super::traffic::{ContextMode, FleetModel, Flushed, HostOutput, HostProfile, SummarisingHost, summary_lines};
 
 /// Most batches a simulated spool holds; the oldest beyond are dropped and
 /// counted, as the agent's bounded spool does.
@@ -471,11 +475,18 @@ struct OpenBatch {
     abuse: u32,
     /// Summarised mode: what the aggregator let through.
     content: Flushed,
+    /// Summarised mode: summaries of ended intervals held for the host's
+    /// `summary_delay`, and when they go out (unix ms).
+    held: Vec<ContextSummary>,
+    release_ms: Option<i64>,
 }
 
 impl OpenBatch {
     fn lines(&self) -> u64 {
-        u64::from(self.context + self.abuse) + self.content.events.len() as u64 + self.content.summary_lines()
+        u64::from(self.context + self.abuse)
+            + self.content.events.len() as u64
+            + self.content.summary_lines()
+            + summary_lines(&self.held)
     }
 }
 
@@ -495,6 +506,11 @@ fn generate(hosts: Vec<Arc<Host>>, shared: Arc<Shared>, traffic: Arc<AtomicBool>
         .map(|h| (shared.mode == ContextMode::Summarised).then(|| SummarisingHost::new(h.profile.index)))
         .collect();
     let mut open: Vec<OpenBatch> = hosts.iter().map(|_| OpenBatch::default()).collect();
+    // Each host's agent picks its delay for ended intervals' summaries.
+    let delays: Vec<i64> = hosts
+        .iter()
+        .map(|_| i64::try_from(summary_delay(&AggregateConfig::default()).as_millis()).unwrap_or(0))
+        .collect();
     let mut last = now_ms();
     let mut next = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
@@ -513,7 +529,9 @@ fn generate(hosts: Vec<Arc<Host>>, shared: Arc<Shared>, traffic: Arc<AtomicBool>
         last = now;
         let on = traffic.load(Ordering::Relaxed);
         let mut held = 0u64;
-        for ((host, summariser), batch) in hosts.iter().zip(summarising.iter_mut()).zip(open.iter_mut()) {
+        for (((host, summariser), batch), delay) in
+            hosts.iter().zip(summarising.iter_mut()).zip(open.iter_mut()).zip(&delays)
+        {
             let p = &host.profile;
             let (context, abuse) = if on {
                 (
@@ -542,25 +560,40 @@ fn generate(hosts: Vec<Arc<Host>>, shared: Arc<Shared>, traffic: Arc<AtomicBool>
                     let abuse_now =
                         flushed.events.iter().any(|e| !EventKind::try_from(e.kind).is_ok_and(EventKind::is_summarised));
                     batch.content.events.extend(flushed.events);
-                    batch.content.summaries.extend(flushed.summaries);
+                    if !flushed.summaries.is_empty() {
+                        batch.release_ms.get_or_insert(now + delay);
+                        batch.held.extend(flushed.summaries);
+                    }
                     abuse_now
                 }
             };
-            if batch.lines() == 0 && batch.content.summaries.is_empty() {
+            // Traffic off stands for the agent's shutdown, which sends
+            // everything pending and held.
+            let release = !batch.held.is_empty() && (!on || batch.release_ms.is_some_and(|at| at <= now));
+            if release {
+                batch.content.summaries.append(&mut batch.held);
+                batch.release_ms = None;
+            }
+            let pending = u64::from(batch.context + batch.abuse) + batch.content.events.len() as u64;
+            if pending == 0 && !release {
+                batch.since_ms = None;
+                held += batch.lines();
                 continue;
             }
             let since = *batch.since_ms.get_or_insert(now);
-            // Traffic off stands for the agent's shutdown, which cuts the
-            // pending batch.
             let due = !on
                 || abuse_now
+                || release
                 || now - since >= context_age_ms
                 || batch.context + batch.abuse + batch.content.events.len() as u32 >= max_events;
             if !due {
                 held += batch.lines();
                 continue;
             }
-            let batch = std::mem::take(batch);
+            // Summaries still held stay for a later batch.
+            let (still_held, release_ms) = (std::mem::take(&mut batch.held), batch.release_ms.take());
+            held += summary_lines(&still_held);
+            let batch = std::mem::replace(batch, OpenBatch { held: still_held, release_ms, ..OpenBatch::default() });
             let mut spool = lock(&host.spool);
             if summariser.is_none() {
                 let (mut context, mut abuse) = (batch.context, batch.abuse);
