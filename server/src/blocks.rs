@@ -542,8 +542,8 @@ pub async fn compact_changes(pool: &PgPool, keep: Duration) -> Result<u64, Block
 }
 
 /// The newest committed blocklist version; 0 before the first change.
-pub async fn current_version(pool: &PgPool) -> Result<u64, BlockError> {
-    let version: i64 = sqlx::query_scalar("select last from block_version").fetch_one(pool).await?;
+pub async fn current_version(db: impl sqlx::PgExecutor<'_>) -> Result<u64, BlockError> {
+    let version: i64 = sqlx::query_scalar("select last from block_version").fetch_one(db).await?;
     Ok(u64::try_from(version).unwrap_or(0))
 }
 
@@ -558,8 +558,10 @@ fn entry(block_id: i64, cidr: IpNet, expires_at: Option<OffsetDateTime>, reason:
 /// The whole live blocklist at one version. Blocks past their expiry that the
 /// sweeper has not removed yet are left out (their `remove` change comes
 /// later and is a no-op for the agent).
-pub async fn snapshot(pool: &PgPool) -> Result<BlocklistSnapshot, BlockError> {
-    let mut tx = pool.begin().await?;
+pub async fn snapshot<'a>(
+    db: impl sqlx::Acquire<'a, Database = sqlx::Postgres>,
+) -> Result<BlocklistSnapshot, BlockError> {
+    let mut tx = db.begin().await?;
     sqlx::query("set transaction isolation level repeatable read, read only").execute(&mut *tx).await?;
     let version: i64 = sqlx::query_scalar("select last from block_version").fetch_one(&mut *tx).await?;
     let rows: Vec<LiveBlockRow> =
@@ -606,7 +608,11 @@ fn revocations_of(rows: Vec<RevokedRow>) -> Revocations {
 /// changes after `from_version` up to `to_version`, in version order, with
 /// their age now. Agents drop their own local blocks of these ranges made
 /// before the revocation.
-pub async fn revocations_between(pool: &PgPool, from_version: u64, to_version: u64) -> Result<Revocations, BlockError> {
+pub async fn revocations_between(
+    db: impl sqlx::PgExecutor<'_>,
+    from_version: u64,
+    to_version: u64,
+) -> Result<Revocations, BlockError> {
     let from = i64::try_from(from_version).unwrap_or(i64::MAX);
     let to = i64::try_from(to_version).unwrap_or(i64::MAX);
     if to <= from {
@@ -621,7 +627,7 @@ pub async fn revocations_between(pool: &PgPool, from_version: u64, to_version: u
     )
     .bind(from)
     .bind(to)
-    .fetch_all(pool)
+    .fetch_all(db)
     .await?;
     Ok(revocations_of(rows))
 }
@@ -664,8 +670,8 @@ struct ChangeRow {
 /// `to_version`, in `removed` if it is not and existed at `from_version`; a
 /// block both added and removed inside the range is left out. A `to_version`
 /// past the newest version is clamped to it.
-pub async fn changes_since(
-    pool: &PgPool,
+pub async fn changes_since<'a>(
+    db: impl sqlx::Acquire<'a, Database = sqlx::Postgres>,
     from_version: u64,
     to_version: Option<u64>,
 ) -> Result<Option<BlocklistDelta>, BlockError> {
@@ -675,7 +681,7 @@ pub async fn changes_since(
     if from == 0 {
         return Ok(None);
     }
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     sqlx::query("set transaction isolation level repeatable read, read only").execute(&mut *tx).await?;
     let (last, compacted): (i64, i64) =
         sqlx::query_as("select last, compacted_through from block_version").fetch_one(&mut *tx).await?;

@@ -27,7 +27,8 @@ pub struct ServerConfig {
     /// HTTP listener for the API, dashboard and metrics. Default
     /// `127.0.0.1:8080`.
     pub http_listen: SocketAddr,
-    /// Largest database pool, connections. Default 32.
+    /// Largest database pool, connections. Default 32. The block push keeps
+    /// two connections of its own besides (LISTEN, and reading changes).
     pub db_max_connections: u32,
     /// TLS for the gRPC listener. Default: none (plaintext, which is only
     /// allowed on loopback or with `insecure = true`).

@@ -22,6 +22,9 @@
 //!   handles it and every push behind it in order and reopens the gate only
 //!   when its queue is empty. The gate's lock makes "queue empty" and
 //!   "version" one decision, so a push never overtakes an earlier one.
+//! - The listener reads changes over a connection of its own, outside the
+//!   pool: under a fleet's ingest the pool can be busy to its last
+//!   connection, and a block must not wait behind batches for one.
 //! - Nothing is lost when the LISTEN connection drops: the listener
 //!   reconnects with backoff and then catches up from the version it had
 //!   fanned out, and a slow poll of the current version backs up
@@ -41,8 +44,8 @@ use std::time::Duration;
 use fleetban_proto::v1::server_frame::Frame as Out;
 use fleetban_proto::v1::{Allowlist, BlocklistDelta, Revocations, ServerFrame};
 use ipnet::IpNet;
-use sqlx::PgPool;
 use sqlx::postgres::PgListener;
+use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tonic::Status;
 use tracing::{debug, info, warn};
@@ -366,6 +369,7 @@ pub async fn run_listener(pool: PgPool, hub: Hub, shutdown: impl Future<Output =
     };
     hub.inner.version.store(version, Ordering::Relaxed);
     backoff = Duration::from_millis(50);
+    let mut reader = Reader::new(pool.clone());
     // The allowlist last fanned out; `None` until read once.
     let mut allowlist: Option<Vec<IpNet>> = None;
     loop {
@@ -390,8 +394,8 @@ pub async fn run_listener(pool: PgPool, hub: Hub, shutdown: impl Future<Output =
             }
         };
         // Changes committed while we were not listening.
-        catch_up(&pool, &hub, &mut version).await;
-        refresh_allowlist(&pool, &hub, &mut allowlist, true).await;
+        catch_up(&mut reader, &hub, &mut version).await;
+        refresh_allowlist(&mut reader, &hub, &mut allowlist, true).await;
         let mut poll = tokio::time::interval(POLL_INTERVAL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -414,10 +418,10 @@ pub async fn run_listener(pool: PgPool, hub: Hub, shutdown: impl Future<Output =
                             }
                         }
                         if newest > version {
-                            catch_up(&pool, &hub, &mut version).await;
+                            catch_up(&mut reader, &hub, &mut version).await;
                         }
                         if allowlist_changed {
-                            refresh_allowlist(&pool, &hub, &mut allowlist, false).await;
+                            refresh_allowlist(&mut reader, &hub, &mut allowlist, false).await;
                         }
                     }
                     Ok(None) => {
@@ -430,12 +434,16 @@ pub async fn run_listener(pool: PgPool, hub: Hub, shutdown: impl Future<Output =
                     }
                 },
                 _ = poll.tick() => {
-                    if let Ok(current) = blocks::current_version(&pool).await && current > version {
+                    let current = match reader.conn().await {
+                        Ok(conn) => blocks::current_version(conn).await.ok(),
+                        Err(_) => None,
+                    };
+                    if let Some(current) = current && current > version {
                         debug!(current, version, "Block changes found by polling.");
-                        catch_up(&pool, &hub, &mut version).await;
+                        catch_up(&mut reader, &hub, &mut version).await;
                     }
                     // Also how entries that expire reach the agents.
-                    refresh_allowlist(&pool, &hub, &mut allowlist, false).await;
+                    refresh_allowlist(&mut reader, &hub, &mut allowlist, false).await;
                 }
             }
         }
@@ -448,9 +456,39 @@ async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     Ok(listener)
 }
 
+/// The listener's own database connection, opened with the pool's options
+/// on first use and again after any error.
+struct Reader {
+    pool: PgPool,
+    conn: Option<PgConnection>,
+}
+
+impl Reader {
+    fn new(pool: PgPool) -> Reader {
+        Reader { pool, conn: None }
+    }
+
+    /// The connection, opened if needed.
+    async fn conn(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+        if self.conn.is_none() {
+            let options = self.pool.connect_options();
+            let conn = PgConnection::connect_with(&options).await.inspect_err(|error| {
+                warn!(%error, "Cannot open the connection that reads block changes; the next change retries.");
+            })?;
+            self.conn = Some(conn);
+        }
+        self.conn.as_mut().ok_or(sqlx::Error::PoolClosed)
+    }
+
+    /// Drops the connection after an error; the next use opens a new one.
+    fn reset(&mut self) {
+        self.conn = None;
+    }
+}
+
 /// The live allowlist entries, in address order.
-pub async fn live_allowlist(pool: &PgPool) -> Result<Vec<IpNet>, sqlx::Error> {
-    sqlx::query_scalar("select cidr from live_allowlist order by cidr").fetch_all(pool).await
+pub async fn live_allowlist(db: impl sqlx::PgExecutor<'_>) -> Result<Vec<IpNet>, sqlx::Error> {
+    sqlx::query_scalar("select cidr from live_allowlist order by cidr").fetch_all(db).await
 }
 
 /// The allowlist as the agents receive it.
@@ -461,8 +499,13 @@ pub fn allowlist_frame(ranges: &[IpNet]) -> Allowlist {
 /// Re-reads the live allowlist and fans it out when it differs from `last`
 /// (or always, with `force`: after a reconnect notifications may have been
 /// missed).
-async fn refresh_allowlist(pool: &PgPool, hub: &Hub, last: &mut Option<Vec<IpNet>>, force: bool) {
-    match live_allowlist(pool).await {
+async fn refresh_allowlist(reader: &mut Reader, hub: &Hub, last: &mut Option<Vec<IpNet>>, force: bool) {
+    let Ok(conn) = reader.conn().await else { return };
+    let read = live_allowlist(conn).await;
+    if read.is_err() {
+        reader.reset();
+    }
+    match read {
         Ok(ranges) => {
             if force || last.as_ref() != Some(&ranges) {
                 hub.fan_out(Push::Allowlist(Arc::new(allowlist_frame(&ranges))));
@@ -475,22 +518,30 @@ async fn refresh_allowlist(pool: &PgPool, hub: &Hub, last: &mut Option<Vec<IpNet
 
 /// The changes after `version`: from the change log, or (from version 0,
 /// which the log does not serve) the whole blocklist as additions.
-async fn changes_after(pool: &PgPool, version: u64) -> Result<Option<BlocklistDelta>, blocks::BlockError> {
+async fn changes_after(conn: &mut PgConnection, version: u64) -> Result<Option<BlocklistDelta>, blocks::BlockError> {
     if version > 0 {
-        return blocks::changes_since(pool, version, None).await;
+        return blocks::changes_since(conn, version, None).await;
     }
-    let snapshot = blocks::snapshot(pool).await?;
+    let snapshot = blocks::snapshot(conn).await?;
     Ok(Some(BlocklistDelta { from_version: 0, to_version: snapshot.version, added: snapshot.entries, removed: vec![] }))
 }
 
 /// Reads the changes after `version` and fans them out.
-async fn catch_up(pool: &PgPool, hub: &Hub, version: &mut u64) {
-    match changes_after(pool, *version).await {
+async fn catch_up(reader: &mut Reader, hub: &Hub, version: &mut u64) {
+    let Ok(conn) = reader.conn().await else { return };
+    if !catch_up_on(conn, hub, version).await {
+        reader.reset();
+    }
+}
+
+/// [`catch_up`] over `conn`; false when a query failed.
+async fn catch_up_on(conn: &mut PgConnection, hub: &Hub, version: &mut u64) -> bool {
+    match changes_after(conn, *version).await {
         Ok(Some(delta)) => {
             if delta.to_version > *version {
                 let from = *version;
                 if from > 0 {
-                    match blocks::revocations_between(pool, from, delta.to_version).await {
+                    match blocks::revocations_between(&mut *conn, from, delta.to_version).await {
                         Ok(revoked) if !revoked.revocations.is_empty() => {
                             hub.fan_out(Push::Revocations { revoked: Arc::new(revoked), to_version: delta.to_version });
                         }
@@ -504,34 +555,42 @@ async fn catch_up(pool: &PgPool, hub: &Hub, version: &mut u64) {
                 hub.inner.version.store(*version, Ordering::Relaxed);
                 hub.inner.deltas.fetch_add(1, Ordering::Relaxed);
                 hub.fan_out(Push::Delta(Arc::new(delta)));
-                record_push_lag(pool, from, *version).await;
+                record_push_lag(conn, from, *version).await;
             }
+            true
         }
         Ok(None) => {
             // The change log no longer reaches back to our version.
-            match blocks::current_version(pool).await {
+            match blocks::current_version(conn).await {
                 Ok(current) => {
                     *version = current;
                     hub.inner.version.store(current, Ordering::Relaxed);
                     hub.fan_out(Push::Resync);
+                    true
                 }
-                Err(error) => warn!(%error, "Cannot read the blocklist version."),
+                Err(error) => {
+                    warn!(%error, "Cannot read the blocklist version.");
+                    false
+                }
             }
         }
-        Err(error) => warn!(%error, version = *version, "Cannot read block changes; the next notification retries."),
+        Err(error) => {
+            warn!(%error, version = *version, "Cannot read block changes; the next notification retries.");
+            false
+        }
     }
 }
 
 /// Records `fleetban_push_lag_seconds`: from the oldest change of a delta
 /// (its `changed_at`, by the database clock) to its fan-out to the sessions.
-async fn record_push_lag(pool: &PgPool, from: u64, to: u64) {
+async fn record_push_lag(conn: &mut PgConnection, from: u64, to: u64) {
     let lag: Result<Option<f64>, sqlx::Error> = sqlx::query_scalar(
         "select extract(epoch from clock_timestamp() - min(changed_at))::float8 from block_changes \
          where version > $1 and version <= $2",
     )
     .bind(i64::try_from(from).unwrap_or(i64::MAX))
     .bind(i64::try_from(to).unwrap_or(i64::MAX))
-    .fetch_one(pool)
+    .fetch_one(conn)
     .await;
     match lag {
         Ok(Some(secs)) => metrics::histogram!(crate::telemetry::PUSH_LAG).record(secs.max(0.0)),

@@ -123,9 +123,6 @@ pub struct AgentsArgs {
     /// a diagnostic of what those reports cost the server).
     #[arg(long)]
     pub skip_applied: bool,
-    /// Nice value of the generator thread.
-    #[arg(long, default_value_t = 0)]
-    pub generator_nice: i32,
     /// Longest life of the process, seconds (it stops by itself then).
     #[arg(long)]
     pub max_secs: u64,
@@ -347,19 +344,6 @@ pub fn raise_nofile() -> u64 {
     limit.rlim_cur
 }
 
-/// Sets the calling thread's nice value (Linux: `setpriority` on a thread
-/// id affects that thread only).
-fn set_thread_nice(nice: i32) {
-    if nice == 0 {
-        return;
-    }
-    // SAFETY: gettid and setpriority take plain integers.
-    let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
-    if result != 0 {
-        tracing::warn!(nice, error = %std::io::Error::last_os_error(), "Cannot lower the generator's priority.");
-    }
-}
-
 /// The loopback source address of host `index`: 127.0.0.2–127.0.0.201.
 pub fn source_address(index: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (index % 200) as u8))
@@ -416,13 +400,9 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<()> {
     let generator_stop = Arc::new(AtomicBool::new(false));
     let generator = {
         let (hosts, shared, traffic, stop) = (hosts.clone(), shared.clone(), traffic.clone(), generator_stop.clone());
-        let nice = args.generator_nice;
         std::thread::Builder::new()
             .name("fleetsim-generator".into())
-            .spawn(move || {
-                set_thread_nice(nice);
-                generate(hosts, shared, traffic, stop)
-            })
+            .spawn(move || generate(hosts, shared, traffic, stop))
             .context("start the generator thread")?
     };
     let reporter = tokio::spawn(report(hosts.clone(), shared.clone()));

@@ -138,13 +138,13 @@ pub struct FleetArgs {
     /// does): a diagnostic of what those reports cost propagation.
     #[arg(long)]
     pub skip_applied: bool,
-    /// Nice value of each simulator's generator thread (0 to 19). The
-    /// generator renders and aggregates the lines of every simulated host,
-    /// work that in a fleet runs on the hosts themselves; a positive value
-    /// lets the server, Postgres and the simulated sessions go first on this
-    /// machine's cores, and the lines it still generates are reported.
+    /// Nice value of the simulator processes (0 to 19). They do the work of
+    /// 10,000 hosts (rendering and aggregating every host's lines, each
+    /// agent's session), which in a fleet runs on the hosts themselves; a
+    /// positive value lets the server and Postgres go first on this
+    /// machine's cores. The lines the hosts still generate are reported.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
-    pub generator_nice: i32,
+    pub simulator_nice: i32,
     /// Database pool of the server, connections.
     #[arg(long, default_value_t = 32)]
     pub pool: u32,
@@ -210,7 +210,7 @@ pub struct FleetResult {
     pub storm_signal: String,
     pub storm_skipped: bool,
     pub skip_applied: bool,
-    pub generator_nice: i32,
+    pub simulator_nice: i32,
     pub storm_restart_ms: f64,
     pub storm_all_back_ms: Option<f64>,
     pub storm_attempts_per_sec: Vec<u64>,
@@ -256,7 +256,7 @@ pub async fn run(url: &str, args: FleetArgs) -> anyhow::Result<FleetResult> {
         load_before: std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_owned(),
         storm_signal: format!("{:?}", args.storm_signal).to_lowercase(),
         skip_applied: args.skip_applied,
-        generator_nice: args.generator_nice,
+        simulator_nice: args.simulator_nice,
         storm_skipped: args.skip_storm,
         ..Default::default()
     };
@@ -590,7 +590,7 @@ pub fn print(r: &FleetResult) {
                 "{}{}{}",
                 r.context,
                 if r.skip_applied { " (agents do not send Applied)" } else { "" },
-                if r.generator_nice > 0 { format!(", generator at nice {}", r.generator_nice) } else { String::new() }
+                if r.simulator_nice > 0 { format!(", simulators at nice {}", r.simulator_nice) } else { String::new() }
             ),
         ),
         ("load average before".into(), r.load_before.clone()),
@@ -960,7 +960,22 @@ impl Sim {
         max_secs: u64,
         state: Arc<Mutex<FleetState>>,
     ) -> anyhow::Result<Sim> {
-        let mut child = Command::new(std::env::current_exe()?)
+        let mut command = Command::new(std::env::current_exe()?);
+        let nice = args.simulator_nice;
+        if nice > 0 {
+            // SAFETY: between fork and exec the closure only calls
+            // setpriority, which is async-signal-safe; every thread the
+            // simulator starts inherits the value.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setpriority(libc::PRIO_PROCESS, 0, nice) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command
             .arg("fleet-agents")
             .args(["--server", &format!("127.0.0.1:{grpc}")])
             .arg("--credentials")
@@ -973,7 +988,6 @@ impl Sim {
             .args(["--context", &args.context.to_string()])
             .args(["--ramp-ms", &(ramp_secs * 1000).to_string(), "--max-secs", &max_secs.to_string()])
             .args(args.skip_applied.then_some("--skip-applied"))
-            .args(["--generator-nice", &args.generator_nice.to_string()])
             .env_remove("DATABASE_URL")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
