@@ -2,6 +2,8 @@
 //! its last connection (a fleet's ingest can hold every pooled connection):
 //! the push listener reads changes over a connection of its own.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use fleetban_proto::v1::server_frame::Frame;
