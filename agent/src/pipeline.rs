@@ -11,9 +11,10 @@
 //!   whole lines.
 //! - The **parse** thread turns lines into events and cuts a batch after
 //!   `batch_events` events, when its first abuse event is `batch_age` old,
-//!   or when its first event or summary is `context_batch_age` old (a batch
-//!   of context only: standing lines and summaries, which no decision waits
-//!   for; see [`PipelineOptions::context_batch_age`]). A
+//!   when its first event is `context_batch_age` old (a batch of context
+//!   only, which no decision waits for; see
+//!   [`PipelineOptions::context_batch_age`]), or when held summaries are due
+//!   ([`PipelineOptions::summary_delay`]). A
 //!   batch carries the position just past the last line it covers (lines
 //!   without events included); when lines yield no events at all, the
 //!   position alone is sent on.
@@ -30,13 +31,15 @@
 //!
 //! Aggregation (`[aggregate]`, [`crate::aggregate`]): the parse thread
 //! counts context events into per-address summaries of the current
-//! interval; the summaries of an ended interval go into the next batch, so
-//! they take a seq and are exactly-once like events. Between two flushes the
-//! counted context exists only in memory, so every record also carries
-//! `open_from`: the offset of the first line whose context the aggregator
-//! holds (absent when it holds none; the aggregator always flushes
-//! everything at once, and on a change of file, so this is one offset in the
-//! record's file). A restart resumes the tailer at `open_from` and re-reads
+//! interval; the summaries of an ended interval are held for this agent's
+//! `summary_delay` (so a fleet's agents, which end an interval together, do
+//! not all send theirs at once) and then go into the next batch, so they
+//! take a seq and are exactly-once like events. Until then the counted
+//! context exists only in memory, so every record also carries `open_from`:
+//! the offset of the first line whose context the aggregator or the held
+//! summaries count (absent when none; the aggregator always flushes
+//! everything at once, and a change of file flushes and sends everything,
+//! so this is one offset in the record's file). A restart resumes the tailer at `open_from` and re-reads
 //! up to the record's offset in *replay*: those lines' individual events
 //! were spooled already and are dropped (and detection does not see them a
 //! second time, [`LineParser::reparse_line`]); only their summarised kinds
@@ -122,8 +125,8 @@ pub struct PipelineOptions {
     /// ... or when its first abuse event (any kind that is not summarised
     /// context, [`EventKind::is_summarised`]) is this old ...
     pub batch_age: Duration,
-    /// ... or when its first event or summary is this old (never sooner
-    /// than `batch_age`). The server decides on abuse events only; context
+    /// ... or when its first event is this old (never sooner than
+    /// `batch_age`). The server decides on abuse events only; context
     /// (good standing, the dashboard's series) is read as counts, and an
     /// address's standing is judged over days. A host's context lines
     /// therefore wait up to this long, and a busy host sends a batch about
@@ -376,7 +379,7 @@ struct Batcher {
     summaries_from: Option<u64>,
     /// When the held summaries go out.
     release_at: Option<Instant>,
-    /// When the oldest pending event or summary was added.
+    /// When the oldest pending event was added.
     first_event_at: Option<Instant>,
     /// When the oldest pending abuse event was added.
     first_abuse_at: Option<Instant>,
