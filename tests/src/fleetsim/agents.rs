@@ -172,6 +172,11 @@ pub struct Report {
     pub oldest_pending_ms: i64,
     /// Session attempts per monotonic second since the previous report.
     pub attempts: BTreeMap<i64, u64>,
+    /// How late the process's event loop woke for a 10 ms timer, each
+    /// sample since the previous report, milliseconds: how long a frame
+    /// that arrived for one of its agents could wait before it was read.
+    #[serde(default)]
+    pub loop_lags_ms: Vec<u32>,
     /// Blocks whose delta reached every agent of this process since the
     /// previous report: id → (first, latest) arrival (monotonic ns).
     pub blocks: BTreeMap<i64, (i64, i64)>,
@@ -304,6 +309,7 @@ struct Stats {
     dropped_sent_summary_lines: AtomicU64,
     sent_batches: AtomicU64,
     attempts: Mutex<BTreeMap<i64, u64>>,
+    loop_lags_ms: Mutex<Vec<u32>>,
     /// Block id → (agents that got it, first arrival, latest arrival).
     arrivals: Mutex<HashMap<i64, (usize, i64, i64)>>,
 }
@@ -406,6 +412,7 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<()> {
             .context("start the generator thread")?
     };
     let reporter = tokio::spawn(report(hosts.clone(), shared.clone()));
+    let lag_probe = tokio::spawn(probe_loop_lag(shared.clone()));
 
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let deadline = tokio::time::sleep(Duration::from_secs(args.max_secs));
@@ -438,6 +445,7 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<()> {
         tasks.abort_all();
     }
     reporter.abort();
+    lag_probe.abort();
     // The last report, so the parent sees the final counts.
     emit(&hosts, &shared);
     Ok(())
@@ -661,6 +669,19 @@ fn poisson(rng: &mut fastrand::Rng, mean: f64) -> u32 {
     k
 }
 
+/// Samples how late the event loop wakes for a 10 ms timer.
+async fn probe_loop_lag(shared: Arc<Shared>) {
+    const PERIOD: Duration = Duration::from_millis(10);
+    let mut due = tokio::time::Instant::now() + PERIOD;
+    loop {
+        tokio::time::sleep_until(due).await;
+        let now = tokio::time::Instant::now();
+        let lag = now.saturating_duration_since(due).as_millis();
+        lock(&shared.stats.loop_lags_ms).push(u32::try_from(lag).unwrap_or(u32::MAX));
+        due = now + PERIOD;
+    }
+}
+
 /// Writes a report line every [`REPORT_INTERVAL`].
 async fn report(hosts: Vec<Arc<Host>>, shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(REPORT_INTERVAL);
@@ -725,6 +746,7 @@ fn emit(hosts: &[Arc<Host>], shared: &Shared) {
         in_flight_summary_lines,
         oldest_pending_ms: oldest,
         attempts: std::mem::take(&mut *lock(&s.attempts)),
+        loop_lags_ms: std::mem::take(&mut *lock(&s.loop_lags_ms)),
         blocks,
     };
     if let Ok(line) = serde_json::to_string(&report) {
