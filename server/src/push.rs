@@ -470,14 +470,13 @@ impl Reader {
 
     /// The connection, opened if needed.
     async fn conn(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
-        if self.conn.is_none() {
-            let options = self.pool.connect_options();
-            let conn = PgConnection::connect_with(&options).await.inspect_err(|error| {
+        let conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => PgConnection::connect_with(&self.pool.connect_options()).await.inspect_err(|error| {
                 warn!(%error, "Cannot open the connection that reads block changes; the next change retries.");
-            })?;
-            self.conn = Some(conn);
-        }
-        self.conn.as_mut().ok_or(sqlx::Error::PoolClosed)
+            })?,
+        };
+        Ok(self.conn.insert(conn))
     }
 
     /// Drops the connection after an error; the next use opens a new one.

@@ -569,22 +569,18 @@ fn generate(hosts: Vec<Arc<Host>>, shared: Arc<Shared>, traffic: Arc<AtomicBool>
                 continue;
             }
             let since = *batch.since_ms.get_or_insert(now);
-            let due = !on
-                || abuse_now
-                || release
-                || now - since >= context_age_ms
-                || batch.context + batch.abuse + batch.content.events.len() as u32 >= max_events;
+            let due = !on || abuse_now || release || now - since >= context_age_ms || pending >= u64::from(max_events);
             if !due {
                 held += batch.lines();
                 continue;
             }
-            // Summaries still held stay for a later batch.
-            let (still_held, release_ms) = (std::mem::take(&mut batch.held), batch.release_ms.take());
-            held += summary_lines(&still_held);
-            let batch = std::mem::replace(batch, OpenBatch { held: still_held, release_ms, ..OpenBatch::default() });
+            // The pending part is cut; summaries still held stay.
+            let (mut context, mut abuse) = (std::mem::take(&mut batch.context), std::mem::take(&mut batch.abuse));
+            let flushed = std::mem::take(&mut batch.content);
+            batch.since_ms = None;
+            held += batch.lines();
             let mut spool = lock(&host.spool);
             if summariser.is_none() {
-                let (mut context, mut abuse) = (batch.context, batch.abuse);
                 stats.batched_events.fetch_add(u64::from(context + abuse), Ordering::Relaxed);
                 while context + abuse > 0 {
                     let c = context.min(max_events);
@@ -597,7 +593,6 @@ fn generate(hosts: Vec<Arc<Host>>, shared: Arc<Shared>, traffic: Arc<AtomicBool>
                     stats.generated_batches.fetch_add(1, Ordering::Relaxed);
                 }
             } else {
-                let flushed = batch.content;
                 stats.batched_events.fetch_add(flushed.events.len() as u64, Ordering::Relaxed);
                 stats.batched_summaries.fetch_add(flushed.summaries.len() as u64, Ordering::Relaxed);
                 stats.batched_summary_lines.fetch_add(flushed.summary_lines(), Ordering::Relaxed);

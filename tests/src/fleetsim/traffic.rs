@@ -302,11 +302,6 @@ impl Flushed {
     pub fn summary_lines(&self) -> u64 {
         summary_lines(&self.summaries)
     }
-
-    /// Nothing to send: the agent cuts no batch.
-    pub fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.summaries.is_empty()
-    }
 }
 
 /// Lines covered by `summaries`.
