@@ -711,8 +711,21 @@ impl Fleet {
             force: false,
         };
         let policy = fleetban_server::correlate::CorrelateConfig::default();
-        let block = self.rt.block_on(fleetban_server::blocks::create(&self.pool, &policy, new))?;
-        Ok(block.id)
+        // Right after a Postgres restart drill a pooled connection of this
+        // harness may still be the broken one: its statement fails with an
+        // I/O error and the connection is dropped; the next one is fresh.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.rt.block_on(fleetban_server::blocks::create(&self.pool, &policy, new.clone())) {
+                Ok(block) => return Ok(block.id),
+                Err(fleetban_server::blocks::BlockError::Database(sqlx::Error::Io(error))) if attempt < 3 => {
+                    eprintln!("manual block: {error}; retrying on another connection");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
     }
 
     /// Adds `cidr` to the fleet allowlist table (what `POST /api/v1/allowlist` writes).
