@@ -174,7 +174,7 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
 }
 
 /// A pooled connection idle this long is pinged before it is handed out.
-const PING_WHEN_IDLE: Duration = Duration::from_secs(1);
+pub const PING_WHEN_IDLE: Duration = Duration::from_secs(1);
 
 /// Opens a pool of at most `max_connections` to `url`, after one direct
 /// connection that shows the real error if the database cannot be reached.
