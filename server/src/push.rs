@@ -370,6 +370,8 @@ pub async fn run_listener(pool: PgPool, hub: Hub, shutdown: impl Future<Output =
     hub.inner.version.store(version, Ordering::Relaxed);
     backoff = Duration::from_millis(50);
     let mut reader = Reader::new(pool.clone());
+    // Opened now, so the first catch-up after LISTEN does not wait for it.
+    let _ = reader.conn().await;
     // The allowlist last fanned out; `None` until read once.
     let mut allowlist: Option<Vec<IpNet>> = None;
     loop {
