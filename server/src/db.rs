@@ -173,9 +173,6 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
     }
 }
 
-/// A pooled connection idle this long is pinged before it is handed out.
-pub const PING_WHEN_IDLE: Duration = Duration::from_secs(1);
-
 /// Opens a pool of at most `max_connections` to `url`, after one direct
 /// connection that shows the real error if the database cannot be reached.
 ///
@@ -204,21 +201,10 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, Error> {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(CONNECT_TIMEOUT)
-        // A connection is pinged before use only when it sat idle for a
-        // while (it may have died with a Postgres restart or failover).
-        // Pinging every one, sqlx's default, doubled the round trips of
-        // every statement: a profile of 10,000 connected agents found 8 % of
-        // the server's CPU in those pings. A connection that broke while in
-        // use fails its statement and is dropped, pinged or not.
-        .test_before_acquire(false)
-        .before_acquire(|conn, meta| {
-            Box::pin(async move {
-                if meta.idle_for >= PING_WHEN_IDLE {
-                    sqlx::Connection::ping(conn).await?;
-                }
-                Ok(true)
-            })
-        })
+        // Every connection is pinged before it is handed out (sqlx's
+        // default): after a Postgres restart or failover a connection that
+        // broke goes back to the pool, and pinging only connections idle for
+        // a while handed broken ones out again (the restart drills caught it).
         .connect_with(options.clone())
         .await
         .map_err(|error| failed(&error))

@@ -712,10 +712,8 @@ impl Fleet {
         };
         let policy = fleetban_server::correlate::CorrelateConfig::default();
         // Right after a Postgres restart drill a pooled connection of this
-        // harness may still be a broken one. It goes back to the pool after
-        // the failed statement, and the pool pings a connection only once it
-        // sat idle for `PING_WHEN_IDLE`: wait that long before retrying, so
-        // the ping finds it broken and drops it.
+        // harness may still be a broken one; the pool's ping before the next
+        // acquire finds it and drops it.
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -723,7 +721,7 @@ impl Fleet {
                 Ok(block) => return Ok(block.id),
                 Err(fleetban_server::blocks::BlockError::Database(sqlx::Error::Io(error))) if attempt < 3 => {
                     eprintln!("manual block: {error}; retrying on another connection");
-                    std::thread::sleep(fleetban_server::db::PING_WHEN_IDLE + Duration::from_millis(100));
+                    std::thread::sleep(Duration::from_millis(200));
                 }
                 Err(error) => return Err(error.into()),
             }
