@@ -21,7 +21,8 @@
 //! 2. traffic on; after the warm-up, the measured window: stored rows (the
 //!    insert counters of `events` and of every table), events offered vs.
 //!    acknowledged, the oldest unacknowledged batch, server and Postgres
-//!    CPU (`/proc/PID/stat`), server RSS (`/proc/PID/status`), database
+//!    CPU (`/proc/PID/stat`) and the time their threads waited for a CPU
+//!    (`/proc/PID/task/TID/schedstat`), server RSS (`/proc/PID/status`), database
 //!    and table sizes; meanwhile a block is committed every
 //!    `block_interval_ms` and each simulator reports when its last agent got
 //!    the block's delta (monotonic clock, shared by the processes);
@@ -189,6 +190,12 @@ pub struct FleetResult {
     pub server_cpu_percent: f64,
     pub postgres_cpu_percent: Option<f64>,
     pub simulators_cpu_percent: f64,
+    /// Time the processes' threads were ready to run but waited for a CPU
+    /// (run queue, `/proc/PID/task/TID/schedstat`), % of one core: how
+    /// much the processes competed for this machine's cores.
+    pub server_cpu_wait_percent: f64,
+    pub postgres_cpu_wait_percent: Option<f64>,
+    pub simulators_cpu_wait_percent: f64,
     pub server_rss_mean_kb: u64,
     pub server_rss_max_kb: u64,
     pub db_bytes_growth: i64,
@@ -563,6 +570,13 @@ fn fill_window(r: &mut FleetResult, a: &Sample, b: &Sample, hosts: usize) {
         _ => None,
     };
     r.simulators_cpu_percent = b.sim_ticks.saturating_sub(a.sim_ticks) as f64 / ticks;
+    let waited = |x: u64, y: u64| y.saturating_sub(x) as f64 / 1e7 / secs;
+    r.server_cpu_wait_percent = waited(a.server_wait_ns, b.server_wait_ns);
+    r.postgres_cpu_wait_percent = match (a.postgres_wait_ns, b.postgres_wait_ns) {
+        (Some(x), Some(y)) => Some(waited(x, y)),
+        _ => None,
+    };
+    r.simulators_cpu_wait_percent = waited(a.sim_wait_ns, b.sim_wait_ns);
     r.db_bytes_growth = b.db_bytes - a.db_bytes;
     r.event_bytes_per_row =
         if stored_events > 0.0 { (b.event_bytes - a.event_bytes) as f64 / stored_events } else { f64::NAN };
@@ -649,6 +663,15 @@ pub fn print(r: &FleetResult) {
             r.postgres_cpu_percent.map_or_else(|| "n/a (not local)".into(), |p| format!("{p:.0} % of one core")),
         ),
         ("simulators CPU".into(), format!("{:.0} % of one core", r.simulators_cpu_percent)),
+        (
+            "waiting for a CPU: server / Postgres / simulators".into(),
+            format!(
+                "{:.0} / {} / {:.0} % of one core",
+                r.server_cpu_wait_percent,
+                r.postgres_cpu_wait_percent.map_or_else(|| "n/a".into(), |p| format!("{p:.0}")),
+                r.simulators_cpu_wait_percent
+            ),
+        ),
         (
             "server RSS mean / max".into(),
             format!("{:.1} / {:.1} MB", mb(r.server_rss_mean_kb), mb(r.server_rss_max_kb)),

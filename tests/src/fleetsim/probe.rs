@@ -62,6 +62,30 @@ pub fn family_ticks(root: u32) -> u64 {
     sum
 }
 
+/// Nanoseconds the threads of `pid` alive now spent waiting on a run
+/// queue for a CPU (second field of `/proc/PID/task/TID/schedstat`).
+pub fn wait_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|text| text.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// [`wait_ns`] of the postmaster and all its children alive now.
+pub fn family_wait_ns(root: u32) -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
+    let mut sum = wait_ns(root);
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if stat(pid).is_some_and(|(ppid, _)| ppid == root) {
+            sum += wait_ns(pid);
+        }
+    }
+    sum
+}
+
 /// Counters at one instant of the run.
 #[derive(Debug)]
 pub struct Sample {
@@ -82,6 +106,10 @@ pub struct Sample {
     pub server_ticks: u64,
     pub postgres_ticks: Option<u64>,
     pub sim_ticks: u64,
+    /// Time the processes' threads waited for a CPU, ns ([`wait_ns`]).
+    pub server_wait_ns: u64,
+    pub postgres_wait_ns: Option<u64>,
+    pub sim_wait_ns: u64,
     pub fleet: Totals,
 }
 
@@ -98,6 +126,9 @@ impl Sample {
         let server_ticks = ticks(server);
         let postgres_ticks = postgres.map(family_ticks);
         let sim_ticks = sims.iter().map(|p| ticks(*p)).sum();
+        let server_wait_ns = wait_ns(server);
+        let postgres_wait_ns = postgres.map(family_wait_ns);
+        let sim_wait_ns = sims.iter().map(|p| wait_ns(*p)).sum();
         // Statistics of other sessions reach this one within a second.
         let rows: Vec<(String, i64, i64, Option<String>)> = sqlx::query_as(
             "select s.relname::text, s.n_tup_ins, pg_total_relation_size(s.relid), \
@@ -120,6 +151,9 @@ impl Sample {
             server_ticks,
             postgres_ticks,
             sim_ticks,
+            server_wait_ns,
+            postgres_wait_ns,
+            sim_wait_ns,
             fleet,
         };
         for (name, inserted, bytes, parent) in rows {
@@ -182,4 +216,54 @@ pub async fn commit_block(pool: &PgPool, cidr: &str) -> anyhow::Result<(i64, i64
     let at = mono_ns();
     tx.commit().await?;
     Ok((id, at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two busy threads pinned to one CPU: each waits while the other runs.
+    #[test]
+    fn threads_that_share_one_cpu_are_counted_waiting() {
+        // The first CPU this process may run on.
+        // SAFETY: sched_getaffinity fills the zeroed set for this thread.
+        let cpu = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            assert_eq!(libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set), 0);
+            (0..libc::CPU_SETSIZE as usize).find(|&c| libc::CPU_ISSET(c, &set)).expect("an allowed CPU")
+        };
+        let spin = move || {
+            std::thread::spawn(move || {
+                // SAFETY: a zeroed cpu_set_t with one bit set, for the
+                // calling thread (pid 0).
+                let pinned = unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+                };
+                assert_eq!(pinned, 0, "pin to CPU {cpu}");
+                let end = Instant::now() + std::time::Duration::from_millis(400);
+                let mut x = 0u64;
+                while Instant::now() < end {
+                    x = x.wrapping_add(1);
+                }
+                x
+            })
+        };
+        let me = std::process::id();
+        let before = wait_ns(me);
+        // Read while they run: the time of exited threads is in no task.
+        let running = [spin(), spin()];
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let during = wait_ns(me);
+        for t in running {
+            t.join().expect("spinner");
+        }
+        assert!(
+            during.saturating_sub(before) >= 100_000_000,
+            "two spinning threads on one CPU for 300 ms waited {} ms",
+            during.saturating_sub(before) / 1_000_000
+        );
+        assert_eq!(wait_ns(u32::MAX), 0, "no such process");
+    }
 }
