@@ -25,6 +25,8 @@
 //! - [`replica`]: this process as one of several replicas on one database,
 //!   and the advisory-lock leadership of the fleet-wide sweeps.
 //! - [`session`]: the gRPC `AgentService` (Enroll, Connect).
+//! - [`heartbeat`]: the sessions' heartbeats (seen, connected, credentials
+//!   still valid), several agents per statement.
 //! - [`api`]: the HTTP side: REST API, dashboard, metrics, OpenAPI, health.
 //! - [`replay`]: past traffic of many hosts through detection and
 //!   correlation with a candidate policy (`fleetban-server replay`).
@@ -67,6 +69,7 @@ pub mod eventlog;
 pub mod feeds;
 pub mod geo;
 pub mod guard;
+pub mod heartbeat;
 pub mod ingest;
 pub mod notify;
 pub mod periodic;

@@ -69,6 +69,7 @@ use crate::auth::{self, AuthError};
 use crate::backlog::Backlog;
 use crate::blocks;
 use crate::correlate::Correlator;
+use crate::heartbeat::Heartbeats;
 use crate::ingest::{BatchError, Ingest, Outcome};
 use crate::push::{Hub, Push, Subscription};
 use crate::text::Escaped;
@@ -187,6 +188,8 @@ struct Shared {
     /// The replica serving the sessions (`agents.replica_id`).
     replica_id: Option<Uuid>,
     reports: Reports,
+    /// Heartbeats of all sessions, written together.
+    heartbeats: Heartbeats,
 }
 
 /// The `AgentService` implementation.
@@ -212,6 +215,7 @@ impl Service {
     ) -> Self {
         let ingest = Ingest::new(pool.clone()).with_max_event_age(max_event_age);
         let reports = Reports::new(stats.clone());
+        let heartbeats = Heartbeats::new(pool.clone());
         Service {
             shared: Arc::new(Shared {
                 pool,
@@ -224,6 +228,7 @@ impl Service {
                 stats,
                 replica_id: None,
                 reports,
+                heartbeats,
             }),
         }
     }
@@ -889,20 +894,14 @@ impl Session {
     /// Records a heartbeat: the agent is connected; a revoked agent, or one
     /// whose credentials were replaced by a re-enrollment, is cut off.
     async fn heartbeat(&mut self) -> Result<(), End> {
-        let revoked: Option<bool> = sqlx::query_scalar(
-            "update agents set last_seen = now(), connected = true \
-             where id = $1 returning revoked_at is not null or secret_hash <> $2",
-        )
-        .bind(self.agent_id)
-        .bind(&self.secret_hash)
-        .fetch_optional(&self.shared.pool)
-        .await
-        .map_err(|error| End::Status(unavailable(error, "Cannot record a heartbeat.")))?;
+        let valid = self
+            .shared
+            .heartbeats
+            .beat(self.agent_id, &self.secret_hash)
+            .await
+            .map_err(|error| End::Status(unavailable(error, "Cannot record a heartbeat.")))?;
         self.last_touch = Instant::now();
-        match revoked {
-            Some(false) => Ok(()),
-            _ => Err(End::Status(Status::unauthenticated("agent revoked, removed or re-enrolled"))),
-        }
+        if valid { Ok(()) } else { Err(End::Status(Status::unauthenticated("agent revoked, removed or re-enrolled"))) }
     }
 
     /// Keeps `last_seen` current while batches flow (at most once per

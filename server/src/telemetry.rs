@@ -22,6 +22,11 @@ pub const PUSH_LAG: &str = "fleetban_push_lag_seconds";
 pub const PUSH_DELIVERIES: &str = "fleetban_push_deliveries_total";
 /// Times an agent's push queue overflowed, so it gets a snapshot instead.
 pub const PUSH_LAGGED: &str = "fleetban_push_lagged_total";
+/// Agent heartbeats written, and the statements that wrote them
+/// (`crate::heartbeat`: several agents per statement).
+pub const HEARTBEATS: &str = "fleetban_agent_heartbeats_total";
+/// Statements that wrote agent heartbeats.
+pub const HEARTBEAT_STATEMENTS: &str = "fleetban_agent_heartbeat_statements_total";
 /// Agent sessions open on this replica.
 pub const AGENT_SESSIONS: &str = "fleetban_agent_sessions";
 /// Refreshes of blocklist feeds and ASN rules, by `feed` and `outcome`

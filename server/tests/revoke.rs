@@ -248,3 +248,78 @@ async fn re_enrolling_a_host_replaces_its_credentials_and_closes_the_old_session
     let _ = stop.send(());
     tokio::time::timeout(WAIT, server).await.unwrap().unwrap().unwrap();
 }
+
+/// A secret replaced without any notification (another replica's
+/// re-enrollment whose notification was lost, a restore of `agents`) is
+/// still caught: the next heartbeat of the old session ends it, while a
+/// heartbeat of a valid agent in the same moment keeps its session.
+#[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
+async fn a_heartbeat_ends_the_session_of_a_replaced_secret_and_keeps_the_others(pool: PgPool) {
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = grpc.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve::run(pool.clone(), Options::default(), Listeners { grpc, http }, async move {
+        let _ = stopped.await;
+    }));
+    let channel = Endpoint::from_shared(format!("http://{grpc_addr}")).unwrap().connect().await.unwrap();
+    let token = auth::create_enrollment_token(&pool, 10, Duration::from_secs(60), "test").await.unwrap();
+    let mut client = AgentServiceClient::new(channel.clone());
+    let mut sessions = Vec::new();
+    for i in 0..3 {
+        let name = format!("mx{i}.example.net");
+        let enrolled = client
+            .enroll(EnrollRequest {
+                token: token.clone(),
+                hostname: name.clone(),
+                version: "0.2.0".into(),
+                addresses: vec![ip("192.0.2.31")],
+                name: name.clone(),
+                host_id: format!("host-{i}"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let id: Uuid = enrolled.agent_id.parse().unwrap();
+        let (tx, mut stream) = connect(channel.clone(), id, &enrolled.agent_secret).await.unwrap();
+        tx.send(hello(id, &name)).await.unwrap();
+        assert!(matches!(next(&mut stream).await.unwrap(), Some(Out::Welcome(_))));
+        sessions.push((id, tx, stream));
+    }
+    let replaced = sessions[0].0;
+    sqlx::query("update agents set secret_hash = '\\x00' where id = $1").bind(replaced).execute(&pool).await.unwrap();
+    let beat = AgentFrame {
+        frame: Some(Frame::Heartbeat(fleetban_proto::v1::Heartbeat {
+            blocklist_version: 0,
+            firewall_entries: 0,
+            pending_batches: 0,
+        })),
+    };
+    for (_, tx, _) in &sessions {
+        tx.send(beat.clone()).await.unwrap();
+    }
+    let (_, _, stream) = &mut sessions[0];
+    let status = until_status(stream).await;
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    // The others are still served: a second heartbeat each, then a block
+    // reaches them.
+    for (_, tx, _) in &sessions[1..] {
+        tx.send(beat.clone()).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let connected: Vec<bool> = sqlx::query_scalar("select connected from agents where id = any($1) order by name")
+        .bind(sessions.iter().map(|(id, ..)| *id).collect::<Vec<_>>())
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(connected, [false, true, true], "only the replaced secret's session ended");
+    for (_, _, stream) in &mut sessions[1..] {
+        // Whatever the session sent after Welcome (policy, allowlist), its
+        // stream neither ended nor carried an error.
+        while let Ok(frame) = tokio::time::timeout(Duration::from_millis(200), stream.message()).await {
+            assert!(matches!(frame, Ok(Some(_))), "a valid session stays open: {frame:?}");
+        }
+    }
+    let _ = stop.send(());
+    let _ = server.await;
+}

@@ -21,6 +21,8 @@
 //! | `fleetban_agent_reports_total` | counter | | scrape, from `session::Stats`: `Applied` reports and signs of life recorded by sessions |
 //! | `fleetban_agent_report_flushes_total` | counter | | scrape, from `session::Stats`: statements that stored them (`applied`) |
 //! | `fleetban_push_lag_seconds` | histogram | | push: oldest change of a delta, commit → fan-out to sessions |
+//! | `fleetban_agent_heartbeats_total` | counter | | `heartbeat`: heartbeats written |
+//! | `fleetban_agent_heartbeat_statements_total` | counter | | `heartbeat`: statements that wrote them |
 //! | `fleetban_agent_sessions` | gauge | | scrape, from `session::Stats`: sessions open on this replica |
 //! | `fleetban_agents_connected` | gauge | | scrape: agents with an open session (fleet-wide) |
 //! | `fleetban_agents_total` | gauge | | scrape: agents not revoked |
@@ -108,6 +110,14 @@ fn describe() {
     metrics::describe_counter!(
         crate::telemetry::PUSH_LAGGED,
         "Agent push queues that overflowed (the agent gets a snapshot instead)."
+    );
+    metrics::describe_counter!(
+        crate::telemetry::HEARTBEATS,
+        "Agent heartbeats written (seen, connected, credentials checked)."
+    );
+    metrics::describe_counter!(
+        crate::telemetry::HEARTBEAT_STATEMENTS,
+        "Statements that wrote agent heartbeats (several agents each under load)."
     );
     metrics::describe_gauge!(AGENT_SESSIONS, "Agent sessions open on this replica.");
     metrics::describe_gauge!(crate::telemetry::REPLICA_LEADER, "1 while this replica leads the fleet-wide sweeps.");
