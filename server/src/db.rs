@@ -173,6 +173,12 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether `error` is a deadlock or a serialization failure: the statement
+/// lost to a concurrent one and may simply be tried again.
+pub fn is_conflict(error: &sqlx::Error) -> bool {
+    matches!(error.as_database_error().and_then(|e| e.code()).as_deref(), Some("40P01" | "40001"))
+}
+
 /// Opens a pool of at most `max_connections` to `url`, after one direct
 /// connection that shows the real error if the database cannot be reached.
 ///

@@ -38,11 +38,6 @@ pub const MAX_GROUP: usize = 2_000;
 /// Attempts of a statement that hit a deadlock or serialization failure.
 const MAX_ATTEMPTS: u32 = 3;
 
-/// A deadlock or serialization failure, worth another attempt.
-fn retryable(error: &sqlx::Error) -> bool {
-    matches!(error.as_database_error().and_then(|e| e.code()).as_deref(), Some("40P01" | "40001"))
-}
-
 /// One queued heartbeat and where its answer goes.
 #[derive(Debug)]
 struct Pending {
@@ -146,8 +141,12 @@ impl Heartbeats {
 
     /// Writes `group` in one statement and answers each heartbeat.
     async fn write(&self, group: Vec<Pending>) {
-        let ids: Vec<Uuid> = group.iter().map(|p| p.agent_id).collect();
-        let secrets: Vec<Vec<u8>> = group.iter().map(|p| p.secret_hash.clone()).collect();
+        let (mut ids, mut secrets, mut replies) = (Vec::new(), Vec::new(), Vec::new());
+        for Pending { agent_id, secret_hash, reply } in group {
+            ids.push(agent_id);
+            secrets.push(secret_hash);
+            replies.push(reply);
+        }
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
@@ -164,23 +163,23 @@ impl Heartbeats {
             self.counters.statements.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(crate::telemetry::HEARTBEAT_STATEMENTS).increment(1);
             match result {
-                Err(error) if attempt < MAX_ATTEMPTS && retryable(&error) => continue,
+                Err(error) if attempt < MAX_ATTEMPTS && crate::db::is_conflict(&error) => continue,
                 other => break other,
             }
         };
         match result {
             Ok(rows) => {
                 let valid: HashSet<Uuid> = rows.into_iter().filter(|(_, ok)| *ok).map(|(id, _)| id).collect();
-                self.counters.beats.fetch_add(group.len() as u64, Ordering::Relaxed);
-                metrics::counter!(crate::telemetry::HEARTBEATS).increment(group.len() as u64);
-                for p in group {
-                    let _ = p.reply.send(Ok(valid.contains(&p.agent_id)));
+                self.counters.beats.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                metrics::counter!(crate::telemetry::HEARTBEATS).increment(ids.len() as u64);
+                for (id, reply) in ids.iter().zip(replies) {
+                    let _ = reply.send(Ok(valid.contains(id)));
                 }
             }
             Err(error) => {
                 let error = error.to_string();
-                for p in group {
-                    let _ = p.reply.send(Err(error.clone()));
+                for reply in replies {
+                    let _ = reply.send(Err(error.clone()));
                 }
             }
         }

@@ -1118,7 +1118,7 @@ fn sqlstate(error: &sqlx::Error) -> Option<String> {
 
 /// Deadlock, serialization failure, or a day partition dropped under us.
 fn retryable(error: &sqlx::Error) -> bool {
-    matches!(sqlstate(error).as_deref(), Some("40P01" | "40001")) || is_missing_partition(error)
+    crate::db::is_conflict(error) || is_missing_partition(error)
 }
 
 /// `no partition of relation "events" found for row` (check_violation on

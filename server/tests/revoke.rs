@@ -48,16 +48,38 @@ async fn next(stream: &mut Streaming<ServerFrame>) -> Result<Option<Out>, Status
     Ok(frame.and_then(|f| f.frame))
 }
 
+/// A server on loopback ports, and a channel to its gRPC listener.
+struct Running {
+    channel: Channel,
+    http: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), serve::Error>>,
+}
+
+impl Running {
+    async fn start(pool: &PgPool) -> Running {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve::run(pool.clone(), Options::default(), Listeners { grpc, http }, async move {
+            let _ = stopped.await;
+        }));
+        let channel = Endpoint::from_shared(format!("http://{grpc_addr}")).unwrap().connect().await.unwrap();
+        Running { channel, http: http_addr, stop, server }
+    }
+
+    /// Stops the server and waits for it to finish cleanly.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(WAIT, self.server).await.unwrap().unwrap().unwrap();
+    }
+}
+
 #[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
 async fn revoked_agent_is_cut_off_and_cannot_reconnect(pool: PgPool) {
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve::run(pool.clone(), Options::default(), Listeners { grpc, http }, async move {
-        let _ = stopped.await;
-    }));
-    let channel = Endpoint::from_shared(format!("http://{grpc_addr}")).unwrap().connect().await.unwrap();
+    let running = Running::start(&pool).await;
+    let (channel, http_addr) = (running.channel.clone(), running.http);
     let t = common::tokens(&pool).await;
 
     // Enroll and open a session.
@@ -113,8 +135,7 @@ async fn revoked_agent_is_cut_off_and_cannot_reconnect(pool: PgPool) {
     assert_eq!(agent["connected"], false, "{agent}");
     assert!(agent["revoked_at"].is_string(), "{agent}");
 
-    let _ = stop.send(());
-    tokio::time::timeout(WAIT, server).await.unwrap().unwrap().unwrap();
+    running.stop().await;
 }
 
 fn hello(id: Uuid, hostname: &str) -> AgentFrame {
@@ -141,14 +162,8 @@ async fn until_status(stream: &mut Streaming<ServerFrame>) -> Status {
 
 #[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
 async fn re_enrolling_a_host_replaces_its_credentials_and_closes_the_old_session(pool: PgPool) {
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc_addr = grpc.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve::run(pool.clone(), Options::default(), Listeners { grpc, http }, async move {
-        let _ = stopped.await;
-    }));
-    let channel = Endpoint::from_shared(format!("http://{grpc_addr}")).unwrap().connect().await.unwrap();
+    let running = Running::start(&pool).await;
+    let channel = running.channel.clone();
     let token = auth::create_enrollment_token(&pool, 10, Duration::from_secs(60), "test").await.unwrap();
     let request = |name: &str, host_id: &str| EnrollRequest {
         token: token.clone(),
@@ -245,8 +260,7 @@ async fn re_enrolling_a_host_replaces_its_credentials_and_closes_the_old_session
         sqlx::query_scalar("select connected from agents where id = $1").bind(id).fetch_one(&pool).await.unwrap();
     assert!(connected);
     drop((tx, ltx));
-    let _ = stop.send(());
-    tokio::time::timeout(WAIT, server).await.unwrap().unwrap().unwrap();
+    running.stop().await;
 }
 
 /// A secret replaced without any notification (another replica's
@@ -255,14 +269,8 @@ async fn re_enrolling_a_host_replaces_its_credentials_and_closes_the_old_session
 /// heartbeat of a valid agent in the same moment keeps its session.
 #[sqlx::test(migrator = "fleetban_server::db::MIGRATOR")]
 async fn a_heartbeat_ends_the_session_of_a_replaced_secret_and_keeps_the_others(pool: PgPool) {
-    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc_addr = grpc.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve::run(pool.clone(), Options::default(), Listeners { grpc, http }, async move {
-        let _ = stopped.await;
-    }));
-    let channel = Endpoint::from_shared(format!("http://{grpc_addr}")).unwrap().connect().await.unwrap();
+    let running = Running::start(&pool).await;
+    let channel = running.channel.clone();
     let token = auth::create_enrollment_token(&pool, 10, Duration::from_secs(60), "test").await.unwrap();
     let mut client = AgentServiceClient::new(channel.clone());
     let mut sessions = Vec::new();
@@ -320,6 +328,5 @@ async fn a_heartbeat_ends_the_session_of_a_replaced_secret_and_keeps_the_others(
             assert!(matches!(frame, Ok(Some(_))), "a valid session stays open: {frame:?}");
         }
     }
-    let _ = stop.send(());
-    let _ = server.await;
+    running.stop().await;
 }

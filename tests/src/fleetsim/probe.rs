@@ -47,19 +47,14 @@ pub async fn postgres_root(pool: &PgPool) -> Option<u32> {
     (comm.trim() == "postgres").then_some(ppid)
 }
 
-/// CPU ticks of the postmaster and all its children alive now.
-pub fn family_ticks(root: u32) -> u64 {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
-    let mut sum = ticks(root);
-    for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        if let Some((ppid, t)) = stat(pid)
-            && ppid == root
-        {
-            sum += t;
-        }
-    }
-    sum
+/// `root` and the pids of its children alive now.
+pub fn family(root: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return vec![root] };
+    let children = dir
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| stat(*pid).is_some_and(|(ppid, _)| ppid == root));
+    std::iter::once(root).chain(children).collect()
 }
 
 /// Nanoseconds the threads of `pid` alive now spent waiting on a run
@@ -71,19 +66,6 @@ pub fn wait_ns(pid: u32) -> u64 {
         .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
         .filter_map(|text| text.split_whitespace().nth(1)?.parse::<u64>().ok())
         .sum()
-}
-
-/// [`wait_ns`] of the postmaster and all its children alive now.
-pub fn family_wait_ns(root: u32) -> u64 {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
-    let mut sum = wait_ns(root);
-    for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        if stat(pid).is_some_and(|(ppid, _)| ppid == root) {
-            sum += wait_ns(pid);
-        }
-    }
-    sum
 }
 
 /// Counters at one instant of the run.
@@ -124,10 +106,12 @@ impl Sample {
     ) -> anyhow::Result<Sample> {
         let at = Instant::now();
         let server_ticks = ticks(server);
-        let postgres_ticks = postgres.map(family_ticks);
+        // The postmaster and its backends, read once for both figures.
+        let postgres_family = postgres.map(family);
+        let postgres_ticks = postgres_family.as_ref().map(|pids| pids.iter().map(|p| ticks(*p)).sum());
         let sim_ticks = sims.iter().map(|p| ticks(*p)).sum();
         let server_wait_ns = wait_ns(server);
-        let postgres_wait_ns = postgres.map(family_wait_ns);
+        let postgres_wait_ns = postgres_family.as_ref().map(|pids| pids.iter().map(|p| wait_ns(*p)).sum());
         let sim_wait_ns = sims.iter().map(|p| wait_ns(*p)).sum();
         // Statistics of other sessions reach this one within a second.
         let rows: Vec<(String, i64, i64, Option<String>)> = sqlx::query_as(
